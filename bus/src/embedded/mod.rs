@@ -1,0 +1,352 @@
+//! The embedded bus: a durable append-only log on local disk for the one-process deployment.
+//!
+//! One partition (0). Appends are serialized by a mutex and fsynced per `publish` call (group
+//! commit: the gateway's batching task publishes many events per call). A record becomes visible
+//! to subscribers only after it is durable. Consumer groups keep their committed offset in
+//! `offsets/<group>.json`, replaced atomically (write, fsync, rename). Segments whose records every
+//! known group has committed are deleted, except the active one.
+//!
+//! No existing crate gave us checksummed segments with torn-tail truncation and explicit offset
+//! commits without pulling in a whole database, so the format is kept small here: `segment.rs`.
+
+mod offsets;
+pub mod segment;
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::{BusError, Checkpoint, Message, Publisher, Record, Subscriber};
+use segment::SegmentReader;
+
+/// The `bus:` section for `kind: embedded`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    /// Directory of the log (segments and consumer offsets). Relative to `--data-dir` under `up`.
+    #[serde(default = "default_dir")]
+    pub dir: PathBuf,
+    /// A segment rolls over once it holds this many bytes.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// fsync after every publish (true) or leave flushing to the OS (false: faster, a machine
+    /// crash may lose the last events; a process crash loses nothing either way).
+    #[serde(default = "default_true")]
+    pub fsync: bool,
+}
+
+fn default_dir() -> PathBuf {
+    PathBuf::from("./data/bus")
+}
+fn default_segment_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        EmbeddedConfig {
+            dir: default_dir(),
+            segment_bytes: default_segment_bytes(),
+            fsync: true,
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BusError + '_ {
+    move |source| BusError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+struct Writer {
+    file: File,
+    base: u64,
+    len: u64,
+    next: u64,
+    buf: Vec<u8>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    offsets_dir: PathBuf,
+    config: EmbeddedConfig,
+    writer: Mutex<Writer>,
+    /// Offset of the next record to append = end of the durable, readable log.
+    high_water: watch::Sender<u64>,
+}
+
+/// A handle to the log; clones share it.
+#[derive(Clone)]
+pub struct EmbeddedLog {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EmbeddedLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedLog")
+            .field("dir", &self.inner.dir)
+            .finish()
+    }
+}
+
+impl EmbeddedLog {
+    /// Opens (or creates) the log, recovering from a torn tail.
+    pub fn open(config: EmbeddedConfig) -> Result<EmbeddedLog, BusError> {
+        let dir = config.dir.join("segments");
+        let offsets_dir = config.dir.join("offsets");
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        std::fs::create_dir_all(&offsets_dir).map_err(io_err(&offsets_dir))?;
+        let bases = segment::list_segments(&dir).map_err(io_err(&dir))?;
+        let base = bases.last().copied().unwrap_or(0);
+        let path = segment::segment_path(&dir, base);
+        if !path.exists() {
+            File::create(&path).map_err(io_err(&path))?;
+        }
+        let rec = segment::recover(&path, base).map_err(io_err(&path))?;
+        if rec.truncated > 0 {
+            tracing::warn!(
+                segment = %path.display(),
+                truncated_bytes = rec.truncated,
+                next_offset = rec.next_offset,
+                "bus log had a torn tail after a crash; truncated it"
+            );
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let writer = Writer {
+            file,
+            base,
+            len: rec.valid_len,
+            next: rec.next_offset,
+            buf: Vec::new(),
+        };
+        let (high_water, _) = watch::channel(rec.next_offset);
+        Ok(EmbeddedLog {
+            inner: Arc::new(Inner {
+                dir,
+                offsets_dir,
+                config,
+                writer: Mutex::new(writer),
+                high_water,
+            }),
+        })
+    }
+
+    /// Offset of the next record to be appended.
+    pub fn end_offset(&self) -> u64 {
+        *self.inner.high_water.borrow()
+    }
+
+    /// A subscriber for `group`, positioned at the group's committed offset.
+    pub fn subscribe(&self, group: &str) -> Result<EmbeddedSubscriber, BusError> {
+        let committed = offsets::load(&self.inner.offsets_dir, group)?;
+        Ok(EmbeddedSubscriber {
+            log: self.clone(),
+            group: group.to_string(),
+            committed,
+            position: committed,
+            reader: None,
+        })
+    }
+
+    fn append_blocking(&self, records: &[Record]) -> Result<(), BusError> {
+        let inner = &self.inner;
+        let mut w = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if w.len >= inner.config.segment_bytes {
+            self.roll(&mut w)?;
+        }
+        let mut buf = std::mem::take(&mut w.buf);
+        buf.clear();
+        let mut next = w.next;
+        for r in records {
+            segment::encode(&mut buf, next, &r.key, &r.payload);
+            next += 1;
+        }
+        let path = segment::segment_path(&inner.dir, w.base);
+        w.file.write_all(&buf).map_err(io_err(&path))?;
+        if inner.config.fsync {
+            w.file.sync_data().map_err(io_err(&path))?;
+        }
+        w.len += buf.len() as u64;
+        w.next = next;
+        w.buf = buf;
+        inner.high_water.send_replace(next);
+        Ok(())
+    }
+
+    fn roll(&self, w: &mut Writer) -> Result<(), BusError> {
+        let old = segment::segment_path(&self.inner.dir, w.base);
+        w.file.sync_all().map_err(io_err(&old))?;
+        let path = segment::segment_path(&self.inner.dir, w.next);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        File::open(&self.inner.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.inner.dir))?;
+        *w = Writer {
+            file,
+            base: w.next,
+            len: 0,
+            next: w.next,
+            buf: std::mem::take(&mut w.buf),
+        };
+        self.delete_consumed_segments();
+        Ok(())
+    }
+
+    /// Deletes segments below the lowest offset every known group has committed.
+    fn delete_consumed_segments(&self) {
+        let Ok(min) = offsets::min_committed(&self.inner.offsets_dir) else {
+            return;
+        };
+        let Some(min) = min else { return };
+        let Ok(bases) = segment::list_segments(&self.inner.dir) else {
+            return;
+        };
+        // Segment i is wholly consumed when the next segment starts at or below `min`.
+        for pair in bases.windows(2) {
+            if pair[1] <= min {
+                let path = segment::segment_path(&self.inner.dir, pair[0]);
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(segment = %path.display(), error = %e, "could not delete consumed segment");
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for EmbeddedLog {
+    async fn publish(&self, records: Vec<Record>) -> Result<(), BusError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let log = self.clone();
+        tokio::task::spawn_blocking(move || log.append_blocking(&records))
+            .await
+            .map_err(|_| BusError::Closed)?
+    }
+}
+
+/// Reads the embedded log for one consumer group.
+pub struct EmbeddedSubscriber {
+    log: EmbeddedLog,
+    group: String,
+    committed: u64,
+    position: u64,
+    reader: Option<SegmentReader>,
+}
+
+impl EmbeddedSubscriber {
+    fn read_blocking(&mut self, max: usize, high_water: u64) -> Result<Vec<Message>, BusError> {
+        let dir = self.log.inner.dir.clone();
+        let mut out = Vec::new();
+        let mut fresh = false;
+        while out.len() < max && self.position < high_water {
+            if self.reader.is_none() {
+                let bases = segment::list_segments(&dir).map_err(io_err(&dir))?;
+                let base = bases
+                    .iter()
+                    .rev()
+                    .find(|b| **b <= self.position)
+                    .copied()
+                    .ok_or_else(|| {
+                        BusError::Config(format!(
+                            "offset {} of group `{}` is no longer in the log",
+                            self.position, self.group
+                        ))
+                    })?;
+                let reader =
+                    SegmentReader::open_at(&dir, base, self.position).map_err(io_err(&dir))?;
+                self.reader = Some(reader);
+                fresh = true;
+            }
+            let reader = self.reader.as_mut().expect("opened above");
+            match reader.next().map_err(io_err(&dir))? {
+                Some(f) if f.offset == self.position => {
+                    out.push(Message {
+                        partition: 0,
+                        offset: f.offset,
+                        key: Bytes::from(f.key),
+                        payload: Bytes::from(f.payload),
+                    });
+                    self.position += 1;
+                    fresh = false;
+                }
+                // A segment just opened at our position has nothing: below the high-water mark
+                // that means the log is damaged, not that data is still coming.
+                _ if fresh => {
+                    return Err(BusError::Config(format!(
+                        "bus log has no record at offset {} below its end {high_water}",
+                        self.position
+                    )));
+                }
+                // End of this segment: the next one starts at our position.
+                _ => self.reader = None,
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Subscriber for EmbeddedSubscriber {
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<Message>, BusError> {
+        let mut hw_rx = self.log.inner.high_water.subscribe();
+        let position = self.position;
+        let _ = tokio::time::timeout(wait, hw_rx.wait_for(|hw| *hw > position)).await;
+        let high_water = *hw_rx.borrow();
+        if high_water <= self.position {
+            return Ok(Vec::new());
+        }
+        // Reads are short, sequential and usually served from the page cache.
+        self.read_blocking(max, high_water)
+    }
+
+    async fn commit(&mut self, checkpoint: &Checkpoint) -> Result<(), BusError> {
+        let Some(next) = checkpoint.0.get(&0).copied() else {
+            return Ok(());
+        };
+        if next <= self.committed {
+            return Ok(());
+        }
+        let dir = self.log.inner.offsets_dir.clone();
+        let group = self.group.clone();
+        tokio::task::spawn_blocking(move || offsets::store(&dir, &group, next))
+            .await
+            .map_err(|_| BusError::Closed)??;
+        self.committed = next;
+        Ok(())
+    }
+
+    fn committed(&self) -> Checkpoint {
+        Checkpoint([(0, self.committed)].into())
+    }
+
+    async fn seek(&mut self, checkpoint: &Checkpoint) -> Result<(), BusError> {
+        if let Some(next) = checkpoint.0.get(&0).copied() {
+            self.position = next;
+            self.reader = None;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

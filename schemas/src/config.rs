@@ -1,0 +1,232 @@
+//! The consumer and plan model shared by the gateway (auth, rate limits, quotas) and the query
+//! API (pricing, partner self-service). These are the `consumers:` and `plans:` sections of the
+//! configuration file.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+/// An API consumer (a partner).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consumer {
+    /// Stable id; the unit of usage reports and billing.
+    pub id: String,
+    /// Name of a plan in `plans:`.
+    pub plan: String,
+    /// API keys as `sha256:<64 hex digits>` of the key; the keys themselves are never stored.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+}
+
+impl Consumer {
+    /// The decoded sha256 digests of this consumer's keys.
+    pub fn key_hashes(&self) -> Result<Vec<[u8; 32]>, String> {
+        self.api_keys.iter().map(|k| parse_key_hash(k)).collect()
+    }
+}
+
+/// Parses `sha256:<64 hex>` into a digest.
+pub fn parse_key_hash(s: &str) -> Result<[u8; 32], String> {
+    let hex = s
+        .strip_prefix("sha256:")
+        .ok_or_else(|| format!("`{s}` must start with `sha256:`"))?;
+    let bytes =
+        decode_hex(hex).ok_or_else(|| format!("`{s}` is not sha256: plus 64 hex digits"))?;
+    bytes
+        .try_into()
+        .map_err(|_| format!("`{s}` is not sha256: plus 64 hex digits"))
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// A plan: what a consumer may do and what it pays.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Token bucket per consumer, enforced by each gateway locally. None: unlimited.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    /// Requests allowed per period, counted by the store and enforced by gateways.
+    #[serde(default)]
+    pub quota: Option<Quota>,
+    /// How billable requests are priced. None: free.
+    #[serde(default)]
+    pub pricing: Option<Pricing>,
+}
+
+/// A token bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained requests per second.
+    pub per_second: u32,
+    /// Largest burst; defaults to `per_second`.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// Billing / quota period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Period {
+    /// Calendar month in UTC.
+    #[default]
+    Month,
+}
+
+/// A request quota per period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// The period the count resets on.
+    #[serde(default)]
+    pub period: Period,
+    /// Billable requests allowed per period.
+    pub requests: u64,
+}
+
+/// Prices of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pricing {
+    /// ISO 4217 code, e.g. `USD`.
+    pub currency: String,
+    /// Charge per route id; `default` prices every route not listed.
+    pub charges: BTreeMap<String, Charge>,
+}
+
+impl Pricing {
+    /// The charge that prices `route`.
+    pub fn charge_for(&self, route: &str) -> Option<&Charge> {
+        self.charges
+            .get(route)
+            .or_else(|| self.charges.get("default"))
+    }
+}
+
+/// How tiers apply to the cumulative quantity of the period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TierMode {
+    /// Each unit at the price of the tier it falls in.
+    #[default]
+    Graduated,
+    /// Every unit at the price of the tier the total reached.
+    Volume,
+}
+
+/// One charge: a flat unit price, or tiers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Charge {
+    /// Flat price per billable request (decimal string).
+    #[serde(default)]
+    pub unit_price: Option<Decimal>,
+    /// Tier mode, `graduated` unless set.
+    #[serde(default)]
+    pub mode: TierMode,
+    /// Tiers by cumulative quantity, ascending; the last has `up_to: null`.
+    #[serde(default)]
+    pub tiers: Option<Vec<Tier>>,
+}
+
+/// One price tier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    /// Inclusive upper bound of the cumulative quantity; `null` for the last tier.
+    pub up_to: Option<u64>,
+    /// Price per unit within (graduated) or for all units reaching (volume) this tier.
+    pub unit_price: Decimal,
+}
+
+impl Charge {
+    /// Checks that the charge is well formed; the message names what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.unit_price, &self.tiers) {
+            (Some(p), None) if p.is_sign_negative() => {
+                Err("unit_price must not be negative".into())
+            }
+            (Some(_), None) => Ok(()),
+            (None, Some(tiers)) => {
+                if tiers.is_empty() {
+                    return Err("tiers must not be empty".into());
+                }
+                let mut prev = 0u64;
+                for (i, t) in tiers.iter().enumerate() {
+                    if t.unit_price.is_sign_negative() {
+                        return Err(format!("tiers[{i}].unit_price must not be negative"));
+                    }
+                    let last = i + 1 == tiers.len();
+                    match (t.up_to, last) {
+                        (None, true) => {}
+                        (None, false) => {
+                            return Err(format!("tiers[{i}].up_to: only the last tier is open"));
+                        }
+                        (Some(_), true) => {
+                            return Err(format!("tiers[{i}].up_to: the last tier must be null"));
+                        }
+                        (Some(u), false) if u <= prev => {
+                            return Err(format!("tiers[{i}].up_to: {u} must exceed {prev}"));
+                        }
+                        (Some(u), false) => prev = u,
+                    }
+                }
+                Ok(())
+            }
+            (Some(_), Some(_)) => Err("set either unit_price or tiers, not both".into()),
+            (None, None) => Err("set unit_price or tiers".into()),
+        }
+    }
+}
+
+/// Checks consumers against plans; each error names the key.
+pub fn validate_consumers(
+    consumers: &[Consumer],
+    plans: &BTreeMap<String, Plan>,
+) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, c) in consumers.iter().enumerate() {
+        if c.id.is_empty() {
+            return Err(format!("consumers[{i}].id: must not be empty"));
+        }
+        if !seen.insert(c.id.as_str()) {
+            return Err(format!("consumers[{i}].id: `{}` is listed twice", c.id));
+        }
+        if !plans.contains_key(&c.plan) {
+            return Err(format!(
+                "consumers[{i}].plan: no plan named `{}` in plans",
+                c.plan
+            ));
+        }
+        c.key_hashes()
+            .map_err(|e| format!("consumers[{i}].api_keys: {e}"))?;
+    }
+    for (name, plan) in plans {
+        if let Some(rl) = &plan.rate_limit
+            && rl.per_second == 0
+        {
+            return Err(format!(
+                "plans.{name}.rate_limit.per_second: must be at least 1"
+            ));
+        }
+        if let Some(p) = &plan.pricing {
+            for (route, charge) in &p.charges {
+                charge
+                    .validate()
+                    .map_err(|e| format!("plans.{name}.pricing.charges.{route}: {e}"))?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! `RequestEvent` v1: the one record a gateway emits per request, and its JSON codec.
+//!
+//! Decoding is strict: unknown fields, a wrong version, a malformed id, timestamp or trace id are
+//! errors (the collector sends such messages to its dead-letter destination, it never drops them).
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use uuid::Uuid;
+
+/// What happened to a request. Closed set: the JSON Schema's `outcome` enum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    UpstreamError,
+    Timeout,
+    Unauthorized,
+    RateLimited,
+    QuotaExceeded,
+    NotFound,
+    BadRequest,
+}
+
+impl Outcome {
+    /// Every outcome, in schema order.
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Ok,
+        Outcome::UpstreamError,
+        Outcome::Timeout,
+        Outcome::Unauthorized,
+        Outcome::RateLimited,
+        Outcome::QuotaExceeded,
+        Outcome::NotFound,
+        Outcome::BadRequest,
+    ];
+
+    /// The wire name (`"upstream_error"`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::Timeout => "timeout",
+            Outcome::Unauthorized => "unauthorized",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::QuotaExceeded => "quota_exceeded",
+            Outcome::NotFound => "not_found",
+            Outcome::BadRequest => "bad_request",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+/// One request seen by a gateway. Field order and meaning: DESIGN.md, "RequestEvent v1".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestEvent {
+    /// Schema version, always 1.
+    pub v: u8,
+    /// UUIDv7, unique per event.
+    pub id: Uuid,
+    /// Request start (UTC, microsecond precision on the wire).
+    #[serde(serialize_with = "ser_ts", deserialize_with = "de_ts")]
+    pub ts: DateTime<Utc>,
+    /// Gateway instance id.
+    pub gateway: String,
+    /// Route id, `None` when no route matched.
+    pub route: Option<String>,
+    pub method: String,
+    /// Path as received, without the query string.
+    pub path: String,
+    /// Status sent to the client.
+    pub status: u16,
+    pub latency_us: u64,
+    pub upstream_latency_us: Option<u64>,
+    pub req_bytes: u64,
+    pub resp_bytes: u64,
+    pub consumer: Option<String>,
+    pub plan: Option<String>,
+    pub outcome: Outcome,
+    pub billable: bool,
+    pub trace_id: Option<String>,
+}
+
+/// Why bytes are not a valid `RequestEvent` v1.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("not a RequestEvent v1: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("field `{field}`: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> SchemaError {
+    SchemaError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+fn ser_ts<S: Serializer>(ts: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_ts(ts))
+}
+
+fn de_ts<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+    let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+    DateTime::parse_from_rfc3339(&s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| serde::de::Error::custom(format!("ts `{s}` is not RFC 3339: {e}")))
+}
+
+/// Formats a timestamp as the wire wants it: RFC 3339, UTC, microseconds, `Z`.
+pub fn format_ts(ts: &DateTime<Utc>) -> String {
+    ts.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+impl RequestEvent {
+    /// Encodes as one JSON object (one bus message).
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("RequestEvent serializes")
+    }
+
+    /// Decodes and validates one bus message.
+    pub fn from_json(bytes: &[u8]) -> Result<RequestEvent, SchemaError> {
+        let ev: RequestEvent = serde_json::from_slice(bytes)?;
+        ev.validate()?;
+        Ok(ev)
+    }
+
+    /// Checks the constraints of the JSON Schema that the Rust types do not carry.
+    pub fn validate(&self) -> Result<(), SchemaError> {
+        if self.v != 1 {
+            return Err(invalid("v", format!("version {} is not 1", self.v)));
+        }
+        if self.id.get_version_num() != 7 {
+            return Err(invalid("id", "must be a UUIDv7"));
+        }
+        if self.gateway.is_empty() {
+            return Err(invalid("gateway", "must not be empty"));
+        }
+        if self.method.is_empty() {
+            return Err(invalid("method", "must not be empty"));
+        }
+        if self.status < 100 {
+            return Err(invalid(
+                "status",
+                format!("{} is not an HTTP status", self.status),
+            ));
+        }
+        for (field, value) in [
+            ("route", &self.route),
+            ("consumer", &self.consumer),
+            ("plan", &self.plan),
+        ] {
+            if value.as_deref() == Some("") {
+                return Err(invalid(field, "must be null or non-empty"));
+            }
+        }
+        if let Some(t) = &self.trace_id
+            && (t.len() != 32
+                || !t
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        {
+            return Err(invalid("trace_id", "must be 32 lowercase hex digits"));
+        }
+        Ok(())
+    }
+
+    /// The Kafka key: consumer id, or route id when anonymous, or empty.
+    pub fn key(&self) -> &str {
+        self.consumer
+            .as_deref()
+            .or(self.route.as_deref())
+            .unwrap_or("")
+    }
+
+    /// Request start in microseconds since the Unix epoch.
+    pub fn ts_micros(&self) -> i64 {
+        self.ts.timestamp_micros()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> RequestEvent {
+        RequestEvent {
+            v: 1,
+            id: Uuid::now_v7(),
+            ts: DateTime::from_timestamp_micros(1_764_000_000_123_456).unwrap(),
+            gateway: "gw-1".into(),
+            route: Some("orders-get".into()),
+            method: "GET".into(),
+            path: "/v1/orders/42".into(),
+            status: 200,
+            latency_us: 1234,
+            upstream_latency_us: Some(1000),
+            req_bytes: 0,
+            resp_bytes: 512,
+            consumer: Some("acme".into()),
+            plan: Some("pro".into()),
+            outcome: Outcome::Ok,
+            billable: true,
+            trace_id: Some("0af7651916cd43dd8448eb211c80319c".into()),
+        }
+    }
+
+    #[test]
+    fn round_trips_with_microsecond_timestamps() {
+        let ev = sample();
+        let json = ev.to_json();
+        let text = String::from_utf8(json.clone()).unwrap();
+        assert!(
+            text.contains(r#""ts":"2025-11-24T16:00:00.123456Z""#),
+            "{text}"
+        );
+        assert_eq!(RequestEvent::from_json(&json).unwrap(), ev);
+    }
+
+    #[test]
+    fn rejects_unknown_fields_and_bad_values() {
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["extra"] = 1.into();
+        assert!(RequestEvent::from_json(v.to_string().as_bytes()).is_err());
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["v"] = 2.into();
+        let err = RequestEvent::from_json(v.to_string().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("`v`"), "{err}");
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["outcome"] = "great".into();
+        assert!(RequestEvent::from_json(v.to_string().as_bytes()).is_err());
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["trace_id"] = "XYZ".into();
+        assert!(RequestEvent::from_json(v.to_string().as_bytes()).is_err());
+        assert!(RequestEvent::from_json(b"{not json").is_err());
+    }
+
+    #[test]
+    fn outcome_names_round_trip() {
+        for o in Outcome::ALL {
+            assert_eq!(Outcome::parse(o.as_str()), Some(o));
+            assert_eq!(serde_json::to_value(o).unwrap(), o.as_str());
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The manifest: the one file that says which Parquet files hold the store's data and up to which
+//! bus checkpoint. Replacing it (write, fsync, rename, fsync dir) is the commit point of every
+//! flush and compaction, so a crash leaves either the old or the new set of files, never both.
+//! Files on disk that the manifest does not name are leftovers of an interrupted write; they are
+//! deleted at open.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Checkpoint, StoreError};
+
+pub const FILE: &str = "manifest.json";
+
+/// The committed state of the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Increments with every commit.
+    pub version: u64,
+    /// Bus position just after the last event in these files.
+    pub checkpoint: Checkpoint,
+    pub files: Vec<FileEntry>,
+}
+
+/// One Parquet file of events, all of one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Relative to the store directory: `day=YYYY-MM-DD/part-<uuid>.parquet`.
+    pub path: String,
+    /// Days since the epoch (UTC).
+    pub day: i64,
+    pub rows: u64,
+    pub bytes: u64,
+    pub min_ts_us: i64,
+    pub max_ts_us: i64,
+}
+
+/// Loads the manifest, or an empty one for a new store.
+pub fn load(dir: &Path) -> Result<Manifest, StoreError> {
+    let path = dir.join(FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::default()),
+        Err(e) => Err(StoreError::io(&path)(e)),
+    }
+}
+
+/// Atomically replaces the manifest.
+pub fn store(dir: &Path, manifest: &Manifest) -> Result<(), StoreError> {
+    let path = dir.join(FILE);
+    let tmp = dir.join(".manifest.json.tmp");
+    let body = serde_json::to_vec_pretty(manifest).expect("manifest serializes");
+    let mut f = std::fs::File::create(&tmp).map_err(StoreError::io(&tmp))?;
+    f.write_all(&body).map_err(StoreError::io(&tmp))?;
+    f.sync_all().map_err(StoreError::io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(StoreError::io(&path))?;
+    sync_dir(dir)
+}
+
+/// fsyncs a directory so that a rename or a new file in it is durable.
+pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io(dir))
+}

@@ -1,0 +1,275 @@
+//! The embedded store: Arrow record batches in memory for the freshest events, Parquet files on
+//! disk partitioned by UTC day (`day=YYYY-MM-DD/`), queried together with DataFusion.
+//!
+//! - `append` adds a batch to memory: queryable at once.
+//! - `flush` writes the in-memory batches as Parquet files (one per day touched), fsyncs them,
+//!   then commits a new manifest naming the files *and the bus checkpoint they reach*. Only then
+//!   does it return that checkpoint, which the collector commits to the bus.
+//! - `compact` merges a day's small files into one, committed the same way; the replaced files
+//!   are deleted on the next compaction round (so queries that started before still read them).
+//!
+//! A crash loses only in-memory batches, whose bus offsets were never committed: the collector
+//! reads them again from `durable_checkpoint`. Nothing is written twice, because every file the
+//! manifest names lies before its checkpoint.
+
+mod files;
+mod manifest;
+mod query;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::compute::concat_batches;
+use serde::{Deserialize, Serialize};
+
+pub use manifest::{FileEntry, Manifest};
+
+use crate::{Checkpoint, EventWriter, StoreError};
+
+/// The `store:` section for `kind: parquet`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParquetConfig {
+    /// Directory of the Parquet files and the manifest. Relative to `--data-dir` under `up`.
+    #[serde(default = "default_dir")]
+    pub dir: PathBuf,
+    /// A day with at least this many files gets them merged into one.
+    #[serde(default = "default_compact_min_files")]
+    pub compact_min_files: usize,
+    /// Files of at least this many rows are left alone by compaction.
+    #[serde(default = "default_compact_max_rows")]
+    pub compact_max_rows: u64,
+}
+
+fn default_dir() -> PathBuf {
+    PathBuf::from("./data/store")
+}
+fn default_compact_min_files() -> usize {
+    8
+}
+fn default_compact_max_rows() -> u64 {
+    4_000_000
+}
+
+impl Default for ParquetConfig {
+    fn default() -> Self {
+        ParquetConfig {
+            dir: default_dir(),
+            compact_min_files: default_compact_min_files(),
+            compact_max_rows: default_compact_max_rows(),
+        }
+    }
+}
+
+struct State {
+    manifest: Manifest,
+    /// Appended, not yet flushed: each batch with the checkpoint just after it.
+    mem: Vec<(RecordBatch, Checkpoint)>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    config: ParquetConfig,
+    state: RwLock<State>,
+    /// Serializes flushes and compactions (the two writers of the manifest).
+    commit: tokio::sync::Mutex<()>,
+    /// Files replaced by compaction, deleted on the next round.
+    retired: Mutex<Vec<PathBuf>>,
+}
+
+/// The Parquet + DataFusion store. Clones share it.
+#[derive(Clone)]
+pub struct ParquetStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ParquetStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParquetStore")
+            .field("dir", &self.inner.dir)
+            .finish()
+    }
+}
+
+impl ParquetStore {
+    /// Opens the store at `config.dir`, deleting files an interrupted write left behind.
+    pub fn open(config: ParquetConfig) -> Result<ParquetStore, StoreError> {
+        let dir = config.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(StoreError::io(&dir))?;
+        let manifest = manifest::load(&dir)?;
+        remove_orphans(&dir, &manifest);
+        Ok(ParquetStore {
+            inner: Arc::new(Inner {
+                dir,
+                config,
+                state: RwLock::new(State {
+                    manifest,
+                    mem: Vec::new(),
+                }),
+                commit: tokio::sync::Mutex::new(()),
+                retired: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The committed manifest (for tests and `/metrics`).
+    pub fn manifest(&self) -> Manifest {
+        self.read_state().manifest.clone()
+    }
+
+    /// Rows held in memory, not yet in a Parquet file.
+    pub fn memory_rows(&self) -> usize {
+        self.read_state()
+            .mem
+            .iter()
+            .map(|(b, _)| b.num_rows())
+            .sum()
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.inner.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.inner.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Merges small files of each day; returns how many files were merged away.
+    pub async fn compact(&self) -> Result<usize, StoreError> {
+        let _commit = self.inner.commit.lock().await;
+        // Files retired by the previous round: no query from before that round is still running.
+        let retired =
+            std::mem::take(&mut *self.inner.retired.lock().unwrap_or_else(|p| p.into_inner()));
+        for path in retired {
+            let _ = std::fs::remove_file(path);
+        }
+        let manifest = self.read_state().manifest.clone();
+        let mut by_day: std::collections::BTreeMap<i64, Vec<FileEntry>> = Default::default();
+        for f in manifest
+            .files
+            .iter()
+            .filter(|f| f.rows < self.inner.config.compact_max_rows)
+        {
+            by_day.entry(f.day).or_default().push(f.clone());
+        }
+        let mut merged = 0;
+        for (day, group) in by_day {
+            if group.len() < self.inner.config.compact_min_files.max(2) {
+                continue;
+            }
+            let dir = self.inner.dir.clone();
+            let schema = tollgate_schemas::arrow::schema();
+            let inputs = group.clone();
+            let entry = tokio::task::spawn_blocking(move || {
+                let batch = files::read_sorted(&dir, &inputs, &schema)?;
+                files::write_file(&dir, day, &batch)
+            })
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("compaction task failed: {e}")))??;
+            let mut state = self.write_state();
+            let mut next = state.manifest.clone();
+            next.version += 1;
+            next.files
+                .retain(|f| !group.iter().any(|g| g.path == f.path));
+            next.files.push(entry);
+            manifest::store(&self.inner.dir, &next)?;
+            state.manifest = next;
+            drop(state);
+            let mut retired = self.inner.retired.lock().unwrap_or_else(|p| p.into_inner());
+            retired.extend(group.iter().map(|g| self.inner.dir.join(&g.path)));
+            merged += group.len();
+            tracing::info!(day = %crate::day_string(day), files = group.len(), "compacted store files");
+        }
+        Ok(merged)
+    }
+}
+
+/// Deletes Parquet files the manifest does not name (left by a crash mid-flush or mid-compaction).
+fn remove_orphans(dir: &Path, manifest: &Manifest) {
+    let known: std::collections::HashSet<&str> =
+        manifest.files.iter().map(|f| f.path.as_str()).collect();
+    let Ok(days) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for day in days
+        .flatten()
+        .filter(|d| d.file_name().to_string_lossy().starts_with("day="))
+    {
+        let Ok(entries) = std::fs::read_dir(day.path()) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let rel = format!(
+                "{}/{}",
+                day.file_name().to_string_lossy(),
+                e.file_name().to_string_lossy()
+            );
+            if !known.contains(rel.as_str()) {
+                tracing::warn!(file = %rel, "removing store file not in the manifest (interrupted write)");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl EventWriter for ParquetStore {
+    async fn append(&self, batch: RecordBatch, through: &Checkpoint) -> Result<(), StoreError> {
+        if batch.schema().fields() != tollgate_schemas::arrow::schema().fields() {
+            return Err(StoreError::BadRequest(
+                "batch does not have the RequestEvent v1 schema".into(),
+            ));
+        }
+        self.write_state().mem.push((batch, through.clone()));
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<Checkpoint, StoreError> {
+        let _commit = self.inner.commit.lock().await;
+        let (batches, checkpoint) = {
+            let state = self.read_state();
+            match state.mem.last() {
+                None => return Ok(state.manifest.checkpoint.clone()),
+                Some((_, cp)) => (
+                    state.mem.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>(),
+                    cp.clone(),
+                ),
+            }
+        };
+        let taken = batches.len();
+        let dir = self.inner.dir.clone();
+        let new_files =
+            tokio::task::spawn_blocking(move || -> Result<Vec<FileEntry>, StoreError> {
+                let schema = tollgate_schemas::arrow::schema();
+                let all = concat_batches(&schema, &batches)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                if all.num_rows() == 0 {
+                    return Ok(Vec::new());
+                }
+                files::split_by_day(&all)?
+                    .into_iter()
+                    .map(|(day, b)| files::write_file(&dir, day, &b))
+                    .collect()
+            })
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
+        let mut state = self.write_state();
+        let mut next = state.manifest.clone();
+        next.version += 1;
+        next.checkpoint = next.checkpoint.max(&checkpoint);
+        next.files.extend(new_files);
+        manifest::store(&self.inner.dir, &next)?;
+        state.manifest = next;
+        state.mem.drain(..taken);
+        Ok(state.manifest.checkpoint.clone())
+    }
+
+    async fn durable_checkpoint(&self) -> Result<Checkpoint, StoreError> {
+        Ok(self.read_state().manifest.checkpoint.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests;
