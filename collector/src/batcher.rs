@@ -1,0 +1,127 @@
+//! Batching by size and time: events accumulate until the batch is full or its first event has
+//! waited `linger`; the batch carries the bus checkpoint just after its last message.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tollgate_schemas::{Checkpoint, RequestEvent};
+
+/// Accumulates consumed messages into store batches.
+#[derive(Debug)]
+pub struct Batcher {
+    max: usize,
+    linger: Duration,
+    events: Vec<RequestEvent>,
+    /// Messages taken in (valid or not) since the last batch.
+    messages: usize,
+    through: Checkpoint,
+    since: Option<Instant>,
+}
+
+impl Batcher {
+    pub fn new(max: usize, linger: Duration) -> Batcher {
+        Batcher { max: max.max(1), linger, events: Vec::new(), messages: 0, through: Checkpoint::default(), since: None }
+    }
+
+    /// How many more messages fit.
+    pub fn room(&self) -> usize {
+        self.max.saturating_sub(self.messages).max(1)
+    }
+
+    /// Adds a valid event consumed at `partition`/`offset`.
+    pub fn push(&mut self, ev: RequestEvent, partition: u32, offset: u64, now: Instant) {
+        self.events.push(ev);
+        self.skip(partition, offset, now);
+    }
+
+    /// Accounts for a consumed message that produced no event (dead-lettered).
+    pub fn skip(&mut self, partition: u32, offset: u64, now: Instant) {
+        self.messages += 1;
+        self.through.advance(partition, offset);
+        self.since.get_or_insert(now);
+    }
+
+    /// Time until the current batch is due; `None` when empty.
+    pub fn time_left(&self, now: Instant) -> Option<Duration> {
+        self.since.map(|s| (s + self.linger).saturating_duration_since(now))
+    }
+
+    /// The batch, if full or lingered long enough.
+    pub fn take_if_due(&mut self, now: Instant) -> Option<(Vec<RequestEvent>, Checkpoint)> {
+        let due = self.messages >= self.max || self.time_left(now).is_some_and(|d| d.is_zero());
+        if due { self.take() } else { None }
+    }
+
+    /// The batch, whatever its size (`None` when nothing was consumed).
+    pub fn take(&mut self) -> Option<(Vec<RequestEvent>, Checkpoint)> {
+        self.since.take()?;
+        self.messages = 0;
+        Some((std::mem::take(&mut self.events), self.through.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tollgate_schemas::Outcome;
+
+    fn ev(n: u64) -> RequestEvent {
+        RequestEvent {
+            v: 1,
+            id: uuid::Uuid::now_v7(),
+            ts: chrono::Utc::now(),
+            gateway: "g".into(),
+            route: None,
+            method: "GET".into(),
+            path: "/".into(),
+            status: 404,
+            latency_us: n,
+            upstream_latency_us: None,
+            req_bytes: 0,
+            resp_bytes: 0,
+            consumer: None,
+            plan: None,
+            outcome: Outcome::NotFound,
+            billable: false,
+            trace_id: None,
+        }
+    }
+
+    proptest! {
+        /// Every message lands in exactly one batch, in order; no batch exceeds `max`; every batch's
+        /// checkpoint is just past its last message; nothing waits longer than `linger` once time
+        /// is checked.
+        #[test]
+        fn batches_preserve_order_size_and_checkpoints(
+            max in 1usize..50,
+            linger_ms in 1u64..100,
+            steps in proptest::collection::vec((0usize..20, 0u64..60, proptest::bool::ANY), 1..60),
+        ) {
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut b = Batcher::new(max, Duration::from_millis(linger_ms));
+            let mut offset = 0u64;
+            let mut out: Vec<(Vec<RequestEvent>, Checkpoint)> = Vec::new();
+            let mut valid_offsets = Vec::new();
+            for (n, gap_ms, invalid) in steps {
+                now += Duration::from_millis(gap_ms);
+                if let Some(batch) = b.take_if_due(now) { out.push(batch); }
+                let n = n.min(b.room());
+                for _ in 0..n {
+                    if invalid { b.skip(0, offset, now) } else { b.push(ev(offset), 0, offset, now); valid_offsets.push(offset) }
+                    offset += 1;
+                }
+                prop_assert!(b.messages <= max);
+                if let Some(batch) = b.take_if_due(now) { out.push(batch); }
+                if let Some(left) = b.time_left(now) { prop_assert!(left <= Duration::from_millis(linger_ms)); }
+            }
+            if let Some(batch) = b.take() { out.push(batch); }
+            let seen: Vec<u64> = out.iter().flat_map(|(e, _)| e.iter().map(|e| e.latency_us)).collect();
+            prop_assert_eq!(seen, valid_offsets);
+            for w in out.windows(2) { prop_assert!(w[0].1.0[&0] <= w[1].1.0[&0]); }
+            if offset > 0 { prop_assert_eq!(out.last().unwrap().1.0[&0], offset); }
+            for (e, _) in &out { prop_assert!(e.len() <= max); }
+        }
+    }
+}
