@@ -1,0 +1,131 @@
+//! Body wrappers that meter bytes: `CountingBody` for request bodies on their way upstream, and
+//! `MeteredBody` for responses, which emits the request's event when the last byte has gone out
+//! (or the client went away), so `latency_us` spans first byte in to last byte out.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use tollgate_schemas::RequestEvent;
+
+use crate::Shared;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Counts the data bytes of a request body into a shared counter.
+pub struct CountingBody {
+    inner: hyper::body::Incoming,
+    count: Arc<AtomicU64>,
+}
+
+impl CountingBody {
+    pub fn new(inner: hyper::body::Incoming, count: Arc<AtomicU64>) -> CountingBody {
+        CountingBody { inner, count }
+    }
+}
+
+impl Body for CountingBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The event of a request in flight, completed when its response body ends.
+pub struct Pending {
+    pub event: RequestEvent,
+    pub start: Instant,
+    pub req_bytes: Arc<AtomicU64>,
+    pub shared: Arc<Shared>,
+}
+
+impl Pending {
+    fn finish(mut self, resp_bytes: u64) {
+        let elapsed = self.start.elapsed();
+        self.event.latency_us = elapsed.as_micros() as u64;
+        self.event.resp_bytes = resp_bytes;
+        self.event.req_bytes = self.req_bytes.load(Ordering::Relaxed);
+        self.shared.record(self.event, elapsed);
+    }
+}
+
+/// A response body that meters itself and emits the request's event at its end.
+pub struct MeteredBody {
+    inner: BoxBody<Bytes, BoxError>,
+    sent: u64,
+    pending: Option<Pending>,
+}
+
+impl MeteredBody {
+    pub fn new<B>(inner: B, pending: Pending) -> MeteredBody
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        MeteredBody { inner: inner.map_err(Into::into).boxed(), sent: 0, pending: Some(pending) }
+    }
+
+    fn finish(&mut self) {
+        if let Some(p) = self.pending.take() {
+            p.finish(self.sent);
+        }
+    }
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.sent += data.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish();
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

@@ -1,0 +1,208 @@
+//! The `gateway:` section of the configuration, and its validation (no I/O; errors name the key).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// The gateway: where it listens, where it forwards, who may call it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Address of the proxy listener.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Instance id written into every event; defaults to `gateway-<port>`.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Upstream services by name.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Routes, matched by method and path template; the route id is the unit of metering.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// How consumers authenticate.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// The queue between the request path and the bus.
+    #[serde(default)]
+    pub events: EventsConfig,
+    /// Where the gateway learns quota state.
+    #[serde(default)]
+    pub quota: QuotaFeedConfig,
+}
+
+fn default_listen() -> SocketAddr {
+    "127.0.0.1:8080".parse().expect("valid")
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: default_listen(),
+            id: None,
+            upstreams: BTreeMap::new(),
+            routes: Vec::new(),
+            auth: AuthConfig::default(),
+            events: EventsConfig::default(),
+            quota: QuotaFeedConfig::default(),
+        }
+    }
+}
+
+/// One upstream service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `http://host:port` base URLs, used round robin.
+    pub targets: Vec<String>,
+    /// Time allowed until the upstream's response headers arrive.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    5_000
+}
+
+/// One route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Route id: the unit of metering and pricing.
+    pub id: String,
+    /// Methods this route accepts; empty means any.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Path template: literal segments and `{name}` parameters, e.g. `/v1/orders/{id}`; a last
+    /// segment `{*rest}` matches the remainder.
+    pub path: String,
+    /// Name of an upstream.
+    pub upstream: String,
+    /// Removed from the start of the path before forwarding.
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    /// Whether callers must authenticate (default true). Anonymous calls are metered too.
+    #[serde(default = "default_true")]
+    pub auth: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Authentication methods.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// API keys in a header, checked against the consumers' sha256 hashes.
+    #[serde(default)]
+    pub api_key: Option<ApiKeyConfig>,
+}
+
+/// API-key authentication.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Header carrying the key.
+    #[serde(default = "default_key_header")]
+    pub header: String,
+}
+
+fn default_key_header() -> String {
+    "x-api-key".into()
+}
+
+/// The bounded queue from the request path to the bus.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Events held in memory before new ones are dropped (and counted).
+    #[serde(default = "default_queue")]
+    pub queue_capacity: usize,
+    /// Most events per bus publish.
+    #[serde(default = "default_batch")]
+    pub batch_max: usize,
+}
+
+fn default_queue() -> usize {
+    65_536
+}
+fn default_batch() -> usize {
+    1_024
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig { queue_capacity: default_queue(), batch_max: default_batch() }
+    }
+}
+
+/// Where quota state comes from: the query API's `/v1/quota`, polled.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaFeedConfig {
+    /// `http://host:port/v1/quota`; unset: quotas are not enforced by this gateway.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Bearer token for the query API (an admin token).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Poll interval in milliseconds (default 1000).
+    #[serde(default)]
+    pub poll_ms: Option<u64>,
+}
+
+const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"];
+
+impl GatewayConfig {
+    /// Checks the section; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, u) in &self.upstreams {
+            if u.targets.is_empty() {
+                return Err(format!("gateway.upstreams.{name}.targets: needs at least one target"));
+            }
+            for (i, t) in u.targets.iter().enumerate() {
+                let uri: http::Uri = t
+                    .parse()
+                    .map_err(|e| format!("gateway.upstreams.{name}.targets[{i}]: `{t}` is not a URL: {e}"))?;
+                if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                    return Err(format!("gateway.upstreams.{name}.targets[{i}]: `{t}` must be http://host:port"));
+                }
+            }
+            if u.timeout_ms == 0 {
+                return Err(format!("gateway.upstreams.{name}.timeout_ms: must be at least 1"));
+            }
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            if r.id.is_empty() || r.id == "default" {
+                return Err(format!("gateway.routes[{i}].id: `{}` is not a usable route id", r.id));
+            }
+            if !ids.insert(&r.id) {
+                return Err(format!("gateway.routes[{i}].id: `{}` is used twice", r.id));
+            }
+            if !self.upstreams.contains_key(&r.upstream) {
+                return Err(format!("gateway.routes[{i}].upstream: no upstream named `{}`", r.upstream));
+            }
+            if !r.path.starts_with('/') {
+                return Err(format!("gateway.routes[{i}].path: `{}` must start with /", r.path));
+            }
+            for m in &r.methods {
+                if !METHODS.contains(&m.as_str()) {
+                    return Err(format!("gateway.routes[{i}].methods: `{m}` is not an HTTP method"));
+                }
+            }
+        }
+        if self.events.queue_capacity == 0 || self.events.batch_max == 0 {
+            return Err("gateway.events: queue_capacity and batch_max must be at least 1".into());
+        }
+        crate::router::Router::build(&self.routes)?;
+        Ok(())
+    }
+
+    /// The instance id for events.
+    pub fn instance_id(&self) -> String {
+        self.id.clone().unwrap_or_else(|| format!("gateway-{}", self.listen.port()))
+    }
+}

@@ -1,0 +1,160 @@
+//! Local enforcement: a governor token bucket per consumer (rate limits), and the last known
+//! quota state from the query API plus what this gateway admitted since (quotas).
+//!
+//! Quota enforcement is eventually consistent: the state is as fresh as the last poll plus the
+//! pipeline's freshness (about a second), so a consumer can overshoot by what it sends in that
+//! time. When the query API is unreachable the last known state stays in force.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::Deserialize;
+use tollgate_schemas::config::{Consumer, Plan};
+
+/// Token buckets per consumer.
+pub struct RateLimits {
+    limiters: HashMap<String, DefaultDirectRateLimiter>,
+    clock: DefaultClock,
+}
+
+impl RateLimits {
+    pub fn new(consumers: &[Consumer], plans: &std::collections::BTreeMap<String, Plan>) -> RateLimits {
+        let mut limiters = HashMap::new();
+        for c in consumers {
+            if let Some(rl) = plans.get(&c.plan).and_then(|p| p.rate_limit.as_ref()) {
+                let per_second = NonZeroU32::new(rl.per_second).unwrap_or(NonZeroU32::MIN);
+                let burst = rl.burst.and_then(NonZeroU32::new).unwrap_or(per_second);
+                limiters.insert(c.id.clone(), RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)));
+            }
+        }
+        RateLimits { limiters, clock: DefaultClock::default() }
+    }
+
+    /// `Err(wait)` when `consumer` is over its rate limit.
+    pub fn check(&self, consumer: &str) -> Result<(), Duration> {
+        match self.limiters.get(consumer) {
+            None => Ok(()),
+            Some(l) => l.check().map_err(|not_until| not_until.wait_time_from(self.clock.now())),
+        }
+    }
+}
+
+/// One consumer's entry of `/v1/quota`, as the gateway reads it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct QuotaEntry {
+    pub consumer: String,
+    pub limit: Option<u64>,
+    pub used: u64,
+    /// End of the period (RFC 3339).
+    #[serde(default)]
+    pub period_end: Option<String>,
+}
+
+/// `/v1/quota` as the gateway reads it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct QuotaSnapshot {
+    pub version: String,
+    pub consumers: Vec<QuotaEntry>,
+}
+
+struct Known {
+    limit: u64,
+    used: u64,
+    admitted_since: AtomicU64,
+    period_end: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// The quota state this gateway enforces.
+#[derive(Default)]
+pub struct QuotaState {
+    known: RwLock<HashMap<String, Arc<Known>>>,
+    /// Unix seconds of the last successful update (0: never).
+    pub updated_at: AtomicU64,
+}
+
+impl QuotaState {
+    /// Replaces the state with a fresh snapshot.
+    pub fn update(&self, snap: QuotaSnapshot) {
+        let map = snap
+            .consumers
+            .into_iter()
+            .filter_map(|e| {
+                let limit = e.limit?;
+                let period_end = e
+                    .period_end
+                    .and_then(|p| chrono::DateTime::parse_from_rfc3339(&p).ok())
+                    .map(|t| t.with_timezone(&chrono::Utc));
+                Some((e.consumer, Arc::new(Known { limit, used: e.used, admitted_since: AtomicU64::new(0), period_end })))
+            })
+            .collect();
+        *self.known.write().unwrap_or_else(|p| p.into_inner()) = map;
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        self.updated_at.store(now, Ordering::Relaxed);
+    }
+
+    /// `Err(retry_after)` when `consumer` has used its quota for the period.
+    pub fn check(&self, consumer: &str) -> Result<(), Duration> {
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        let Some(k) = known.get(consumer) else { return Ok(()) };
+        let now = chrono::Utc::now();
+        if k.period_end.is_some_and(|end| now >= end) {
+            return Ok(()); // a new period began since the last poll
+        }
+        if k.used + k.admitted_since.load(Ordering::Relaxed) >= k.limit {
+            let wait = k.period_end.map(|end| (end - now).to_std().unwrap_or_default()).unwrap_or(Duration::from_secs(60));
+            return Err(wait);
+        }
+        Ok(())
+    }
+
+    /// Counts a billable request admitted since the last poll.
+    pub fn record(&self, consumer: &str) {
+        if let Some(k) = self.known.read().unwrap_or_else(|p| p.into_inner()).get(consumer) {
+            k.admitted_since.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_schemas::config::RateLimit;
+
+    #[test]
+    fn rate_limit_allows_the_burst_then_refuses_with_a_wait() {
+        let consumers = vec![Consumer { id: "a".into(), plan: "p".into(), api_keys: vec![] }];
+        let plans = [("p".to_string(), Plan { rate_limit: Some(RateLimit { per_second: 1, burst: Some(3) }), ..Default::default() })].into();
+        let rl = RateLimits::new(&consumers, &plans);
+        for _ in 0..3 {
+            assert!(rl.check("a").is_ok());
+        }
+        let wait = rl.check("a").unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(rl.check("unlimited").is_ok());
+    }
+
+    #[test]
+    fn quota_counts_local_admissions_until_the_next_poll() {
+        let q = QuotaState::default();
+        let end = (chrono::Utc::now() + chrono::Duration::days(3)).to_rfc3339();
+        q.update(QuotaSnapshot {
+            version: "1".into(),
+            consumers: vec![QuotaEntry { consumer: "a".into(), limit: Some(5), used: 3, period_end: Some(end.clone()) }],
+        });
+        assert!(q.check("a").is_ok());
+        q.record("a");
+        q.record("a");
+        let wait = q.check("a").unwrap_err();
+        assert!(wait > Duration::from_secs(2 * 86_400));
+        q.update(QuotaSnapshot {
+            version: "2".into(),
+            consumers: vec![QuotaEntry { consumer: "a".into(), limit: Some(10), used: 5, period_end: Some(end) }],
+        });
+        assert!(q.check("a").is_ok());
+    }
+}

@@ -1,0 +1,65 @@
+//! Gateway metrics (`tollgate_gateway_*`), registered next to the code that updates them. Label
+//! values are bounded: route ids come from the configuration (`none` when no route matched),
+//! outcomes are a closed set.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    pub reason: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Every gateway metric.
+#[derive(Clone, Debug)]
+pub struct GatewayMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub events_published: Counter,
+    pub events_dropped: Family<DropLabels, Counter>,
+    /// Seconds since the quota state was last refreshed (-1: never).
+    pub quota_state_age: Gauge,
+}
+
+impl GatewayMetrics {
+    pub fn register(registry: &mut Registry) -> GatewayMetrics {
+        let m = GatewayMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+            events_published: Counter::default(),
+            events_dropped: Family::default(),
+            quota_state_age: Gauge::default(),
+        };
+        m.quota_state_age.set(-1);
+        let r = registry.sub_registry_with_prefix("tollgate_gateway");
+        r.register("requests", "Requests by route and outcome", m.requests.clone());
+        r.register("request_duration_seconds", "Total request latency, first byte in to last byte out", m.duration.clone());
+        r.register("events_published", "Request events published to the bus", m.events_published.clone());
+        r.register("events_dropped", "Request events dropped, by reason", m.events_dropped.clone());
+        r.register("quota_state_age_seconds", "Age of the quota state in force (-1: never received)", m.quota_state_age.clone());
+        m
+    }
+
+    pub fn unregistered() -> GatewayMetrics {
+        GatewayMetrics::register(&mut Registry::default())
+    }
+}

@@ -1,0 +1,73 @@
+//! Keeps the quota state fresh by polling the query API's `/v1/quota`. Failures keep the last
+//! known state in force; its age is exported as `tollgate_gateway_quota_state_age_seconds`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio_util::sync::CancellationToken;
+
+use crate::limits::{QuotaSnapshot, QuotaState};
+use crate::metrics::GatewayMetrics;
+
+pub struct QuotaFeed {
+    pub url: String,
+    pub token: Option<String>,
+    pub poll: Duration,
+    pub state: Arc<QuotaState>,
+    pub metrics: GatewayMetrics,
+}
+
+impl QuotaFeed {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let mut failing = false;
+        loop {
+            match self.fetch(&client).await {
+                Ok(snap) => {
+                    if failing {
+                        tracing::info!(url = %self.url, "quota state reachable again");
+                        failing = false;
+                    }
+                    self.state.update(snap);
+                }
+                Err(e) if !failing => {
+                    tracing::warn!(url = %self.url, error = %e, "cannot refresh quota state; enforcing the last known state");
+                    failing = true;
+                }
+                Err(_) => {}
+            }
+            let updated = self.state.updated_at.load(Ordering::Relaxed);
+            if updated > 0 {
+                let now = chrono::Utc::now().timestamp().max(0) as u64;
+                self.metrics.quota_state_age.set(now.saturating_sub(updated) as i64);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.poll) => {}
+            }
+        }
+    }
+
+    async fn fetch(&self, client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>) -> Result<QuotaSnapshot, String> {
+        let mut req = http::Request::get(&self.url);
+        if let Some(t) = &self.token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        if !status.is_success() {
+            return Err(format!("status {status}: {}", String::from_utf8_lossy(&body)));
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("not a quota answer: {e}"))
+    }
+}

@@ -1,0 +1,78 @@
+//! Routing: method + path template to a route, with `matchit` (the radix-tree router axum uses).
+
+use crate::config::RouteConfig;
+
+/// Routes by path template; each template may serve several routes that differ by method.
+pub struct Router {
+    paths: matchit::Router<Vec<usize>>,
+    routes: Vec<RouteConfig>,
+}
+
+impl Router {
+    /// Builds the router; conflicting templates are an error naming the route.
+    pub fn build(routes: &[RouteConfig]) -> Result<Router, String> {
+        let mut by_path: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, r) in routes.iter().enumerate() {
+            match by_path.iter_mut().find(|(p, _)| *p == r.path) {
+                Some((_, ids)) => ids.push(i),
+                None => by_path.push((r.path.clone(), vec![i])),
+            }
+        }
+        let mut paths = matchit::Router::new();
+        for (path, ids) in by_path {
+            paths
+                .insert(path.clone(), ids.clone())
+                .map_err(|e| format!("gateway.routes[{}].path: `{path}`: {e}", ids[0]))?;
+        }
+        Ok(Router { paths, routes: routes.to_vec() })
+    }
+
+    /// The route for `method` and `path`, if any.
+    pub fn find(&self, method: &str, path: &str) -> Option<&RouteConfig> {
+        let m = self.paths.at(path).ok()?;
+        m.value
+            .iter()
+            .map(|i| &self.routes[*i])
+            .find(|r| r.methods.is_empty() || r.methods.iter().any(|x| x == method))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(id: &str, methods: &[&str], path: &str) -> RouteConfig {
+        RouteConfig {
+            id: id.into(),
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+            path: path.into(),
+            upstream: "u".into(),
+            strip_prefix: None,
+            auth: true,
+        }
+    }
+
+    #[test]
+    fn matches_templates_and_methods() {
+        let r = Router::build(&[
+            route("list", &["GET"], "/v1/orders"),
+            route("create", &["POST"], "/v1/orders"),
+            route("get", &["GET"], "/v1/orders/{id}"),
+            route("files", &[], "/files/{*rest}"),
+        ])
+        .unwrap();
+        assert_eq!(r.find("GET", "/v1/orders").unwrap().id, "list");
+        assert_eq!(r.find("POST", "/v1/orders").unwrap().id, "create");
+        assert_eq!(r.find("GET", "/v1/orders/42").unwrap().id, "get");
+        assert!(r.find("DELETE", "/v1/orders/42").is_none());
+        assert!(r.find("GET", "/v1/orders/42/items").is_none());
+        assert_eq!(r.find("PUT", "/files/a/b/c").unwrap().id, "files");
+        assert!(r.find("GET", "/nope").is_none());
+    }
+
+    #[test]
+    fn conflicting_templates_name_the_route() {
+        let err = Router::build(&[route("a", &[], "/x/{id}"), route("b", &[], "/x/{other}")]).err().unwrap();
+        assert!(err.contains("gateway.routes[1].path"), "{err}");
+    }
+}
