@@ -51,7 +51,7 @@ pub struct CollectorConfig {
     /// How often the store makes appended batches durable and offsets are committed (ms).
     #[serde(default = "default_flush_ms")]
     pub flush_interval_ms: u64,
-    /// Directory of the dead-letter files (invalid events). Relative to `--data-dir` under `up`.
+    /// Directory of the dead-letter files (invalid events). A relative path is resolved against `--data-dir` (default `./data`).
     #[serde(default = "default_dead_letter")]
     pub dead_letter_dir: PathBuf,
 }
@@ -69,7 +69,7 @@ fn default_flush_ms() -> u64 {
     2_000
 }
 fn default_dead_letter() -> PathBuf {
-    PathBuf::from("./data/dead-letter")
+    PathBuf::from("dead-letter")
 }
 
 impl Default for CollectorConfig {

@@ -58,7 +58,7 @@ pub struct QuotaEntry {
 /// `/v1/quota` as the gateway reads it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct QuotaSnapshot {
-    pub version: String,
+    pub version: serde_json::Value,
     pub consumers: Vec<QuotaEntry>,
 }
 
@@ -143,7 +143,7 @@ mod tests {
         let q = QuotaState::default();
         let end = (chrono::Utc::now() + chrono::Duration::days(3)).to_rfc3339();
         q.update(QuotaSnapshot {
-            version: "1".into(),
+            version: 1.into(),
             consumers: vec![QuotaEntry { consumer: "a".into(), limit: Some(5), used: 3, period_end: Some(end.clone()) }],
         });
         assert!(q.check("a").is_ok());
@@ -152,7 +152,7 @@ mod tests {
         let wait = q.check("a").unwrap_err();
         assert!(wait > Duration::from_secs(2 * 86_400));
         q.update(QuotaSnapshot {
-            version: "2".into(),
+            version: 2.into(),
             consumers: vec![QuotaEntry { consumer: "a".into(), limit: Some(10), used: 5, period_end: Some(end) }],
         });
         assert!(q.check("a").is_ok());

@@ -1,1 +1,154 @@
-//! placeholder
+//! The query API: an axum HTTP API over `UsageQuery` — latency, usage, revenue, billing exports
+//! and quota state — plus the dashboards, the OpenAPI spec, health and Prometheus metrics.
+//!
+//! Authentication: `Authorization: Bearer <token>`. An admin token (`query_api.admin_tokens`)
+//! sees everything; a consumer's own API key sees only that consumer's data. With no admin token
+//! configured the API is open, and then it refuses to listen on anything but loopback.
+
+mod auth;
+mod billing;
+pub mod error;
+mod params;
+pub mod pricing;
+mod reports;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tollgate_schemas::config::{Consumer, Plan};
+use tollgate_store::UsageQuery;
+
+pub use error::ApiError;
+
+/// The `query_api:` section of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryApiConfig {
+    /// Address of the API and dashboards.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Bearer tokens that see everything. Empty: the API is open (loopback only).
+    #[serde(default)]
+    pub admin_tokens: Vec<String>,
+}
+
+fn default_listen() -> SocketAddr {
+    "127.0.0.1:9090".parse().expect("valid")
+}
+
+impl Default for QueryApiConfig {
+    fn default() -> Self {
+        QueryApiConfig { listen: default_listen(), admin_tokens: Vec::new() }
+    }
+}
+
+impl QueryApiConfig {
+    /// Checks the section without I/O; errors name the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.admin_tokens.is_empty() && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "query_api.listen: {} is not loopback, and with no query_api.admin_tokens the API would be open to everyone; add an admin token or listen on 127.0.0.1",
+                self.listen
+            ));
+        }
+        if let Some(i) = self.admin_tokens.iter().position(|t| t.len() < 16) {
+            return Err(format!("query_api.admin_tokens[{i}]: must be at least 16 characters"));
+        }
+        Ok(())
+    }
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub store: Arc<dyn UsageQuery>,
+    pub consumers: Vec<Consumer>,
+    pub plans: BTreeMap<String, Plan>,
+    pub auth: auth::Authenticator,
+    /// Every component's metrics, exposed at `/metrics`.
+    pub registry: Arc<Registry>,
+}
+
+impl AppState {
+    pub fn new(
+        config: &QueryApiConfig,
+        store: Arc<dyn UsageQuery>,
+        consumers: Vec<Consumer>,
+        plans: BTreeMap<String, Plan>,
+        registry: Arc<Registry>,
+    ) -> Result<AppState, String> {
+        let auth = auth::Authenticator::new(&config.admin_tokens, &consumers)?;
+        Ok(AppState { store, consumers, plans, auth, registry })
+    }
+
+    /// The plan named `plan`, falling back to the consumer's configured plan.
+    pub(crate) fn plan(&self, plan: Option<&str>, consumer: Option<&str>) -> Option<(&str, &Plan)> {
+        let name = plan.or_else(|| self.consumers.iter().find(|c| Some(c.id.as_str()) == consumer).map(|c| c.plan.as_str()))?;
+        self.plans.get_key_value(name).map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+const OPENAPI: &str = include_str!("../openapi.json");
+const DASHBOARD: &str = include_str!("../../dashboards/index.html");
+const UPLOT_JS: &str = include_str!("../../dashboards/vendor/uPlot.iife.min.js");
+const UPLOT_CSS: &str = include_str!("../../dashboards/vendor/uPlot.min.css");
+
+/// The API's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(|| async { Html(DASHBOARD) }))
+        .route("/assets/uPlot.iife.min.js", get(|| async { asset(UPLOT_JS, "text/javascript") }))
+        .route("/assets/uPlot.min.css", get(|| async { asset(UPLOT_CSS, "text/css") }))
+        .route("/openapi.json", get(|| async { asset(OPENAPI, "application/json") }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/latency", get(reports::latency))
+        .route("/v1/usage", get(reports::usage))
+        .route("/v1/revenue", get(reports::revenue))
+        .route("/v1/billing/export", get(billing::export))
+        .route("/v1/quota", get(billing::quota))
+        .fallback(|| async { ApiError::NotFound("no such endpoint; see /openapi.json".into()) })
+        .with_state(state)
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, HeaderValue::from_static(content_type))], body).into_response()
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.store.ready().await {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "store not ready").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &state.registry) {
+        return ApiError::Internal(format!("encoding metrics: {e}")).into_response();
+    }
+    let ct = HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
+    ([(header::CONTENT_TYPE, ct)], out).into_response()
+}
+
+/// Binds the listener (so callers learn the port before serving).
+pub async fn bind(config: &QueryApiConfig) -> Result<tokio::net::TcpListener, String> {
+    config.validate()?;
+    tokio::net::TcpListener::bind(config.listen).await.map_err(|e| format!("query_api.listen: cannot listen on {}: {e}", config.listen))
+}
+
+/// Serves until `shutdown`.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>, shutdown: CancellationToken) -> std::io::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "query API listening");
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}

@@ -130,13 +130,13 @@ pub enum TierMode {
 #[serde(deny_unknown_fields)]
 pub struct Charge {
     /// Flat price per billable request (decimal string).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_opt_money", skip_serializing_if = "Option::is_none")]
     pub unit_price: Option<Decimal>,
     /// Tier mode, `graduated` unless set.
     #[serde(default)]
     pub mode: TierMode,
     /// Tiers by cumulative quantity, ascending; the last has `up_to: null`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tiers: Option<Vec<Tier>>,
 }
 
@@ -147,6 +147,7 @@ pub struct Tier {
     /// Inclusive upper bound of the cumulative quantity; `null` for the last tier.
     pub up_to: Option<u64>,
     /// Price per unit within (graduated) or for all units reaching (volume) this tier.
+    #[serde(deserialize_with = "de_money")]
     pub unit_price: Decimal,
 }
 
@@ -229,4 +230,33 @@ pub fn validate_consumers(
         }
     }
     Ok(())
+}
+
+/// Money is read from decimal strings (or integers), never from floating-point numbers, so that
+/// `0.1` means exactly one tenth.
+fn de_money<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+    struct Money;
+    impl serde::de::Visitor<'_> for Money {
+        type Value = Decimal;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a decimal string such as \"0.0005\"")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Decimal, E> {
+            v.trim().parse::<Decimal>().map_err(|_| E::custom(format!("`{v}` is not a decimal number")))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Decimal, E> {
+            Ok(Decimal::from(v))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Decimal, E> {
+            Ok(Decimal::from(v))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Decimal, E> {
+            Err(E::custom(format!("{v} is a floating-point number; write money as a decimal string, e.g. \"{v}\"")))
+        }
+    }
+    d.deserialize_any(Money)
+}
+
+fn de_opt_money<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
+    de_money(d).map(Some)
 }

@@ -30,7 +30,7 @@ use segment::SegmentReader;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddedConfig {
-    /// Directory of the log (segments and consumer offsets). Relative to `--data-dir` under `up`.
+    /// Directory of the log (segments and consumer offsets). A relative path is resolved against `--data-dir` (default `./data`).
     #[serde(default = "default_dir")]
     pub dir: PathBuf,
     /// A segment rolls over once it holds this many bytes.
@@ -43,7 +43,7 @@ pub struct EmbeddedConfig {
 }
 
 fn default_dir() -> PathBuf {
-    PathBuf::from("./data/bus")
+    PathBuf::from("bus")
 }
 fn default_segment_bytes() -> u64 {
     64 * 1024 * 1024

@@ -32,7 +32,7 @@ use crate::{Checkpoint, EventWriter, StoreError};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParquetConfig {
-    /// Directory of the Parquet files and the manifest. Relative to `--data-dir` under `up`.
+    /// Directory of the Parquet files and the manifest. A relative path is resolved against `--data-dir` (default `./data`).
     #[serde(default = "default_dir")]
     pub dir: PathBuf,
     /// A day with at least this many files gets them merged into one.
@@ -44,7 +44,7 @@ pub struct ParquetConfig {
 }
 
 fn default_dir() -> PathBuf {
-    PathBuf::from("./data/store")
+    PathBuf::from("store")
 }
 fn default_compact_min_files() -> usize {
     8
