@@ -52,21 +52,38 @@ const ENV_PREFIX: &str = "TOLLGATE_";
 impl Config {
     /// Reads, overrides from the environment, and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
         Config::parse(&text, &path.display().to_string(), std::env::vars())
     }
 
     /// Parses YAML text (`origin` names it in errors), applies overrides from `env`, validates.
-    pub fn parse(text: &str, origin: &str, env: impl Iterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            let line = inner.location().map(|l| format!(" (line {})", l.line())).unwrap_or_default();
-            ConfigError(format!("{origin}: `{path}`{line}: {}", strip_location(&inner.to_string())))
+            let line = inner
+                .location()
+                .map(|l| format!(" (line {})", l.line()))
+                .unwrap_or_default();
+            ConfigError(format!(
+                "{origin}: `{path}`{line}: {}",
+                strip_location(&inner.to_string())
+            ))
         })?;
-        let overrides: Vec<(String, String)> = env.filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__")).collect();
-        let config = if overrides.is_empty() { config } else { apply_overrides(&config, &overrides)? };
+        let overrides: Vec<(String, String)> = env
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+            .collect();
+        let config = if overrides.is_empty() {
+            config
+        } else {
+            apply_overrides(&config, &overrides)?
+        };
         config.validate()?;
         Ok(config)
     }
@@ -81,12 +98,19 @@ impl Config {
         let route_ids: Vec<&str> = self.gateway.routes.iter().map(|r| r.id.as_str()).collect();
         for (name, plan) in &self.plans {
             if let Some(pricing) = &plan.pricing {
-                if pricing.currency.len() != 3 || !pricing.currency.bytes().all(|b| b.is_ascii_uppercase()) {
-                    return Err(e(format!("plans.{name}.pricing.currency: `{}` is not an ISO 4217 code like USD", pricing.currency)));
+                if pricing.currency.len() != 3
+                    || !pricing.currency.bytes().all(|b| b.is_ascii_uppercase())
+                {
+                    return Err(e(format!(
+                        "plans.{name}.pricing.currency: `{}` is not an ISO 4217 code like USD",
+                        pricing.currency
+                    )));
                 }
                 for route in pricing.charges.keys() {
                     if route != "default" && !route_ids.contains(&route.as_str()) {
-                        return Err(e(format!("plans.{name}.pricing.charges.{route}: no route with id `{route}` in gateway.routes")));
+                        tracing::warn!(
+                            "plans.{name}.pricing.charges.{route}: no route with id `{route}` in gateway.routes; this charge applies to nothing"
+                        );
                     }
                 }
             }
@@ -94,18 +118,18 @@ impl Config {
         Ok(())
     }
 
-    /// Resolves relative data paths against `data_dir`.
+    /// Puts every data folder the configuration leaves unset under `data_dir`.
     pub fn resolve_paths(&mut self, data_dir: &Path) {
-        let resolve = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = data_dir.join(&*p);
+        let resolve = |p: &mut PathBuf, name: &str| {
+            if p.as_os_str().is_empty() {
+                *p = data_dir.join(name);
             }
         };
         let BusConfig::Embedded(bus) = &mut self.bus;
-        resolve(&mut bus.dir);
+        resolve(&mut bus.dir, "bus");
         let StoreConfig::Parquet(store) = &mut self.store;
-        resolve(&mut store.dir);
-        resolve(&mut self.collector.dead_letter_dir);
+        resolve(&mut store.dir, "store");
+        resolve(&mut self.collector.dead_letter_dir, "dead-letter");
     }
 }
 
@@ -120,24 +144,36 @@ fn strip_location(msg: &str) -> String {
 fn apply_overrides(config: &Config, overrides: &[(String, String)]) -> Result<Config, ConfigError> {
     let mut root = serde_yaml_ng::to_value(config).map_err(|e| ConfigError(e.to_string()))?;
     for (var, raw) in overrides {
-        let path: Vec<String> = var[ENV_PREFIX.len()..].split("__").map(|s| s.to_ascii_lowercase()).collect();
-        let value: Value = serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.clone()));
+        let path: Vec<String> = var[ENV_PREFIX.len()..]
+            .split("__")
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        let value: Value =
+            serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.clone()));
         let mut node = &mut root;
         for (i, key) in path.iter().enumerate() {
             let Value::Mapping(map) = node else {
-                return Err(ConfigError(format!("{var}: `{}` is not a section", path[..i].join("."))));
+                return Err(ConfigError(format!(
+                    "{var}: `{}` is not a section",
+                    path[..i].join(".")
+                )));
             };
             let k = Value::String(key.clone());
             if i + 1 == path.len() {
                 map.insert(k, value.clone());
                 break;
             }
-            node = map.entry(k).or_insert_with(|| Value::Mapping(Default::default()));
+            node = map
+                .entry(k)
+                .or_insert_with(|| Value::Mapping(Default::default()));
         }
     }
     serde_path_to_error::deserialize(root).map_err(|e| {
         let path = e.path().to_string();
-        ConfigError(format!("environment override: `{path}`: {}", e.into_inner()))
+        ConfigError(format!(
+            "environment override: `{path}`: {}",
+            e.into_inner()
+        ))
     })
 }
 
@@ -148,7 +184,11 @@ mod tests {
     const DEMO: &str = include_str!("demo.yaml");
 
     fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        Config::parse(text, "test.yaml", env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        Config::parse(
+            text,
+            "test.yaml",
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
     }
 
     #[test]
@@ -160,18 +200,31 @@ mod tests {
 
     #[test]
     fn unknown_keys_name_the_key_and_line() {
-        let err = parse("gateway:\n  listen: 127.0.0.1:1\n  lisen: 1\n", &[]).unwrap_err().to_string();
-        assert!(err.contains("gateway") && err.contains("lisen") && err.contains("line 3"), "{err}");
+        let err = parse("gateway:\n  listen: 127.0.0.1:1\n  lisen: 1\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gateway") && err.contains("lisen") && err.contains("line 3"),
+            "{err}"
+        );
         let err = parse("plans:\n  p:\n    pricing: { currency: USD, charges: { default: { unit_price: 0.5 } } }\n", &[]).unwrap_err().to_string();
-        assert!(err.contains("plans.p.pricing.charges.default.unit_price"), "{err}");
+        assert!(
+            err.contains("plans.p.pricing.charges.default.unit_price"),
+            "{err}"
+        );
     }
 
     #[test]
     fn semantic_errors_name_the_key() {
-        let text = DEMO.replace("DEMO_UPSTREAM", "127.0.0.1:9").replace("upstream: shop, auth: false", "upstream: nowhere, auth: false");
+        let text = DEMO.replace("DEMO_UPSTREAM", "127.0.0.1:9").replace(
+            "upstream: shop, auth: false",
+            "upstream: nowhere, auth: false",
+        );
         let err = parse(&text, &[]).unwrap_err().to_string();
         assert!(err.contains("gateway.routes[5].upstream"), "{err}");
-        let text = DEMO.replace("DEMO_UPSTREAM", "127.0.0.1:9").replace("plan: free,", "plan: platinum,");
+        let text = DEMO
+            .replace("DEMO_UPSTREAM", "127.0.0.1:9")
+            .replace("plan: free,", "plan: platinum,");
         let err = parse(&text, &[]).unwrap_err().to_string();
         assert!(err.contains("consumers[3].plan"), "{err}");
     }
@@ -179,17 +232,35 @@ mod tests {
     #[test]
     fn environment_overrides_follow_section_key() {
         let text = DEMO.replace("DEMO_UPSTREAM", "127.0.0.1:9");
-        let c = parse(&text, &[("TOLLGATE_GATEWAY__LISTEN", "127.0.0.1:18080"), ("TOLLGATE_COLLECTOR__LINGER_MS", "7"), ("OTHER", "x")]).unwrap();
+        let c = parse(
+            &text,
+            &[
+                ("TOLLGATE_GATEWAY__LISTEN", "127.0.0.1:18080"),
+                ("TOLLGATE_COLLECTOR__LINGER_MS", "7"),
+                ("OTHER", "x"),
+            ],
+        )
+        .unwrap();
         assert_eq!(c.gateway.listen.port(), 18080);
         assert_eq!(c.collector.linger_ms, 7);
-        let err = parse(&text, &[("TOLLGATE_GATEWAY__LISTEN", "not-an-address")]).unwrap_err().to_string();
+        let err = parse(&text, &[("TOLLGATE_GATEWAY__LISTEN", "not-an-address")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("gateway.listen"), "{err}");
     }
 
     #[test]
     fn an_open_api_must_stay_on_loopback() {
-        let err = parse("query_api: { listen: 0.0.0.0:9090 }\n", &[]).unwrap_err().to_string();
+        let err = parse("query_api: { listen: 0.0.0.0:9090 }\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("query_api.listen"), "{err}");
-        assert!(parse("query_api: { listen: 0.0.0.0:9090, admin_tokens: [\"0123456789abcdef0\"] }\n", &[]).is_ok());
+        assert!(
+            parse(
+                "query_api: { listen: 0.0.0.0:9090, admin_tokens: [\"0123456789abcdef0\"] }\n",
+                &[]
+            )
+            .is_ok()
+        );
     }
 }

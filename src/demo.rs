@@ -56,20 +56,31 @@ pub async fn start_upstream(shutdown: CancellationToken) -> std::io::Result<Sock
                     let (median, sigma, fail) = profile(req.method(), req.uri().path());
                     let (delay, failed) = {
                         let mut rng = rand::rng();
-                        (lognormal(&mut rng, median, sigma).min(median * 20.0), rng.random_bool(fail))
+                        (
+                            lognormal(&mut rng, median, sigma).min(median * 20.0),
+                            rng.random_bool(fail),
+                        )
                     };
                     let _ = req.into_body().collect().await;
                     tokio::time::sleep(Duration::from_micros((delay * 1000.0) as u64)).await;
                     let (status, body) = if failed {
-                        (StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"upstream overloaded"}"#.to_string())
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            r#"{"error":"upstream overloaded"}"#.to_string(),
+                        )
                     } else {
-                        (StatusCode::OK, format!(r#"{{"ok":true,"served_in_ms":{delay:.1}}}"#))
+                        (
+                            StatusCode::OK,
+                            format!(r#"{{"ok":true,"served_in_ms":{delay:.1}}}"#),
+                        )
                     };
                     let mut resp = Response::new(Full::new(Bytes::from(body)));
                     *resp.status_mut() = status;
                     Ok::<_, Infallible>(resp)
                 });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             });
         }
     });
@@ -84,15 +95,51 @@ struct Partner {
 }
 
 const PARTNERS: &[Partner] = &[
-    Partner { key: Some("demo-acme-key"), rps: 30.0, calls: &[("GET", "/v1/orders"), ("GET", "/v1/orders/{n}"), ("GET", "/v1/orders/{n}"), ("GET", "/v1/search"), ("POST", "/v1/payments"), ("POST", "/v1/orders")] },
-    Partner { key: Some("demo-globex-key"), rps: 15.0, calls: &[("GET", "/v1/orders"), ("GET", "/v1/orders/{n}"), ("POST", "/v1/orders"), ("GET", "/v1/search")] },
+    Partner {
+        key: Some("demo-acme-key"),
+        rps: 30.0,
+        calls: &[
+            ("GET", "/v1/orders"),
+            ("GET", "/v1/orders/{n}"),
+            ("GET", "/v1/orders/{n}"),
+            ("GET", "/v1/search"),
+            ("POST", "/v1/payments"),
+            ("POST", "/v1/orders"),
+        ],
+    },
+    Partner {
+        key: Some("demo-globex-key"),
+        rps: 15.0,
+        calls: &[
+            ("GET", "/v1/orders"),
+            ("GET", "/v1/orders/{n}"),
+            ("POST", "/v1/orders"),
+            ("GET", "/v1/search"),
+        ],
+    },
     // Above its plan's 8/s: some answers are 429 rate_limited.
-    Partner { key: Some("demo-initech-key"), rps: 11.0, calls: &[("GET", "/v1/orders/{n}"), ("GET", "/v1/search")] },
+    Partner {
+        key: Some("demo-initech-key"),
+        rps: 11.0,
+        calls: &[("GET", "/v1/orders/{n}"), ("GET", "/v1/search")],
+    },
     // A free plan with a 500-request monthly quota: runs into 429 quota_exceeded.
-    Partner { key: Some("demo-umbrella-key"), rps: 3.0, calls: &[("GET", "/v1/orders"), ("GET", "/v1/orders/{n}")] },
+    Partner {
+        key: Some("demo-umbrella-key"),
+        rps: 3.0,
+        calls: &[("GET", "/v1/orders"), ("GET", "/v1/orders/{n}")],
+    },
     // Bad keys, unknown routes and public health checks.
-    Partner { key: Some("not-a-real-key"), rps: 0.5, calls: &[("GET", "/v1/orders")] },
-    Partner { key: None, rps: 1.0, calls: &[("GET", "/status"), ("GET", "/v2/unknown")] },
+    Partner {
+        key: Some("not-a-real-key"),
+        rps: 0.5,
+        calls: &[("GET", "/v1/orders")],
+    },
+    Partner {
+        key: None,
+        rps: 1.0,
+        calls: &[("GET", "/status"), ("GET", "/v2/unknown")],
+    },
 ];
 
 /// Sends demo traffic to the gateway at `gateway` until `shutdown`.
@@ -111,18 +158,31 @@ pub async fn run_traffic(gateway: SocketAddr, shutdown: CancellationToken) {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let Ok(permit) = in_flight.clone().try_acquire_owned() else { continue };
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                    continue;
+                };
                 let (method, path) = {
                     let mut rng = rand::rng();
                     let (m, path) = p.calls[rng.random_range(0..p.calls.len())];
-                    (m, path.replace("{n}", &rng.random_range(1..5000).to_string()))
+                    (
+                        m,
+                        path.replace("{n}", &rng.random_range(1..5000).to_string()),
+                    )
                 };
-                let body = if method == "POST" { r#"{"item":"demo","qty":1}"# } else { "" };
-                let mut req = Request::builder().method(method).uri(format!("http://{gateway}{path}"));
+                let body = if method == "POST" {
+                    r#"{"item":"demo","qty":1}"#
+                } else {
+                    ""
+                };
+                let mut req = Request::builder()
+                    .method(method)
+                    .uri(format!("http://{gateway}{path}"));
                 if let Some(k) = p.key {
                     req = req.header("x-api-key", k);
                 }
-                let req = req.body(Full::new(Bytes::from_static(body.as_bytes()))).expect("valid request");
+                let req = req
+                    .body(Full::new(Bytes::from_static(body.as_bytes())))
+                    .expect("valid request");
                 let client = client.clone();
                 tokio::spawn(async move {
                     if let Ok(resp) = client.request(req).await {

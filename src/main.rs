@@ -19,7 +19,11 @@ use tollgate_store::{ParquetStore, StoreConfig};
 use crate::config::{Config, ConfigError};
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "API gateway with built-in usage metering, billing and observability")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "API gateway with built-in usage metering, billing and observability"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -64,7 +68,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let result = match cli.command {
         Command::CheckConfig { file } => match Config::load(&file) {
@@ -78,10 +84,16 @@ fn main() -> ExitCode {
             println!("{}", tollgate_gateway::auth::hash_key(&key));
             return ExitCode::SUCCESS;
         }
-        Command::Up { config, demo, data_dir } => runtime().block_on(up(config, demo, data_dir)),
-        Command::Gateway { config } | Command::Collector { config } | Command::QueryApi { config } => {
-            Config::load(&config).map_err(anyhow::Error::from).and_then(|c| scaled_unavailable(&c))
-        }
+        Command::Up {
+            config,
+            demo,
+            data_dir,
+        } => runtime().block_on(up(config, demo, data_dir)),
+        Command::Gateway { config }
+        | Command::Collector { config }
+        | Command::QueryApi { config } => Config::load(&config)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| scaled_unavailable(&c)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -97,7 +109,10 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
 /// The one-part commands need a bus and a store shared between processes (Kafka, ClickHouse).
@@ -114,19 +129,29 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
 
-fn load_up_config(path: Option<&Path>, demo_upstream: Option<std::net::SocketAddr>) -> Result<Config, ConfigError> {
+fn load_up_config(
+    path: Option<&Path>,
+    demo_upstream: Option<std::net::SocketAddr>,
+) -> Result<Config, ConfigError> {
     match path {
         Some(p) => Config::load(p),
         None => {
-            let addr = demo_upstream.map(|a| a.to_string()).unwrap_or_else(|| "127.0.0.1:9".into());
-            Config::parse(&demo::CONFIG.replace("DEMO_UPSTREAM", &addr), "built-in demo configuration", std::env::vars())
+            let addr = demo_upstream
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "127.0.0.1:9".into());
+            Config::parse(
+                &demo::CONFIG.replace("DEMO_UPSTREAM", &addr),
+                "built-in demo configuration",
+                std::env::vars(),
+            )
         }
     }
 }
@@ -135,7 +160,15 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
     let stop_traffic = CancellationToken::new();
     // Validate before starting anything.
     load_up_config(config_path.as_deref(), None)?;
-    let demo_upstream = if demo { Some(demo::start_upstream(stop_traffic.clone()).await.context("starting the demo upstream")?) } else { None };
+    let demo_upstream = if demo {
+        Some(
+            demo::start_upstream(stop_traffic.clone())
+                .await
+                .context("starting the demo upstream")?,
+        )
+    } else {
+        None
+    };
     let mut config = load_up_config(config_path.as_deref(), demo_upstream)?;
     config.resolve_paths(&data_dir);
 
@@ -149,7 +182,9 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
     let store = ParquetStore::open(store_config).context("opening the store")?;
 
     // Query API first: the gateway polls it for quota state.
-    let api_listener = tollgate_query_api::bind(&config.query_api).await.map_err(ConfigError)?;
+    let api_listener = tollgate_query_api::bind(&config.query_api)
+        .await
+        .map_err(ConfigError)?;
     let api_addr = api_listener.local_addr()?;
     if config.gateway.quota.url.is_none() {
         config.gateway.quota.url = Some(format!("http://{api_addr}/v1/quota"));
@@ -169,10 +204,20 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
     let gateway_addr = gateway.local_addr();
 
     let registry = Arc::new(registry);
-    let state = tollgate_query_api::AppState::new(&config.query_api, Arc::new(store.clone()), config.consumers.clone(), config.plans.clone(), registry)
-        .map_err(ConfigError)?;
+    let state = tollgate_query_api::AppState::new(
+        &config.query_api,
+        Arc::new(store.clone()),
+        config.consumers.clone(),
+        config.plans.clone(),
+        registry,
+    )
+    .map_err(ConfigError)?;
     let stop_api = CancellationToken::new();
-    let api = tokio::spawn(tollgate_query_api::serve(api_listener, Arc::new(state), stop_api.clone()));
+    let api = tokio::spawn(tollgate_query_api::serve(
+        api_listener,
+        Arc::new(state),
+        stop_api.clone(),
+    ));
 
     let stop_collector = CancellationToken::new();
     let subscriber = Box::new(log.subscribe(&config.collector.group)?);
@@ -208,7 +253,9 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
     eprintln!("  dashboards  http://{api_addr}/");
     eprintln!("  query API   http://{api_addr}/v1/usage?group_by=consumer,route");
     if demo {
-        eprintln!("  demo traffic from 4 partners is flowing; try: curl -H 'x-api-key: demo-acme-key' http://{gateway_addr}/v1/orders/42");
+        eprintln!(
+            "  demo traffic from 4 partners is flowing; try: curl -H 'x-api-key: demo-acme-key' http://{gateway_addr}/v1/orders/42"
+        );
     }
     eprintln!("Press Ctrl-C to stop.\n");
 
@@ -234,7 +281,9 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
 }
 
 /// Resolves when the collector stopped on its own (an error).
-async fn collector_watch(handle: &tokio::task::JoinHandle<Result<(), tollgate_collector::CollectorError>>) -> anyhow::Result<()> {
+async fn collector_watch(
+    handle: &tokio::task::JoinHandle<Result<(), tollgate_collector::CollectorError>>,
+) -> anyhow::Result<()> {
     loop {
         if handle.is_finished() {
             anyhow::bail!("the collector stopped unexpectedly; see the log above");

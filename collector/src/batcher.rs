@@ -20,7 +20,14 @@ pub struct Batcher {
 
 impl Batcher {
     pub fn new(max: usize, linger: Duration) -> Batcher {
-        Batcher { max: max.max(1), linger, events: Vec::new(), messages: 0, through: Checkpoint::default(), since: None }
+        Batcher {
+            max: max.max(1),
+            linger,
+            events: Vec::new(),
+            messages: 0,
+            through: Checkpoint::default(),
+            since: None,
+        }
     }
 
     /// How many more messages fit.
@@ -43,7 +50,8 @@ impl Batcher {
 
     /// Time until the current batch is due; `None` when empty.
     pub fn time_left(&self, now: Instant) -> Option<Duration> {
-        self.since.map(|s| (s + self.linger).saturating_duration_since(now))
+        self.since
+            .map(|s| (s + self.linger).saturating_duration_since(now))
     }
 
     /// The batch, if full or lingered long enough.

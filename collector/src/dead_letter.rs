@@ -17,8 +17,14 @@ impl DeadLetter {
     /// Opens (or creates) `dir/events.jsonl`.
     pub fn open(dir: &Path) -> std::io::Result<DeadLetter> {
         std::fs::create_dir_all(dir)?;
-        let file = OpenOptions::new().create(true).append(true).open(dir.join("events.jsonl"))?;
-        Ok(DeadLetter { file: BufWriter::new(file), dirty: false })
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("events.jsonl"))?;
+        Ok(DeadLetter {
+            file: BufWriter::new(file),
+            dirty: false,
+        })
     }
 
     /// Records one rejected message and why.
@@ -51,6 +57,8 @@ impl DeadLetter {
 }
 
 fn chrono_now() -> String {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     format!("{}.{:06}", d.as_secs(), d.subsec_micros())
 }

@@ -51,7 +51,8 @@ pub struct CollectorConfig {
     /// How often the store makes appended batches durable and offsets are committed (ms).
     #[serde(default = "default_flush_ms")]
     pub flush_interval_ms: u64,
-    /// Directory of the dead-letter files (invalid events). A relative path is resolved against `--data-dir` (default `./data`).
+    /// Directory of the dead-letter files (invalid events). Unset: a folder of `--data-dir`
+    /// (default `./data`); a relative path is relative to the working directory.
     #[serde(default = "default_dead_letter")]
     pub dead_letter_dir: PathBuf,
 }
@@ -69,7 +70,7 @@ fn default_flush_ms() -> u64 {
     2_000
 }
 fn default_dead_letter() -> PathBuf {
-    PathBuf::from("dead-letter")
+    PathBuf::new()
 }
 
 impl Default for CollectorConfig {
@@ -144,7 +145,10 @@ pub async fn run(
     let mut appended_since_flush = false;
     loop {
         let now = Instant::now();
-        let wait = batcher.time_left(now).unwrap_or(linger.max(Duration::from_millis(50))).min(next_flush.saturating_duration_since(now));
+        let wait = batcher
+            .time_left(now)
+            .unwrap_or(linger.max(Duration::from_millis(50)))
+            .min(next_flush.saturating_duration_since(now));
         let messages = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = bus.poll(batcher.room(), wait) => r?,
@@ -157,7 +161,8 @@ pub async fn run(
                 Err(e) => {
                     metrics.dead_lettered.inc();
                     tracing::warn!(offset = msg.offset, error = %e, "invalid event sent to dead letter");
-                    dead.write(&msg, &e.to_string()).map_err(CollectorError::DeadLetter)?;
+                    dead.write(&msg, &e.to_string())
+                        .map_err(CollectorError::DeadLetter)?;
                     batcher.skip(msg.partition, msg.offset, now);
                 }
             }
@@ -189,10 +194,14 @@ async fn append(
     metrics: &CollectorMetrics,
 ) -> Result<(), CollectorError> {
     let started = std::time::Instant::now();
-    store.append(tollgate_schemas::arrow::to_batch(events), through).await?;
+    store
+        .append(tollgate_schemas::arrow::to_batch(events), through)
+        .await?;
     metrics.appended.inc_by(events.len() as u64);
     metrics.batches.inc();
-    metrics.append_seconds.observe(started.elapsed().as_secs_f64());
+    metrics
+        .append_seconds
+        .observe(started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -206,7 +215,9 @@ async fn flush(
     dead.sync().map_err(CollectorError::DeadLetter)?;
     let durable = store.flush().await?;
     bus.commit(&durable).await?;
-    metrics.flush_seconds.observe(started.elapsed().as_secs_f64());
+    metrics
+        .flush_seconds
+        .observe(started.elapsed().as_secs_f64());
     Ok(())
 }
 

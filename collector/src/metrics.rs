@@ -27,12 +27,36 @@ impl CollectorMetrics {
             flush_seconds: Histogram::new(exponential_buckets(0.001, 4.0, 10)),
         };
         let r = registry.sub_registry_with_prefix("tollgate_collector");
-        r.register("messages_consumed", "Bus messages consumed", m.consumed.clone());
-        r.register("events_appended", "Valid events appended to the store", m.appended.clone());
-        r.register("batches", "Batches appended to the store", m.batches.clone());
-        r.register("dead_letter_events", "Invalid messages sent to the dead-letter sink", m.dead_lettered.clone());
-        r.register("append_seconds", "Time to append one batch to the store", m.append_seconds.clone());
-        r.register("flush_seconds", "Time to make the store durable and commit offsets", m.flush_seconds.clone());
+        r.register(
+            "messages_consumed",
+            "Bus messages consumed",
+            m.consumed.clone(),
+        );
+        r.register(
+            "events_appended",
+            "Valid events appended to the store",
+            m.appended.clone(),
+        );
+        r.register(
+            "batches",
+            "Batches appended to the store",
+            m.batches.clone(),
+        );
+        r.register(
+            "dead_letter_events",
+            "Invalid messages sent to the dead-letter sink",
+            m.dead_lettered.clone(),
+        );
+        r.register(
+            "append_seconds",
+            "Time to append one batch to the store",
+            m.append_seconds.clone(),
+        );
+        r.register(
+            "flush_seconds",
+            "Time to make the store durable and commit offsets",
+            m.flush_seconds.clone(),
+        );
         m
     }
 

@@ -37,13 +37,23 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        Env { dir: tempfile::tempdir().unwrap() }
+        Env {
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
     fn log(&self) -> EmbeddedLog {
-        EmbeddedLog::open(EmbeddedConfig { dir: self.dir.path().join("bus"), ..Default::default() }).unwrap()
+        EmbeddedLog::open(EmbeddedConfig {
+            dir: self.dir.path().join("bus"),
+            ..Default::default()
+        })
+        .unwrap()
     }
     fn store(&self) -> ParquetStore {
-        ParquetStore::open(ParquetConfig { dir: self.dir.path().join("store"), ..Default::default() }).unwrap()
+        ParquetStore::open(ParquetConfig {
+            dir: self.dir.path().join("store"),
+            ..Default::default()
+        })
+        .unwrap()
     }
     fn config(&self, flush_ms: u64) -> CollectorConfig {
         CollectorConfig {
@@ -56,13 +66,28 @@ impl Env {
 }
 
 async fn publish(log: &EmbeddedLog, range: std::ops::Range<u64>) {
-    let recs = range.map(|i| Record { key: Bytes::from("acme"), payload: Bytes::from(event(i).to_json()) }).collect();
+    let recs = range
+        .map(|i| Record {
+            key: Bytes::from("acme"),
+            payload: Bytes::from(event(i).to_json()),
+        })
+        .collect();
     log.publish(recs).await.unwrap();
 }
 
 async fn count(store: &ParquetStore) -> u64 {
-    let f = Filter { from_us: 0, to_us: i64::MAX / 2, ..Default::default() };
-    store.usage(&f, &[]).await.unwrap().iter().map(|r| r.requests).sum()
+    let f = Filter {
+        from_us: 0,
+        to_us: i64::MAX / 2,
+        ..Default::default()
+    };
+    store
+        .usage(&f, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.requests)
+        .sum()
 }
 
 async fn wait_for_count(store: &ParquetStore, n: u64) {
@@ -72,15 +97,32 @@ async fn wait_for_count(store: &ParquetStore, n: u64) {
         if c == n {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "store holds {c} events, expected {n}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "store holds {c} events, expected {n}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-fn start(env: &Env, log: &EmbeddedLog, store: &ParquetStore, flush_ms: u64) -> (CancellationToken, tokio::task::JoinHandle<Result<(), CollectorError>>) {
+fn start(
+    env: &Env,
+    log: &EmbeddedLog,
+    store: &ParquetStore,
+    flush_ms: u64,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), CollectorError>>,
+) {
     let shutdown = CancellationToken::new();
     let sub = Box::new(log.subscribe("tollgate-collector").unwrap());
-    let handle = tokio::spawn(run(env.config(flush_ms), sub, Arc::new(store.clone()), CollectorMetrics::unregistered(), shutdown.clone()));
+    let handle = tokio::spawn(run(
+        env.config(flush_ms),
+        sub,
+        Arc::new(store.clone()),
+        CollectorMetrics::unregistered(),
+        shutdown.clone(),
+    ));
     (shutdown, handle)
 }
 
@@ -90,14 +132,23 @@ async fn stores_valid_events_and_dead_letters_the_rest() {
     let log = env.log();
     let store = env.store();
     publish(&log, 0..50).await;
-    log.publish(vec![Record { key: Bytes::new(), payload: Bytes::from_static(b"{\"v\":1}") }]).await.unwrap();
+    log.publish(vec![Record {
+        key: Bytes::new(),
+        payload: Bytes::from_static(b"{\"v\":1}"),
+    }])
+    .await
+    .unwrap();
     publish(&log, 50..60).await;
     let (shutdown, handle) = start(&env, &log, &store, 20);
     wait_for_count(&store, 60).await;
     shutdown.cancel();
     handle.await.unwrap().unwrap();
     let sub = log.subscribe("tollgate-collector").unwrap();
-    assert_eq!(sub.committed().0[&0], 61, "offsets committed after the final flush");
+    assert_eq!(
+        sub.committed().0[&0],
+        61,
+        "offsets committed after the final flush"
+    );
     let dlq = std::fs::read_to_string(env.dir.path().join("dlq/events.jsonl")).unwrap();
     assert_eq!(dlq.lines().count(), 1);
     assert!(dlq.contains("\"offset\":50"), "{dlq}");
@@ -136,10 +187,19 @@ async fn crash_between_store_flush_and_bus_commit_counts_nothing_twice() {
         // The store made the first 10 durable, the bus commit never happened.
         let store = env.store();
         let events: Vec<RequestEvent> = (0..10).map(event).collect();
-        store.append(tollgate_schemas::arrow::to_batch(&events), &tollgate_schemas::Checkpoint([(0, 10)].into())).await.unwrap();
+        store
+            .append(
+                tollgate_schemas::arrow::to_batch(&events),
+                &tollgate_schemas::Checkpoint([(0, 10)].into()),
+            )
+            .await
+            .unwrap();
         store.flush().await.unwrap();
     }
-    assert_eq!(log.subscribe("tollgate-collector").unwrap().committed().0[&0], 0);
+    assert_eq!(
+        log.subscribe("tollgate-collector").unwrap().committed().0[&0],
+        0
+    );
     let store = env.store();
     let (shutdown, handle) = start(&env, &log, &store, 20);
     publish(&log, 10..15).await;

@@ -25,7 +25,10 @@ impl KeyTable {
     pub fn new(consumers: &[Consumer]) -> Result<KeyTable, String> {
         let mut keys = Vec::new();
         for c in consumers {
-            let id = Identity { consumer: c.id.as_str().into(), plan: c.plan.as_str().into() };
+            let id = Identity {
+                consumer: c.id.as_str().into(),
+                plan: c.plan.as_str().into(),
+            };
             for h in c.key_hashes()? {
                 keys.push((h, id.clone()));
             }
@@ -58,8 +61,16 @@ mod tests {
     #[test]
     fn finds_the_owner_of_a_key_and_nobody_else() {
         let consumers = vec![
-            Consumer { id: "acme".into(), plan: "pro".into(), api_keys: vec![hash_key("k-acme")] },
-            Consumer { id: "zeta".into(), plan: "free".into(), api_keys: vec![hash_key("k-zeta"), hash_key("k-zeta-2")] },
+            Consumer {
+                id: "acme".into(),
+                plan: "pro".into(),
+                api_keys: vec![hash_key("k-acme")],
+            },
+            Consumer {
+                id: "zeta".into(),
+                plan: "free".into(),
+                api_keys: vec![hash_key("k-zeta"), hash_key("k-zeta-2")],
+            },
         ];
         let t = KeyTable::new(&consumers).unwrap();
         assert_eq!(&*t.authenticate(b"k-acme").unwrap().consumer, "acme");

@@ -98,6 +98,29 @@ pub struct AuthConfig {
     /// API keys in a header, checked against the consumers' sha256 hashes.
     #[serde(default)]
     pub api_key: Option<ApiKeyConfig>,
+    /// JWT bearer tokens. Accepted in the configuration; verification is not implemented yet,
+    /// so requests are authenticated by API key only (a warning says so at start).
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+}
+
+/// JWT authentication settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Expected `iss`.
+    pub issuer: String,
+    /// Expected `aud`.
+    pub audience: String,
+    /// Where the signing keys are published.
+    pub jwks_url: String,
+    /// The claim naming the consumer.
+    #[serde(default = "default_consumer_claim")]
+    pub consumer_claim: String,
+}
+
+fn default_consumer_claim() -> String {
+    "sub".into()
 }
 
 /// API-key authentication.
@@ -134,7 +157,10 @@ fn default_batch() -> usize {
 
 impl Default for EventsConfig {
     fn default() -> Self {
-        EventsConfig { queue_capacity: default_queue(), batch_max: default_batch() }
+        EventsConfig {
+            queue_capacity: default_queue(),
+            batch_max: default_batch(),
+        }
     }
 }
 
@@ -153,44 +179,63 @@ pub struct QuotaFeedConfig {
     pub poll_ms: Option<u64>,
 }
 
-const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"];
+const METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
+];
 
 impl GatewayConfig {
     /// Checks the section; the error names the key.
     pub fn validate(&self) -> Result<(), String> {
         for (name, u) in &self.upstreams {
             if u.targets.is_empty() {
-                return Err(format!("gateway.upstreams.{name}.targets: needs at least one target"));
+                return Err(format!(
+                    "gateway.upstreams.{name}.targets: needs at least one target"
+                ));
             }
             for (i, t) in u.targets.iter().enumerate() {
-                let uri: http::Uri = t
-                    .parse()
-                    .map_err(|e| format!("gateway.upstreams.{name}.targets[{i}]: `{t}` is not a URL: {e}"))?;
+                let uri: http::Uri = t.parse().map_err(|e| {
+                    format!("gateway.upstreams.{name}.targets[{i}]: `{t}` is not a URL: {e}")
+                })?;
                 if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                    return Err(format!("gateway.upstreams.{name}.targets[{i}]: `{t}` must be http://host:port"));
+                    return Err(format!(
+                        "gateway.upstreams.{name}.targets[{i}]: `{t}` must be http://host:port"
+                    ));
                 }
             }
             if u.timeout_ms == 0 {
-                return Err(format!("gateway.upstreams.{name}.timeout_ms: must be at least 1"));
+                return Err(format!(
+                    "gateway.upstreams.{name}.timeout_ms: must be at least 1"
+                ));
             }
         }
         let mut ids = std::collections::HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
             if r.id.is_empty() || r.id == "default" {
-                return Err(format!("gateway.routes[{i}].id: `{}` is not a usable route id", r.id));
+                return Err(format!(
+                    "gateway.routes[{i}].id: `{}` is not a usable route id",
+                    r.id
+                ));
             }
             if !ids.insert(&r.id) {
                 return Err(format!("gateway.routes[{i}].id: `{}` is used twice", r.id));
             }
             if !self.upstreams.contains_key(&r.upstream) {
-                return Err(format!("gateway.routes[{i}].upstream: no upstream named `{}`", r.upstream));
+                return Err(format!(
+                    "gateway.routes[{i}].upstream: no upstream named `{}`",
+                    r.upstream
+                ));
             }
             if !r.path.starts_with('/') {
-                return Err(format!("gateway.routes[{i}].path: `{}` must start with /", r.path));
+                return Err(format!(
+                    "gateway.routes[{i}].path: `{}` must start with /",
+                    r.path
+                ));
             }
             for m in &r.methods {
                 if !METHODS.contains(&m.as_str()) {
-                    return Err(format!("gateway.routes[{i}].methods: `{m}` is not an HTTP method"));
+                    return Err(format!(
+                        "gateway.routes[{i}].methods: `{m}` is not an HTTP method"
+                    ));
                 }
             }
         }
@@ -203,6 +248,8 @@ impl GatewayConfig {
 
     /// The instance id for events.
     pub fn instance_id(&self) -> String {
-        self.id.clone().unwrap_or_else(|| format!("gateway-{}", self.listen.port()))
+        self.id
+            .clone()
+            .unwrap_or_else(|| format!("gateway-{}", self.listen.port()))
     }
 }

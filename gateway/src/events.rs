@@ -24,7 +24,12 @@ impl EventSink {
     /// Queues an event, or drops and counts it when the queue is full.
     pub fn emit(&self, ev: RequestEvent) {
         if self.tx.try_send(ev).is_err() {
-            self.metrics.events_dropped.get_or_create(&crate::metrics::DropLabels { reason: "queue_full" }).inc();
+            self.metrics
+                .events_dropped
+                .get_or_create(&crate::metrics::DropLabels {
+                    reason: "queue_full",
+                })
+                .inc();
         }
     }
 }
@@ -38,7 +43,10 @@ pub fn channel(
     shutdown: CancellationToken,
 ) -> (EventSink, impl std::future::Future<Output = ()>) {
     let (tx, mut rx) = mpsc::channel::<RequestEvent>(capacity);
-    let sink = EventSink { tx, metrics: metrics.clone() };
+    let sink = EventSink {
+        tx,
+        metrics: metrics.clone(),
+    };
     let task = async move {
         let mut buf = Vec::with_capacity(batch_max);
         loop {
@@ -59,10 +67,17 @@ pub fn channel(
     (sink, task)
 }
 
-async fn publish_with_retry(bus: &dyn Publisher, buf: &mut Vec<RequestEvent>, metrics: &GatewayMetrics) {
+async fn publish_with_retry(
+    bus: &dyn Publisher,
+    buf: &mut Vec<RequestEvent>,
+    metrics: &GatewayMetrics,
+) {
     let records: Vec<Record> = buf
         .drain(..)
-        .map(|e| Record { key: Bytes::copy_from_slice(e.key().as_bytes()), payload: Bytes::from(e.to_json()) })
+        .map(|e| Record {
+            key: Bytes::copy_from_slice(e.key().as_bytes()),
+            payload: Bytes::from(e.to_json()),
+        })
         .collect();
     let n = records.len() as u64;
     let mut delay = Duration::from_millis(50);
@@ -79,7 +94,12 @@ async fn publish_with_retry(bus: &dyn Publisher, buf: &mut Vec<RequestEvent>, me
             }
             Err(e) => {
                 tracing::error!(error = %e, events = n, "bus publish failed; events dropped");
-                metrics.events_dropped.get_or_create(&crate::metrics::DropLabels { reason: "bus_error" }).inc_by(n);
+                metrics
+                    .events_dropped
+                    .get_or_create(&crate::metrics::DropLabels {
+                        reason: "bus_error",
+                    })
+                    .inc_by(n);
                 return;
             }
         }

@@ -41,7 +41,10 @@ pub enum GatewayError {
     #[error("gateway configuration: {0}")]
     Config(String),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// State shared by every request.
@@ -77,9 +80,18 @@ impl Gateway {
         shutdown: CancellationToken,
     ) -> Result<Gateway, GatewayError> {
         config.validate().map_err(GatewayError::Config)?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| GatewayError::Bind { addr: config.listen, source })?;
+        if config.auth.jwt.is_some() {
+            tracing::warn!(
+                "gateway.auth.jwt is configured but JWT verification is not implemented yet; only API keys authenticate"
+            );
+        }
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| GatewayError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.enforce_http(true);
@@ -105,8 +117,12 @@ impl Gateway {
         });
         let api_key_header = match &config.auth.api_key {
             Some(k) => Some(
-                HeaderName::from_bytes(k.header.to_ascii_lowercase().as_bytes())
-                    .map_err(|_| GatewayError::Config(format!("gateway.auth.api_key.header: `{}` is not a header name", k.header)))?,
+                HeaderName::from_bytes(k.header.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                    GatewayError::Config(format!(
+                        "gateway.auth.api_key.header: `{}` is not a header name",
+                        k.header
+                    ))
+                })?,
             ),
             None => None,
         };
@@ -117,23 +133,39 @@ impl Gateway {
             api_key_header,
             rate_limits: limits::RateLimits::new(consumers, plans),
             quota,
-            upstreams: config.upstreams.iter().map(|(k, v)| (k.clone(), proxy::Upstream::new(v))).collect(),
+            upstreams: config
+                .upstreams
+                .iter()
+                .map(|(k, v)| (k.clone(), proxy::Upstream::new(v)))
+                .collect(),
             client,
             sink,
             metrics,
         });
-        Ok(Gateway { listener, shared, publisher: Box::pin(publisher), feed })
+        Ok(Gateway {
+            listener,
+            shared,
+            publisher: Box::pin(publisher),
+            feed,
+        })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// Serves until `shutdown`, then stops accepting, lets open requests finish, and drains the
     /// event queue to the bus.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Gateway { listener, shared, publisher, feed } = self;
+        let Gateway {
+            listener,
+            shared,
+            publisher,
+            feed,
+        } = self;
         let publisher = tokio::spawn(publisher);
         if let Some(feed) = feed {
             tokio::spawn(feed.run(shutdown.clone()));

@@ -23,23 +23,34 @@ pub struct RateLimits {
 }
 
 impl RateLimits {
-    pub fn new(consumers: &[Consumer], plans: &std::collections::BTreeMap<String, Plan>) -> RateLimits {
+    pub fn new(
+        consumers: &[Consumer],
+        plans: &std::collections::BTreeMap<String, Plan>,
+    ) -> RateLimits {
         let mut limiters = HashMap::new();
         for c in consumers {
             if let Some(rl) = plans.get(&c.plan).and_then(|p| p.rate_limit.as_ref()) {
                 let per_second = NonZeroU32::new(rl.per_second).unwrap_or(NonZeroU32::MIN);
                 let burst = rl.burst.and_then(NonZeroU32::new).unwrap_or(per_second);
-                limiters.insert(c.id.clone(), RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)));
+                limiters.insert(
+                    c.id.clone(),
+                    RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+                );
             }
         }
-        RateLimits { limiters, clock: DefaultClock::default() }
+        RateLimits {
+            limiters,
+            clock: DefaultClock::default(),
+        }
     }
 
     /// `Err(wait)` when `consumer` is over its rate limit.
     pub fn check(&self, consumer: &str) -> Result<(), Duration> {
         match self.limiters.get(consumer) {
             None => Ok(()),
-            Some(l) => l.check().map_err(|not_until| not_until.wait_time_from(self.clock.now())),
+            Some(l) => l
+                .check()
+                .map_err(|not_until| not_until.wait_time_from(self.clock.now())),
         }
     }
 }
@@ -89,7 +100,15 @@ impl QuotaState {
                     .period_end
                     .and_then(|p| chrono::DateTime::parse_from_rfc3339(&p).ok())
                     .map(|t| t.with_timezone(&chrono::Utc));
-                Some((e.consumer, Arc::new(Known { limit, used: e.used, admitted_since: AtomicU64::new(0), period_end })))
+                Some((
+                    e.consumer,
+                    Arc::new(Known {
+                        limit,
+                        used: e.used,
+                        admitted_since: AtomicU64::new(0),
+                        period_end,
+                    }),
+                ))
             })
             .collect();
         *self.known.write().unwrap_or_else(|p| p.into_inner()) = map;
@@ -100,13 +119,18 @@ impl QuotaState {
     /// `Err(retry_after)` when `consumer` has used its quota for the period.
     pub fn check(&self, consumer: &str) -> Result<(), Duration> {
         let known = self.known.read().unwrap_or_else(|p| p.into_inner());
-        let Some(k) = known.get(consumer) else { return Ok(()) };
+        let Some(k) = known.get(consumer) else {
+            return Ok(());
+        };
         let now = chrono::Utc::now();
         if k.period_end.is_some_and(|end| now >= end) {
             return Ok(()); // a new period began since the last poll
         }
         if k.used + k.admitted_since.load(Ordering::Relaxed) >= k.limit {
-            let wait = k.period_end.map(|end| (end - now).to_std().unwrap_or_default()).unwrap_or(Duration::from_secs(60));
+            let wait = k
+                .period_end
+                .map(|end| (end - now).to_std().unwrap_or_default())
+                .unwrap_or(Duration::from_secs(60));
             return Err(wait);
         }
         Ok(())
@@ -114,7 +138,12 @@ impl QuotaState {
 
     /// Counts a billable request admitted since the last poll.
     pub fn record(&self, consumer: &str) {
-        if let Some(k) = self.known.read().unwrap_or_else(|p| p.into_inner()).get(consumer) {
+        if let Some(k) = self
+            .known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(consumer)
+        {
             k.admitted_since.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -127,14 +156,31 @@ mod tests {
 
     #[test]
     fn rate_limit_allows_the_burst_then_refuses_with_a_wait() {
-        let consumers = vec![Consumer { id: "a".into(), plan: "p".into(), api_keys: vec![] }];
-        let plans = [("p".to_string(), Plan { rate_limit: Some(RateLimit { per_second: 1, burst: Some(3) }), ..Default::default() })].into();
+        let consumers = vec![Consumer {
+            id: "a".into(),
+            plan: "p".into(),
+            api_keys: vec![],
+        }];
+        let plans = [(
+            "p".to_string(),
+            Plan {
+                rate_limit: Some(RateLimit {
+                    per_second: 1,
+                    burst: Some(3),
+                }),
+                ..Default::default()
+            },
+        )]
+        .into();
         let rl = RateLimits::new(&consumers, &plans);
         for _ in 0..3 {
             assert!(rl.check("a").is_ok());
         }
         let wait = rl.check("a").unwrap_err();
-        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
         assert!(rl.check("unlimited").is_ok());
     }
 
@@ -144,7 +190,12 @@ mod tests {
         let end = (chrono::Utc::now() + chrono::Duration::days(3)).to_rfc3339();
         q.update(QuotaSnapshot {
             version: 1.into(),
-            consumers: vec![QuotaEntry { consumer: "a".into(), limit: Some(5), used: 3, period_end: Some(end.clone()) }],
+            consumers: vec![QuotaEntry {
+                consumer: "a".into(),
+                limit: Some(5),
+                used: 3,
+                period_end: Some(end.clone()),
+            }],
         });
         assert!(q.check("a").is_ok());
         q.record("a");
@@ -153,7 +204,12 @@ mod tests {
         assert!(wait > Duration::from_secs(2 * 86_400));
         q.update(QuotaSnapshot {
             version: 2.into(),
-            consumers: vec![QuotaEntry { consumer: "a".into(), limit: Some(10), used: 5, period_end: Some(end) }],
+            consumers: vec![QuotaEntry {
+                consumer: "a".into(),
+                limit: Some(10),
+                used: 5,
+                period_end: Some(end),
+            }],
         });
         assert!(q.check("a").is_ok());
     }

@@ -51,11 +51,31 @@ impl GatewayMetrics {
         };
         m.quota_state_age.set(-1);
         let r = registry.sub_registry_with_prefix("tollgate_gateway");
-        r.register("requests", "Requests by route and outcome", m.requests.clone());
-        r.register("request_duration_seconds", "Total request latency, first byte in to last byte out", m.duration.clone());
-        r.register("events_published", "Request events published to the bus", m.events_published.clone());
-        r.register("events_dropped", "Request events dropped, by reason", m.events_dropped.clone());
-        r.register("quota_state_age_seconds", "Age of the quota state in force (-1: never received)", m.quota_state_age.clone());
+        r.register(
+            "requests",
+            "Requests by route and outcome",
+            m.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Total request latency, first byte in to last byte out",
+            m.duration.clone(),
+        );
+        r.register(
+            "events_published",
+            "Request events published to the bus",
+            m.events_published.clone(),
+        );
+        r.register(
+            "events_dropped",
+            "Request events dropped, by reason",
+            m.events_dropped.clone(),
+        );
+        r.register(
+            "quota_state_age_seconds",
+            "Age of the quota state in force (-1: never received)",
+            m.quota_state_age.clone(),
+        );
         m
     }
 

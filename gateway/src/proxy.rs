@@ -34,7 +34,11 @@ const HOP_BY_HOP: [&str; 8] = [
 const CONSUMER_HEADER: &str = "x-tollgate-consumer";
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(extra) = headers.get(http::header::CONNECTION).and_then(|v| v.to_str().ok()).map(str::to_owned) {
+    if let Some(extra) = headers
+        .get(http::header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    {
         for name in extra.split(',') {
             headers.remove(name.trim());
         }
@@ -48,13 +52,24 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 fn trace_id_of(headers: &HeaderMap) -> Option<String> {
     let v = headers.get("traceparent")?.to_str().ok()?;
     let parts: Vec<&str> = v.split('-').collect();
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    (parts.len() == 4 && hex(parts[0], 2) && hex(parts[1], 32) && hex(parts[2], 16) && hex(parts[3], 2) && parts[1] != "0".repeat(32))
-        .then(|| parts[1].to_string())
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    (parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1] != "0".repeat(32))
+    .then(|| parts[1].to_string())
 }
 
 fn error_body(code: &str, message: &str) -> Full<Bytes> {
-    Full::new(Bytes::from(serde_json::json!({"error": {"code": code, "message": message}}).to_string()))
+    Full::new(Bytes::from(
+        serde_json::json!({"error": {"code": code, "message": message}}).to_string(),
+    ))
 }
 
 fn retry_after_secs(wait: Duration) -> HeaderValue {
@@ -64,7 +79,11 @@ fn retry_after_secs(wait: Duration) -> HeaderValue {
 
 impl Shared {
     /// Handles one request end to end.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<MeteredBody> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<MeteredBody> {
         let start = Instant::now();
         let ts = chrono::Utc::now();
         let id = uuid::Uuid::now_v7();
@@ -90,22 +109,44 @@ impl Shared {
             trace_id: trace_id_of(req.headers()),
         };
         let req_bytes = Arc::new(AtomicU64::new(0));
-        let reject = |mut event: RequestEvent, status: StatusCode, outcome: Outcome, message: &str, retry: Option<Duration>| {
+        let reject = |mut event: RequestEvent,
+                      status: StatusCode,
+                      outcome: Outcome,
+                      message: &str,
+                      retry: Option<Duration>| {
             event.status = status.as_u16();
             event.outcome = outcome;
-            let pending = Pending { event, start, req_bytes: req_bytes.clone(), shared: self.clone() };
-            let mut resp = Response::new(MeteredBody::new(error_body(outcome.as_str(), message), pending));
+            let pending = Pending {
+                event,
+                start,
+                req_bytes: req_bytes.clone(),
+                shared: self.clone(),
+            };
+            let mut resp = Response::new(MeteredBody::new(
+                error_body(outcome.as_str(), message),
+                pending,
+            ));
             *resp.status_mut() = status;
-            resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             if let Some(wait) = retry {
-                resp.headers_mut().insert(http::header::RETRY_AFTER, retry_after_secs(wait));
+                resp.headers_mut()
+                    .insert(http::header::RETRY_AFTER, retry_after_secs(wait));
             }
             resp
         };
 
         // Phase 1: route.
         let Some(route) = self.router.find(req.method().as_str(), req.uri().path()) else {
-            return reject(event, StatusCode::NOT_FOUND, Outcome::NotFound, "no route matches this method and path", None);
+            return reject(
+                event,
+                StatusCode::NOT_FOUND,
+                Outcome::NotFound,
+                "no route matches this method and path",
+                None,
+            );
         };
         event.route = Some(route.id.clone());
 
@@ -113,11 +154,21 @@ impl Shared {
         let identity: Option<Identity> = match (&self.api_key_header, route.auth) {
             (_, false) => None,
             (None, true) => None,
-            (Some(h), true) => match req.headers().get(h).and_then(|v| self.keys.authenticate(v.as_bytes())) {
+            (Some(h), true) => match req
+                .headers()
+                .get(h)
+                .and_then(|v| self.keys.authenticate(v.as_bytes()))
+            {
                 Some(id) => Some(id),
                 None => {
                     let msg = format!("missing or unknown API key in header `{h}`");
-                    return reject(event, StatusCode::UNAUTHORIZED, Outcome::Unauthorized, &msg, None);
+                    return reject(
+                        event,
+                        StatusCode::UNAUTHORIZED,
+                        Outcome::Unauthorized,
+                        &msg,
+                        None,
+                    );
                 }
             },
         };
@@ -127,10 +178,22 @@ impl Shared {
 
             // Phase 3: rate limit, then quota.
             if let Err(wait) = self.rate_limits.check(&id.consumer) {
-                return reject(event, StatusCode::TOO_MANY_REQUESTS, Outcome::RateLimited, "rate limit exceeded", Some(wait));
+                return reject(
+                    event,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Outcome::RateLimited,
+                    "rate limit exceeded",
+                    Some(wait),
+                );
             }
             if let Err(wait) = self.quota.check(&id.consumer) {
-                return reject(event, StatusCode::TOO_MANY_REQUESTS, Outcome::QuotaExceeded, "quota for this period is used up", Some(wait));
+                return reject(
+                    event,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Outcome::QuotaExceeded,
+                    "quota for this period is used up",
+                    Some(wait),
+                );
             }
         }
 
@@ -149,7 +212,15 @@ impl Shared {
         };
         let uri: Uri = match format!("{target}{path_and_query}").parse() {
             Ok(u) => u,
-            Err(_) => return reject(event, StatusCode::BAD_REQUEST, Outcome::BadRequest, "request path cannot be forwarded", None),
+            Err(_) => {
+                return reject(
+                    event,
+                    StatusCode::BAD_REQUEST,
+                    Outcome::BadRequest,
+                    "request path cannot be forwarded",
+                    None,
+                );
+            }
         };
         let (mut parts, body) = req.into_parts();
         parts.uri = uri;
@@ -164,18 +235,25 @@ impl Shared {
             .get("x-request-id")
             .filter(|v| v.len() <= 128)
             .cloned()
-            .unwrap_or_else(|| HeaderValue::from_str(&id.to_string()).expect("uuid is a header value"));
+            .unwrap_or_else(|| {
+                HeaderValue::from_str(&id.to_string()).expect("uuid is a header value")
+            });
         headers.insert("x-request-id", request_id.clone());
         if event.trace_id.is_none() {
             let trace = format!("{:032x}", rand::random::<u128>() | 1);
             let span = format!("{:016x}", rand::random::<u64>() | 1);
-            headers.insert("traceparent", HeaderValue::from_str(&format!("00-{trace}-{span}-01")).expect("hex"));
+            headers.insert(
+                "traceparent",
+                HeaderValue::from_str(&format!("00-{trace}-{span}-01")).expect("hex"),
+            );
             event.trace_id = Some(trace);
         }
-        if let Some(c) = &event.consumer {
-            if let Ok(v) = HeaderValue::from_str(c) {
-                headers.insert(CONSUMER_HEADER, v);
-            }
+        if let Some(v) = event
+            .consumer
+            .as_deref()
+            .and_then(|c| HeaderValue::from_str(c).ok())
+        {
+            headers.insert(CONSUMER_HEADER, v);
         }
         let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
             Some(prev) => format!("{prev}, {}", peer.ip()),
@@ -186,13 +264,26 @@ impl Shared {
         }
         let upstream_req = Request::from_parts(parts, CountingBody::new(body, req_bytes.clone()));
         let sent = Instant::now();
-        let result = tokio::time::timeout(upstream.timeout, self.client.request(upstream_req)).await;
+        let result =
+            tokio::time::timeout(upstream.timeout, self.client.request(upstream_req)).await;
         match result {
-            Err(_) => reject(event, StatusCode::GATEWAY_TIMEOUT, Outcome::Timeout, "upstream did not answer in time", None),
+            Err(_) => reject(
+                event,
+                StatusCode::GATEWAY_TIMEOUT,
+                Outcome::Timeout,
+                "upstream did not answer in time",
+                None,
+            ),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, route = %route.id, "upstream request failed");
                 event.upstream_latency_us = Some(sent.elapsed().as_micros() as u64);
-                reject(event, StatusCode::BAD_GATEWAY, Outcome::UpstreamError, "upstream unreachable", None)
+                reject(
+                    event,
+                    StatusCode::BAD_GATEWAY,
+                    Outcome::UpstreamError,
+                    "upstream unreachable",
+                    None,
+                )
             }
             Ok(Ok(resp)) => {
                 event.upstream_latency_us = Some(sent.elapsed().as_micros() as u64);
@@ -201,9 +292,18 @@ impl Shared {
                 parts.headers.insert("x-request-id", request_id);
                 event.status = parts.status.as_u16();
                 let server_error = parts.status.is_server_error();
-                event.outcome = if server_error { Outcome::UpstreamError } else { Outcome::Ok };
+                event.outcome = if server_error {
+                    Outcome::UpstreamError
+                } else {
+                    Outcome::Ok
+                };
                 event.billable = !server_error;
-                let pending = Pending { event, start, req_bytes, shared: self.clone() };
+                let pending = Pending {
+                    event,
+                    start,
+                    req_bytes,
+                    shared: self.clone(),
+                };
                 Response::from_parts(parts, MeteredBody::new(body.boxed(), pending))
             }
         }
@@ -214,9 +314,15 @@ impl Shared {
         let route = event.route.clone().unwrap_or_else(|| "none".into());
         self.metrics
             .requests
-            .get_or_create(&crate::metrics::RequestLabels { route: route.clone(), outcome: event.outcome.as_str() })
+            .get_or_create(&crate::metrics::RequestLabels {
+                route: route.clone(),
+                outcome: event.outcome.as_str(),
+            })
             .inc();
-        self.metrics.duration.get_or_create(&crate::metrics::RouteLabels { route }).observe(elapsed.as_secs_f64());
+        self.metrics
+            .duration
+            .get_or_create(&crate::metrics::RouteLabels { route })
+            .observe(elapsed.as_secs_f64());
         if event.billable
             && let Some(c) = &event.consumer
         {
@@ -236,7 +342,11 @@ pub struct Upstream {
 impl Upstream {
     pub fn new(config: &crate::config::UpstreamConfig) -> Upstream {
         Upstream {
-            targets: config.targets.iter().map(|t| t.trim_end_matches('/').to_string()).collect(),
+            targets: config
+                .targets
+                .iter()
+                .map(|t| t.trim_end_matches('/').to_string())
+                .collect(),
             next: AtomicU64::new(0),
             timeout: Duration::from_millis(config.timeout_ms),
         }

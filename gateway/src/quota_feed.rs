@@ -44,7 +44,9 @@ impl QuotaFeed {
             let updated = self.state.updated_at.load(Ordering::Relaxed);
             if updated > 0 {
                 let now = chrono::Utc::now().timestamp().max(0) as u64;
-                self.metrics.quota_state_age.set(now.saturating_sub(updated) as i64);
+                self.metrics
+                    .quota_state_age
+                    .set(now.saturating_sub(updated) as i64);
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -53,7 +55,10 @@ impl QuotaFeed {
         }
     }
 
-    async fn fetch(&self, client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>) -> Result<QuotaSnapshot, String> {
+    async fn fetch(
+        &self,
+        client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    ) -> Result<QuotaSnapshot, String> {
         let mut req = http::Request::get(&self.url);
         if let Some(t) = &self.token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
@@ -64,9 +69,17 @@ impl QuotaFeed {
             .map_err(|_| "timed out".to_string())?
             .map_err(|e| e.to_string())?;
         let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
         if !status.is_success() {
-            return Err(format!("status {status}: {}", String::from_utf8_lossy(&body)));
+            return Err(format!(
+                "status {status}: {}",
+                String::from_utf8_lossy(&body)
+            ));
         }
         serde_json::from_slice(&body).map_err(|e| format!("not a quota answer: {e}"))
     }

@@ -24,7 +24,10 @@ impl Router {
                 .insert(path.clone(), ids.clone())
                 .map_err(|e| format!("gateway.routes[{}].path: `{path}`: {e}", ids[0]))?;
         }
-        Ok(Router { paths, routes: routes.to_vec() })
+        Ok(Router {
+            paths,
+            routes: routes.to_vec(),
+        })
     }
 
     /// The route for `method` and `path`, if any.
@@ -72,7 +75,9 @@ mod tests {
 
     #[test]
     fn conflicting_templates_name_the_route() {
-        let err = Router::build(&[route("a", &[], "/x/{id}"), route("b", &[], "/x/{other}")]).err().unwrap();
+        let err = Router::build(&[route("a", &[], "/x/{id}"), route("b", &[], "/x/{other}")])
+            .err()
+            .unwrap();
         assert!(err.contains("gateway.routes[1].path"), "{err}");
     }
 }

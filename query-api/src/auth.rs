@@ -21,7 +21,9 @@ impl Caller {
             (Caller::Admin, a) => Ok(a.map(str::to_owned)),
             (Caller::Consumer(me), None) => Ok(Some(me.clone())),
             (Caller::Consumer(me), Some(a)) if a == me => Ok(Some(me.clone())),
-            (Caller::Consumer(_), Some(_)) => Err(ApiError::Forbidden("a consumer key sees only its own consumer's data".into())),
+            (Caller::Consumer(_), Some(_)) => Err(ApiError::Forbidden(
+                "a consumer key sees only its own consumer's data".into(),
+            )),
         }
     }
 }
@@ -34,7 +36,10 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub fn new(admin_tokens: &[String], consumers: &[Consumer]) -> Result<Authenticator, String> {
-        let admin = admin_tokens.iter().map(|t| Sha256::digest(t.as_bytes()).into()).collect();
+        let admin = admin_tokens
+            .iter()
+            .map(|t| Sha256::digest(t.as_bytes()).into())
+            .collect();
         let mut keys = Vec::new();
         for c in consumers {
             for h in c.key_hashes()? {
@@ -49,13 +54,18 @@ impl Authenticator {
         let token = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim);
         if self.admin.is_empty() {
             return Ok(Caller::Admin);
         }
         let Some(token) = token else {
-            return Err(ApiError::Unauthorized("missing `Authorization: Bearer <token>`"));
+            return Err(ApiError::Unauthorized(
+                "missing `Authorization: Bearer <token>`",
+            ));
         };
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut admin = false;
@@ -71,6 +81,8 @@ impl Authenticator {
                 found = Some(id);
             }
         }
-        found.map(|c| Caller::Consumer(c.clone())).ok_or(ApiError::Unauthorized("unknown token"))
+        found
+            .map(|c| Caller::Consumer(c.clone()))
+            .ok_or(ApiError::Unauthorized("unknown token"))
     }
 }

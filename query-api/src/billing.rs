@@ -33,12 +33,30 @@ struct Line {
     currency: String,
 }
 
-async fn lines(s: &AppState, start: i64, end: i64, consumer: Option<String>) -> Result<Vec<Line>, ApiError> {
-    let filter = Filter { from_us: start, to_us: end, consumer, route: None };
-    let rows = s.store.usage(&filter, &[GroupKey::Consumer, GroupKey::Plan, GroupKey::Route]).await?;
+async fn lines(
+    s: &AppState,
+    start: i64,
+    end: i64,
+    consumer: Option<String>,
+) -> Result<Vec<Line>, ApiError> {
+    let filter = Filter {
+        from_us: start,
+        to_us: end,
+        consumer,
+        route: None,
+    };
+    let rows = s
+        .store
+        .usage(
+            &filter,
+            &[GroupKey::Consumer, GroupKey::Plan, GroupKey::Route],
+        )
+        .await?;
     let mut out = Vec::new();
     for r in rows {
-        let (KeyValue::Text(consumer), plan, route) = (&r.keys[0], &r.keys[1], &r.keys[2]) else { continue };
+        let (KeyValue::Text(consumer), plan, route) = (&r.keys[0], &r.keys[1], &r.keys[2]) else {
+            continue;
+        };
         let plan = match plan {
             KeyValue::Text(p) => Some(p.as_str()),
             _ => None,
@@ -49,10 +67,16 @@ async fn lines(s: &AppState, start: i64, end: i64, consumer: Option<String>) -> 
         };
         let resolved = s.plan(plan, Some(consumer));
         let pricing = resolved.and_then(|(_, p)| p.pricing.as_ref());
-        let amount = pricing.and_then(|p| p.charge_for(&route)).map(|c| pricing::charge(c, r.billable_requests)).unwrap_or_default();
+        let amount = pricing
+            .and_then(|p| p.charge_for(&route))
+            .map(|c| pricing::charge(c, r.billable_requests))
+            .unwrap_or_default();
         out.push(Line {
             consumer: consumer.clone(),
-            plan: resolved.map(|(n, _)| n.to_string()).or(plan.map(str::to_owned)).unwrap_or_default(),
+            plan: resolved
+                .map(|(n, _)| n.to_string())
+                .or(plan.map(str::to_owned))
+                .unwrap_or_default(),
             route,
             quantity: r.billable_requests,
             amount,
@@ -63,7 +87,11 @@ async fn lines(s: &AppState, start: i64, end: i64, consumer: Option<String>) -> 
 }
 
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
 }
 
 fn batch(period: &str, lines: &[Line]) -> Result<RecordBatch, ApiError> {
@@ -73,16 +101,24 @@ fn batch(period: &str, lines: &[Line]) -> Result<RecordBatch, ApiError> {
         Field::new("plan", DataType::Utf8, false),
         Field::new("route", DataType::Utf8, false),
         Field::new("quantity", DataType::UInt64, false),
-        Field::new("amount", DataType::Decimal128(38, AMOUNT_SCALE as i8), false),
+        Field::new(
+            "amount",
+            DataType::Decimal128(38, AMOUNT_SCALE as i8),
+            false,
+        ),
         Field::new("currency", DataType::Utf8, false),
     ]));
     let mut cols: [StringBuilder; 5] = Default::default();
     let mut quantity = UInt64Builder::new();
-    let mut amount = Decimal128Builder::new().with_precision_and_scale(38, AMOUNT_SCALE as i8).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut amount = Decimal128Builder::new()
+        .with_precision_and_scale(38, AMOUNT_SCALE as i8)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     for l in lines {
         let mut a = l.amount;
         if a.scale() > AMOUNT_SCALE {
-            return Err(ApiError::Internal(format!("amount {a} has more than {AMOUNT_SCALE} decimal places")));
+            return Err(ApiError::Internal(format!(
+                "amount {a} has more than {AMOUNT_SCALE} decimal places"
+            )));
         }
         a.rescale(AMOUNT_SCALE);
         cols[0].append_value(period);
@@ -107,14 +143,29 @@ fn batch(period: &str, lines: &[Line]) -> Result<RecordBatch, ApiError> {
 }
 
 fn file_response(body: Vec<u8>, content_type: &'static str, filename: String) -> Response {
-    let disposition = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")).expect("ascii");
-    ([(header::CONTENT_TYPE, HeaderValue::from_static(content_type)), (header::CONTENT_DISPOSITION, disposition)], body).into_response()
+    let disposition =
+        HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")).expect("ascii");
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        body,
+    )
+        .into_response()
 }
 
-pub async fn export(State(s): State<Arc<AppState>>, headers: HeaderMap, Query(raw): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
+pub async fn export(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
     let caller = s.auth.caller(&headers)?;
     let p = Params::new(raw, &["period", "format", "consumer"])?;
-    let period = p.get("period").ok_or_else(|| ApiError::bad("period", "required, a month like 2026-11"))?.to_string();
+    let period = p
+        .get("period")
+        .ok_or_else(|| ApiError::bad("period", "required, a month like 2026-11"))?
+        .to_string();
     let (start, end) = parse_period(&period)?;
     let format = p.get("format").unwrap_or("csv");
     let lines = lines(&s, start, end, caller.scope(p.get("consumer"))?).await?;
@@ -134,7 +185,11 @@ pub async fn export(State(s): State<Arc<AppState>>, headers: HeaderMap, Query(ra
                     csv_field(&l.currency)
                 ));
             }
-            Ok(file_response(out.into_bytes(), "text/csv; charset=utf-8", format!("{name}.csv")))
+            Ok(file_response(
+                out.into_bytes(),
+                "text/csv; charset=utf-8",
+                format!("{name}.csv"),
+            ))
         }
         "jsonl" => {
             let mut out = String::new();
@@ -144,37 +199,63 @@ pub async fn export(State(s): State<Arc<AppState>>, headers: HeaderMap, Query(ra
                 out.push_str(&v.to_string());
                 out.push('\n');
             }
-            Ok(file_response(out.into_bytes(), "application/x-ndjson", format!("{name}.jsonl")))
+            Ok(file_response(
+                out.into_bytes(),
+                "application/x-ndjson",
+                format!("{name}.jsonl"),
+            ))
         }
         "parquet" => {
             let b = batch(&period, &lines)?;
             let mut buf = Vec::new();
-            let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, b.schema(), None).map_err(|e| ApiError::Internal(e.to_string()))?;
+            let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, b.schema(), None)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
             w.write(&b).map_err(|e| ApiError::Internal(e.to_string()))?;
             w.close().map_err(|e| ApiError::Internal(e.to_string()))?;
-            Ok(file_response(buf, "application/vnd.apache.parquet", format!("{name}.parquet")))
+            Ok(file_response(
+                buf,
+                "application/vnd.apache.parquet",
+                format!("{name}.parquet"),
+            ))
         }
         "arrow" => {
             let b = batch(&period, &lines)?;
             let mut buf = Vec::new();
             {
-                let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, &b.schema()).map_err(|e| ApiError::Internal(e.to_string()))?;
+                let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, &b.schema())
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
                 w.write(&b).map_err(|e| ApiError::Internal(e.to_string()))?;
                 w.finish().map_err(|e| ApiError::Internal(e.to_string()))?;
             }
-            Ok(file_response(buf, "application/vnd.apache.arrow.stream", format!("{name}.arrow")))
+            Ok(file_response(
+                buf,
+                "application/vnd.apache.arrow.stream",
+                format!("{name}.arrow"),
+            ))
         }
-        other => Err(ApiError::bad("format", format!("`{other}` is not one of csv, jsonl, parquet, arrow"))),
+        other => Err(ApiError::bad(
+            "format",
+            format!("`{other}` is not one of csv, jsonl, parquet, arrow"),
+        )),
     }
 }
 
-pub async fn quota(State(s): State<Arc<AppState>>, headers: HeaderMap, Query(raw): Query<HashMap<String, String>>) -> Result<Json<Value>, ApiError> {
+pub async fn quota(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
     let caller = s.auth.caller(&headers)?;
     let p = Params::new(raw, &["consumer"])?;
     let scope = caller.scope(p.get("consumer"))?;
     let now = chrono::Utc::now().timestamp_micros();
     let (start, end) = period_of(now);
-    let filter = Filter { from_us: start, to_us: end, consumer: scope.clone(), route: None };
+    let filter = Filter {
+        from_us: start,
+        to_us: end,
+        consumer: scope.clone(),
+        route: None,
+    };
     let used: HashMap<String, u64> = s
         .store
         .usage(&filter, &[GroupKey::Consumer])
@@ -190,7 +271,11 @@ pub async fn quota(State(s): State<Arc<AppState>>, headers: HeaderMap, Query(raw
         .iter()
         .filter(|c| scope.as_deref().is_none_or(|sc| sc == c.id))
         .map(|c| {
-            let limit = s.plans.get(&c.plan).and_then(|p| p.quota.as_ref()).map(|q| q.requests);
+            let limit = s
+                .plans
+                .get(&c.plan)
+                .and_then(|p| p.quota.as_ref())
+                .map(|q| q.requests);
             let used = used.get(&c.id).copied().unwrap_or(0);
             let state = match limit {
                 None => "unlimited",

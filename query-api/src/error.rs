@@ -9,7 +9,10 @@ use tollgate_store::StoreError;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("parameter `{param}`: {message}")]
-    BadParam { param: &'static str, message: String },
+    BadParam {
+        param: &'static str,
+        message: String,
+    },
     #[error("{0}")]
     Unauthorized(&'static str),
     #[error("{0}")]
@@ -24,7 +27,10 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn bad(param: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::BadParam { param, message: message.into() }
+        ApiError::BadParam {
+            param,
+            message: message.into(),
+        }
     }
 
     fn status_and_code(&self) -> (StatusCode, &'static str) {
@@ -34,8 +40,12 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Store(StoreError::BadRequest(_)) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ApiError::Store(e) if e.retryable() => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
-            ApiError::Store(_) | ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::Store(e) if e.retryable() => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+            }
+            ApiError::Store(_) | ApiError::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
         }
     }
 }
@@ -52,7 +62,10 @@ impl IntoResponse for ApiError {
         }
         let mut resp = (status, Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer"));
+            resp.headers_mut().insert(
+                "www-authenticate",
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
         }
         resp
     }

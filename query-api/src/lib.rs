@@ -47,7 +47,10 @@ fn default_listen() -> SocketAddr {
 
 impl Default for QueryApiConfig {
     fn default() -> Self {
-        QueryApiConfig { listen: default_listen(), admin_tokens: Vec::new() }
+        QueryApiConfig {
+            listen: default_listen(),
+            admin_tokens: Vec::new(),
+        }
     }
 }
 
@@ -61,7 +64,9 @@ impl QueryApiConfig {
             ));
         }
         if let Some(i) = self.admin_tokens.iter().position(|t| t.len() < 16) {
-            return Err(format!("query_api.admin_tokens[{i}]: must be at least 16 characters"));
+            return Err(format!(
+                "query_api.admin_tokens[{i}]: must be at least 16 characters"
+            ));
         }
         Ok(())
     }
@@ -86,12 +91,23 @@ impl AppState {
         registry: Arc<Registry>,
     ) -> Result<AppState, String> {
         let auth = auth::Authenticator::new(&config.admin_tokens, &consumers)?;
-        Ok(AppState { store, consumers, plans, auth, registry })
+        Ok(AppState {
+            store,
+            consumers,
+            plans,
+            auth,
+            registry,
+        })
     }
 
     /// The plan named `plan`, falling back to the consumer's configured plan.
     pub(crate) fn plan(&self, plan: Option<&str>, consumer: Option<&str>) -> Option<(&str, &Plan)> {
-        let name = plan.or_else(|| self.consumers.iter().find(|c| Some(c.id.as_str()) == consumer).map(|c| c.plan.as_str()))?;
+        let name = plan.or_else(|| {
+            self.consumers
+                .iter()
+                .find(|c| Some(c.id.as_str()) == consumer)
+                .map(|c| c.plan.as_str())
+        })?;
         self.plans.get_key_value(name).map(|(k, v)| (k.as_str(), v))
     }
 }
@@ -105,9 +121,18 @@ const UPLOT_CSS: &str = include_str!("../../dashboards/vendor/uPlot.min.css");
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(|| async { Html(DASHBOARD) }))
-        .route("/assets/uPlot.iife.min.js", get(|| async { asset(UPLOT_JS, "text/javascript") }))
-        .route("/assets/uPlot.min.css", get(|| async { asset(UPLOT_CSS, "text/css") }))
-        .route("/openapi.json", get(|| async { asset(OPENAPI, "application/json") }))
+        .route(
+            "/assets/uPlot.iife.min.js",
+            get(|| async { asset(UPLOT_JS, "text/javascript") }),
+        )
+        .route(
+            "/assets/uPlot.min.css",
+            get(|| async { asset(UPLOT_CSS, "text/css") }),
+        )
+        .route(
+            "/openapi.json",
+            get(|| async { asset(OPENAPI, "application/json") }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -121,7 +146,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 fn asset(body: &'static str, content_type: &'static str) -> Response {
-    ([(header::CONTENT_TYPE, HeaderValue::from_static(content_type))], body).into_response()
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        body,
+    )
+        .into_response()
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
@@ -144,11 +173,19 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 /// Binds the listener (so callers learn the port before serving).
 pub async fn bind(config: &QueryApiConfig) -> Result<tokio::net::TcpListener, String> {
     config.validate()?;
-    tokio::net::TcpListener::bind(config.listen).await.map_err(|e| format!("query_api.listen: cannot listen on {}: {e}", config.listen))
+    tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("query_api.listen: cannot listen on {}: {e}", config.listen))
 }
 
 /// Serves until `shutdown`.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "query API listening");
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }

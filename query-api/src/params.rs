@@ -16,21 +16,35 @@ impl Params {
         if let Some(k) = raw.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(ApiError::BadParam {
                 param: "query",
-                message: format!("unknown parameter `{k}`; this endpoint takes {}", known.join(", ")),
+                message: format!(
+                    "unknown parameter `{k}`; this endpoint takes {}",
+                    known.join(", ")
+                ),
             });
         }
         Ok(Params(raw))
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).map(String::as_str).filter(|v| !v.is_empty())
+        self.0
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 
     /// `from` and `to` as µs since the epoch; default: the last 24 hours.
     pub fn window(&self) -> Result<(i64, i64), ApiError> {
         let now = Utc::now().timestamp_micros();
-        let to = self.get("to").map(|v| parse_time("to", v)).transpose()?.unwrap_or(now);
-        let from = self.get("from").map(|v| parse_time("from", v)).transpose()?.unwrap_or(to - 86_400_000_000);
+        let to = self
+            .get("to")
+            .map(|v| parse_time("to", v))
+            .transpose()?
+            .unwrap_or(now);
+        let from = self
+            .get("from")
+            .map(|v| parse_time("from", v))
+            .transpose()?
+            .unwrap_or(to - 86_400_000_000);
         if from >= to {
             return Err(ApiError::bad("from", "must be before `to`"));
         }
@@ -38,14 +52,25 @@ impl Params {
     }
 
     /// `group_by`, comma-separated from `allowed`; `default` when absent.
-    pub fn group_by(&self, allowed: &[GroupKey], default: &[GroupKey]) -> Result<Vec<GroupKey>, ApiError> {
-        let Some(v) = self.get("group_by") else { return Ok(default.to_vec()) };
+    pub fn group_by(
+        &self,
+        allowed: &[GroupKey],
+        default: &[GroupKey],
+    ) -> Result<Vec<GroupKey>, ApiError> {
+        let Some(v) = self.get("group_by") else {
+            return Ok(default.to_vec());
+        };
         let mut keys = Vec::new();
         for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let k = GroupKey::parse(item).filter(|k| allowed.contains(k)).ok_or_else(|| {
-                let names: Vec<&str> = allowed.iter().map(|k| k.as_str()).collect();
-                ApiError::bad("group_by", format!("`{item}` is not one of {}", names.join(", ")))
-            })?;
+            let k = GroupKey::parse(item)
+                .filter(|k| allowed.contains(k))
+                .ok_or_else(|| {
+                    let names: Vec<&str> = allowed.iter().map(|k| k.as_str()).collect();
+                    ApiError::bad(
+                        "group_by",
+                        format!("`{item}` is not one of {}", names.join(", ")),
+                    )
+                })?;
             if !keys.contains(&k) {
                 keys.push(k);
             }
@@ -62,9 +87,15 @@ pub fn parse_time(param: &'static str, v: &str) -> Result<i64, ApiError> {
             .filter(|us| *us >= 0)
             .ok_or_else(|| ApiError::bad(param, format!("`{v}` is out of range")));
     }
-    DateTime::parse_from_rfc3339(v)
+    // A `+` in an unencoded query string arrives as a space.
+    DateTime::parse_from_rfc3339(&v.replace(' ', "+"))
         .map(|t| t.timestamp_micros())
-        .map_err(|_| ApiError::bad(param, format!("`{v}` is neither RFC 3339 nor unix milliseconds")))
+        .map_err(|_| {
+            ApiError::bad(
+                param,
+                format!("`{v}` is neither RFC 3339 nor unix milliseconds"),
+            )
+        })
 }
 
 /// A duration like `30s`, `5m`, `1h`, `1d`, or plain seconds; in µs.
@@ -73,16 +104,26 @@ pub fn parse_step(v: &str) -> Result<i64, ApiError> {
         Some(i) => v.split_at(i),
         None => (v, "s"),
     };
-    let n: i64 = num.parse().map_err(|_| ApiError::bad("step", format!("`{v}` is not a duration like 60s, 5m, 1h")))?;
+    let n: i64 = num
+        .parse()
+        .map_err(|_| ApiError::bad("step", format!("`{v}` is not a duration like 60s, 5m, 1h")))?;
     let unit_us: i64 = match unit {
         "ms" => 1_000,
         "s" => 1_000_000,
         "m" => 60_000_000,
         "h" => 3_600_000_000,
         "d" => 86_400_000_000,
-        _ => return Err(ApiError::bad("step", format!("`{v}`: unit must be ms, s, m, h or d"))),
+        _ => {
+            return Err(ApiError::bad(
+                "step",
+                format!("`{v}`: unit must be ms, s, m, h or d"),
+            ));
+        }
     };
-    let us = n.checked_mul(unit_us).filter(|us| *us >= 1_000).ok_or_else(|| ApiError::bad("step", format!("`{v}` must be at least 1ms")))?;
+    let us = n
+        .checked_mul(unit_us)
+        .filter(|us| *us >= 1_000)
+        .ok_or_else(|| ApiError::bad("step", format!("`{v}` must be at least 1ms")))?;
     Ok(us)
 }
 
@@ -91,11 +132,24 @@ pub fn parse_quantiles(v: Option<&str>) -> Result<Vec<f64>, ApiError> {
     let v = v.unwrap_or("0.5,0.9,0.99");
     let qs: Vec<f64> = v
         .split(',')
-        .map(|s| s.trim().parse::<f64>().ok().filter(|q| (0.0..=1.0).contains(q)))
+        .map(|s| {
+            s.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|q| (0.0..=1.0).contains(q))
+        })
         .collect::<Option<_>>()
-        .ok_or_else(|| ApiError::bad("quantiles", format!("`{v}` must be numbers between 0 and 1, comma-separated")))?;
+        .ok_or_else(|| {
+            ApiError::bad(
+                "quantiles",
+                format!("`{v}` must be numbers between 0 and 1, comma-separated"),
+            )
+        })?;
     if qs.is_empty() || qs.len() > 20 {
-        return Err(ApiError::bad("quantiles", "give between 1 and 20 quantiles"));
+        return Err(ApiError::bad(
+            "quantiles",
+            "give between 1 and 20 quantiles",
+        ));
     }
     Ok(qs)
 }
@@ -107,7 +161,12 @@ pub fn parse_period(v: &str) -> Result<(i64, i64), ApiError> {
     if y.len() != 4 || m.len() != 2 {
         return Err(bad());
     }
-    let start = NaiveDate::from_ymd_opt(y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?, 1).ok_or_else(bad)?;
+    let start = NaiveDate::from_ymd_opt(
+        y.parse().map_err(|_| bad())?,
+        m.parse().map_err(|_| bad())?,
+        1,
+    )
+    .ok_or_else(bad)?;
     Ok(month_bounds(start))
 }
 
@@ -118,19 +177,27 @@ fn month_bounds(first: NaiveDate) -> (i64, i64) {
         NaiveDate::from_ymd_opt(first.year(), first.month() + 1, 1)
     }
     .expect("valid month");
-    let us = |d: NaiveDate| Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).expect("midnight")).timestamp_micros();
+    let us = |d: NaiveDate| {
+        Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).expect("midnight"))
+            .timestamp_micros()
+    };
     (us(first), us(next))
 }
 
 /// The calendar month (UTC) containing `t_us`: `(start, end)`.
 pub fn period_of(t_us: i64) -> (i64, i64) {
-    let d = DateTime::from_timestamp_micros(t_us).expect("in range").date_naive();
+    let d = DateTime::from_timestamp_micros(t_us)
+        .expect("in range")
+        .date_naive();
     month_bounds(d.with_day(1).expect("day 1"))
 }
 
 /// `YYYY-MM` of the month starting at `start_us`.
 pub fn period_name(start_us: i64) -> String {
-    DateTime::from_timestamp_micros(start_us).expect("in range").format("%Y-%m").to_string()
+    DateTime::from_timestamp_micros(start_us)
+        .expect("in range")
+        .format("%Y-%m")
+        .to_string()
 }
 
 /// RFC 3339 with milliseconds.
@@ -146,9 +213,20 @@ mod tests {
 
     #[test]
     fn times_steps_and_periods() {
-        assert_eq!(parse_time("from", "1764000000000").unwrap(), 1_764_000_000_000_000);
-        assert_eq!(parse_time("from", "2025-11-24T16:00:00Z").unwrap(), 1_764_000_000_000_000);
-        assert!(parse_time("from", "yesterday").unwrap_err().to_string().contains("`from`"));
+        assert_eq!(
+            parse_time("from", "1764000000000").unwrap(),
+            1_764_000_000_000_000
+        );
+        assert_eq!(
+            parse_time("from", "2025-11-24T16:00:00Z").unwrap(),
+            1_764_000_000_000_000
+        );
+        assert!(
+            parse_time("from", "yesterday")
+                .unwrap_err()
+                .to_string()
+                .contains("`from`")
+        );
         assert_eq!(parse_step("5m").unwrap(), 300_000_000);
         assert_eq!(parse_step("60").unwrap(), 60_000_000);
         assert!(parse_step("5x").is_err());

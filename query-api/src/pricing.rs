@@ -9,7 +9,9 @@ pub fn charge(c: &Charge, quantity: u64) -> Decimal {
     if let Some(p) = c.unit_price {
         return p * Decimal::from(quantity);
     }
-    let Some(tiers) = &c.tiers else { return Decimal::ZERO };
+    let Some(tiers) = &c.tiers else {
+        return Decimal::ZERO;
+    };
     match c.mode {
         TierMode::Graduated => {
             let mut total = Decimal::ZERO;
@@ -31,8 +33,12 @@ pub fn charge(c: &Charge, quantity: u64) -> Decimal {
             if quantity == 0 {
                 return Decimal::ZERO;
             }
-            let tier = tiers.iter().find(|t| t.up_to.is_none_or(|u| quantity <= u)).or(tiers.last());
-            tier.map(|t| t.unit_price * Decimal::from(quantity)).unwrap_or_default()
+            let tier = tiers
+                .iter()
+                .find(|t| t.up_to.is_none_or(|u| quantity <= u))
+                .or(tiers.last());
+            tier.map(|t| t.unit_price * Decimal::from(quantity))
+                .unwrap_or_default()
         }
     }
 }
@@ -58,9 +64,18 @@ mod tests {
             unit_price: None,
             mode: TierMode::Graduated,
             tiers: Some(vec![
-                Tier { up_to: Some(10), unit_price: d("0") },
-                Tier { up_to: Some(100), unit_price: d("0.0010") },
-                Tier { up_to: None, unit_price: d("0.0005") },
+                Tier {
+                    up_to: Some(10),
+                    unit_price: d("0"),
+                },
+                Tier {
+                    up_to: Some(100),
+                    unit_price: d("0.0010"),
+                },
+                Tier {
+                    up_to: None,
+                    unit_price: d("0.0005"),
+                },
             ]),
         }
     }
@@ -69,7 +84,16 @@ mod tests {
         Charge {
             unit_price: None,
             mode: TierMode::Volume,
-            tiers: Some(vec![Tier { up_to: Some(1000), unit_price: d("0.01") }, Tier { up_to: None, unit_price: d("0.008") }]),
+            tiers: Some(vec![
+                Tier {
+                    up_to: Some(1000),
+                    unit_price: d("0.01"),
+                },
+                Tier {
+                    up_to: None,
+                    unit_price: d("0.008"),
+                },
+            ]),
         }
     }
 
@@ -87,7 +111,11 @@ mod tests {
 
     #[test]
     fn known_values() {
-        let flat = Charge { unit_price: Some(d("0.0005")), mode: TierMode::Graduated, tiers: None };
+        let flat = Charge {
+            unit_price: Some(d("0.0005")),
+            mode: TierMode::Graduated,
+            tiers: None,
+        };
         assert_eq!(charge(&flat, 3), d("0.0015"));
         assert_eq!(charge(&graduated(), 5), d("0"));
         assert_eq!(charge(&graduated(), 10), d("0"));

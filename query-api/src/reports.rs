@@ -28,24 +28,50 @@ fn key_json(k: &KeyValue) -> Value {
 /// Most points one latency answer may hold.
 const MAX_POINTS: i64 = 10_000;
 
-pub async fn latency(State(s): State<Arc<AppState>>, headers: HeaderMap, Query(raw): Raw) -> Result<Json<Value>, ApiError> {
+pub async fn latency(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(raw): Raw,
+) -> Result<Json<Value>, ApiError> {
     let caller = s.auth.caller(&headers)?;
-    let p = Params::new(raw, &["from", "to", "step", "route", "consumer", "quantiles", "group_by"])?;
+    let p = Params::new(
+        raw,
+        &[
+            "from",
+            "to",
+            "step",
+            "route",
+            "consumer",
+            "quantiles",
+            "group_by",
+        ],
+    )?;
     let (from_us, to_us) = p.window()?;
     let step_us = p.get("step").map(parse_step).transpose()?;
     if let Some(step) = step_us
         && (to_us - from_us) / step > MAX_POINTS
     {
-        return Err(ApiError::bad("step", format!("too small for this window: more than {MAX_POINTS} points")));
+        return Err(ApiError::bad(
+            "step",
+            format!("too small for this window: more than {MAX_POINTS} points"),
+        ));
     }
     let quantiles = parse_quantiles(p.get("quantiles"))?;
     let group = p.group_by(&[GroupKey::Route, GroupKey::Consumer], &[GroupKey::Route])?;
     if !group.contains(&GroupKey::Route) {
-        return Err(ApiError::bad("group_by", "latency series are always per route: use `route` or `route,consumer`"));
+        return Err(ApiError::bad(
+            "group_by",
+            "latency series are always per route: use `route` or `route,consumer`",
+        ));
     }
     let consumer = caller.scope(p.get("consumer"))?;
     let query = LatencyQuery {
-        filter: Filter { from_us, to_us, consumer: consumer.clone(), route: p.get("route").map(str::to_owned) },
+        filter: Filter {
+            from_us,
+            to_us,
+            consumer: consumer.clone(),
+            route: p.get("route").map(str::to_owned),
+        },
         step_us,
         by_consumer: group.contains(&GroupKey::Consumer),
     };
@@ -54,7 +80,10 @@ pub async fn latency(State(s): State<Arc<AppState>>, headers: HeaderMap, Query(r
     for r in rows {
         let mut qs = Map::new();
         for q in &quantiles {
-            let v = r.histogram.quantile(*q).map(|us| (us / 1000.0 * 1000.0).round() / 1000.0);
+            let v = r
+                .histogram
+                .quantile(*q)
+                .map(|us| (us / 1000.0 * 1000.0).round() / 1000.0);
             qs.insert(format!("{q}"), json!(v));
         }
         let point = json!({
@@ -64,7 +93,10 @@ pub async fn latency(State(s): State<Arc<AppState>>, headers: HeaderMap, Query(r
             "quantiles_ms": qs,
         });
         let series_consumer = r.consumer.or_else(|| consumer.clone());
-        series.entry((r.route, series_consumer)).or_default().push(point);
+        series
+            .entry((r.route, series_consumer))
+            .or_default()
+            .push(point);
     }
     let series: Vec<Value> = series
         .into_iter()
@@ -79,15 +111,30 @@ pub async fn latency(State(s): State<Arc<AppState>>, headers: HeaderMap, Query(r
     })))
 }
 
-pub async fn usage(State(s): State<Arc<AppState>>, headers: HeaderMap, Query(raw): Raw) -> Result<Json<Value>, ApiError> {
+pub async fn usage(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(raw): Raw,
+) -> Result<Json<Value>, ApiError> {
     let caller = s.auth.caller(&headers)?;
     let p = Params::new(raw, &["from", "to", "consumer", "route", "group_by"])?;
     let (from_us, to_us) = p.window()?;
     let group = p.group_by(
-        &[GroupKey::Consumer, GroupKey::Route, GroupKey::Day, GroupKey::Status, GroupKey::Plan],
+        &[
+            GroupKey::Consumer,
+            GroupKey::Route,
+            GroupKey::Day,
+            GroupKey::Status,
+            GroupKey::Plan,
+        ],
         &[GroupKey::Consumer],
     )?;
-    let filter = Filter { from_us, to_us, consumer: caller.scope(p.get("consumer"))?, route: p.get("route").map(str::to_owned) };
+    let filter = Filter {
+        from_us,
+        to_us,
+        consumer: caller.scope(p.get("consumer"))?,
+        route: p.get("route").map(str::to_owned),
+    };
     let rows = s.store.usage(&filter, &group).await?;
     let rows: Vec<Value> = rows
         .into_iter()
@@ -103,7 +150,9 @@ pub async fn usage(State(s): State<Arc<AppState>>, headers: HeaderMap, Query(raw
             Value::Object(o)
         })
         .collect();
-    Ok(Json(json!({"from": rfc3339(from_us), "to": rfc3339(to_us), "rows": rows})))
+    Ok(Json(
+        json!({"from": rfc3339(from_us), "to": rfc3339(to_us), "rows": rows}),
+    ))
 }
 
 /// Billable requests and revenue of one consumer × plan × route on one day.
@@ -127,31 +176,66 @@ fn text(k: &KeyValue) -> Option<String> {
 /// Revenue over `[from, to)`, exact: within each calendar month, the charge of the usage up to a
 /// day's end minus the charge of the usage up to its start, with tiers cumulative per consumer ×
 /// route from the start of the month.
-pub(crate) async fn priced(s: &AppState, from_us: i64, to_us: i64, consumer: Option<String>, route: Option<String>) -> Result<Vec<Priced>, ApiError> {
+pub(crate) async fn priced(
+    s: &AppState,
+    from_us: i64,
+    to_us: i64,
+    consumer: Option<String>,
+    route: Option<String>,
+) -> Result<Vec<Priced>, ApiError> {
     let mut out = Vec::new();
     let mut cursor = from_us;
     while cursor < to_us {
         let (ps, pe) = period_of(cursor);
         let (a, b) = (cursor, to_us.min(pe));
-        let filter = |from_us, to_us| Filter { from_us, to_us, consumer: consumer.clone(), route: route.clone() };
+        let filter = |from_us, to_us| Filter {
+            from_us,
+            to_us,
+            consumer: consumer.clone(),
+            route: route.clone(),
+        };
         let mut cumulative: HashMap<(String, Option<String>, Option<String>), u64> = HashMap::new();
         if a > ps {
-            for r in s.store.usage(&filter(ps, a), &[GroupKey::Consumer, GroupKey::Plan, GroupKey::Route]).await? {
+            for r in s
+                .store
+                .usage(
+                    &filter(ps, a),
+                    &[GroupKey::Consumer, GroupKey::Plan, GroupKey::Route],
+                )
+                .await?
+            {
                 if let Some(c) = text(&r.keys[0]) {
                     cumulative.insert((c, text(&r.keys[1]), text(&r.keys[2])), r.billable_requests);
                 }
             }
         }
         // Sorted by consumer, plan, route, then day: tiers advance in time order.
-        let rows = s.store.usage(&filter(a, b), &[GroupKey::Consumer, GroupKey::Plan, GroupKey::Route, GroupKey::Day]).await?;
+        let rows = s
+            .store
+            .usage(
+                &filter(a, b),
+                &[
+                    GroupKey::Consumer,
+                    GroupKey::Plan,
+                    GroupKey::Route,
+                    GroupKey::Day,
+                ],
+            )
+            .await?;
         for r in rows {
             let Some(c) = text(&r.keys[0]) else { continue }; // anonymous traffic is never billed
             let plan = text(&r.keys[1]);
             let route = text(&r.keys[2]);
-            let before = cumulative.entry((c.clone(), plan.clone(), route.clone())).or_insert(0);
-            let pricing = s.plan(plan.as_deref(), Some(&c)).and_then(|(_, p)| p.pricing.as_ref());
+            let before = cumulative
+                .entry((c.clone(), plan.clone(), route.clone()))
+                .or_insert(0);
+            let pricing = s
+                .plan(plan.as_deref(), Some(&c))
+                .and_then(|(_, p)| p.pricing.as_ref());
             let charge = pricing.and_then(|p| p.charge_for(route.as_deref().unwrap_or("default")));
-            let revenue = charge.map(|ch| pricing::incremental(ch, *before, r.billable_requests)).unwrap_or_default();
+            let revenue = charge
+                .map(|ch| pricing::incremental(ch, *before, r.billable_requests))
+                .unwrap_or_default();
             *before += r.billable_requests;
             out.push(Priced {
                 consumer: c,
@@ -172,32 +256,59 @@ pub(crate) fn money(d: Decimal) -> String {
     d.normalize().to_string()
 }
 
-pub async fn revenue(State(s): State<Arc<AppState>>, headers: HeaderMap, Query(raw): Raw) -> Result<Json<Value>, ApiError> {
+pub async fn revenue(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(raw): Raw,
+) -> Result<Json<Value>, ApiError> {
     let caller = s.auth.caller(&headers)?;
     let p = Params::new(raw, &["from", "to", "consumer", "route", "group_by"])?;
     let (from_us, to_us) = p.window()?;
-    let group = p.group_by(&[GroupKey::Consumer, GroupKey::Route, GroupKey::Day], &[GroupKey::Consumer])?;
+    let group = p.group_by(
+        &[GroupKey::Consumer, GroupKey::Route, GroupKey::Day],
+        &[GroupKey::Consumer],
+    )?;
     let consumer = caller.scope(p.get("consumer"))?;
-    let atoms = priced(&s, from_us, to_us, consumer, p.get("route").map(str::to_owned)).await?;
+    let atoms = priced(
+        &s,
+        from_us,
+        to_us,
+        consumer,
+        p.get("route").map(str::to_owned),
+    )
+    .await?;
     let mut rows: BTreeMap<Vec<KeyValue>, (u64, Decimal, Option<String>)> = BTreeMap::new();
     for a in atoms {
         let key: Vec<KeyValue> = group
             .iter()
             .map(|k| match k {
                 GroupKey::Consumer => KeyValue::Text(a.consumer.clone()),
-                GroupKey::Route => a.route.clone().map(KeyValue::Text).unwrap_or(KeyValue::Null),
+                GroupKey::Route => a
+                    .route
+                    .clone()
+                    .map(KeyValue::Text)
+                    .unwrap_or(KeyValue::Null),
                 _ => a.day.clone(),
             })
             .collect();
-        let e = rows.entry(key).or_insert((0, Decimal::ZERO, a.currency.clone()));
+        let e = rows
+            .entry(key)
+            .or_insert((0, Decimal::ZERO, a.currency.clone()));
         e.0 += a.billable;
         e.1 += a.revenue;
         if e.2 != a.currency {
             e.2 = e.2.take().or(a.currency);
         }
     }
-    let currencies: std::collections::BTreeSet<String> = s.plans.values().filter_map(|p| p.pricing.as_ref()).map(|p| p.currency.clone()).collect();
-    let currency = (currencies.len() == 1).then(|| currencies.into_iter().next()).flatten();
+    let currencies: std::collections::BTreeSet<String> = s
+        .plans
+        .values()
+        .filter_map(|p| p.pricing.as_ref())
+        .map(|p| p.currency.clone())
+        .collect();
+    let currency = (currencies.len() == 1)
+        .then(|| currencies.into_iter().next())
+        .flatten();
     let rows: Vec<Value> = rows
         .into_iter()
         .map(|(keys, (billable, revenue, cur))| {
@@ -211,5 +322,7 @@ pub async fn revenue(State(s): State<Arc<AppState>>, headers: HeaderMap, Query(r
             Value::Object(o)
         })
         .collect();
-    Ok(Json(json!({"from": rfc3339(from_us), "to": rfc3339(to_us), "currency": currency, "rows": rows})))
+    Ok(Json(
+        json!({"from": rfc3339(from_us), "to": rfc3339(to_us), "currency": currency, "rows": rows}),
+    ))
 }

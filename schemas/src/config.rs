@@ -130,7 +130,11 @@ pub enum TierMode {
 #[serde(deny_unknown_fields)]
 pub struct Charge {
     /// Flat price per billable request (decimal string).
-    #[serde(default, deserialize_with = "de_opt_money", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "de_opt_money",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub unit_price: Option<Decimal>,
     /// Tier mode, `graduated` unless set.
     #[serde(default)]
@@ -242,7 +246,9 @@ fn de_money<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Decimal, D::Error>
             f.write_str("a decimal string such as \"0.0005\"")
         }
         fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Decimal, E> {
-            v.trim().parse::<Decimal>().map_err(|_| E::custom(format!("`{v}` is not a decimal number")))
+            v.trim()
+                .parse::<Decimal>()
+                .map_err(|_| E::custom(format!("`{v}` is not a decimal number")))
         }
         fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Decimal, E> {
             Ok(Decimal::from(v))
@@ -251,7 +257,9 @@ fn de_money<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Decimal, D::Error>
             Ok(Decimal::from(v))
         }
         fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Decimal, E> {
-            Err(E::custom(format!("{v} is a floating-point number; write money as a decimal string, e.g. \"{v}\"")))
+            Err(E::custom(format!(
+                "{v} is a floating-point number; write money as a decimal string, e.g. \"{v}\""
+            )))
         }
     }
     d.deserialize_any(Money)

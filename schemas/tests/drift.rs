@@ -28,9 +28,8 @@ fn arrow_field_for(name: &str, prop: &Value) -> Field {
         }
         "string" => DataType::Utf8,
         "integer" => {
-            assert_eq!(
+            assert!(
                 prop["minimum"].as_u64().is_some(),
-                true,
                 "{name}: integers need a minimum"
             );
             match prop["maximum"]

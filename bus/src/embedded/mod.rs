@@ -30,7 +30,8 @@ use segment::SegmentReader;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddedConfig {
-    /// Directory of the log (segments and consumer offsets). A relative path is resolved against `--data-dir` (default `./data`).
+    /// Directory of the log (segments and consumer offsets). Unset: a folder of `--data-dir`
+    /// (default `./data`); a relative path is relative to the working directory.
     #[serde(default = "default_dir")]
     pub dir: PathBuf,
     /// A segment rolls over once it holds this many bytes.
@@ -43,7 +44,7 @@ pub struct EmbeddedConfig {
 }
 
 fn default_dir() -> PathBuf {
-    PathBuf::from("bus")
+    PathBuf::new()
 }
 fn default_segment_bytes() -> u64 {
     64 * 1024 * 1024
@@ -278,7 +279,7 @@ impl EmbeddedSubscriber {
                 fresh = true;
             }
             let reader = self.reader.as_mut().expect("opened above");
-            match reader.next().map_err(io_err(&dir))? {
+            match reader.next_frame().map_err(io_err(&dir))? {
                 Some(f) if f.offset == self.position => {
                     out.push(Message {
                         partition: 0,

@@ -178,7 +178,7 @@ impl SegmentReader {
     }
 
     /// The next frame, if fully written.
-    pub fn next(&mut self) -> io::Result<Option<Frame>> {
+    pub fn next_frame(&mut self) -> io::Result<Option<Frame>> {
         let pos = self.reader.stream_position()?;
         let frame = read_frame(&mut self.reader)?;
         if frame.is_none() {

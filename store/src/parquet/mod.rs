@@ -32,7 +32,8 @@ use crate::{Checkpoint, EventWriter, StoreError};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParquetConfig {
-    /// Directory of the Parquet files and the manifest. A relative path is resolved against `--data-dir` (default `./data`).
+    /// Directory of the Parquet files and the manifest. Unset: a folder of `--data-dir`
+    /// (default `./data`); a relative path is relative to the working directory.
     #[serde(default = "default_dir")]
     pub dir: PathBuf,
     /// A day with at least this many files gets them merged into one.
@@ -44,7 +45,7 @@ pub struct ParquetConfig {
 }
 
 fn default_dir() -> PathBuf {
-    PathBuf::from("store")
+    PathBuf::new()
 }
 fn default_compact_min_files() -> usize {
     8

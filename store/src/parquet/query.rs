@@ -95,7 +95,7 @@ fn column_as(
     let c = batch
         .column_by_name(name)
         .ok_or_else(|| StoreError::Corrupt(format!("query result has no column {name}")))?;
-    Ok(cast(c, to).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+    cast(c, to).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 fn i64s(batch: &RecordBatch, name: &str) -> Result<Int64Array, StoreError> {

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Load-generator benchmarks of the release build, each against a baseline measured in the same
+# run. Prints a Markdown table for BENCHMARKS.md.
+#
+#  1. Gateway throughput and added latency: wrk against an nginx upstream directly, through nginx
+#     as a reverse proxy (the baseline), and through the Tollgate gateway (API key checked,
+#     event emitted per request).
+#  2. Freshness: time from wrk's last response until /v1/usage counts every request.
+#  3. Collector throughput: the store is wiped and the collector re-reads the whole bus log;
+#     events/s until every event is queryable, and until every event is in Parquet files.
+#
+# Needs: wrk, nginx, curl, python3 (installed with apt-get if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
+DURATION="${DURATION:-15s}"
+CONNS="${CONNS:-32}"
+
+for tool in wrk nginx curl; do
+  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl >/dev/null; break; }
+done
+cargo build --release --locked >&2
+BIN="$CARGO_TARGET_DIR/release/tollgate"
+
+WORK="$(mktemp -d)"
+cleanup() { kill "${TG_PID:-}" 2>/dev/null || true; nginx -p "$WORK" -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UP=$(free_port); PROXY=$(free_port); GW=$(free_port); API=$(free_port)
+
+mkdir -p "$WORK/logs"
+cat > "$WORK/nginx.conf" <<NGINX
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream app { server 127.0.0.1:$UP; keepalive 256; }
+  server { listen 127.0.0.1:$UP; location / { return 200 '{"ok":true}'; } }
+  server { listen 127.0.0.1:$PROXY;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+}
+NGINX
+nginx -p "$WORK" -c "$WORK/nginx.conf"
+
+KEY_HASH=$("$BIN" hash-key bench-key)
+cat > "$WORK/tollgate.yaml" <<YAML
+gateway:
+  listen: 127.0.0.1:$GW
+  upstreams: { app: { targets: ["http://127.0.0.1:$UP"] } }
+  routes: [ { id: items, methods: [GET], path: "/v1/items/{id}", upstream: app } ]
+  auth: { api_key: { header: x-api-key } }
+consumers: [ { id: bench, plan: open, api_keys: ["$KEY_HASH"] } ]
+plans: { open: { pricing: { currency: USD, charges: { default: { unit_price: "0.0001" } } } } }
+query_api: { listen: 127.0.0.1:$API }
+YAML
+RUST_LOG=warn "$BIN" up --config "$WORK/tollgate.yaml" --data-dir "$WORK/data" 2>"$WORK/tollgate.log" &
+TG_PID=$!
+for _ in $(seq 200); do curl -sf "http://127.0.0.1:$API/readyz" >/dev/null && break; sleep 0.05; done
+
+run_wrk() { # name url [header]
+  local out
+  if [ -n "${3:-}" ]; then out=$(wrk -t2 -c"$CONNS" -d"$DURATION" --latency -H "$3" "$2"); else out=$(wrk -t2 -c"$CONNS" -d"$DURATION" --latency "$2"); fi
+  echo "$out" > "$WORK/wrk-$1.txt"
+  python3 - "$1" "$WORK/wrk-$1.txt" <<'PY'
+import re, sys
+name, path = sys.argv[1], sys.argv[2]
+t = open(path).read()
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+def lat(p):
+    m = re.search(r"^\s+%s%%\s+([\d.]+)(us|ms|s)" % p, t, re.M)
+    v, u = float(m.group(1)), m.group(2)
+    return v / 1000 if u == "us" else v * 1000 if u == "s" else v
+total = int(re.search(r"(\d+) requests in", t).group(1))
+non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
+print(f"{name} {rps:.0f} {lat(50):.3f} {lat(99):.3f} {total} {non2xx.group(1) if non2xx else 0}")
+PY
+}
+
+direct=$(run_wrk direct "http://127.0.0.1:$UP/v1/items/1")
+nginx_proxy=$(run_wrk nginx "http://127.0.0.1:$PROXY/v1/items/1")
+start_ms=$(python3 -c 'import time; print(int(time.time()*1000))')
+tollgate=$(run_wrk tollgate "http://127.0.0.1:$GW/v1/items/1" "x-api-key: bench-key")
+sent=$(echo "$tollgate" | awk '{print $5}')
+
+# Freshness: last response -> every request counted.
+fresh=$(python3 - "$API" "$sent" <<'PY'
+import json, sys, time, urllib.request
+api, sent = sys.argv[1], int(sys.argv[2])
+t0 = time.time()
+while time.time() - t0 < 60:
+    rows = json.load(urllib.request.urlopen(f"http://127.0.0.1:{api}/v1/usage?from=0&group_by=consumer"))["rows"]
+    n = sum(r["requests"] for r in rows if r["consumer"] == "bench")
+    if n >= sent:
+        print(f"{(time.time()-t0)*1000:.0f} {n}")
+        break
+    time.sleep(0.01)
+else:
+    print(f"timeout {n}")
+PY
+)
+
+# Collector throughput: wipe the store and the collector's offsets, re-read the whole log.
+kill "$TG_PID"; wait "$TG_PID" 2>/dev/null || true
+rm -rf "$WORK/data/store" "$WORK/data/bus/offsets" "$WORK/data/dead-letter"
+t0=$(python3 -c 'import time; print(time.time())')
+RUST_LOG=warn "$BIN" up --config "$WORK/tollgate.yaml" --data-dir "$WORK/data" 2>>"$WORK/tollgate.log" &
+TG_PID=$!
+collect=$(python3 - "$API" "$sent" "$t0" "$WORK/data/store/manifest.json" <<'PY'
+import json, os, sys, time, urllib.request
+api, sent, t0, manifest = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+queryable = None
+while time.time() - t0 < 300:
+    try:
+        if queryable is None:
+            rows = json.load(urllib.request.urlopen(f"http://127.0.0.1:{api}/v1/usage?from=0&group_by=consumer"))["rows"]
+            if sum(r["requests"] for r in rows) >= sent:
+                queryable = time.time() - t0
+        if os.path.exists(manifest):
+            files = json.load(open(manifest))["files"]
+            if sum(f["rows"] for f in files) >= sent and queryable is not None:
+                print(f"{queryable:.2f} {time.time()-t0:.2f}")
+                break
+    except Exception:
+        pass
+    time.sleep(0.02)
+PY
+)
+
+python3 - "$direct" "$nginx_proxy" "$tollgate" "$fresh" "$collect" "$sent" "$CONNS" "$DURATION" <<'PY'
+import sys
+d, n, t = (s.split() for s in sys.argv[1:4])
+fresh, collect, sent, conns, dur = sys.argv[4].split(), sys.argv[5].split(), int(sys.argv[6]), sys.argv[7], sys.argv[8]
+rps = lambda r: float(r[1]); p50 = lambda r: float(r[2]); p99 = lambda r: float(r[3])
+print(f"wrk -t2 -c{conns} -d{dur}, same machine, same run\n")
+print("| target | requests/s | p50 ms | p99 ms | non-2xx |")
+print("|---|---|---|---|---|")
+for name, r in (("nginx upstream, direct", d), ("nginx reverse proxy -> upstream (baseline)", n), ("tollgate gateway -> upstream", t)):
+    print(f"| {name} | {rps(r):.0f} | {p50(r):.3f} | {p99(r):.3f} | {r[5]} |")
+print()
+print(f"- tollgate / nginx-proxy throughput ratio: {rps(t)/rps(n):.2f}")
+print(f"- added p50 latency over the direct upstream: tollgate {p50(t)-p50(d):.3f} ms, nginx proxy {p50(n)-p50(d):.3f} ms")
+print(f"- freshness (last response -> all {sent} requests counted): {fresh[0]} ms")
+q, f = float(collect[0]), float(collect[1])
+print(f"- collector re-reading {sent} events from the bus log: queryable after {q:.2f} s ({sent/q:.0f} events/s, includes process start), in Parquet after {f:.2f} s ({sent/f:.0f} events/s)")
+PY

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every check of the project: formatting, lints, and the whole test suite (unit, property,
+# conformance and end-to-end tests, in the dev profile). One build, shared target directory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need cargo; then
+  echo "error: cargo is missing; install Rust 1.95 (rustup) first" >&2
+  exit 1
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "cargo-nextest is missing; installing it from crates.io" >&2
+  cargo install cargo-nextest --locked
+fi
+
+echo "== rustfmt" >&2
+cargo fmt --all --check
+echo "== clippy" >&2
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== tests" >&2
+cargo nextest run --workspace --locked --no-fail-fast

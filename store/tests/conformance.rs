@@ -1,0 +1,246 @@
+//! The data-driven store conformance suite: each file in `tests/cases/` seeds events and lists
+//! the exact rows (and latency quantiles, within the sketch's stated error) every query must
+//! return. It runs against each backend and storage path: the Parquet store answering from
+//! memory (before a flush), from Parquet files (after a flush), and from compacted files.
+
+use serde::Deserialize;
+use serde_json::Value;
+use tollgate_schemas::{Checkpoint, Outcome, RequestEvent};
+use tollgate_store::sketch::RELATIVE_ERROR;
+use tollgate_store::{
+    EventWriter, Filter, GroupKey, KeyValue, LatencyQuery, ParquetConfig, ParquetStore, UsageQuery,
+};
+
+#[derive(Deserialize)]
+struct Case {
+    events: Vec<EventSpec>,
+    usage: Vec<UsageCase>,
+    latency: Vec<LatencyCase>,
+}
+
+#[derive(Deserialize)]
+struct EventSpec {
+    ts: String,
+    consumer: Option<String>,
+    plan: Option<String>,
+    route: Option<String>,
+    status: u16,
+    latency_us: u64,
+    #[serde(default)]
+    req_bytes: u64,
+    #[serde(default)]
+    resp_bytes: u64,
+    #[serde(default = "yes")]
+    billable: bool,
+    #[serde(default = "yes")]
+    forwarded: bool,
+    #[serde(default = "one")]
+    repeat: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> usize {
+    1
+}
+
+#[derive(Deserialize)]
+struct UsageCase {
+    from: String,
+    to: String,
+    consumer: Option<String>,
+    route: Option<String>,
+    group_by: Vec<GroupKey>,
+    rows: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+struct LatencyCase {
+    from: String,
+    to: String,
+    route: Option<String>,
+    step_s: Option<i64>,
+    #[serde(default)]
+    by_consumer: bool,
+    expect: Vec<LatencyExpect>,
+}
+
+#[derive(Deserialize)]
+struct LatencyExpect {
+    route: String,
+    consumer: Option<String>,
+    t: String,
+    count: u64,
+    errors: u64,
+    quantiles_us: std::collections::BTreeMap<String, f64>,
+}
+
+fn us(t: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(t)
+        .unwrap()
+        .timestamp_micros()
+}
+
+fn events(case: &Case) -> Vec<RequestEvent> {
+    let mut out = Vec::new();
+    for e in &case.events {
+        for _ in 0..e.repeat {
+            let outcome = match e.status {
+                404 => Outcome::NotFound,
+                401 => Outcome::Unauthorized,
+                s if s >= 500 => Outcome::UpstreamError,
+                _ => Outcome::Ok,
+            };
+            out.push(RequestEvent {
+                v: 1,
+                id: uuid::Uuid::now_v7(),
+                ts: chrono::DateTime::from_timestamp_micros(us(&e.ts)).unwrap(),
+                gateway: "conformance".into(),
+                route: e.route.clone(),
+                method: "GET".into(),
+                path: "/".into(),
+                status: e.status,
+                latency_us: e.latency_us,
+                upstream_latency_us: e.forwarded.then_some(e.latency_us),
+                req_bytes: e.req_bytes,
+                resp_bytes: e.resp_bytes,
+                consumer: e.consumer.clone(),
+                plan: e.plan.clone(),
+                outcome,
+                billable: e.billable,
+                trace_id: None,
+            });
+        }
+    }
+    out
+}
+
+fn key_json(k: &KeyValue) -> Value {
+    match k {
+        KeyValue::Null => Value::Null,
+        KeyValue::Text(s) => s.clone().into(),
+        KeyValue::Int(i) => (*i).into(),
+    }
+}
+
+async fn check(name: &str, store: &dyn UsageQuery, case: &Case) {
+    for (i, u) in case.usage.iter().enumerate() {
+        let f = Filter {
+            from_us: us(&u.from),
+            to_us: us(&u.to),
+            consumer: u.consumer.clone(),
+            route: u.route.clone(),
+        };
+        let rows = store.usage(&f, &u.group_by).await.unwrap();
+        let got: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "keys": r.keys.iter().map(key_json).collect::<Vec<_>>(),
+                    "requests": r.requests, "billable_requests": r.billable_requests,
+                    "req_bytes": r.req_bytes, "resp_bytes": r.resp_bytes,
+                })
+            })
+            .collect();
+        assert_eq!(got, u.rows, "{name}: usage query #{i}");
+    }
+    for (i, l) in case.latency.iter().enumerate() {
+        let q = LatencyQuery {
+            filter: Filter {
+                from_us: us(&l.from),
+                to_us: us(&l.to),
+                consumer: None,
+                route: l.route.clone(),
+            },
+            step_us: l.step_s.map(|s| s * 1_000_000),
+            by_consumer: l.by_consumer,
+        };
+        let rows = store.latency(&q).await.unwrap();
+        assert_eq!(
+            rows.len(),
+            l.expect.len(),
+            "{name}: latency query #{i}: {rows:?}"
+        );
+        for (r, e) in rows.iter().zip(&l.expect) {
+            assert_eq!(
+                (&r.route, &r.consumer, r.t_us),
+                (&e.route, &e.consumer, us(&e.t)),
+                "{name}: latency #{i}"
+            );
+            assert_eq!(
+                (r.histogram.count(), r.errors),
+                (e.count, e.errors),
+                "{name}: latency #{i} {}",
+                e.route
+            );
+            for (q, want) in &e.quantiles_us {
+                let got = r.histogram.quantile(q.parse().unwrap()).unwrap();
+                assert!(
+                    (got - want).abs() <= want * RELATIVE_ERROR,
+                    "{name}: latency #{i} {} p{q}: {got} vs {want}",
+                    e.route
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn parquet_store_passes_every_case() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    for path in files {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let case: Case = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let evs = events(&case);
+        let open = |dir: &std::path::Path| {
+            ParquetStore::open(ParquetConfig {
+                dir: dir.to_path_buf(),
+                compact_min_files: 2,
+                compact_max_rows: 1_000_000,
+            })
+            .unwrap()
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let memory_only = open(&tmp.path().join("memory"));
+        memory_only
+            .append(
+                tollgate_schemas::arrow::to_batch(&evs),
+                &Checkpoint([(0, 1)].into()),
+            )
+            .await
+            .unwrap();
+        check(&format!("{name} (memory)"), &memory_only, &case).await;
+
+        let store = open(&tmp.path().join("files"));
+        // Two appends, so that compaction has files to merge.
+        let (a, b) = evs.split_at(evs.len() / 2);
+        store
+            .append(
+                tollgate_schemas::arrow::to_batch(a),
+                &Checkpoint([(0, 1)].into()),
+            )
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        store
+            .append(
+                tollgate_schemas::arrow::to_batch(b),
+                &Checkpoint([(0, 2)].into()),
+            )
+            .await
+            .unwrap();
+        check(&format!("{name} (parquet + memory)"), &store, &case).await;
+        store.flush().await.unwrap();
+        check(&format!("{name} (parquet)"), &store, &case).await;
+        store.compact().await.unwrap();
+        check(&format!("{name} (compacted)"), &store, &case).await;
+    }
+}
