@@ -203,7 +203,6 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
     .await?;
     let gateway_addr = gateway.local_addr();
 
-    let registry = Arc::new(registry);
     let state = tollgate_query_api::AppState::new(
         &config.query_api,
         Arc::new(store.clone()),

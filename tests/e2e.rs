@@ -460,6 +460,10 @@ async fn meters_prices_and_survives_sigkill() {
         m.contains("tollgate_collector_events_appended_total 45"),
         "{m}"
     );
+    assert!(
+        m.contains("tollgate_query_api_requests_total{endpoint=\"/v1/usage\",status=\"401\"} 1"),
+        "{m}"
+    );
 
     // SIGKILL with nothing flushed to Parquet yet: after restart, every event is back once.
     tollgate.sigkill();

@@ -8,6 +8,7 @@
 mod auth;
 mod billing;
 pub mod error;
+pub mod metrics;
 mod params;
 pub mod pricing;
 mod reports;
@@ -80,6 +81,8 @@ pub struct AppState {
     pub auth: auth::Authenticator,
     /// Every component's metrics, exposed at `/metrics`.
     pub registry: Arc<Registry>,
+    /// This API's own metrics (registered in `registry`).
+    pub metrics: Arc<metrics::ApiMetrics>,
 }
 
 impl AppState {
@@ -88,15 +91,17 @@ impl AppState {
         store: Arc<dyn UsageQuery>,
         consumers: Vec<Consumer>,
         plans: BTreeMap<String, Plan>,
-        registry: Arc<Registry>,
+        mut registry: Registry,
     ) -> Result<AppState, String> {
         let auth = auth::Authenticator::new(&config.admin_tokens, &consumers)?;
+        let metrics = Arc::new(metrics::ApiMetrics::register(&mut registry));
         Ok(AppState {
             store,
             consumers,
             plans,
             auth,
-            registry,
+            registry: Arc::new(registry),
+            metrics,
         })
     }
 
@@ -142,6 +147,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/billing/export", get(billing::export))
         .route("/v1/quota", get(billing::quota))
         .fallback(|| async { ApiError::NotFound("no such endpoint; see /openapi.json".into()) })
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            metrics::track,
+        ))
         .with_state(state)
 }
 
