@@ -102,6 +102,9 @@ else:
 PY
 )
 
+# Peak memory of the whole one-process deployment after the load.
+rss_mb=$(awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$TG_PID/status")
+
 # Collector throughput: wipe the store and the collector's offsets, re-read the whole log.
 kill "$TG_PID"; wait "$TG_PID" 2>/dev/null || true
 rm -rf "$WORK/data/store" "$WORK/data/bus/offsets" "$WORK/data/dead-letter"
@@ -129,7 +132,7 @@ while time.time() - t0 < 300:
 PY
 )
 
-python3 - "$direct" "$nginx_proxy" "$tollgate" "$fresh" "$collect" "$sent" "$CONNS" "$DURATION" <<'PY'
+python3 - "$direct" "$nginx_proxy" "$tollgate" "$fresh" "$collect" "$sent" "$CONNS" "$DURATION" "$rss_mb" <<'PY'
 import sys
 d, n, t = (s.split() for s in sys.argv[1:4])
 fresh, collect, sent, conns, dur = sys.argv[4].split(), sys.argv[5].split(), int(sys.argv[6]), sys.argv[7], sys.argv[8]
@@ -143,6 +146,8 @@ print()
 print(f"- tollgate / nginx-proxy throughput ratio: {rps(t)/rps(n):.2f}")
 print(f"- added p50 latency over the direct upstream: tollgate {p50(t)-p50(d):.3f} ms, nginx proxy {p50(n)-p50(d):.3f} ms")
 print(f"- freshness (last response -> all {sent} requests counted): {fresh[0]} ms")
+print(f"- peak RSS of `tollgate up` (gateway, bus, collector, store, query API) after the load: {sys.argv[9]} MB")
 q, f = float(collect[0]), float(collect[1])
-print(f"- collector re-reading {sent} events from the bus log: queryable after {q:.2f} s ({sent/q:.0f} events/s, includes process start), in Parquet after {f:.2f} s ({sent/f:.0f} events/s)")
+print(f"- collector re-reading {sent} events from the bus log: all queryable after {q:.2f} s = {sent/q:.0f} events/s (includes process start);")
+print(f"  all in Parquet files after {f:.2f} s (bounded below by the 2 s flush interval)")
 PY

@@ -1,0 +1,408 @@
+//! The gateway in process, over a real embedded bus log: every phase of the request path and the
+//! event each request leaves behind.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tollgate_bus::{EmbeddedConfig, EmbeddedLog, Subscriber};
+use tollgate_gateway::auth::hash_key;
+use tollgate_gateway::config::{
+    ApiKeyConfig, AuthConfig, QuotaFeedConfig, RouteConfig, UpstreamConfig,
+};
+use tollgate_gateway::{Gateway, GatewayConfig, GatewayMetrics};
+use tollgate_schemas::config::{Consumer, Plan, RateLimit};
+use tollgate_schemas::{Outcome, RequestEvent};
+
+/// Echoes what it received as JSON; `/slow` takes 500 ms.
+async fn serve_json(handler: fn(&Request<hyper::body::Incoming>) -> (u64, Value)) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| async move {
+                    let (delay_ms, body) = handler(&req);
+                    let _ = req.into_body().collect().await;
+                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                        body.to_string(),
+                    ))))
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn echo(req: &Request<hyper::body::Incoming>) -> (u64, Value) {
+    let headers: BTreeMap<String, String> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let delay = if req.uri().path() == "/slow" { 500 } else { 0 };
+    (
+        delay,
+        json!({"path": req.uri().path(), "query": req.uri().query(), "headers": headers}),
+    )
+}
+
+fn quota_exhausted(_: &Request<hyper::body::Incoming>) -> (u64, Value) {
+    let end = (chrono::Utc::now() + chrono::Duration::days(2)).to_rfc3339();
+    (
+        0,
+        json!({"version": 1, "consumers": [{"consumer": "limited", "limit": 10, "used": 10, "period_end": end}]}),
+    )
+}
+
+struct Harness {
+    addr: SocketAddr,
+    log: EmbeddedLog,
+    _dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let upstream = serve_json(echo).await;
+        let quota = serve_json(quota_exhausted).await;
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap(); // closed once dropped
+        let route = |id: &str, path: &str, upstream: &str| RouteConfig {
+            id: id.into(),
+            methods: vec![],
+            path: path.into(),
+            upstream: upstream.into(),
+            strip_prefix: None,
+            auth: true,
+        };
+        let mut api = route("api", "/api/{*rest}", "app");
+        api.strip_prefix = Some("/api".into());
+        let config = GatewayConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            id: Some("gw-test".into()),
+            upstreams: [
+                (
+                    "app".to_string(),
+                    UpstreamConfig {
+                        targets: vec![format!("http://{upstream}")],
+                        timeout_ms: 200,
+                    },
+                ),
+                (
+                    "down".to_string(),
+                    UpstreamConfig {
+                        targets: vec![format!("http://{dead}")],
+                        timeout_ms: 200,
+                    },
+                ),
+            ]
+            .into(),
+            routes: vec![
+                route("echo", "/echo/{id}", "app"),
+                route("slow", "/slow", "app"),
+                route("down", "/down", "down"),
+                api,
+            ],
+            auth: AuthConfig {
+                api_key: Some(ApiKeyConfig {
+                    header: "x-api-key".into(),
+                }),
+                jwt: None,
+            },
+            events: Default::default(),
+            quota: QuotaFeedConfig {
+                url: Some(format!("http://{quota}/v1/quota")),
+                token: None,
+                poll_ms: Some(20),
+            },
+        };
+        let consumers = vec![
+            Consumer {
+                id: "acme".into(),
+                plan: "open".into(),
+                api_keys: vec![hash_key("k-acme")],
+            },
+            Consumer {
+                id: "tight".into(),
+                plan: "tight".into(),
+                api_keys: vec![hash_key("k-tight")],
+            },
+            Consumer {
+                id: "limited".into(),
+                plan: "open".into(),
+                api_keys: vec![hash_key("k-limited")],
+            },
+        ];
+        let plans: BTreeMap<String, Plan> = [
+            ("open".to_string(), Plan::default()),
+            (
+                "tight".to_string(),
+                Plan {
+                    rate_limit: Some(RateLimit {
+                        per_second: 1,
+                        burst: Some(2),
+                    }),
+                    ..Default::default()
+                },
+            ),
+        ]
+        .into();
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(EmbeddedConfig {
+            dir: dir.path().to_path_buf(),
+            ..Default::default()
+        })
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let gw = Gateway::bind(
+            config,
+            &consumers,
+            &plans,
+            Arc::new(log.clone()),
+            GatewayMetrics::unregistered(),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let addr = gw.local_addr();
+        tokio::spawn(gw.run(shutdown.clone()));
+        Harness {
+            addr,
+            log,
+            _dir: dir,
+            shutdown,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &'static str,
+    ) -> (StatusCode, http::HeaderMap, Value) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self
+            .client
+            .request(
+                req.body(Full::new(Bytes::from_static(body.as_bytes())))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// The next `n` events on the bus (waits for them with a deadline).
+    async fn events(&self, sub: &mut dyn Subscriber, n: usize) -> Vec<RequestEvent> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while out.len() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {n} events arrived",
+                out.len()
+            );
+            for m in sub
+                .poll(n - out.len(), Duration::from_millis(200))
+                .await
+                .unwrap()
+            {
+                out.push(RequestEvent::from_json(&m.payload).unwrap());
+            }
+        }
+        out
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_with_identity_headers_and_meters_bytes() {
+    let h = Harness::start().await;
+    let mut sub = h.log.subscribe("t").unwrap();
+    let (s, headers, body) = h
+        .call(
+            "POST",
+            "/echo/7?x=1",
+            &[
+                ("x-api-key", "k-acme"),
+                ("x-tollgate-consumer", "spoofed"),
+                ("connection", "keep-alive"),
+            ],
+            "hello",
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body["path"], "/echo/7");
+    assert_eq!(body["query"], "x=1");
+    let up = &body["headers"];
+    assert_eq!(
+        up["x-tollgate-consumer"], "acme",
+        "identity is set by the gateway, never by the client"
+    );
+    assert!(
+        up.get("x-api-key").is_none(),
+        "credentials stay at the gateway"
+    );
+    assert!(up["traceparent"].as_str().unwrap().starts_with("00-"));
+    let request_id = headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(up["x-request-id"], request_id);
+
+    let (s, _, body) = h
+        .call("GET", "/api/v2/items", &[("x-api-key", "k-acme")], "")
+        .await;
+    assert_eq!(
+        (s, body["path"].as_str()),
+        (StatusCode::OK, Some("/v2/items")),
+        "strip_prefix"
+    );
+
+    let evs = h.events(&mut sub, 2).await;
+    let e = &evs[0];
+    assert_eq!(
+        (e.route.as_deref(), e.consumer.as_deref(), e.plan.as_deref()),
+        (Some("echo"), Some("acme"), Some("open"))
+    );
+    assert_eq!((e.status, e.outcome, e.billable), (200, Outcome::Ok, true));
+    assert_eq!(e.path, "/echo/7");
+    assert_eq!(e.req_bytes, 5);
+    assert!(e.resp_bytes > 50 && e.latency_us >= e.upstream_latency_us.unwrap());
+    assert_eq!(e.id.to_string(), request_id);
+    assert_eq!(
+        e.trace_id.as_deref(),
+        up["traceparent"].as_str().unwrap().split('-').nth(1)
+    );
+    assert_eq!(evs[1].route.as_deref(), Some("api"));
+    h.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_with_the_right_status_and_still_meters() {
+    let h = Harness::start().await;
+    let mut sub = h.log.subscribe("t").unwrap();
+    assert_eq!(
+        h.call("GET", "/nowhere", &[], "").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        h.call("GET", "/echo/1", &[], "").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        h.call("GET", "/echo/1", &[("x-api-key", "wrong")], "")
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    // Burst of 2, then 429 with Retry-After.
+    for _ in 0..2 {
+        assert_eq!(
+            h.call("GET", "/echo/1", &[("x-api-key", "k-tight")], "")
+                .await
+                .0,
+            StatusCode::OK
+        );
+    }
+    let (s, headers, body) = h
+        .call("GET", "/echo/1", &[("x-api-key", "k-tight")], "")
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert_eq!(
+        h.call("GET", "/slow", &[("x-api-key", "k-acme")], "")
+            .await
+            .0,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+    assert_eq!(
+        h.call("GET", "/down", &[("x-api-key", "k-acme")], "")
+            .await
+            .0,
+        StatusCode::BAD_GATEWAY
+    );
+    // The quota feed says `limited` used its 10 requests: 429 once the state has arrived.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut quota_calls = 0;
+    loop {
+        quota_calls += 1;
+        let (s, headers, _) = h
+            .call("GET", "/echo/1", &[("x-api-key", "k-limited")], "")
+            .await;
+        if s == StatusCode::TOO_MANY_REQUESTS {
+            assert!(
+                headers["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+                    > 86_400
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "quota never enforced"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let evs = h.events(&mut sub, 9 + quota_calls - 1).await;
+    let outcomes: Vec<(Option<&str>, Outcome, bool)> = evs
+        .iter()
+        .map(|e| (e.consumer.as_deref(), e.outcome, e.billable))
+        .collect();
+    assert_eq!(
+        &outcomes[..8],
+        &[
+            (None, Outcome::NotFound, false),
+            (None, Outcome::Unauthorized, false),
+            (None, Outcome::Unauthorized, false),
+            (Some("tight"), Outcome::Ok, true),
+            (Some("tight"), Outcome::Ok, true),
+            (Some("tight"), Outcome::RateLimited, false),
+            (Some("acme"), Outcome::Timeout, false),
+            (Some("acme"), Outcome::UpstreamError, false),
+        ]
+    );
+    assert_eq!(evs[0].route, None);
+    assert_eq!(evs[6].status, 504);
+    assert_eq!(evs.last().unwrap().outcome, Outcome::QuotaExceeded);
+    h.shutdown.cancel();
+}
