@@ -17,6 +17,14 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
+# The dashboard test drives a real headless browser.
+if [ ! -x /usr/bin/chromium ]; then
+  echo "chromium is missing; installing it with apt-get (needed by tests/dashboard.rs)" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+command -v curl >/dev/null || { echo "error: curl is missing: apt-get install -y curl" >&2; exit 1; }
+
 echo "== rustfmt" >&2
 cargo fmt --all --check
 echo "== clippy" >&2
