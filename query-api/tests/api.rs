@@ -1,0 +1,391 @@
+//! The query API over a real Parquet store seeded with known events: revenue over arbitrary
+//! windows (tiers cumulative within a month, reset at the month), billing exports in every
+//! format, quota state, and the error rules.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use prometheus_client::registry::Registry;
+use rust_decimal::Decimal;
+use serde_json::Value;
+use tollgate_query_api::{AppState, QueryApiConfig, router};
+use tollgate_schemas::config::{Charge, Consumer, Plan, Pricing, Quota, Tier, TierMode};
+use tollgate_schemas::{Checkpoint, Outcome, RequestEvent};
+use tollgate_store::{EventWriter, ParquetConfig, ParquetStore};
+use tower::ServiceExt;
+
+const ADMIN: &str = "admin-token-0123456789";
+
+fn d(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+fn event(ts: &str, consumer: &str, plan: &str, billable: bool) -> RequestEvent {
+    RequestEvent {
+        v: 1,
+        id: uuid::Uuid::now_v7(),
+        ts: chrono::DateTime::parse_from_rfc3339(ts)
+            .unwrap()
+            .with_timezone(&chrono::Utc),
+        gateway: "gw".into(),
+        route: Some("r".into()),
+        method: "GET".into(),
+        path: "/r".into(),
+        status: if billable { 200 } else { 503 },
+        latency_us: 1000,
+        upstream_latency_us: Some(900),
+        req_bytes: 0,
+        resp_bytes: 2,
+        consumer: Some(consumer.into()),
+        plan: Some(plan.into()),
+        outcome: if billable {
+            Outcome::Ok
+        } else {
+            Outcome::UpstreamError
+        },
+        billable,
+        trace_id: None,
+    }
+}
+
+/// gold: 10 free, then 0.5 up to 20, then 0.25. October: 12 billable. November: 3 a day on the
+/// 1st to the 10th (30), plus 2 failed requests on the 5th. Also `now`: 4 for `quota-user`.
+async fn app() -> (axum::Router, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ParquetStore::open(ParquetConfig {
+        dir: dir.path().to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut evs: Vec<RequestEvent> = (0..12)
+        .map(|i| event(&format!("2026-10-31T20:{i:02}:00Z"), "a", "gold", true))
+        .collect();
+    for day in 1..=10 {
+        for h in 0..3 {
+            evs.push(event(
+                &format!("2026-11-{day:02}T1{h}:00:00Z"),
+                "a",
+                "gold",
+                true,
+            ));
+        }
+    }
+    evs.push(event("2026-11-05T12:30:00Z", "a", "gold", false));
+    evs.push(event("2026-11-05T12:31:00Z", "a", "gold", false));
+    let now = chrono::Utc::now().to_rfc3339();
+    evs.extend((0..4).map(|_| event(&now, "quota-user", "small", true)));
+    store
+        .append(
+            tollgate_schemas::arrow::to_batch(&evs),
+            &Checkpoint([(0, evs.len() as u64)].into()),
+        )
+        .await
+        .unwrap();
+    store.flush().await.unwrap();
+
+    let tiers = vec![
+        Tier {
+            up_to: Some(10),
+            unit_price: d("0"),
+        },
+        Tier {
+            up_to: Some(20),
+            unit_price: d("0.5"),
+        },
+        Tier {
+            up_to: None,
+            unit_price: d("0.25"),
+        },
+    ];
+    let gold = Plan {
+        pricing: Some(Pricing {
+            currency: "EUR".into(),
+            charges: [(
+                "default".to_string(),
+                Charge {
+                    unit_price: None,
+                    mode: TierMode::Graduated,
+                    tiers: Some(tiers),
+                },
+            )]
+            .into(),
+        }),
+        ..Default::default()
+    };
+    let small = Plan {
+        quota: Some(Quota {
+            period: Default::default(),
+            requests: 5,
+        }),
+        ..Default::default()
+    };
+    let plans: BTreeMap<String, Plan> =
+        [("gold".to_string(), gold), ("small".to_string(), small)].into();
+    let consumers = vec![
+        Consumer {
+            id: "a".into(),
+            plan: "gold".into(),
+            api_keys: vec![tollgate_gateway_hash("key-a")],
+        },
+        Consumer {
+            id: "quota-user".into(),
+            plan: "small".into(),
+            api_keys: vec![],
+        },
+    ];
+    let config = QueryApiConfig {
+        admin_tokens: vec![ADMIN.into()],
+        ..Default::default()
+    };
+    let state = AppState::new(
+        &config,
+        Arc::new(store),
+        consumers,
+        plans,
+        Registry::default(),
+    )
+    .unwrap();
+    (router(Arc::new(state)), dir)
+}
+
+fn tollgate_gateway_hash(key: &str) -> String {
+    use sha2::Digest;
+    format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(key.as_bytes()))
+    )
+}
+
+async fn call(app: &axum::Router, uri: &str, token: Option<&str>) -> (StatusCode, bytes::Bytes) {
+    let mut req = Request::get(uri);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = app
+        .clone()
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+async fn json(app: &axum::Router, uri: &str) -> Value {
+    let (s, b) = call(app, uri, Some(ADMIN)).await;
+    assert_eq!(s, StatusCode::OK, "{uri}: {}", String::from_utf8_lossy(&b));
+    serde_json::from_slice(&b).unwrap()
+}
+
+fn revenue_by(v: &Value, key: &str) -> BTreeMap<String, (u64, Decimal)> {
+    v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r[key].as_str().unwrap().to_string(),
+                (
+                    r["billable_requests"].as_u64().unwrap(),
+                    d(r["revenue"].as_str().unwrap()),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn revenue_over_a_window_is_the_difference_of_period_charges() {
+    let (app, _dir) = app().await;
+    // Before Nov 3 the month has 6 billable; the window adds 3 a day: 6→9 free, 9→12, 12→15.
+    let v = json(
+        &app,
+        "/v1/revenue?from=2026-11-03T00:00:00Z&to=2026-11-06T00:00:00Z&group_by=day",
+    )
+    .await;
+    assert_eq!(v["currency"], "EUR");
+    let want: BTreeMap<String, (u64, Decimal)> = [
+        ("2026-11-03".to_string(), (3, d("0"))),
+        ("2026-11-04".to_string(), (3, d("1"))),
+        ("2026-11-05".to_string(), (3, d("1.5"))),
+    ]
+    .into();
+    assert_eq!(revenue_by(&v, "day"), want);
+    // A window not on day boundaries: Nov 4 11:00 (cumulative 10) to Nov 4 12:00 (11) → 0.5.
+    let v = json(
+        &app,
+        "/v1/revenue?from=2026-11-04T11:00:00Z&to=2026-11-04T12:00:00Z",
+    )
+    .await;
+    assert_eq!(revenue_by(&v, "consumer")["a"], (1, d("0.5")));
+    // Across the month boundary, tiers restart: Oct has 12 (→ 1.0), Nov 1 starts from zero again.
+    let v = json(
+        &app,
+        "/v1/revenue?from=2026-10-01T00:00:00Z&to=2026-11-02T00:00:00Z&group_by=day",
+    )
+    .await;
+    let rows = revenue_by(&v, "day");
+    assert_eq!(rows["2026-10-31"], (12, d("1")));
+    assert_eq!(rows["2026-11-01"], (3, d("0")));
+    // Windows that tile the month add up to the month's charge: 10 free + 10 × 0.5 + 10 × 0.25.
+    let mut total = Decimal::ZERO;
+    for (from, to) in [
+        ("2026-11-01", "2026-11-04T07:00:00Z"),
+        ("2026-11-04T07:00:00Z", "2026-11-09"),
+        ("2026-11-09", "2026-12-01"),
+    ] {
+        let from = if from.len() == 10 {
+            format!("{from}T00:00:00Z")
+        } else {
+            from.to_string()
+        };
+        let to = if to.len() == 10 {
+            format!("{to}T00:00:00Z")
+        } else {
+            to.to_string()
+        };
+        let v = json(&app, &format!("/v1/revenue?from={from}&to={to}")).await;
+        total += revenue_by(&v, "consumer")
+            .get("a")
+            .map(|r| r.1)
+            .unwrap_or_default();
+    }
+    assert_eq!(total, d("7.5"));
+}
+
+#[tokio::test]
+async fn billing_export_is_exact_in_every_format() {
+    let (app, _dir) = app().await;
+    let (s, csv) = call(
+        &app,
+        "/v1/billing/export?period=2026-11&format=csv&consumer=a",
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        String::from_utf8(csv.to_vec()).unwrap(),
+        "period,consumer,plan,route,quantity,amount,currency\n2026-11,a,gold,r,30,7.5,EUR\n"
+    );
+    let v = json(&app, "/v1/billing/export?period=2026-10&format=jsonl").await;
+    assert_eq!(
+        (v["quantity"].as_u64(), v["amount"].as_str()),
+        (Some(12), Some("1"))
+    );
+
+    let (_, pq) = call(
+        &app,
+        "/v1/billing/export?period=2026-11&format=parquet",
+        Some(ADMIN),
+    )
+    .await;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(pq)
+        .unwrap()
+        .build()
+        .unwrap();
+    let batch = reader.map(|b| b.unwrap()).next().unwrap();
+    let amount = batch
+        .column_by_name("amount")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow::array::Decimal128Array>()
+        .unwrap();
+    assert_eq!(Decimal::from_i128_with_scale(amount.value(0), 12), d("7.5"));
+
+    let (_, ipc) = call(
+        &app,
+        "/v1/billing/export?period=2026-11&format=arrow",
+        Some(ADMIN),
+    )
+    .await;
+    let mut reader =
+        arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc.to_vec()), None)
+            .unwrap();
+    let batch = reader.next().unwrap().unwrap();
+    let quantity = batch
+        .column_by_name("quantity")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow::array::UInt64Array>()
+        .unwrap();
+    assert_eq!(quantity.value(0), 30);
+}
+
+#[tokio::test]
+async fn quota_and_access_rules() {
+    let (app, _dir) = app().await;
+    let v = json(&app, "/v1/quota").await;
+    let q = v["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["consumer"] == "quota-user")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            q["limit"].as_u64(),
+            q["used"].as_u64(),
+            q["remaining"].as_u64(),
+            q["state"].as_str()
+        ),
+        (Some(5), Some(4), Some(1), Some("warning"))
+    );
+
+    assert_eq!(
+        call(&app, "/v1/quota", None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&app, "/v1/quota", Some("not-a-token")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    // A partner's own key sees only itself.
+    let (s, b) = call(&app, "/v1/quota", Some("key-a")).await;
+    assert_eq!(s, StatusCode::OK);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["consumers"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        call(
+            &app,
+            "/v1/billing/export?period=2026-11&consumer=quota-user",
+            Some("key-a")
+        )
+        .await
+        .0,
+        StatusCode::FORBIDDEN
+    );
+
+    for (uri, param) in [
+        ("/v1/billing/export?period=2026-13", "period"),
+        ("/v1/billing/export", "period"),
+        ("/v1/billing/export?period=2026-11&format=xlsx", "format"),
+        ("/v1/latency?step=0s", "step"),
+        ("/v1/latency?quantiles=1.5", "quantiles"),
+        (
+            "/v1/usage?from=2026-11-02T00:00:00Z&to=2026-11-01T00:00:00Z",
+            "from",
+        ),
+        ("/v1/revenue?group_by=status", "group_by"),
+        ("/v1/usage?frm=1", "query"),
+    ] {
+        let (s, b) = call(&app, uri, Some(ADMIN)).await;
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(
+            (s, v["error"]["param"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(param)),
+            "{uri}: {v}"
+        );
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("`{param}`"))
+                || param == "query",
+            "{uri}: {v}"
+        );
+    }
+}
