@@ -8,8 +8,11 @@
 #  2. Freshness: time from wrk's last response until /v1/usage counts every request.
 #  3. Collector throughput: the store is wiped and the collector re-reads the whole bus log;
 #     events/s until every event is queryable, and until every event is in Parquet files.
+#  4. Queries over those events once in Parquet: the query API's /v1/latency and /v1/usage
+#     (HTTP, DataFusion, JSON) against DuckDB running the same aggregations in-process on the
+#     same Parquet files (the baseline).
 #
-# Needs: wrk, nginx, curl, python3 (installed with apt-get if missing).
+# Needs: wrk, nginx, curl, python3 (installed with apt-get if missing), duckdb (pip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
@@ -19,6 +22,7 @@ CONNS="${CONNS:-32}"
 for tool in wrk nginx curl; do
   command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl >/dev/null; break; }
 done
+python3 -c 'import duckdb' 2>/dev/null || pip install -q duckdb >&2
 cargo build --release --locked >&2
 BIN="$CARGO_TARGET_DIR/release/tollgate"
 
@@ -132,7 +136,29 @@ while time.time() - t0 < 300:
 PY
 )
 
-python3 - "$direct" "$nginx_proxy" "$tollgate" "$fresh" "$collect" "$sent" "$CONNS" "$DURATION" "$rss_mb" <<'PY'
+# Queries: median of 7 runs each, after one warm-up.
+queries=$(python3 - "$API" "$WORK/data/store" <<'PY'
+import json, statistics, sys, time, urllib.request, duckdb
+api, store = sys.argv[1], sys.argv[2]
+def timed(f):
+    f()
+    runs = []
+    for _ in range(7):
+        t = time.perf_counter(); f(); runs.append((time.perf_counter() - t) * 1000)
+    return statistics.median(runs)
+get = lambda path: (lambda: urllib.request.urlopen(f"http://127.0.0.1:{api}{path}").read())
+hour_ago = int((time.time() - 3600) * 1000)
+tg_lat = timed(get(f"/v1/latency?from={hour_ago}&step=60s&quantiles=0.5,0.9,0.99"))
+tg_use = timed(get("/v1/usage?from=0&group_by=consumer,route,day"))
+con = duckdb.connect()
+files = f"read_parquet('{store}/day=*/*.parquet')"
+dd_lat = timed(lambda: con.execute(f"SELECT route, time_bucket(INTERVAL 60 SECOND, ts) t, count(*), quantile_cont(latency_us, [0.5, 0.9, 0.99]) FROM {files} GROUP BY ALL").fetchall())
+dd_use = timed(lambda: con.execute(f"SELECT consumer, route, CAST(ts AS DATE), count(*), count(*) FILTER (WHERE billable), sum(req_bytes), sum(resp_bytes) FROM {files} GROUP BY ALL").fetchall())
+print(f"{tg_lat:.1f} {dd_lat:.1f} {tg_use:.1f} {dd_use:.1f} {duckdb.__version__}")
+PY
+)
+
+python3 - "$direct" "$nginx_proxy" "$tollgate" "$fresh" "$collect" "$sent" "$CONNS" "$DURATION" "$rss_mb" "$queries" <<'PY'
 import sys
 d, n, t = (s.split() for s in sys.argv[1:4])
 fresh, collect, sent, conns, dur = sys.argv[4].split(), sys.argv[5].split(), int(sys.argv[6]), sys.argv[7], sys.argv[8]
@@ -150,4 +176,10 @@ print(f"- peak RSS of `tollgate up` (gateway, bus, collector, store, query API) 
 q, f = float(collect[0]), float(collect[1])
 print(f"- collector re-reading {sent} events from the bus log: all queryable after {q:.2f} s = {sent/q:.0f} events/s (includes process start);")
 print(f"  all in Parquet files after {f:.2f} s (bounded below by the 2 s flush interval)")
+tl, dl, tu, du, ver = sys.argv[10].split()
+print()
+print(f"| query over the {sent} events in Parquet (median of 7) | tollgate query API | DuckDB {ver} in-process (baseline) | ratio |")
+print("|---|---|---|---|")
+print(f"| latency p50/p90/p99 per route per minute | {tl} ms | {dl} ms | {float(tl)/float(dl):.1f} |")
+print(f"| usage by consumer, route, day | {tu} ms | {du} ms | {float(tu)/float(du):.1f} |")
 PY
