@@ -219,11 +219,10 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
     ));
 
     let stop_collector = CancellationToken::new();
-    let subscriber = Box::new(log.subscribe(&config.collector.group)?);
-    let collector = tokio::spawn(tollgate_collector::run(
+    let collector = tokio::spawn(supervise_collector(
         config.collector.clone(),
-        subscriber,
-        Arc::new(store.clone()),
+        log.clone(),
+        store.clone(),
         collector_metrics,
         stop_collector.clone(),
     ));
@@ -258,11 +257,7 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
     }
     eprintln!("Press Ctrl-C to stop.\n");
 
-    // Fail fast if a part dies; otherwise run until a signal.
-    tokio::select! {
-        _ = shutdown_signal() => {}
-        r = collector_watch(&collector) => { r?; }
-    }
+    shutdown_signal().await;
     tracing::info!("shutting down: draining the gateway, then flushing the collector");
     stop_traffic.cancel();
     stop_gateway.cancel();
@@ -279,14 +274,33 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
     Ok(())
 }
 
-/// Resolves when the collector stopped on its own (an error).
-async fn collector_watch(
-    handle: &tokio::task::JoinHandle<Result<(), tollgate_collector::CollectorError>>,
+/// Runs the collector, restarting it with backoff after a failure (a full disk, say). Meanwhile
+/// the gateway keeps serving and events wait in the bus log; each restart resumes exactly where
+/// the store's durable data ends (`EventWriter::reset`), so nothing is lost or counted twice.
+async fn supervise_collector(
+    config: tollgate_collector::CollectorConfig,
+    log: EmbeddedLog,
+    store: ParquetStore,
+    metrics: tollgate_collector::CollectorMetrics,
+    stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(500);
     loop {
-        if handle.is_finished() {
-            anyhow::bail!("the collector stopped unexpectedly; see the log above");
+        let subscriber = Box::new(log.subscribe(&config.group)?);
+        let run = tollgate_collector::run(
+            config.clone(),
+            subscriber,
+            Arc::new(store.clone()),
+            metrics.clone(),
+            stop.clone(),
+        );
+        let Err(e) = run.await else { return Ok(()) };
+        metrics.restarts.inc();
+        tracing::error!(error = %e, retry_in = ?backoff, "collector failed; the gateway keeps serving and events wait in the bus log");
+        tokio::select! {
+            _ = stop.cancelled() => return Err(e.into()),
+            _ = tokio::time::sleep(backoff) => {}
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }

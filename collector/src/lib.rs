@@ -130,7 +130,7 @@ pub async fn run(
 ) -> Result<(), CollectorError> {
     let mut dead = DeadLetter::open(&config.dead_letter_dir).map_err(CollectorError::DeadLetter)?;
     // Resume after whatever is already durable in the store (see the crate docs).
-    let durable = store.durable_checkpoint().await?;
+    let durable = store.reset().await?;
     let start = bus.committed().max(&durable);
     bus.seek(&start).await?;
     if start != bus.committed() {

@@ -11,6 +11,8 @@ pub struct CollectorMetrics {
     pub appended: Counter,
     pub batches: Counter,
     pub dead_lettered: Counter,
+    /// Restarts after a failure (by whoever supervises the collector).
+    pub restarts: Counter,
     pub append_seconds: Histogram,
     pub flush_seconds: Histogram,
 }
@@ -23,6 +25,7 @@ impl CollectorMetrics {
             appended: Counter::default(),
             batches: Counter::default(),
             dead_lettered: Counter::default(),
+            restarts: Counter::default(),
             append_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             flush_seconds: Histogram::new(exponential_buckets(0.001, 4.0, 10)),
         };
@@ -31,6 +34,11 @@ impl CollectorMetrics {
             "messages_consumed",
             "Bus messages consumed",
             m.consumed.clone(),
+        );
+        r.register(
+            "restarts",
+            "Collector restarts after a failure",
+            m.restarts.clone(),
         );
         r.register(
             "events_appended",

@@ -208,3 +208,24 @@ async fn crash_between_store_flush_and_bus_commit_counts_nothing_twice() {
     handle.await.unwrap().unwrap();
     assert_eq!(count(&env.store()).await, 15);
 }
+
+#[tokio::test]
+async fn a_restart_in_the_same_process_counts_nothing_twice() {
+    let env = Env::new();
+    let log = env.log();
+    let store = env.store();
+    publish(&log, 0..25).await;
+    // First run: events appended to the store's memory, never flushed; then the run dies.
+    let (_shutdown, handle) = start(&env, &log, &store, 3_600_000);
+    wait_for_count(&store, 25).await;
+    handle.abort();
+    let _ = handle.await;
+    // The same store object (the process lives on) serves the next run.
+    let (shutdown, handle) = start(&env, &log, &store, 20);
+    publish(&log, 25..30).await;
+    wait_for_count(&store, 30).await;
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    assert_eq!(count(&store).await, 30);
+    assert_eq!(count(&env.store()).await, 30);
+}

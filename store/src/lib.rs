@@ -63,6 +63,10 @@ pub trait EventWriter: Send + Sync {
     async fn flush(&self) -> Result<Checkpoint, StoreError>;
     /// The checkpoint of the durable data (what survived the last crash).
     async fn durable_checkpoint(&self) -> Result<Checkpoint, StoreError>;
+    /// Forgets events appended but not yet durable and returns the durable checkpoint: what a
+    /// collector calls when it (re)starts, so that re-reading from that checkpoint cannot count
+    /// an event twice, even when the store outlived a failed collector in the same process.
+    async fn reset(&self) -> Result<Checkpoint, StoreError>;
 }
 
 /// A time window `[from, to)` in microseconds since the epoch, and optional filters.
