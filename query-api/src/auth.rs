@@ -49,7 +49,8 @@ impl Authenticator {
         Ok(Authenticator { admin, keys })
     }
 
-    /// The caller, or 401. With no admin token configured, everyone is an admin.
+    /// The caller, or 401. With no admin token configured, any caller but a partner presenting
+    /// its own key is an admin.
     pub fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
         let token = headers
             .get(axum::http::header::AUTHORIZATION)
@@ -59,10 +60,12 @@ impl Authenticator {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(str::trim);
-        if self.admin.is_empty() {
-            return Ok(Caller::Admin);
-        }
-        let Some(token) = token else {
+        // No admin token configured: the API is open (loopback only), but a partner presenting
+        // its own key still gets its own scope.
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            if self.admin.is_empty() {
+                return Ok(Caller::Admin);
+            }
             return Err(ApiError::Unauthorized(
                 "missing `Authorization: Bearer <token>`",
             ));
@@ -81,8 +84,78 @@ impl Authenticator {
                 found = Some(id);
             }
         }
+        if found.is_none() && self.admin.is_empty() {
+            return Ok(Caller::Admin);
+        }
         found
             .map(|c| Caller::Consumer(c.clone()))
             .ok_or(ApiError::Unauthorized("unknown token"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(token: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(t) = token {
+            h.insert(
+                axum::http::header::AUTHORIZATION,
+                format!("Bearer {t}").parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    fn consumers() -> Vec<Consumer> {
+        use sha2::Digest;
+        let hash = format!("sha256:{}", hex::encode(Sha256::digest(b"partner-key")));
+        vec![Consumer {
+            id: "p".into(),
+            plan: "x".into(),
+            api_keys: vec![hash],
+        }]
+    }
+
+    #[test]
+    fn admin_tokens_partner_keys_and_the_open_mode() {
+        let closed = Authenticator::new(&["admin-token-123456".into()], &consumers()).unwrap();
+        assert_eq!(
+            closed.caller(&headers(Some("admin-token-123456"))).unwrap(),
+            Caller::Admin
+        );
+        assert_eq!(
+            closed.caller(&headers(Some("partner-key"))).unwrap(),
+            Caller::Consumer("p".into())
+        );
+        assert!(matches!(
+            closed.caller(&headers(None)),
+            Err(ApiError::Unauthorized(_))
+        ));
+        assert!(matches!(
+            closed.caller(&headers(Some("guess"))),
+            Err(ApiError::Unauthorized(_))
+        ));
+
+        let open = Authenticator::new(&[], &consumers()).unwrap();
+        assert_eq!(open.caller(&headers(None)).unwrap(), Caller::Admin);
+        assert_eq!(
+            open.caller(&headers(Some("partner-key"))).unwrap(),
+            Caller::Consumer("p".into())
+        );
+        assert_eq!(
+            open.caller(&headers(Some("whatever"))).unwrap(),
+            Caller::Admin
+        );
+    }
+
+    #[test]
+    fn a_partner_may_only_ask_for_itself() {
+        let me = Caller::Consumer("p".into());
+        assert_eq!(me.scope(None).unwrap(), Some("p".into()));
+        assert_eq!(me.scope(Some("p")).unwrap(), Some("p".into()));
+        assert!(matches!(me.scope(Some("q")), Err(ApiError::Forbidden(_))));
+        assert_eq!(Caller::Admin.scope(None).unwrap(), None);
     }
 }

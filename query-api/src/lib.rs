@@ -64,10 +64,13 @@ impl QueryApiConfig {
                 self.listen
             ));
         }
+        if let Some(i) = self.admin_tokens.iter().position(|t| t.trim().is_empty()) {
+            return Err(format!("query_api.admin_tokens[{i}]: must not be empty"));
+        }
         if let Some(i) = self.admin_tokens.iter().position(|t| t.len() < 16) {
-            return Err(format!(
-                "query_api.admin_tokens[{i}]: must be at least 16 characters"
-            ));
+            tracing::warn!(
+                "query_api.admin_tokens[{i}] is shorter than 16 characters; use a long random token"
+            );
         }
         Ok(())
     }
