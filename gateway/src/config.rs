@@ -232,7 +232,7 @@ impl GatewayConfig {
                 ));
             }
             for m in &r.methods {
-                if !METHODS.contains(&m.as_str()) {
+                if !METHODS.contains(&m.to_ascii_uppercase().as_str()) {
                     return Err(format!(
                         "gateway.routes[{i}].methods: `{m}` is not an HTTP method"
                     ));

@@ -24,10 +24,13 @@ impl Router {
                 .insert(path.clone(), ids.clone())
                 .map_err(|e| format!("gateway.routes[{}].path: `{path}`: {e}", ids[0]))?;
         }
-        Ok(Router {
-            paths,
-            routes: routes.to_vec(),
-        })
+        let mut routes = routes.to_vec();
+        for r in &mut routes {
+            r.methods
+                .iter_mut()
+                .for_each(|m| *m = m.to_ascii_uppercase());
+        }
+        Ok(Router { paths, routes })
     }
 
     /// The route for `method` and `path`, if any.
@@ -62,8 +65,10 @@ mod tests {
             route("create", &["POST"], "/v1/orders"),
             route("get", &["GET"], "/v1/orders/{id}"),
             route("files", &[], "/files/{*rest}"),
+            route("lower", &["delete"], "/lower"),
         ])
         .unwrap();
+        assert_eq!(r.find("DELETE", "/lower").unwrap().id, "lower");
         assert_eq!(r.find("GET", "/v1/orders").unwrap().id, "list");
         assert_eq!(r.find("POST", "/v1/orders").unwrap().id, "create");
         assert_eq!(r.find("GET", "/v1/orders/42").unwrap().id, "get");
