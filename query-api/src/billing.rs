@@ -80,7 +80,11 @@ async fn lines(
             route,
             quantity: r.billable_requests,
             amount,
-            currency: pricing.map(|p| p.currency.clone()).unwrap_or_default(),
+            // A free plan has no currency of its own: its zero is in the deployment's currency.
+            currency: pricing
+                .map(|p| p.currency.clone())
+                .or_else(|| s.deployment_currency())
+                .unwrap_or_default(),
         });
     }
     Ok(out)

@@ -108,6 +108,19 @@ impl AppState {
         })
     }
 
+    /// The one currency every priced plan uses, if there is exactly one.
+    pub(crate) fn deployment_currency(&self) -> Option<String> {
+        let currencies: std::collections::BTreeSet<&str> = self
+            .plans
+            .values()
+            .filter_map(|p| p.pricing.as_ref())
+            .map(|p| p.currency.as_str())
+            .collect();
+        (currencies.len() == 1)
+            .then(|| currencies.into_iter().next().map(str::to_owned))
+            .flatten()
+    }
+
     /// The plan named `plan`, falling back to the consumer's configured plan.
     pub(crate) fn plan(&self, plan: Option<&str>, consumer: Option<&str>) -> Option<(&str, &Plan)> {
         let name = plan.or_else(|| {

@@ -300,15 +300,7 @@ pub async fn revenue(
             e.2 = e.2.take().or(a.currency);
         }
     }
-    let currencies: std::collections::BTreeSet<String> = s
-        .plans
-        .values()
-        .filter_map(|p| p.pricing.as_ref())
-        .map(|p| p.currency.clone())
-        .collect();
-    let currency = (currencies.len() == 1)
-        .then(|| currencies.into_iter().next())
-        .flatten();
+    let currency = s.deployment_currency();
     let rows: Vec<Value> = rows
         .into_iter()
         .map(|(keys, (billable, revenue, cur))| {
