@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check of the project: formatting, lints, and the whole test suite (unit, property,
-# conformance and end-to-end tests, in the dev profile). One build, shared target directory.
+# Runs every check of the project: formatting, lints, the API contract check, and the whole test
+# suite (unit, property, conformance, end-to-end and browser tests, in the dev profile). One
+# build, shared target directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,5 +33,8 @@ echo "== rustfmt" >&2
 cargo fmt --all --check
 echo "== clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== API contract (schemathesis against /openapi.json)" >&2
+cargo build --locked
+./scripts/api-contract.sh "$CARGO_TARGET_DIR/debug/tollgate"
 echo "== tests" >&2
 cargo nextest run --workspace --locked --no-fail-fast

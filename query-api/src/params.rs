@@ -22,6 +22,23 @@ impl Params {
                 ),
             });
         }
+        for &param in known {
+            let Some(v) = raw.get(param) else { continue };
+            let max = if matches!(param, "consumer" | "route") {
+                200
+            } else {
+                1000
+            };
+            if v.is_empty() {
+                return Err(ApiError::bad(
+                    param,
+                    "is empty; leave it out for the default",
+                ));
+            }
+            if v.len() > max {
+                return Err(ApiError::bad(param, format!("is longer than {max} bytes")));
+            }
+        }
         Ok(Params(raw))
     }
 

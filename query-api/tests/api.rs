@@ -371,6 +371,8 @@ async fn quota_and_access_rules() {
         ),
         ("/v1/revenue?group_by=status", "group_by"),
         ("/v1/usage?frm=1", "query"),
+        ("/v1/usage?to=", "to"),
+        ("/v1/quota?consumer=", "consumer"),
     ] {
         let (s, b) = call(&app, uri, Some(ADMIN)).await;
         let v: Value = serde_json::from_slice(&b).unwrap();
