@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tollgate_bus::Publisher;
 use tollgate_schemas::config::{Consumer, Plan};
+use tracing::Instrument;
 
 pub use config::GatewayConfig;
 pub use metrics::GatewayMetrics;
@@ -188,9 +189,11 @@ impl Gateway {
             let shared = shared.clone();
             let shutdown = shutdown.clone();
             tracker.spawn(async move {
-                let service = service_fn(move |req| {
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let shared = shared.clone();
-                    async move { Ok::<_, std::convert::Infallible>(shared.handle(req, peer).await) }
+                    // One span per request (debug level: free unless asked for with RUST_LOG).
+                    let span = tracing::debug_span!("request", method = %req.method(), path = %req.uri().path(), peer = %peer);
+                    async move { Ok::<_, std::convert::Infallible>(shared.handle(req, peer).await) }.instrument(span)
                 });
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
