@@ -267,13 +267,17 @@ impl Shared {
         let result =
             tokio::time::timeout(upstream.timeout, self.client.request(upstream_req)).await;
         match result {
-            Err(_) => reject(
-                event,
-                StatusCode::GATEWAY_TIMEOUT,
-                Outcome::Timeout,
-                "upstream did not answer in time",
-                None,
-            ),
+            Err(_) => {
+                // Forwarded, never answered: the wait counts, so timeouts show in the tail.
+                event.upstream_latency_us = Some(sent.elapsed().as_micros() as u64);
+                reject(
+                    event,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    Outcome::Timeout,
+                    "upstream did not answer in time",
+                    None,
+                )
+            }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, route = %route.id, "upstream request failed");
                 event.upstream_latency_us = Some(sent.elapsed().as_micros() as u64);

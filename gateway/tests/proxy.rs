@@ -403,6 +403,11 @@ async fn rejects_with_the_right_status_and_still_meters() {
     );
     assert_eq!(evs[0].route, None);
     assert_eq!(evs[6].status, 504);
+    assert!(
+        evs[6].upstream_latency_us.unwrap() >= 200_000,
+        "a timeout waited the whole timeout"
+    );
+    assert_eq!(evs[0].upstream_latency_us, None, "not forwarded");
     assert_eq!(evs.last().unwrap().outcome, Outcome::QuotaExceeded);
     h.shutdown.cancel();
 }
