@@ -198,7 +198,6 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
         &config.plans,
         Arc::new(log.clone()),
         gateway_metrics,
-        stop_gateway.clone(),
     )
     .await?;
     let gateway_addr = gateway.local_addr();

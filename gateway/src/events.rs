@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tollgate_bus::{Publisher, Record};
 use tollgate_schemas::RequestEvent;
 
@@ -34,13 +33,13 @@ impl EventSink {
     }
 }
 
-/// Creates the queue; the returned future publishes until `shutdown`, then drains what is queued.
+/// Creates the queue. The returned future publishes until every `EventSink` is gone — that is,
+/// until the server has drained its last request — so no event of a finishing request is lost.
 pub fn channel(
     capacity: usize,
     batch_max: usize,
     bus: Arc<dyn Publisher>,
     metrics: GatewayMetrics,
-    shutdown: CancellationToken,
 ) -> (EventSink, impl std::future::Future<Output = ()>) {
     let (tx, mut rx) = mpsc::channel::<RequestEvent>(capacity);
     let sink = EventSink {
@@ -50,15 +49,8 @@ pub fn channel(
     let task = async move {
         let mut buf = Vec::with_capacity(batch_max);
         loop {
-            let n = tokio::select! {
-                n = rx.recv_many(&mut buf, batch_max) => n,
-                _ = shutdown.cancelled() => {
-                    // Drain what the request path already queued, then stop.
-                    rx.close();
-                    rx.recv_many(&mut buf, batch_max).await
-                }
-            };
-            if n == 0 {
+            // Zero only once every sender is dropped and the queue is empty.
+            if rx.recv_many(&mut buf, batch_max).await == 0 {
                 break;
             }
             publish_with_retry(&*bus, &mut buf, &metrics).await;

@@ -78,7 +78,6 @@ impl Gateway {
         plans: &BTreeMap<String, Plan>,
         bus: Arc<dyn Publisher>,
         metrics: GatewayMetrics,
-        shutdown: CancellationToken,
     ) -> Result<Gateway, GatewayError> {
         config.validate().map_err(GatewayError::Config)?;
         if config.auth.jwt.is_some() {
@@ -106,7 +105,6 @@ impl Gateway {
             config.events.batch_max,
             bus,
             metrics.clone(),
-            shutdown,
         );
         let quota = Arc::new(limits::QuotaState::default());
         let feed = config.quota.url.as_ref().map(|url| quota_feed::QuotaFeed {

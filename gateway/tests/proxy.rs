@@ -75,6 +75,7 @@ struct Harness {
     log: EmbeddedLog,
     _dir: tempfile::TempDir,
     shutdown: CancellationToken,
+    running: tokio::task::JoinHandle<()>,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 }
 
@@ -179,17 +180,17 @@ impl Harness {
             &plans,
             Arc::new(log.clone()),
             GatewayMetrics::unregistered(),
-            shutdown.clone(),
         )
         .await
         .unwrap();
         let addr = gw.local_addr();
-        tokio::spawn(gw.run(shutdown.clone()));
+        let running = tokio::spawn(gw.run(shutdown.clone()));
         Harness {
             addr,
             log,
             _dir: dir,
             shutdown,
+            running,
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
     }
@@ -410,4 +411,36 @@ async fn rejects_with_the_right_status_and_still_meters() {
     assert_eq!(evs[0].upstream_latency_us, None, "not forwarded");
     assert_eq!(evs.last().unwrap().outcome, Outcome::QuotaExceeded);
     h.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_requests_in_flight_and_their_events() {
+    let mut h = Harness::start().await;
+    let mut sub = h.log.subscribe("t").unwrap();
+    let url = format!("http://{}/slow", h.addr);
+    let client = h.client.clone();
+    let in_flight = tokio::spawn(async move {
+        let req = Request::get(url)
+            .header("x-api-key", "k-acme")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        client.request(req).await.map(|r| r.status())
+    });
+    // Shut down while the request waits on its upstream.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.shutdown.cancel();
+    assert_eq!(
+        in_flight.await.unwrap().unwrap(),
+        StatusCode::GATEWAY_TIMEOUT,
+        "the request was allowed to finish"
+    );
+    tokio::time::timeout(Duration::from_secs(10), &mut h.running)
+        .await
+        .expect("gateway stops")
+        .unwrap();
+    let evs = h.events(&mut sub, 1).await;
+    assert_eq!(
+        (evs[0].route.as_deref(), evs[0].outcome),
+        (Some("slow"), Outcome::Timeout)
+    );
 }
