@@ -95,7 +95,8 @@ fn default_true() -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    /// API keys in a header, checked against the consumers' sha256 hashes.
+    /// API keys in a header, checked against the consumers' sha256 hashes. Unset while some
+    /// consumer has keys: the keys are checked in `x-api-key`.
     #[serde(default)]
     pub api_key: Option<ApiKeyConfig>,
     /// JWT bearer tokens. Accepted in the configuration; verification is not implemented yet,

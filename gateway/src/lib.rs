@@ -123,6 +123,14 @@ impl Gateway {
                     ))
                 })?,
             ),
+            // Consumers with keys but no `auth.api_key` section: keys are still checked, in the
+            // default header, rather than letting every caller through anonymously.
+            None if consumers.iter().any(|c| !c.api_keys.is_empty()) => {
+                tracing::info!(
+                    "gateway.auth.api_key is not set; checking API keys in the default header x-api-key"
+                );
+                Some(HeaderName::from_static("x-api-key"))
+            }
             None => None,
         };
         let shared = Arc::new(Shared {

@@ -444,3 +444,71 @@ async fn shutdown_drains_requests_in_flight_and_their_events() {
         (Some("slow"), Outcome::Timeout)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_checked_in_the_default_header_when_auth_is_not_configured() {
+    let upstream = serve_json(echo).await;
+    let config = GatewayConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        upstreams: [(
+            "app".to_string(),
+            UpstreamConfig {
+                targets: vec![format!("http://{upstream}")],
+                timeout_ms: 1000,
+            },
+        )]
+        .into(),
+        routes: vec![RouteConfig {
+            id: "echo".into(),
+            methods: vec![],
+            path: "/echo".into(),
+            upstream: "app".into(),
+            strip_prefix: None,
+            auth: true,
+        }],
+        ..Default::default()
+    };
+    assert_eq!(config.auth, AuthConfig::default());
+    let consumers = vec![Consumer {
+        id: "acme".into(),
+        plan: "open".into(),
+        api_keys: vec![hash_key("k-acme")],
+    }];
+    let plans: BTreeMap<String, Plan> = [("open".to_string(), Plan::default())].into();
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(EmbeddedConfig {
+        dir: dir.path().to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap();
+    let gw = Gateway::bind(
+        config,
+        &consumers,
+        &plans,
+        Arc::new(log),
+        GatewayMetrics::unregistered(),
+    )
+    .await
+    .unwrap();
+    let addr = gw.local_addr();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(gw.run(shutdown.clone()));
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let status = |key: Option<&'static str>| {
+        let client = client.clone();
+        async move {
+            let mut req = Request::get(format!("http://{addr}/echo"));
+            if let Some(k) = key {
+                req = req.header("x-api-key", k);
+            }
+            client
+                .request(req.body(Full::new(Bytes::new())).unwrap())
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(status(None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status(Some("k-acme")).await, StatusCode::OK);
+    shutdown.cancel();
+}
