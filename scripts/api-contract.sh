@@ -24,6 +24,8 @@ TOLLGATE_QUERY_API__ADMIN_TOKENS="[\"$TOKEN\"]" RUST_LOG=warn \
 PID=$!
 for _ in $(seq 600); do curl -sf "http://127.0.0.1:$API/readyz" >/dev/null && break; sleep 0.05; done
 curl -sf "http://127.0.0.1:$API/readyz" >/dev/null || { cat "$WORK/tollgate.log" >&2; echo "tollgate did not start" >&2; exit 1; }
+# Run from the temp dir: schemathesis keeps a cache folder in its working directory.
+cd "$WORK"
 st run "http://127.0.0.1:$API/openapi.json" --url "http://127.0.0.1:$API" \
   -H "Authorization: Bearer $TOKEN" \
   --exclude-checks positive_data_acceptance \
