@@ -8,10 +8,19 @@
 # Usage: scripts/api-contract.sh PATH/TO/tollgate
 set -euo pipefail
 BIN="$1"
-if ! command -v st >/dev/null; then
-  echo "schemathesis is missing; installing it with pip" >&2
-  python3 -m pip install -q schemathesis >&2
+# schemathesis lives in its own virtualenv, whichever python3 the machine has.
+VENV="${TOLLGATE_VENV:-$HOME/.cache/tollgate-venv}"
+ST="$VENV/bin/st"
+if [ ! -x "$ST" ]; then
+  echo "installing schemathesis into $VENV" >&2
+  if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+    rm -rf "$VENV"
+    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$VENV"
+  fi
+  "$VENV/bin/python" -m pip install -q schemathesis >&2
 fi
+[ -x "$ST" ] || { echo "error: $ST is missing after installing schemathesis" >&2; exit 1; }
 WORK="$(mktemp -d)"
 cleanup() { kill "${PID:-}" 2>/dev/null || true; wait "${PID:-}" 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
@@ -26,7 +35,7 @@ for _ in $(seq 600); do curl -sf "http://127.0.0.1:$API/readyz" >/dev/null && br
 curl -sf "http://127.0.0.1:$API/readyz" >/dev/null || { cat "$WORK/tollgate.log" >&2; echo "tollgate did not start" >&2; exit 1; }
 # Run from the temp dir: schemathesis keeps a cache folder in its working directory.
 cd "$WORK"
-st run "http://127.0.0.1:$API/openapi.json" --url "http://127.0.0.1:$API" \
+"$ST" run "http://127.0.0.1:$API/openapi.json" --url "http://127.0.0.1:$API" \
   -H "Authorization: Bearer $TOKEN" \
   --exclude-checks positive_data_acceptance \
   --max-examples "${CONTRACT_EXAMPLES:-60}" --seed 20261127 --no-color
