@@ -12,7 +12,7 @@ use tollgate_store::{Filter, GroupKey, KeyValue, LatencyQuery};
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::params::{Params, parse_quantiles, parse_step, period_of, rfc3339};
+use crate::params::{Params, parse_quantiles, parse_step, period_name, period_of, rfc3339};
 use crate::pricing;
 
 type Raw = Query<HashMap<String, String>>;
@@ -175,7 +175,11 @@ fn text(k: &KeyValue) -> Option<String> {
 
 /// Revenue over `[from, to)`, exact: within each calendar month, the charge of the usage up to a
 /// day's end minus the charge of the usage up to its start, with tiers cumulative per consumer ×
-/// route from the start of the month.
+/// plan × route from the start of the month.
+///
+/// Two store queries whatever the window's length: the usage of the first month before `from`
+/// (the tiers' starting point), and the usage within the window by day. Later months start from
+/// zero, and their days arrive in order.
 pub(crate) async fn priced(
     s: &AppState,
     from_us: i64,
@@ -183,70 +187,70 @@ pub(crate) async fn priced(
     consumer: Option<String>,
     route: Option<String>,
 ) -> Result<Vec<Priced>, ApiError> {
-    let mut out = Vec::new();
-    let mut cursor = from_us;
-    while cursor < to_us {
-        let (ps, pe) = period_of(cursor);
-        let (a, b) = (cursor, to_us.min(pe));
-        let filter = |from_us, to_us| Filter {
-            from_us,
-            to_us,
-            consumer: consumer.clone(),
-            route: route.clone(),
-        };
-        let mut cumulative: HashMap<(String, Option<String>, Option<String>), u64> = HashMap::new();
-        if a > ps {
-            for r in s
-                .store
-                .usage(
-                    &filter(ps, a),
-                    &[GroupKey::Consumer, GroupKey::Plan, GroupKey::Route],
-                )
-                .await?
-            {
-                if let Some(c) = text(&r.keys[0]) {
-                    cumulative.insert((c, text(&r.keys[1]), text(&r.keys[2])), r.billable_requests);
-                }
+    let filter = |from_us, to_us| Filter {
+        from_us,
+        to_us,
+        consumer: consumer.clone(),
+        route: route.clone(),
+    };
+    type Line = (String, Option<String>, Option<String>);
+    let (first_month_start, _) = period_of(from_us);
+    let first_month = period_name(first_month_start);
+    // Billable usage of each line since the start of the month being walked: (month, count).
+    let mut cumulative: HashMap<Line, (String, u64)> = HashMap::new();
+    if from_us > first_month_start {
+        let keys = [GroupKey::Consumer, GroupKey::Plan, GroupKey::Route];
+        for r in s
+            .store
+            .usage(&filter(first_month_start, from_us), &keys)
+            .await?
+        {
+            if let Some(c) = text(&r.keys[0]) {
+                cumulative.insert(
+                    (c, text(&r.keys[1]), text(&r.keys[2])),
+                    (first_month.clone(), r.billable_requests),
+                );
             }
         }
-        // Sorted by consumer, plan, route, then day: tiers advance in time order.
-        let rows = s
-            .store
-            .usage(
-                &filter(a, b),
-                &[
-                    GroupKey::Consumer,
-                    GroupKey::Plan,
-                    GroupKey::Route,
-                    GroupKey::Day,
-                ],
-            )
-            .await?;
-        for r in rows {
-            let Some(c) = text(&r.keys[0]) else { continue }; // anonymous traffic is never billed
-            let plan = text(&r.keys[1]);
-            let route = text(&r.keys[2]);
-            let before = cumulative
-                .entry((c.clone(), plan.clone(), route.clone()))
-                .or_insert(0);
-            let pricing = s
-                .plan(plan.as_deref(), Some(&c))
-                .and_then(|(_, p)| p.pricing.as_ref());
-            let charge = pricing.and_then(|p| p.charge_for(route.as_deref().unwrap_or("default")));
-            let revenue = charge
-                .map(|ch| pricing::incremental(ch, *before, r.billable_requests))
-                .unwrap_or_default();
-            *before += r.billable_requests;
-            out.push(Priced {
-                consumer: c,
-                route,
-                day: r.keys[3].clone(),
-                billable: r.billable_requests,
-                revenue,
-                currency: pricing.map(|p| p.currency.clone()),
-            });
+    }
+    // Sorted by consumer, plan, route, then day: tiers advance in time order.
+    let keys = [
+        GroupKey::Consumer,
+        GroupKey::Plan,
+        GroupKey::Route,
+        GroupKey::Day,
+    ];
+    let rows = s.store.usage(&filter(from_us, to_us), &keys).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let Some(c) = text(&r.keys[0]) else { continue }; // anonymous traffic is never billed
+        let plan = text(&r.keys[1]);
+        let route = text(&r.keys[2]);
+        let month = text(&r.keys[3])
+            .map(|d| d[..7].to_string())
+            .unwrap_or_default();
+        let entry = cumulative
+            .entry((c.clone(), plan.clone(), route.clone()))
+            .or_insert_with(|| (month.clone(), 0));
+        if entry.0 != month {
+            *entry = (month, 0); // a new month: tiers start again
         }
-        cursor = b;
+        let pricing = s
+            .plan(plan.as_deref(), Some(&c))
+            .and_then(|(_, p)| p.pricing.as_ref());
+        let charge = pricing.and_then(|p| p.charge_for(route.as_deref().unwrap_or("default")));
+        let revenue = charge
+            .map(|ch| pricing::incremental(ch, entry.1, r.billable_requests))
+            .unwrap_or_default();
+        entry.1 += r.billable_requests;
+        out.push(Priced {
+            consumer: c,
+            route,
+            day: r.keys[3].clone(),
+            billable: r.billable_requests,
+            revenue,
+            currency: pricing.map(|p| p.currency.clone()),
+        });
     }
     Ok(out)
 }
