@@ -4,7 +4,7 @@
 mod config;
 mod demo;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,7 +81,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e.into()),
         },
         Command::HashKey { key } => {
-            println!("{}", tollgate_gateway::auth::hash_key(&key));
+            println!("{}", tollgate_schemas::keys::hash_key(&key));
             return ExitCode::SUCCESS;
         }
         Command::Up {
@@ -137,29 +137,22 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-fn load_up_config(
-    path: Option<&Path>,
-    demo_upstream: Option<std::net::SocketAddr>,
-) -> Result<Config, ConfigError> {
-    match path {
-        Some(p) => Config::load(p),
-        None => {
-            let addr = demo_upstream
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "127.0.0.1:9".into());
-            Config::parse(
-                &demo::CONFIG.replace("DEMO_UPSTREAM", &addr),
-                "built-in demo configuration",
-                std::env::vars(),
-            )
-        }
-    }
+/// The built-in demo configuration, its upstream pointed at `demo_upstream`.
+fn demo_config(demo_upstream: Option<std::net::SocketAddr>) -> Result<Config, ConfigError> {
+    let addr = demo_upstream
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "127.0.0.1:9".into());
+    Config::parse(
+        &demo::CONFIG.replace("DEMO_UPSTREAM", &addr),
+        "built-in demo configuration",
+        std::env::vars(),
+    )
 }
 
 async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyhow::Result<()> {
     let stop_traffic = CancellationToken::new();
-    // Validate before starting anything.
-    load_up_config(config_path.as_deref(), None)?;
+    // A configuration file is read and validated once, before anything starts.
+    let from_file = config_path.as_deref().map(Config::load).transpose()?;
     let demo_upstream = if demo {
         Some(
             demo::start_upstream(stop_traffic.clone())
@@ -169,7 +162,10 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
     } else {
         None
     };
-    let mut config = load_up_config(config_path.as_deref(), demo_upstream)?;
+    let mut config = match from_file {
+        Some(c) => c,
+        None => demo_config(demo_upstream)?,
+    };
     config.resolve_paths(&data_dir);
 
     let mut registry = Registry::default();

@@ -2,18 +2,13 @@
 //! and the page must have drawn a chart per panel and a summary row per demo route from the API's
 //! real data.
 
+mod common;
+use common::free_port;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn get(url: &str) -> Option<String> {
     let out = Command::new("curl")

@@ -2,6 +2,9 @@
 //! known latencies and errors, real traffic from several partners, then the query API's answers
 //! checked exactly — and again after a SIGKILL and restart on the same data.
 
+mod common;
+use common::free_port;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -19,14 +22,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 
 const ADMIN: &str = "e2e-admin-token-0123456789";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The upstream: `/fast` answers in 10 ms, `/slow/{id}` in 50 ms, `/fail` with a 503.
 async fn start_upstream() -> SocketAddr {
@@ -64,14 +59,6 @@ async fn start_upstream() -> SocketAddr {
     addr
 }
 
-fn hash(key: &str) -> String {
-    use sha2::Digest;
-    format!(
-        "sha256:{}",
-        hex::encode(sha2::Sha256::digest(key.as_bytes()))
-    )
-}
-
 fn write_config(dir: &Path, upstream: SocketAddr, gw: u16, api: u16) -> std::path::PathBuf {
     let text = format!(
         r#"
@@ -101,8 +88,8 @@ plans:
 collector: {{ linger_ms: 20, flush_interval_ms: 600000 }}
 query_api: {{ listen: 127.0.0.1:{api}, admin_tokens: ["{ADMIN}"] }}
 "#,
-        a = hash("key-alpha"),
-        b = hash("key-beta"),
+        a = tollgate_schemas::keys::hash_key("key-alpha"),
+        b = tollgate_schemas::keys::hash_key("key-beta"),
     );
     let path = dir.join("tollgate.yaml");
     std::fs::write(&path, text).unwrap();

@@ -1,12 +1,10 @@
-//! API-key authentication: the presented key is hashed with sha256 and compared, in constant
-//! time, against every configured hash (no early exit, so timing says nothing about which keys
-//! exist).
+//! API-key authentication of the request path: the consumer key table of
+//! `tollgate_schemas::keys` (sha256, constant-time, no early exit), granting an identity.
 
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use tollgate_schemas::config::Consumer;
+use tollgate_schemas::keys;
 
 /// An authenticated consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,44 +13,28 @@ pub struct Identity {
     pub plan: Arc<str>,
 }
 
-/// All key hashes, each with its consumer.
+/// Every consumer key, granting that consumer's identity.
 pub struct KeyTable {
-    keys: Vec<([u8; 32], Identity)>,
+    keys: keys::KeyTable<Identity>,
 }
 
 impl KeyTable {
     /// Builds the table; consumers were validated with the configuration.
     pub fn new(consumers: &[Consumer]) -> Result<KeyTable, String> {
-        let mut keys = Vec::new();
-        for c in consumers {
-            let id = Identity {
-                consumer: c.id.as_str().into(),
-                plan: c.plan.as_str().into(),
-            };
-            for h in c.key_hashes()? {
-                keys.push((h, id.clone()));
-            }
-        }
+        let keys = keys::KeyTable::for_consumers(consumers, |c| Identity {
+            consumer: c.id.as_str().into(),
+            plan: c.plan.as_str().into(),
+        })?;
         Ok(KeyTable { keys })
     }
 
     /// The consumer owning `key`, if any.
     pub fn authenticate(&self, key: &[u8]) -> Option<Identity> {
-        let digest: [u8; 32] = Sha256::digest(key).into();
-        let mut found: Option<&Identity> = None;
-        for (hash, id) in &self.keys {
-            if bool::from(hash.ct_eq(&digest)) {
-                found = Some(id);
-            }
-        }
-        found.cloned()
+        self.keys.find(key).cloned()
     }
 }
 
-/// `sha256:<hex>` of a key, as written in the configuration.
-pub fn hash_key(key: &str) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
-}
+pub use keys::hash_key;
 
 #[cfg(test)]
 mod tests {

@@ -1,9 +1,8 @@
 //! Who is calling: an admin (sees everything) or a consumer (sees only its own data).
 
 use axum::http::HeaderMap;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use tollgate_schemas::config::Consumer;
+use tollgate_schemas::keys::KeyTable;
 
 use crate::error::ApiError;
 
@@ -30,23 +29,16 @@ impl Caller {
 
 /// Checks bearer tokens in constant time against admin tokens and consumer key hashes.
 pub struct Authenticator {
-    admin: Vec<[u8; 32]>,
-    keys: Vec<([u8; 32], String)>,
+    admin: KeyTable<()>,
+    keys: KeyTable<String>,
 }
 
 impl Authenticator {
     pub fn new(admin_tokens: &[String], consumers: &[Consumer]) -> Result<Authenticator, String> {
-        let admin = admin_tokens
-            .iter()
-            .map(|t| Sha256::digest(t.as_bytes()).into())
-            .collect();
-        let mut keys = Vec::new();
-        for c in consumers {
-            for h in c.key_hashes()? {
-                keys.push((h, c.id.clone()));
-            }
-        }
-        Ok(Authenticator { admin, keys })
+        Ok(Authenticator {
+            admin: KeyTable::from_secrets(admin_tokens.iter().map(|t| (t.as_str(), ()))),
+            keys: KeyTable::for_consumers(consumers, |c| c.id.clone())?,
+        })
     }
 
     /// The caller, or 401. With no admin token configured, any caller but a partner presenting
@@ -59,37 +51,28 @@ impl Authenticator {
                 v.strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
             })
-            .map(str::trim);
+            .map(str::trim)
+            .filter(|t| !t.is_empty());
+        let open = self.admin.is_empty();
         // No admin token configured: the API is open (loopback only), but a partner presenting
         // its own key still gets its own scope.
-        let Some(token) = token.filter(|t| !t.is_empty()) else {
-            if self.admin.is_empty() {
-                return Ok(Caller::Admin);
-            }
-            return Err(ApiError::Unauthorized(
-                "missing `Authorization: Bearer <token>`",
-            ));
+        let Some(token) = token else {
+            return if open {
+                Ok(Caller::Admin)
+            } else {
+                Err(ApiError::Unauthorized(
+                    "missing `Authorization: Bearer <token>`",
+                ))
+            };
         };
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let mut admin = false;
-        for a in &self.admin {
-            admin |= bool::from(a.ct_eq(&digest));
-        }
-        if admin {
+        if self.admin.find(token.as_bytes()).is_some() {
             return Ok(Caller::Admin);
         }
-        let mut found = None;
-        for (h, id) in &self.keys {
-            if bool::from(h.ct_eq(&digest)) {
-                found = Some(id);
-            }
+        match self.keys.find(token.as_bytes()) {
+            Some(consumer) => Ok(Caller::Consumer(consumer.clone())),
+            None if open => Ok(Caller::Admin),
+            None => Err(ApiError::Unauthorized("unknown token")),
         }
-        if found.is_none() && self.admin.is_empty() {
-            return Ok(Caller::Admin);
-        }
-        found
-            .map(|c| Caller::Consumer(c.clone()))
-            .ok_or(ApiError::Unauthorized("unknown token"))
     }
 }
 
@@ -109,8 +92,7 @@ mod tests {
     }
 
     fn consumers() -> Vec<Consumer> {
-        use sha2::Digest;
-        let hash = format!("sha256:{}", hex::encode(Sha256::digest(b"partner-key")));
+        let hash = tollgate_schemas::keys::hash_key("partner-key");
         vec![Consumer {
             id: "p".into(),
             plan: "x".into(),

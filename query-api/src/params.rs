@@ -42,11 +42,9 @@ impl Params {
         Ok(Params(raw))
     }
 
+    /// A parameter's value; never empty (`new` refuses empty values).
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .get(name)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
+        self.0.get(name).map(String::as_str)
     }
 
     /// `from` and `to` as µs since the epoch; default: the last 24 hours.

@@ -25,6 +25,15 @@ fn key_json(k: &KeyValue) -> Value {
     }
 }
 
+/// A row's group keys as a JSON object: `{"consumer": .., "day": ..}`.
+fn keys_object(group: &[GroupKey], keys: &[KeyValue]) -> Map<String, Value> {
+    group
+        .iter()
+        .zip(keys)
+        .map(|(k, v)| (k.as_str().to_string(), key_json(v)))
+        .collect()
+}
+
 /// Most points one latency answer may hold.
 const MAX_POINTS: i64 = 10_000;
 
@@ -139,10 +148,7 @@ pub async fn usage(
     let rows: Vec<Value> = rows
         .into_iter()
         .map(|r| {
-            let mut o = Map::new();
-            for (k, v) in group.iter().zip(&r.keys) {
-                o.insert(k.as_str().into(), key_json(v));
-            }
+            let mut o = keys_object(&group, &r.keys);
             o.insert("requests".into(), r.requests.into());
             o.insert("billable_requests".into(), r.billable_requests.into());
             o.insert("req_bytes".into(), r.req_bytes.into());
@@ -308,10 +314,7 @@ pub async fn revenue(
     let rows: Vec<Value> = rows
         .into_iter()
         .map(|(keys, (billable, revenue, cur))| {
-            let mut o = Map::new();
-            for (k, v) in group.iter().zip(&keys) {
-                o.insert(k.as_str().into(), key_json(v));
-            }
+            let mut o = keys_object(&group, &keys);
             o.insert("billable_requests".into(), billable.into());
             o.insert("revenue".into(), money(revenue).into());
             o.insert("currency".into(), json!(cur.or_else(|| currency.clone())));

@@ -129,7 +129,7 @@ async fn app() -> (axum::Router, tempfile::TempDir) {
         Consumer {
             id: "a".into(),
             plan: "gold".into(),
-            api_keys: vec![tollgate_gateway_hash("key-a")],
+            api_keys: vec![tollgate_schemas::keys::hash_key("key-a")],
         },
         Consumer {
             id: "quota-user".into(),
@@ -150,14 +150,6 @@ async fn app() -> (axum::Router, tempfile::TempDir) {
     )
     .unwrap();
     (router(Arc::new(state)), dir)
-}
-
-fn tollgate_gateway_hash(key: &str) -> String {
-    use sha2::Digest;
-    format!(
-        "sha256:{}",
-        hex::encode(sha2::Sha256::digest(key.as_bytes()))
-    )
 }
 
 async fn call(app: &axum::Router, uri: &str, token: Option<&str>) -> (StatusCode, bytes::Bytes) {

@@ -25,9 +25,4 @@ impl Checkpoint {
         }
         out
     }
-
-    /// True when the record at `offset` of `partition` is before the checkpoint.
-    pub fn covers(&self, partition: u32, offset: u64) -> bool {
-        self.0.get(&partition).is_some_and(|next| offset < *next)
-    }
 }

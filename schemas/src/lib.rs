@@ -9,6 +9,7 @@ pub mod arrow;
 pub mod checkpoint;
 pub mod config;
 pub mod event;
+pub mod keys;
 
 pub use checkpoint::Checkpoint;
 pub use event::{Outcome, RequestEvent, SchemaError};

@@ -120,15 +120,6 @@ impl ParquetStore {
         self.read_state().manifest.clone()
     }
 
-    /// Rows held in memory, not yet in a Parquet file.
-    pub fn memory_rows(&self) -> usize {
-        self.read_state()
-            .mem
-            .iter()
-            .map(|(b, _)| b.num_rows())
-            .sum()
-    }
-
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
         self.inner.state.read().unwrap_or_else(|p| p.into_inner())
     }

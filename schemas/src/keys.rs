@@ -1,0 +1,101 @@
+//! API keys as the configuration stores them (`sha256:<hex>`), and the one lookup that both the
+//! gateway (`x-api-key`) and the query API (bearer tokens) use: the presented key is hashed and
+//! compared in constant time against every stored hash, with no early exit, so timing says
+//! nothing about which keys exist.
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::Consumer;
+
+/// The sha256 digest of a key.
+pub fn digest(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
+/// `sha256:<hex>` of a key, as written in the `consumers:` section.
+pub fn hash_key(key: &str) -> String {
+    format!("sha256:{}", hex::encode(digest(key.as_bytes())))
+}
+
+/// Key digests, each with what it grants.
+#[derive(Debug, Clone)]
+pub struct KeyTable<T> {
+    keys: Vec<([u8; 32], T)>,
+}
+
+impl<T> KeyTable<T> {
+    /// A table of plain secrets (admin tokens, say), stored as their digests.
+    pub fn from_secrets<'a>(secrets: impl IntoIterator<Item = (&'a str, T)>) -> KeyTable<T> {
+        KeyTable {
+            keys: secrets
+                .into_iter()
+                .map(|(s, v)| (digest(s.as_bytes()), v))
+                .collect(),
+        }
+    }
+
+    /// Every key of every consumer, granting `grant(consumer)`.
+    pub fn for_consumers(
+        consumers: &[Consumer],
+        grant: impl Fn(&Consumer) -> T,
+    ) -> Result<KeyTable<T>, String>
+    where
+        T: Clone,
+    {
+        let mut keys = Vec::new();
+        for c in consumers {
+            let value = grant(c);
+            for h in c.key_hashes()? {
+                keys.push((h, value.clone()));
+            }
+        }
+        Ok(KeyTable { keys })
+    }
+
+    /// Whether the table holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// What `key` grants, if it is in the table. Scans every entry whatever it finds.
+    pub fn find(&self, key: &[u8]) -> Option<&T> {
+        let presented = digest(key);
+        let mut found = None;
+        for (hash, value) in &self.keys {
+            if bool::from(hash.ct_eq(&presented)) {
+                found = Some(value);
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_owner_of_a_key_and_nobody_else() {
+        let consumers = vec![
+            Consumer {
+                id: "acme".into(),
+                plan: "pro".into(),
+                api_keys: vec![hash_key("k-acme")],
+            },
+            Consumer {
+                id: "zeta".into(),
+                plan: "free".into(),
+                api_keys: vec![hash_key("k-zeta"), hash_key("k-zeta-2")],
+            },
+        ];
+        let t = KeyTable::for_consumers(&consumers, |c| c.id.clone()).unwrap();
+        assert_eq!(t.find(b"k-acme").map(String::as_str), Some("acme"));
+        assert_eq!(t.find(b"k-zeta-2").map(String::as_str), Some("zeta"));
+        assert!(t.find(b"k-nobody").is_none());
+        assert!(t.find(b"").is_none());
+        let admin = KeyTable::from_secrets([("admin-token", ())]);
+        assert!(admin.find(b"admin-token").is_some() && admin.find(b"admin").is_none());
+        assert!(KeyTable::<()>::from_secrets([]).is_empty());
+    }
+}
