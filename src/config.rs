@@ -94,6 +94,8 @@ impl Config {
         self.gateway.validate().map_err(e)?;
         validate_consumers(&self.consumers, &self.plans).map_err(e)?;
         self.collector.validate().map_err(e)?;
+        self.bus.validate().map_err(e)?;
+        self.store.validate().map_err(e)?;
         self.query_api.validate().map_err(e)?;
         let route_ids: Vec<&str> = self.gateway.routes.iter().map(|r| r.id.as_str()).collect();
         for (name, plan) in &self.plans {
@@ -125,11 +127,14 @@ impl Config {
                 *p = data_dir.join(name);
             }
         };
-        let BusConfig::Embedded(bus) = &mut self.bus;
-        resolve(&mut bus.dir, "bus");
-        let StoreConfig::Parquet(store) = &mut self.store;
-        resolve(&mut store.dir, "store");
+        if let BusConfig::Embedded(bus) = &mut self.bus {
+            resolve(&mut bus.dir, "bus");
+        }
+        if let StoreConfig::Parquet(store) = &mut self.store {
+            resolve(&mut store.dir, "store");
+        }
         resolve(&mut self.collector.dead_letter_dir, "dead-letter");
+        resolve(&mut self.gateway.state_dir, "gateway");
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `tollgate` command: composes the gateway, bus, collector, store and query API, either all
 //! in one process (`up`, on the embedded bus and store) or one part per process.
 
+mod admin;
 mod config;
 mod demo;
 
@@ -13,8 +14,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
-use tollgate_bus::{BusConfig, EmbeddedLog};
-use tollgate_store::{ParquetStore, StoreConfig};
+use tollgate_bus::{Bus, BusError};
+use tollgate_store::{EventWriter, StoreError};
 
 use crate::config::{Config, ConfigError};
 
@@ -43,20 +44,28 @@ enum Command {
         #[arg(long, default_value = "./data")]
         data_dir: PathBuf,
     },
-    /// Only the gateway (scaled deployment).
+    /// Only the gateway (scaled deployment: Kafka bus).
     Gateway {
         #[arg(long)]
         config: PathBuf,
+        /// The gateway's local state (last known quota state).
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
     },
-    /// Only the collector (scaled deployment).
+    /// Only a collector (scaled deployment: Kafka bus, ClickHouse store).
     Collector {
         #[arg(long)]
         config: PathBuf,
+        /// The collector's local state (dead letters when the bus has no topic for them).
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
     },
-    /// Only the query API and dashboards (scaled deployment).
+    /// Only the query API and dashboards (scaled deployment: ClickHouse store).
     QueryApi {
         #[arg(long)]
         config: PathBuf,
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
     },
     /// Validates a configuration file; errors name the key and line.
     CheckConfig { file: PathBuf },
@@ -89,11 +98,12 @@ fn main() -> ExitCode {
             demo,
             data_dir,
         } => runtime().block_on(up(config, demo, data_dir)),
-        Command::Gateway { config }
-        | Command::Collector { config }
-        | Command::QueryApi { config } => Config::load(&config)
-            .map_err(anyhow::Error::from)
-            .and_then(|c| scaled_unavailable(&c)),
+        Command::Gateway { config, data_dir } => load_part(&config, &data_dir, Part::Gateway)
+            .and_then(|c| runtime().block_on(gateway(c))),
+        Command::Collector { config, data_dir } => load_part(&config, &data_dir, Part::Collector)
+            .and_then(|c| runtime().block_on(collector(c))),
+        Command::QueryApi { config, data_dir } => load_part(&config, &data_dir, Part::QueryApi)
+            .and_then(|c| runtime().block_on(query_api(c))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -115,14 +125,186 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// The one-part commands need a bus and a store shared between processes (Kafka, ClickHouse).
-fn scaled_unavailable(config: &Config) -> anyhow::Result<()> {
-    let (BusConfig::Embedded(_), StoreConfig::Parquet(_)) = (&config.bus, &config.store);
-    Err(ConfigError(
-        "bus.kind: `embedded` (and store.kind: `parquet`) live inside one process; run the parts separately on `kafka` and `clickhouse`, or run everything with `tollgate up`"
-            .into(),
+/// The parts that run as their own process.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Gateway,
+    Collector,
+    QueryApi,
+}
+
+/// Loads the configuration of one part and checks that what it shares with the other parts
+/// (bus, store) can be shared between processes.
+fn load_part(
+    path: &std::path::Path,
+    data_dir: &std::path::Path,
+    part: Part,
+) -> anyhow::Result<Config> {
+    let mut config = Config::load(path)?;
+    config.resolve_paths(data_dir);
+    let needs_bus = matches!(part, Part::Gateway | Part::Collector);
+    let needs_store = matches!(part, Part::Collector | Part::QueryApi);
+    if needs_bus && !config.bus.is_shared() {
+        return Err(ConfigError(
+            "bus.kind: `embedded` lives inside one process; run the parts separately on `kafka`, or everything with `tollgate up`".into(),
+        )
+        .into());
+    }
+    if needs_store && !config.store.is_shared() {
+        return Err(ConfigError(
+            "store.kind: `parquet` lives inside one process; run the parts separately on `clickhouse`, or everything with `tollgate up`".into(),
+        )
+        .into());
+    }
+    Ok(config)
+}
+
+/// A backend compiled out of this build is a configuration error (exit 2) that names the
+/// feature; other failures to open are run-time errors.
+fn bus_error(e: BusError) -> anyhow::Error {
+    match e {
+        BusError::NotBuilt { .. } => ConfigError(e.to_string()).into(),
+        e => anyhow::Error::from(e).context("opening the bus"),
+    }
+}
+
+fn store_error(e: StoreError) -> anyhow::Error {
+    match e {
+        StoreError::NotBuilt { .. } => ConfigError(e.to_string()).into(),
+        e => anyhow::Error::from(e).context("opening the store"),
+    }
+}
+
+/// The quota feed defaults to the query API this configuration names.
+fn default_quota_feed(config: &mut Config, api_addr: std::net::SocketAddr) {
+    if config.gateway.quota.url.is_none() {
+        config.gateway.quota.url = Some(format!("http://{api_addr}/v1/quota"));
+        config.gateway.quota.token = config.query_api.admin_tokens.first().cloned();
+    }
+}
+
+async fn gateway(mut config: Config) -> anyhow::Result<()> {
+    let bus = config.bus.open().await.map_err(bus_error)?;
+    let publisher = bus.publisher().map_err(bus_error)?;
+    let api_addr = config.query_api.listen;
+    default_quota_feed(&mut config, api_addr);
+    let mut registry = Registry::default();
+    let metrics = tollgate_gateway::GatewayMetrics::register(&mut registry);
+    let stop = CancellationToken::new();
+    let gateway = tollgate_gateway::Gateway::bind(
+        config.gateway.clone(),
+        &config.consumers,
+        &config.plans,
+        publisher,
+        metrics,
     )
-    .into())
+    .await
+    .map_err(|e| ConfigError(e.to_string()))?;
+    let ready_bus = bus.clone();
+    let admin = admin::serve(
+        "gateway.admin_listen",
+        config.gateway.admin_listen,
+        Arc::new(registry),
+        Arc::new(move || {
+            let bus = ready_bus.clone();
+            Box::pin(async move {
+                // The gateway serves while the bus is down (it spools), so only say so.
+                if !bus.ready().await {
+                    tracing::debug!("bus unreachable");
+                }
+                Ok(())
+            })
+        }),
+        stop.clone(),
+    )
+    .await?;
+    eprintln!(
+        "tollgate gateway listening on http://{}",
+        gateway.local_addr()
+    );
+    let serving = tokio::spawn(gateway.run(stop.clone()));
+    shutdown_signal().await;
+    tracing::info!("shutting down: draining requests and delivering their events");
+    stop.cancel();
+    let _ = serving.await;
+    let _ = admin.await;
+    Ok(())
+}
+
+async fn collector(config: Config) -> anyhow::Result<()> {
+    let bus = config.bus.open().await.map_err(bus_error)?;
+    let mut store = config.store.open().await.map_err(store_error)?;
+    let mut registry = Registry::default();
+    let metrics = tollgate_collector::CollectorMetrics::register(&mut registry);
+    let stop = CancellationToken::new();
+    let (ready_bus, ready_store) = (bus.clone(), store.query.clone());
+    let admin = admin::serve(
+        "collector.admin_listen",
+        config.collector.admin_listen,
+        Arc::new(registry),
+        Arc::new(move || {
+            let (bus, store) = (ready_bus.clone(), ready_store.clone());
+            Box::pin(async move {
+                if !bus.ready().await {
+                    return Err("bus unreachable".to_string());
+                }
+                if !store.ready().await {
+                    return Err("store unreachable".to_string());
+                }
+                Ok(())
+            })
+        }),
+        stop.clone(),
+    )
+    .await?;
+    let upkeep_stop = stop.clone();
+    let writer = store.writer.clone();
+    let upkeep = tokio::spawn(async move { store.upkeep(upkeep_stop).await });
+    let running = tokio::spawn(supervise_collector(
+        config.collector.clone(),
+        bus,
+        writer,
+        metrics,
+        stop.clone(),
+    ));
+    eprintln!(
+        "tollgate collector running (group `{}`)",
+        config.collector.group
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down: flushing the last batch and committing");
+    stop.cancel();
+    let result = running.await;
+    let _ = upkeep.await;
+    let _ = admin.await;
+    result.context("collector task")?
+}
+
+async fn query_api(config: Config) -> anyhow::Result<()> {
+    let store = config.store.open().await.map_err(store_error)?;
+    let listener = tollgate_query_api::bind(&config.query_api)
+        .await
+        .map_err(ConfigError)?;
+    let addr = listener.local_addr()?;
+    let state = tollgate_query_api::AppState::new(
+        &config.query_api,
+        store.query.clone(),
+        config.consumers.clone(),
+        config.plans.clone(),
+        Registry::default(),
+    )
+    .map_err(ConfigError)?;
+    let stop = CancellationToken::new();
+    let serving = tokio::spawn(tollgate_query_api::serve(
+        listener,
+        Arc::new(state),
+        stop.clone(),
+    ));
+    eprintln!("tollgate query API and dashboards on http://{addr}/");
+    shutdown_signal().await;
+    stop.cancel();
+    serving.await.context("query API task")??;
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -172,27 +354,22 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
     let gateway_metrics = tollgate_gateway::GatewayMetrics::register(&mut registry);
     let collector_metrics = tollgate_collector::CollectorMetrics::register(&mut registry);
 
-    let BusConfig::Embedded(bus_config) = config.bus.clone();
-    let log = EmbeddedLog::open(bus_config).context("opening the bus log")?;
-    let StoreConfig::Parquet(store_config) = config.store.clone();
-    let store = ParquetStore::open(store_config).context("opening the store")?;
+    let bus = config.bus.open().await.map_err(bus_error)?;
+    let mut store = config.store.open().await.map_err(store_error)?;
 
     // Query API first: the gateway polls it for quota state.
     let api_listener = tollgate_query_api::bind(&config.query_api)
         .await
         .map_err(ConfigError)?;
     let api_addr = api_listener.local_addr()?;
-    if config.gateway.quota.url.is_none() {
-        config.gateway.quota.url = Some(format!("http://{api_addr}/v1/quota"));
-        config.gateway.quota.token = config.query_api.admin_tokens.first().cloned();
-    }
+    default_quota_feed(&mut config, api_addr);
 
     let stop_gateway = CancellationToken::new();
     let gateway = tollgate_gateway::Gateway::bind(
         config.gateway.clone(),
         &config.consumers,
         &config.plans,
-        Arc::new(log.clone()),
+        bus.publisher().map_err(bus_error)?,
         gateway_metrics,
     )
     .await?;
@@ -200,7 +377,7 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
 
     let state = tollgate_query_api::AppState::new(
         &config.query_api,
-        Arc::new(store.clone()),
+        store.query.clone(),
         config.consumers.clone(),
         config.plans.clone(),
         registry,
@@ -216,25 +393,14 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
     let stop_collector = CancellationToken::new();
     let collector = tokio::spawn(supervise_collector(
         config.collector.clone(),
-        log.clone(),
-        store.clone(),
+        bus.clone(),
+        store.writer.clone(),
         collector_metrics,
         stop_collector.clone(),
     ));
     let compactor = {
-        let store = store.clone();
         let stop = stop_collector.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-                }
-                if let Err(e) = store.compact().await {
-                    tracing::warn!(error = %e, "compaction failed; will retry");
-                }
-            }
-        })
+        tokio::spawn(async move { store.upkeep(stop).await })
     };
     let gateway = tokio::spawn(gateway.run(stop_gateway.clone()));
 
@@ -269,29 +435,42 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
     Ok(())
 }
 
-/// Runs the collector, restarting it with backoff after a failure (a full disk, say). Meanwhile
-/// the gateway keeps serving and events wait in the bus log; each restart resumes exactly where
-/// the store's durable data ends (`EventWriter::reset`), so nothing is lost or counted twice.
+/// Runs the collector, restarting it with backoff after a failure (a full disk, an unreachable
+/// store). Meanwhile the gateway keeps serving and events wait in the bus; each restart resumes
+/// exactly where the store's data ends (`EventWriter::reset` and `resume`), so nothing is lost
+/// or counted twice.
 async fn supervise_collector(
     config: tollgate_collector::CollectorConfig,
-    log: EmbeddedLog,
-    store: ParquetStore,
+    bus: Arc<dyn Bus>,
+    store: Arc<dyn EventWriter>,
     metrics: tollgate_collector::CollectorMetrics,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(500);
     loop {
-        let subscriber = Box::new(log.subscribe(&config.group)?);
-        let run = tollgate_collector::run(
-            config.clone(),
-            subscriber,
-            Arc::new(store.clone()),
-            metrics.clone(),
-            stop.clone(),
-        );
-        let Err(e) = run.await else { return Ok(()) };
+        let attempt = async {
+            let subscriber = bus.subscribe(&config.group).await?;
+            let dead = match bus.dead_letters()? {
+                Some(publisher) => tollgate_collector::DeadLetter::to_bus(publisher),
+                None => tollgate_collector::DeadLetter::open(&config.dead_letter_dir)
+                    .map_err(tollgate_collector::CollectorError::DeadLetter)?,
+            };
+            tollgate_collector::run(
+                config.clone(),
+                subscriber,
+                store.clone(),
+                dead,
+                metrics.clone(),
+                stop.clone(),
+            )
+            .await
+        };
+        let e: tollgate_collector::CollectorError = match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
         metrics.restarts.inc();
-        tracing::error!(error = %e, retry_in = ?backoff, "collector failed; the gateway keeps serving and events wait in the bus log");
+        tracing::error!(error = %e, retry_in = ?backoff, "collector failed; the gateway keeps serving and events wait in the bus");
         tokio::select! {
             _ = stop.cancelled() => return Err(e.into()),
             _ = tokio::time::sleep(backoff) => {}

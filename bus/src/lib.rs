@@ -14,8 +14,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub mod embedded;
+pub mod kafka;
 
 pub use embedded::{EmbeddedConfig, EmbeddedLog};
+pub use kafka::KafkaConfig;
 
 /// One record to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,33 +51,87 @@ pub enum BusError {
     Closed,
     #[error("bus configuration: {0}")]
     Config(String),
+    /// The backend is compiled out of this build.
+    #[error("bus.kind: `{kind}` is not in this build; rebuild with `--features {feature}`")]
+    NotBuilt {
+        kind: &'static str,
+        feature: &'static str,
+    },
+    /// A broker-side failure (Kafka).
+    #[error("bus broker error: {message}")]
+    Broker { message: String, retryable: bool },
 }
 
 impl BusError {
     /// Whether trying again later may succeed.
     pub fn retryable(&self) -> bool {
-        matches!(self, BusError::Io { .. })
+        match self {
+            BusError::Io { .. } => true,
+            BusError::Broker { retryable, .. } => *retryable,
+            _ => false,
+        }
     }
 }
 
 /// Appends records to the bus. Implementations are cheap to share (`Arc<dyn Publisher>`).
 #[async_trait]
 pub trait Publisher: Send + Sync {
-    /// Appends the records durably (per the backend's durability setting), in order.
+    /// Appends the records in order: durably on return (embedded), or queued for delivery in
+    /// the background, which `flush` waits for (Kafka).
     async fn publish(&self, records: Vec<Record>) -> Result<(), BusError>;
+    /// Waits until everything published is delivered (backends that deliver in the background).
+    async fn flush(&self, _timeout: Duration) -> Result<(), BusError> {
+        Ok(())
+    }
+}
+
+/// A change of the partitions a subscriber reads (a consumer-group rebalance).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssignmentChange {
+    /// These partitions are now read by this subscriber, each starting at the group's committed
+    /// offset (0 when the group has none).
+    Assigned(Vec<(u32, u64)>),
+    /// These partitions went to another member; records of them not yet stored must be dropped
+    /// (the new owner reads them again from the last commit).
+    Revoked(Vec<u32>),
 }
 
 /// Reads records for one consumer group and commits what has been processed.
+///
+/// Partition ownership can move (Kafka consumer-group rebalances). Every change is reported by
+/// `take_changes`, and every record returned by a `poll` precedes the changes reported by the
+/// next `take_changes`: a caller that drains the changes before each `poll` sees records and
+/// changes in the order they happened.
 #[async_trait]
 pub trait Subscriber: Send {
-    /// Up to `max` records after the current position, waiting at most `wait` for the first.
+    /// Up to `max` records after the current positions, waiting at most `wait` for the first.
+    /// Returns early (maybe with no records) when the assignment changes.
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<Message>, BusError>;
-    /// Records durably that everything before `checkpoint` is processed.
+    /// Assignment changes since the last call, oldest first.
+    fn take_changes(&mut self) -> Vec<AssignmentChange>;
+    /// Records durably that everything before `checkpoint` is processed. Partitions this
+    /// subscriber does not own (any more) are ignored.
     async fn commit(&mut self, checkpoint: &Checkpoint) -> Result<(), BusError>;
-    /// The last committed checkpoint of this group.
+    /// The last committed checkpoint of this group, for the partitions it knows of.
     fn committed(&self) -> Checkpoint;
-    /// Moves the read position to `checkpoint` (partitions not named keep their position).
-    async fn seek(&mut self, checkpoint: &Checkpoint) -> Result<(), BusError>;
+    /// Moves the read position of `partition` to `offset`.
+    async fn seek(&mut self, partition: u32, offset: u64) -> Result<(), BusError>;
+}
+
+/// A bus opened from its configuration: what gateways publish to and collectors subscribe to.
+#[async_trait]
+pub trait Bus: Send + Sync {
+    /// A publisher (shared by all of a gateway's tasks).
+    fn publisher(&self) -> Result<std::sync::Arc<dyn Publisher>, BusError>;
+    /// A subscriber in consumer group `group`.
+    async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscriber>, BusError>;
+    /// Where invalid events go, when the bus has a place for them (Kafka: the dead-letter
+    /// topic); `None`: the collector keeps them in a local file.
+    fn dead_letters(&self) -> Result<Option<std::sync::Arc<dyn Publisher>>, BusError> {
+        Ok(None)
+    }
+    /// True when the bus is reachable (for `/readyz`).
+    async fn ready(&self) -> bool;
 }
 
 /// Which bus backend to use: the `bus:` section of the configuration.
@@ -84,6 +140,31 @@ pub trait Subscriber: Send {
 pub enum BusConfig {
     /// Durable log on local disk (one process).
     Embedded(EmbeddedConfig),
+    /// A Kafka cluster (the scaled deployment); needs the `kafka` cargo feature.
+    Kafka(KafkaConfig),
+}
+
+impl BusConfig {
+    /// Checks the section without I/O; errors name the key.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            BusConfig::Embedded(_) => Ok(()),
+            BusConfig::Kafka(k) => k.validate(),
+        }
+    }
+
+    /// Opens the configured backend: the one place that knows every backend.
+    pub async fn open(&self) -> Result<std::sync::Arc<dyn Bus>, BusError> {
+        match self {
+            BusConfig::Embedded(c) => Ok(std::sync::Arc::new(EmbeddedLog::open(c.clone())?)),
+            BusConfig::Kafka(c) => kafka::open(c).await,
+        }
+    }
+
+    /// Whether the bus can be shared between processes (every backend but the embedded log).
+    pub fn is_shared(&self) -> bool {
+        !matches!(self, BusConfig::Embedded(_))
+    }
 }
 
 impl Default for BusConfig {

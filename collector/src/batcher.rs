@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tollgate_schemas::{Checkpoint, RequestEvent};
+use tollgate_store::{EventBatch, Position};
 
 /// Accumulates consumed messages into store batches.
 #[derive(Debug)]
@@ -12,6 +13,7 @@ pub struct Batcher {
     max: usize,
     linger: Duration,
     events: Vec<RequestEvent>,
+    positions: Vec<Position>,
     /// Messages taken in (valid or not) since the last batch.
     messages: usize,
     through: Checkpoint,
@@ -24,6 +26,7 @@ impl Batcher {
             max: max.max(1),
             linger,
             events: Vec::new(),
+            positions: Vec::new(),
             messages: 0,
             through: Checkpoint::default(),
             since: None,
@@ -38,6 +41,7 @@ impl Batcher {
     /// Adds a valid event consumed at `partition`/`offset`.
     pub fn push(&mut self, ev: RequestEvent, partition: u32, offset: u64, now: Instant) {
         self.events.push(ev);
+        self.positions.push(Position { partition, offset });
         self.skip(partition, offset, now);
     }
 
@@ -55,16 +59,42 @@ impl Batcher {
     }
 
     /// The batch, if full or lingered long enough.
-    pub fn take_if_due(&mut self, now: Instant) -> Option<(Vec<RequestEvent>, Checkpoint)> {
+    pub fn take_if_due(&mut self, now: Instant) -> Option<EventBatch> {
         let due = self.messages >= self.max || self.time_left(now).is_some_and(|d| d.is_zero());
         if due { self.take() } else { None }
     }
 
     /// The batch, whatever its size (`None` when nothing was consumed).
-    pub fn take(&mut self) -> Option<(Vec<RequestEvent>, Checkpoint)> {
+    pub fn take(&mut self) -> Option<EventBatch> {
         self.since.take()?;
         self.messages = 0;
-        Some((std::mem::take(&mut self.events), self.through.clone()))
+        Some(EventBatch {
+            events: std::mem::take(&mut self.events),
+            positions: std::mem::take(&mut self.positions),
+            through: self.through.clone(),
+        })
+    }
+
+    /// Forgets everything taken in from `partitions` (revoked: their new owner reads it again).
+    pub fn drop_partitions(&mut self, partitions: &[u32]) {
+        let keep: Vec<bool> = self
+            .positions
+            .iter()
+            .map(|p| !partitions.contains(&p.partition))
+            .collect();
+        let mut k = keep.iter();
+        self.events
+            .retain(|_| *k.next().expect("one flag per event"));
+        let mut k = keep.iter();
+        self.positions
+            .retain(|_| *k.next().expect("one flag per position"));
+        for p in partitions {
+            self.through.0.remove(p);
+        }
+        self.messages = self.events.len();
+        if self.events.is_empty() && self.through.0.is_empty() {
+            self.since = None;
+        }
     }
 }
 
@@ -111,20 +141,21 @@ mod tests {
             let mut b = Batcher::new(max, Duration::from_millis(linger_ms));
             let mut offset = 0u64;
             let mut out: Vec<(Vec<RequestEvent>, Checkpoint)> = Vec::new();
+            let as_pair = |b: EventBatch| (b.events, b.through);
             let mut valid_offsets = Vec::new();
             for (n, gap_ms, invalid) in steps {
                 now += Duration::from_millis(gap_ms);
-                if let Some(batch) = b.take_if_due(now) { out.push(batch); }
+                if let Some(batch) = b.take_if_due(now) { out.push(as_pair(batch)); }
                 let n = n.min(b.room());
                 for _ in 0..n {
                     if invalid { b.skip(0, offset, now) } else { b.push(ev(offset), 0, offset, now); valid_offsets.push(offset) }
                     offset += 1;
                 }
                 prop_assert!(b.messages <= max);
-                if let Some(batch) = b.take_if_due(now) { out.push(batch); }
+                if let Some(batch) = b.take_if_due(now) { out.push(as_pair(batch)); }
                 if let Some(left) = b.time_left(now) { prop_assert!(left <= Duration::from_millis(linger_ms)); }
             }
-            if let Some(batch) = b.take() { out.push(batch); }
+            if let Some(batch) = b.take() { out.push(as_pair(batch)); }
             let seen: Vec<u64> = out.iter().flat_map(|(e, _)| e.iter().map(|e| e.latency_us)).collect();
             prop_assert_eq!(seen, valid_offsets);
             for w in out.windows(2) { prop_assert!(w[0].1.0[&0] <= w[1].1.0[&0]); }

@@ -1,16 +1,24 @@
 //! The dead-letter sink: messages that are not valid `RequestEvent`s, kept as JSON lines with the
-//! reason, so that nothing is silently dropped (`dead-letter/events.jsonl`).
+//! reason, so that nothing is silently dropped: in a local file (`dead-letter/events.jsonl`)
+//! with the embedded bus, or on the bus's dead-letter topic (Kafka), keyed like the original.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use tollgate_bus::Message;
+use std::sync::Arc;
 
-/// Appends rejected messages to a JSON-lines file.
-pub struct DeadLetter {
-    file: BufWriter<File>,
-    dirty: bool,
+use tollgate_bus::{Message, Publisher, Record};
+
+/// Where rejected messages go.
+pub enum DeadLetter {
+    /// A JSON-lines file, fsynced before the offsets that cover it are committed.
+    File { file: BufWriter<File>, dirty: bool },
+    /// The bus's dead-letter topic; lines are published before the covering commit.
+    Bus {
+        publisher: Arc<dyn Publisher>,
+        pending: Vec<Record>,
+    },
 }
 
 impl DeadLetter {
@@ -21,10 +29,18 @@ impl DeadLetter {
             .create(true)
             .append(true)
             .open(dir.join("events.jsonl"))?;
-        Ok(DeadLetter {
+        Ok(DeadLetter::File {
             file: BufWriter::new(file),
             dirty: false,
         })
+    }
+
+    /// Publishes rejected messages to the bus.
+    pub fn to_bus(publisher: Arc<dyn Publisher>) -> DeadLetter {
+        DeadLetter::Bus {
+            publisher,
+            pending: Vec::new(),
+        }
     }
 
     /// Records one rejected message and why.
@@ -39,18 +55,41 @@ impl DeadLetter {
             Ok(s) => line["payload"] = s.into(),
             Err(_) => line["payload_hex"] = hex::encode(&msg.payload).into(),
         }
-        serde_json::to_writer(&mut self.file, &line)?;
-        self.file.write_all(b"\n")?;
-        self.dirty = true;
+        match self {
+            DeadLetter::File { file, dirty } => {
+                serde_json::to_writer(&mut *file, &line)?;
+                file.write_all(b"\n")?;
+                *dirty = true;
+            }
+            DeadLetter::Bus { pending, .. } => pending.push(Record {
+                key: msg.key.clone(),
+                payload: bytes::Bytes::from(line.to_string()),
+            }),
+        }
         Ok(())
     }
 
     /// Makes written lines durable (before the offsets that cover them are committed).
-    pub fn sync(&mut self) -> std::io::Result<()> {
-        if self.dirty {
-            self.file.flush()?;
-            self.file.get_ref().sync_data()?;
-            self.dirty = false;
+    pub async fn sync(&mut self) -> std::io::Result<()> {
+        match self {
+            DeadLetter::File { file, dirty } => {
+                if *dirty {
+                    file.flush()?;
+                    file.get_ref().sync_data()?;
+                    *dirty = false;
+                }
+            }
+            DeadLetter::Bus { publisher, pending } => {
+                if !pending.is_empty() {
+                    let records = std::mem::take(pending);
+                    let io = |e: tollgate_bus::BusError| std::io::Error::other(e.to_string());
+                    publisher.publish(records).await.map_err(io)?;
+                    publisher
+                        .flush(std::time::Duration::from_secs(30))
+                        .await
+                        .map_err(io)?;
+                }
+            }
         }
         Ok(())
     }

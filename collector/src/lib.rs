@@ -2,16 +2,25 @@
 //!
 //! # Exactly-once, and why a crash anywhere loses nothing and counts nothing twice
 //!
-//! The store keeps, atomically with the data it makes durable, the bus checkpoint just after the
-//! last event in that data (`EventWriter::flush` returns it). The collector commits that same
-//! checkpoint to the bus *after* the flush returns. On start it resumes from the later of the bus
-//! commit and the store checkpoint:
+//! The store is the record of which bus positions it holds; the bus commit only says where
+//! reading may start. Each time a partition is assigned to this collector (at start, on every
+//! consumer-group rebalance), it asks the store (`EventWriter::resume`) which of that
+//! partition's records it already holds from the group's commit on, seeks past them and skips
+//! any others it meets. Records are appended in batches; `flush` makes them durable and the
+//! collector commits the checkpoint `flush` returns *after* it returns. So:
 //!
-//! - crash before a flush completes: the store's durable checkpoint and the bus commit are both
-//!   behind the lost in-memory events, so they are read again;
-//! - crash after the flush, before the bus commit: the store checkpoint is ahead, so the
-//!   collector seeks past events already stored instead of writing them again;
+//! - crash before a flush completes: the store holds nothing past its last durable point, and
+//!   the bus commit is no further, so the lost events are read again;
+//! - crash after the flush, before the bus commit: the store says it holds them, so they are
+//!   skipped instead of written twice;
 //! - crash after the commit: both agree.
+//! - rebalance: the old owner drops what it had not appended for a revoked partition and
+//!   flushes and commits the rest; appends happen between polls, so they are finished before
+//!   the rebalance completes, and the new owner's `resume` sees them.
+//!
+//! How each store knows what it holds: the Parquet store commits the bus checkpoint in the same
+//! manifest as the files; ClickHouse keeps each row's bus position and is looked up by it (see
+//! `tollgate-store`'s backend docs).
 //!
 //! Invalid messages go to the dead-letter sink (fsynced before the flush that covers them) and are
 //! counted; they are at-least-once there, since a crash can replay them.
@@ -20,6 +29,7 @@ mod batcher;
 mod dead_letter;
 mod metrics;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,9 +37,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tollgate_bus::{BusError, Subscriber};
-use tollgate_schemas::RequestEvent;
-use tollgate_store::{EventWriter, StoreError};
+use tollgate_bus::{AssignmentChange, BusError, Subscriber};
+use tollgate_schemas::{Checkpoint, RequestEvent};
+use tollgate_store::{EventBatch, EventWriter, Resume, StoreError};
 
 pub use batcher::Batcher;
 pub use dead_letter::DeadLetter;
@@ -55,6 +65,14 @@ pub struct CollectorConfig {
     /// (default `./data`); a relative path is relative to the working directory.
     #[serde(default = "default_dead_letter")]
     pub dead_letter_dir: PathBuf,
+    /// Address of `/metrics`, `/healthz` and `/readyz` when the collector runs as its own
+    /// process (`tollgate collector`).
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: std::net::SocketAddr,
+}
+
+fn default_admin_listen() -> std::net::SocketAddr {
+    "127.0.0.1:8082".parse().expect("valid")
 }
 
 fn default_group() -> String {
@@ -81,6 +99,7 @@ impl Default for CollectorConfig {
             linger_ms: default_linger_ms(),
             flush_interval_ms: default_flush_ms(),
             dead_letter_dir: default_dead_letter(),
+            admin_listen: default_admin_listen(),
         }
     }
 }
@@ -121,22 +140,22 @@ impl CollectorError {
 }
 
 /// Runs the collector until `shutdown`, then appends what it holds, flushes and commits.
+///
+/// Dead letters go to `dead` (see `DeadLetter`). Partition assignments can change at any poll
+/// (Kafka rebalances); each assigned partition resumes where the store's data ends, and a
+/// revoked partition's records not yet appended are dropped for its next owner to read.
 pub async fn run(
     config: CollectorConfig,
     mut bus: Box<dyn Subscriber>,
     store: Arc<dyn EventWriter>,
+    mut dead: DeadLetter,
     metrics: CollectorMetrics,
     shutdown: CancellationToken,
 ) -> Result<(), CollectorError> {
-    let mut dead = DeadLetter::open(&config.dead_letter_dir).map_err(CollectorError::DeadLetter)?;
-    // Resume after whatever is already durable in the store (see the crate docs).
-    let durable = store.reset().await?;
-    let start = bus.committed().max(&durable);
-    bus.seek(&start).await?;
-    if start != bus.committed() {
-        bus.commit(&start).await?;
-    }
-    tracing::info!(checkpoint = ?start.0, "collector resuming");
+    // Whatever a failed predecessor in this process appended but did not flush is forgotten:
+    // it is read again from the bus (see the crate docs).
+    store.reset().await?;
+    let mut resume: HashMap<u32, Resume> = HashMap::new();
 
     let linger = Duration::from_millis(config.linger_ms);
     let flush_every = Duration::from_millis(config.flush_interval_ms);
@@ -144,6 +163,29 @@ pub async fn run(
     let mut next_flush = Instant::now() + flush_every;
     let mut appended_since_flush = false;
     loop {
+        // Changes seen by the last poll come after the records it returned (trait contract).
+        for change in bus.take_changes() {
+            metrics.rebalances.inc();
+            match change {
+                AssignmentChange::Assigned(parts) => {
+                    for (p, committed) in parts {
+                        let r = assign(&*store, &mut *bus, p, committed).await?;
+                        resume.insert(p, r);
+                    }
+                }
+                AssignmentChange::Revoked(parts) => {
+                    tracing::info!(partitions = ?parts, "partitions revoked; dropping what was not stored");
+                    batcher.drop_partitions(&parts);
+                    for p in &parts {
+                        resume.remove(p);
+                    }
+                    if appended_since_flush {
+                        flush(&*store, &mut *bus, &mut dead, &metrics).await?;
+                        appended_since_flush = false;
+                    }
+                }
+            }
+        }
         let now = Instant::now();
         let wait = batcher
             .time_left(now)
@@ -156,20 +198,39 @@ pub async fn run(
         let now = Instant::now();
         for msg in messages {
             metrics.consumed.inc();
+            let r = match resume.get(&msg.partition) {
+                Some(r) => r,
+                None => {
+                    // Not announced (should not happen): resume it as if just assigned.
+                    let committed = bus.committed().0.get(&msg.partition).copied().unwrap_or(0);
+                    let r = assign(&*store, &mut *bus, msg.partition, committed).await?;
+                    resume.entry(msg.partition).or_insert(r)
+                }
+            };
+            if r.is_stored(msg.offset) {
+                metrics.already_stored.inc();
+                batcher.skip(msg.partition, msg.offset, now);
+                continue;
+            }
             match RequestEvent::from_json(&msg.payload) {
                 Ok(ev) => batcher.push(ev, msg.partition, msg.offset, now),
                 Err(e) => {
                     metrics.dead_lettered.inc();
-                    tracing::warn!(offset = msg.offset, error = %e, "invalid event sent to dead letter");
+                    tracing::warn!(partition = msg.partition, offset = msg.offset, error = %e, "invalid event sent to dead letter");
                     dead.write(&msg, &e.to_string())
                         .map_err(CollectorError::DeadLetter)?;
                     batcher.skip(msg.partition, msg.offset, now);
                 }
             }
         }
-        if let Some((events, through)) = batcher.take_if_due(Instant::now()) {
-            append(&*store, &events, &through, &metrics).await?;
+        if let Some(batch) = batcher.take_if_due(Instant::now()) {
+            append(&*store, &batch, &metrics).await?;
             appended_since_flush = true;
+            if store.durable_on_append() {
+                // Stored is durable: commit now, so a rebalance re-reads as little as possible.
+                flush(&*store, &mut *bus, &mut dead, &metrics).await?;
+                appended_since_flush = false;
+            }
         }
         if Instant::now() >= next_flush {
             if appended_since_flush {
@@ -179,25 +240,45 @@ pub async fn run(
             next_flush = Instant::now() + flush_every;
         }
     }
-    if let Some((events, through)) = batcher.take() {
-        append(&*store, &events, &through, &metrics).await?;
+    if let Some(batch) = batcher.take() {
+        append(&*store, &batch, &metrics).await?;
     }
     flush(&*store, &mut *bus, &mut dead, &metrics).await?;
     tracing::info!("collector stopped after a final flush");
     Ok(())
 }
 
+/// Resumes a newly assigned partition after what the store holds of it.
+async fn assign(
+    store: &dyn EventWriter,
+    bus: &mut dyn Subscriber,
+    partition: u32,
+    committed: u64,
+) -> Result<Resume, CollectorError> {
+    let r = store.resume(partition, committed).await?;
+    if r.stored_through > committed {
+        bus.seek(partition, r.stored_through).await?;
+        bus.commit(&Checkpoint([(partition, r.stored_through)].into()))
+            .await?;
+    }
+    tracing::info!(
+        partition,
+        committed,
+        resume_at = r.stored_through,
+        stored_beyond = r.stored_after.len(),
+        "partition assigned; resuming after what the store holds"
+    );
+    Ok(r)
+}
+
 async fn append(
     store: &dyn EventWriter,
-    events: &[RequestEvent],
-    through: &tollgate_schemas::Checkpoint,
+    batch: &EventBatch,
     metrics: &CollectorMetrics,
 ) -> Result<(), CollectorError> {
     let started = std::time::Instant::now();
-    store
-        .append(tollgate_schemas::arrow::to_batch(events), through)
-        .await?;
-    metrics.appended.inc_by(events.len() as u64);
+    store.append(batch).await?;
+    metrics.appended.inc_by(batch.events.len() as u64);
     metrics.batches.inc();
     metrics
         .append_seconds
@@ -212,7 +293,7 @@ async fn flush(
     metrics: &CollectorMetrics,
 ) -> Result<(), CollectorError> {
     let started = std::time::Instant::now();
-    dead.sync().map_err(CollectorError::DeadLetter)?;
+    dead.sync().await.map_err(CollectorError::DeadLetter)?;
     let durable = store.flush().await?;
     bus.commit(&durable).await?;
     metrics

@@ -13,6 +13,10 @@ pub struct CollectorMetrics {
     pub dead_lettered: Counter,
     /// Restarts after a failure (by whoever supervises the collector).
     pub restarts: Counter,
+    /// Records skipped because the store already held them (after a crash or a rebalance).
+    pub already_stored: Counter,
+    /// Partition assignment changes (rebalances).
+    pub rebalances: Counter,
     pub append_seconds: Histogram,
     pub flush_seconds: Histogram,
 }
@@ -26,6 +30,8 @@ impl CollectorMetrics {
             batches: Counter::default(),
             dead_lettered: Counter::default(),
             restarts: Counter::default(),
+            already_stored: Counter::default(),
+            rebalances: Counter::default(),
             append_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             flush_seconds: Histogram::new(exponential_buckets(0.001, 4.0, 10)),
         };
@@ -54,6 +60,16 @@ impl CollectorMetrics {
             "dead_letter_events",
             "Invalid messages sent to the dead-letter sink",
             m.dead_lettered.clone(),
+        );
+        r.register(
+            "already_stored",
+            "Bus messages skipped because the store already held them (after a crash or rebalance)",
+            m.already_stored.clone(),
+        );
+        r.register(
+            "assignment_changes",
+            "Partition assignment changes seen (consumer-group rebalances)",
+            m.rebalances.clone(),
         );
         r.register(
             "append_seconds",

@@ -116,10 +116,13 @@ fn start(
 ) {
     let shutdown = CancellationToken::new();
     let sub = Box::new(log.subscribe("tollgate-collector").unwrap());
+    let config = env.config(flush_ms);
+    let dead = DeadLetter::open(&config.dead_letter_dir).unwrap();
     let handle = tokio::spawn(run(
-        env.config(flush_ms),
+        config,
         sub,
         Arc::new(store.clone()),
+        dead,
         CollectorMetrics::unregistered(),
         shutdown.clone(),
     ));
@@ -188,10 +191,7 @@ async fn crash_between_store_flush_and_bus_commit_counts_nothing_twice() {
         let store = env.store();
         let events: Vec<RequestEvent> = (0..10).map(event).collect();
         store
-            .append(
-                tollgate_schemas::arrow::to_batch(&events),
-                &tollgate_schemas::Checkpoint([(0, 10)].into()),
-            )
+            .append(&tollgate_store::EventBatch::consecutive(events, 0, 10))
             .await
             .unwrap();
         store.flush().await.unwrap();

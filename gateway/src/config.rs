@@ -30,6 +30,18 @@ pub struct GatewayConfig {
     /// Where the gateway learns quota state.
     #[serde(default)]
     pub quota: QuotaFeedConfig,
+    /// Address of `/metrics`, `/healthz` and `/readyz` when the gateway runs as its own process
+    /// (`tollgate gateway`); in `tollgate up` the query API serves them for every part.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Directory of the gateway's local state (its last known quota state). Unset: a folder of
+    /// `--data-dir` (default `./data`).
+    #[serde(default)]
+    pub state_dir: std::path::PathBuf,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    "127.0.0.1:8081".parse().expect("valid")
 }
 
 fn default_listen() -> SocketAddr {
@@ -46,6 +58,8 @@ impl Default for GatewayConfig {
             auth: AuthConfig::default(),
             events: EventsConfig::default(),
             quota: QuotaFeedConfig::default(),
+            admin_listen: default_admin_listen(),
+            state_dir: std::path::PathBuf::new(),
         }
     }
 }

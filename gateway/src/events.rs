@@ -55,6 +55,10 @@ pub fn channel(
             }
             publish_with_retry(&*bus, &mut buf, &metrics).await;
         }
+        // Backends that deliver in the background (Kafka) get a bounded time to finish.
+        if let Err(e) = bus.flush(Duration::from_secs(30)).await {
+            tracing::error!(error = %e, "events not delivered at shutdown");
+        }
     };
     (sink, task)
 }

@@ -109,6 +109,8 @@ impl Gateway {
         let quota = Arc::new(limits::QuotaState::default());
         let feed = config.quota.url.as_ref().map(|url| quota_feed::QuotaFeed {
             url: url.clone(),
+            persist: (!config.state_dir.as_os_str().is_empty())
+                .then(|| config.state_dir.join("quota-state.json")),
             token: config.quota.token.clone(),
             poll: std::time::Duration::from_millis(config.quota.poll_ms.unwrap_or(1000)),
             state: quota.clone(),
@@ -175,6 +177,7 @@ impl Gateway {
         } = self;
         let publisher = tokio::spawn(publisher);
         if let Some(feed) = feed {
+            feed.load_persisted();
             tokio::spawn(feed.run(shutdown.clone()));
         }
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "gateway listening");

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use serde::Deserialize;
 use tollgate_schemas::config::{Consumer, Plan};
 
 /// Token buckets per consumer.
@@ -55,23 +54,7 @@ impl RateLimits {
     }
 }
 
-/// One consumer's entry of `/v1/quota`, as the gateway reads it.
-#[derive(Debug, Clone, Deserialize)]
-pub struct QuotaEntry {
-    pub consumer: String,
-    pub limit: Option<u64>,
-    pub used: u64,
-    /// End of the period (RFC 3339).
-    #[serde(default)]
-    pub period_end: Option<String>,
-}
-
-/// `/v1/quota` as the gateway reads it.
-#[derive(Debug, Clone, Deserialize)]
-pub struct QuotaSnapshot {
-    pub version: serde_json::Value,
-    pub consumers: Vec<QuotaEntry>,
-}
+pub use tollgate_schemas::quota::{QuotaEntry, QuotaSnapshot};
 
 struct Known {
     limit: u64,
@@ -96,9 +79,8 @@ impl QuotaState {
             .into_iter()
             .filter_map(|e| {
                 let limit = e.limit?;
-                let period_end = e
-                    .period_end
-                    .and_then(|p| chrono::DateTime::parse_from_rfc3339(&p).ok())
+                let period_end = chrono::DateTime::parse_from_rfc3339(&e.period_end)
+                    .ok()
                     .map(|t| t.with_timezone(&chrono::Utc));
                 Some((
                     e.consumer,
@@ -184,18 +166,26 @@ mod tests {
         assert!(rl.check("unlimited").is_ok());
     }
 
+    fn entry(limit: u64, used: u64, period_end: &str) -> QuotaEntry {
+        QuotaEntry {
+            consumer: "a".into(),
+            plan: None,
+            period: "2026-11".into(),
+            period_end: period_end.into(),
+            limit: Some(limit),
+            used,
+            remaining: Some(limit.saturating_sub(used)),
+            state: tollgate_schemas::quota::QuotaLevel::of(Some(limit), used),
+        }
+    }
+
     #[test]
     fn quota_counts_local_admissions_until_the_next_poll() {
         let q = QuotaState::default();
         let end = (chrono::Utc::now() + chrono::Duration::days(3)).to_rfc3339();
         q.update(QuotaSnapshot {
-            version: 1.into(),
-            consumers: vec![QuotaEntry {
-                consumer: "a".into(),
-                limit: Some(5),
-                used: 3,
-                period_end: Some(end.clone()),
-            }],
+            version: 1,
+            consumers: vec![entry(5, 3, &end)],
         });
         assert!(q.check("a").is_ok());
         q.record("a");
@@ -203,13 +193,8 @@ mod tests {
         let wait = q.check("a").unwrap_err();
         assert!(wait > Duration::from_secs(2 * 86_400));
         q.update(QuotaSnapshot {
-            version: 2.into(),
-            consumers: vec![QuotaEntry {
-                consumer: "a".into(),
-                limit: Some(10),
-                used: 5,
-                period_end: Some(end),
-            }],
+            version: 2,
+            consumers: vec![entry(10, 5, &end)],
         });
         assert!(q.check("a").is_ok());
     }

@@ -1,5 +1,7 @@
 //! Keeps the quota state fresh by polling the query API's `/v1/quota`. Failures keep the last
 //! known state in force; its age is exported as `tollgate_gateway_quota_state_age_seconds`.
+//! Each new state is also written to `quota-state.json` in the gateway's state directory, and a
+//! gateway that starts while the query API is down enforces that file's state.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,6 +18,8 @@ use crate::metrics::GatewayMetrics;
 
 pub struct QuotaFeed {
     pub url: String,
+    /// Where the last known state is kept (`None`: memory only).
+    pub persist: Option<std::path::PathBuf>,
     pub token: Option<String>,
     pub poll: Duration,
     pub state: Arc<QuotaState>,
@@ -23,15 +27,55 @@ pub struct QuotaFeed {
 }
 
 impl QuotaFeed {
+    /// Loads the last known state from disk, if any (called before serving).
+    pub fn load_persisted(&self) {
+        let Some(path) = &self.persist else { return };
+        let Ok(bytes) = std::fs::read(path) else {
+            return;
+        };
+        match serde_json::from_slice::<QuotaSnapshot>(&bytes) {
+            Ok(snap) => {
+                let at = snap.version / 1000;
+                tracing::info!(file = %path.display(), consumers = snap.consumers.len(), "starting from the last known quota state");
+                self.state.update(snap);
+                self.state
+                    .updated_at
+                    .store(at.max(0) as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "ignoring an unreadable quota state file")
+            }
+        }
+    }
+
+    fn persist(&self, snap: &QuotaSnapshot) {
+        let Some(path) = &self.persist else { return };
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| {
+                let body = serde_json::to_vec(snap).expect("quota state serializes");
+                tollgate_schemas::fsutil::write_atomic(path, &body)
+            });
+        if let Err(e) = written {
+            tracing::warn!(file = %path.display(), error = %e, "cannot keep the quota state on disk");
+        }
+    }
+
     pub async fn run(self, shutdown: CancellationToken) {
         let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let mut failing = false;
+        let mut last_version = None;
         loop {
             match self.fetch(&client).await {
                 Ok(snap) => {
                     if failing {
                         tracing::info!(url = %self.url, "quota state reachable again");
                         failing = false;
+                    }
+                    if last_version != Some(snap.version) {
+                        last_version = Some(snap.version);
+                        self.persist(&snap);
                     }
                     self.state.update(snap);
                 }

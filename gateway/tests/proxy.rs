@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tollgate_schemas::quota::{QuotaEntry, QuotaLevel, QuotaSnapshot};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -64,10 +65,20 @@ fn echo(req: &Request<hyper::body::Incoming>) -> (u64, Value) {
 
 fn quota_exhausted(_: &Request<hyper::body::Incoming>) -> (u64, Value) {
     let end = (chrono::Utc::now() + chrono::Duration::days(2)).to_rfc3339();
-    (
-        0,
-        json!({"version": 1, "consumers": [{"consumer": "limited", "limit": 10, "used": 10, "period_end": end}]}),
-    )
+    let snapshot = QuotaSnapshot {
+        version: 1,
+        consumers: vec![QuotaEntry {
+            consumer: "limited".into(),
+            plan: Some("p".into()),
+            period: "2026-11".into(),
+            period_end: end,
+            limit: Some(10),
+            used: 10,
+            remaining: Some(0),
+            state: QuotaLevel::Exceeded,
+        }],
+    };
+    (0, serde_json::to_value(snapshot).unwrap())
 }
 
 struct Harness {
@@ -135,6 +146,7 @@ impl Harness {
                 token: None,
                 poll_ms: Some(20),
             },
+            ..Default::default()
         };
         let consumers = vec![
             Consumer {

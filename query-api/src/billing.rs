@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use tollgate_schemas::quota::{QuotaEntry, QuotaLevel, QuotaSnapshot};
 
 use arrow::array::{ArrayRef, Decimal128Builder, RecordBatch, StringBuilder, UInt64Builder};
 use arrow::datatypes::{DataType, Field, Schema};
@@ -11,7 +12,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use rust_decimal::Decimal;
-use serde_json::{Value, json};
+use serde_json::json;
 use tollgate_store::{Filter, GroupKey, KeyValue};
 
 use crate::AppState;
@@ -248,7 +249,7 @@ pub async fn quota(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
     Query(raw): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<QuotaSnapshot>, ApiError> {
     let caller = s.auth.caller(&headers)?;
     let p = Params::new(raw, &["consumer"])?;
     let scope = caller.scope(p.get("consumer"))?;
@@ -270,7 +271,7 @@ pub async fn quota(
             _ => None,
         })
         .collect();
-    let consumers: Vec<Value> = s
+    let consumers = s
         .consumers
         .iter()
         .filter(|c| scope.as_deref().is_none_or(|sc| sc == c.id))
@@ -281,23 +282,20 @@ pub async fn quota(
                 .and_then(|p| p.quota.as_ref())
                 .map(|q| q.requests);
             let used = used.get(&c.id).copied().unwrap_or(0);
-            let state = match limit {
-                None => "unlimited",
-                Some(l) if used >= l => "exceeded",
-                Some(l) if used as f64 >= l as f64 * 0.8 => "warning",
-                Some(_) => "ok",
-            };
-            json!({
-                "consumer": c.id,
-                "plan": c.plan,
-                "period": period_name(start),
-                "period_end": rfc3339(end),
-                "limit": limit,
-                "used": used,
-                "remaining": limit.map(|l| l.saturating_sub(used)),
-                "state": state,
-            })
+            QuotaEntry {
+                consumer: c.id.clone(),
+                plan: Some(c.plan.clone()),
+                period: period_name(start),
+                period_end: rfc3339(end),
+                limit,
+                used,
+                remaining: limit.map(|l| l.saturating_sub(used)),
+                state: QuotaLevel::of(limit, used),
+            }
         })
         .collect();
-    Ok(Json(json!({"version": now / 1000, "consumers": consumers})))
+    Ok(Json(QuotaSnapshot {
+        version: now / 1000,
+        consumers,
+    }))
 }

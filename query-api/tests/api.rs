@@ -14,7 +14,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 use tollgate_query_api::{AppState, QueryApiConfig, router};
 use tollgate_schemas::config::{Charge, Consumer, Plan, Pricing, Quota, Tier, TierMode};
-use tollgate_schemas::{Checkpoint, Outcome, RequestEvent};
+use tollgate_schemas::{Outcome, RequestEvent};
 use tollgate_store::{EventWriter, ParquetConfig, ParquetStore};
 use tower::ServiceExt;
 
@@ -79,10 +79,11 @@ async fn app() -> (axum::Router, tempfile::TempDir) {
     let now = chrono::Utc::now().to_rfc3339();
     evs.extend((0..4).map(|_| event(&now, "quota-user", "small", true)));
     store
-        .append(
-            tollgate_schemas::arrow::to_batch(&evs),
-            &Checkpoint([(0, evs.len() as u64)].into()),
-        )
+        .append(&tollgate_store::EventBatch::consecutive(
+            evs.clone(),
+            0,
+            evs.len() as u64,
+        ))
         .await
         .unwrap();
     store.flush().await.unwrap();

@@ -9,7 +9,9 @@ pub mod arrow;
 pub mod checkpoint;
 pub mod config;
 pub mod event;
+pub mod fsutil;
 pub mod keys;
+pub mod quota;
 
 pub use checkpoint::Checkpoint;
 pub use event::{Outcome, RequestEvent, SchemaError};

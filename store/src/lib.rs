@@ -6,13 +6,19 @@
 //! histograms — and the query API builds reports, prices and quantiles on top of them, so every
 //! backend gives the same answers by construction.
 
-use async_trait::async_trait;
-use datafusion::arrow::array::RecordBatch;
-use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tollgate_schemas::RequestEvent;
+
+pub mod clickhouse;
 pub mod parquet;
 pub mod sketch;
+pub mod time;
 
+pub use clickhouse::ClickHouseConfig;
 pub use parquet::{ParquetConfig, ParquetStore};
 pub use tollgate_schemas::Checkpoint;
 
@@ -32,12 +38,24 @@ pub enum StoreError {
     Corrupt(String),
     #[error("bad store request: {0}")]
     BadRequest(String),
+    /// The ClickHouse server refused or could not be reached.
+    #[error("clickhouse: {0}")]
+    ClickHouse(String),
+    /// The backend is compiled out of this build.
+    #[error("store.kind: `{kind}` is not in this build; rebuild with `--features {feature}`")]
+    NotBuilt {
+        kind: &'static str,
+        feature: &'static str,
+    },
 }
 
 impl StoreError {
     /// Whether trying again later may succeed.
     pub fn retryable(&self) -> bool {
-        matches!(self, StoreError::Io { .. } | StoreError::Query(_))
+        matches!(
+            self,
+            StoreError::Io { .. } | StoreError::Query(_) | StoreError::ClickHouse(_)
+        )
     }
 
     pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -48,25 +66,82 @@ impl StoreError {
     }
 }
 
+/// Where one consumed record sits on the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub partition: u32,
+    pub offset: u64,
+}
+
+/// Consumed events on their way into the store: each with its bus position, and the checkpoint
+/// just after the last consumed record (dead-lettered records included).
+#[derive(Debug, Clone, Default)]
+pub struct EventBatch {
+    pub events: Vec<RequestEvent>,
+    pub positions: Vec<Position>,
+    pub through: Checkpoint,
+}
+
+impl EventBatch {
+    /// Events read from one partition at consecutive offsets ending just before `through`
+    /// (the shape of most tests).
+    pub fn consecutive(events: Vec<RequestEvent>, partition: u32, through: u64) -> EventBatch {
+        let first = through - events.len() as u64;
+        let positions = (0..events.len() as u64)
+            .map(|i| Position {
+                partition,
+                offset: first + i,
+            })
+            .collect();
+        EventBatch {
+            events,
+            positions,
+            through: Checkpoint([(partition, through)].into()),
+        }
+    }
+}
+
+/// Where a collector resumes a partition it was just assigned: every offset below
+/// `stored_through` is in the store, and so is every offset in `stored_after`; the rest is read
+/// from the bus and written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resume {
+    pub stored_through: u64,
+    pub stored_after: std::collections::BTreeSet<u64>,
+}
+
+impl Resume {
+    /// Whether the record at `offset` is already stored.
+    pub fn is_stored(&self, offset: u64) -> bool {
+        offset < self.stored_through || self.stored_after.contains(&offset)
+    }
+}
+
 /// The collector's side of the store.
 ///
-/// Exactly-once contract: `append` makes events visible to queries at once; `flush` makes every
-/// appended event durable *together with* the checkpoint passed with the last append, and returns
-/// that checkpoint. After a crash, `durable_checkpoint` tells the collector where the durable data
-/// ends, so it resumes there: events after it are read again from the bus, events before it are
-/// never written twice.
+/// Exactly-once contract: the store is the record of which bus positions it holds. `append`
+/// makes events visible to queries; `flush` makes every appended event durable and returns the
+/// checkpoint it reaches, which the collector then commits to the bus. When a partition is
+/// assigned (at start, or after a rebalance or a crash), `resume` says which of its records the
+/// store already holds, so the collector skips them: nothing is written twice, and nothing the
+/// store lacks is skipped, whatever the bus commit says.
 #[async_trait]
 pub trait EventWriter: Send + Sync {
-    /// Adds a batch of `RequestEvent` rows; `through` is the bus position just after them.
-    async fn append(&self, batch: RecordBatch, through: &Checkpoint) -> Result<(), StoreError>;
+    /// Adds a batch of events.
+    async fn append(&self, batch: &EventBatch) -> Result<(), StoreError>;
     /// Makes everything appended so far durable; returns the durable checkpoint.
     async fn flush(&self) -> Result<Checkpoint, StoreError>;
-    /// The checkpoint of the durable data (what survived the last crash).
-    async fn durable_checkpoint(&self) -> Result<Checkpoint, StoreError>;
-    /// Forgets events appended but not yet durable and returns the durable checkpoint: what a
-    /// collector calls when it (re)starts, so that re-reading from that checkpoint cannot count
-    /// an event twice, even when the store outlived a failed collector in the same process.
-    async fn reset(&self) -> Result<Checkpoint, StoreError>;
+    /// What the store holds of `partition`, given the bus commit `committed` of the group.
+    async fn resume(&self, partition: u32, committed: u64) -> Result<Resume, StoreError>;
+    /// Forgets events appended but not yet durable: what a collector calls when it (re)starts,
+    /// so that re-reading them cannot count an event twice, even when the store outlived a
+    /// failed collector in the same process.
+    async fn reset(&self) -> Result<(), StoreError>;
+    /// True when `append` is already durable (`flush` then only reports the checkpoint), so the
+    /// collector commits after every append.
+    fn durable_on_append(&self) -> bool {
+        false
+    }
 }
 
 /// A time window `[from, to)` in microseconds since the epoch, and optional filters.
@@ -177,6 +252,75 @@ pub trait UsageQuery: Send + Sync {
 pub enum StoreConfig {
     /// Arrow in memory plus Parquet files on disk, queried with DataFusion.
     Parquet(ParquetConfig),
+    /// A ClickHouse server (the scaled deployment); needs the `clickhouse` cargo feature.
+    Clickhouse(ClickHouseConfig),
+}
+
+/// A store opened from its configuration: the collector's and the query API's sides, and the
+/// background upkeep the backend owns (Parquet compaction; nothing for ClickHouse, which merges
+/// by itself).
+pub struct Store {
+    pub writer: Arc<dyn EventWriter>,
+    pub query: Arc<dyn UsageQuery>,
+    upkeep: Option<
+        Box<dyn FnOnce(CancellationToken) -> futures::future::BoxFuture<'static, ()> + Send>,
+    >,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Runs the backend's upkeep until `shutdown` (returns at once when it has none).
+    pub async fn upkeep(&mut self, shutdown: CancellationToken) {
+        if let Some(run) = self.upkeep.take() {
+            run(shutdown).await;
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Checks the section without I/O; errors name the key.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            StoreConfig::Parquet(_) => Ok(()),
+            StoreConfig::Clickhouse(c) => c.validate(),
+        }
+    }
+
+    /// Whether the store can be shared between processes (every backend but Parquet files).
+    pub fn is_shared(&self) -> bool {
+        !matches!(self, StoreConfig::Parquet(_))
+    }
+
+    /// Opens the configured backend (connects, applies migrations): the one place that knows
+    /// every backend.
+    pub async fn open(&self) -> Result<Store, StoreError> {
+        match self {
+            StoreConfig::Parquet(c) => {
+                let store = ParquetStore::open(c.clone())?;
+                let upkeep = store.clone();
+                Ok(Store {
+                    writer: Arc::new(store.clone()),
+                    query: Arc::new(store),
+                    upkeep: Some(Box::new(move |stop| {
+                        Box::pin(async move { upkeep.compact_every(stop).await })
+                    })),
+                })
+            }
+            StoreConfig::Clickhouse(c) => {
+                let (writer, query) = clickhouse::open(c).await?;
+                Ok(Store {
+                    writer,
+                    query,
+                    upkeep: None,
+                })
+            }
+        }
+    }
 }
 
 impl Default for StoreConfig {
@@ -185,10 +329,4 @@ impl Default for StoreConfig {
     }
 }
 
-/// Formats a day number (days since the epoch) as `YYYY-MM-DD`.
-pub fn day_string(day: i64) -> String {
-    let date = chrono::DateTime::from_timestamp(day * 86_400, 0)
-        .expect("day in range")
-        .date_naive();
-    date.format("%Y-%m-%d").to_string()
-}
+pub use time::day_string;

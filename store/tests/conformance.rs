@@ -8,7 +8,8 @@ use serde_json::Value;
 use tollgate_schemas::{Checkpoint, Outcome, RequestEvent};
 use tollgate_store::sketch::RELATIVE_ERROR;
 use tollgate_store::{
-    EventWriter, Filter, GroupKey, KeyValue, LatencyQuery, ParquetConfig, ParquetStore, UsageQuery,
+    EventBatch, EventWriter, Filter, GroupKey, KeyValue, LatencyQuery, ParquetConfig, ParquetStore,
+    UsageQuery,
 };
 
 #[derive(Deserialize)]
@@ -211,10 +212,11 @@ async fn parquet_store_passes_every_case() {
         let tmp = tempfile::tempdir().unwrap();
         let memory_only = open(&tmp.path().join("memory"));
         memory_only
-            .append(
-                tollgate_schemas::arrow::to_batch(&evs),
-                &Checkpoint([(0, 1)].into()),
-            )
+            .append(&EventBatch {
+                events: evs.to_vec(),
+                positions: vec![],
+                through: Checkpoint([(0, 1)].into()),
+            })
             .await
             .unwrap();
         check(&format!("{name} (memory)"), &memory_only, &case).await;
@@ -223,18 +225,20 @@ async fn parquet_store_passes_every_case() {
         // Two appends, so that compaction has files to merge.
         let (a, b) = evs.split_at(evs.len() / 2);
         store
-            .append(
-                tollgate_schemas::arrow::to_batch(a),
-                &Checkpoint([(0, 1)].into()),
-            )
+            .append(&EventBatch {
+                events: a.to_vec(),
+                positions: vec![],
+                through: Checkpoint([(0, 1)].into()),
+            })
             .await
             .unwrap();
         store.flush().await.unwrap();
         store
-            .append(
-                tollgate_schemas::arrow::to_batch(b),
-                &Checkpoint([(0, 2)].into()),
-            )
+            .append(&EventBatch {
+                events: b.to_vec(),
+                positions: vec![],
+                through: Checkpoint([(0, 2)].into()),
+            })
             .await
             .unwrap();
         check(&format!("{name} (parquet + memory)"), &store, &case).await;

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::{BusError, Checkpoint, Message, Publisher, Record, Subscriber};
+use crate::{AssignmentChange, Bus, BusError, Checkpoint, Message, Publisher, Record, Subscriber};
 use segment::SegmentReader;
 
 /// The `bus:` section for `kind: embedded`.
@@ -160,6 +160,7 @@ impl EmbeddedLog {
             committed,
             position: committed,
             reader: None,
+            changes: vec![AssignmentChange::Assigned(vec![(0, committed)])],
         })
     }
 
@@ -252,6 +253,8 @@ pub struct EmbeddedSubscriber {
     committed: u64,
     position: u64,
     reader: Option<SegmentReader>,
+    /// The one assignment (partition 0), reported once.
+    changes: Vec<AssignmentChange>,
 }
 
 impl EmbeddedSubscriber {
@@ -340,12 +343,31 @@ impl Subscriber for EmbeddedSubscriber {
         Checkpoint([(0, self.committed)].into())
     }
 
-    async fn seek(&mut self, checkpoint: &Checkpoint) -> Result<(), BusError> {
-        if let Some(next) = checkpoint.0.get(&0).copied() {
-            self.position = next;
+    fn take_changes(&mut self) -> Vec<AssignmentChange> {
+        std::mem::take(&mut self.changes)
+    }
+
+    async fn seek(&mut self, partition: u32, offset: u64) -> Result<(), BusError> {
+        if partition == 0 {
+            self.position = offset;
             self.reader = None;
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Bus for EmbeddedLog {
+    fn publisher(&self) -> Result<Arc<dyn Publisher>, BusError> {
+        Ok(Arc::new(self.clone()))
+    }
+
+    async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscriber>, BusError> {
+        Ok(Box::new(EmbeddedLog::subscribe(self, group)?))
+    }
+
+    async fn ready(&self) -> bool {
+        self.inner.dir.is_dir()
     }
 }
 

@@ -1,7 +1,6 @@
 //! Durable committed offsets of consumer groups: one small JSON file per group, replaced
 //! atomically (write to a temp file, fsync, rename, fsync the directory).
 
-use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -37,16 +36,8 @@ pub fn load(dir: &Path, group: &str) -> Result<u64, BusError> {
 /// Durably records that `group` has processed everything before `next_offset`.
 pub fn store(dir: &Path, group: &str, next_offset: u64) -> Result<(), BusError> {
     let path = dir.join(format!("{group}.json"));
-    let tmp = dir.join(format!(".{group}.json.tmp"));
     let body = serde_json::to_vec(&Committed { next_offset }).expect("serializes");
-    let mut f = std::fs::File::create(&tmp).map_err(err(&tmp))?;
-    f.write_all(&body).map_err(err(&tmp))?;
-    f.sync_all().map_err(err(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(err(&path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(err(dir))?;
-    Ok(())
+    tollgate_schemas::fsutil::write_atomic(&path, &body).map_err(err(&path))
 }
 
 /// The lowest committed offset over every group, `None` when no group has committed.

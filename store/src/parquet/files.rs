@@ -17,7 +17,7 @@ use parquet::file::properties::WriterProperties;
 use super::manifest::{FileEntry, sync_dir};
 use crate::StoreError;
 
-pub const DAY_US: i64 = 86_400_000_000;
+pub use crate::time::DAY_US;
 
 fn ts_column(batch: &RecordBatch) -> Result<&TimestampMicrosecondArray, StoreError> {
     batch

@@ -4,7 +4,6 @@
 //! Files on disk that the manifest does not name are leftovers of an interrupted write; they are
 //! deleted at open.
 
-use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -50,13 +49,8 @@ pub fn load(dir: &Path) -> Result<Manifest, StoreError> {
 /// Atomically replaces the manifest.
 pub fn store(dir: &Path, manifest: &Manifest) -> Result<(), StoreError> {
     let path = dir.join(FILE);
-    let tmp = dir.join(".manifest.json.tmp");
     let body = serde_json::to_vec_pretty(manifest).expect("manifest serializes");
-    let mut f = std::fs::File::create(&tmp).map_err(StoreError::io(&tmp))?;
-    f.write_all(&body).map_err(StoreError::io(&tmp))?;
-    f.sync_all().map_err(StoreError::io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(StoreError::io(&path))?;
-    sync_dir(dir)
+    tollgate_schemas::fsutil::write_atomic(&path, &body).map_err(StoreError::io(&path))
 }
 
 /// fsyncs a directory so that a rename or a new file in it is durable.

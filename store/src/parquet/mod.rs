@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 pub use manifest::{FileEntry, Manifest};
 
-use crate::{Checkpoint, EventWriter, StoreError};
+use crate::{Checkpoint, EventBatch, EventWriter, Resume, StoreError};
 
 /// The `store:` section for `kind: parquet`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,15 +206,26 @@ fn remove_orphans(dir: &Path, manifest: &Manifest) {
     }
 }
 
+impl ParquetStore {
+    /// Compacts once a minute until `shutdown` (the store's upkeep).
+    pub async fn compact_every(&self, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            }
+            if let Err(e) = self.compact().await {
+                tracing::warn!(error = %e, "compaction failed; will retry");
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl EventWriter for ParquetStore {
-    async fn append(&self, batch: RecordBatch, through: &Checkpoint) -> Result<(), StoreError> {
-        if batch.schema().fields() != tollgate_schemas::arrow::schema().fields() {
-            return Err(StoreError::BadRequest(
-                "batch does not have the RequestEvent v1 schema".into(),
-            ));
-        }
-        self.write_state().mem.push((batch, through.clone()));
+    async fn append(&self, batch: &EventBatch) -> Result<(), StoreError> {
+        let rows = tollgate_schemas::arrow::to_batch(&batch.events);
+        self.write_state().mem.push((rows, batch.through.clone()));
         Ok(())
     }
 
@@ -258,11 +269,23 @@ impl EventWriter for ParquetStore {
         Ok(state.manifest.checkpoint.clone())
     }
 
-    async fn durable_checkpoint(&self) -> Result<Checkpoint, StoreError> {
-        Ok(self.read_state().manifest.checkpoint.clone())
+    async fn resume(&self, partition: u32, committed: u64) -> Result<Resume, StoreError> {
+        // Every file the manifest names lies before its checkpoint (flushes are in order).
+        let durable = self
+            .read_state()
+            .manifest
+            .checkpoint
+            .0
+            .get(&partition)
+            .copied()
+            .unwrap_or(0);
+        Ok(Resume {
+            stored_through: durable.max(committed),
+            stored_after: Default::default(),
+        })
     }
 
-    async fn reset(&self) -> Result<Checkpoint, StoreError> {
+    async fn reset(&self) -> Result<(), StoreError> {
         // Wait out a flush in progress, so that what it commits is counted as durable.
         let _commit = self.inner.commit.lock().await;
         let mut state = self.write_state();
@@ -274,7 +297,7 @@ impl EventWriter for ParquetStore {
             );
         }
         state.mem.clear();
-        Ok(state.manifest.checkpoint.clone())
+        Ok(())
     }
 }
 

@@ -65,26 +65,24 @@ async fn appended_events_are_queryable_before_flush_and_after_reopen() {
     let store = ParquetStore::open(cfg(dir.path())).unwrap();
     let evs: Vec<_> = (0..10).map(|i| event(T0 + i, "a", "r", 100)).collect();
     store
-        .append(tollgate_schemas::arrow::to_batch(&evs), &cp(10))
+        .append(&crate::EventBatch::consecutive(evs.clone(), 0, 10))
         .await
         .unwrap();
     assert_eq!(total(&store).await, 10);
-    assert_eq!(
-        store.durable_checkpoint().await.unwrap(),
-        Checkpoint::default()
-    );
+    assert_eq!(store.resume(0, 0).await.unwrap().stored_through, 0);
     assert_eq!(store.flush().await.unwrap(), cp(10));
     assert_eq!(total(&store).await, 10);
     // Unflushed events are gone after a "crash"; the checkpoint says where to resume.
     let more: Vec<_> = (0..5).map(|i| event(T0 + 100 + i, "a", "r", 100)).collect();
     store
-        .append(tollgate_schemas::arrow::to_batch(&more), &cp(15))
+        .append(&crate::EventBatch::consecutive(more.clone(), 0, 15))
         .await
         .unwrap();
     drop(store);
     let store = ParquetStore::open(cfg(dir.path())).unwrap();
     assert_eq!(total(&store).await, 10);
-    assert_eq!(store.durable_checkpoint().await.unwrap(), cp(10));
+    assert_eq!(store.resume(0, 0).await.unwrap().stored_through, 10);
+    assert_eq!(store.resume(0, 12).await.unwrap().stored_through, 12);
 }
 
 #[tokio::test]
@@ -98,7 +96,7 @@ async fn flush_splits_by_day_and_compaction_merges_without_changing_answers() {
             event(T0 + DAY + i as i64, "b", "r", 100),
         ];
         store
-            .append(tollgate_schemas::arrow::to_batch(&evs), &cp(2 * i + 2))
+            .append(&crate::EventBatch::consecutive(evs.clone(), 0, 2 * i + 2))
             .await
             .unwrap();
         store.flush().await.unwrap();
@@ -133,7 +131,7 @@ async fn orphan_files_from_an_interrupted_flush_are_ignored_and_removed() {
     let store = ParquetStore::open(cfg(dir.path())).unwrap();
     let evs: Vec<_> = (0..3).map(|i| event(T0 + i, "a", "r", 100)).collect();
     store
-        .append(tollgate_schemas::arrow::to_batch(&evs), &cp(3))
+        .append(&crate::EventBatch::consecutive(evs.clone(), 0, 3))
         .await
         .unwrap();
     store.flush().await.unwrap();
