@@ -1,0 +1,165 @@
+//! The Kafka bus against a real Kafka-protocol broker (tansu, started by the test): keyed
+//! publishing, consumer-group assignment with committed offsets, and two members sharing the
+//! partitions of one topic.
+#![cfg(feature = "kafka")]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tollgate_bus::{
+    AssignmentChange, BusConfig, Checkpoint, KafkaConfig, Message, Record, Subscriber,
+};
+
+fn config(broker: &tollgate_testkit::Broker, topic: &str) -> BusConfig {
+    BusConfig::Kafka(KafkaConfig {
+        brokers: broker.addr(),
+        topic: topic.into(),
+        partitions: 4,
+        replication_factor: 1,
+        create_topics: true,
+        compression: "lz4".into(),
+        linger_ms: 5,
+        properties: [
+            ("session.timeout.ms".to_string(), "6000".to_string()),
+            ("heartbeat.interval.ms".to_string(), "500".to_string()),
+        ]
+        .into(),
+    })
+}
+
+fn records(n: usize) -> Vec<Record> {
+    (0..n)
+        .map(|i| Record {
+            key: Bytes::from(format!("consumer-{}", i % 7)),
+            payload: Bytes::from(format!("{i}")),
+        })
+        .collect()
+}
+
+/// Polls until `n` messages arrived (assignment changes are collected too).
+async fn drain(
+    sub: &mut dyn Subscriber,
+    n: usize,
+    changes: &mut Vec<AssignmentChange>,
+) -> Vec<Message> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut out = Vec::new();
+    while out.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "got {} of {n} messages",
+            out.len()
+        );
+        changes.extend(sub.take_changes());
+        out.extend(sub.poll(1000, Duration::from_millis(200)).await.unwrap());
+    }
+    changes.extend(sub.take_changes());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_keyed_and_a_group_resumes_at_its_commit() {
+    let broker = tollgate_testkit::Broker::start();
+    let bus = config(&broker, "keyed").open().await.unwrap();
+    let publisher = bus.publisher().unwrap();
+    publisher.publish(records(2000)).await.unwrap();
+    publisher.flush(Duration::from_secs(30)).await.unwrap();
+
+    let mut sub = bus.subscribe("g1").await.unwrap();
+    let mut changes = Vec::new();
+    let got = drain(&mut *sub, 2000, &mut changes).await;
+    assert!(
+        matches!(changes.first(), Some(AssignmentChange::Assigned(p)) if p.len() == 4),
+        "{changes:?}"
+    );
+    let positions: BTreeSet<(u32, u64)> = got.iter().map(|m| (m.partition, m.offset)).collect();
+    assert_eq!(positions.len(), 2000, "every record once");
+    // One key, one partition, in publish order.
+    let mut by_key: BTreeMap<Bytes, (u32, Vec<u64>)> = BTreeMap::new();
+    for m in &got {
+        let e = by_key
+            .entry(m.key.clone())
+            .or_insert((m.partition, Vec::new()));
+        assert_eq!(e.0, m.partition, "a key stays on one partition");
+        e.1.push(String::from_utf8_lossy(&m.payload).parse().unwrap());
+    }
+    for (_, (_, seq)) in by_key {
+        assert!(seq.windows(2).all(|w| w[0] < w[1]), "per-key order kept");
+    }
+    let mut ends = Checkpoint::default();
+    for m in &got {
+        ends.advance(m.partition, m.offset);
+    }
+    sub.commit(&ends).await.unwrap();
+    drop(sub);
+
+    // A new member of the group is told the committed offsets with its assignment.
+    let mut again = bus.subscribe("g1").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let assigned = loop {
+        assert!(Instant::now() < deadline, "no assignment");
+        again.poll(100, Duration::from_millis(200)).await.unwrap();
+        if let Some(AssignmentChange::Assigned(p)) = again
+            .take_changes()
+            .into_iter()
+            .find(|c| matches!(c, AssignmentChange::Assigned(_)))
+        {
+            break p;
+        }
+    };
+    let committed: Checkpoint = Checkpoint(assigned.into_iter().collect());
+    assert_eq!(committed, ends);
+    // Invalid events have a topic of their own.
+    let dead = bus.dead_letters().unwrap().expect("a dead-letter topic");
+    dead.publish(records(1)).await.unwrap();
+    dead.flush(Duration::from_secs(30)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_share_the_partitions() {
+    let broker = tollgate_testkit::Broker::start();
+    let bus = config(&broker, "shared").open().await.unwrap();
+    let mut a = bus.subscribe("g2").await.unwrap();
+    let mut owned_a: BTreeSet<u32> = BTreeSet::new();
+    let mut owned_b: BTreeSet<u32> = BTreeSet::new();
+    let apply = |owned: &mut BTreeSet<u32>, changes: Vec<AssignmentChange>| {
+        for c in changes {
+            match c {
+                AssignmentChange::Assigned(p) => owned.extend(p.into_iter().map(|(p, _)| p)),
+                AssignmentChange::Revoked(p) => p.iter().for_each(|p| {
+                    owned.remove(p);
+                }),
+            }
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while owned_a.len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the first member never got the partitions"
+        );
+        a.poll(10, Duration::from_millis(200)).await.unwrap();
+        apply(&mut owned_a, a.take_changes());
+    }
+    let mut b = bus.subscribe("g2").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the partitions were never shared: {owned_a:?} / {owned_b:?}"
+        );
+        let (ra, rb) = tokio::join!(
+            a.poll(10, Duration::from_millis(200)),
+            b.poll(10, Duration::from_millis(200))
+        );
+        ra.unwrap();
+        rb.unwrap();
+        apply(&mut owned_a, a.take_changes());
+        apply(&mut owned_b, b.take_changes());
+        if !owned_a.is_empty() && !owned_b.is_empty() && owned_a.len() + owned_b.len() == 4 {
+            break;
+        }
+    }
+    assert!(owned_a.is_disjoint(&owned_b), "{owned_a:?} / {owned_b:?}");
+}

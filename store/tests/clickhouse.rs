@@ -1,0 +1,176 @@
+//! The ClickHouse backend against a real server: the exactly-once resume, migrations on an
+//! existing database, and the DDL checked against the JSON Schema.
+#![cfg(feature = "clickhouse")]
+
+use tollgate_schemas::{Outcome, RequestEvent};
+use tollgate_store::clickhouse::{ClickHouseConfig, MIGRATIONS, migrations};
+use tollgate_store::{EventBatch, Position, StoreConfig};
+
+fn config(server: &tollgate_testkit::ClickHouse, db: &str) -> StoreConfig {
+    StoreConfig::Clickhouse(ClickHouseConfig {
+        url: server.url(),
+        database: db.into(),
+        user: None,
+        password: None,
+    })
+}
+
+fn event(i: u64) -> RequestEvent {
+    RequestEvent {
+        v: 1,
+        id: uuid::Uuid::now_v7(),
+        ts: chrono::DateTime::from_timestamp_micros(1_790_000_000_000_000 + i as i64 * 1000)
+            .unwrap(),
+        gateway: "g".into(),
+        route: Some("r".into()),
+        method: "GET".into(),
+        path: "/".into(),
+        status: 200,
+        latency_us: 1000 + i,
+        upstream_latency_us: Some(900),
+        req_bytes: 1,
+        resp_bytes: 2,
+        consumer: Some("c".into()),
+        plan: Some("p".into()),
+        outcome: Outcome::Ok,
+        billable: true,
+        trace_id: None,
+    }
+}
+
+fn batch(partition: u32, offsets: std::ops::Range<u64>) -> EventBatch {
+    let events: Vec<RequestEvent> = offsets.clone().map(event).collect();
+    let positions = offsets
+        .clone()
+        .map(|offset| Position { partition, offset })
+        .collect();
+    EventBatch {
+        events,
+        positions,
+        through: tollgate_schemas::Checkpoint([(partition, offsets.end)].into()),
+    }
+}
+
+#[tokio::test]
+async fn resume_reports_exactly_the_stored_positions() {
+    let server = tollgate_testkit::ClickHouse::start();
+    let store = config(&server, "resume").open().await.unwrap();
+    store.writer.append(&batch(3, 0..10)).await.unwrap();
+    // A batch after a gap (what a killed collector's successor can leave behind).
+    store.writer.append(&batch(3, 15..20)).await.unwrap();
+    store.writer.append(&batch(4, 0..5)).await.unwrap();
+
+    let r = store.writer.resume(3, 0).await.unwrap();
+    assert_eq!(r.stored_through, 10);
+    assert_eq!(r.stored_after, (15..20).collect());
+    assert!(r.is_stored(9) && !r.is_stored(10) && r.is_stored(16) && !r.is_stored(20));
+    // The bus commit ahead of the contiguous run: start there.
+    let r = store.writer.resume(3, 12).await.unwrap();
+    assert_eq!((r.stored_through, r.stored_after.len()), (12, 5));
+    let r = store.writer.resume(7, 0).await.unwrap();
+    assert_eq!((r.stored_through, r.stored_after.len()), (0, 0));
+    assert!(store.writer.durable_on_append());
+    assert_eq!(
+        store.writer.flush().await.unwrap(),
+        tollgate_schemas::Checkpoint([(3, 20), (4, 5)].into())
+    );
+    assert_eq!(
+        server.query("SELECT count() FROM resume.events").trim(),
+        "20"
+    );
+}
+
+#[tokio::test]
+async fn migrations_upgrade_an_existing_database_once() {
+    let server = tollgate_testkit::ClickHouse::start();
+    // A database at migration 1 (an older release), holding data.
+    server.query("CREATE DATABASE up");
+    server.query(
+        "CREATE TABLE up.tollgate_migrations (version UInt32, name String, applied_at DateTime DEFAULT now()) ENGINE = MergeTree ORDER BY version",
+    );
+    for s in migrations::statements(MIGRATIONS[0].2, "up") {
+        server.query(&s);
+    }
+    server.query("INSERT INTO up.tollgate_migrations (version, name) VALUES (1, 'events')");
+    let store = config(&server, "up").open().await.unwrap();
+    store.writer.append(&batch(0, 0..3)).await.unwrap();
+    let versions = server.query("SELECT version FROM up.tollgate_migrations ORDER BY version");
+    let want: Vec<String> = MIGRATIONS.iter().map(|m| m.0.to_string()).collect();
+    assert_eq!(versions.lines().collect::<Vec<_>>(), want);
+    // The rollups of the new migration fill from then on.
+    assert_eq!(
+        server.query("SELECT sum(requests) FROM up.usage_1m").trim(),
+        "3"
+    );
+    // Opening again applies nothing twice.
+    drop(store);
+    config(&server, "up").open().await.unwrap();
+    let again = server.query("SELECT count() FROM up.tollgate_migrations");
+    assert_eq!(again.trim(), MIGRATIONS.len().to_string());
+}
+
+/// Every property of the JSON Schema is a column of `events` with a type that holds it, and
+/// nothing else is there but the bus position and the sketch bucket.
+#[tokio::test]
+async fn the_events_table_agrees_with_the_json_schema() {
+    let server = tollgate_testkit::ClickHouse::start();
+    config(&server, "ddl").open().await.unwrap();
+    let columns: std::collections::BTreeMap<String, String> = server
+        .query("SELECT name, type FROM system.columns WHERE database = 'ddl' AND table = 'events'")
+        .lines()
+        .map(|l| {
+            let (n, t) = l.split_once('\t').unwrap();
+            (n.to_string(), t.to_string())
+        })
+        .collect();
+    let schema: serde_json::Value =
+        serde_json::from_str(tollgate_schemas::REQUEST_EVENT_V1_SCHEMA).unwrap();
+    let props = schema["properties"].as_object().unwrap();
+    for (name, spec) in props {
+        // `ts` is an RFC 3339 string on the wire and microseconds (`ts_us`) in the table.
+        if name == "ts" {
+            continue;
+        }
+        let ty = columns
+            .get(name)
+            .unwrap_or_else(|| panic!("schema property `{name}` has no column"));
+        let (json_ty, nullable) = match &spec["type"] {
+            serde_json::Value::String(t) => (t.as_str(), false),
+            serde_json::Value::Array(ts) => (
+                ts.iter()
+                    .find(|t| *t != "null")
+                    .and_then(|t| t.as_str())
+                    .unwrap(),
+                ts.iter().any(|t| t == "null"),
+            ),
+            other => panic!("{name}: unexpected type {other}"),
+        };
+        assert_eq!(ty.starts_with("Nullable("), nullable, "{name}: {ty}");
+        let inner = ty.trim_start_matches("Nullable(").trim_end_matches(')');
+        let max = spec["maximum"].as_f64();
+        let ok = match json_ty {
+            "string" => inner == "String",
+            "boolean" => inner == "UInt8",
+            "integer" => match max {
+                Some(m) if m <= 255.0 => inner == "UInt8",
+                Some(m) if m <= 65535.0 => inner == "UInt16",
+                _ => inner == "UInt64",
+            },
+            _ => false,
+        };
+        assert!(
+            ok,
+            "{name}: JSON type {json_ty} (max {max:?}) stored as {ty}"
+        );
+    }
+    assert_eq!(columns.get("ts_us").map(String::as_str), Some("Int64"));
+    let extra: Vec<&String> = columns
+        .keys()
+        .filter(|c| !props.contains_key(c.as_str()))
+        .collect();
+    assert_eq!(
+        extra,
+        ["bus_offset", "bus_partition", "latency_bucket", "ts_us"],
+        "columns beyond the schema"
+    );
+}
