@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check of the project: formatting, lints, the API contract check, and the whole test
-# suite (unit, property, conformance, end-to-end and browser tests, in the dev profile). One
-# build, shared target directory.
+# suite (unit, property, conformance, end-to-end and browser tests, in the dev profile), with
+# every backend compiled in (`--all-features`: Kafka and ClickHouse, tested against a real
+# broker and server). One build, shared target directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,23 +19,16 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
-# The dashboard test drives a real headless browser.
-if [ ! -x /usr/bin/chromium ]; then
-  echo "chromium is missing; installing it with apt-get (needed by tests/dashboard.rs)" >&2
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
-fi
-if ! command -v curl >/dev/null; then
-  echo "curl is missing; installing it with apt-get (needed by tests/dashboard.rs)" >&2
-  apt-get update -qq && apt-get install -y -qq curl >/dev/null
-fi
+# Real services the tests run against (ClickHouse, a Kafka-protocol broker, Chromium) and the
+# C toolchain librdkafka's build needs.
+./scripts/install-test-services.sh
 
 echo "== rustfmt" >&2
 cargo fmt --all --check
 echo "== clippy" >&2
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 echo "== API contract (schemathesis against /openapi.json)" >&2
-cargo build --locked
+cargo build --all-features --locked
 ./scripts/api-contract.sh "$CARGO_TARGET_DIR/debug/tollgate"
 echo "== tests" >&2
-cargo nextest run --workspace --locked --no-fail-fast
+cargo nextest run --workspace --all-features --locked --no-fail-fast

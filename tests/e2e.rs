@@ -3,7 +3,7 @@
 //! checked exactly — and again after a SIGKILL and restart on the same data.
 
 mod common;
-use common::free_port;
+use common::{Http, free_port, start_upstream};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,53 +11,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::StatusCode;
 use serde_json::Value;
 
 const ADMIN: &str = "e2e-admin-token-0123456789";
-
-/// The upstream: `/fast` answers in 10 ms, `/slow/{id}` in 50 ms, `/fail` with a 503.
-async fn start_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let path = req.uri().path().to_string();
-                    let consumer = req
-                        .headers()
-                        .get("x-tollgate-consumer")
-                        .map(|v| v.to_str().unwrap().to_string());
-                    let leaked_key = req.headers().contains_key("x-api-key");
-                    let (delay, status) = match path.as_str() {
-                        "/fast" => (10, StatusCode::OK),
-                        p if p.starts_with("/slow/") => (50, StatusCode::OK),
-                        _ => (0, StatusCode::SERVICE_UNAVAILABLE),
-                    };
-                    tokio::time::sleep(Duration::from_millis(delay)).await;
-                    let body = serde_json::json!({"consumer": consumer, "leaked_key": leaked_key})
-                        .to_string();
-                    let mut resp = Response::new(Full::new(Bytes::from(body)));
-                    *resp.status_mut() = status;
-                    Ok::<_, std::convert::Infallible>(resp)
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 fn write_config(dir: &Path, upstream: SocketAddr, gw: u16, api: u16) -> std::path::PathBuf {
     let text = format!(
@@ -125,50 +82,6 @@ impl Drop for Tollgate {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-struct Http {
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-impl Http {
-    fn new() -> Http {
-        Http {
-            client: Client::builder(TokioExecutor::new()).build_http(),
-        }
-    }
-
-    async fn get(
-        &self,
-        url: &str,
-        headers: &[(&str, &str)],
-    ) -> Result<(StatusCode, Bytes), String> {
-        let mut req = Request::get(url);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let resp = self
-            .client
-            .request(req.body(Full::new(Bytes::new())).unwrap())
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((status, body))
-    }
-
-    async fn json(&self, url: &str, token: Option<&str>) -> (StatusCode, Value) {
-        let auth = token.map(|t| format!("Bearer {t}"));
-        let headers: Vec<(&str, &str)> =
-            auth.iter().map(|a| ("authorization", a.as_str())).collect();
-        let (s, b) = self.get(url, &headers).await.unwrap();
-        (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
     }
 }
 

@@ -1,0 +1,315 @@
+//! The scaled deployment end to end, as separate processes against real services: a tansu
+//! broker and a ClickHouse server started here, two gateways, two collectors and a query API
+//! (the real `tollgate` binary, each its own process). Mid-stream one collector is killed with
+//! SIGKILL and the broker is frozen for a while; afterwards every request sent is in ClickHouse
+//! exactly once and the query API's usage is exact.
+#![cfg(all(feature = "kafka", feature = "clickhouse"))]
+
+mod common;
+use common::{Http, free_port, start_upstream};
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper::StatusCode;
+use tollgate_testkit::{Broker, ClickHouse};
+
+const ADMIN: &str = "scaled-admin-token-0123456789";
+
+fn write_config(
+    dir: &Path,
+    upstream: std::net::SocketAddr,
+    broker: &Broker,
+    ch: &ClickHouse,
+    api: u16,
+) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+gateway:
+  upstreams:
+    app: {{ targets: ["http://{upstream}"], timeout_ms: 2000 }}
+  routes:
+    - {{ id: fast, methods: [GET], path: /fast, upstream: app }}
+    - {{ id: fail, methods: [GET], path: /fail, upstream: app }}
+  auth:
+    api_key: {{ header: x-api-key }}
+consumers:
+  - {{ id: alpha, plan: gold, api_keys: ["{a}"] }}
+  - {{ id: beta, plan: gold, api_keys: ["{b}"] }}
+plans:
+  gold: {{ quota: {{ period: month, requests: 100000000 }} }}
+bus:
+  kind: kafka
+  brokers: "{broker}"
+  topic: scaled.events
+  partitions: 6
+  properties: {{ "session.timeout.ms": "6000", "heartbeat.interval.ms": "500" }}
+store: {{ kind: clickhouse, url: "{ch}", database: scaled }}
+collector: {{ linger_ms: 20 }}
+query_api: {{ listen: 127.0.0.1:{api}, admin_tokens: ["{ADMIN}"] }}
+"#,
+        a = tollgate_schemas::keys::hash_key("key-alpha"),
+        b = tollgate_schemas::keys::hash_key("key-beta"),
+        broker = broker.addr(),
+        ch = ch.url(),
+    );
+    let path = dir.join("tollgate.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// One `tollgate <part>` process.
+struct Part {
+    child: Child,
+}
+
+impl Part {
+    fn start(part: &str, config: &Path, data: &Path, env: &[(&str, String)]) -> Part {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.arg(part)
+            .arg("--config")
+            .arg(config)
+            .arg("--data-dir")
+            .arg(data)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Part {
+            child: cmd.spawn().expect("tollgate binary starts"),
+        }
+    }
+
+    fn sigkill(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_ok(http: &Http, url: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(http.get(url, &[]).await, Ok((StatusCode::OK, _))) {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not become ready ({url})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends `n` requests spread over the gateways; returns (consumer, route, status) counts.
+async fn traffic(
+    http: &Http,
+    gateways: &[u16],
+    from: usize,
+    n: usize,
+    sent: &mut BTreeMap<(String, String, u16), u64>,
+) {
+    for i in from..from + n {
+        let gw = gateways[i % gateways.len()];
+        let (consumer, key, path) = match i % 10 {
+            0 => ("-", None, "/fast"),
+            1..=6 => ("alpha", Some("key-alpha"), "/fast"),
+            _ => ("beta", Some("key-beta"), "/fail"),
+        };
+        let headers: Vec<(&str, &str)> = key.iter().map(|k| ("x-api-key", *k)).collect();
+        let (status, _) = http
+            .get(&format!("http://127.0.0.1:{gw}{path}"), &headers)
+            .await
+            .unwrap_or_else(|e| panic!("gateway {gw} did not answer request {i}: {e}"));
+        let route = if consumer == "-" { "-" } else { &path[1..] };
+        let route = if status == StatusCode::UNAUTHORIZED {
+            "fast"
+        } else {
+            route
+        };
+        *sent
+            .entry((consumer.to_string(), route.to_string(), status.as_u16()))
+            .or_default() += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_two_collectors_survive_a_sigkill_and_a_frozen_broker() {
+    let ch = ClickHouse::start();
+    let broker = Broker::start();
+    let upstream = start_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let api = free_port();
+    let config = write_config(dir.path(), upstream, &broker, &ch, api);
+    let http = Http::new();
+
+    let _query_api = Part::start("query-api", &config, &dir.path().join("q"), &[]);
+    wait_ok(
+        &http,
+        &format!("http://127.0.0.1:{api}/readyz"),
+        "the query API",
+    )
+    .await;
+    let mut collectors = Vec::new();
+    let mut collector_admin = Vec::new();
+    for i in 0..2 {
+        let admin = free_port();
+        collector_admin.push(admin);
+        collectors.push(Part::start(
+            "collector",
+            &config,
+            &dir.path().join(format!("c{i}")),
+            &[(
+                "TOLLGATE_COLLECTOR__ADMIN_LISTEN",
+                format!("127.0.0.1:{admin}"),
+            )],
+        ));
+    }
+    let mut gateways = Vec::new();
+    let mut gateway_ports = Vec::new();
+    let mut gateway_admin = Vec::new();
+    for i in 0..2 {
+        let (port, admin) = (free_port(), free_port());
+        gateway_ports.push(port);
+        gateway_admin.push(admin);
+        gateways.push(Part::start(
+            "gateway",
+            &config,
+            &dir.path().join(format!("g{i}")),
+            &[
+                ("TOLLGATE_GATEWAY__LISTEN", format!("127.0.0.1:{port}")),
+                (
+                    "TOLLGATE_GATEWAY__ADMIN_LISTEN",
+                    format!("127.0.0.1:{admin}"),
+                ),
+                ("TOLLGATE_GATEWAY__ID", format!("gw-{i}")),
+            ],
+        ));
+    }
+    for admin in gateway_admin.iter().chain(&collector_admin) {
+        wait_ok(
+            &http,
+            &format!("http://127.0.0.1:{admin}/healthz"),
+            "a part",
+        )
+        .await;
+    }
+    for port in &gateway_ports {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", *port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "gateway {port} not listening");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    let mut sent = BTreeMap::new();
+    traffic(&http, &gateway_ports, 0, 600, &mut sent).await;
+    // Wait until the first collector has stored something, then kill it mid-stream.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while ch.query("SELECT count() FROM scaled.events").trim() == "0" {
+        assert!(Instant::now() < deadline, "nothing reached ClickHouse");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    collectors[0].sigkill();
+    traffic(&http, &gateway_ports, 600, 400, &mut sent).await;
+
+    // The broker freezes; the gateways keep answering (events wait in the producers).
+    broker.freeze();
+    traffic(&http, &gateway_ports, 1000, 400, &mut sent).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.thaw();
+    traffic(&http, &gateway_ports, 1400, 600, &mut sent).await;
+    let total: u64 = sent.values().sum();
+    assert_eq!(total, 2000);
+
+    // Every request, exactly once.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let stored: u64 = ch
+            .query("SELECT count() FROM scaled.events")
+            .trim()
+            .parse()
+            .unwrap();
+        if stored >= total {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ClickHouse holds {stored} of {total} events"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Give a late duplicate the chance to show up before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let row = ch.query(
+        "SELECT count(), uniqExact(id), uniqExact(bus_partition, bus_offset) FROM scaled.events",
+    );
+    assert_eq!(
+        row.trim(),
+        format!("{total}\t{total}\t{total}"),
+        "count, distinct ids, distinct positions"
+    );
+    let mut stored = BTreeMap::new();
+    for line in ch
+        .query("SELECT ifNull(consumer, '-') AS c, ifNull(route, '-') AS r, status AS s, count() FROM scaled.events GROUP BY c, r, s")
+        .lines()
+    {
+        let f: Vec<&str> = line.split('\t').collect();
+        stored.insert(
+            (f[0].to_string(), f[1].to_string(), f[2].parse::<u16>().unwrap()),
+            f[3].parse::<u64>().unwrap(),
+        );
+    }
+    assert_eq!(stored, sent, "stored events by consumer, route and status");
+
+    // The query API (rollups and raw edges) agrees exactly.
+    let (s, v) = http
+        .json(
+            &format!("http://127.0.0.1:{api}/v1/usage?from=0&group_by=consumer"),
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let requests = |c: &str| -> u64 { sent.iter().filter(|(k, _)| k.0 == c).map(|(_, n)| n).sum() };
+    for r in v["rows"].as_array().unwrap() {
+        let c = r["consumer"].as_str().unwrap_or("-");
+        assert_eq!(r["requests"].as_u64().unwrap(), requests(c), "{c}: {r}");
+    }
+    // No gateway dropped an event, and the survivor collector took over the partitions.
+    for admin in &gateway_admin {
+        let (_, body) = http
+            .get(&format!("http://127.0.0.1:{admin}/metrics"), &[])
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("tollgate_gateway_events_dropped_total{")
+                    && !l.ends_with(" 0")),
+            "{text}"
+        );
+    }
+    let (_, body) = http
+        .get(
+            &format!("http://127.0.0.1:{}/metrics", collector_admin[1]),
+            &[],
+        )
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("tollgate_collector_events_appended_total"),
+        "{text}"
+    );
+}
