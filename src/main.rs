@@ -183,12 +183,39 @@ fn default_quota_feed(config: &mut Config, api_addr: std::net::SocketAddr) {
     }
 }
 
+/// The gateway's publisher: a remote bus gets the disk spool in front of it, and its delivery
+/// and spool counters go to `registry`.
+fn gateway_publisher(
+    config: &Config,
+    bus: &dyn Bus,
+    registry: &mut Registry,
+) -> anyhow::Result<Arc<dyn tollgate_bus::Publisher>> {
+    let publisher = bus.publisher().map_err(bus_error)?;
+    if !config.bus.is_shared() {
+        return Ok(publisher); // the embedded log is on local disk already
+    }
+    if let Some(stats) = bus.delivery_stats() {
+        registry.register_collector(Box::new(stats));
+    }
+    let spool = tollgate_bus::spool::SpoolingPublisher::open(
+        publisher,
+        tollgate_bus::spool::SpoolConfig {
+            dir: config.gateway.state_dir.join("spool"),
+            max_bytes: config.gateway.spool.max_bytes,
+            high_water: config.gateway.spool.high_water_events,
+        },
+    )
+    .map_err(bus_error)?;
+    registry.register_collector(Box::new(spool.stats()));
+    Ok(spool)
+}
+
 async fn gateway(mut config: Config) -> anyhow::Result<()> {
     let bus = config.bus.open().await.map_err(bus_error)?;
-    let publisher = bus.publisher().map_err(bus_error)?;
     let api_addr = config.query_api.listen;
     default_quota_feed(&mut config, api_addr);
     let mut registry = Registry::default();
+    let publisher = gateway_publisher(&config, &*bus, &mut registry)?;
     let metrics = tollgate_gateway::GatewayMetrics::register(&mut registry);
     let stop = CancellationToken::new();
     let gateway = tollgate_gateway::Gateway::bind(
@@ -356,6 +383,7 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
 
     let bus = config.bus.open().await.map_err(bus_error)?;
     let mut store = config.store.open().await.map_err(store_error)?;
+    let publisher = gateway_publisher(&config, &*bus, &mut registry)?;
 
     // Query API first: the gateway polls it for quota state.
     let api_listener = tollgate_query_api::bind(&config.query_api)
@@ -369,7 +397,7 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
         config.gateway.clone(),
         &config.consumers,
         &config.plans,
-        bus.publisher().map_err(bus_error)?,
+        publisher,
         gateway_metrics,
     )
     .await?;

@@ -190,6 +190,11 @@ async fn two_gateways_two_collectors_survive_a_sigkill_and_a_frozen_broker() {
                     format!("127.0.0.1:{admin}"),
                 ),
                 ("TOLLGATE_GATEWAY__ID", format!("gw-{i}")),
+                // Spool early, so that the frozen broker sends events through the disk spool.
+                (
+                    "TOLLGATE_GATEWAY__SPOOL__HIGH_WATER_EVENTS",
+                    "50".to_string(),
+                ),
             ],
         ));
     }

@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 
 pub mod embedded;
 pub mod kafka;
+pub mod metrics;
+pub mod spool;
 
 pub use embedded::{EmbeddedConfig, EmbeddedLog};
 pub use kafka::KafkaConfig;
@@ -83,6 +85,10 @@ pub trait Publisher: Send + Sync {
     async fn flush(&self, _timeout: Duration) -> Result<(), BusError> {
         Ok(())
     }
+    /// Records accepted and not yet delivered (0 for backends that deliver before returning).
+    fn backlog(&self) -> u64 {
+        0
+    }
 }
 
 /// A change of the partitions a subscriber reads (a consumer-group rebalance).
@@ -132,6 +138,11 @@ pub trait Bus: Send + Sync {
     }
     /// True when the bus is reachable (for `/readyz`).
     async fn ready(&self) -> bool;
+    /// Delivery counters of this bus's publisher, for `/metrics` (backends that deliver in the
+    /// background).
+    fn delivery_stats(&self) -> Option<std::sync::Arc<metrics::DeliveryStats>> {
+        None
+    }
 }
 
 /// Which bus backend to use: the `bus:` section of the configuration.

@@ -34,10 +34,41 @@ pub struct GatewayConfig {
     /// (`tollgate gateway`); in `tollgate up` the query API serves them for every part.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
-    /// Directory of the gateway's local state (its last known quota state). Unset: a folder of
-    /// `--data-dir` (default `./data`).
+    /// Directory of the gateway's local state (its last known quota state, the disk spool).
+    /// Unset: a folder of `--data-dir` (default `./data`).
     #[serde(default)]
     pub state_dir: std::path::PathBuf,
+    /// The disk spool for events while a remote bus (Kafka) does not deliver.
+    #[serde(default)]
+    pub spool: SpoolSettings,
+}
+
+/// `gateway.spool`: how much to keep on disk while the bus is unreachable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolSettings {
+    /// Largest size of the spool; events beyond it are dropped and counted.
+    #[serde(default = "default_spool_bytes")]
+    pub max_bytes: u64,
+    /// Events waiting for delivery in the bus client before new ones go to disk.
+    #[serde(default = "default_spool_high_water")]
+    pub high_water_events: u64,
+}
+
+fn default_spool_bytes() -> u64 {
+    1 << 30
+}
+fn default_spool_high_water() -> u64 {
+    100_000
+}
+
+impl Default for SpoolSettings {
+    fn default() -> Self {
+        SpoolSettings {
+            max_bytes: default_spool_bytes(),
+            high_water_events: default_spool_high_water(),
+        }
+    }
 }
 
 fn default_admin_listen() -> SocketAddr {
@@ -60,6 +91,7 @@ impl Default for GatewayConfig {
             quota: QuotaFeedConfig::default(),
             admin_listen: default_admin_listen(),
             state_dir: std::path::PathBuf::new(),
+            spool: SpoolSettings::default(),
         }
     }
 }

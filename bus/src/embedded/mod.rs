@@ -151,6 +151,17 @@ impl EmbeddedLog {
         *self.inner.high_water.borrow()
     }
 
+    /// Bytes of the log's segments on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        let dir = &self.inner.dir;
+        segment::list_segments(dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|b| std::fs::metadata(segment::segment_path(dir, b)).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
     /// A subscriber for `group`, positioned at the group's committed offset.
     pub fn subscribe(&self, group: &str) -> Result<EmbeddedSubscriber, BusError> {
         let committed = offsets::load(&self.inner.offsets_dir, group)?;

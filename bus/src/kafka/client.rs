@@ -18,6 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::KafkaConfig;
+use crate::metrics::DeliveryStats;
 use crate::{AssignmentChange, Bus, BusError, Checkpoint, Message, Publisher, Record, Subscriber};
 
 fn broker_err(e: KafkaError) -> BusError {
@@ -150,6 +151,10 @@ impl Bus for KafkaBus {
         Ok(Some(self.publisher_for(self.config.dead_letter_topic())?))
     }
 
+    fn delivery_stats(&self) -> Option<Arc<DeliveryStats>> {
+        self.shared_publisher().ok().map(|p| p.stats.clone())
+    }
+
     async fn ready(&self) -> bool {
         let Ok(p) = self.shared_publisher() else {
             return false;
@@ -179,15 +184,7 @@ pub struct KafkaPublisher {
     topic: String,
     /// Records queued and not yet delivered.
     in_flight: Arc<tokio::sync::watch::Sender<u64>>,
-    /// Delivery counters: `(delivered, failed and re-queued)`.
-    pub(crate) stats: Arc<DeliveryStats>,
-}
-
-/// What happened to published records.
-#[derive(Debug, Default)]
-pub struct DeliveryStats {
-    pub delivered: std::sync::atomic::AtomicU64,
-    pub requeued: std::sync::atomic::AtomicU64,
+    stats: Arc<DeliveryStats>,
 }
 
 impl KafkaPublisher {
@@ -227,6 +224,7 @@ impl Publisher for KafkaPublisher {
         }
         let n = records.len() as u64;
         self.in_flight.send_modify(|v| *v += n);
+        self.stats.backlog.fetch_add(n, Ordering::Relaxed);
         let retry = KafkaPublisher {
             producer: self.producer.clone(),
             topic: self.topic.clone(),
@@ -243,6 +241,7 @@ impl Publisher for KafkaPublisher {
                     match delivery.await {
                         Ok(Ok(_)) => {
                             retry.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                            retry.stats.backlog.fetch_sub(1, Ordering::Relaxed);
                             retry.in_flight.send_modify(|v| *v -= 1);
                         }
                         Ok(Err((e, _))) => failed.push((record, e.to_string())),
@@ -264,6 +263,7 @@ impl Publisher for KafkaPublisher {
                         Ok(d) => todo.push((record, d)),
                         Err(e) => {
                             tracing::error!(error = %e, "Kafka record cannot be queued; dropped");
+                            retry.stats.backlog.fetch_sub(1, Ordering::Relaxed);
                             retry.in_flight.send_modify(|v| *v -= 1);
                         }
                     }
@@ -271,6 +271,10 @@ impl Publisher for KafkaPublisher {
             }
         });
         Ok(())
+    }
+
+    fn backlog(&self) -> u64 {
+        *self.in_flight.borrow()
     }
 
     async fn flush(&self, timeout: Duration) -> Result<(), BusError> {
