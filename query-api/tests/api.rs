@@ -1,6 +1,7 @@
-//! The query API over a real Parquet store seeded with known events: revenue over arbitrary
-//! windows (tiers cumulative within a month, reset at the month), billing exports in every
-//! format, quota state, and the error rules.
+//! The query API over a real store seeded with known events: revenue over arbitrary windows
+//! (tiers cumulative within a month, reset at the month), billing exports in every format, quota
+//! state, and the error rules. Every test runs on the Parquet store and, with the `clickhouse`
+//! feature, on a ClickHouse server: counts and money must be identical.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -15,7 +16,7 @@ use serde_json::Value;
 use tollgate_query_api::{AppState, QueryApiConfig, router};
 use tollgate_schemas::config::{Charge, Consumer, Plan, Pricing, Quota, Tier, TierMode};
 use tollgate_schemas::{Outcome, RequestEvent};
-use tollgate_store::{EventWriter, ParquetConfig, ParquetStore};
+use tollgate_store::{ParquetConfig, StoreConfig};
 use tower::ServiceExt;
 
 const ADMIN: &str = "admin-token-0123456789";
@@ -52,15 +53,51 @@ fn event(ts: &str, consumer: &str, plan: &str, billable: bool) -> RequestEvent {
     }
 }
 
+/// The store a test runs against: every test runs on both, with the same expectations.
+#[derive(Clone, Copy)]
+enum Backend {
+    Parquet,
+    #[cfg(feature = "clickhouse")]
+    ClickHouse,
+}
+
+/// What keeps a backend alive for the test (a temp dir, a server).
+type Guard = Box<dyn std::any::Any + Send>;
+
+async fn open(backend: Backend) -> (tollgate_store::Store, Guard) {
+    match backend {
+        Backend::Parquet => {
+            let dir = tempfile::tempdir().unwrap();
+            let store = StoreConfig::Parquet(ParquetConfig {
+                dir: dir.path().to_path_buf(),
+                ..Default::default()
+            })
+            .open()
+            .await
+            .unwrap();
+            (store, Box::new(dir))
+        }
+        #[cfg(feature = "clickhouse")]
+        Backend::ClickHouse => {
+            let server = tollgate_testkit::ClickHouse::start();
+            let store = StoreConfig::Clickhouse(tollgate_store::ClickHouseConfig {
+                url: server.url(),
+                database: "api".into(),
+                user: None,
+                password: None,
+            })
+            .open()
+            .await
+            .unwrap();
+            (store, Box::new(server))
+        }
+    }
+}
+
 /// gold: 10 free, then 0.5 up to 20, then 0.25. October: 12 billable. November: 3 a day on the
 /// 1st to the 10th (30), plus 2 failed requests on the 5th. Also `now`: 4 for `quota-user`.
-async fn app() -> (axum::Router, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = ParquetStore::open(ParquetConfig {
-        dir: dir.path().to_path_buf(),
-        ..Default::default()
-    })
-    .unwrap();
+async fn app(backend: Backend) -> (axum::Router, Guard) {
+    let (store, guard) = open(backend).await;
     let mut evs: Vec<RequestEvent> = (0..12)
         .map(|i| event(&format!("2026-10-31T20:{i:02}:00Z"), "a", "gold", true))
         .collect();
@@ -79,6 +116,7 @@ async fn app() -> (axum::Router, tempfile::TempDir) {
     let now = chrono::Utc::now().to_rfc3339();
     evs.extend((0..4).map(|_| event(&now, "quota-user", "small", true)));
     store
+        .writer
         .append(&tollgate_store::EventBatch::consecutive(
             evs.clone(),
             0,
@@ -86,7 +124,7 @@ async fn app() -> (axum::Router, tempfile::TempDir) {
         ))
         .await
         .unwrap();
-    store.flush().await.unwrap();
+    store.writer.flush().await.unwrap();
 
     let tiers = vec![
         Tier {
@@ -144,13 +182,13 @@ async fn app() -> (axum::Router, tempfile::TempDir) {
     };
     let state = AppState::new(
         &config,
-        Arc::new(store),
+        store.query.clone(),
         consumers,
         plans,
         Registry::default(),
     )
     .unwrap();
-    (router(Arc::new(state)), dir)
+    (router(Arc::new(state)), guard)
 }
 
 async fn call(app: &axum::Router, uri: &str, token: Option<&str>) -> (StatusCode, bytes::Bytes) {
@@ -190,9 +228,8 @@ fn revenue_by(v: &Value, key: &str) -> BTreeMap<String, (u64, Decimal)> {
         .collect()
 }
 
-#[tokio::test]
-async fn revenue_over_a_window_is_the_difference_of_period_charges() {
-    let (app, _dir) = app().await;
+async fn revenue_over_a_window_is_the_difference_of_period_charges_on(backend: Backend) {
+    let (app, _guard) = app(backend).await;
     // Before Nov 3 the month has 6 billable; the window adds 3 a day: 6→9 free, 9→12, 12→15.
     let v = json(
         &app,
@@ -249,9 +286,8 @@ async fn revenue_over_a_window_is_the_difference_of_period_charges() {
     assert_eq!(total, d("7.5"));
 }
 
-#[tokio::test]
-async fn billing_export_is_exact_in_every_format() {
-    let (app, _dir) = app().await;
+async fn billing_export_is_exact_in_every_format_on(backend: Backend) {
+    let (app, _guard) = app(backend).await;
     let (s, csv) = call(
         &app,
         "/v1/billing/export?period=2026-11&format=csv&consumer=a",
@@ -307,9 +343,8 @@ async fn billing_export_is_exact_in_every_format() {
     assert_eq!(quantity.value(0), 30);
 }
 
-#[tokio::test]
-async fn quota_and_access_rules() {
-    let (app, _dir) = app().await;
+async fn quota_and_access_rules_on(backend: Backend) {
+    let (app, _guard) = app(backend).await;
     let v = json(&app, "/v1/quota").await;
     let q = v["consumers"]
         .as_array()
@@ -383,4 +418,37 @@ async fn quota_and_access_rules() {
             "{uri}: {v}"
         );
     }
+}
+
+#[tokio::test]
+async fn revenue_over_a_window_is_the_difference_of_period_charges() {
+    revenue_over_a_window_is_the_difference_of_period_charges_on(Backend::Parquet).await;
+}
+
+#[cfg(feature = "clickhouse")]
+#[tokio::test]
+async fn revenue_over_a_window_is_the_difference_of_period_charges_on_clickhouse() {
+    revenue_over_a_window_is_the_difference_of_period_charges_on(Backend::ClickHouse).await;
+}
+
+#[tokio::test]
+async fn billing_export_is_exact_in_every_format() {
+    billing_export_is_exact_in_every_format_on(Backend::Parquet).await;
+}
+
+#[cfg(feature = "clickhouse")]
+#[tokio::test]
+async fn billing_export_is_exact_in_every_format_on_clickhouse() {
+    billing_export_is_exact_in_every_format_on(Backend::ClickHouse).await;
+}
+
+#[tokio::test]
+async fn quota_and_access_rules() {
+    quota_and_access_rules_on(Backend::Parquet).await;
+}
+
+#[cfg(feature = "clickhouse")]
+#[tokio::test]
+async fn quota_and_access_rules_on_clickhouse() {
+    quota_and_access_rules_on(Backend::ClickHouse).await;
 }
