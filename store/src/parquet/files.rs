@@ -3,18 +3,15 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use datafusion::arrow::array::{BooleanArray, RecordBatch, TimestampMicrosecondArray};
-use datafusion::arrow::compute::{
-    concat_batches, filter_record_batch, sort_to_indices, take_record_batch,
-};
+use datafusion::arrow::compute::filter_record_batch;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
-use super::manifest::{FileEntry, sync_dir};
+use super::manifest::{FileEntry, FileKind, sync_dir};
 use crate::StoreError;
 
 pub use crate::time::DAY_US;
@@ -49,13 +46,34 @@ fn arrow_err(e: datafusion::arrow::error::ArrowError) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
-/// Writes `batch` (all of one day) as a new Parquet file under `dir`, fsynced.
-pub fn write_file(dir: &Path, day: i64, batch: &RecordBatch) -> Result<FileEntry, StoreError> {
-    let rel = format!(
-        "day={}/part-{}.parquet",
+/// Where a new file of `kind` for `day` goes, relative to the store directory.
+fn new_path(kind: FileKind, day: i64) -> String {
+    format!(
+        "day={}/{}-{}.parquet",
         crate::day_string(day),
+        kind.prefix(),
         uuid::Uuid::now_v7()
-    );
+    )
+}
+
+/// Writes `batch` (events, all of one day) as a new Parquet file under `dir`, fsynced.
+pub fn write_file(dir: &Path, day: i64, batch: &RecordBatch) -> Result<FileEntry, StoreError> {
+    let ts = ts_column(batch)?;
+    let min = ts.values().iter().min().copied().unwrap_or(day * DAY_US);
+    let max = ts.values().iter().max().copied().unwrap_or(day * DAY_US);
+    write_kind(dir, FileKind::Events, day, batch, min, max)
+}
+
+/// Writes `batch` as a new file of `kind` for `day`, whose rows lie in `[min_ts, max_ts]`.
+pub fn write_kind(
+    dir: &Path,
+    kind: FileKind,
+    day: i64,
+    batch: &RecordBatch,
+    min_ts_us: i64,
+    max_ts_us: i64,
+) -> Result<FileEntry, StoreError> {
+    let rel = new_path(kind, day);
     let path = dir.join(&rel);
     let parent = path.parent().expect("has a parent");
     std::fs::create_dir_all(parent).map_err(StoreError::io(parent))?;
@@ -69,39 +87,71 @@ pub fn write_file(dir: &Path, day: i64, batch: &RecordBatch) -> Result<FileEntry
     let file = writer.into_inner()?;
     file.sync_all().map_err(StoreError::io(&path))?;
     sync_dir(parent)?;
-    let ts = ts_column(batch)?;
-    let min = ts.values().iter().min().copied().unwrap_or(day * DAY_US);
-    let max = ts.values().iter().max().copied().unwrap_or(day * DAY_US);
     let bytes = file.metadata().map_err(StoreError::io(&path))?.len();
     Ok(FileEntry {
         path: rel,
+        kind,
         day,
         rows: batch.num_rows() as u64,
         bytes,
-        min_ts_us: min,
-        max_ts_us: max,
+        min_ts_us,
+        max_ts_us,
     })
 }
 
-/// Reads whole files back into one batch sorted by `ts` (for compaction).
-pub fn read_sorted(
+/// Rows per row group of a compacted file: what the writer buffers before it writes one, so
+/// compaction's memory stays bounded whatever the day holds.
+const COMPACT_ROW_GROUP: usize = 128 * 1024;
+
+/// Merges `files` (all of day `day`, all of one kind with the schema `schema`) into one new
+/// file under `dir`, fsynced, streaming: one batch read and one row group buffered at a time,
+/// never the whole day. Inputs are taken in order of their earliest row, so a day's rows stay
+/// roughly in time order. Rollup rows are not re-aggregated: queries sum them anyway.
+pub fn merge_files(
     dir: &Path,
+    day: i64,
     files: &[FileEntry],
-    schema: &Arc<datafusion::arrow::datatypes::Schema>,
-) -> Result<RecordBatch, StoreError> {
-    let mut batches = Vec::new();
-    for f in files {
-        let path = dir.join(&f.path);
-        let file = std::fs::File::open(&path).map_err(StoreError::io(&path))?;
+    schema: datafusion::arrow::datatypes::SchemaRef,
+) -> Result<FileEntry, StoreError> {
+    let kind = files.first().map(|f| f.kind).unwrap_or_default();
+    let rel = new_path(kind, day);
+    let path = dir.join(&rel);
+    let parent = path.parent().expect("has a parent");
+    std::fs::create_dir_all(parent).map_err(StoreError::io(parent))?;
+    let out = std::fs::File::create(&path).map_err(StoreError::io(&path))?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(COMPACT_ROW_GROUP))
+        .build();
+    let mut writer = ArrowWriter::try_new(out, schema, Some(props))?;
+    let mut inputs: Vec<&FileEntry> = files.iter().collect();
+    inputs.sort_by_key(|f| (f.min_ts_us, f.path.clone()));
+    let (mut rows, mut min, mut max) = (0u64, i64::MAX, i64::MIN);
+    for f in inputs {
+        let input = dir.join(&f.path);
+        let file = std::fs::File::open(&input).map_err(StoreError::io(&input))?;
         let reader = ParquetRecordBatchReaderBuilder::try_new(file)?
-            .with_batch_size(64 * 1024)
+            .with_batch_size(16 * 1024)
             .build()?;
         for b in reader {
-            batches.push(b.map_err(arrow_err)?);
+            let b = b.map_err(arrow_err)?;
+            rows += b.num_rows() as u64;
+            min = min.min(f.min_ts_us);
+            max = max.max(f.max_ts_us);
+            writer.write(&b)?;
         }
     }
-    let all = concat_batches(schema, &batches).map_err(arrow_err)?;
-    let order =
-        sort_to_indices(all.column_by_name("ts").expect("ts"), None, None).map_err(arrow_err)?;
-    take_record_batch(&all, &order).map_err(arrow_err)
+    let file = writer.into_inner()?;
+    file.sync_all().map_err(StoreError::io(&path))?;
+    sync_dir(parent)?;
+    let bytes = file.metadata().map_err(StoreError::io(&path))?.len();
+    Ok(FileEntry {
+        path: rel,
+        kind,
+        day,
+        rows,
+        bytes,
+        min_ts_us: if rows == 0 { day * DAY_US } else { min },
+        max_ts_us: if rows == 0 { day * DAY_US } else { max },
+    })
 }

@@ -20,13 +20,45 @@ pub struct Manifest {
     /// Bus position just after the last event in these files.
     pub checkpoint: Checkpoint,
     pub files: Vec<FileEntry>,
+    /// True when every events file has its per-minute rollups (stores written before rollups
+    /// existed get them built by the first upkeep round; until then queries read raw events).
+    #[serde(default)]
+    pub rollups: bool,
 }
 
-/// One Parquet file of events, all of one UTC day.
+/// What a Parquet file holds.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    /// Raw `RequestEvent` rows.
+    #[default]
+    Events,
+    /// Per-minute usage sums (see `rollup.rs`).
+    Usage1m,
+    /// Per-minute latency-sketch buckets (see `rollup.rs`).
+    Latency1m,
+}
+
+impl FileKind {
+    /// File name prefix inside a day folder.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            FileKind::Events => "part",
+            FileKind::Usage1m => "usage_1m",
+            FileKind::Latency1m => "latency_1m",
+        }
+    }
+}
+
+/// One Parquet file, all of one UTC day.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {
-    /// Relative to the store directory: `day=YYYY-MM-DD/part-<uuid>.parquet`.
+    /// Relative to the store directory: `day=YYYY-MM-DD/<kind prefix>-<uuid>.parquet`.
     pub path: String,
+    #[serde(default)]
+    pub kind: FileKind,
     /// Days since the epoch (UTC).
     pub day: i64,
     pub rows: u64,
@@ -41,7 +73,10 @@ pub fn load(dir: &Path) -> Result<Manifest, StoreError> {
     match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest {
+            rollups: true,
+            ..Manifest::default()
+        }),
         Err(e) => Err(StoreError::io(&path)(e)),
     }
 }

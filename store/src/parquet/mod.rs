@@ -5,8 +5,9 @@
 //! - `flush` writes the in-memory batches as Parquet files (one per day touched), fsyncs them,
 //!   then commits a new manifest naming the files *and the bus checkpoint they reach*. Only then
 //!   does it return that checkpoint, which the collector commits to the bus.
-//! - `compact` merges a day's small files into one, committed the same way; the replaced files
-//!   are deleted on the next compaction round (so queries that started before still read them).
+//! - `compact` merges a day's small files into one, streaming (one batch and one row group in
+//!   memory at a time, whatever the day holds), committed the same way; the replaced files are
+//!   deleted on the next compaction round (so queries that started before still read them).
 //!
 //! A crash loses only in-memory batches, whose bus offsets were never committed: the collector
 //! reads them again from `durable_checkpoint`. Nothing is written twice, because every file the
@@ -15,6 +16,7 @@
 mod files;
 mod manifest;
 mod query;
+mod rollup;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -24,7 +26,7 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::compute::concat_batches;
 use serde::{Deserialize, Serialize};
 
-pub use manifest::{FileEntry, Manifest};
+pub use manifest::{FileEntry, FileKind, Manifest};
 
 use crate::{Checkpoint, EventBatch, EventWriter, Resume, StoreError};
 
@@ -138,28 +140,31 @@ impl ParquetStore {
             let _ = std::fs::remove_file(path);
         }
         let manifest = self.read_state().manifest.clone();
-        let mut by_day: std::collections::BTreeMap<i64, Vec<FileEntry>> = Default::default();
+        if !manifest.rollups {
+            self.build_missing_rollups(&manifest).await?;
+        }
+        let manifest = self.read_state().manifest.clone();
+        let mut by_day: std::collections::BTreeMap<(i64, FileKind), Vec<FileEntry>> =
+            Default::default();
         for f in manifest
             .files
             .iter()
             .filter(|f| f.rows < self.inner.config.compact_max_rows)
         {
-            by_day.entry(f.day).or_default().push(f.clone());
+            by_day.entry((f.day, f.kind)).or_default().push(f.clone());
         }
         let mut merged = 0;
-        for (day, group) in by_day {
+        for ((day, kind), group) in by_day {
             if group.len() < self.inner.config.compact_min_files.max(2) {
                 continue;
             }
             let dir = self.inner.dir.clone();
-            let schema = tollgate_schemas::arrow::schema();
             let inputs = group.clone();
-            let entry = tokio::task::spawn_blocking(move || {
-                let batch = files::read_sorted(&dir, &inputs, &schema)?;
-                files::write_file(&dir, day, &batch)
-            })
-            .await
-            .map_err(|e| StoreError::Corrupt(format!("compaction task failed: {e}")))??;
+            let schema = rollup::schema_of(kind);
+            let entry =
+                tokio::task::spawn_blocking(move || files::merge_files(&dir, day, &inputs, schema))
+                    .await
+                    .map_err(|e| StoreError::Corrupt(format!("compaction task failed: {e}")))??;
             let mut state = self.write_state();
             let mut next = state.manifest.clone();
             next.version += 1;
@@ -172,7 +177,7 @@ impl ParquetStore {
             let mut retired = self.inner.retired.lock().unwrap_or_else(|p| p.into_inner());
             retired.extend(group.iter().map(|g| self.inner.dir.join(&g.path)));
             merged += group.len();
-            tracing::info!(day = %crate::day_string(day), files = group.len(), "compacted store files");
+            tracing::info!(day = %crate::day_string(day), ?kind, files = group.len(), "compacted store files");
         }
         Ok(merged)
     }
@@ -207,6 +212,52 @@ fn remove_orphans(dir: &Path, manifest: &Manifest) {
 }
 
 impl ParquetStore {
+    /// Builds the per-minute rollups of every events file (a store written before rollups
+    /// existed), day by day, streaming over the files; commits them all at once.
+    async fn build_missing_rollups(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        let mut days: std::collections::BTreeMap<i64, Vec<String>> = Default::default();
+        for f in manifest.files.iter().filter(|f| f.kind == FileKind::Events) {
+            days.entry(f.day)
+                .or_default()
+                .push(self.inner.dir.join(&f.path).display().to_string());
+        }
+        let mut new_files = Vec::new();
+        for (day, paths) in days {
+            let ctx = datafusion::prelude::SessionContext::new_with_config(
+                datafusion::prelude::SessionConfig::new().with_target_partitions(1),
+            );
+            let events = ctx
+                .read_parquet(
+                    paths,
+                    datafusion::prelude::ParquetReadOptions::default()
+                        .schema(&tollgate_schemas::arrow::schema()),
+                )
+                .await?;
+            ctx.register_table("events", events.into_view())?;
+            for kind in [FileKind::Usage1m, FileKind::Latency1m] {
+                let rows = rollup::roll_up(&ctx, kind).await?;
+                if let Some((min, max)) = rollup::minute_span(&rows) {
+                    let dir = self.inner.dir.clone();
+                    let entry = tokio::task::spawn_blocking(move || {
+                        files::write_kind(&dir, kind, day, &rows, min, max)
+                    })
+                    .await
+                    .map_err(|e| StoreError::Corrupt(format!("rollup task failed: {e}")))??;
+                    new_files.push(entry);
+                }
+            }
+        }
+        let mut state = self.write_state();
+        let mut next = state.manifest.clone();
+        next.version += 1;
+        next.files.extend(new_files);
+        next.rollups = true;
+        manifest::store(&self.inner.dir, &next)?;
+        state.manifest = next;
+        tracing::info!("built per-minute rollups of the existing store files");
+        Ok(())
+    }
+
     /// Compacts once a minute until `shutdown` (the store's upkeep).
     pub async fn compact_every(&self, shutdown: tokio_util::sync::CancellationToken) {
         loop {
@@ -243,18 +294,28 @@ impl EventWriter for ParquetStore {
         };
         let taken = batches.len();
         let dir = self.inner.dir.clone();
+        let schema = tollgate_schemas::arrow::schema();
+        let all =
+            concat_batches(&schema, &batches).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut days = Vec::new();
+        if all.num_rows() > 0 {
+            for (day, events) in files::split_by_day(&all)? {
+                let rollups = rollup::roll_up_batch(&events).await?;
+                days.push((day, events, rollups));
+            }
+        }
         let new_files =
             tokio::task::spawn_blocking(move || -> Result<Vec<FileEntry>, StoreError> {
-                let schema = tollgate_schemas::arrow::schema();
-                let all = concat_batches(&schema, &batches)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                if all.num_rows() == 0 {
-                    return Ok(Vec::new());
+                let mut out = Vec::new();
+                for (day, events, rollups) in days {
+                    out.push(files::write_file(&dir, day, &events)?);
+                    for (kind, rows) in rollups {
+                        if let Some((min, max)) = rollup::minute_span(&rows) {
+                            out.push(files::write_kind(&dir, kind, day, &rows, min, max)?);
+                        }
+                    }
                 }
-                files::split_by_day(&all)?
-                    .into_iter()
-                    .map(|(day, b)| files::write_file(&dir, day, &b))
-                    .collect()
+                Ok(out)
             })
             .await
             .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;

@@ -1,5 +1,8 @@
-//! `UsageQuery` over the embedded store: a snapshot of the Parquet files that overlap the window
-//! plus the in-memory batches, registered as one `events` table and queried with DataFusion SQL.
+//! `UsageQuery` over the embedded store, with DataFusion SQL over one snapshot of the store:
+//! `events` (the Parquet files overlapping the window plus the in-memory batches), `mem_events`
+//! (the in-memory batches alone) and the per-minute rollups `usage_1m` and `latency_1m`. As with
+//! ClickHouse, whole minutes of a window are read from the rollups (plus the not yet flushed
+//! events, which have no rollups yet) and the partial minutes at its edges from raw events.
 //! Window bounds and filters are bound as typed parameters, never spliced into the SQL.
 
 use async_trait::async_trait;
@@ -9,29 +12,81 @@ use datafusion::arrow::datatypes::DataType;
 use datafusion::common::ScalarValue;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 
-use super::ParquetStore;
-use crate::sketch::{LogHistogram, ln_gamma};
+use super::manifest::FileKind;
+use super::{ParquetStore, rollup};
+use crate::sketch::LogHistogram;
+use crate::time::{DAY_US, MINUTE_US, split_minutes};
 use crate::{
     Filter, GroupKey, KeyValue, LatencyQuery, LatencyRow, StoreError, UsageQuery, UsageRow,
     day_string,
 };
 
-/// SQL expression of each group key.
-fn key_expr(k: GroupKey) -> &'static str {
-    match k {
-        GroupKey::Consumer => "consumer",
-        GroupKey::Route => "route",
-        GroupKey::Plan => "plan",
-        GroupKey::Status => "CAST(status AS BIGINT)",
-        GroupKey::Day => "CAST(ts AS BIGINT) / 86400000000",
+/// Which table a part of a window is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// `events`: raw rows, files and memory.
+    Raw,
+    /// The rollup table, for flushed rows.
+    Rollup,
+    /// `mem_events`: raw rows not yet flushed (so without rollups).
+    Memory,
+}
+
+impl Source {
+    fn is_raw(self) -> bool {
+        self != Source::Rollup
+    }
+
+    /// The time column as microseconds.
+    fn time(self) -> &'static str {
+        if self.is_raw() {
+            "CAST(ts AS BIGINT)"
+        } else {
+            "minute_us"
+        }
     }
 }
 
-/// `WHERE` clause and its parameters for a filter.
-fn where_clause(f: &Filter) -> (String, Vec<ScalarValue>) {
-    let ts = |v| ScalarValue::TimestampMicrosecond(Some(v), Some("UTC".into()));
-    let mut params = vec![ts(f.from_us), ts(f.to_us)];
-    let mut sql = "ts >= $1 AND ts < $2".to_string();
+/// SQL expression of each group key.
+fn key_expr(k: GroupKey, source: Source) -> String {
+    match k {
+        GroupKey::Consumer => "consumer".into(),
+        GroupKey::Route => "route".into(),
+        GroupKey::Plan => "plan".into(),
+        GroupKey::Status => "CAST(status AS BIGINT)".into(),
+        GroupKey::Day => format!("{} / {DAY_US}", source.time()),
+    }
+}
+
+/// The parts of `[from, to)` and where each is read from: whole minutes from rollups (and
+/// memory), the edges raw. Rollups serve only when time buckets never cut a minute.
+fn plan(from: i64, to: i64, step: Option<i64>, rollups: bool) -> Vec<(Source, i64, i64)> {
+    let whole_minutes = step.is_none_or(|s| s % MINUTE_US == 0);
+    if !rollups || !whole_minutes {
+        return vec![(Source::Raw, from, to)];
+    }
+    let (head, body, tail) = split_minutes(from, to);
+    let mut out = Vec::new();
+    out.extend(head.map(|(a, b)| (Source::Raw, a, b)));
+    if let Some((a, b)) = body {
+        out.push((Source::Rollup, a, b));
+        out.push((Source::Memory, a, b));
+    }
+    out.extend(tail.map(|(a, b)| (Source::Raw, a, b)));
+    out
+}
+
+/// `WHERE` clause and its parameters for a filter over `[from, to)` of `source`.
+fn where_clause(f: &Filter, source: Source, from: i64, to: i64) -> (String, Vec<ScalarValue>) {
+    let (mut params, mut sql) = if source.is_raw() {
+        let ts = |v| ScalarValue::TimestampMicrosecond(Some(v), Some("UTC".into()));
+        (vec![ts(from), ts(to)], "ts >= $1 AND ts < $2".to_string())
+    } else {
+        (
+            vec![ScalarValue::Int64(Some(from)), ScalarValue::Int64(Some(to))],
+            "minute_us >= $1 AND minute_us < $2".to_string(),
+        )
+    };
     for (col, value) in [("consumer", &f.consumer), ("route", &f.route)] {
         if let Some(v) = value {
             params.push(ScalarValue::Utf8(Some(v.clone())));
@@ -41,49 +96,79 @@ fn where_clause(f: &Filter) -> (String, Vec<ScalarValue>) {
     (sql, params)
 }
 
+/// One consistent view of the store for a query.
+struct Snapshot {
+    ctx: SessionContext,
+    rollups: bool,
+}
+
+impl Snapshot {
+    async fn run(
+        &self,
+        sql: &str,
+        params: Vec<ScalarValue>,
+    ) -> Result<Vec<RecordBatch>, StoreError> {
+        let df = self.ctx.sql(sql).await?.with_param_values(params)?;
+        Ok(df.collect().await?)
+    }
+}
+
 impl ParquetStore {
-    /// A DataFusion context whose `events` table is the snapshot relevant to `[from, to)`.
-    async fn context(&self, from_us: i64, to_us: i64) -> Result<SessionContext, StoreError> {
-        let (paths, mem) = {
+    /// The store as of now, as tables for `[from, to)`: files are taken under the same lock as
+    /// the in-memory batches, so no event is seen twice or missed across a concurrent flush.
+    async fn snapshot(&self, from_us: i64, to_us: i64) -> Result<Snapshot, StoreError> {
+        let (raw, usage, latency, mem, rollups) = {
             let state = self.read_state();
-            let paths: Vec<String> = state
-                .manifest
-                .files
-                .iter()
-                .filter(|f| f.max_ts_us >= from_us && f.min_ts_us < to_us)
-                .map(|f| self.inner.dir.join(&f.path).display().to_string())
-                .collect();
+            let paths = |kind: FileKind| -> Vec<String> {
+                state
+                    .manifest
+                    .files
+                    .iter()
+                    .filter(|f| f.kind == kind && f.max_ts_us >= from_us && f.min_ts_us < to_us)
+                    .map(|f| self.inner.dir.join(&f.path).display().to_string())
+                    .collect()
+            };
             let mem: Vec<RecordBatch> = state.mem.iter().map(|(b, _)| b.clone()).collect();
-            (paths, mem)
+            (
+                paths(FileKind::Events),
+                paths(FileKind::Usage1m),
+                paths(FileKind::Latency1m),
+                mem,
+                state.manifest.rollups,
+            )
         };
         let config = SessionConfig::new()
             .with_target_partitions(2)
             .with_information_schema(false);
         let ctx = SessionContext::new_with_config(config);
         let schema = tollgate_schemas::arrow::schema();
-        let mut df = ctx.read_batches(mem)?;
-        if df.schema().fields().is_empty() {
-            df = ctx.read_batch(RecordBatch::new_empty(schema.clone()))?;
-        }
-        if !paths.is_empty() {
+        let memory = if mem.is_empty() {
+            ctx.read_batch(RecordBatch::new_empty(schema.clone()))?
+        } else {
+            ctx.read_batches(mem)?
+        };
+        ctx.register_table("mem_events", memory.clone().into_view())?;
+        let mut events = memory;
+        if !raw.is_empty() {
             let files = ctx
-                .read_parquet(paths, ParquetReadOptions::default().schema(&schema))
+                .read_parquet(raw, ParquetReadOptions::default().schema(&schema))
                 .await?;
-            df = files.union(df)?;
+            events = files.union(events)?;
         }
-        ctx.register_table("events", df.into_view())?;
-        Ok(ctx)
-    }
-
-    async fn run(
-        &self,
-        f: &Filter,
-        sql: &str,
-        params: Vec<ScalarValue>,
-    ) -> Result<Vec<RecordBatch>, StoreError> {
-        let ctx = self.context(f.from_us, f.to_us).await?;
-        let df = ctx.sql(sql).await?.with_param_values(params)?;
-        Ok(df.collect().await?)
+        ctx.register_table("events", events.into_view())?;
+        for (name, paths, schema) in [
+            ("usage_1m", usage, rollup::usage_schema()),
+            ("latency_1m", latency, rollup::latency_schema()),
+        ] {
+            let table = if paths.is_empty() {
+                ctx.read_batch(RecordBatch::new_empty(schema))?
+            } else {
+                ctx.read_parquet(paths, ParquetReadOptions::default().schema(&schema))
+                    .await?
+            };
+            ctx.register_table(name, table.into_view())?;
+        }
+        Ok(Snapshot { ctx, rollups })
     }
 }
 
@@ -114,6 +199,34 @@ fn strs(batch: &RecordBatch, name: &str) -> Result<StringArray, StoreError> {
         .clone())
 }
 
+/// The group key value of row `i` of a key column.
+fn key_value(k: GroupKey, col: &dyn Array, i: usize) -> KeyValue {
+    if col.is_null(i) {
+        return KeyValue::Null;
+    }
+    match k {
+        GroupKey::Day => KeyValue::Text(day_string(
+            col.as_any()
+                .downcast_ref::<Int64Array>()
+                .expect("i64")
+                .value(i),
+        )),
+        GroupKey::Status => KeyValue::Int(
+            col.as_any()
+                .downcast_ref::<Int64Array>()
+                .expect("i64")
+                .value(i),
+        ),
+        _ => KeyValue::Text(
+            col.as_any()
+                .downcast_ref::<StringArray>()
+                .expect("utf8")
+                .value(i)
+                .to_string(),
+        ),
+    }
+}
+
 fn nonneg(a: &Int64Array, i: usize) -> u64 {
     if a.is_valid(i) {
         a.value(i).max(0) as u64
@@ -129,134 +242,146 @@ impl UsageQuery for ParquetStore {
         filter: &Filter,
         group_by: &[GroupKey],
     ) -> Result<Vec<UsageRow>, StoreError> {
-        let (cond, params) = where_clause(filter);
-        let keys: Vec<String> = group_by
-            .iter()
-            .enumerate()
-            .map(|(i, k)| format!("{} AS k{i}", key_expr(*k)))
-            .collect();
-        let group: Vec<&str> = group_by.iter().map(|k| key_expr(*k)).collect();
-        let mut select = keys.join(", ");
-        if !select.is_empty() {
-            select.push_str(", ");
-        }
-        let sql = format!(
-            "SELECT {select}COUNT(*) AS requests, \
-             SUM(CASE WHEN billable THEN 1 ELSE 0 END) AS billable_requests, \
-             SUM(CAST(req_bytes AS BIGINT)) AS req_bytes, SUM(CAST(resp_bytes AS BIGINT)) AS resp_bytes \
-             FROM events WHERE {cond}{}",
-            if group.is_empty() {
-                String::new()
-            } else {
-                format!(" GROUP BY {}", group.join(", "))
-            }
-        );
-        let mut rows = Vec::new();
-        for b in self.run(filter, &sql, params).await? {
-            let requests = i64s(&b, "requests")?;
-            let billable = i64s(&b, "billable_requests")?;
-            let req = i64s(&b, "req_bytes")?;
-            let resp = i64s(&b, "resp_bytes")?;
-            let key_cols: Vec<(GroupKey, std::sync::Arc<dyn Array>)> = group_by
+        let snap = self.snapshot(filter.from_us, filter.to_us).await?;
+        let mut sums: std::collections::BTreeMap<Vec<KeyValue>, [u64; 4]> = Default::default();
+        for (source, from, to) in plan(filter.from_us, filter.to_us, None, snap.rollups) {
+            let (cond, params) = where_clause(filter, source, from, to);
+            let keys: Vec<String> = group_by
                 .iter()
                 .enumerate()
-                .map(|(i, k)| {
-                    let ty = if matches!(k, GroupKey::Day | GroupKey::Status) {
-                        DataType::Int64
+                .map(|(i, k)| format!("{} AS k{i}", key_expr(*k, source)))
+                .collect();
+            let group: Vec<String> = group_by.iter().map(|k| key_expr(*k, source)).collect();
+            let mut select = keys.join(", ");
+            if !select.is_empty() {
+                select.push_str(", ");
+            }
+            let (table, sums_sql) = match source {
+                Source::Rollup => (
+                    "usage_1m",
+                    "SUM(requests) AS requests, SUM(billable_requests) AS billable_requests, \
+                     SUM(req_bytes) AS req_bytes, SUM(resp_bytes) AS resp_bytes",
+                ),
+                raw => (
+                    if raw == Source::Memory {
+                        "mem_events"
                     } else {
-                        DataType::Utf8
-                    };
-                    Ok((*k, column_as(&b, &format!("k{i}"), &ty)?))
-                })
-                .collect::<Result<_, StoreError>>()?;
-            for i in 0..b.num_rows() {
-                if nonneg(&requests, i) == 0 {
-                    continue; // an aggregate over no rows (no GROUP BY, empty window)
+                        "events"
+                    },
+                    "COUNT(*) AS requests, SUM(CASE WHEN billable THEN 1 ELSE 0 END) AS billable_requests, \
+                     SUM(CAST(req_bytes AS BIGINT)) AS req_bytes, SUM(CAST(resp_bytes AS BIGINT)) AS resp_bytes",
+                ),
+            };
+            let sql = format!(
+                "SELECT {select}{sums_sql} FROM {table} WHERE {cond}{}",
+                if group.is_empty() {
+                    String::new()
+                } else {
+                    format!(" GROUP BY {}", group.join(", "))
                 }
-                let keys = key_cols
+            );
+            for b in snap.run(&sql, params).await? {
+                let requests = i64s(&b, "requests")?;
+                let billable = i64s(&b, "billable_requests")?;
+                let req = i64s(&b, "req_bytes")?;
+                let resp = i64s(&b, "resp_bytes")?;
+                let key_cols: Vec<(GroupKey, std::sync::Arc<dyn Array>)> = group_by
                     .iter()
-                    .map(|(k, col)| {
-                        if col.is_null(i) {
-                            return KeyValue::Null;
-                        }
-                        match k {
-                            GroupKey::Day => KeyValue::Text(day_string(
-                                col.as_any()
-                                    .downcast_ref::<Int64Array>()
-                                    .expect("i64")
-                                    .value(i),
-                            )),
-                            GroupKey::Status => KeyValue::Int(
-                                col.as_any()
-                                    .downcast_ref::<Int64Array>()
-                                    .expect("i64")
-                                    .value(i),
-                            ),
-                            _ => KeyValue::Text(
-                                col.as_any()
-                                    .downcast_ref::<StringArray>()
-                                    .expect("utf8")
-                                    .value(i)
-                                    .to_string(),
-                            ),
-                        }
+                    .enumerate()
+                    .map(|(i, k)| {
+                        let ty = if matches!(k, GroupKey::Day | GroupKey::Status) {
+                            DataType::Int64
+                        } else {
+                            DataType::Utf8
+                        };
+                        Ok((*k, column_as(&b, &format!("k{i}"), &ty)?))
                     })
-                    .collect();
-                rows.push(UsageRow {
-                    keys,
-                    requests: nonneg(&requests, i),
-                    billable_requests: nonneg(&billable, i),
-                    req_bytes: nonneg(&req, i),
-                    resp_bytes: nonneg(&resp, i),
-                });
+                    .collect::<Result<_, StoreError>>()?;
+                for i in 0..b.num_rows() {
+                    if nonneg(&requests, i) == 0 {
+                        continue; // an aggregate over no rows (no GROUP BY, empty window)
+                    }
+                    let keys = key_cols
+                        .iter()
+                        .map(|(k, col)| key_value(*k, col.as_ref(), i))
+                        .collect();
+                    let s = sums.entry(keys).or_default();
+                    s[0] += nonneg(&requests, i);
+                    s[1] += nonneg(&billable, i);
+                    s[2] += nonneg(&req, i);
+                    s[3] += nonneg(&resp, i);
+                }
             }
         }
-        rows.sort();
-        Ok(rows)
+        Ok(sums
+            .into_iter()
+            .map(|(keys, s)| UsageRow {
+                keys,
+                requests: s[0],
+                billable_requests: s[1],
+                req_bytes: s[2],
+                resp_bytes: s[3],
+            })
+            .collect())
     }
 
     async fn latency(&self, q: &LatencyQuery) -> Result<Vec<LatencyRow>, StoreError> {
-        let (cond, params) = where_clause(&q.filter);
-        let t = match q.step_us {
-            Some(step) if step > 0 => format!("(CAST(ts AS BIGINT) / {step}) * {step}"),
-            Some(_) => return Err(StoreError::BadRequest("step must be positive".into())),
-            None => format!("CAST({} AS BIGINT)", q.filter.from_us),
-        };
-        let consumer = if q.by_consumer {
-            "consumer"
-        } else {
-            "CAST(NULL AS VARCHAR)"
-        };
-        let bucket = format!(
-            "CAST(ceil(ln(CAST(CASE WHEN latency_us < 1 THEN 1 ELSE latency_us END AS DOUBLE)) / {:.17}) AS BIGINT)",
-            ln_gamma()
-        );
-        let sql = format!(
-            "SELECT route, {consumer} AS consumer, {t} AS t, {bucket} AS bucket, COUNT(*) AS n, \
-             SUM(CASE WHEN status >= 500 THEN 1 ELSE 0 END) AS errors \
-             FROM events WHERE {cond} AND route IS NOT NULL AND upstream_latency_us IS NOT NULL \
-             GROUP BY 1, 2, 3, 4"
-        );
+        if q.step_us.is_some_and(|s| s <= 0) {
+            return Err(StoreError::BadRequest("step must be positive".into()));
+        }
+        let snap = self.snapshot(q.filter.from_us, q.filter.to_us).await?;
         let mut groups: std::collections::BTreeMap<
             (String, Option<String>, i64),
             (u64, LogHistogram),
         > = Default::default();
-        for b in self.run(&q.filter, &sql, params).await? {
-            let route = strs(&b, "route")?;
-            let consumer = strs(&b, "consumer")?;
-            let t = i64s(&b, "t")?;
-            let bucket = i64s(&b, "bucket")?;
-            let n = i64s(&b, "n")?;
-            let errors = i64s(&b, "errors")?;
-            for i in 0..b.num_rows() {
-                let key = (
-                    route.value(i).to_string(),
-                    consumer.is_valid(i).then(|| consumer.value(i).to_string()),
-                    t.value(i),
-                );
-                let g = groups.entry(key).or_default();
-                g.0 += nonneg(&errors, i);
-                g.1.add_bucket(bucket.value(i) as i32, nonneg(&n, i));
+        let f = &q.filter;
+        for (source, from, to) in plan(f.from_us, f.to_us, q.step_us, snap.rollups) {
+            let (cond, params) = where_clause(f, source, from, to);
+            let time = source.time();
+            let t = match q.step_us {
+                Some(step) => format!("({time} / {step}) * {step}"),
+                None => format!("CAST({} AS BIGINT)", f.from_us),
+            };
+            let consumer = if q.by_consumer {
+                "consumer"
+            } else {
+                "CAST(NULL AS VARCHAR)"
+            };
+            let sql = match source {
+                Source::Rollup => format!(
+                    "SELECT route, {consumer} AS consumer, {t} AS t, bucket, SUM(n) AS n, \
+                     SUM(errors) AS errors FROM latency_1m WHERE {cond} GROUP BY 1, 2, 3, 4"
+                ),
+                raw => format!(
+                    "SELECT route, {consumer} AS consumer, {t} AS t, {} AS bucket, COUNT(*) AS n, \
+                     SUM(CASE WHEN status >= 500 THEN 1 ELSE 0 END) AS errors \
+                     FROM {} WHERE {cond} AND route IS NOT NULL AND upstream_latency_us IS NOT NULL \
+                     GROUP BY 1, 2, 3, 4",
+                    rollup::bucket_sql(),
+                    if raw == Source::Memory {
+                        "mem_events"
+                    } else {
+                        "events"
+                    },
+                ),
+            };
+            for b in snap.run(&sql, params).await? {
+                let route = strs(&b, "route")?;
+                let consumer = strs(&b, "consumer")?;
+                let t = i64s(&b, "t")?;
+                let bucket = i64s(&b, "bucket")?;
+                let n = i64s(&b, "n")?;
+                let errors = i64s(&b, "errors")?;
+                for i in 0..b.num_rows() {
+                    let key = (
+                        route.value(i).to_string(),
+                        consumer.is_valid(i).then(|| consumer.value(i).to_string()),
+                        t.value(i),
+                    );
+                    let g = groups.entry(key).or_default();
+                    g.0 += nonneg(&errors, i);
+                    g.1.add_bucket(bucket.value(i) as i32, nonneg(&n, i));
+                }
             }
         }
         Ok(groups

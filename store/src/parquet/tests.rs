@@ -102,14 +102,17 @@ async fn flush_splits_by_day_and_compaction_merges_without_changing_answers() {
         store.flush().await.unwrap();
     }
     let m = store.manifest();
-    assert_eq!(m.files.len(), 8);
+    // Each flush writes, per day, the events and their two per-minute rollups.
+    assert_eq!(m.files.len(), 24);
+    assert_eq!(events_files(&m), 8);
     assert!(m.files.iter().all(|f| f.path.starts_with("day=")));
     let before = store
         .usage(&all(), &[crate::GroupKey::Day, crate::GroupKey::Consumer])
         .await
         .unwrap();
-    assert_eq!(store.compact().await.unwrap(), 8);
-    assert_eq!(store.manifest().files.len(), 2);
+    assert_eq!(store.compact().await.unwrap(), 24);
+    assert_eq!(store.manifest().files.len(), 6);
+    assert_eq!(events_files(&store.manifest()), 2);
     let after = store
         .usage(&all(), &[crate::GroupKey::Day, crate::GroupKey::Consumer])
         .await
@@ -119,7 +122,7 @@ async fn flush_splits_by_day_and_compaction_merges_without_changing_answers() {
     // Replaced files go on the next round; a reopen never sees them as data.
     store.compact().await.unwrap();
     let parquet_files = walk(dir.path());
-    assert_eq!(parquet_files, 2, "old files deleted");
+    assert_eq!(parquet_files, 6, "old files deleted");
     drop(store);
     let store = ParquetStore::open(cfg(dir.path())).unwrap();
     assert_eq!(total(&store).await, 8);
@@ -142,11 +145,77 @@ async fn orphan_files_from_an_interrupted_flush_are_ignored_and_removed() {
         &tollgate_schemas::arrow::to_batch(&evs),
     )
     .unwrap();
-    assert_eq!(walk(dir.path()), 2);
+    // The flush wrote the events and their two rollups; then the orphan.
+    assert_eq!(walk(dir.path()), 4);
     drop(store);
     let store = ParquetStore::open(cfg(dir.path())).unwrap();
-    assert_eq!(walk(dir.path()), 1);
+    assert_eq!(walk(dir.path()), 3);
     assert_eq!(total(&store).await, 3);
+}
+
+fn events_files(m: &Manifest) -> usize {
+    m.files
+        .iter()
+        .filter(|f| f.kind == FileKind::Events)
+        .count()
+}
+
+/// A store written before rollups existed (its manifest names only events files) answers from
+/// raw events until the first upkeep round builds the rollups; the answers never change.
+#[tokio::test]
+async fn rollups_are_built_for_a_store_written_without_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ParquetStore::open(cfg(dir.path())).unwrap();
+    let evs: Vec<_> = (0..300)
+        .map(|i| {
+            event(
+                T0 + i * 1_000_000,
+                if i % 3 == 0 { "a" } else { "b" },
+                "r",
+                100 + i as u64,
+            )
+        })
+        .collect();
+    store
+        .append(&crate::EventBatch::consecutive(evs, 0, 300))
+        .await
+        .unwrap();
+    store.flush().await.unwrap();
+    let window = Filter {
+        from_us: T0 + 30_500_000,
+        to_us: T0 + 250_000_001,
+        ..Default::default()
+    };
+    let group = [crate::GroupKey::Consumer, crate::GroupKey::Route];
+    let with_rollups = store.usage(&window, &group).await.unwrap();
+    let latency_query = crate::LatencyQuery {
+        filter: window.clone(),
+        step_us: Some(60_000_000),
+        by_consumer: true,
+    };
+    let latency = store.latency(&latency_query).await.unwrap();
+    drop(store);
+    // Turn the manifest into an old one: events files only, no rollups.
+    let mut m = manifest::load(dir.path()).unwrap();
+    m.files.retain(|f| f.kind == FileKind::Events);
+    m.rollups = false;
+    manifest::store(dir.path(), &m).unwrap();
+    let store = ParquetStore::open(cfg(dir.path())).unwrap();
+    assert_eq!(store.usage(&window, &group).await.unwrap(), with_rollups);
+    store.compact().await.unwrap();
+    let m = store.manifest();
+    assert!(m.rollups);
+    assert_eq!(
+        m.files
+            .iter()
+            .filter(|f| f.kind == FileKind::Usage1m)
+            .count(),
+        1
+    );
+    assert_eq!(store.usage(&window, &group).await.unwrap(), with_rollups);
+    assert_eq!(store.latency(&latency_query).await.unwrap(), latency);
+    let total: u64 = with_rollups.iter().map(|r| r.requests).sum();
+    assert_eq!(total, 220, "events from second 31 to second 250");
 }
 
 fn walk(dir: &std::path::Path) -> usize {
