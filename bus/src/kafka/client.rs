@@ -366,6 +366,12 @@ impl KafkaSubscriber {
                 ("enable.auto.commit", "false".into()),
                 ("auto.offset.reset", "earliest".into()),
                 ("enable.partition.eof", "false".into()),
+                // A killed collector's partitions move to the others within 10 s (Kafka's own
+                // default is 45 s); `bus.properties` can change both.
+                ("session.timeout.ms", "10000".into()),
+                ("heartbeat.interval.ms", "1000".into()),
+                // Fresh dashboards: a fetch waits at most 100 ms for data (librdkafka: 500 ms).
+                ("fetch.wait.max.ms", "100".into()),
             ],
         )
         .create_with_context(GroupContext {
