@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tollgate_schemas::RequestEvent;
 
 pub mod clickhouse;
+pub mod merge;
 pub mod parquet;
 pub mod sketch;
 pub mod time;

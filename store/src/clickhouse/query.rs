@@ -2,13 +2,11 @@
 //! partial minutes at its edges from the raw table, summed here. The store returns the same
 //! primitives as every backend (exact counts, sketch buckets); filters are bound parameters.
 
-use std::collections::BTreeMap;
-
 use async_trait::async_trait;
 use serde::Deserialize;
 
 use super::{ClickHouseStore, ch_err};
-use crate::sketch::LogHistogram;
+use crate::merge::{LatencyGroups, UsageSums};
 use crate::time::{DAY_US, MINUTE_US, split_minutes};
 use crate::{
     Filter, GroupKey, KeyValue, LatencyQuery, LatencyRow, StoreError, UsageQuery, UsageRow,
@@ -65,7 +63,7 @@ impl Source {
 }
 
 #[derive(clickhouse::Row, Deserialize)]
-struct UsageSums {
+struct UsageRowSums {
     keys: Vec<String>,
     requests_n: u64,
     billable_n: u64,
@@ -124,7 +122,7 @@ impl ClickHouseStore {
         to: i64,
         filter: &Filter,
         group_by: &[GroupKey],
-    ) -> Result<Vec<UsageSums>, StoreError> {
+    ) -> Result<Vec<UsageRowSums>, StoreError> {
         let keys = if group_by.is_empty() {
             "emptyArrayString()".to_string()
         } else {
@@ -157,7 +155,7 @@ impl ClickHouseStore {
         for b in binds {
             q = q.bind(b);
         }
-        q.fetch_all::<UsageSums>().await.map_err(ch_err)
+        q.fetch_all::<UsageRowSums>().await.map_err(ch_err)
     }
 
     async fn latency_part(
@@ -215,7 +213,7 @@ impl UsageQuery for ClickHouseStore {
         filter: &Filter,
         group_by: &[GroupKey],
     ) -> Result<Vec<UsageRow>, StoreError> {
-        let mut sums: BTreeMap<Vec<KeyValue>, [u64; 4]> = BTreeMap::new();
+        let mut sums = UsageSums::default();
         for (source, from, to) in parts(filter.from_us, filter.to_us, None) {
             for row in self.usage_part(source, from, to, filter, group_by).await? {
                 if row.requests_n == 0 {
@@ -226,51 +224,32 @@ impl UsageQuery for ClickHouseStore {
                     .zip(&row.keys)
                     .map(|(k, v)| key_value(*k, v))
                     .collect();
-                let s = sums.entry(keys).or_default();
-                s[0] += row.requests_n;
-                s[1] += row.billable_n;
-                s[2] += row.req_bytes_n;
-                s[3] += row.resp_bytes_n;
+                sums.add(
+                    keys,
+                    row.requests_n,
+                    row.billable_n,
+                    row.req_bytes_n,
+                    row.resp_bytes_n,
+                );
             }
         }
-        Ok(sums
-            .into_iter()
-            .map(|(keys, s)| UsageRow {
-                keys,
-                requests: s[0],
-                billable_requests: s[1],
-                req_bytes: s[2],
-                resp_bytes: s[3],
-            })
-            .collect())
+        Ok(sums.rows())
     }
 
     async fn latency(&self, q: &LatencyQuery) -> Result<Vec<LatencyRow>, StoreError> {
         if q.step_us.is_some_and(|s| s <= 0) {
             return Err(StoreError::BadRequest("step must be positive".into()));
         }
-        let mut groups: BTreeMap<(String, Option<String>, i64), (u64, LogHistogram)> =
-            BTreeMap::new();
+        let mut groups = LatencyGroups::default();
         for (source, from, to) in parts(q.filter.from_us, q.filter.to_us, q.step_us) {
             for b in self.latency_part(source, from, to, q).await? {
                 let consumer = (!b.consumer_k.is_empty()).then_some(b.consumer_k);
-                let g = groups.entry((b.route_k, consumer, b.t_us)).or_default();
-                g.0 += b.errors_n;
-                g.1.add_bucket(b.bucket_k, b.count_n);
+                groups.add(
+                    b.route_k, consumer, b.t_us, b.bucket_k, b.count_n, b.errors_n,
+                );
             }
         }
-        Ok(groups
-            .into_iter()
-            .map(
-                |((route, consumer, t_us), (errors, histogram))| LatencyRow {
-                    route,
-                    consumer,
-                    t_us,
-                    errors,
-                    histogram,
-                },
-            )
-            .collect())
+        Ok(groups.rows())
     }
 
     async fn ready(&self) -> bool {

@@ -56,6 +56,45 @@ fn new_path(kind: FileKind, day: i64) -> String {
     )
 }
 
+/// A Parquet file being written: its path relative to the store and its writer.
+struct NewFile {
+    rel: String,
+    path: std::path::PathBuf,
+    writer: ArrowWriter<std::fs::File>,
+}
+
+impl NewFile {
+    /// Creates a new file of `kind` for `day` (snappy, `row_group` rows per row group).
+    fn create(
+        dir: &Path,
+        kind: FileKind,
+        day: i64,
+        schema: datafusion::arrow::datatypes::SchemaRef,
+        row_group: usize,
+    ) -> Result<NewFile, StoreError> {
+        let rel = new_path(kind, day);
+        let path = dir.join(&rel);
+        let parent = path.parent().expect("has a parent");
+        std::fs::create_dir_all(parent).map_err(StoreError::io(parent))?;
+        let file = std::fs::File::create(&path).map_err(StoreError::io(&path))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(row_group))
+            .build();
+        let writer = ArrowWriter::try_new(file, schema, Some(props))?;
+        Ok(NewFile { rel, path, writer })
+    }
+
+    /// Closes and fsyncs the file and its folder; returns its relative path and size.
+    fn finish(self) -> Result<(String, u64), StoreError> {
+        let file = self.writer.into_inner()?;
+        file.sync_all().map_err(StoreError::io(&self.path))?;
+        sync_dir(self.path.parent().expect("has a parent"))?;
+        let bytes = file.metadata().map_err(StoreError::io(&self.path))?.len();
+        Ok((self.rel, bytes))
+    }
+}
+
 /// Writes `batch` (events, all of one day) as a new Parquet file under `dir`, fsynced.
 pub fn write_file(dir: &Path, day: i64, batch: &RecordBatch) -> Result<FileEntry, StoreError> {
     let ts = ts_column(batch)?;
@@ -73,21 +112,9 @@ pub fn write_kind(
     min_ts_us: i64,
     max_ts_us: i64,
 ) -> Result<FileEntry, StoreError> {
-    let rel = new_path(kind, day);
-    let path = dir.join(&rel);
-    let parent = path.parent().expect("has a parent");
-    std::fs::create_dir_all(parent).map_err(StoreError::io(parent))?;
-    let file = std::fs::File::create(&path).map_err(StoreError::io(&path))?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(1 << 20))
-        .build();
-    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props))?;
-    writer.write(batch)?;
-    let file = writer.into_inner()?;
-    file.sync_all().map_err(StoreError::io(&path))?;
-    sync_dir(parent)?;
-    let bytes = file.metadata().map_err(StoreError::io(&path))?.len();
+    let mut out = NewFile::create(dir, kind, day, batch.schema(), 1 << 20)?;
+    out.writer.write(batch)?;
+    let (rel, bytes) = out.finish()?;
     Ok(FileEntry {
         path: rel,
         kind,
@@ -114,16 +141,7 @@ pub fn merge_files(
     schema: datafusion::arrow::datatypes::SchemaRef,
 ) -> Result<FileEntry, StoreError> {
     let kind = files.first().map(|f| f.kind).unwrap_or_default();
-    let rel = new_path(kind, day);
-    let path = dir.join(&rel);
-    let parent = path.parent().expect("has a parent");
-    std::fs::create_dir_all(parent).map_err(StoreError::io(parent))?;
-    let out = std::fs::File::create(&path).map_err(StoreError::io(&path))?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(COMPACT_ROW_GROUP))
-        .build();
-    let mut writer = ArrowWriter::try_new(out, schema, Some(props))?;
+    let mut out = NewFile::create(dir, kind, day, schema, COMPACT_ROW_GROUP)?;
     let mut inputs: Vec<&FileEntry> = files.iter().collect();
     inputs.sort_by_key(|f| (f.min_ts_us, f.path.clone()));
     let (mut rows, mut min, mut max) = (0u64, i64::MAX, i64::MIN);
@@ -138,13 +156,10 @@ pub fn merge_files(
             rows += b.num_rows() as u64;
             min = min.min(f.min_ts_us);
             max = max.max(f.max_ts_us);
-            writer.write(&b)?;
+            out.writer.write(&b)?;
         }
     }
-    let file = writer.into_inner()?;
-    file.sync_all().map_err(StoreError::io(&path))?;
-    sync_dir(parent)?;
-    let bytes = file.metadata().map_err(StoreError::io(&path))?.len();
+    let (rel, bytes) = out.finish()?;
     Ok(FileEntry {
         path: rel,
         kind,

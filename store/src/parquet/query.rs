@@ -14,7 +14,7 @@ use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 
 use super::manifest::FileKind;
 use super::{ParquetStore, rollup};
-use crate::sketch::LogHistogram;
+use crate::merge::{LatencyGroups, UsageSums};
 use crate::time::{DAY_US, MINUTE_US, split_minutes};
 use crate::{
     Filter, GroupKey, KeyValue, LatencyQuery, LatencyRow, StoreError, UsageQuery, UsageRow,
@@ -243,7 +243,7 @@ impl UsageQuery for ParquetStore {
         group_by: &[GroupKey],
     ) -> Result<Vec<UsageRow>, StoreError> {
         let snap = self.snapshot(filter.from_us, filter.to_us).await?;
-        let mut sums: std::collections::BTreeMap<Vec<KeyValue>, [u64; 4]> = Default::default();
+        let mut sums = UsageSums::default();
         for (source, from, to) in plan(filter.from_us, filter.to_us, None, snap.rollups) {
             let (cond, params) = where_clause(filter, source, from, to);
             let keys: Vec<String> = group_by
@@ -305,24 +305,17 @@ impl UsageQuery for ParquetStore {
                         .iter()
                         .map(|(k, col)| key_value(*k, col.as_ref(), i))
                         .collect();
-                    let s = sums.entry(keys).or_default();
-                    s[0] += nonneg(&requests, i);
-                    s[1] += nonneg(&billable, i);
-                    s[2] += nonneg(&req, i);
-                    s[3] += nonneg(&resp, i);
+                    sums.add(
+                        keys,
+                        nonneg(&requests, i),
+                        nonneg(&billable, i),
+                        nonneg(&req, i),
+                        nonneg(&resp, i),
+                    );
                 }
             }
         }
-        Ok(sums
-            .into_iter()
-            .map(|(keys, s)| UsageRow {
-                keys,
-                requests: s[0],
-                billable_requests: s[1],
-                req_bytes: s[2],
-                resp_bytes: s[3],
-            })
-            .collect())
+        Ok(sums.rows())
     }
 
     async fn latency(&self, q: &LatencyQuery) -> Result<Vec<LatencyRow>, StoreError> {
@@ -330,10 +323,7 @@ impl UsageQuery for ParquetStore {
             return Err(StoreError::BadRequest("step must be positive".into()));
         }
         let snap = self.snapshot(q.filter.from_us, q.filter.to_us).await?;
-        let mut groups: std::collections::BTreeMap<
-            (String, Option<String>, i64),
-            (u64, LogHistogram),
-        > = Default::default();
+        let mut groups = LatencyGroups::default();
         let f = &q.filter;
         for (source, from, to) in plan(f.from_us, f.to_us, q.step_us, snap.rollups) {
             let (cond, params) = where_clause(f, source, from, to);
@@ -373,29 +363,18 @@ impl UsageQuery for ParquetStore {
                 let n = i64s(&b, "n")?;
                 let errors = i64s(&b, "errors")?;
                 for i in 0..b.num_rows() {
-                    let key = (
+                    groups.add(
                         route.value(i).to_string(),
                         consumer.is_valid(i).then(|| consumer.value(i).to_string()),
                         t.value(i),
+                        bucket.value(i) as i32,
+                        nonneg(&n, i),
+                        nonneg(&errors, i),
                     );
-                    let g = groups.entry(key).or_default();
-                    g.0 += nonneg(&errors, i);
-                    g.1.add_bucket(bucket.value(i) as i32, nonneg(&n, i));
                 }
             }
         }
-        Ok(groups
-            .into_iter()
-            .map(
-                |((route, consumer, t_us), (errors, histogram))| LatencyRow {
-                    route,
-                    consumer,
-                    t_us,
-                    errors,
-                    histogram,
-                },
-            )
-            .collect())
+        Ok(groups.rows())
     }
 
     async fn ready(&self) -> bool {
