@@ -15,14 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use tollgate_testkit::free_port;
 
 /// The upstream: `/fast` answers in 10 ms, `/slow/{id}` in 50 ms, `/fail` with a 503.
 pub async fn start_upstream() -> SocketAddr {
