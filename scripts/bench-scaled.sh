@@ -18,31 +18,14 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
 python3 -c 'import confluent_kafka' 2>/dev/null || python3 -m pip install -q confluent-kafka
 cargo build --release --locked --features scaled >&2
 BIN="$CARGO_TARGET_DIR/release/tollgate"
-TANSU="${TOLLGATE_TANSU:-$HOME/.cache/tollgate-tools/tansu}"
 WORK="$(mktemp -d)"
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_for() { local deadline=$((SECONDS + $2)); until eval "$1" >/dev/null 2>&1; do
-  [ $SECONDS -lt $deadline ] || { echo "timed out: $1" >&2; exit 1; }; sleep 0.1; done; }
-now_ms() { date +%s%3N; }
+. scripts/lib/services.sh
 
 # --- services -----------------------------------------------------------------------------------
-CH_HTTP=$(port); CH_TCP=$(port); KAFKA=$(port)
-mkdir -p "$WORK/ch/"{data,tmp,user_files,log}
-cp /etc/clickhouse-server/users.xml "$WORK/ch/"
-cat > "$WORK/ch/config.xml" <<XML
-<yandex><logger><level>warning</level><log>$WORK/ch/log/server.log</log><errorlog>$WORK/ch/log/error.log</errorlog></logger>
-<http_port>$CH_HTTP</http_port><tcp_port>$CH_TCP</tcp_port><listen_host>127.0.0.1</listen_host>
-<path>$WORK/ch/data/</path><tmp_path>$WORK/ch/tmp/</tmp_path><user_files_path>$WORK/ch/user_files/</user_files_path>
-<users_config>$WORK/ch/users.xml</users_config><default_profile>default</default_profile><default_database>default</default_database>
-<mark_cache_size>5368709120</mark_cache_size></yandex>
-XML
-clickhouse-server --config-file="$WORK/ch/config.xml" >/dev/null 2>&1 &
-"$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA" --advertised-listener-url "tcp://127.0.0.1:$KAFKA" \
-  --storage-engine memory://tansu/ >"$WORK/tansu.log" 2>&1 &
-wait_for "curl -sf http://127.0.0.1:$CH_HTTP/ping" 60
-chq() { curl -sf "http://127.0.0.1:$CH_HTTP/" --data-binary "$1"; }
+start_clickhouse
+start_tansu
 
 config() { # $1 database, $2 topic, $3 api port, $4 gateway port
   cat > "$WORK/$1.yaml" <<YAML

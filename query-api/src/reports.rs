@@ -83,21 +83,21 @@ pub async fn latency(
         },
         step_us,
         by_consumer: group.contains(&GroupKey::Consumer),
+        quantiles: quantiles.clone(),
     };
     let rows = s.store.latency(&query).await?;
     let mut series: BTreeMap<(String, Option<String>), Vec<Value>> = BTreeMap::new();
     for r in rows {
         let mut qs = Map::new();
-        for q in &quantiles {
-            let v = r
-                .histogram
-                .quantile(*q)
-                .map(|us| (us / 1000.0 * 1000.0).round() / 1000.0);
+        for (q, us) in quantiles.iter().zip(&r.quantiles_us) {
+            let v = us
+                .is_finite()
+                .then(|| (us / 1000.0 * 1000.0).round() / 1000.0);
             qs.insert(format!("{q}"), json!(v));
         }
         let point = json!({
             "t": rfc3339(r.t_us),
-            "count": r.histogram.count(),
+            "count": r.count,
             "errors": r.errors,
             "quantiles_ms": qs,
         });

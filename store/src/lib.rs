@@ -209,7 +209,7 @@ pub struct UsageRow {
     pub resp_bytes: u64,
 }
 
-/// Latency histogram of one group and time bucket (requests forwarded upstream only).
+/// Latency of one group and time bucket (requests forwarded upstream only).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LatencyRow {
     pub route: String,
@@ -217,19 +217,47 @@ pub struct LatencyRow {
     pub consumer: Option<String>,
     /// Start of the time bucket (µs); the window start when no step was asked.
     pub t_us: i64,
+    /// Requests in the bucket.
+    pub count: u64,
     /// Requests with a status >= 500.
     pub errors: u64,
-    pub histogram: sketch::LogHistogram,
+    /// The asked quantiles, in µs and in the order asked: the nearest-rank quantile of the
+    /// group's sketch buckets (see `sketch`), so every backend reports the same value.
+    pub quantiles_us: Vec<f64>,
 }
 
 /// What `latency` groups by and how it buckets time.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LatencyQuery {
     pub filter: Filter,
     /// Bucket width in µs; `None`: one bucket for the whole window.
     pub step_us: Option<i64>,
     /// Split each route's series by consumer.
     pub by_consumer: bool,
+    /// Quantiles to report, each in `[0, 1]`. The store computes them next to the data (a
+    /// month of per-minute sketches is millions of bucket counts; the answer is a few numbers).
+    pub quantiles: Vec<f64>,
+}
+
+impl LatencyQuery {
+    /// Whether the answer needs the consumer key (grouped or filtered by it); when it does
+    /// not, the per-route rollups answer, which are much smaller.
+    pub fn needs_consumer(&self) -> bool {
+        self.by_consumer || self.filter.consumer.is_some()
+    }
+
+    /// Checks what a backend relies on.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        if self.step_us.is_some_and(|s| s <= 0) {
+            return Err(StoreError::BadRequest("step must be positive".into()));
+        }
+        if let Some(q) = self.quantiles.iter().find(|q| !(0.0..=1.0).contains(*q)) {
+            return Err(StoreError::BadRequest(format!(
+                "quantile {q} is not between 0 and 1"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The query API's side of the store.
@@ -241,7 +269,8 @@ pub trait UsageQuery: Send + Sync {
         filter: &Filter,
         group_by: &[GroupKey],
     ) -> Result<Vec<UsageRow>, StoreError>;
-    /// Latency histograms per route (and consumer), per time bucket.
+    /// Latency quantiles per route (and consumer), per time bucket, sorted by route, consumer
+    /// and time.
     async fn latency(&self, query: &LatencyQuery) -> Result<Vec<LatencyRow>, StoreError>;
     /// True when the store can answer queries.
     async fn ready(&self) -> bool;

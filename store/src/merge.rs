@@ -55,8 +55,8 @@ impl LatencyGroups {
         g.1.add_bucket(bucket, n);
     }
 
-    /// The rows, sorted by route, consumer and time.
-    pub fn rows(self) -> Vec<LatencyRow> {
+    /// The rows, sorted by route, consumer and time, with `quantiles` of each histogram.
+    pub fn rows(self, quantiles: &[f64]) -> Vec<LatencyRow> {
         self.0
             .into_iter()
             .map(
@@ -64,8 +64,12 @@ impl LatencyGroups {
                     route,
                     consumer,
                     t_us,
+                    count: histogram.count(),
                     errors,
-                    histogram,
+                    quantiles_us: quantiles
+                        .iter()
+                        .map(|q| histogram.quantile(*q).unwrap_or(f64::NAN))
+                        .collect(),
                 },
             )
             .collect()

@@ -109,6 +109,81 @@ async fn migrations_upgrade_an_existing_database_once() {
     assert_eq!(again.trim(), MIGRATIONS.len().to_string());
 }
 
+/// A database that held events before the coarse rollups (migration 0003) existed: the new
+/// views take events from the next midnight on, windows before it are answered from the
+/// per-minute rollups, and every event counts exactly once.
+#[tokio::test]
+async fn coarse_rollups_added_to_a_database_with_events_count_each_event_once() {
+    use tollgate_store::{Filter, GroupKey, LatencyQuery};
+    let server = tollgate_testkit::ClickHouse::start();
+    server.query("CREATE DATABASE old");
+    server.query(
+        "CREATE TABLE old.tollgate_migrations (version UInt32, name String, applied_at DateTime DEFAULT now()) ENGINE = MergeTree ORDER BY version",
+    );
+    for (version, name, sql) in &MIGRATIONS[..2] {
+        for s in migrations::statements(sql, "old") {
+            server.query(&s);
+        }
+        server.query(&format!(
+            "INSERT INTO old.tollgate_migrations (version, name) VALUES ({version}, '{name}')"
+        ));
+    }
+    server.query(
+        "INSERT INTO old.events (bus_partition, bus_offset, v, id, ts_us, gateway, route, method, path, \
+         status, latency_us, upstream_latency_us, req_bytes, resp_bytes, consumer, plan, outcome, billable, \
+         latency_bucket) VALUES (1, 0, 1, 'e0', 1790000000000000, 'g', 'r', 'GET', '/', 200, 1000, 900, \
+         1, 2, 'c', 'p', 'ok', 1, 691)",
+    );
+    let store = config(&server, "old").open().await.unwrap();
+    let since: i64 = server
+        .query("SELECT max(since_us) FROM old.tollgate_rollup_since")
+        .trim()
+        .parse()
+        .unwrap();
+    let now = chrono::Utc::now().timestamp_micros();
+    assert!(since > now && since - now <= 86_400_000_000, "{since}");
+    assert_eq!(since % 86_400_000_000, 0);
+    // Three events before that midnight, four after it.
+    store.writer.append(&batch(0, 0..3)).await.unwrap();
+    let mut later = batch(2, 0..4);
+    for (i, e) in later.events.iter_mut().enumerate() {
+        e.ts = chrono::DateTime::from_timestamp_micros(since + 3_600_000_000 + i as i64).unwrap();
+    }
+    store.writer.append(&later).await.unwrap();
+    assert_eq!(
+        server
+            .query("SELECT sum(requests) FROM old.usage_1d")
+            .trim(),
+        "4",
+        "the day rollup holds only what came after `since`"
+    );
+    let window = Filter {
+        from_us: 0,
+        to_us: since + 2 * 86_400_000_000,
+        ..Default::default()
+    };
+    let usage = store
+        .query
+        .usage(&window, &[GroupKey::Consumer])
+        .await
+        .unwrap();
+    assert_eq!(usage.len(), 1);
+    assert_eq!((usage[0].requests, usage[0].req_bytes), (8, 8));
+    let latency = store
+        .query
+        .latency(&LatencyQuery {
+            filter: window,
+            step_us: Some(86_400_000_000),
+            by_consumer: false,
+            quantiles: vec![0.0, 1.0],
+        })
+        .await
+        .unwrap();
+    let counts: Vec<u64> = latency.iter().map(|r| r.count).collect();
+    assert_eq!(counts.iter().sum::<u64>(), 8, "{latency:?}");
+    assert_eq!(latency.last().unwrap().count, 4, "the day after `since`");
+}
+
 /// Every property of the JSON Schema is a column of `events` with a type that holds it, and
 /// nothing else is there but the bus position and the sketch bucket.
 #[tokio::test]

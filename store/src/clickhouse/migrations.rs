@@ -3,13 +3,31 @@
 //! (`IF NOT EXISTS`), so processes starting together may apply the same migration twice
 //! without harm; a migration is recorded once it has fully applied.
 
-/// `(version, name, sql)` of every migration, in order. `{db}` stands for the database.
+/// `(version, name, sql)` of every migration, in order. `{db}` stands for the database and
+/// `{coarse_since_us}` for where the coarse rollups of 0003 start (see that file).
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "events", include_str!("migrations/0001_events.sql")),
     (2, "rollups", include_str!("migrations/0002_rollups.sql")),
+    (
+        3,
+        "coarse_rollups",
+        include_str!("migrations/0003_coarse_rollups.sql"),
+    ),
 ];
 
+/// Where the coarse rollups start in a database: 0 when it holds no events yet (they cover
+/// everything), else the next UTC midnight (rows before it keep being answered by the
+/// per-minute rollups).
+pub fn coarse_since_us(holds_events: bool, now_us: i64) -> i64 {
+    if holds_events {
+        (now_us.div_euclid(crate::time::DAY_US) + 1) * crate::time::DAY_US
+    } else {
+        0
+    }
+}
+
 /// The statements of one migration file for database `db`: comments dropped, split on `;`.
+/// `{coarse_since_us}` is replaced by the caller.
 pub fn statements(sql: &str, db: &str) -> Vec<String> {
     let text: String = sql
         .lines()
@@ -66,7 +84,19 @@ pub(super) async fn apply(
         if applied.contains(version) {
             continue;
         }
+        let since = if sql.contains("{coarse_since_us}") {
+            let n: u64 = client
+                .query(&format!("SELECT count() FROM `{db}`.events"))
+                .fetch_one()
+                .await
+                .map_err(ch_err)?;
+            let now_us = chrono::Utc::now().timestamp_micros();
+            coarse_since_us(n > 0, now_us)
+        } else {
+            0
+        };
         for statement in statements(sql, db) {
+            let statement = statement.replace("{coarse_since_us}", &since.to_string());
             client.query(&statement).execute().await.map_err(|e| {
                 crate::StoreError::ClickHouse(format!("migration {version:04}_{name}: {e}"))
             })?;
@@ -83,4 +113,21 @@ pub(super) async fn apply(
         tracing::info!(version, name, database = db, "applied ClickHouse migration");
     }
     Ok(())
+}
+
+/// Where the coarse rollups of this database start (the latest recorded, when processes
+/// starting together recorded more than one: each view covers from its own, so the latest is
+/// safe for all).
+#[cfg(feature = "clickhouse")]
+pub(super) async fn coarse_since(
+    client: &::clickhouse::Client,
+    db: &str,
+) -> Result<i64, crate::StoreError> {
+    client
+        .query(&format!(
+            "SELECT max(since_us) FROM `{db}`.tollgate_rollup_since"
+        ))
+        .fetch_one::<i64>()
+        .await
+        .map_err(super::ch_err)
 }

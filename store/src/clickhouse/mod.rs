@@ -1,7 +1,10 @@
 //! The ClickHouse store (the official `clickhouse` crate), for the scaled deployment: any
-//! number of collectors insert into one raw `events` table; materialized views keep per-minute
-//! rollups (`usage_1m`, `latency_1m`) that the query API reads for whole minutes, and the raw
-//! table answers only the partial minutes at a window's edges. Schema changes are numbered
+//! number of collectors insert into one raw `events` table; materialized views keep rollups
+//! (usage per minute, hour and day; latency sketches per route and minute or hour, and per
+//! consumer and minute) that the query API reads for the aligned spans of a window, and the raw
+//! table answers only the partial minutes at its edges. Latency quantiles are computed in the
+//! server (`quantilesExactWeighted` over sketch buckets: nearest rank, as `sketch.rs`), so a
+//! dashboard over a month receives a few numbers per point, not every bucket. Schema changes are numbered
 //! `.sql` migrations beside this file, applied at start-up and recorded in
 //! `tollgate_migrations`.
 //!
@@ -71,6 +74,8 @@ pub struct ClickHouseStore {
     database: String,
     /// The checkpoint after the last append (appends are durable: see `writer.rs`).
     appended: Arc<std::sync::Mutex<crate::Checkpoint>>,
+    /// Where the hour and day rollups start (migration 0003).
+    coarse_since_us: i64,
 }
 
 #[cfg(feature = "clickhouse")]
@@ -104,10 +109,12 @@ impl ClickHouseStore {
             client = client.with_password(p);
         }
         migrations::apply(&client, &config.database).await?;
+        let coarse_since_us = migrations::coarse_since(&client, &config.database).await?;
         Ok(ClickHouseStore {
             client: client.with_database(&config.database),
             database: config.database.clone(),
             appended: Default::default(),
+            coarse_since_us,
         })
     }
 

@@ -1,30 +1,64 @@
-//! `UsageQuery` over ClickHouse: whole minutes of a window from the per-minute rollups, the
-//! partial minutes at its edges from the raw table, summed here. The store returns the same
-//! primitives as every backend (exact counts, sketch buckets); filters are bound parameters.
+//! `UsageQuery` over ClickHouse. A window is cut into parts (`time::plan`): aligned days, hours
+//! and minutes from the rollups, the partial minutes at its edges from the raw table. All parts
+//! go to the server as one `UNION ALL`, summed there; latency quantiles are computed there too,
+//! with `quantilesExactWeighted` over the sketch buckets (the nearest-rank rule of
+//! `sketch::LogHistogram::quantile`: the smallest bucket whose cumulative count reaches
+//! `ceil(q·n)`), and turned into microseconds here with `sketch::bucket_value`, so ClickHouse
+//! and the embedded store report the same value for the same events. Filters are bound
+//! parameters; only numbers the store produced itself are spliced into the SQL.
 
 use async_trait::async_trait;
 use serde::Deserialize;
 
 use super::{ClickHouseStore, ch_err};
-use crate::merge::{LatencyGroups, UsageSums};
-use crate::time::{DAY_US, MINUTE_US, split_minutes};
+use crate::merge::UsageSums;
+use crate::sketch::bucket_value;
+use crate::time::{DAY_US, Grain, HOUR_US, MINUTE_US, plan};
 use crate::{
     Filter, GroupKey, KeyValue, LatencyQuery, LatencyRow, StoreError, UsageQuery, UsageRow,
     day_string,
 };
 
-/// Which table a part of the window is read from.
+/// Where a part of a window is read from: the raw table or one rollup table.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Source {
     Raw,
-    Rollup,
+    Rollup {
+        table: &'static str,
+        time: &'static str,
+    },
 }
+
+const USAGE_1D: Source = Source::Rollup {
+    table: "usage_1d",
+    time: "day_us",
+};
+const USAGE_1H: Source = Source::Rollup {
+    table: "usage_1h",
+    time: "hour_us",
+};
+const USAGE_1M: Source = Source::Rollup {
+    table: "usage_1m",
+    time: "minute_us",
+};
+const LATENCY_ROUTE_1H: Source = Source::Rollup {
+    table: "latency_route_1h",
+    time: "hour_us",
+};
+const LATENCY_ROUTE_1M: Source = Source::Rollup {
+    table: "latency_route_1m",
+    time: "minute_us",
+};
+const LATENCY_1M: Source = Source::Rollup {
+    table: "latency_1m",
+    time: "minute_us",
+};
 
 impl Source {
     fn time_column(self) -> &'static str {
         match self {
             Source::Raw => "ts_us",
-            Source::Rollup => "minute_us",
+            Source::Rollup { time, .. } => time,
         }
     }
 
@@ -36,21 +70,21 @@ impl Source {
             (Source::Raw, GroupKey::Route) => "ifNull(route, '')".into(),
             (Source::Raw, GroupKey::Plan) => "ifNull(plan, '')".into(),
             (Source::Raw, GroupKey::Status) => "toString(status)".into(),
-            (Source::Rollup, GroupKey::Consumer) => "consumer_key".into(),
-            (Source::Rollup, GroupKey::Route) => "route_key".into(),
-            (Source::Rollup, GroupKey::Plan) => "plan_key".into(),
-            (Source::Rollup, GroupKey::Status) => "toString(status_code)".into(),
+            (Source::Rollup { .. }, GroupKey::Consumer) => "consumer_key".into(),
+            (Source::Rollup { .. }, GroupKey::Route) => "route_key".into(),
+            (Source::Rollup { .. }, GroupKey::Plan) => "plan_key".into(),
+            (Source::Rollup { .. }, GroupKey::Status) => "toString(status_code)".into(),
             (_, GroupKey::Day) => format!("toString(intDiv({t}, {DAY_US}))"),
         }
     }
 
-    /// `WHERE` conditions for the filter's consumer and route.
+    /// `WHERE` conditions for the filter's consumer and route, with their values.
     fn filters(self, f: &Filter) -> (String, Vec<String>) {
         let mut sql = String::new();
         let mut binds = Vec::new();
         let (consumer, route) = match self {
             Source::Raw => ("consumer", "route"),
-            Source::Rollup => ("consumer_key", "route_key"),
+            Source::Rollup { .. } => ("consumer_key", "route_key"),
         };
         for (col, v) in [(consumer, &f.consumer), (route, &f.route)] {
             if let Some(v) = v {
@@ -72,32 +106,13 @@ struct UsageRowSums {
 }
 
 #[derive(clickhouse::Row, Deserialize)]
-struct LatencyBucket {
+struct LatencyPoint {
     route_k: String,
     consumer_k: String,
     t_us: i64,
-    bucket_k: i32,
     count_n: u64,
     errors_n: u64,
-}
-
-/// The parts of `[from, to)` and where each is read from. A rollup can answer a part only when
-/// time buckets never cut a minute (`step` a whole number of minutes, or no step).
-fn parts(from: i64, to: i64, step: Option<i64>) -> Vec<(Source, i64, i64)> {
-    let rollup_ok = step.is_none_or(|s| s % MINUTE_US == 0);
-    if !rollup_ok {
-        return if from < to {
-            vec![(Source::Raw, from, to)]
-        } else {
-            vec![]
-        };
-    }
-    let (head, body, tail) = split_minutes(from, to);
-    let mut out = Vec::new();
-    out.extend(head.map(|(a, b)| (Source::Raw, a, b)));
-    out.extend(body.map(|(a, b)| (Source::Rollup, a, b)));
-    out.extend(tail.map(|(a, b)| (Source::Raw, a, b)));
-    out
+    buckets: Vec<i32>,
 }
 
 fn key_value(k: GroupKey, s: &str) -> KeyValue {
@@ -114,96 +129,99 @@ fn key_value(k: GroupKey, s: &str) -> KeyValue {
     }
 }
 
-impl ClickHouseStore {
-    async fn usage_part(
-        &self,
-        source: Source,
-        from: i64,
-        to: i64,
-        filter: &Filter,
-        group_by: &[GroupKey],
-    ) -> Result<Vec<UsageRowSums>, StoreError> {
-        let keys = if group_by.is_empty() {
-            "emptyArrayString()".to_string()
-        } else {
-            let k: Vec<String> = group_by.iter().map(|k| source.key(*k)).collect();
-            format!("[{}]", k.join(", "))
-        };
-        let (table, sums) = match source {
-            Source::Raw => (
-                self.table("events"),
-                "count() AS requests_n, sum(toUInt64(billable)) AS billable_n, \
-                 sum(req_bytes) AS req_bytes_n, sum(resp_bytes) AS resp_bytes_n",
-            ),
-            Source::Rollup => (
-                self.table("usage_1m"),
-                "sum(requests) AS requests_n, sum(billable_requests) AS billable_n, \
-                 sum(req_bytes_total) AS req_bytes_n, sum(resp_bytes_total) AS resp_bytes_n",
-            ),
-        };
-        let t = source.time_column();
-        let (cond, binds) = source.filters(filter);
-        let group = if group_by.is_empty() {
-            ""
-        } else {
-            " GROUP BY keys"
-        };
-        let sql = format!(
-            "SELECT {keys} AS keys, {sums} FROM {table} WHERE {t} >= ? AND {t} < ?{cond}{group}"
-        );
-        let mut q = self.client.query(&sql).bind(from).bind(to);
-        for b in binds {
-            q = q.bind(b);
-        }
-        q.fetch_all::<UsageRowSums>().await.map_err(ch_err)
+/// SQL assembled from parts, with its bound values in order.
+#[derive(Default)]
+struct Union {
+    parts: Vec<String>,
+    binds: Vec<Bind>,
+}
+
+enum Bind {
+    Int(i64),
+    Text(String),
+}
+
+impl Union {
+    fn push(&mut self, sql: String, from: i64, to: i64, filters: Vec<String>) {
+        self.parts.push(sql);
+        self.binds.push(Bind::Int(from));
+        self.binds.push(Bind::Int(to));
+        self.binds.extend(filters.into_iter().map(Bind::Text));
     }
 
-    async fn latency_part(
-        &self,
-        source: Source,
-        from: i64,
-        to: i64,
-        q: &LatencyQuery,
-    ) -> Result<Vec<LatencyBucket>, StoreError> {
-        let t = source.time_column();
-        let bucket_t = match q.step_us {
-            Some(step) => format!("intDiv({t}, {step}) * {step}"),
-            None => format!("toInt64({})", q.filter.from_us),
-        };
-        let (route, consumer, table, bucket, n, errors, forwarded) = match source {
-            Source::Raw => (
-                "ifNull(route, '')",
-                "ifNull(consumer, '')",
-                self.table("events"),
-                "toInt32(latency_bucket)",
-                "count()",
-                "sum(toUInt64(status >= 500))",
-                " AND isNotNull(route) AND isNotNull(upstream_latency_us)",
-            ),
-            Source::Rollup => (
-                "route_key",
-                "consumer_key",
-                self.table("latency_1m"),
-                "toInt32(bucket)",
-                "sum(n)",
-                "sum(errors)",
-                "",
-            ),
-        };
-        let consumer = if q.by_consumer { consumer } else { "''" };
-        let (cond, binds) = source.filters(&q.filter);
-        let sql = format!(
-            "SELECT {route} AS route_k, {consumer} AS consumer_k, {bucket_t} AS t_us, \
-             {bucket} AS bucket_k, {n} AS count_n, {errors} AS errors_n \
-             FROM {table} WHERE {t} >= ? AND {t} < ?{forwarded}{cond} \
-             GROUP BY route_k, consumer_k, t_us, bucket_k"
-        );
-        let mut query = self.client.query(&sql).bind(from).bind(to);
-        for b in binds {
-            query = query.bind(b);
+    fn query(
+        self,
+        client: &clickhouse::Client,
+        outer: impl FnOnce(&str) -> String,
+    ) -> clickhouse::query::Query {
+        let inner = self.parts.join(" UNION ALL ");
+        let mut q = client.query(&outer(&inner));
+        for b in self.binds {
+            q = match b {
+                Bind::Int(v) => q.bind(v),
+                Bind::Text(v) => q.bind(v),
+            };
         }
-        query.fetch_all::<LatencyBucket>().await.map_err(ch_err)
+        q
     }
+}
+
+impl ClickHouseStore {
+    /// The rollup grains for usage, coarse to fine.
+    fn usage_grains(&self) -> [(Source, Grain); 3] {
+        let since = self.coarse_since_us;
+        [
+            (
+                USAGE_1D,
+                Grain {
+                    size_us: DAY_US,
+                    since_us: since,
+                },
+            ),
+            (
+                USAGE_1H,
+                Grain {
+                    size_us: HOUR_US,
+                    since_us: since,
+                },
+            ),
+            (USAGE_1M, Grain::always(MINUTE_US)),
+        ]
+    }
+
+    /// The rollup grains for latency: per route when the consumer is not needed.
+    fn latency_grains(&self, q: &LatencyQuery) -> Vec<(Source, Grain)> {
+        let since = self.coarse_since_us;
+        let mut grains = Vec::new();
+        if !q.needs_consumer() {
+            grains.push((
+                LATENCY_ROUTE_1H,
+                Grain {
+                    size_us: HOUR_US,
+                    since_us: since,
+                },
+            ));
+            grains.push((
+                LATENCY_ROUTE_1M,
+                Grain {
+                    size_us: MINUTE_US,
+                    since_us: since,
+                },
+            ));
+        }
+        grains.push((LATENCY_1M, Grain::always(MINUTE_US)));
+        grains.retain(|(_, g)| g.fits_step(q.step_us));
+        grains
+    }
+}
+
+/// The parts of `[from, to)` with the source each is read from.
+fn parts(from: i64, to: i64, grains: &[(Source, Grain)]) -> Vec<(Source, i64, i64)> {
+    let g: Vec<Grain> = grains.iter().map(|(_, g)| *g).collect();
+    plan(from, to, &g)
+        .into_iter()
+        .map(|(i, a, b)| (i.map_or(Source::Raw, |i| grains[i].0), a, b))
+        .collect()
 }
 
 #[async_trait]
@@ -213,43 +231,142 @@ impl UsageQuery for ClickHouseStore {
         filter: &Filter,
         group_by: &[GroupKey],
     ) -> Result<Vec<UsageRow>, StoreError> {
+        let mut union = Union::default();
+        for (source, from, to) in parts(filter.from_us, filter.to_us, &self.usage_grains()) {
+            let keys = if group_by.is_empty() {
+                "emptyArrayString()".to_string()
+            } else {
+                let k: Vec<String> = group_by.iter().map(|k| source.key(*k)).collect();
+                format!("[{}]", k.join(", "))
+            };
+            let (table, sums) = match source {
+                Source::Raw => (
+                    self.table("events"),
+                    "toUInt64(1) AS r, toUInt64(billable) AS bl, toUInt64(req_bytes) AS rq, \
+                     toUInt64(resp_bytes) AS rs",
+                ),
+                Source::Rollup { table, .. } => (
+                    self.table(table),
+                    "requests AS r, billable_requests AS bl, req_bytes_total AS rq, \
+                     resp_bytes_total AS rs",
+                ),
+            };
+            let t = source.time_column();
+            let (cond, binds) = source.filters(filter);
+            union.push(
+                format!(
+                    "SELECT {keys} AS keys, {sums} FROM {table} WHERE {t} >= ? AND {t} < ?{cond}"
+                ),
+                from,
+                to,
+                binds,
+            );
+        }
+        if union.parts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = union
+            .query(&self.client, |inner| {
+                format!(
+                    "SELECT keys, sum(r) AS requests_n, sum(bl) AS billable_n, sum(rq) AS req_bytes_n, \
+                     sum(rs) AS resp_bytes_n FROM ({inner}) GROUP BY keys"
+                )
+            })
+            .fetch_all::<UsageRowSums>()
+            .await
+            .map_err(ch_err)?;
         let mut sums = UsageSums::default();
-        for (source, from, to) in parts(filter.from_us, filter.to_us, None) {
-            for row in self.usage_part(source, from, to, filter, group_by).await? {
-                if row.requests_n == 0 {
-                    continue; // an aggregate over no rows (no GROUP BY)
-                }
-                let keys = group_by
-                    .iter()
-                    .zip(&row.keys)
-                    .map(|(k, v)| key_value(*k, v))
-                    .collect();
-                sums.add(
-                    keys,
-                    row.requests_n,
-                    row.billable_n,
-                    row.req_bytes_n,
-                    row.resp_bytes_n,
-                );
-            }
+        for row in rows {
+            let keys = group_by
+                .iter()
+                .zip(&row.keys)
+                .map(|(k, v)| key_value(*k, v))
+                .collect();
+            sums.add(
+                keys,
+                row.requests_n,
+                row.billable_n,
+                row.req_bytes_n,
+                row.resp_bytes_n,
+            );
         }
         Ok(sums.rows())
     }
 
     async fn latency(&self, q: &LatencyQuery) -> Result<Vec<LatencyRow>, StoreError> {
-        if q.step_us.is_some_and(|s| s <= 0) {
-            return Err(StoreError::BadRequest("step must be positive".into()));
+        q.validate()?;
+        let f = &q.filter;
+        let mut union = Union::default();
+        for (source, from, to) in parts(f.from_us, f.to_us, &self.latency_grains(q)) {
+            let t = source.time_column();
+            let bucket_t = match q.step_us {
+                Some(step) => format!("intDiv({t}, {step}) * {step}"),
+                None => format!("toInt64({})", f.from_us),
+            };
+            let by_consumer = |c: &'static str| if q.by_consumer { c } else { "''" };
+            let (route, consumer, table, bucket, n, errors, forwarded) = match source {
+                Source::Raw => (
+                    "ifNull(route, '')",
+                    by_consumer("ifNull(consumer, '')"),
+                    self.table("events"),
+                    "latency_bucket",
+                    "toUInt64(1)",
+                    "toUInt64(status >= 500)",
+                    " AND isNotNull(route) AND isNotNull(upstream_latency_us)",
+                ),
+                Source::Rollup { table, .. } => (
+                    "route_key",
+                    by_consumer("consumer_key"),
+                    self.table(table),
+                    "bucket",
+                    "n",
+                    "errors",
+                    "",
+                ),
+            };
+            let (cond, binds) = source.filters(f);
+            union.push(
+                format!(
+                    "SELECT {route} AS route_k, {consumer} AS consumer_k, {bucket_t} AS t_us, \
+                     toInt32({bucket}) AS b, {n} AS w, {errors} AS e \
+                     FROM {table} WHERE {t} >= ? AND {t} < ?{forwarded}{cond}"
+                ),
+                from,
+                to,
+                binds,
+            );
         }
-        let mut groups = LatencyGroups::default();
-        for (source, from, to) in parts(q.filter.from_us, q.filter.to_us, q.step_us) {
-            for b in self.latency_part(source, from, to, q).await? {
-                let consumer = (!b.consumer_k.is_empty()).then_some(b.consumer_k);
-                groups.add(
-                    b.route_k, consumer, b.t_us, b.bucket_k, b.count_n, b.errors_n,
-                );
-            }
+        if union.parts.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(groups.rows())
+        let levels: Vec<String> = q.quantiles.iter().map(|l| format!("{l:?}")).collect();
+        let buckets = if levels.is_empty() {
+            "emptyArrayInt32()".to_string()
+        } else {
+            format!("quantilesExactWeighted({})(b, w)", levels.join(", "))
+        };
+        let points = union
+            .query(&self.client, |inner| {
+                format!(
+                    "SELECT route_k, consumer_k, t_us, sum(w) AS count_n, sum(e) AS errors_n, \
+                     {buckets} AS buckets FROM ({inner}) WHERE w > 0 \
+                     GROUP BY route_k, consumer_k, t_us ORDER BY route_k, consumer_k, t_us"
+                )
+            })
+            .fetch_all::<LatencyPoint>()
+            .await
+            .map_err(ch_err)?;
+        Ok(points
+            .into_iter()
+            .map(|p| LatencyRow {
+                route: p.route_k,
+                consumer: (!p.consumer_k.is_empty()).then_some(p.consumer_k),
+                t_us: p.t_us,
+                count: p.count_n,
+                errors: p.errors_n,
+                quantiles_us: p.buckets.into_iter().map(bucket_value).collect(),
+            })
+            .collect())
     }
 
     async fn ready(&self) -> bool {

@@ -319,9 +319,7 @@ impl UsageQuery for ParquetStore {
     }
 
     async fn latency(&self, q: &LatencyQuery) -> Result<Vec<LatencyRow>, StoreError> {
-        if q.step_us.is_some_and(|s| s <= 0) {
-            return Err(StoreError::BadRequest("step must be positive".into()));
-        }
+        q.validate()?;
         let snap = self.snapshot(q.filter.from_us, q.filter.to_us).await?;
         let mut groups = LatencyGroups::default();
         let f = &q.filter;
@@ -374,7 +372,7 @@ impl UsageQuery for ParquetStore {
                 }
             }
         }
-        Ok(groups.rows())
+        Ok(groups.rows(&q.quantiles))
     }
 
     async fn ready(&self) -> bool {

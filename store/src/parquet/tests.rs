@@ -192,6 +192,7 @@ async fn rollups_are_built_for_a_store_written_without_them() {
         filter: window.clone(),
         step_us: Some(60_000_000),
         by_consumer: true,
+        quantiles: vec![0.5, 0.99],
     };
     let latency = store.latency(&latency_query).await.unwrap();
     drop(store);

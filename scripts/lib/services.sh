@@ -1,0 +1,40 @@
+# Shared by the scaled benchmark scripts (sourced, not run): free ports, polling with a deadline,
+# and a private ClickHouse server and Kafka-protocol broker (tansu) on loopback ports under $WORK.
+# Needs WORK set; scripts/install-test-services.sh installs both services.
+
+TANSU="${TOLLGATE_TANSU:-$HOME/.cache/tollgate-tools/tansu}"
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# wait_for CONDITION SECONDS: polls a shell condition every 0.1 s until it holds or time is up.
+wait_for() { local deadline=$((SECONDS + $2)); until eval "$1" >/dev/null 2>&1; do
+  [ $SECONDS -lt $deadline ] || { echo "timed out: $1" >&2; exit 1; }; sleep 0.1; done; }
+now_ms() { date +%s%3N; }
+
+# Starts ClickHouse in $WORK/ch; sets CH_HTTP, CH_TCP and CH_PID.
+start_clickhouse() {
+  CH_HTTP=$(port); CH_TCP=$(port)
+  mkdir -p "$WORK/ch/"{data,tmp,user_files,log}
+  cp /etc/clickhouse-server/users.xml "$WORK/ch/"
+  cat > "$WORK/ch/config.xml" <<XML
+<yandex><logger><level>warning</level><log>$WORK/ch/log/server.log</log><errorlog>$WORK/ch/log/error.log</errorlog></logger>
+<http_port>$CH_HTTP</http_port><tcp_port>$CH_TCP</tcp_port><listen_host>127.0.0.1</listen_host>
+<path>$WORK/ch/data/</path><tmp_path>$WORK/ch/tmp/</tmp_path><user_files_path>$WORK/ch/user_files/</user_files_path>
+<users_config>$WORK/ch/users.xml</users_config><default_profile>default</default_profile><default_database>default</default_database>
+<mark_cache_size>5368709120</mark_cache_size></yandex>
+XML
+  clickhouse-server --config-file="$WORK/ch/config.xml" >/dev/null 2>&1 &
+  CH_PID=$!
+  wait_for "curl -sf http://127.0.0.1:$CH_HTTP/ping" 60
+}
+
+# Runs one SQL statement against the ClickHouse started above.
+chq() { curl -sf "http://127.0.0.1:$CH_HTTP/" --data-binary "$1"; }
+
+# Starts tansu (memory storage) in the background; sets KAFKA (its port) and TANSU_PID.
+start_tansu() {
+  KAFKA=$(port)
+  "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA" --advertised-listener-url "tcp://127.0.0.1:$KAFKA" \
+    --storage-engine memory://tansu/ >"$WORK/tansu.log" 2>&1 &
+  TANSU_PID=$!
+  wait_for "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", $KAFKA), 1)'" 30
+}
