@@ -52,7 +52,8 @@ PY
 }
 U=$(median curl -sf "http://127.0.0.1:$API/v1/usage?from=$FROM&to=$TO&group_by=consumer,route")
 L=$(median curl -sf "http://127.0.0.1:$API/v1/latency?from=$FROM&to=$TO&step=1m")
-read -r UB LB < <(python3 - "$WORK/data/store" "$DAY" <<'PY'
+LH=$(median curl -sf "http://127.0.0.1:$API/v1/latency?from=$FROM&to=$TO&step=1h")
+read -r UB LB LHB < <(python3 - "$WORK/data/store" "$DAY" <<'PY'
 import duckdb, glob, sys, time
 files = glob.glob(sys.argv[1] + "/day=*/part-*.parquet")
 con = duckdb.connect()
@@ -64,7 +65,8 @@ def med(sql):
     return sorted(ts)[3]
 u = med("SELECT consumer, route, count(*), sum(billable::INT), sum(req_bytes), sum(resp_bytes) FROM events GROUP BY consumer, route")
 l = med("SELECT route, date_trunc('minute', ts) AS m, quantile_cont(latency_us, [0.5, 0.9, 0.99]) FROM events WHERE upstream_latency_us IS NOT NULL GROUP BY route, m")
-print(f"{u:.1f} {l:.1f}")
+lh = med("SELECT route, date_trunc('hour', ts) AS h, quantile_cont(latency_us, [0.5, 0.9, 0.99]) FROM events WHERE upstream_latency_us IS NOT NULL GROUP BY route, h")
+print(f"{u:.1f} {l:.1f} {lh:.1f}")
 PY
 )
 files=$(find "$WORK/data/store" -name '*.parquet' | wc -l)
@@ -78,3 +80,4 @@ echo "| query over the day (median of 7) | tollgate query API (rollups, HTTP) | 
 echo "|---|---|---|---|"
 echo "| usage by consumer, route | $U ms | $UB ms | $(python3 -c "print(round($U/$UB, 2))") |"
 echo "| latency p50/p90/p99 per route per minute | $L ms | $LB ms | $(python3 -c "print(round($L/$LB, 2))") |"
+echo "| latency p50/p90/p99 per route per hour | $LH ms | $LHB ms | $(python3 -c "print(round($LH/$LHB, 2))") |"

@@ -181,8 +181,10 @@ PY
 }
 U=$(time_ms curl -sf "http://127.0.0.1:$API/v1/usage?from=$FROM&to=$TO&group_by=consumer,route")
 L=$(time_ms curl -sf "http://127.0.0.1:$API/v1/latency?from=$FROM&to=$TO&step=1m")
+LH=$(time_ms curl -sf "http://127.0.0.1:$API/v1/latency?from=$FROM&to=$TO&step=1h")
 UB=$(time_ms curl -sf "http://127.0.0.1:$CH_HTTP/" --data-binary "SELECT consumer, route, count(), sum(billable), sum(req_bytes), sum(resp_bytes) FROM fresh.events WHERE ts_us >= $((DAY * 1000000)) AND ts_us < $(((DAY + 86400) * 1000000)) GROUP BY consumer, route")
 LB=$(time_ms curl -sf "http://127.0.0.1:$CH_HTTP/" --data-binary "SELECT route, intDiv(ts_us, 60000000) AS m, quantiles(0.5, 0.9, 0.99)(latency_us) FROM fresh.events WHERE ts_us >= $((DAY * 1000000)) AND ts_us < $(((DAY + 86400) * 1000000)) AND isNotNull(upstream_latency_us) GROUP BY route, m")
+LHB=$(time_ms curl -sf "http://127.0.0.1:$CH_HTTP/" --data-binary "SELECT route, intDiv(ts_us, 3600000000) AS h, quantiles(0.5, 0.9, 0.99)(latency_us) FROM fresh.events WHERE ts_us >= $((DAY * 1000000)) AND ts_us < $(((DAY + 86400) * 1000000)) AND isNotNull(upstream_latency_us) GROUP BY route, h")
 echo
 echo "## Queries over one day of $DAY_EVENTS events (median of 7, HTTP round trip)"
 echo
@@ -190,3 +192,4 @@ echo "| query | tollgate query API (rollups) | ClickHouse over the raw table (ba
 echo "|---|---|---|---|"
 echo "| usage by consumer, route | $U ms | $UB ms | $(python3 -c "print(round($U/$UB, 2))") |"
 echo "| latency p50/p90/p99 per route per minute | $L ms | $LB ms | $(python3 -c "print(round($L/$LB, 2))") |"
+echo "| latency p50/p90/p99 per route per hour | $LH ms | $LHB ms | $(python3 -c "print(round($LH/$LHB, 2))") |"

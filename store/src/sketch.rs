@@ -64,20 +64,28 @@ impl LogHistogram {
 
     /// The `q` quantile (0 ≤ q ≤ 1) in microseconds; `None` when empty.
     pub fn quantile(&self, q: f64) -> Option<f64> {
-        let n = self.count();
-        if n == 0 {
-            return None;
-        }
-        let rank = ((q.clamp(0.0, 1.0) * n as f64).ceil() as u64).max(1);
-        let mut seen = 0;
-        for (i, c) in &self.buckets {
-            seen += c;
-            if seen >= rank {
-                return Some(bucket_value(*i));
-            }
-        }
-        self.buckets.keys().next_back().map(|i| bucket_value(*i))
+        let pairs: Vec<(i32, u64)> = self.buckets.iter().map(|(i, n)| (*i, *n)).collect();
+        nearest_rank(&pairs, self.count(), q).map(bucket_value)
     }
+}
+
+/// The bucket holding the `q` quantile (0 ≤ q ≤ 1) of `n` observations given as `(bucket,
+/// count)` pairs sorted by bucket (a bucket may repeat): the first bucket at which the running
+/// count reaches `max(1, ceil(q·n))`. This is the one rule every backend follows (ClickHouse's
+/// `quantileExactWeighted` computes the same threshold, in the same floating point).
+pub fn nearest_rank(sorted: &[(i32, u64)], n: u64, q: f64) -> Option<i32> {
+    if n == 0 {
+        return None;
+    }
+    let rank = ((q.clamp(0.0, 1.0) * n as f64).ceil() as u64).max(1);
+    let mut seen = 0;
+    for (i, c) in sorted {
+        seen += c;
+        if seen >= rank {
+            return Some(*i);
+        }
+    }
+    sorted.last().map(|(i, _)| *i)
 }
 
 #[cfg(test)]

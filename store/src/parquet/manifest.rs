@@ -24,6 +24,10 @@ pub struct Manifest {
     /// existed get them built by the first upkeep round; until then queries read raw events).
     #[serde(default)]
     pub rollups: bool,
+    /// True when every events file also has its per-route latency sketches
+    /// (`FileKind::LatencyRoute1m`, added after the per-minute rollups); built by upkeep too.
+    #[serde(default)]
+    pub route_sketches: bool,
 }
 
 /// What a Parquet file holds.
@@ -39,6 +43,8 @@ pub enum FileKind {
     Usage1m,
     /// Per-minute latency-sketch buckets (see `rollup.rs`).
     Latency1m,
+    /// Per-minute, per-route latency sketches, one row each (see `rollup.rs`).
+    LatencyRoute1m,
 }
 
 impl FileKind {
@@ -48,6 +54,7 @@ impl FileKind {
             FileKind::Events => "part",
             FileKind::Usage1m => "usage_1m",
             FileKind::Latency1m => "latency_1m",
+            FileKind::LatencyRoute1m => "latency_route_1m",
         }
     }
 }
@@ -75,6 +82,7 @@ pub fn load(dir: &Path) -> Result<Manifest, StoreError> {
             .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest {
             rollups: true,
+            route_sketches: true,
             ..Manifest::default()
         }),
         Err(e) => Err(StoreError::io(&path)(e)),

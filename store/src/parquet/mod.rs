@@ -141,7 +141,15 @@ impl ParquetStore {
         }
         let manifest = self.read_state().manifest.clone();
         if !manifest.rollups {
-            self.build_missing_rollups(&manifest).await?;
+            let all = [
+                FileKind::Usage1m,
+                FileKind::Latency1m,
+                FileKind::LatencyRoute1m,
+            ];
+            self.build_missing_rollups(&manifest, &all).await?;
+        } else if !manifest.route_sketches {
+            self.build_missing_rollups(&manifest, &[FileKind::LatencyRoute1m])
+                .await?;
         }
         let manifest = self.read_state().manifest.clone();
         let mut by_day: std::collections::BTreeMap<(i64, FileKind), Vec<FileEntry>> =
@@ -212,9 +220,13 @@ fn remove_orphans(dir: &Path, manifest: &Manifest) {
 }
 
 impl ParquetStore {
-    /// Builds the per-minute rollups of every events file (a store written before rollups
+    /// Builds the rollups of `kinds` for every events file (a store written before they
     /// existed), day by day, streaming over the files; commits them all at once.
-    async fn build_missing_rollups(&self, manifest: &Manifest) -> Result<(), StoreError> {
+    async fn build_missing_rollups(
+        &self,
+        manifest: &Manifest,
+        kinds: &[FileKind],
+    ) -> Result<(), StoreError> {
         let mut days: std::collections::BTreeMap<i64, Vec<String>> = Default::default();
         for f in manifest.files.iter().filter(|f| f.kind == FileKind::Events) {
             days.entry(f.day)
@@ -234,8 +246,8 @@ impl ParquetStore {
                 )
                 .await?;
             ctx.register_table("events", events.into_view())?;
-            for kind in [FileKind::Usage1m, FileKind::Latency1m] {
-                let rows = rollup::roll_up(&ctx, kind).await?;
+            for kind in kinds.iter().copied() {
+                let rows = rollup::roll_up_any(&ctx, kind).await?;
                 if let Some((min, max)) = rollup::minute_span(&rows) {
                     let dir = self.inner.dir.clone();
                     let entry = tokio::task::spawn_blocking(move || {
@@ -252,9 +264,10 @@ impl ParquetStore {
         next.version += 1;
         next.files.extend(new_files);
         next.rollups = true;
+        next.route_sketches = true;
         manifest::store(&self.inner.dir, &next)?;
         state.manifest = next;
-        tracing::info!("built per-minute rollups of the existing store files");
+        tracing::info!(?kinds, "built rollups of the existing store files");
         Ok(())
     }
 

@@ -6,9 +6,10 @@
 //! Window bounds and filters are bound as typed parameters, never spliced into the SQL.
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{Array, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::array::{Array, AsArray, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::datatypes::{Int32Type, Int64Type};
 use datafusion::common::ScalarValue;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 
@@ -100,6 +101,7 @@ fn where_clause(f: &Filter, source: Source, from: i64, to: i64) -> (String, Vec<
 struct Snapshot {
     ctx: SessionContext,
     rollups: bool,
+    route_sketches: bool,
 }
 
 impl Snapshot {
@@ -117,7 +119,7 @@ impl ParquetStore {
     /// The store as of now, as tables for `[from, to)`: files are taken under the same lock as
     /// the in-memory batches, so no event is seen twice or missed across a concurrent flush.
     async fn snapshot(&self, from_us: i64, to_us: i64) -> Result<Snapshot, StoreError> {
-        let (raw, usage, latency, mem, rollups) = {
+        let (raw, usage, latency, sketches, mem, rollups, route_sketches) = {
             let state = self.read_state();
             let paths = |kind: FileKind| -> Vec<String> {
                 state
@@ -133,8 +135,10 @@ impl ParquetStore {
                 paths(FileKind::Events),
                 paths(FileKind::Usage1m),
                 paths(FileKind::Latency1m),
+                paths(FileKind::LatencyRoute1m),
                 mem,
                 state.manifest.rollups,
+                state.manifest.rollups && state.manifest.route_sketches,
             )
         };
         let config = SessionConfig::new()
@@ -159,6 +163,7 @@ impl ParquetStore {
         for (name, paths, schema) in [
             ("usage_1m", usage, rollup::usage_schema()),
             ("latency_1m", latency, rollup::latency_schema()),
+            ("latency_route_1m", sketches, rollup::route_sketch_schema()),
         ] {
             let table = if paths.is_empty() {
                 ctx.read_batch(RecordBatch::new_empty(schema))?
@@ -168,8 +173,52 @@ impl ParquetStore {
             };
             ctx.register_table(name, table.into_view())?;
         }
-        Ok(Snapshot { ctx, rollups })
+        Ok(Snapshot {
+            ctx,
+            rollups,
+            route_sketches,
+        })
     }
+}
+
+/// Adds the rows of a `latency_route_1m` batch (one whole sketch per row) to `groups`.
+fn add_sketches(
+    groups: &mut LatencyGroups,
+    b: &RecordBatch,
+    bucket_t: &impl Fn(i64) -> i64,
+) -> Result<(), StoreError> {
+    let route = strs(b, "route")?;
+    let minute = i64s(b, "minute_us")?;
+    let errors = i64s(b, "errors")?;
+    let list = |name: &str| {
+        b.column_by_name(name)
+            .and_then(|c| c.as_list_opt::<i32>())
+            .ok_or_else(|| StoreError::Corrupt(format!("latency_route_1m has no list {name}")))
+    };
+    let (buckets, counts) = (list("buckets")?, list("counts")?);
+    let bucket_values = buckets.values().as_primitive::<Int32Type>();
+    let count_values = counts.values().as_primitive::<Int64Type>();
+    for i in 0..b.num_rows() {
+        let (bs, be) = (
+            buckets.value_offsets()[i] as usize,
+            buckets.value_offsets()[i + 1] as usize,
+        );
+        let cs = counts.value_offsets()[i] as usize;
+        let pairs = (bs..be).map(|j| {
+            (
+                bucket_values.value(j),
+                count_values.value(cs + j - bs).max(0) as u64,
+            )
+        });
+        groups.add_sketch(
+            route.value(i),
+            None,
+            bucket_t(minute.value(i)),
+            nonneg(&errors, i),
+            pairs,
+        );
+    }
+    Ok(())
 }
 
 fn column_as(
@@ -323,8 +372,18 @@ impl UsageQuery for ParquetStore {
         let snap = self.snapshot(q.filter.from_us, q.filter.to_us).await?;
         let mut groups = LatencyGroups::default();
         let f = &q.filter;
+        let bucket_t = |t: i64| q.step_us.map_or(f.from_us, |step| (t / step) * step);
         for (source, from, to) in plan(f.from_us, f.to_us, q.step_us, snap.rollups) {
             let (cond, params) = where_clause(f, source, from, to);
+            if source == Source::Rollup && snap.route_sketches && !q.needs_consumer() {
+                let sql = format!(
+                    "SELECT route, minute_us, errors, buckets, counts FROM latency_route_1m WHERE {cond}"
+                );
+                for b in snap.run(&sql, params).await? {
+                    add_sketches(&mut groups, &b, &bucket_t)?;
+                }
+                continue;
+            }
             let time = source.time();
             let t = match q.step_us {
                 Some(step) => format!("({time} / {step}) * {step}"),
@@ -362,8 +421,8 @@ impl UsageQuery for ParquetStore {
                 let errors = i64s(&b, "errors")?;
                 for i in 0..b.num_rows() {
                     groups.add(
-                        route.value(i).to_string(),
-                        consumer.is_valid(i).then(|| consumer.value(i).to_string()),
+                        route.value(i),
+                        consumer.is_valid(i).then(|| consumer.value(i)),
                         t.value(i),
                         bucket.value(i) as i32,
                         nonneg(&n, i),

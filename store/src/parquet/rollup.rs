@@ -2,16 +2,27 @@
 //! `latency_1m`: written beside each flushed events file (same day, same manifest commit) and
 //! merged by compaction, so a query over whole minutes reads a few rows per minute instead of
 //! every event. Rows are sums; a query sums them again, so files never need re-aggregating.
+//!
+//! `latency_route_1m` holds one row per minute and route with the whole sketch in two list
+//! columns (buckets ascending, counts): a day of per-minute latency for a route is 1,440 rows
+//! whatever the traffic, where one row per bucket would be hundreds of thousands (a 0.5 %
+//! sketch spreads a minute of real latencies over hundreds of buckets).
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
+};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Schema, SchemaRef, TimestampMicrosecondType, UInt16Type, UInt64Type,
+};
 use datafusion::prelude::{SessionConfig, SessionContext};
+use futures::StreamExt;
 
 use super::manifest::FileKind;
 use crate::StoreError;
-use crate::sketch::ln_gamma;
+use crate::sketch::{bucket_of, ln_gamma};
 use crate::time::MINUTE_US;
 
 /// Schema of the `usage_1m` files.
@@ -41,12 +52,94 @@ pub fn latency_schema() -> SchemaRef {
     ]))
 }
 
+/// Schema of the `latency_route_1m` files.
+pub fn route_sketch_schema() -> SchemaRef {
+    let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, false)));
+    Arc::new(Schema::new(vec![
+        Field::new("minute_us", DataType::Int64, false),
+        Field::new("route", DataType::Utf8, false),
+        Field::new("errors", DataType::Int64, false),
+        Field::new("buckets", list(DataType::Int32), false),
+        Field::new("counts", list(DataType::Int64), false),
+    ]))
+}
+
 /// The schema of a file kind.
 pub fn schema_of(kind: FileKind) -> SchemaRef {
     match kind {
         FileKind::Events => tollgate_schemas::arrow::schema(),
         FileKind::Usage1m => usage_schema(),
         FileKind::Latency1m => latency_schema(),
+        FileKind::LatencyRoute1m => route_sketch_schema(),
+    }
+}
+
+/// Builds `latency_route_1m` rows from event batches: requests forwarded upstream (a route and
+/// an upstream latency), bucketed by `sketch::bucket_of(latency_us)` as the SQL rollups are.
+#[derive(Default)]
+pub struct RouteSketches {
+    /// (minute, route) -> (errors, bucket -> count)
+    groups: HashMap<(i64, String), (i64, BTreeMap<i32, i64>)>,
+}
+
+impl RouteSketches {
+    /// Adds the events of one batch (the events schema).
+    pub fn add(&mut self, events: &RecordBatch) -> Result<(), StoreError> {
+        let col = |name: &str| {
+            events
+                .column_by_name(name)
+                .ok_or_else(|| StoreError::Corrupt(format!("events batch has no column {name}")))
+        };
+        let ts = col("ts")?.as_primitive::<TimestampMicrosecondType>();
+        // Utf8 whichever string layout the batch was read with.
+        let route = datafusion::arrow::compute::cast(col("route")?, &DataType::Utf8)
+            .map_err(|e| StoreError::Corrupt(format!("route column: {e}")))?;
+        let route = route.as_string::<i32>();
+        let latency = col("latency_us")?.as_primitive::<UInt64Type>();
+        let upstream = col("upstream_latency_us")?;
+        let status = col("status")?.as_primitive::<UInt16Type>();
+        for i in 0..events.num_rows() {
+            if route.is_null(i) || upstream.is_null(i) {
+                continue;
+            }
+            let minute = ts.value(i).div_euclid(MINUTE_US) * MINUTE_US;
+            let key = (minute, route.value(i).to_string());
+            let (errors, buckets) = self.groups.entry(key).or_default();
+            *errors += i64::from(status.value(i) >= 500);
+            *buckets.entry(bucket_of(latency.value(i))).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// The rows, sorted by minute and route.
+    pub fn finish(self) -> RecordBatch {
+        let mut groups: Vec<_> = self.groups.into_iter().collect();
+        groups.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut minute = Int64Builder::new();
+        let mut route = StringBuilder::new();
+        let mut errors = Int64Builder::new();
+        let item = |t| Arc::new(Field::new("item", t, false));
+        let mut buckets = ListBuilder::new(Int32Builder::new()).with_field(item(DataType::Int32));
+        let mut counts = ListBuilder::new(Int64Builder::new()).with_field(item(DataType::Int64));
+        for ((m, r), (e, sketch)) in groups {
+            minute.append_value(m);
+            route.append_value(r);
+            errors.append_value(e);
+            for (b, n) in sketch {
+                buckets.values().append_value(b);
+                counts.values().append_value(n);
+            }
+            buckets.append(true);
+            counts.append(true);
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(minute.finish()),
+            Arc::new(route.finish()),
+            Arc::new(errors.finish()),
+            Arc::new(buckets.finish()),
+            Arc::new(counts.finish()),
+        ];
+        RecordBatch::try_new(route_sketch_schema(), columns).expect("columns match the schema")
     }
 }
 
@@ -81,7 +174,9 @@ fn rollup_sql(kind: FileKind) -> String {
                  GROUP BY {minute}, route, consumer, {bucket}"
             )
         }
-        FileKind::Events => unreachable!("events are not a rollup"),
+        FileKind::Events | FileKind::LatencyRoute1m => {
+            unreachable!("not an SQL rollup: {kind:?}")
+        }
     }
 }
 
@@ -101,19 +196,35 @@ pub async fn roll_up(ctx: &SessionContext, kind: FileKind) -> Result<RecordBatch
         .map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-/// Both rollups of an in-memory batch of events.
+/// Every rollup of an in-memory batch of events.
 pub async fn roll_up_batch(
     events: &RecordBatch,
-) -> Result<[(FileKind, RecordBatch); 2], StoreError> {
+) -> Result<[(FileKind, RecordBatch); 3], StoreError> {
     let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
     ctx.register_batch("events", events.clone())?;
+    let mut sketches = RouteSketches::default();
+    sketches.add(events)?;
     Ok([
         (FileKind::Usage1m, roll_up(&ctx, FileKind::Usage1m).await?),
         (
             FileKind::Latency1m,
             roll_up(&ctx, FileKind::Latency1m).await?,
         ),
+        (FileKind::LatencyRoute1m, sketches.finish()),
     ])
+}
+
+/// The rollup of `kind` over the events registered as `events` in `ctx` (streamed).
+pub async fn roll_up_any(ctx: &SessionContext, kind: FileKind) -> Result<RecordBatch, StoreError> {
+    if kind != FileKind::LatencyRoute1m {
+        return roll_up(ctx, kind).await;
+    }
+    let mut sketches = RouteSketches::default();
+    let mut stream = ctx.table("events").await?.execute_stream().await?;
+    while let Some(batch) = stream.next().await {
+        sketches.add(&batch?)?;
+    }
+    Ok(sketches.finish())
 }
 
 /// The minute span `[min, max]` of a rollup batch (`None` when empty).

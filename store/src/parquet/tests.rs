@@ -102,16 +102,16 @@ async fn flush_splits_by_day_and_compaction_merges_without_changing_answers() {
         store.flush().await.unwrap();
     }
     let m = store.manifest();
-    // Each flush writes, per day, the events and their two per-minute rollups.
-    assert_eq!(m.files.len(), 24);
+    // Each flush writes, per day, the events and their three per-minute rollups.
+    assert_eq!(m.files.len(), 32);
     assert_eq!(events_files(&m), 8);
     assert!(m.files.iter().all(|f| f.path.starts_with("day=")));
     let before = store
         .usage(&all(), &[crate::GroupKey::Day, crate::GroupKey::Consumer])
         .await
         .unwrap();
-    assert_eq!(store.compact().await.unwrap(), 24);
-    assert_eq!(store.manifest().files.len(), 6);
+    assert_eq!(store.compact().await.unwrap(), 32);
+    assert_eq!(store.manifest().files.len(), 8);
     assert_eq!(events_files(&store.manifest()), 2);
     let after = store
         .usage(&all(), &[crate::GroupKey::Day, crate::GroupKey::Consumer])
@@ -122,7 +122,7 @@ async fn flush_splits_by_day_and_compaction_merges_without_changing_answers() {
     // Replaced files go on the next round; a reopen never sees them as data.
     store.compact().await.unwrap();
     let parquet_files = walk(dir.path());
-    assert_eq!(parquet_files, 6, "old files deleted");
+    assert_eq!(parquet_files, 8, "old files deleted");
     drop(store);
     let store = ParquetStore::open(cfg(dir.path())).unwrap();
     assert_eq!(total(&store).await, 8);
@@ -145,11 +145,11 @@ async fn orphan_files_from_an_interrupted_flush_are_ignored_and_removed() {
         &tollgate_schemas::arrow::to_batch(&evs),
     )
     .unwrap();
-    // The flush wrote the events and their two rollups; then the orphan.
-    assert_eq!(walk(dir.path()), 4);
+    // The flush wrote the events and their three rollups; then the orphan.
+    assert_eq!(walk(dir.path()), 5);
     drop(store);
     let store = ParquetStore::open(cfg(dir.path())).unwrap();
-    assert_eq!(walk(dir.path()), 3);
+    assert_eq!(walk(dir.path()), 4);
     assert_eq!(total(&store).await, 3);
 }
 
@@ -195,6 +195,23 @@ async fn rollups_are_built_for_a_store_written_without_them() {
         quantiles: vec![0.5, 0.99],
     };
     let latency = store.latency(&latency_query).await.unwrap();
+    let per_route = crate::LatencyQuery {
+        by_consumer: false,
+        ..latency_query.clone()
+    };
+    let route_latency = store.latency(&per_route).await.unwrap();
+    assert_eq!(route_latency.iter().map(|r| r.count).sum::<u64>(), 220);
+    drop(store);
+    // A store from before the per-route sketches: they are built by upkeep, same answers.
+    let mut m = manifest::load(dir.path()).unwrap();
+    m.files.retain(|f| f.kind != FileKind::LatencyRoute1m);
+    m.route_sketches = false;
+    manifest::store(dir.path(), &m).unwrap();
+    let store = ParquetStore::open(cfg(dir.path())).unwrap();
+    assert_eq!(store.latency(&per_route).await.unwrap(), route_latency);
+    store.compact().await.unwrap();
+    assert!(store.manifest().route_sketches);
+    assert_eq!(store.latency(&per_route).await.unwrap(), route_latency);
     drop(store);
     // Turn the manifest into an old one: events files only, no rollups.
     let mut m = manifest::load(dir.path()).unwrap();
@@ -215,6 +232,7 @@ async fn rollups_are_built_for_a_store_written_without_them() {
     );
     assert_eq!(store.usage(&window, &group).await.unwrap(), with_rollups);
     assert_eq!(store.latency(&latency_query).await.unwrap(), latency);
+    assert_eq!(store.latency(&per_route).await.unwrap(), route_latency);
     let total: u64 = with_rollups.iter().map(|r| r.requests).sum();
     assert_eq!(total, 220, "events from second 31 to second 250");
 }
