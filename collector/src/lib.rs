@@ -58,9 +58,13 @@ pub struct CollectorConfig {
     /// ...or once its first event has waited this long (milliseconds).
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
-    /// How often the store makes appended batches durable and offsets are committed (ms).
+    /// How often the store makes appended batches durable and offsets are committed (ms)...
     #[serde(default = "default_flush_ms")]
     pub flush_interval_ms: u64,
+    /// ...or as soon as this many events were appended since the last flush: what an embedded
+    /// store holds in memory between flushes stays bounded however fast events arrive.
+    #[serde(default = "default_flush_max_events")]
+    pub flush_max_events: usize,
     /// Directory of the dead-letter files (invalid events). Unset: a folder of `--data-dir`
     /// (default `./data`); a relative path is relative to the working directory.
     #[serde(default = "default_dead_letter")]
@@ -87,6 +91,9 @@ fn default_linger_ms() -> u64 {
 fn default_flush_ms() -> u64 {
     2_000
 }
+fn default_flush_max_events() -> usize {
+    100_000
+}
 fn default_dead_letter() -> PathBuf {
     PathBuf::new()
 }
@@ -98,6 +105,7 @@ impl Default for CollectorConfig {
             batch_max_events: default_batch_max(),
             linger_ms: default_linger_ms(),
             flush_interval_ms: default_flush_ms(),
+            flush_max_events: default_flush_max_events(),
             dead_letter_dir: default_dead_letter(),
             admin_listen: default_admin_listen(),
         }
@@ -112,6 +120,9 @@ impl CollectorConfig {
         }
         if self.flush_interval_ms == 0 {
             return Err("collector.flush_interval_ms: must be at least 1".into());
+        }
+        if self.flush_max_events == 0 {
+            return Err("collector.flush_max_events: must be at least 1".into());
         }
         Ok(())
     }
@@ -162,6 +173,7 @@ pub async fn run(
     let mut batcher = Batcher::new(config.batch_max_events, linger);
     let mut next_flush = Instant::now() + flush_every;
     let mut appended_since_flush = false;
+    let mut events_since_flush = 0usize;
     loop {
         // Changes seen by the last poll come after the records it returned (trait contract).
         for change in bus.take_changes() {
@@ -182,6 +194,7 @@ pub async fn run(
                     if appended_since_flush {
                         flush(&*store, &mut *bus, &mut dead, &metrics).await?;
                         appended_since_flush = false;
+                        events_since_flush = 0;
                     }
                 }
             }
@@ -226,16 +239,20 @@ pub async fn run(
         if let Some(batch) = batcher.take_if_due(Instant::now()) {
             append(&*store, &batch, &metrics).await?;
             appended_since_flush = true;
-            if store.durable_on_append() {
-                // Stored is durable: commit now, so a rebalance re-reads as little as possible.
+            events_since_flush += batch.events.len();
+            if store.durable_on_append() || events_since_flush >= config.flush_max_events {
+                // Durable on append: commit now, so a rebalance re-reads as little as possible.
+                // Otherwise enough is held in memory: make it durable before taking more.
                 flush(&*store, &mut *bus, &mut dead, &metrics).await?;
                 appended_since_flush = false;
+                events_since_flush = 0;
             }
         }
         if Instant::now() >= next_flush {
             if appended_since_flush {
                 flush(&*store, &mut *bus, &mut dead, &metrics).await?;
                 appended_since_flush = false;
+                events_since_flush = 0;
             }
             next_flush = Instant::now() + flush_every;
         }

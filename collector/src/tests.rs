@@ -159,6 +159,42 @@ async fn stores_valid_events_and_dead_letters_the_rest() {
     assert_eq!(count(&env.store()).await, 60);
 }
 
+/// However long the flush interval, what the store holds in memory is flushed once it reaches
+/// `flush_max_events`: a crash then re-reads nothing that was already durable.
+#[tokio::test]
+async fn a_flush_comes_due_by_size_as_well_as_by_time() {
+    let env = Env::new();
+    let log = env.log();
+    publish(&log, 0..30).await;
+    let store = env.store();
+    let shutdown = CancellationToken::new();
+    let config = CollectorConfig {
+        flush_max_events: 10,
+        ..env.config(3_600_000)
+    };
+    let dead = DeadLetter::open(&config.dead_letter_dir).unwrap();
+    let handle = tokio::spawn(run(
+        config,
+        Box::new(log.subscribe("tollgate-collector").unwrap()),
+        Arc::new(store.clone()),
+        dead,
+        CollectorMetrics::unregistered(),
+        shutdown.clone(),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // The manifest is what a restart sees: it must cover all 30 before any interval passed.
+    while store.manifest().checkpoint.0.get(&0).copied().unwrap_or(0) < 30 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing flushed by size"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    handle.abort(); // a crash: what a fresh open sees was durable before it
+    let _ = handle.await;
+    assert_eq!(count(&env.store()).await, 30);
+}
+
 #[tokio::test]
 async fn crash_before_flush_rereads_from_the_bus() {
     let env = Env::new();
