@@ -8,11 +8,15 @@
 #   3. queries over a day of DAY_EVENTS events: /v1/usage and /v1/latency from the rollups
 #      (HTTP round trip), against the same aggregation run by ClickHouse over the raw table.
 # Usage: EVENTS=1000000 DAY_EVENTS=10000000 SAMPLES=50 scripts/bench-scaled.sh
+#   STAGES="ingest" or STAGES="fresh" runs only part 1, or parts 2 and 3 (default: both);
+#   BATCH sets the collectors' batch_max_events (default: the collector's own default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EVENTS="${EVENTS:-1000000}"
 DAY_EVENTS="${DAY_EVENTS:-10000000}"
 SAMPLES="${SAMPLES:-50}"
+STAGES="${STAGES:-ingest fresh}"
+stage() { [[ " $STAGES " == *" $1 "* ]]; }
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
 ./scripts/install-test-services.sh
 python3 -c 'import confluent_kafka' 2>/dev/null || python3 -m pip install -q confluent-kafka
@@ -40,7 +44,7 @@ plans: { p: {} }
 bus: { kind: kafka, brokers: "127.0.0.1:$KAFKA", topic: $2, partitions: 12,
        properties: { "session.timeout.ms": "6000", "heartbeat.interval.ms": "500" } }
 store: { kind: clickhouse, url: "http://127.0.0.1:$CH_HTTP", database: $1 }
-collector: { linger_ms: 20 }
+collector: { linger_ms: 20${BATCH:+, batch_max_events: $BATCH} }
 query_api: { listen: 127.0.0.1:$3 }
 YAML
 }
@@ -59,6 +63,7 @@ S(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 PY
 
 # --- 1. ingest ----------------------------------------------------------------------------------
+if stage ingest; then
 echo "generating and producing $EVENTS events" >&2
 python3 - "$KAFKA" "$EVENTS" "$WORK/rows.json" <<'PY'
 import json, math, os, random, sys, time
@@ -131,7 +136,10 @@ echo "| baseline: clickhouse-client INSERT of the same rows (JSONEachRow) | $(( 
 ingest_run 1 one
 ingest_run 2 two
 
+fi
+
 # --- 2. freshness -------------------------------------------------------------------------------
+stage fresh || exit 0
 API=$(port); GW=$(port)
 config fresh fresh "$API" "$GW"
 RUST_LOG=warn "$BIN" query-api --config "$WORK/fresh.yaml" --data-dir "$WORK/fq" 2>>"$WORK/parts.log" &
