@@ -20,14 +20,37 @@ pub struct Manifest {
     /// Bus position just after the last event in these files.
     pub checkpoint: Checkpoint,
     pub files: Vec<FileEntry>,
-    /// True when every events file has its per-minute rollups (stores written before rollups
-    /// existed get them built by the first upkeep round; until then queries read raw events).
+    /// True when every events file has its per-minute rollups `Usage1m` and `Latency1m` (the
+    /// first rollups; stores written before them get them built by the first upkeep round,
+    /// until then queries read raw events).
     #[serde(default)]
     pub rollups: bool,
-    /// True when every events file also has its per-route latency sketches
-    /// (`FileKind::LatencyRoute1m`, added after the per-minute rollups); built by upkeep too.
+    /// The rollup kinds every events file has, when more than those two (later kinds are built
+    /// by upkeep for older stores the same way). See [`Manifest::complete_rollups`].
     #[serde(default)]
-    pub route_sketches: bool,
+    pub rollup_kinds: Vec<FileKind>,
+}
+
+impl Manifest {
+    /// The rollup kinds a query may read: those every events file has.
+    pub fn complete_rollups(&self) -> Vec<FileKind> {
+        if !self.rollup_kinds.is_empty() {
+            self.rollup_kinds.clone()
+        } else if self.rollups {
+            vec![FileKind::Usage1m, FileKind::Latency1m]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Rollup kinds this store still has to build for its existing files.
+    pub fn missing_rollups(&self) -> Vec<FileKind> {
+        let have = self.complete_rollups();
+        FileKind::ROLLUPS
+            .into_iter()
+            .filter(|k| !have.contains(k))
+            .collect()
+    }
 }
 
 /// What a Parquet file holds.
@@ -45,6 +68,12 @@ pub enum FileKind {
     Latency1m,
     /// Per-minute, per-route latency sketches, one row each (see `rollup.rs`).
     LatencyRoute1m,
+    /// Hourly usage sums.
+    Usage1h,
+    /// Daily usage sums.
+    Usage1d,
+    /// Hourly, per-route latency sketches.
+    LatencyRoute1h,
 }
 
 impl FileKind {
@@ -55,6 +84,32 @@ impl FileKind {
             FileKind::Usage1m => "usage_1m",
             FileKind::Latency1m => "latency_1m",
             FileKind::LatencyRoute1m => "latency_route_1m",
+            FileKind::Usage1h => "usage_1h",
+            FileKind::Usage1d => "usage_1d",
+            FileKind::LatencyRoute1h => "latency_route_1h",
+        }
+    }
+
+    /// Every rollup kind, in the order a flush writes them.
+    pub const ROLLUPS: [FileKind; 6] = [
+        FileKind::Usage1m,
+        FileKind::Usage1h,
+        FileKind::Usage1d,
+        FileKind::Latency1m,
+        FileKind::LatencyRoute1m,
+        FileKind::LatencyRoute1h,
+    ];
+
+    /// The name of a rollup's time column and the length of its periods (µs).
+    pub fn period(self) -> Option<(&'static str, i64)> {
+        use crate::time::{DAY_US, HOUR_US, MINUTE_US};
+        match self {
+            FileKind::Events => None,
+            FileKind::Usage1m | FileKind::Latency1m | FileKind::LatencyRoute1m => {
+                Some(("minute_us", MINUTE_US))
+            }
+            FileKind::Usage1h | FileKind::LatencyRoute1h => Some(("hour_us", HOUR_US)),
+            FileKind::Usage1d => Some(("day_us", DAY_US)),
         }
     }
 }
@@ -82,7 +137,7 @@ pub fn load(dir: &Path) -> Result<Manifest, StoreError> {
             .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest {
             rollups: true,
-            route_sketches: true,
+            rollup_kinds: FileKind::ROLLUPS.to_vec(),
             ..Manifest::default()
         }),
         Err(e) => Err(StoreError::io(&path)(e)),

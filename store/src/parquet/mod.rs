@@ -140,16 +140,9 @@ impl ParquetStore {
             let _ = std::fs::remove_file(path);
         }
         let manifest = self.read_state().manifest.clone();
-        if !manifest.rollups {
-            let all = [
-                FileKind::Usage1m,
-                FileKind::Latency1m,
-                FileKind::LatencyRoute1m,
-            ];
-            self.build_missing_rollups(&manifest, &all).await?;
-        } else if !manifest.route_sketches {
-            self.build_missing_rollups(&manifest, &[FileKind::LatencyRoute1m])
-                .await?;
+        let missing = manifest.missing_rollups();
+        if !missing.is_empty() {
+            self.build_missing_rollups(&manifest, &missing).await?;
         }
         let manifest = self.read_state().manifest.clone();
         let mut by_day: std::collections::BTreeMap<(i64, FileKind), Vec<FileEntry>> =
@@ -264,7 +257,7 @@ impl ParquetStore {
         next.version += 1;
         next.files.extend(new_files);
         next.rollups = true;
-        next.route_sketches = true;
+        next.rollup_kinds = FileKind::ROLLUPS.to_vec();
         manifest::store(&self.inner.dir, &next)?;
         state.manifest = next;
         tracing::info!(?kinds, "built rollups of the existing store files");

@@ -1,22 +1,23 @@
 //! `UsageQuery` over the embedded store, with DataFusion SQL over one snapshot of the store:
 //! `events` (the Parquet files overlapping the window plus the in-memory batches), `mem_events`
-//! (the in-memory batches alone) and the per-minute rollups `usage_1m` and `latency_1m`. As with
-//! ClickHouse, whole minutes of a window are read from the rollups (plus the not yet flushed
-//! events, which have no rollups yet) and the partial minutes at its edges from raw events.
-//! Window bounds and filters are bound as typed parameters, never spliced into the SQL.
+//! (the in-memory batches alone) and one table per rollup kind (`usage_1m`, `usage_1h`,
+//! `usage_1d`, `latency_1m`, `latency_route_1m`, `latency_route_1h`). As with ClickHouse, a
+//! window is cut by `time::plan`: aligned days, hours and minutes are read from the coarsest
+//! rollup that has them (plus the not yet flushed events, which have no rollups yet), the partial
+//! minutes at its edges from raw events. Window bounds and filters are bound as typed
+//! parameters, never spliced into the SQL.
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, AsArray, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::DataType;
-use datafusion::arrow::datatypes::{Int32Type, Int64Type};
+use datafusion::arrow::datatypes::{DataType, Int32Type, Int64Type};
 use datafusion::common::ScalarValue;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 
 use super::manifest::FileKind;
 use super::{ParquetStore, rollup};
 use crate::merge::{LatencyGroups, UsageSums};
-use crate::time::{DAY_US, MINUTE_US, split_minutes};
+use crate::time::{DAY_US, Grain};
 use crate::{
     Filter, GroupKey, KeyValue, LatencyQuery, LatencyRow, StoreError, UsageQuery, UsageRow,
     day_string,
@@ -27,24 +28,23 @@ use crate::{
 enum Source {
     /// `events`: raw rows, files and memory.
     Raw,
-    /// The rollup table, for flushed rows.
-    Rollup,
+    /// A rollup table, for flushed rows.
+    Rollup(FileKind),
     /// `mem_events`: raw rows not yet flushed (so without rollups).
     Memory,
 }
 
 impl Source {
-    fn is_raw(self) -> bool {
-        self != Source::Rollup
-    }
-
     /// The time column as microseconds.
     fn time(self) -> &'static str {
-        if self.is_raw() {
-            "CAST(ts AS BIGINT)"
-        } else {
-            "minute_us"
+        match self {
+            Source::Rollup(kind) => kind.period().map_or("minute_us", |(t, _)| t),
+            _ => "CAST(ts AS BIGINT)",
         }
+    }
+
+    fn is_raw(self) -> bool {
+        !matches!(self, Source::Rollup(_))
     }
 }
 
@@ -59,21 +59,33 @@ fn key_expr(k: GroupKey, source: Source) -> String {
     }
 }
 
-/// The parts of `[from, to)` and where each is read from: whole minutes from rollups (and
-/// memory), the edges raw. Rollups serve only when time buckets never cut a minute.
-fn plan(from: i64, to: i64, step: Option<i64>, rollups: bool) -> Vec<(Source, i64, i64)> {
-    let whole_minutes = step.is_none_or(|s| s % MINUTE_US == 0);
-    if !rollups || !whole_minutes {
-        return vec![(Source::Raw, from, to)];
-    }
-    let (head, body, tail) = split_minutes(from, to);
+/// The parts of `[from, to)` and where each is read from: aligned spans from the coarsest of
+/// `kinds` (ordered coarse to fine) that the store has complete and whose periods `step` does
+/// not cut, each with the in-memory events of the same span; the rest raw.
+fn plan(
+    from: i64,
+    to: i64,
+    step: Option<i64>,
+    kinds: &[FileKind],
+    complete: &[FileKind],
+) -> Vec<(Source, i64, i64)> {
+    let usable: Vec<(FileKind, Grain)> = kinds
+        .iter()
+        .filter(|k| complete.contains(k))
+        .filter_map(|k| k.period().map(|(_, size)| (*k, Grain::always(size))))
+        .filter(|(_, g)| g.fits_step(step))
+        .collect();
+    let grains: Vec<Grain> = usable.iter().map(|(_, g)| *g).collect();
     let mut out = Vec::new();
-    out.extend(head.map(|(a, b)| (Source::Raw, a, b)));
-    if let Some((a, b)) = body {
-        out.push((Source::Rollup, a, b));
-        out.push((Source::Memory, a, b));
+    for (i, a, b) in crate::time::plan(from, to, &grains) {
+        match i {
+            Some(i) => {
+                out.push((Source::Rollup(usable[i].0), a, b));
+                out.push((Source::Memory, a, b));
+            }
+            None => out.push((Source::Raw, a, b)),
+        }
     }
-    out.extend(tail.map(|(a, b)| (Source::Raw, a, b)));
     out
 }
 
@@ -83,9 +95,10 @@ fn where_clause(f: &Filter, source: Source, from: i64, to: i64) -> (String, Vec<
         let ts = |v| ScalarValue::TimestampMicrosecond(Some(v), Some("UTC".into()));
         (vec![ts(from), ts(to)], "ts >= $1 AND ts < $2".to_string())
     } else {
+        let t = source.time();
         (
             vec![ScalarValue::Int64(Some(from)), ScalarValue::Int64(Some(to))],
-            "minute_us >= $1 AND minute_us < $2".to_string(),
+            format!("{t} >= $1 AND {t} < $2"),
         )
     };
     for (col, value) in [("consumer", &f.consumer), ("route", &f.route)] {
@@ -100,8 +113,8 @@ fn where_clause(f: &Filter, source: Source, from: i64, to: i64) -> (String, Vec<
 /// One consistent view of the store for a query.
 struct Snapshot {
     ctx: SessionContext,
-    rollups: bool,
-    route_sketches: bool,
+    /// The rollup kinds every flushed events file has.
+    complete: Vec<FileKind>,
 }
 
 impl Snapshot {
@@ -119,7 +132,7 @@ impl ParquetStore {
     /// The store as of now, as tables for `[from, to)`: files are taken under the same lock as
     /// the in-memory batches, so no event is seen twice or missed across a concurrent flush.
     async fn snapshot(&self, from_us: i64, to_us: i64) -> Result<Snapshot, StoreError> {
-        let (raw, usage, latency, sketches, mem, rollups, route_sketches) = {
+        let (raw, rollups, mem, complete) = {
             let state = self.read_state();
             let paths = |kind: FileKind| -> Vec<String> {
                 state
@@ -131,14 +144,15 @@ impl ParquetStore {
                     .collect()
             };
             let mem: Vec<RecordBatch> = state.mem.iter().map(|(b, _)| b.clone()).collect();
+            let rollups: Vec<(FileKind, Vec<String>)> = FileKind::ROLLUPS
+                .into_iter()
+                .map(|k| (k, paths(k)))
+                .collect();
             (
                 paths(FileKind::Events),
-                paths(FileKind::Usage1m),
-                paths(FileKind::Latency1m),
-                paths(FileKind::LatencyRoute1m),
+                rollups,
                 mem,
-                state.manifest.rollups,
-                state.manifest.rollups && state.manifest.route_sketches,
+                state.manifest.complete_rollups(),
             )
         };
         let config = SessionConfig::new()
@@ -160,11 +174,8 @@ impl ParquetStore {
             events = files.union(events)?;
         }
         ctx.register_table("events", events.into_view())?;
-        for (name, paths, schema) in [
-            ("usage_1m", usage, rollup::usage_schema()),
-            ("latency_1m", latency, rollup::latency_schema()),
-            ("latency_route_1m", sketches, rollup::route_sketch_schema()),
-        ] {
+        for (kind, paths) in rollups {
+            let (name, schema) = (kind.prefix(), rollup::schema_of(kind));
             let table = if paths.is_empty() {
                 ctx.read_batch(RecordBatch::new_empty(schema))?
             } else {
@@ -173,27 +184,24 @@ impl ParquetStore {
             };
             ctx.register_table(name, table.into_view())?;
         }
-        Ok(Snapshot {
-            ctx,
-            rollups,
-            route_sketches,
-        })
+        Ok(Snapshot { ctx, complete })
     }
 }
 
-/// Adds the rows of a `latency_route_1m` batch (one whole sketch per row) to `groups`.
+/// Adds the rows of a per-route sketch batch (one whole sketch per row, the period start in
+/// column `t`) to `groups`.
 fn add_sketches(
     groups: &mut LatencyGroups,
     b: &RecordBatch,
     bucket_t: &impl Fn(i64) -> i64,
 ) -> Result<(), StoreError> {
     let route = strs(b, "route")?;
-    let minute = i64s(b, "minute_us")?;
+    let minute = i64s(b, "t")?;
     let errors = i64s(b, "errors")?;
     let list = |name: &str| {
         b.column_by_name(name)
             .and_then(|c| c.as_list_opt::<i32>())
-            .ok_or_else(|| StoreError::Corrupt(format!("latency_route_1m has no list {name}")))
+            .ok_or_else(|| StoreError::Corrupt(format!("latency sketches have no list {name}")))
     };
     let (buckets, counts) = (list("buckets")?, list("counts")?);
     let bucket_values = buckets.values().as_primitive::<Int32Type>();
@@ -293,7 +301,8 @@ impl UsageQuery for ParquetStore {
     ) -> Result<Vec<UsageRow>, StoreError> {
         let snap = self.snapshot(filter.from_us, filter.to_us).await?;
         let mut sums = UsageSums::default();
-        for (source, from, to) in plan(filter.from_us, filter.to_us, None, snap.rollups) {
+        let kinds = [FileKind::Usage1d, FileKind::Usage1h, FileKind::Usage1m];
+        for (source, from, to) in plan(filter.from_us, filter.to_us, None, &kinds, &snap.complete) {
             let (cond, params) = where_clause(filter, source, from, to);
             let keys: Vec<String> = group_by
                 .iter()
@@ -306,8 +315,8 @@ impl UsageQuery for ParquetStore {
                 select.push_str(", ");
             }
             let (table, sums_sql) = match source {
-                Source::Rollup => (
-                    "usage_1m",
+                Source::Rollup(kind) => (
+                    kind.prefix(),
                     "SUM(requests) AS requests, SUM(billable_requests) AS billable_requests, \
                      SUM(req_bytes) AS req_bytes, SUM(resp_bytes) AS resp_bytes",
                 ),
@@ -373,11 +382,24 @@ impl UsageQuery for ParquetStore {
         let mut groups = LatencyGroups::default();
         let f = &q.filter;
         let bucket_t = |t: i64| q.step_us.map_or(f.from_us, |step| (t / step) * step);
-        for (source, from, to) in plan(f.from_us, f.to_us, q.step_us, snap.rollups) {
+        let kinds: &[FileKind] = if q.needs_consumer() {
+            &[FileKind::Latency1m]
+        } else {
+            &[
+                FileKind::LatencyRoute1h,
+                FileKind::LatencyRoute1m,
+                FileKind::Latency1m,
+            ]
+        };
+        for (source, from, to) in plan(f.from_us, f.to_us, q.step_us, kinds, &snap.complete) {
             let (cond, params) = where_clause(f, source, from, to);
-            if source == Source::Rollup && snap.route_sketches && !q.needs_consumer() {
+            if let Source::Rollup(kind) = source
+                && rollup::is_sketch(kind)
+            {
                 let sql = format!(
-                    "SELECT route, minute_us, errors, buckets, counts FROM latency_route_1m WHERE {cond}"
+                    "SELECT route, {} AS t, errors, buckets, counts FROM {} WHERE {cond}",
+                    source.time(),
+                    kind.prefix()
                 );
                 for b in snap.run(&sql, params).await? {
                     add_sketches(&mut groups, &b, &bucket_t)?;
@@ -395,9 +417,10 @@ impl UsageQuery for ParquetStore {
                 "CAST(NULL AS VARCHAR)"
             };
             let sql = match source {
-                Source::Rollup => format!(
+                Source::Rollup(kind) => format!(
                     "SELECT route, {consumer} AS consumer, {t} AS t, bucket, SUM(n) AS n, \
-                     SUM(errors) AS errors FROM latency_1m WHERE {cond} GROUP BY 1, 2, 3, 4"
+                     SUM(errors) AS errors FROM {} WHERE {cond} GROUP BY 1, 2, 3, 4",
+                    kind.prefix()
                 ),
                 raw => format!(
                     "SELECT route, {consumer} AS consumer, {t} AS t, {} AS bucket, COUNT(*) AS n, \
@@ -436,5 +459,59 @@ impl UsageQuery for ParquetStore {
 
     async fn ready(&self) -> bool {
         self.inner.dir.is_dir()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::{HOUR_US, MINUTE_US};
+
+    const USAGE: [FileKind; 3] = [FileKind::Usage1d, FileKind::Usage1h, FileKind::Usage1m];
+
+    #[test]
+    fn a_window_reads_the_coarsest_complete_rollup_with_memory_beside_it() {
+        let day = 20_000 * DAY_US;
+        let all = FileKind::ROLLUPS;
+        assert_eq!(
+            plan(day, day + DAY_US, None, &USAGE, &all),
+            vec![
+                (Source::Rollup(FileKind::Usage1d), day, day + DAY_US),
+                (Source::Memory, day, day + DAY_US),
+            ]
+        );
+        // A store whose day rollups are not built yet reads hours; edges stay raw.
+        let (from, to) = (day + 5, day + 2 * HOUR_US + MINUTE_US);
+        let hours_and_minutes = [FileKind::Usage1h, FileKind::Usage1m];
+        assert_eq!(
+            plan(from, to, None, &USAGE, &hours_and_minutes),
+            vec![
+                (Source::Raw, from, day + MINUTE_US),
+                (
+                    Source::Rollup(FileKind::Usage1m),
+                    day + MINUTE_US,
+                    day + HOUR_US
+                ),
+                (Source::Memory, day + MINUTE_US, day + HOUR_US),
+                (
+                    Source::Rollup(FileKind::Usage1h),
+                    day + HOUR_US,
+                    day + 2 * HOUR_US
+                ),
+                (Source::Memory, day + HOUR_US, day + 2 * HOUR_US),
+                (Source::Rollup(FileKind::Usage1m), day + 2 * HOUR_US, to),
+                (Source::Memory, day + 2 * HOUR_US, to),
+            ]
+        );
+        // A step of 5 minutes cannot use hours; no rollups at all: raw.
+        assert!(
+            plan(day, day + DAY_US, Some(5 * MINUTE_US), &USAGE, &all)
+                .iter()
+                .all(|(s, _, _)| *s != Source::Rollup(FileKind::Usage1h))
+        );
+        assert_eq!(
+            plan(day, day + DAY_US, None, &USAGE, &[]),
+            vec![(Source::Raw, day, day + DAY_US)]
+        );
     }
 }

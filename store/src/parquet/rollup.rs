@@ -7,6 +7,10 @@
 //! columns (buckets ascending, counts): a day of per-minute latency for a route is 1,440 rows
 //! whatever the traffic, where one row per bucket would be hundreds of thousands (a 0.5 %
 //! sketch spreads a minute of real latencies over hundreds of buckets).
+//!
+//! Coarser grains, as in ClickHouse: `usage_1h` and `usage_1d`, `latency_route_1h`. Each rollup
+//! file's first column is the start of its rows' period (`minute_us`, `hour_us`, `day_us`); a
+//! query cuts its window with `time::plan` and reads each aligned span from the coarsest kind.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -23,12 +27,11 @@ use futures::StreamExt;
 use super::manifest::FileKind;
 use crate::StoreError;
 use crate::sketch::{bucket_of, ln_gamma};
-use crate::time::MINUTE_US;
 
-/// Schema of the `usage_1m` files.
-pub fn usage_schema() -> SchemaRef {
+/// Schema of the usage files whose period column is `time`.
+fn usage_schema(time: &str) -> SchemaRef {
     Arc::new(Schema::new(vec![
-        Field::new("minute_us", DataType::Int64, true),
+        Field::new(time, DataType::Int64, true),
         Field::new("consumer", DataType::Utf8, true),
         Field::new("route", DataType::Utf8, true),
         Field::new("plan", DataType::Utf8, true),
@@ -41,7 +44,7 @@ pub fn usage_schema() -> SchemaRef {
 }
 
 /// Schema of the `latency_1m` files.
-pub fn latency_schema() -> SchemaRef {
+fn latency_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("minute_us", DataType::Int64, true),
         Field::new("route", DataType::Utf8, true),
@@ -52,11 +55,11 @@ pub fn latency_schema() -> SchemaRef {
     ]))
 }
 
-/// Schema of the `latency_route_1m` files.
-pub fn route_sketch_schema() -> SchemaRef {
+/// Schema of the per-route sketch files whose period column is `time`.
+fn route_sketch_schema(time: &str) -> SchemaRef {
     let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, false)));
     Arc::new(Schema::new(vec![
-        Field::new("minute_us", DataType::Int64, false),
+        Field::new(time, DataType::Int64, false),
         Field::new("route", DataType::Utf8, false),
         Field::new("errors", DataType::Int64, false),
         Field::new("buckets", list(DataType::Int32), false),
@@ -66,23 +69,41 @@ pub fn route_sketch_schema() -> SchemaRef {
 
 /// The schema of a file kind.
 pub fn schema_of(kind: FileKind) -> SchemaRef {
+    let time = kind.period().map_or("", |(t, _)| t);
     match kind {
         FileKind::Events => tollgate_schemas::arrow::schema(),
-        FileKind::Usage1m => usage_schema(),
+        FileKind::Usage1m | FileKind::Usage1h | FileKind::Usage1d => usage_schema(time),
         FileKind::Latency1m => latency_schema(),
-        FileKind::LatencyRoute1m => route_sketch_schema(),
+        FileKind::LatencyRoute1m | FileKind::LatencyRoute1h => route_sketch_schema(time),
     }
 }
 
-/// Builds `latency_route_1m` rows from event batches: requests forwarded upstream (a route and
-/// an upstream latency), bucketed by `sketch::bucket_of(latency_us)` as the SQL rollups are.
-#[derive(Default)]
+/// Whether `kind` holds one whole latency sketch per row (and route).
+pub fn is_sketch(kind: FileKind) -> bool {
+    matches!(kind, FileKind::LatencyRoute1m | FileKind::LatencyRoute1h)
+}
+
+/// Builds per-route sketch rows (`latency_route_1m` / `_1h`) from event batches: requests
+/// forwarded upstream (a route and an upstream latency), bucketed by
+/// `sketch::bucket_of(latency_us)` as the SQL rollups are.
 pub struct RouteSketches {
-    /// (minute, route) -> (errors, bucket -> count)
+    kind: FileKind,
+    period_us: i64,
+    /// (period, route) -> (errors, bucket -> count)
     groups: HashMap<(i64, String), (i64, BTreeMap<i32, i64>)>,
 }
 
 impl RouteSketches {
+    /// An empty builder of `kind` (a sketch kind).
+    pub fn new(kind: FileKind) -> RouteSketches {
+        let (_, period_us) = kind.period().expect("a rollup kind");
+        RouteSketches {
+            kind,
+            period_us,
+            groups: HashMap::new(),
+        }
+    }
+
     /// Adds the events of one batch (the events schema).
     pub fn add(&mut self, events: &RecordBatch) -> Result<(), StoreError> {
         let col = |name: &str| {
@@ -102,8 +123,8 @@ impl RouteSketches {
             if route.is_null(i) || upstream.is_null(i) {
                 continue;
             }
-            let minute = ts.value(i).div_euclid(MINUTE_US) * MINUTE_US;
-            let key = (minute, route.value(i).to_string());
+            let period = ts.value(i).div_euclid(self.period_us) * self.period_us;
+            let key = (period, route.value(i).to_string());
             let (errors, buckets) = self.groups.entry(key).or_default();
             *errors += i64::from(status.value(i) >= 500);
             *buckets.entry(bucket_of(latency.value(i))).or_default() += 1;
@@ -111,7 +132,7 @@ impl RouteSketches {
         Ok(())
     }
 
-    /// The rows, sorted by minute and route.
+    /// The rows, sorted by period and route.
     pub fn finish(self) -> RecordBatch {
         let mut groups: Vec<_> = self.groups.into_iter().collect();
         groups.sort_by(|a, b| a.0.cmp(&b.0));
@@ -139,7 +160,7 @@ impl RouteSketches {
             Arc::new(buckets.finish()),
             Arc::new(counts.finish()),
         ];
-        RecordBatch::try_new(route_sketch_schema(), columns).expect("columns match the schema")
+        RecordBatch::try_new(schema_of(self.kind), columns).expect("columns match the schema")
     }
 }
 
@@ -151,32 +172,27 @@ pub fn bucket_sql() -> String {
     )
 }
 
-fn minute_sql() -> String {
-    format!("(CAST(ts AS BIGINT) / {MINUTE_US}) * {MINUTE_US}")
-}
-
-/// The SQL that rolls the `events` table up into `kind`.
+/// The SQL that rolls the `events` table up into `kind` (a usage kind or `Latency1m`).
 fn rollup_sql(kind: FileKind) -> String {
-    let minute = minute_sql();
+    let (time, size) = kind.period().expect("a rollup kind");
+    let period = format!("(CAST(ts AS BIGINT) / {size}) * {size}");
     match kind {
-        FileKind::Usage1m => format!(
-            "SELECT {minute} AS minute_us, consumer, route, plan, CAST(status AS BIGINT) AS status, \
+        FileKind::Usage1m | FileKind::Usage1h | FileKind::Usage1d => format!(
+            "SELECT {period} AS {time}, consumer, route, plan, CAST(status AS BIGINT) AS status, \
              COUNT(*) AS requests, SUM(CASE WHEN billable THEN 1 ELSE 0 END) AS billable_requests, \
              SUM(CAST(req_bytes AS BIGINT)) AS req_bytes, SUM(CAST(resp_bytes AS BIGINT)) AS resp_bytes \
-             FROM events GROUP BY {minute}, consumer, route, plan, CAST(status AS BIGINT)"
+             FROM events GROUP BY {period}, consumer, route, plan, CAST(status AS BIGINT)"
         ),
         FileKind::Latency1m => {
             let bucket = bucket_sql();
             format!(
-                "SELECT {minute} AS minute_us, route, consumer, {bucket} AS bucket, COUNT(*) AS n, \
+                "SELECT {period} AS {time}, route, consumer, {bucket} AS bucket, COUNT(*) AS n, \
                  SUM(CASE WHEN status >= 500 THEN 1 ELSE 0 END) AS errors \
                  FROM events WHERE route IS NOT NULL AND upstream_latency_us IS NOT NULL \
-                 GROUP BY {minute}, route, consumer, {bucket}"
+                 GROUP BY {period}, route, consumer, {bucket}"
             )
         }
-        FileKind::Events | FileKind::LatencyRoute1m => {
-            unreachable!("not an SQL rollup: {kind:?}")
-        }
+        _ => unreachable!("not an SQL rollup: {kind:?}"),
     }
 }
 
@@ -196,30 +212,32 @@ pub async fn roll_up(ctx: &SessionContext, kind: FileKind) -> Result<RecordBatch
         .map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-/// Every rollup of an in-memory batch of events.
+/// Every rollup of an in-memory batch of events, in `FileKind::ROLLUPS` order.
 pub async fn roll_up_batch(
     events: &RecordBatch,
-) -> Result<[(FileKind, RecordBatch); 3], StoreError> {
+) -> Result<Vec<(FileKind, RecordBatch)>, StoreError> {
     let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
     ctx.register_batch("events", events.clone())?;
-    let mut sketches = RouteSketches::default();
-    sketches.add(events)?;
-    Ok([
-        (FileKind::Usage1m, roll_up(&ctx, FileKind::Usage1m).await?),
-        (
-            FileKind::Latency1m,
-            roll_up(&ctx, FileKind::Latency1m).await?,
-        ),
-        (FileKind::LatencyRoute1m, sketches.finish()),
-    ])
+    let mut out = Vec::new();
+    for kind in FileKind::ROLLUPS {
+        let rows = if is_sketch(kind) {
+            let mut sketches = RouteSketches::new(kind);
+            sketches.add(events)?;
+            sketches.finish()
+        } else {
+            roll_up(&ctx, kind).await?
+        };
+        out.push((kind, rows));
+    }
+    Ok(out)
 }
 
 /// The rollup of `kind` over the events registered as `events` in `ctx` (streamed).
 pub async fn roll_up_any(ctx: &SessionContext, kind: FileKind) -> Result<RecordBatch, StoreError> {
-    if kind != FileKind::LatencyRoute1m {
+    if !is_sketch(kind) {
         return roll_up(ctx, kind).await;
     }
-    let mut sketches = RouteSketches::default();
+    let mut sketches = RouteSketches::new(kind);
     let mut stream = ctx.table("events").await?.execute_stream().await?;
     while let Some(batch) = stream.next().await {
         sketches.add(&batch?)?;
@@ -227,10 +245,10 @@ pub async fn roll_up_any(ctx: &SessionContext, kind: FileKind) -> Result<RecordB
     Ok(sketches.finish())
 }
 
-/// The minute span `[min, max]` of a rollup batch (`None` when empty).
+/// The span `[min, max]` of the period starts of a rollup batch (`None` when empty).
 pub fn minute_span(batch: &RecordBatch) -> Option<(i64, i64)> {
     let col = batch
-        .column_by_name("minute_us")?
+        .column(0)
         .as_any()
         .downcast_ref::<datafusion::arrow::array::Int64Array>()?;
     let min = col.iter().flatten().min()?;

@@ -102,16 +102,16 @@ async fn flush_splits_by_day_and_compaction_merges_without_changing_answers() {
         store.flush().await.unwrap();
     }
     let m = store.manifest();
-    // Each flush writes, per day, the events and their three per-minute rollups.
-    assert_eq!(m.files.len(), 32);
+    // Each flush writes, per day, the events and their six rollups.
+    assert_eq!(m.files.len(), 56);
     assert_eq!(events_files(&m), 8);
     assert!(m.files.iter().all(|f| f.path.starts_with("day=")));
     let before = store
         .usage(&all(), &[crate::GroupKey::Day, crate::GroupKey::Consumer])
         .await
         .unwrap();
-    assert_eq!(store.compact().await.unwrap(), 32);
-    assert_eq!(store.manifest().files.len(), 8);
+    assert_eq!(store.compact().await.unwrap(), 56);
+    assert_eq!(store.manifest().files.len(), 14);
     assert_eq!(events_files(&store.manifest()), 2);
     let after = store
         .usage(&all(), &[crate::GroupKey::Day, crate::GroupKey::Consumer])
@@ -122,7 +122,7 @@ async fn flush_splits_by_day_and_compaction_merges_without_changing_answers() {
     // Replaced files go on the next round; a reopen never sees them as data.
     store.compact().await.unwrap();
     let parquet_files = walk(dir.path());
-    assert_eq!(parquet_files, 8, "old files deleted");
+    assert_eq!(parquet_files, 14, "old files deleted");
     drop(store);
     let store = ParquetStore::open(cfg(dir.path())).unwrap();
     assert_eq!(total(&store).await, 8);
@@ -145,11 +145,11 @@ async fn orphan_files_from_an_interrupted_flush_are_ignored_and_removed() {
         &tollgate_schemas::arrow::to_batch(&evs),
     )
     .unwrap();
-    // The flush wrote the events and their three rollups; then the orphan.
-    assert_eq!(walk(dir.path()), 5);
+    // The flush wrote the events and their six rollups; then the orphan.
+    assert_eq!(walk(dir.path()), 8);
     drop(store);
     let store = ParquetStore::open(cfg(dir.path())).unwrap();
-    assert_eq!(walk(dir.path()), 4);
+    assert_eq!(walk(dir.path()), 7);
     assert_eq!(total(&store).await, 3);
 }
 
@@ -202,21 +202,27 @@ async fn rollups_are_built_for_a_store_written_without_them() {
     let route_latency = store.latency(&per_route).await.unwrap();
     assert_eq!(route_latency.iter().map(|r| r.count).sum::<u64>(), 220);
     drop(store);
-    // A store from before the per-route sketches: they are built by upkeep, same answers.
+    // A store from before some rollup kinds: upkeep builds them, the answers stay the same.
     let mut m = manifest::load(dir.path()).unwrap();
-    m.files.retain(|f| f.kind != FileKind::LatencyRoute1m);
-    m.route_sketches = false;
+    m.files.retain(|f| {
+        !matches!(
+            f.kind,
+            FileKind::LatencyRoute1m | FileKind::LatencyRoute1h | FileKind::Usage1h
+        )
+    });
+    m.rollup_kinds = vec![FileKind::Usage1m, FileKind::Latency1m, FileKind::Usage1d];
     manifest::store(dir.path(), &m).unwrap();
     let store = ParquetStore::open(cfg(dir.path())).unwrap();
     assert_eq!(store.latency(&per_route).await.unwrap(), route_latency);
     store.compact().await.unwrap();
-    assert!(store.manifest().route_sketches);
+    assert!(store.manifest().missing_rollups().is_empty());
     assert_eq!(store.latency(&per_route).await.unwrap(), route_latency);
     drop(store);
     // Turn the manifest into an old one: events files only, no rollups.
     let mut m = manifest::load(dir.path()).unwrap();
     m.files.retain(|f| f.kind == FileKind::Events);
     m.rollups = false;
+    m.rollup_kinds.clear();
     manifest::store(dir.path(), &m).unwrap();
     let store = ParquetStore::open(cfg(dir.path())).unwrap();
     assert_eq!(store.usage(&window, &group).await.unwrap(), with_rollups);
