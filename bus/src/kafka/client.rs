@@ -12,7 +12,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -310,8 +310,10 @@ impl ClientContext for GroupContext {}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        // Everything the collector stored is committed already (it commits after each store
-        // write); what it holds in memory for these partitions is dropped when it sees this.
+        // Everything the collector stored has its commit requested (after each store write,
+        // asynchronously: a commit still in flight only costs the next owner a re-read of what
+        // the store already holds); what it holds in memory for these partitions is dropped
+        // when it sees this.
         if let Rebalance::Revoke(tpl) = rebalance {
             self.push(false, tpl);
         }
@@ -322,6 +324,12 @@ impl ConsumerContext for GroupContext {
             Rebalance::Assign(tpl) => self.push(true, tpl),
             Rebalance::Error(e) => tracing::warn!(error = %e, "Kafka rebalance error"),
             Rebalance::Revoke(_) => {}
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "Kafka offset commit failed; the next owner resumes from the store");
         }
     }
 }
@@ -507,28 +515,23 @@ impl Subscriber for KafkaSubscriber {
         if tpl.count() == 0 {
             return Ok(());
         }
-        let consumer = self.consumer.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            consumer.commit(&tpl, CommitMode::Sync).map(|()| tpl)
-        })
-        .await
-        .map_err(|_| BusError::Closed)?;
-        match result {
-            Ok(tpl) => {
+        // Asynchronous: the request is queued and the collector goes on reading. Nothing
+        // depends on the commit landing (exactly-once comes from the store's positions; see
+        // the stores' docs): a lost or late commit only makes the next owner re-read and skip
+        // what is already stored. A failure is logged by the commit callback.
+        match self.consumer.commit(&tpl, CommitMode::Async) {
+            Ok(()) => {
                 for e in tpl.elements() {
                     if let Offset::Offset(o) = e.offset() {
                         self.committed.0.insert(e.partition() as u32, o as u64);
                     }
                 }
-                Ok(())
             }
-            // The partitions moved meanwhile: the store holds the data, and the new owner
-            // resumes from the store, so a lost commit only costs a re-read.
             Err(e) => {
                 tracing::warn!(error = %e, "Kafka offset commit failed; the next owner resumes from the store");
-                Ok(())
             }
         }
+        Ok(())
     }
 
     fn committed(&self) -> Checkpoint {
