@@ -199,8 +199,17 @@ fn rollup_sql(kind: FileKind) -> String {
 /// Rolls up the events registered as `events` in `ctx` into one batch of `kind` (with the
 /// kind's schema).
 pub async fn roll_up(ctx: &SessionContext, kind: FileKind) -> Result<RecordBatch, StoreError> {
+    collect_as(ctx, &rollup_sql(kind), kind).await
+}
+
+/// Runs `sql` and returns its rows as one batch with `kind`'s schema.
+async fn collect_as(
+    ctx: &SessionContext,
+    sql: &str,
+    kind: FileKind,
+) -> Result<RecordBatch, StoreError> {
     let schema = schema_of(kind);
-    let batches = ctx.sql(&rollup_sql(kind)).await?.collect().await?;
+    let batches = ctx.sql(sql).await?.collect().await?;
     let batches: Vec<RecordBatch> = batches
         .into_iter()
         .map(|b| {
@@ -218,18 +227,39 @@ pub async fn roll_up_batch(
 ) -> Result<Vec<(FileKind, RecordBatch)>, StoreError> {
     let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
     ctx.register_batch("events", events.clone())?;
-    let mut out = Vec::new();
+    let mut out: Vec<(FileKind, RecordBatch)> = Vec::new();
     for kind in FileKind::ROLLUPS {
-        let rows = if is_sketch(kind) {
-            let mut sketches = RouteSketches::new(kind);
-            sketches.add(events)?;
-            sketches.finish()
-        } else {
-            roll_up(&ctx, kind).await?
+        let rows = match kind {
+            _ if is_sketch(kind) => {
+                let mut sketches = RouteSketches::new(kind);
+                sketches.add(events)?;
+                sketches.finish()
+            }
+            // Hours and days from the minutes computed just before (`ROLLUPS` lists `Usage1m`
+            // first): a few rows per minute, not every event again.
+            FileKind::Usage1h | FileKind::Usage1d => coarsen_usage(&ctx, kind).await?,
+            _ => roll_up(&ctx, kind).await?,
         };
+        if kind == FileKind::Usage1m {
+            ctx.register_batch("usage_minutes", rows.clone())?;
+        }
         out.push((kind, rows));
     }
     Ok(out)
+}
+
+/// A coarser usage rollup (`Usage1h`, `Usage1d`) from the `Usage1m` rows registered as
+/// `usage_minutes` in `ctx`: sums of sums.
+async fn coarsen_usage(ctx: &SessionContext, kind: FileKind) -> Result<RecordBatch, StoreError> {
+    let (time, size) = kind.period().expect("a rollup kind");
+    let period = format!("(minute_us / {size}) * {size}");
+    let sql = format!(
+        "SELECT {period} AS {time}, consumer, route, plan, status, SUM(requests) AS requests, \
+         SUM(billable_requests) AS billable_requests, SUM(req_bytes) AS req_bytes, \
+         SUM(resp_bytes) AS resp_bytes FROM usage_minutes \
+         GROUP BY {period}, consumer, route, plan, status"
+    );
+    collect_as(ctx, &sql, kind).await
 }
 
 /// The rollup of `kind` over the events registered as `events` in `ctx` (streamed).
