@@ -2,6 +2,7 @@
 //! in one process (`up`, on the embedded bus and store) or one part per process.
 
 mod admin;
+mod alloc;
 mod config;
 mod demo;
 
@@ -74,6 +75,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    alloc::limit_arenas();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -82,8 +82,12 @@ fn default_admin_listen() -> std::net::SocketAddr {
 fn default_group() -> String {
     "tollgate-collector".into()
 }
+/// Large enough that ClickHouse gets few, large inserts while the collector catches up on a
+/// backlog (each insert writes a part per table and rollup: 10,000-event inserts drained a
+/// topic at 0.6 of the speed of 50,000-event ones; see BENCHMARKS.md); in steady traffic
+/// `linger_ms` ends a batch long before it is full.
 fn default_batch_max() -> usize {
-    10_000
+    50_000
 }
 fn default_linger_ms() -> u64 {
     50
