@@ -7,8 +7,9 @@
 //! memory it used: 442 MiB peak RSS for ten million events through `tollgate up`, 206 MiB with
 //! arenas limited to two on the two-core reference machine (BENCHMARKS.md). So the arenas are
 //! limited to the number of cores (at least 2, at most 8), which keeps one arena per busy
-//! worker thread. `MALLOC_ARENA_MAX` in the environment still wins (glibc reads it before
-//! `main`; this does not override a value set there).
+//! worker thread, in the processes that hold a store (`up`, `collector`, `query-api`).
+//! `MALLOC_ARENA_MAX` in the environment still wins (glibc reads it before `main`; this does
+//! not override a value set there).
 
 /// Limits glibc's malloc arenas (see the module docs). A no-op on other C libraries.
 pub fn limit_arenas() {

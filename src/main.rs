@@ -75,8 +75,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    alloc::limit_arenas();
     let cli = Cli::parse();
+    // Processes that hold a store (see `alloc`); a standalone gateway keeps glibc's defaults,
+    // its request path and librdkafka's threads allocate on many threads at once.
+    if matches!(
+        cli.command,
+        Command::Up { .. } | Command::Collector { .. } | Command::QueryApi { .. }
+    ) {
+        alloc::limit_arenas();
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

@@ -52,9 +52,10 @@ pub struct CollectorConfig {
     /// Consumer group on the bus.
     #[serde(default = "default_group")]
     pub group: String,
-    /// A batch goes to the store once it holds this many events...
-    #[serde(default = "default_batch_max")]
-    pub batch_max_events: usize,
+    /// A batch goes to the store once it holds this many events (unset: what the store
+    /// prefers, 10,000 for Parquet and 50,000 for ClickHouse)...
+    #[serde(default)]
+    pub batch_max_events: Option<usize>,
     /// ...or once its first event has waited this long (milliseconds).
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
@@ -82,13 +83,6 @@ fn default_admin_listen() -> std::net::SocketAddr {
 fn default_group() -> String {
     "tollgate-collector".into()
 }
-/// Large enough that ClickHouse gets few, large inserts while the collector catches up on a
-/// backlog (each insert writes a part per table and rollup: 10,000-event inserts drained a
-/// topic at 0.6 of the speed of 50,000-event ones; see BENCHMARKS.md); in steady traffic
-/// `linger_ms` ends a batch long before it is full.
-fn default_batch_max() -> usize {
-    50_000
-}
 fn default_linger_ms() -> u64 {
     50
 }
@@ -106,7 +100,7 @@ impl Default for CollectorConfig {
     fn default() -> Self {
         CollectorConfig {
             group: default_group(),
-            batch_max_events: default_batch_max(),
+            batch_max_events: None,
             linger_ms: default_linger_ms(),
             flush_interval_ms: default_flush_ms(),
             flush_max_events: default_flush_max_events(),
@@ -119,7 +113,7 @@ impl Default for CollectorConfig {
 impl CollectorConfig {
     /// Checks values without I/O; errors name the key.
     pub fn validate(&self) -> Result<(), String> {
-        if self.batch_max_events == 0 {
+        if self.batch_max_events == Some(0) {
             return Err("collector.batch_max_events: must be at least 1".into());
         }
         if self.flush_interval_ms == 0 {
@@ -174,7 +168,10 @@ pub async fn run(
 
     let linger = Duration::from_millis(config.linger_ms);
     let flush_every = Duration::from_millis(config.flush_interval_ms);
-    let mut batcher = Batcher::new(config.batch_max_events, linger);
+    let batch_max = config
+        .batch_max_events
+        .unwrap_or_else(|| store.preferred_batch_events());
+    let mut batcher = Batcher::new(batch_max, linger);
     let mut next_flush = Instant::now() + flush_every;
     let mut appended_since_flush = false;
     let mut events_since_flush = 0usize;

@@ -114,9 +114,19 @@ fn start(
     CancellationToken,
     tokio::task::JoinHandle<Result<(), CollectorError>>,
 ) {
+    start_with(log, store, env.config(flush_ms))
+}
+
+fn start_with(
+    log: &EmbeddedLog,
+    store: &ParquetStore,
+    config: CollectorConfig,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), CollectorError>>,
+) {
     let shutdown = CancellationToken::new();
     let sub = Box::new(log.subscribe("tollgate-collector").unwrap());
-    let config = env.config(flush_ms);
     let dead = DeadLetter::open(&config.dead_letter_dir).unwrap();
     let handle = tokio::spawn(run(
         config,
@@ -167,20 +177,11 @@ async fn a_flush_comes_due_by_size_as_well_as_by_time() {
     let log = env.log();
     publish(&log, 0..30).await;
     let store = env.store();
-    let shutdown = CancellationToken::new();
     let config = CollectorConfig {
         flush_max_events: 10,
         ..env.config(3_600_000)
     };
-    let dead = DeadLetter::open(&config.dead_letter_dir).unwrap();
-    let handle = tokio::spawn(run(
-        config,
-        Box::new(log.subscribe("tollgate-collector").unwrap()),
-        Arc::new(store.clone()),
-        dead,
-        CollectorMetrics::unregistered(),
-        shutdown.clone(),
-    ));
+    let (_shutdown, handle) = start_with(&log, &store, config);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     // The manifest is what a restart sees: it must cover all 30 before any interval passed.
     while store.manifest().checkpoint.0.get(&0).copied().unwrap_or(0) < 30 {

@@ -143,6 +143,11 @@ pub trait EventWriter: Send + Sync {
     fn durable_on_append(&self) -> bool {
         false
     }
+    /// How many events an append should carry when the collector's configuration does not
+    /// say: what suits the backend's writes.
+    fn preferred_batch_events(&self) -> usize {
+        10_000
+    }
 }
 
 /// A time window `[from, to)` in microseconds since the epoch, and optional filters.

@@ -29,30 +29,10 @@ enum Source {
     },
 }
 
-const USAGE_1D: Source = Source::Rollup {
-    table: "usage_1d",
-    time: "day_us",
-};
-const USAGE_1H: Source = Source::Rollup {
-    table: "usage_1h",
-    time: "hour_us",
-};
-const USAGE_1M: Source = Source::Rollup {
-    table: "usage_1m",
-    time: "minute_us",
-};
-const LATENCY_ROUTE_1H: Source = Source::Rollup {
-    table: "latency_route_1h",
-    time: "hour_us",
-};
-const LATENCY_ROUTE_1M: Source = Source::Rollup {
-    table: "latency_route_1m",
-    time: "minute_us",
-};
-const LATENCY_1M: Source = Source::Rollup {
-    table: "latency_1m",
-    time: "minute_us",
-};
+/// A rollup table and its time column.
+const fn rollup(table: &'static str, time: &'static str) -> Source {
+    Source::Rollup { table, time }
+}
 
 impl Source {
     fn time_column(self) -> &'static str {
@@ -167,49 +147,34 @@ impl Union {
 }
 
 impl ClickHouseStore {
+    /// A grain of the coarse rollups (migration 0003), which start at `coarse_since_us`.
+    fn coarse(&self, size_us: i64) -> Grain {
+        Grain {
+            size_us,
+            since_us: self.coarse_since_us,
+        }
+    }
+
     /// The rollup grains for usage, coarse to fine.
     fn usage_grains(&self) -> [(Source, Grain); 3] {
-        let since = self.coarse_since_us;
         [
-            (
-                USAGE_1D,
-                Grain {
-                    size_us: DAY_US,
-                    since_us: since,
-                },
-            ),
-            (
-                USAGE_1H,
-                Grain {
-                    size_us: HOUR_US,
-                    since_us: since,
-                },
-            ),
-            (USAGE_1M, Grain::always(MINUTE_US)),
+            (rollup("usage_1d", "day_us"), self.coarse(DAY_US)),
+            (rollup("usage_1h", "hour_us"), self.coarse(HOUR_US)),
+            (rollup("usage_1m", "minute_us"), Grain::always(MINUTE_US)),
         ]
     }
 
     /// The rollup grains for latency: per route when the consumer is not needed.
     fn latency_grains(&self, q: &LatencyQuery) -> Vec<(Source, Grain)> {
-        let since = self.coarse_since_us;
         let mut grains = Vec::new();
         if !q.needs_consumer() {
+            grains.push((rollup("latency_route_1h", "hour_us"), self.coarse(HOUR_US)));
             grains.push((
-                LATENCY_ROUTE_1H,
-                Grain {
-                    size_us: HOUR_US,
-                    since_us: since,
-                },
-            ));
-            grains.push((
-                LATENCY_ROUTE_1M,
-                Grain {
-                    size_us: MINUTE_US,
-                    since_us: since,
-                },
+                rollup("latency_route_1m", "minute_us"),
+                self.coarse(MINUTE_US),
             ));
         }
-        grains.push((LATENCY_1M, Grain::always(MINUTE_US)));
+        grains.push((rollup("latency_1m", "minute_us"), Grain::always(MINUTE_US)));
         grains.retain(|(_, g)| g.fits_step(q.step_us));
         grains
     }
