@@ -16,7 +16,7 @@ BIN="$CARGO_TARGET_DIR/release/tollgate"
 WORK="$(mktemp -d)"
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/lib/services.sh
 DAY=$(( ($(date +%s) / 86400 - 1) * 86400 ))
 s=$(date +%s%3N)
 "$CARGO_TARGET_DIR/release/examples/seed_bus" "$WORK/data/bus" "$EVENTS" "$DAY"
@@ -42,17 +42,9 @@ sleep 130
 hwm=$(awk '/VmHWM/ {print $2}' /proc/$PID/status)
 rss=$(awk '/VmRSS/ {print $2}' /proc/$PID/status)
 FROM=$((DAY * 1000)); TO=$(((DAY + 86400) * 1000))
-median() { python3 - "$@" <<'PY'
-import subprocess, sys, time
-ts = []
-for _ in range(7):
-    s = time.monotonic(); subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); ts.append((time.monotonic() - s) * 1000)
-print(f"{sorted(ts)[3]:.1f}")
-PY
-}
-U=$(median curl -sf "http://127.0.0.1:$API/v1/usage?from=$FROM&to=$TO&group_by=consumer,route")
-L=$(median curl -sf "http://127.0.0.1:$API/v1/latency?from=$FROM&to=$TO&step=1m")
-LH=$(median curl -sf "http://127.0.0.1:$API/v1/latency?from=$FROM&to=$TO&step=1h")
+U=$(median_ms curl -sf "http://127.0.0.1:$API/v1/usage?from=$FROM&to=$TO&group_by=consumer,route")
+L=$(median_ms curl -sf "http://127.0.0.1:$API/v1/latency?from=$FROM&to=$TO&step=1m")
+LH=$(median_ms curl -sf "http://127.0.0.1:$API/v1/latency?from=$FROM&to=$TO&step=1h")
 read -r UB LB LHB < <(python3 - "$WORK/data/store" "$DAY" <<'PY'
 import duckdb, glob, sys, time
 files = glob.glob(sys.argv[1] + "/day=*/part-*.parquet")

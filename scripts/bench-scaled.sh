@@ -178,21 +178,12 @@ chq "INSERT INTO fresh.events SELECT number % 12, 1000000000 + number, 1, toStri
   if(number % 50 = 0, 'upstream_error', 'ok'), toUInt8(number % 50 != 0), NULL,
   toInt16(ceil(log(1000 + (number * 7919) % 200000) / log(1.005 / 0.995))) FROM numbers($DAY_EVENTS)"
 FROM=$((DAY * 1000)); TO=$(((DAY + 86400) * 1000))
-time_ms() { # median of 7 runs of a command, in ms
-  python3 - "$@" <<'PY'
-import subprocess, sys, time
-ts = []
-for _ in range(7):
-    s = time.monotonic(); subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); ts.append((time.monotonic() - s) * 1000)
-print(f"{sorted(ts)[3]:.1f}")
-PY
-}
-U=$(time_ms curl -sf "http://127.0.0.1:$API/v1/usage?from=$FROM&to=$TO&group_by=consumer,route")
-L=$(time_ms curl -sf "http://127.0.0.1:$API/v1/latency?from=$FROM&to=$TO&step=1m")
-LH=$(time_ms curl -sf "http://127.0.0.1:$API/v1/latency?from=$FROM&to=$TO&step=1h")
-UB=$(time_ms curl -sf "http://127.0.0.1:$CH_HTTP/" --data-binary "SELECT consumer, route, count(), sum(billable), sum(req_bytes), sum(resp_bytes) FROM fresh.events WHERE ts_us >= $((DAY * 1000000)) AND ts_us < $(((DAY + 86400) * 1000000)) GROUP BY consumer, route")
-LB=$(time_ms curl -sf "http://127.0.0.1:$CH_HTTP/" --data-binary "SELECT route, intDiv(ts_us, 60000000) AS m, quantiles(0.5, 0.9, 0.99)(latency_us) FROM fresh.events WHERE ts_us >= $((DAY * 1000000)) AND ts_us < $(((DAY + 86400) * 1000000)) AND isNotNull(upstream_latency_us) GROUP BY route, m")
-LHB=$(time_ms curl -sf "http://127.0.0.1:$CH_HTTP/" --data-binary "SELECT route, intDiv(ts_us, 3600000000) AS h, quantiles(0.5, 0.9, 0.99)(latency_us) FROM fresh.events WHERE ts_us >= $((DAY * 1000000)) AND ts_us < $(((DAY + 86400) * 1000000)) AND isNotNull(upstream_latency_us) GROUP BY route, h")
+U=$(median_ms curl -sf "http://127.0.0.1:$API/v1/usage?from=$FROM&to=$TO&group_by=consumer,route")
+L=$(median_ms curl -sf "http://127.0.0.1:$API/v1/latency?from=$FROM&to=$TO&step=1m")
+LH=$(median_ms curl -sf "http://127.0.0.1:$API/v1/latency?from=$FROM&to=$TO&step=1h")
+UB=$(median_ms curl -sf "http://127.0.0.1:$CH_HTTP/" --data-binary "SELECT consumer, route, count(), sum(billable), sum(req_bytes), sum(resp_bytes) FROM fresh.events WHERE ts_us >= $((DAY * 1000000)) AND ts_us < $(((DAY + 86400) * 1000000)) GROUP BY consumer, route")
+LB=$(median_ms curl -sf "http://127.0.0.1:$CH_HTTP/" --data-binary "SELECT route, intDiv(ts_us, 60000000) AS m, quantiles(0.5, 0.9, 0.99)(latency_us) FROM fresh.events WHERE ts_us >= $((DAY * 1000000)) AND ts_us < $(((DAY + 86400) * 1000000)) AND isNotNull(upstream_latency_us) GROUP BY route, m")
+LHB=$(median_ms curl -sf "http://127.0.0.1:$CH_HTTP/" --data-binary "SELECT route, intDiv(ts_us, 3600000000) AS h, quantiles(0.5, 0.9, 0.99)(latency_us) FROM fresh.events WHERE ts_us >= $((DAY * 1000000)) AND ts_us < $(((DAY + 86400) * 1000000)) AND isNotNull(upstream_latency_us) GROUP BY route, h")
 echo
 echo "## Queries over one day of $DAY_EVENTS events (median of 7, HTTP round trip)"
 echo

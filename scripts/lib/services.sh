@@ -1,6 +1,6 @@
-# Shared by the scaled benchmark scripts (sourced, not run): free ports, polling with a deadline,
+# Shared by the benchmark scripts (sourced, not run): free ports, polling with a deadline, timing,
 # and a private ClickHouse server and Kafka-protocol broker (tansu) on loopback ports under $WORK.
-# Needs WORK set; scripts/install-test-services.sh installs both services.
+# The services need WORK set; scripts/install-test-services.sh installs both.
 
 TANSU="${TOLLGATE_TANSU:-$HOME/.cache/tollgate-tools/tansu}"
 
@@ -9,6 +9,15 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 wait_for() { local deadline=$((SECONDS + $2)); until eval "$1" >/dev/null 2>&1; do
   [ $SECONDS -lt $deadline ] || { echo "timed out: $1" >&2; exit 1; }; sleep 0.1; done; }
 now_ms() { date +%s%3N; }
+# median_ms COMMAND...: the median wall time of 7 runs of a command, in ms.
+median_ms() { python3 - "$@" <<'PY'
+import subprocess, sys, time
+ts = []
+for _ in range(7):
+    s = time.monotonic(); subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); ts.append((time.monotonic() - s) * 1000)
+print(f"{sorted(ts)[3]:.1f}")
+PY
+}
 
 # Starts ClickHouse in $WORK/ch; sets CH_HTTP, CH_TCP and CH_PID.
 start_clickhouse() {

@@ -241,7 +241,7 @@ impl ParquetStore {
             ctx.register_table("events", events.into_view())?;
             for kind in kinds.iter().copied() {
                 let rows = rollup::roll_up_any(&ctx, kind).await?;
-                if let Some((min, max)) = rollup::minute_span(&rows) {
+                if let Some((min, max)) = rollup::period_span(&rows) {
                     let dir = self.inner.dir.clone();
                     let entry = tokio::task::spawn_blocking(move || {
                         files::write_kind(&dir, kind, day, &rows, min, max)
@@ -316,7 +316,7 @@ impl EventWriter for ParquetStore {
                 for (day, events, rollups) in days {
                     out.push(files::write_file(&dir, day, &events)?);
                     for (kind, rows) in rollups {
-                        if let Some((min, max)) = rollup::minute_span(&rows) {
+                        if let Some((min, max)) = rollup::period_span(&rows) {
                             out.push(files::write_kind(&dir, kind, day, &rows, min, max)?);
                         }
                     }

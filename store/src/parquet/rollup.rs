@@ -276,7 +276,7 @@ pub async fn roll_up_any(ctx: &SessionContext, kind: FileKind) -> Result<RecordB
 }
 
 /// The span `[min, max]` of the period starts of a rollup batch (`None` when empty).
-pub fn minute_span(batch: &RecordBatch) -> Option<(i64, i64)> {
+pub fn period_span(batch: &RecordBatch) -> Option<(i64, i64)> {
     let col = batch
         .column(0)
         .as_any()
