@@ -7,6 +7,7 @@ use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use rust_decimal::Decimal;
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 use tollgate_store::{Filter, GroupKey, KeyValue, LatencyQuery};
 
@@ -41,7 +42,7 @@ pub async fn latency(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
     Query(raw): Raw,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<LatencyAnswer>, ApiError> {
     let caller = s.auth.caller(&headers)?;
     let p = Params::new(
         raw,
@@ -86,38 +87,90 @@ pub async fn latency(
         quantiles: quantiles.clone(),
     };
     let rows = s.store.latency(&query).await?;
-    let mut series: BTreeMap<(String, Option<String>), Vec<Value>> = BTreeMap::new();
+    // Typed rows serialized straight to the body: a day per minute is thousands of points, and
+    // building them as `serde_json::Value` trees first cost more than the query.
+    let levels: Arc<[String]> = quantiles.iter().map(|q| format!("{q}")).collect();
+    let mut series: Vec<Series> = Vec::new();
     for r in rows {
-        let mut qs = Map::new();
-        for (q, us) in quantiles.iter().zip(&r.quantiles_us) {
-            let v = us
-                .is_finite()
-                .then(|| (us / 1000.0 * 1000.0).round() / 1000.0);
-            qs.insert(format!("{q}"), json!(v));
-        }
-        let point = json!({
-            "t": rfc3339(r.t_us),
-            "count": r.count,
-            "errors": r.errors,
-            "quantiles_ms": qs,
-        });
         let series_consumer = r.consumer.or_else(|| consumer.clone());
-        series
-            .entry((r.route, series_consumer))
-            .or_default()
-            .push(point);
+        if series
+            .last()
+            .is_none_or(|s| s.route != r.route || s.consumer != series_consumer)
+        {
+            series.push(Series {
+                route: r.route,
+                consumer: series_consumer,
+                points: Vec::new(),
+            });
+        }
+        let quantiles_ms = r
+            .quantiles_us
+            .iter()
+            .map(|us| {
+                us.is_finite()
+                    .then(|| (us / 1000.0 * 1000.0).round() / 1000.0)
+            })
+            .collect();
+        let current = series.last_mut().expect("pushed above");
+        current.points.push(Point {
+            t: rfc3339(r.t_us),
+            count: r.count,
+            errors: r.errors,
+            quantiles_ms: Quantiles {
+                levels: levels.clone(),
+                values: quantiles_ms,
+            },
+        });
     }
-    let series: Vec<Value> = series
-        .into_iter()
-        .map(|((route, consumer), points)| json!({"route": route, "consumer": consumer, "points": points}))
-        .collect();
-    Ok(Json(json!({
-        "from": rfc3339(from_us),
-        "to": rfc3339(to_us),
-        "step_ms": step_us.map(|s| s / 1000),
-        "relative_error": tollgate_store::sketch::RELATIVE_ERROR,
-        "series": series,
-    })))
+    Ok(Json(LatencyAnswer {
+        from: rfc3339(from_us),
+        to: rfc3339(to_us),
+        step_ms: step_us.map(|s| s / 1000),
+        relative_error: tollgate_store::sketch::RELATIVE_ERROR,
+        series,
+    }))
+}
+
+/// The body of `/v1/latency`.
+#[derive(Serialize)]
+pub struct LatencyAnswer {
+    from: String,
+    to: String,
+    step_ms: Option<i64>,
+    relative_error: f64,
+    series: Vec<Series>,
+}
+
+#[derive(Serialize)]
+struct Series {
+    route: String,
+    consumer: Option<String>,
+    points: Vec<Point>,
+}
+
+#[derive(Serialize)]
+struct Point {
+    t: String,
+    count: u64,
+    errors: u64,
+    quantiles_ms: Quantiles,
+}
+
+/// `{"0.5": ms, "0.99": ms}` in the order the levels were asked for (`null` when empty).
+struct Quantiles {
+    levels: Arc<[String]>,
+    values: Vec<Option<f64>>,
+}
+
+impl serde::Serialize for Quantiles {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.values.len()))?;
+        for (level, v) in self.levels.iter().zip(&self.values) {
+            m.serialize_entry(level, v)?;
+        }
+        m.end()
+    }
 }
 
 pub async fn usage(

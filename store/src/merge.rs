@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::sketch::{bucket_value, nearest_rank};
+use crate::sketch::{bucket_value, decode_into, encoded_quantiles, nearest_rank};
 use crate::{KeyValue, LatencyRow, UsageRow};
 
 /// Usage sums by group key values.
@@ -45,6 +45,10 @@ struct Group {
     errors: u64,
     /// `(bucket, count)`, unsorted, buckets may repeat.
     buckets: Vec<(i32, u64)>,
+    /// Whole sketches in their byte form (`sketch::encode`), decoded only when there is more
+    /// than one part: one sketch alone (a per-minute point from the per-minute rollup, the
+    /// common case of a dashboard) is answered in one pass over its bytes.
+    encoded: Vec<Vec<u8>>,
 }
 
 impl LatencyGroups {
@@ -68,43 +72,58 @@ impl LatencyGroups {
         g.buckets.push((bucket, n));
     }
 
-    /// Adds a whole sketch (parallel bucket and count slices).
-    pub fn add_sketch(
+    /// Adds a whole sketch in its byte form (`sketch::encode`).
+    pub fn add_encoded(
         &mut self,
         route: &str,
         consumer: Option<&str>,
         t_us: i64,
         errors: u64,
-        buckets: impl Iterator<Item = (i32, u64)>,
+        sketch: &[u8],
     ) {
         let g = self.group(route, consumer, t_us);
         g.errors += errors;
-        g.buckets.extend(buckets);
+        g.encoded.push(sketch.to_vec());
     }
 
-    /// The rows, sorted by route, consumer and time, with `quantiles` of each group.
-    pub fn rows(self, quantiles: &[f64]) -> Vec<LatencyRow> {
-        let mut rows: Vec<LatencyRow> = self
-            .0
-            .into_iter()
-            .map(|((route, consumer, t_us), mut g)| {
-                g.buckets.sort_unstable_by_key(|(b, _)| *b);
-                let count = g.buckets.iter().map(|(_, n)| n).sum();
-                LatencyRow {
-                    route,
-                    consumer,
-                    t_us,
-                    count,
-                    errors: g.errors,
-                    quantiles_us: quantiles
+    /// The rows, sorted by route, consumer and time, with `quantiles` of each group. Fails on
+    /// a sketch whose bytes do not decode.
+    pub fn rows(self, quantiles: &[f64]) -> Result<Vec<LatencyRow>, String> {
+        let mut rows = Vec::with_capacity(self.0.len());
+        for ((route, consumer, t_us), mut g) in self.0 {
+            let (count, found) = match g.encoded.as_slice() {
+                [one] if g.buckets.is_empty() => encoded_quantiles(one, quantiles)?,
+                parts => {
+                    for p in parts {
+                        decode_into(p, &mut g.buckets)?;
+                    }
+                    // Stable sort: decoded sketches are ascending runs, which it merges in
+                    // linear time.
+                    g.buckets.sort_by_key(|(b, _)| *b);
+                    let count = g.buckets.iter().map(|(_, n)| n).sum();
+                    let found = quantiles
                         .iter()
-                        .map(|q| nearest_rank(&g.buckets, count, *q).map_or(f64::NAN, bucket_value))
-                        .collect(),
+                        .map(|q| nearest_rank(&g.buckets, count, *q))
+                        .collect();
+                    (count, found)
                 }
-            })
-            .filter(|r| r.count > 0)
-            .collect();
+            };
+            if count == 0 {
+                continue;
+            }
+            rows.push(LatencyRow {
+                route,
+                consumer,
+                t_us,
+                count,
+                errors: g.errors,
+                quantiles_us: found
+                    .into_iter()
+                    .map(|b| b.map_or(f64::NAN, bucket_value))
+                    .collect(),
+            });
+        }
         rows.sort_by(|a, b| (&a.route, &a.consumer, a.t_us).cmp(&(&b.route, &b.consumer, b.t_us)));
-        rows
+        Ok(rows)
     }
 }

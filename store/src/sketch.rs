@@ -69,15 +69,18 @@ impl LogHistogram {
     }
 }
 
+/// The nearest rank of the `q` quantile of `n` observations: `max(1, ceil(q·n))`; `None` when
+/// there are none.
+fn rank(n: u64, q: f64) -> Option<u64> {
+    (n > 0).then(|| ((q.clamp(0.0, 1.0) * n as f64).ceil() as u64).max(1))
+}
+
 /// The bucket holding the `q` quantile (0 ≤ q ≤ 1) of `n` observations given as `(bucket,
 /// count)` pairs sorted by bucket (a bucket may repeat): the first bucket at which the running
 /// count reaches `max(1, ceil(q·n))`. This is the one rule every backend follows (ClickHouse's
 /// `quantileExactWeighted` computes the same threshold, in the same floating point).
 pub fn nearest_rank(sorted: &[(i32, u64)], n: u64, q: f64) -> Option<i32> {
-    if n == 0 {
-        return None;
-    }
-    let rank = ((q.clamp(0.0, 1.0) * n as f64).ceil() as u64).max(1);
+    let rank = rank(n, q)?;
     let mut seen = 0;
     for (i, c) in sorted {
         seen += c;
@@ -86,6 +89,135 @@ pub fn nearest_rank(sorted: &[(i32, u64)], n: u64, q: f64) -> Option<i32> {
         }
     }
     sorted.last().map(|(i, _)| *i)
+}
+
+/// The byte form of one sketch, as the Parquet store keeps it (one value per period and route):
+/// a format byte (`1`), the varint of the total count, then per bucket in ascending order the
+/// zigzag varint of its distance from the previous bucket (the first from 0) and the varint of
+/// its count. Neighbouring buckets are usually 1 apart and counts small, so a pair takes two or
+/// three bytes, and reading it is a tight loop rather than a columnar list decode (repetition
+/// and definition levels per value). With the total up front, the quantiles of one sketch come
+/// from a single pass ([`encoded_quantiles`]) without materializing its pairs.
+pub fn encode<I>(pairs: I) -> Vec<u8>
+where
+    I: IntoIterator<Item = (i32, u64)>,
+    I::IntoIter: Clone,
+{
+    let pairs = pairs.into_iter();
+    let total = pairs.clone().fold(0u64, |a, (_, n)| a.saturating_add(n));
+    let mut out = vec![SKETCH_FORMAT];
+    put_varint(&mut out, total);
+    let mut prev = 0i64;
+    for (bucket, n) in pairs {
+        let delta = i64::from(bucket) - prev;
+        prev = i64::from(bucket);
+        put_varint(&mut out, ((delta << 1) ^ (delta >> 63)) as u64);
+        put_varint(&mut out, n);
+    }
+    out
+}
+
+/// Calls `f` with each `(bucket, count)` pair of an [`encode`]d sketch, in order, and returns
+/// the total count once it is checked against the pairs. A truncated or foreign value is an
+/// error, never a panic. One tight loop: a query over a day per minute decodes millions of
+/// pairs.
+fn for_each_pair(bytes: &[u8], mut f: impl FnMut(i32, u64, u64)) -> Result<u64, String> {
+    let Some((&format, mut rest)) = bytes.split_first() else {
+        return Err("empty sketch".into());
+    };
+    if format != SKETCH_FORMAT {
+        return Err(format!("unknown sketch format {format}"));
+    }
+    let total = take_varint(&mut rest)?;
+    let (mut prev, mut sum) = (0i64, 0u64);
+    while !rest.is_empty() {
+        let zz = take_varint(&mut rest)?;
+        let n = take_varint(&mut rest)?;
+        prev += ((zz >> 1) as i64) ^ -((zz & 1) as i64);
+        if prev < i64::from(i32::MIN) || prev > i64::from(i32::MAX) {
+            return Err(format!("sketch bucket {prev} out of range"));
+        }
+        sum = sum.saturating_add(n);
+        f(prev as i32, n, sum);
+    }
+    if sum == total {
+        Ok(total)
+    } else {
+        Err(format!(
+            "sketch counts add up to {sum}, header says {total}"
+        ))
+    }
+}
+
+/// Appends the `(bucket, count)` pairs of an [`encode`]d sketch to `out` (ascending buckets);
+/// returns their total count.
+pub fn decode_into(bytes: &[u8], out: &mut Vec<(i32, u64)>) -> Result<u64, String> {
+    for_each_pair(bytes, |bucket, n, _| out.push((bucket, n)))
+}
+
+/// The total count of an [`encode`]d sketch and the bucket of each of `levels` by
+/// [`nearest_rank`], in one pass over the bytes.
+pub fn encoded_quantiles(bytes: &[u8], levels: &[f64]) -> Result<(u64, Vec<Option<i32>>), String> {
+    let total = header_total(bytes)?;
+    let mut found: Vec<Option<i32>> = vec![None; levels.len()];
+    // The levels by rank, so that each pair is compared with the next rank only.
+    let mut order: Vec<(u64, usize)> = levels
+        .iter()
+        .enumerate()
+        .filter_map(|(i, q)| rank(total, *q).map(|r| (r, i)))
+        .collect();
+    order.sort_unstable();
+    let (mut next, mut last) = (0, None);
+    for_each_pair(bytes, |bucket, _, sum| {
+        last = Some(bucket);
+        while next < order.len() && sum >= order[next].0 {
+            found[order[next].1] = Some(bucket);
+            next += 1;
+        }
+    })?;
+    for (_, i) in &order[next..] {
+        found[*i] = last;
+    }
+    Ok((total, found))
+}
+
+/// The total count an [`encode`]d sketch's header states.
+fn header_total(bytes: &[u8]) -> Result<u64, String> {
+    match bytes.split_first() {
+        Some((&SKETCH_FORMAT, mut rest)) => take_varint(&mut rest),
+        Some((format, _)) => Err(format!("unknown sketch format {format}")),
+        None => Err("empty sketch".into()),
+    }
+}
+
+const SKETCH_FORMAT: u8 = 1;
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+#[inline(always)]
+fn take_varint(rest: &mut &[u8]) -> Result<u64, String> {
+    // Most values (bucket steps, small counts) are one byte.
+    if let Some((&b, tail)) = rest.split_first()
+        && b < 0x80
+    {
+        *rest = tail;
+        return Ok(u64::from(b));
+    }
+    let mut v = 0u64;
+    for (i, b) in rest.iter().enumerate().take(10) {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            *rest = &rest[i + 1..];
+            return Ok(v);
+        }
+    }
+    Err("truncated sketch".into())
 }
 
 #[cfg(test)]
@@ -123,6 +255,30 @@ mod tests {
             b.iter().for_each(|v| { LogHistogram::record(&mut hb, *v); LogHistogram::record(&mut all, *v) });
             LogHistogram::merge(&mut ha, &hb);
             prop_assert_eq!(ha, all);
+        }
+        #[test]
+        fn an_encoded_sketch_decodes_to_the_same_pairs(
+            h in proptest::collection::btree_map(-3000i32..3000, 0u64..1u64 << 40, 0..60),
+        ) {
+            let pairs: Vec<(i32, u64)> = h.into_iter().collect();
+            let bytes = encode(pairs.iter().copied());
+            let mut back = Vec::new();
+            let total = decode_into(&bytes, &mut back).unwrap();
+            prop_assert_eq!(&back, &pairs);
+            let levels = [0.0, 0.5, 0.9, 0.99, 1.0];
+            let (n, found) = encoded_quantiles(&bytes, &levels).unwrap();
+            prop_assert_eq!(n, total);
+            for (q, f) in levels.iter().zip(found) {
+                prop_assert_eq!(f, nearest_rank(&pairs, n, *q));
+            }
+            prop_assert_eq!(total, pairs.iter().fold(0u64, |a, (_, n)| a.saturating_add(*n)));
+            for cut in 1..bytes.len() {
+                // Every truncation either fails or decodes a prefix of the pairs.
+                let mut part = Vec::new();
+                if decode_into(&bytes[..cut], &mut part).is_ok() {
+                    prop_assert!(pairs.starts_with(&part));
+                }
+            }
         }
     }
 }

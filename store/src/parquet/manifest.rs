@@ -35,7 +35,8 @@ impl Manifest {
     /// The rollup kinds a query may read: those every events file has.
     pub fn complete_rollups(&self) -> Vec<FileKind> {
         if !self.rollup_kinds.is_empty() {
-            self.rollup_kinds.clone()
+            let live = self.rollup_kinds.iter().filter(|k| !k.is_retired());
+            live.copied().collect()
         } else if self.rollups {
             vec![FileKind::Usage1m, FileKind::Latency1m]
         } else {
@@ -66,14 +67,19 @@ pub enum FileKind {
     Usage1m,
     /// Per-minute latency-sketch buckets (see `rollup.rs`).
     Latency1m,
-    /// Per-minute, per-route latency sketches, one row each (see `rollup.rs`).
+    /// Retired: per-minute, per-route sketches in list columns, slow to decode. Replaced by
+    /// `RouteSketch1m`; upkeep deletes these files and builds the new kind from the events.
     LatencyRoute1m,
     /// Hourly usage sums.
     Usage1h,
     /// Daily usage sums.
     Usage1d,
-    /// Hourly, per-route latency sketches.
+    /// Retired: hourly sketches in list columns (see `LatencyRoute1m`).
     LatencyRoute1h,
+    /// Per-minute, per-route latency sketches, one encoded sketch per row (see `rollup.rs`).
+    RouteSketch1m,
+    /// Hourly, per-route latency sketches.
+    RouteSketch1h,
 }
 
 impl FileKind {
@@ -87,6 +93,8 @@ impl FileKind {
             FileKind::Usage1h => "usage_1h",
             FileKind::Usage1d => "usage_1d",
             FileKind::LatencyRoute1h => "latency_route_1h",
+            FileKind::RouteSketch1m => "route_sketch_1m",
+            FileKind::RouteSketch1h => "route_sketch_1h",
         }
     }
 
@@ -96,19 +104,27 @@ impl FileKind {
         FileKind::Usage1h,
         FileKind::Usage1d,
         FileKind::Latency1m,
-        FileKind::LatencyRoute1m,
-        FileKind::LatencyRoute1h,
+        FileKind::RouteSketch1m,
+        FileKind::RouteSketch1h,
     ];
+
+    /// Kinds no longer written or read: their files are deleted by upkeep.
+    pub fn is_retired(self) -> bool {
+        matches!(self, FileKind::LatencyRoute1m | FileKind::LatencyRoute1h)
+    }
 
     /// The name of a rollup's time column and the length of its periods (µs).
     pub fn period(self) -> Option<(&'static str, i64)> {
         use crate::time::{DAY_US, HOUR_US, MINUTE_US};
         match self {
             FileKind::Events => None,
-            FileKind::Usage1m | FileKind::Latency1m | FileKind::LatencyRoute1m => {
-                Some(("minute_us", MINUTE_US))
+            FileKind::Usage1m
+            | FileKind::Latency1m
+            | FileKind::LatencyRoute1m
+            | FileKind::RouteSketch1m => Some(("minute_us", MINUTE_US)),
+            FileKind::Usage1h | FileKind::LatencyRoute1h | FileKind::RouteSketch1h => {
+                Some(("hour_us", HOUR_US))
             }
-            FileKind::Usage1h | FileKind::LatencyRoute1h => Some(("hour_us", HOUR_US)),
             FileKind::Usage1d => Some(("day_us", DAY_US)),
         }
     }

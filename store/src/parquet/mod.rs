@@ -139,6 +139,7 @@ impl ParquetStore {
         for path in retired {
             let _ = std::fs::remove_file(path);
         }
+        self.drop_retired_kinds()?;
         let manifest = self.read_state().manifest.clone();
         let missing = manifest.missing_rollups();
         if !missing.is_empty() {
@@ -213,6 +214,35 @@ fn remove_orphans(dir: &Path, manifest: &Manifest) {
 }
 
 impl ParquetStore {
+    /// Takes the files of retired kinds (`FileKind::is_retired`) out of the manifest; they are
+    /// deleted with the next round's retired files. Queries never read them.
+    fn drop_retired_kinds(&self) -> Result<(), StoreError> {
+        let mut state = self.write_state();
+        let (gone, kept): (Vec<FileEntry>, Vec<FileEntry>) = state
+            .manifest
+            .files
+            .iter()
+            .cloned()
+            .partition(|f| f.kind.is_retired());
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let mut next = state.manifest.clone();
+        next.version += 1;
+        next.files = kept;
+        next.rollup_kinds.retain(|k| !k.is_retired());
+        manifest::store(&self.inner.dir, &next)?;
+        state.manifest = next;
+        drop(state);
+        let mut retired = self.inner.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.extend(gone.iter().map(|g| self.inner.dir.join(&g.path)));
+        tracing::info!(
+            files = gone.len(),
+            "dropping store files of a retired layout"
+        );
+        Ok(())
+    }
+
     /// Builds the rollups of `kinds` for every events file (a store written before they
     /// existed), day by day, streaming over the files; commits them all at once.
     async fn build_missing_rollups(

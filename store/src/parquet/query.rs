@@ -1,7 +1,7 @@
 //! `UsageQuery` over the embedded store, with DataFusion SQL over one snapshot of the store:
 //! `events` (the Parquet files overlapping the window plus the in-memory batches), `mem_events`
 //! (the in-memory batches alone) and one table per rollup kind (`usage_1m`, `usage_1h`,
-//! `usage_1d`, `latency_1m`, `latency_route_1m`, `latency_route_1h`). As with ClickHouse, a
+//! `usage_1d`, `latency_1m`, `route_sketch_1m`, `route_sketch_1h`). As with ClickHouse, a
 //! window is cut by `time::plan`: aligned days, hours and minutes are read from the coarsest
 //! rollup that has them (plus the not yet flushed events, which have no rollups yet), the partial
 //! minutes at its edges from raw events. Window bounds and filters are bound as typed
@@ -10,7 +10,7 @@
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, AsArray, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Int32Type, Int64Type};
+use datafusion::arrow::datatypes::DataType;
 use datafusion::common::ScalarValue;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 
@@ -188,7 +188,7 @@ impl ParquetStore {
     }
 }
 
-/// Adds the rows of a per-route sketch batch (one whole sketch per row, the period start in
+/// Adds the rows of a per-route sketch batch (one encoded sketch per row, the period start in
 /// column `t`) to `groups`.
 fn add_sketches(
     groups: &mut LatencyGroups,
@@ -198,32 +198,17 @@ fn add_sketches(
     let route = strs(b, "route")?;
     let minute = i64s(b, "t")?;
     let errors = i64s(b, "errors")?;
-    let list = |name: &str| {
-        b.column_by_name(name)
-            .and_then(|c| c.as_list_opt::<i32>())
-            .ok_or_else(|| StoreError::Corrupt(format!("latency sketches have no list {name}")))
-    };
-    let (buckets, counts) = (list("buckets")?, list("counts")?);
-    let bucket_values = buckets.values().as_primitive::<Int32Type>();
-    let count_values = counts.values().as_primitive::<Int64Type>();
+    let sketch = b
+        .column_by_name("sketch")
+        .and_then(|c| c.as_binary_opt::<i32>())
+        .ok_or_else(|| StoreError::Corrupt("latency sketches have no binary sketch".into()))?;
     for i in 0..b.num_rows() {
-        let (bs, be) = (
-            buckets.value_offsets()[i] as usize,
-            buckets.value_offsets()[i + 1] as usize,
-        );
-        let cs = counts.value_offsets()[i] as usize;
-        let pairs = (bs..be).map(|j| {
-            (
-                bucket_values.value(j),
-                count_values.value(cs + j - bs).max(0) as u64,
-            )
-        });
-        groups.add_sketch(
+        groups.add_encoded(
             route.value(i),
             None,
             bucket_t(minute.value(i)),
             nonneg(&errors, i),
-            pairs,
+            sketch.value(i),
         );
     }
     Ok(())
@@ -386,8 +371,8 @@ impl UsageQuery for ParquetStore {
             &[FileKind::Latency1m]
         } else {
             &[
-                FileKind::LatencyRoute1h,
-                FileKind::LatencyRoute1m,
+                FileKind::RouteSketch1h,
+                FileKind::RouteSketch1m,
                 FileKind::Latency1m,
             ]
         };
@@ -397,7 +382,7 @@ impl UsageQuery for ParquetStore {
                 && rollup::is_sketch(kind)
             {
                 let sql = format!(
-                    "SELECT route, {} AS t, errors, buckets, counts FROM {} WHERE {cond}",
+                    "SELECT route, {} AS t, errors, sketch FROM {} WHERE {cond}",
                     source.time(),
                     kind.prefix()
                 );
@@ -454,7 +439,9 @@ impl UsageQuery for ParquetStore {
                 }
             }
         }
-        Ok(groups.rows(&q.quantiles))
+        groups
+            .rows(&q.quantiles)
+            .map_err(|e| StoreError::Corrupt(format!("latency sketch: {e}")))
     }
 
     async fn ready(&self) -> bool {

@@ -3,12 +3,14 @@
 //! merged by compaction, so a query over whole minutes reads a few rows per minute instead of
 //! every event. Rows are sums; a query sums them again, so files never need re-aggregating.
 //!
-//! `latency_route_1m` holds one row per minute and route with the whole sketch in two list
-//! columns (buckets ascending, counts): a day of per-minute latency for a route is 1,440 rows
-//! whatever the traffic, where one row per bucket would be hundreds of thousands (a 0.5 %
-//! sketch spreads a minute of real latencies over hundreds of buckets).
+//! `route_sketch_1m` holds one row per minute and route with the whole sketch in one binary
+//! value (`sketch::encode`): a day of per-minute latency for a route is 1,440 rows whatever the
+//! traffic, where one row per bucket would be hundreds of thousands (a 0.5 % sketch spreads a
+//! minute of real latencies over hundreds of buckets). An earlier layout kept the sketch in two
+//! list columns; decoding their repetition and definition levels took most of a day's
+//! per-minute query, so the value is opaque to Parquet and decoded by the store.
 //!
-//! Coarser grains, as in ClickHouse: `usage_1h` and `usage_1d`, `latency_route_1h`. Each rollup
+//! Coarser grains, as in ClickHouse: `usage_1h` and `usage_1d`, `route_sketch_1h`. Each rollup
 //! file's first column is the start of its rows' period (`minute_us`, `hour_us`, `day_us`); a
 //! query cuts its window with `time::plan` and reads each aligned span from the coarsest kind.
 
@@ -16,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
+    Array, ArrayRef, AsArray, BinaryBuilder, Int64Builder, RecordBatch, StringBuilder,
 };
 use datafusion::arrow::datatypes::{
     DataType, Field, Schema, SchemaRef, TimestampMicrosecondType, UInt16Type, UInt64Type,
@@ -57,6 +59,17 @@ fn latency_schema() -> SchemaRef {
 
 /// Schema of the per-route sketch files whose period column is `time`.
 fn route_sketch_schema(time: &str) -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(time, DataType::Int64, false),
+        Field::new("route", DataType::Utf8, false),
+        Field::new("errors", DataType::Int64, false),
+        Field::new("sketch", DataType::Binary, false),
+    ]))
+}
+
+/// Schema of the retired list-column sketch files (`LatencyRoute1m`, `LatencyRoute1h`), kept
+/// so that their manifest entries stay readable until upkeep deletes them.
+fn retired_sketch_schema(time: &str) -> SchemaRef {
     let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, false)));
     Arc::new(Schema::new(vec![
         Field::new(time, DataType::Int64, false),
@@ -74,23 +87,24 @@ pub fn schema_of(kind: FileKind) -> SchemaRef {
         FileKind::Events => tollgate_schemas::arrow::schema(),
         FileKind::Usage1m | FileKind::Usage1h | FileKind::Usage1d => usage_schema(time),
         FileKind::Latency1m => latency_schema(),
-        FileKind::LatencyRoute1m | FileKind::LatencyRoute1h => route_sketch_schema(time),
+        FileKind::RouteSketch1m | FileKind::RouteSketch1h => route_sketch_schema(time),
+        FileKind::LatencyRoute1m | FileKind::LatencyRoute1h => retired_sketch_schema(time),
     }
 }
 
 /// Whether `kind` holds one whole latency sketch per row (and route).
 pub fn is_sketch(kind: FileKind) -> bool {
-    matches!(kind, FileKind::LatencyRoute1m | FileKind::LatencyRoute1h)
+    matches!(kind, FileKind::RouteSketch1m | FileKind::RouteSketch1h)
 }
 
-/// Builds per-route sketch rows (`latency_route_1m` / `_1h`) from event batches: requests
+/// Builds per-route sketch rows (`route_sketch_1m` / `_1h`) from event batches: requests
 /// forwarded upstream (a route and an upstream latency), bucketed by
 /// `sketch::bucket_of(latency_us)` as the SQL rollups are.
 pub struct RouteSketches {
     kind: FileKind,
     period_us: i64,
     /// (period, route) -> (errors, bucket -> count)
-    groups: HashMap<(i64, String), (i64, BTreeMap<i32, i64>)>,
+    groups: HashMap<(i64, String), (i64, BTreeMap<i32, u64>)>,
 }
 
 impl RouteSketches {
@@ -139,26 +153,18 @@ impl RouteSketches {
         let mut minute = Int64Builder::new();
         let mut route = StringBuilder::new();
         let mut errors = Int64Builder::new();
-        let item = |t| Arc::new(Field::new("item", t, false));
-        let mut buckets = ListBuilder::new(Int32Builder::new()).with_field(item(DataType::Int32));
-        let mut counts = ListBuilder::new(Int64Builder::new()).with_field(item(DataType::Int64));
+        let mut sketches = BinaryBuilder::new();
         for ((m, r), (e, sketch)) in groups {
             minute.append_value(m);
             route.append_value(r);
             errors.append_value(e);
-            for (b, n) in sketch {
-                buckets.values().append_value(b);
-                counts.values().append_value(n);
-            }
-            buckets.append(true);
-            counts.append(true);
+            sketches.append_value(crate::sketch::encode(sketch.iter().map(|(b, n)| (*b, *n))));
         }
         let columns: Vec<ArrayRef> = vec![
             Arc::new(minute.finish()),
             Arc::new(route.finish()),
             Arc::new(errors.finish()),
-            Arc::new(buckets.finish()),
-            Arc::new(counts.finish()),
+            Arc::new(sketches.finish()),
         ];
         RecordBatch::try_new(schema_of(self.kind), columns).expect("columns match the schema")
     }

@@ -207,16 +207,37 @@ async fn rollups_are_built_for_a_store_written_without_them() {
     m.files.retain(|f| {
         !matches!(
             f.kind,
-            FileKind::LatencyRoute1m | FileKind::LatencyRoute1h | FileKind::Usage1h
+            FileKind::RouteSketch1m | FileKind::RouteSketch1h | FileKind::Usage1h
         )
     });
     m.rollup_kinds = vec![FileKind::Usage1m, FileKind::Latency1m, FileKind::Usage1d];
+    // ... and with a file of the retired list-column sketch layout, which upkeep drops.
+    let legacy_schema = rollup::schema_of(FileKind::LatencyRoute1m);
+    let legacy = files::write_kind(
+        dir.path(),
+        FileKind::LatencyRoute1m,
+        m.files[0].day,
+        &RecordBatch::new_empty(legacy_schema),
+        m.files[0].min_ts_us,
+        m.files[0].max_ts_us,
+    )
+    .unwrap();
+    m.files.push(legacy.clone());
+    m.rollup_kinds.push(FileKind::LatencyRoute1m);
     manifest::store(dir.path(), &m).unwrap();
     let store = ParquetStore::open(cfg(dir.path())).unwrap();
     assert_eq!(store.latency(&per_route).await.unwrap(), route_latency);
     store.compact().await.unwrap();
-    assert!(store.manifest().missing_rollups().is_empty());
+    let m = store.manifest();
+    assert!(m.missing_rollups().is_empty());
+    assert!(m.files.iter().all(|f| !f.kind.is_retired()));
+    assert!(m.rollup_kinds.iter().all(|k| !k.is_retired()));
     assert_eq!(store.latency(&per_route).await.unwrap(), route_latency);
+    store.compact().await.unwrap();
+    assert!(
+        !dir.path().join(&legacy.path).exists(),
+        "retired file deleted"
+    );
     drop(store);
     // Turn the manifest into an old one: events files only, no rollups.
     let mut m = manifest::load(dir.path()).unwrap();
