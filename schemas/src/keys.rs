@@ -1,10 +1,17 @@
 //! API keys as the configuration stores them (`sha256:<hex>`), and the one lookup that both the
 //! gateway (`x-api-key`) and the query API (bearer tokens) use: the presented key is hashed and
-//! compared in constant time against every stored hash, with no early exit, so timing says
-//! nothing about which keys exist.
+//! its digest looked up in a hash map, one probe whatever the number of keys.
+//!
+//! Timing: the lookup's time may depend on the digest (which bucket, how many bytes match
+//! before a difference), but the digest of a guess is something the guesser computes anyway,
+//! and learning how close a guess's SHA-256 lands to a stored one says nothing about the key
+//! (preimage resistance), so this leaks nothing a constant-time scan would hide. The scan it
+//! replaces compared every stored hash on every request, which made authentication cost grow
+//! with the number of consumers (440 requests/s with 100,000 keys).
+
+use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::config::Consumer;
 
@@ -21,7 +28,7 @@ pub fn hash_key(key: &str) -> String {
 /// Key digests, each with what it grants.
 #[derive(Debug, Clone)]
 pub struct KeyTable<T> {
-    keys: Vec<([u8; 32], T)>,
+    keys: HashMap<[u8; 32], T>,
 }
 
 impl<T> KeyTable<T> {
@@ -35,7 +42,8 @@ impl<T> KeyTable<T> {
         }
     }
 
-    /// Every key of every consumer, granting `grant(consumer)`.
+    /// Every key of every consumer, granting `grant(consumer)`. A key listed twice is an error:
+    /// it would authenticate as whichever consumer came last.
     pub fn for_consumers(
         consumers: &[Consumer],
         grant: impl Fn(&Consumer) -> T,
@@ -43,11 +51,18 @@ impl<T> KeyTable<T> {
     where
         T: Clone,
     {
-        let mut keys = Vec::new();
+        let mut keys = HashMap::new();
+        let mut owner: HashMap<[u8; 32], &str> = HashMap::new();
         for c in consumers {
             let value = grant(c);
             for h in c.key_hashes()? {
-                keys.push((h, value.clone()));
+                if let Some(first) = owner.insert(h, &c.id) {
+                    return Err(format!(
+                        "consumer `{}` lists a key that consumer `{first}` lists too",
+                        c.id
+                    ));
+                }
+                keys.insert(h, value.clone());
             }
         }
         Ok(KeyTable { keys })
@@ -58,16 +73,9 @@ impl<T> KeyTable<T> {
         self.keys.is_empty()
     }
 
-    /// What `key` grants, if it is in the table. Scans every entry whatever it finds.
+    /// What `key` grants, if it is in the table.
     pub fn find(&self, key: &[u8]) -> Option<&T> {
-        let presented = digest(key);
-        let mut found = None;
-        for (hash, value) in &self.keys {
-            if bool::from(hash.ct_eq(&presented)) {
-                found = Some(value);
-            }
-        }
-        found
+        self.keys.get(&digest(key))
     }
 }
 
@@ -97,5 +105,17 @@ mod tests {
         let admin = KeyTable::from_secrets([("admin-token", ())]);
         assert!(admin.find(b"admin-token").is_some() && admin.find(b"admin").is_none());
         assert!(KeyTable::<()>::from_secrets([]).is_empty());
+    }
+
+    #[test]
+    fn a_key_listed_for_two_consumers_is_refused() {
+        let consumer = |id: &str, key: &str| Consumer {
+            id: id.into(),
+            plan: "pro".into(),
+            api_keys: vec![hash_key(key)],
+        };
+        let both = [consumer("acme", "k-1"), consumer("zeta", "k-1")];
+        let err = KeyTable::for_consumers(&both, |c| c.id.clone()).unwrap_err();
+        assert!(err.contains("`zeta`") && err.contains("`acme`"), "{err}");
     }
 }

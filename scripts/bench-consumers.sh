@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The gateway with many consumers: wrk through `tollgate up` (API-key auth, rate limit, metering)
+# with one configured consumer (the baseline, same run) and with CONSUMERS consumers of one key
+# each (the key used by the load is the last one listed). Reports requests/s and p99 of each, the
+# ratio, and the process's RSS and CPU while idle afterwards.
+# Usage: CONSUMERS=100000 scripts/bench-consumers.sh [BINARY...]
+#   With binaries given (say an older build and the current one), each is measured in turn;
+#   without, the release build of this tree.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
+CONSUMERS="${CONSUMERS:-100000}"
+DURATION="${DURATION:-10s}"
+CONNS="${CONNS:-32}"
+for tool in wrk nginx curl; do
+  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl >/dev/null; break; }
+done
+BINS=("$@")
+if [ ${#BINS[@]} -eq 0 ]; then
+  cargo build --release --locked >&2
+  BINS=("$CARGO_TARGET_DIR/release/tollgate")
+fi
+WORK="$(mktemp -d)"
+cleanup() { kill $(jobs -p) 2>/dev/null || true; nginx -p "$WORK" -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+. scripts/lib/services.sh
+
+UP=$(port)
+mkdir -p "$WORK/logs"
+cat > "$WORK/nginx.conf" <<NGINX
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/logs/error.log warn;
+events { worker_connections 4096; }
+http { access_log off; server { listen 127.0.0.1:$UP; location / { return 200 '{"ok":true}'; } } }
+NGINX
+nginx -p "$WORK" -c "$WORK/nginx.conf"
+
+# config NAME N: a configuration with N consumers, the last one holding `bench-key`.
+config() {
+  python3 - "$WORK/$1.yaml" "$2" "$UP" "$(port)" "$(port)" <<'PY'
+import hashlib, sys
+path, n, up, gw, api = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+h = lambda k: "sha256:" + hashlib.sha256(k.encode()).hexdigest()
+with open(path, "w") as f:
+    f.write(f"""gateway:
+  listen: 127.0.0.1:{gw}
+  upstreams: {{ app: {{ targets: ["http://127.0.0.1:{up}"] }} }}
+  routes: [ {{ id: items, methods: [GET], path: "/v1/items/{{id}}", upstream: app }} ]
+  auth: {{ api_key: {{ header: x-api-key }} }}
+plans: {{ open: {{ rate_limit: {{ per_second: 1000000 }}, pricing: {{ currency: USD, charges: {{ default: {{ unit_price: "0.0001" }} }} }} }} }}
+query_api: {{ listen: 127.0.0.1:{api} }}
+consumers:
+""")
+    for i in range(n - 1):
+        f.write(f'  - {{ id: c{i}, plan: open, api_keys: ["{h(f"key-{i}")}"] }}\n')
+    f.write(f'  - {{ id: bench, plan: open, api_keys: ["{h("bench-key")}"] }}\n')
+print(gw, api)
+PY
+}
+
+wrk_run() { # url -> "rps p99_ms non2xx"
+  wrk -t1 -c"$CONNS" -d"$DURATION" --latency -H "x-api-key: bench-key" "$1" | python3 -c '
+import re, sys
+t = sys.stdin.read()
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+m = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)", t, re.M); v, u = float(m.group(1)), m.group(2)
+p99 = v / 1000 if u == "us" else v * 1000 if u == "s" else v
+bad = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
+print(f"{rps:.0f} {p99:.2f} {bad.group(1) if bad else 0}")'
+}
+
+# measure BIN NAME N -> "rps p99 non2xx rss_mib idle_cpu_percent"
+measure() {
+  read -r gw api < <(config "$2" "$3")
+  rm -rf "$WORK/data-$2"
+  RUST_LOG=warn "$1" up --config "$WORK/$2.yaml" --data-dir "$WORK/data-$2" 2>"$WORK/$2.log" &
+  local pid=$!
+  wait_for "curl -sf http://127.0.0.1:$api/readyz" 120
+  wait_for "[ \"\$(curl -s -o /dev/null -w '%{http_code}' -H 'x-api-key: bench-key' http://127.0.0.1:$gw/v1/items/1)\" = 200 ]" 60
+  local load; load=$(wrk_run "http://127.0.0.1:$gw/v1/items/1")
+  sleep 5 # let the last events drain before the idle window
+  local t0 c0 t1 c1
+  t0=$(now_ms); c0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+  sleep 10
+  t1=$(now_ms); c1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+  local rss; rss=$(awk '/VmRSS/ {printf "%.0f", $2/1024}' "/proc/$pid/status")
+  local idle; idle=$(python3 -c "print(round(($c1 - $c0) / $(getconf CLK_TCK) * 100000 / ($t1 - $t0), 1))")
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  echo "$load $rss $idle"
+}
+
+echo
+echo "## Many consumers (\`CONSUMERS=$CONSUMERS scripts/bench-consumers.sh\`, wrk -t1 -c$CONNS -d$DURATION)"
+echo
+echo "| binary | consumers | requests/s | p99 | non-2xx | RSS after | idle CPU (10 s) | requests/s vs 1 consumer |"
+echo "|---|---|---|---|---|---|---|---|"
+for bin in "${BINS[@]}"; do
+  read -r r1 p1 b1 m1 i1 < <(measure "$bin" one 1)
+  read -r rn pn bn mn in_ < <(measure "$bin" many "$CONSUMERS")
+  echo "| \`$bin\` | 1 | $r1 | $p1 ms | $b1 | $m1 MiB | $i1 % | 1 |"
+  echo "| \`$bin\` | $CONSUMERS | $rn | $pn ms | $bn | $mn MiB | $in_ % | $(python3 -c "print(round($rn / $r1, 3))") |"
+done
