@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The gateway with many consumers: wrk through `tollgate up` (API-key auth, rate limit, metering)
 # with one configured consumer (the baseline, same run) and with CONSUMERS consumers of one key
-# each (the key used by the load is the last one listed). Reports requests/s and p99 of each, the
+# each (the key used by the load is the last one listed). Every consumer has a rate limit and a
+# monthly quota (too large to reach), so the gateway enforces both for all of them. Reports requests/s and p99 of each, the
 # ratio, and the process's RSS and CPU while idle afterwards.
 # Usage: CONSUMERS=100000 scripts/bench-consumers.sh [BINARY...]
 #   With binaries given (say an older build and the current one), each is measured in turn;
@@ -48,7 +49,7 @@ with open(path, "w") as f:
   upstreams: {{ app: {{ targets: ["http://127.0.0.1:{up}"] }} }}
   routes: [ {{ id: items, methods: [GET], path: "/v1/items/{{id}}", upstream: app }} ]
   auth: {{ api_key: {{ header: x-api-key }} }}
-plans: {{ open: {{ rate_limit: {{ per_second: 1000000 }}, pricing: {{ currency: USD, charges: {{ default: {{ unit_price: "0.0001" }} }} }} }} }}
+plans: {{ open: {{ rate_limit: {{ per_second: 1000000 }}, quota: {{ requests: 1000000000000 }}, pricing: {{ currency: USD, charges: {{ default: {{ unit_price: "0.0001" }} }} }} }} }}
 query_api: {{ listen: 127.0.0.1:{api} }}
 consumers:
 """)

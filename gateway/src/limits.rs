@@ -61,41 +61,80 @@ struct Known {
     used: u64,
     admitted_since: AtomicU64,
     period_end: Option<chrono::DateTime<chrono::Utc>>,
+    /// As received, for the copy kept on disk.
+    entry: QuotaEntry,
 }
 
-/// The quota state this gateway enforces.
+impl Known {
+    /// `None` for an entry without a limit (nothing to enforce).
+    fn of(entry: QuotaEntry) -> Option<Arc<Known>> {
+        let limit = entry.limit?;
+        let period_end = chrono::DateTime::parse_from_rfc3339(&entry.period_end)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc));
+        Some(Arc::new(Known {
+            limit,
+            used: entry.used,
+            admitted_since: AtomicU64::new(0),
+            period_end,
+            entry,
+        }))
+    }
+}
+
+/// The quota state this gateway enforces: the consumers with a limit.
 #[derive(Default)]
 pub struct QuotaState {
     known: RwLock<HashMap<String, Arc<Known>>>,
+    /// `(version, epoch)` of the last answer applied, for the next poll's `since`.
+    position: std::sync::Mutex<Option<(i64, u64)>>,
     /// Unix seconds of the last successful update (0: never).
     pub updated_at: AtomicU64,
 }
 
 impl QuotaState {
-    /// Replaces the state with a fresh snapshot.
+    /// Applies an answer of `/v1/quota`: a full one replaces the state, a partial one
+    /// (`full: false`, the entries that changed) is merged into it. A consumer's local count
+    /// restarts when its entry changes (the new `used` includes what the store has counted).
     pub fn update(&self, snap: QuotaSnapshot) {
-        let map = snap
-            .consumers
-            .into_iter()
-            .filter_map(|e| {
-                let limit = e.limit?;
-                let period_end = chrono::DateTime::parse_from_rfc3339(&e.period_end)
-                    .ok()
-                    .map(|t| t.with_timezone(&chrono::Utc));
-                Some((
-                    e.consumer,
-                    Arc::new(Known {
-                        limit,
-                        used: e.used,
-                        admitted_since: AtomicU64::new(0),
-                        period_end,
-                    }),
-                ))
-            })
-            .collect();
-        *self.known.write().unwrap_or_else(|p| p.into_inner()) = map;
+        let (version, epoch) = (snap.version, snap.epoch);
+        if snap.full {
+            let map = snap
+                .consumers
+                .into_iter()
+                .filter_map(|e| Some((e.consumer.clone(), Known::of(e)?)))
+                .collect();
+            *self.known.write().unwrap_or_else(|p| p.into_inner()) = map;
+        } else if !snap.consumers.is_empty() {
+            let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+            for e in snap.consumers {
+                let consumer = e.consumer.clone();
+                match Known::of(e) {
+                    Some(k) => known.insert(consumer, k),
+                    None => known.remove(&consumer),
+                };
+            }
+        }
+        *self.position.lock().unwrap_or_else(|p| p.into_inner()) = Some((version, epoch));
         let now = chrono::Utc::now().timestamp().max(0) as u64;
         self.updated_at.store(now, Ordering::Relaxed);
+    }
+
+    /// `(version, epoch)` of the state held, if any.
+    pub fn position(&self) -> Option<(i64, u64)> {
+        *self.position.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The whole state held, as a full answer (what is kept on disk).
+    pub fn snapshot(&self) -> QuotaSnapshot {
+        let (version, epoch) = self.position().unwrap_or_default();
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        QuotaSnapshot {
+            version,
+            epoch,
+            full: true,
+            consumers: known.values().map(|k| k.entry.clone()).collect(),
+        }
     }
 
     /// `Err(retry_after)` when `consumer` has used its quota for the period.
@@ -186,6 +225,7 @@ mod tests {
         q.update(QuotaSnapshot {
             version: 1,
             consumers: vec![entry(5, 3, &end)],
+            ..Default::default()
         });
         assert!(q.check("a").is_ok());
         q.record("a");
@@ -195,7 +235,52 @@ mod tests {
         q.update(QuotaSnapshot {
             version: 2,
             consumers: vec![entry(10, 5, &end)],
+            ..Default::default()
         });
         assert!(q.check("a").is_ok());
+    }
+
+    #[test]
+    fn a_partial_answer_changes_only_the_consumers_it_names() {
+        let q = QuotaState::default();
+        let end = (chrono::Utc::now() + chrono::Duration::days(3)).to_rfc3339();
+        let named = |consumer: &str, limit: Option<u64>, used: u64| QuotaEntry {
+            consumer: consumer.into(),
+            limit,
+            ..entry(limit.unwrap_or(0), used, &end)
+        };
+        q.update(QuotaSnapshot {
+            version: 1,
+            epoch: 9,
+            full: true,
+            consumers: vec![named("a", Some(5), 5), named("b", Some(5), 5)],
+        });
+        assert!(q.check("a").is_err() && q.check("b").is_err());
+        q.update(QuotaSnapshot {
+            version: 2,
+            epoch: 9,
+            full: false,
+            consumers: vec![named("a", Some(10), 5)],
+        });
+        assert!(q.check("a").is_ok(), "a's new limit applies");
+        assert!(q.check("b").is_err(), "b is unchanged");
+        assert_eq!(q.position(), Some((2, 9)));
+        q.update(QuotaSnapshot {
+            version: 3,
+            epoch: 9,
+            full: false,
+            consumers: vec![named("b", None, 5)],
+        });
+        assert!(q.check("b").is_ok(), "an entry without a limit removes b");
+        let kept = q.snapshot();
+        assert!(kept.full && kept.version == 3 && kept.consumers.len() == 1);
+        // A full answer replaces everything.
+        q.update(QuotaSnapshot {
+            version: 1,
+            epoch: 10,
+            full: true,
+            consumers: vec![],
+        });
+        assert!(q.check("a").is_ok() && q.snapshot().consumers.is_empty());
     }
 }

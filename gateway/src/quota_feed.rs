@@ -1,6 +1,8 @@
-//! Keeps the quota state fresh by polling the query API's `/v1/quota`. Failures keep the last
-//! known state in force; its age is exported as `tollgate_gateway_quota_state_age_seconds`.
-//! Each new state is also written to `quota-state.json` in the gateway's state directory, and a
+//! Keeps the quota state fresh by polling the query API's `/v1/quota` with the version of the
+//! state it holds (`since`, `epoch`), so each poll carries only the consumers whose entry
+//! changed. Failures keep the last known state in force; its age is exported as
+//! `tollgate_gateway_quota_state_age_seconds`. The state is also written to `quota-state.json`
+//! in the gateway's state directory (after a change, at most every [`PERSIST_EVERY`]), and a
 //! gateway that starts while the query API is down enforces that file's state.
 
 use std::sync::Arc;
@@ -15,6 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::limits::{QuotaSnapshot, QuotaState};
 use crate::metrics::GatewayMetrics;
+
+/// How often at most a changed state is written to disk (the whole state: with 100,000
+/// consumers, megabytes).
+pub const PERSIST_EVERY: Duration = Duration::from_secs(10);
 
 pub struct QuotaFeed {
     pub url: String,
@@ -65,7 +71,7 @@ impl QuotaFeed {
     pub async fn run(self, shutdown: CancellationToken) {
         let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let mut failing = false;
-        let mut last_version = None;
+        let (mut dirty, mut persisted_at) = (false, None::<std::time::Instant>);
         loop {
             match self.fetch(&client).await {
                 Ok(snap) => {
@@ -73,10 +79,7 @@ impl QuotaFeed {
                         tracing::info!(url = %self.url, "quota state reachable again");
                         failing = false;
                     }
-                    if last_version != Some(snap.version) {
-                        last_version = Some(snap.version);
-                        self.persist(&snap);
-                    }
+                    dirty |= snap.full || !snap.consumers.is_empty();
                     self.state.update(snap);
                 }
                 Err(e) if !failing => {
@@ -84,6 +87,10 @@ impl QuotaFeed {
                     failing = true;
                 }
                 Err(_) => {}
+            }
+            if dirty && persisted_at.is_none_or(|t| t.elapsed() >= PERSIST_EVERY) {
+                self.persist(&self.state.snapshot());
+                (dirty, persisted_at) = (false, Some(std::time::Instant::now()));
             }
             let updated = self.state.updated_at.load(Ordering::Relaxed);
             if updated > 0 {
@@ -93,9 +100,25 @@ impl QuotaFeed {
                     .set(now.saturating_sub(updated) as i64);
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => {
+                    if dirty {
+                        self.persist(&self.state.snapshot());
+                    }
+                    return;
+                }
                 _ = tokio::time::sleep(self.poll) => {}
             }
+        }
+    }
+
+    /// The URL of the next poll: with the held state's position, if any.
+    fn poll_url(&self) -> String {
+        match self.state.position() {
+            Some((version, epoch)) => {
+                let sep = if self.url.contains('?') { '&' } else { '?' };
+                format!("{}{sep}since={version}&epoch={epoch}", self.url)
+            }
+            None => self.url.clone(),
         }
     }
 
@@ -103,7 +126,7 @@ impl QuotaFeed {
         &self,
         client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
     ) -> Result<QuotaSnapshot, String> {
-        let mut req = http::Request::get(&self.url);
+        let mut req = http::Request::get(self.poll_url());
         if let Some(t) = &self.token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }

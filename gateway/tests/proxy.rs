@@ -67,6 +67,8 @@ fn quota_exhausted(_: &Request<hyper::body::Incoming>) -> (u64, Value) {
     let end = (chrono::Utc::now() + chrono::Duration::days(2)).to_rfc3339();
     let snapshot = QuotaSnapshot {
         version: 1,
+        epoch: 1,
+        full: true,
         consumers: vec![QuotaEntry {
             consumer: "limited".into(),
             plan: Some("p".into()),

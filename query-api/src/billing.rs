@@ -1,13 +1,11 @@
 //! `/v1/billing/export` (one line item per consumer × route for a calendar month, as CSV, JSON
-//! lines, Parquet or Arrow IPC) and `/v1/quota` (the state gateways enforce).
+//! lines, Parquet or Arrow IPC).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use tollgate_schemas::quota::{QuotaEntry, QuotaLevel, QuotaSnapshot};
 
 use arrow::array::{ArrayRef, Decimal128Builder, RecordBatch, StringBuilder, UInt64Builder};
 use arrow::datatypes::{DataType, Field, Schema};
-use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +15,7 @@ use tollgate_store::{Filter, GroupKey, KeyValue};
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::params::{Params, parse_period, period_name, period_of, rfc3339};
+use crate::params::{Params, parse_period};
 use crate::pricing;
 use crate::reports::money;
 
@@ -243,59 +241,4 @@ pub async fn export(
             format!("`{other}` is not one of csv, jsonl, parquet, arrow"),
         )),
     }
-}
-
-pub async fn quota(
-    State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Query(raw): Query<HashMap<String, String>>,
-) -> Result<Json<QuotaSnapshot>, ApiError> {
-    let caller = s.auth.caller(&headers)?;
-    let p = Params::new(raw, &["consumer"])?;
-    let scope = caller.scope(p.get("consumer"))?;
-    let now = chrono::Utc::now().timestamp_micros();
-    let (start, end) = period_of(now);
-    let filter = Filter {
-        from_us: start,
-        to_us: end,
-        consumer: scope.clone(),
-        route: None,
-    };
-    let used: HashMap<String, u64> = s
-        .store
-        .usage(&filter, &[GroupKey::Consumer])
-        .await?
-        .into_iter()
-        .filter_map(|r| match &r.keys[0] {
-            KeyValue::Text(c) => Some((c.clone(), r.billable_requests)),
-            _ => None,
-        })
-        .collect();
-    let consumers = s
-        .consumers
-        .iter()
-        .filter(|c| scope.as_deref().is_none_or(|sc| sc == c.id))
-        .map(|c| {
-            let limit = s
-                .plans
-                .get(&c.plan)
-                .and_then(|p| p.quota.as_ref())
-                .map(|q| q.requests);
-            let used = used.get(&c.id).copied().unwrap_or(0);
-            QuotaEntry {
-                consumer: c.id.clone(),
-                plan: Some(c.plan.clone()),
-                period: period_name(start),
-                period_end: rfc3339(end),
-                limit,
-                used,
-                remaining: limit.map(|l| l.saturating_sub(used)),
-                state: QuotaLevel::of(limit, used),
-            }
-        })
-        .collect();
-    Ok(Json(QuotaSnapshot {
-        version: now / 1000,
-        consumers,
-    }))
 }

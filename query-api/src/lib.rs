@@ -11,6 +11,7 @@ pub mod error;
 pub mod metrics;
 mod params;
 pub mod pricing;
+mod quota;
 mod reports;
 
 use std::collections::BTreeMap;
@@ -86,6 +87,8 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     /// This API's own metrics (registered in `registry`).
     pub metrics: Arc<metrics::ApiMetrics>,
+    /// The quota state, computed at most once per `quota::REFRESH` for every caller.
+    quota: tokio::sync::Mutex<quota::QuotaCache>,
 }
 
 impl AppState {
@@ -105,6 +108,7 @@ impl AppState {
             auth,
             registry: Arc::new(registry),
             metrics,
+            quota: Default::default(),
         })
     }
 
@@ -161,7 +165,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/usage", get(reports::usage))
         .route("/v1/revenue", get(reports::revenue))
         .route("/v1/billing/export", get(billing::export))
-        .route("/v1/quota", get(billing::quota))
+        .route("/v1/quota", get(quota::quota))
         .fallback(|| async { ApiError::NotFound("no such endpoint; see /openapi.json".into()) })
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),

@@ -5,11 +5,40 @@
 use serde::{Deserialize, Serialize};
 
 /// `/v1/quota`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Gateways poll it with `?since=<version>&epoch=<epoch>` from their last answer and get only
+/// the consumers whose entry changed after that version (`full: false`), so an idle deployment
+/// with 100,000 consumers sends next to nothing. Versions are comparable only within one
+/// query-API process (`epoch`); an answer to any other `since` is the whole state
+/// (`full: true`), which replaces what the caller held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuotaSnapshot {
     /// When the state was computed (unix milliseconds); newer snapshots have larger versions.
     pub version: i64,
+    /// The query-API process that computed it (random per start); `since` only applies to the
+    /// same epoch.
+    #[serde(default)]
+    pub epoch: u64,
+    /// True: every consumer (replace the state). False: only the entries that changed after
+    /// the requested `since` (merge them; an entry without a limit removes one).
+    #[serde(default = "full_by_default")]
+    pub full: bool,
     pub consumers: Vec<QuotaEntry>,
+}
+
+fn full_by_default() -> bool {
+    true
+}
+
+impl Default for QuotaSnapshot {
+    fn default() -> Self {
+        QuotaSnapshot {
+            version: 0,
+            epoch: 0,
+            full: true,
+            consumers: Vec::new(),
+        }
+    }
 }
 
 /// One consumer's quota in the current period.
@@ -71,6 +100,8 @@ mod tests {
     fn round_trips_through_json() {
         let s = QuotaSnapshot {
             version: 7,
+            epoch: 3,
+            full: false,
             consumers: vec![QuotaEntry {
                 consumer: "a".into(),
                 plan: Some("pro".into()),
