@@ -2,8 +2,8 @@
 # The gateway with many consumers: wrk through `tollgate up` (API-key auth, rate limit, metering)
 # with one configured consumer (the baseline, same run) and with CONSUMERS consumers of one key
 # each (the key used by the load is the last one listed). Every consumer has a rate limit and a
-# monthly quota (too large to reach), so the gateway enforces both for all of them. Reports requests/s and p99 of each, the
-# ratio, and the process's RSS and CPU while idle afterwards.
+# monthly quota (too large to reach), so the gateway enforces both for all of them. Reports
+# requests/s and p99 of each, the ratio, and the process's RSS and CPU while idle afterwards.
 # Usage: CONSUMERS=100000 scripts/bench-consumers.sh [BINARY...]
 #   With binaries given (say an older build and the current one), each is measured in turn;
 #   without, the release build of this tree.
