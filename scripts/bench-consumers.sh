@@ -26,16 +26,7 @@ cleanup() { kill $(jobs -p) 2>/dev/null || true; nginx -p "$WORK" -c "$WORK/ngin
 trap cleanup EXIT
 . scripts/lib/services.sh
 
-UP=$(port)
-mkdir -p "$WORK/logs"
-cat > "$WORK/nginx.conf" <<NGINX
-worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/logs/error.log warn;
-events { worker_connections 4096; }
-http { access_log off; server { listen 127.0.0.1:$UP; location / { return 200 '{"ok":true}'; } } }
-NGINX
-nginx -p "$WORK" -c "$WORK/nginx.conf"
+start_nginx_upstream
 
 # config NAME N: a configuration with N consumers, the last one holding `bench-key`.
 config() {

@@ -29,16 +29,8 @@ trap cleanup EXIT
 start_clickhouse
 start_tansu
 
-UP=$(port); GW=$(port); GW_ADMIN=$(port); C_ADMIN=$(port); API=$(port)
-mkdir -p "$WORK/logs"
-cat > "$WORK/nginx.conf" <<NGINX
-worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/logs/error.log warn;
-events { worker_connections 4096; }
-http { access_log off; server { listen 127.0.0.1:$UP; location / { return 200 '{"ok":true}'; } } }
-NGINX
-nginx -p "$WORK" -c "$WORK/nginx.conf"
+GW=$(port); GW_ADMIN=$(port); C_ADMIN=$(port); API=$(port)
+start_nginx_upstream
 
 cat > "$WORK/tollgate.yaml" <<YAML
 gateway:

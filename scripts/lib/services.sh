@@ -47,3 +47,18 @@ start_tansu() {
   TANSU_PID=$!
   wait_for "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", $KAFKA), 1)'" 30
 }
+
+# Starts nginx as a trivial upstream answering {"ok":true} on a free port; sets UP. The caller's
+# cleanup stops it: nginx -p "$WORK" -c "$WORK/nginx.conf" -s stop.
+start_nginx_upstream() {
+  UP=$(port)
+  mkdir -p "$WORK/logs"
+  cat > "$WORK/nginx.conf" <<NGINX
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/logs/error.log warn;
+events { worker_connections 4096; }
+http { access_log off; server { listen 127.0.0.1:$UP; location / { return 200 '{"ok":true}'; } } }
+NGINX
+  nginx -p "$WORK" -c "$WORK/nginx.conf"
+}
