@@ -383,3 +383,134 @@ async fn meters_prices_and_survives_sigkill() {
         assert_eq!(usage(&http, api).await, expected(5));
     }
 }
+
+/// The quota state travels between the query API and the gateway as changes: an answer to
+/// `since` names only the consumers whose entry changed, and the gateway, fed such answers,
+/// still stops a consumer at its quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_state_travels_as_changes_and_is_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = start_upstream().await;
+    let (gw, api) = (free_port(), free_port());
+    let config = dir.path().join("tollgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+gateway:
+  listen: 127.0.0.1:{gw}
+  upstreams: {{ app: {{ targets: ["http://{upstream}"] }} }}
+  routes: [ {{ id: fast, methods: [GET], path: /fast, upstream: app }} ]
+  auth: {{ api_key: {{ header: x-api-key }} }}
+  quota: {{ poll_ms: 100 }}
+consumers:
+  - {{ id: capped, plan: small, api_keys: ["{c}"] }}
+  - {{ id: other, plan: small, api_keys: ["{o}"] }}
+plans:
+  small: {{ quota: {{ period: month, requests: 30 }} }}
+collector: {{ linger_ms: 5 }}
+query_api: {{ listen: 127.0.0.1:{api}, admin_tokens: ["{ADMIN}"] }}
+"#,
+            c = tollgate_schemas::keys::hash_key("key-capped"),
+            o = tollgate_schemas::keys::hash_key("key-other"),
+        ),
+    )
+    .unwrap();
+    let http = Http::new();
+    let _tollgate = Tollgate::start(&config, &dir.path().join("data"));
+    wait_ready(&http, api, gw).await;
+    let quota = |query: String| {
+        let http = &http;
+        async move {
+            let (s, v) = http
+                .json(
+                    &format!("http://127.0.0.1:{api}/v1/quota{query}"),
+                    Some(ADMIN),
+                )
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            v
+        }
+    };
+    let names = |v: &Value| -> Vec<String> {
+        v["consumers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["consumer"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    let full = quota(String::new()).await;
+    assert_eq!(full["full"], true);
+    assert_eq!(names(&full), ["capped", "other"]);
+    let (v0, epoch) = (
+        full["version"].as_i64().unwrap(),
+        full["epoch"].as_u64().unwrap(),
+    );
+
+    // One request of `other`: the next answers to v0 name `other` alone.
+    assert_eq!(
+        send(&http, gw, "/fast", Some("key-other"), 1).await,
+        [StatusCode::OK]
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let changed = loop {
+        let v = quota(format!("?since={v0}&epoch={epoch}")).await;
+        assert_eq!(v["full"], false, "{v}");
+        if v["consumers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["used"] == 1)
+        {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "other's request never counted: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(names(&changed), ["other"]);
+    let v1 = changed["version"].as_i64().unwrap();
+    assert!(v1 > v0);
+    let idle = quota(format!("?since={v1}&epoch={epoch}")).await;
+    assert_eq!(
+        (idle["full"].clone(), names(&idle)),
+        (Value::Bool(false), vec![])
+    );
+    let foreign = quota(format!("?since={v1}&epoch={}", epoch.wrapping_add(1))).await;
+    assert_eq!(
+        foreign["full"], true,
+        "another process's version gets everything"
+    );
+    assert_eq!(names(&foreign), ["capped", "other"]);
+    let (s, _) = http
+        .json(
+            &format!("http://127.0.0.1:{api}/v1/quota?since={v1}"),
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "since without epoch");
+
+    // `capped` is stopped at its quota by a gateway that only ever got partial answers after
+    // its first poll. One gateway, one request at a time: exactly at the quota, as its local
+    // count covers what the store has not counted yet.
+    let mut admitted = 0;
+    loop {
+        let s = send(&http, gw, "/fast", Some("key-capped"), 1).await[0];
+        if s == StatusCode::TOO_MANY_REQUESTS {
+            break;
+        }
+        assert_eq!(s, StatusCode::OK);
+        admitted += 1;
+        assert!(admitted < 230, "the quota of 30 was never enforced");
+    }
+    assert_eq!(admitted, 30, "admitted against a quota of 30");
+    // `other` is unaffected.
+    assert_eq!(
+        send(&http, gw, "/fast", Some("key-other"), 1).await,
+        [StatusCode::OK]
+    );
+}

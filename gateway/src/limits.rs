@@ -59,23 +59,42 @@ pub use tollgate_schemas::quota::{QuotaEntry, QuotaSnapshot};
 struct Known {
     limit: u64,
     used: u64,
-    admitted_since: AtomicU64,
+    /// Billable requests this gateway admitted that the store had not counted at the last
+    /// update. Shared with the entry that replaces this one (see `QuotaState::update`).
+    admitted_since: Arc<AtomicU64>,
     period_end: Option<chrono::DateTime<chrono::Utc>>,
     /// As received, for the copy kept on disk.
     entry: QuotaEntry,
 }
 
 impl Known {
-    /// `None` for an entry without a limit (nothing to enforce).
-    fn of(entry: QuotaEntry) -> Option<Arc<Known>> {
+    /// `None` for an entry without a limit (nothing to enforce). `previous` is the entry it
+    /// replaces: within the same period its local count carries over, less what the store
+    /// counted since (`used` grew by it), so requests still on their way through the bus
+    /// stay counted. Taking the growth off this gateway's count is exact with one gateway;
+    /// with several, the others' requests are taken off too, which can only let a consumer
+    /// overshoot by what is in flight, never stop it early.
+    fn of(entry: QuotaEntry, previous: Option<&Known>) -> Option<Arc<Known>> {
         let limit = entry.limit?;
         let period_end = chrono::DateTime::parse_from_rfc3339(&entry.period_end)
             .ok()
             .map(|t| t.with_timezone(&chrono::Utc));
+        let admitted_since = match previous {
+            Some(p) if p.period_end == period_end => {
+                let counted = entry.used.saturating_sub(p.used);
+                let _ = p
+                    .admitted_since
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
+                        Some(a.saturating_sub(counted))
+                    });
+                p.admitted_since.clone()
+            }
+            _ => Arc::new(AtomicU64::new(0)),
+        };
         Some(Arc::new(Known {
             limit,
             used: entry.used,
-            admitted_since: AtomicU64::new(0),
+            admitted_since,
             period_end,
             entry,
         }))
@@ -95,21 +114,28 @@ pub struct QuotaState {
 impl QuotaState {
     /// Applies an answer of `/v1/quota`: a full one replaces the state, a partial one
     /// (`full: false`, the entries that changed) is merged into it. A consumer's local count
-    /// restarts when its entry changes (the new `used` includes what the store has counted).
+    /// carries over, less what the store counted meanwhile (see `Known::of`).
     pub fn update(&self, snap: QuotaSnapshot) {
         let (version, epoch) = (snap.version, snap.epoch);
         if snap.full {
-            let map = snap
+            // Full answers are rare (a gateway's first poll, a new query-API process): the
+            // rebuild holds the lock.
+            let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+            let old = std::mem::take(&mut *known);
+            *known = snap
                 .consumers
                 .into_iter()
-                .filter_map(|e| Some((e.consumer.clone(), Known::of(e)?)))
+                .filter_map(|e| {
+                    let previous = old.get(&e.consumer).map(|k| &**k);
+                    let k = Known::of(e, previous)?;
+                    Some((k.entry.consumer.clone(), k))
+                })
                 .collect();
-            *self.known.write().unwrap_or_else(|p| p.into_inner()) = map;
         } else if !snap.consumers.is_empty() {
             let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
             for e in snap.consumers {
                 let consumer = e.consumer.clone();
-                match Known::of(e) {
+                match Known::of(e, known.get(&consumer).map(|k| &**k)) {
                     Some(k) => known.insert(consumer, k),
                     None => known.remove(&consumer),
                 };
@@ -237,6 +263,30 @@ mod tests {
             consumers: vec![entry(10, 5, &end)],
             ..Default::default()
         });
+        assert!(q.check("a").is_ok());
+    }
+
+    #[test]
+    fn requests_not_yet_counted_by_the_store_stay_counted_across_updates() {
+        let q = QuotaState::default();
+        let end = (chrono::Utc::now() + chrono::Duration::days(3)).to_rfc3339();
+        let snap = |version, used, period_end: &str| QuotaSnapshot {
+            version,
+            full: version == 1,
+            consumers: vec![entry(10, used, period_end)],
+            ..Default::default()
+        };
+        q.update(snap(1, 0, &end));
+        (0..6).for_each(|_| q.record("a"));
+        // The store has counted 4 of the 6: 2 are still on their way.
+        q.update(snap(2, 4, &end));
+        (0..3).for_each(|_| q.record("a"));
+        assert!(q.check("a").is_ok(), "4 counted + 5 in flight < 10");
+        q.record("a");
+        assert!(q.check("a").is_err(), "4 counted + 6 in flight = 10");
+        // A new period starts the local count afresh.
+        let next = (chrono::Utc::now() + chrono::Duration::days(33)).to_rfc3339();
+        q.update(snap(3, 0, &next));
         assert!(q.check("a").is_ok());
     }
 
