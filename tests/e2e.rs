@@ -406,6 +406,7 @@ gateway:
 consumers:
   - {{ id: capped, plan: small, api_keys: ["{c}"] }}
   - {{ id: other, plan: small, api_keys: ["{o}"] }}
+  - {{ id: burst, plan: small, api_keys: ["{b}"] }}
 plans:
   small: {{ quota: {{ period: month, requests: 30 }} }}
 collector: {{ linger_ms: 5 }}
@@ -413,6 +414,7 @@ query_api: {{ listen: 127.0.0.1:{api}, admin_tokens: ["{ADMIN}"] }}
 "#,
             c = tollgate_schemas::keys::hash_key("key-capped"),
             o = tollgate_schemas::keys::hash_key("key-other"),
+            b = tollgate_schemas::keys::hash_key("key-burst"),
         ),
     )
     .unwrap();
@@ -443,7 +445,7 @@ query_api: {{ listen: 127.0.0.1:{api}, admin_tokens: ["{ADMIN}"] }}
 
     let full = quota(String::new()).await;
     assert_eq!(full["full"], true);
-    assert_eq!(names(&full), ["capped", "other"]);
+    assert_eq!(names(&full), ["capped", "other", "burst"]);
     let (v0, epoch) = (
         full["version"].as_i64().unwrap(),
         full["epoch"].as_u64().unwrap(),
@@ -485,7 +487,7 @@ query_api: {{ listen: 127.0.0.1:{api}, admin_tokens: ["{ADMIN}"] }}
         foreign["full"], true,
         "another process's version gets everything"
     );
-    assert_eq!(names(&foreign), ["capped", "other"]);
+    assert_eq!(names(&foreign), ["capped", "other", "burst"]);
     let (s, _) = http
         .json(
             &format!("http://127.0.0.1:{api}/v1/quota?since={v1}"),
@@ -508,6 +510,24 @@ query_api: {{ listen: 127.0.0.1:{api}, admin_tokens: ["{ADMIN}"] }}
         assert!(admitted < 230, "the quota of 30 was never enforced");
     }
     assert_eq!(admitted, 30, "admitted against a quota of 30");
+    // 80 requests of `burst` at once: each is counted when admitted, so exactly 30 pass.
+    let url = format!("http://127.0.0.1:{gw}/fast");
+    let answers =
+        futures::future::join_all((0..80).map(|_| http.get(&url, &[("x-api-key", "key-burst")])))
+            .await;
+    let ok = answers
+        .iter()
+        .filter(|a| matches!(a, Ok((StatusCode::OK, _))))
+        .count();
+    let refused = answers
+        .iter()
+        .filter(|a| matches!(a, Ok((StatusCode::TOO_MANY_REQUESTS, _))))
+        .count();
+    assert_eq!(
+        (ok, refused),
+        (30, 50),
+        "concurrent requests against a quota of 30"
+    );
     // `other` is unaffected.
     assert_eq!(
         send(&http, gw, "/fast", Some("key-other"), 1).await,

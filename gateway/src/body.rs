@@ -62,10 +62,17 @@ pub struct Pending {
     pub start: Instant,
     pub req_bytes: Arc<AtomicU64>,
     pub shared: Arc<Shared>,
+    /// The request's unit of quota: kept when the answer is billable, else given back.
+    pub quota: Option<crate::limits::Reservation>,
 }
 
 impl Pending {
     fn finish(mut self, resp_bytes: u64) {
+        if self.event.billable
+            && let Some(r) = self.quota.take()
+        {
+            r.keep();
+        }
         let elapsed = self.start.elapsed();
         self.event.latency_us = elapsed.as_micros() as u64;
         self.event.resp_bytes = resp_bytes;

@@ -163,35 +163,55 @@ impl QuotaState {
         }
     }
 
-    /// `Err(retry_after)` when `consumer` has used its quota for the period.
-    pub fn check(&self, consumer: &str) -> Result<(), Duration> {
+    /// Admits one request of `consumer` against its quota: counts it locally at once (so
+    /// concurrent requests cannot all pass the last unit) and returns the count's handle,
+    /// which gives the unit back when dropped unless the request turned out billable
+    /// ([`Reservation::keep`]). `Err(retry_after)` when the quota for the period is used up;
+    /// `Ok(None)` for a consumer without a known limit.
+    pub fn reserve(&self, consumer: &str) -> Result<Option<Reservation>, Duration> {
         let known = self.known.read().unwrap_or_else(|p| p.into_inner());
         let Some(k) = known.get(consumer) else {
-            return Ok(());
+            return Ok(None);
         };
         let now = chrono::Utc::now();
         if k.period_end.is_some_and(|end| now >= end) {
-            return Ok(()); // a new period began since the last poll
+            return Ok(None); // a new period began since the last poll
         }
-        if k.used + k.admitted_since.load(Ordering::Relaxed) >= k.limit {
-            let wait = k
+        let free = |a: u64| (k.used.saturating_add(a) < k.limit).then_some(a + 1);
+        match k
+            .admitted_since
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, free)
+        {
+            Ok(_) => Ok(Some(Reservation {
+                count: Some(k.admitted_since.clone()),
+            })),
+            Err(_) => Err(k
                 .period_end
                 .map(|end| (end - now).to_std().unwrap_or_default())
-                .unwrap_or(Duration::from_secs(60));
-            return Err(wait);
+                .unwrap_or(Duration::from_secs(60))),
         }
-        Ok(())
     }
+}
 
-    /// Counts a billable request admitted since the last poll.
-    pub fn record(&self, consumer: &str) {
-        if let Some(k) = self
-            .known
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(consumer)
-        {
-            k.admitted_since.fetch_add(1, Ordering::Relaxed);
+/// One request counted against a quota before it is forwarded; see [`QuotaState::reserve`].
+#[derive(Debug)]
+pub struct Reservation {
+    count: Option<Arc<AtomicU64>>,
+}
+
+impl Reservation {
+    /// The request was billable: it stays counted until the store counts it.
+    pub fn keep(mut self) {
+        self.count = None;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(c) = self.count.take() {
+            let _ = c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                Some(a.saturating_sub(1))
+            });
         }
     }
 }
@@ -253,17 +273,16 @@ mod tests {
             consumers: vec![entry(5, 3, &end)],
             ..Default::default()
         });
-        assert!(q.check("a").is_ok());
-        q.record("a");
-        q.record("a");
-        let wait = q.check("a").unwrap_err();
+        q.reserve("a").unwrap().unwrap().keep();
+        q.reserve("a").unwrap().unwrap().keep();
+        let wait = q.reserve("a").unwrap_err();
         assert!(wait > Duration::from_secs(2 * 86_400));
         q.update(QuotaSnapshot {
             version: 2,
             consumers: vec![entry(10, 5, &end)],
             ..Default::default()
         });
-        assert!(q.check("a").is_ok());
+        assert!(q.reserve("a").unwrap().is_some());
     }
 
     #[test]
@@ -277,17 +296,18 @@ mod tests {
             ..Default::default()
         };
         q.update(snap(1, 0, &end));
-        (0..6).for_each(|_| q.record("a"));
+        (0..6).for_each(|_| q.reserve("a").unwrap().unwrap().keep());
         // The store has counted 4 of the 6: 2 are still on their way.
         q.update(snap(2, 4, &end));
-        (0..3).for_each(|_| q.record("a"));
-        assert!(q.check("a").is_ok(), "4 counted + 5 in flight < 10");
-        q.record("a");
-        assert!(q.check("a").is_err(), "4 counted + 6 in flight = 10");
+        (0..3).for_each(|_| q.reserve("a").unwrap().unwrap().keep());
+        // A request that was not billable gives its unit back.
+        drop(q.reserve("a").unwrap().unwrap());
+        q.reserve("a").unwrap().unwrap().keep();
+        assert!(q.reserve("a").is_err(), "4 counted + 6 in flight = 10");
         // A new period starts the local count afresh.
         let next = (chrono::Utc::now() + chrono::Duration::days(33)).to_rfc3339();
         q.update(snap(3, 0, &next));
-        assert!(q.check("a").is_ok());
+        assert!(q.reserve("a").unwrap().is_some());
     }
 
     #[test]
@@ -305,15 +325,15 @@ mod tests {
             full: true,
             consumers: vec![named("a", Some(5), 5), named("b", Some(5), 5)],
         });
-        assert!(q.check("a").is_err() && q.check("b").is_err());
+        assert!(q.reserve("a").is_err() && q.reserve("b").is_err());
         q.update(QuotaSnapshot {
             version: 2,
             epoch: 9,
             full: false,
             consumers: vec![named("a", Some(10), 5)],
         });
-        assert!(q.check("a").is_ok(), "a's new limit applies");
-        assert!(q.check("b").is_err(), "b is unchanged");
+        assert!(q.reserve("a").is_ok(), "a's new limit applies");
+        assert!(q.reserve("b").is_err(), "b is unchanged");
         assert_eq!(q.position(), Some((2, 9)));
         q.update(QuotaSnapshot {
             version: 3,
@@ -321,7 +341,7 @@ mod tests {
             full: false,
             consumers: vec![named("b", None, 5)],
         });
-        assert!(q.check("b").is_ok(), "an entry without a limit removes b");
+        assert!(q.reserve("b").is_ok(), "an entry without a limit removes b");
         let kept = q.snapshot();
         assert!(kept.full && kept.version == 3 && kept.consumers.len() == 1);
         // A full answer replaces everything.
@@ -331,6 +351,6 @@ mod tests {
             full: true,
             consumers: vec![],
         });
-        assert!(q.check("a").is_ok() && q.snapshot().consumers.is_empty());
+        assert!(q.reserve("a").is_ok() && q.snapshot().consumers.is_empty());
     }
 }

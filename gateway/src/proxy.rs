@@ -121,6 +121,7 @@ impl Shared {
                 start,
                 req_bytes: req_bytes.clone(),
                 shared: self.clone(),
+                quota: None,
             };
             let mut resp = Response::new(MeteredBody::new(
                 error_body(outcome.as_str(), message),
@@ -172,6 +173,9 @@ impl Shared {
                 }
             },
         };
+        // The request's unit of quota, given back if it ends without a billable answer (any
+        // early return below drops it).
+        let mut reservation = None;
         if let Some(id) = &identity {
             event.consumer = Some(id.consumer.to_string());
             event.plan = Some(id.plan.to_string());
@@ -186,14 +190,17 @@ impl Shared {
                     Some(wait),
                 );
             }
-            if let Err(wait) = self.quota.check(&id.consumer) {
-                return reject(
-                    event,
-                    StatusCode::TOO_MANY_REQUESTS,
-                    Outcome::QuotaExceeded,
-                    "quota for this period is used up",
-                    Some(wait),
-                );
+            match self.quota.reserve(&id.consumer) {
+                Ok(r) => reservation = r,
+                Err(wait) => {
+                    return reject(
+                        event,
+                        StatusCode::TOO_MANY_REQUESTS,
+                        Outcome::QuotaExceeded,
+                        "quota for this period is used up",
+                        Some(wait),
+                    );
+                }
             }
         }
 
@@ -307,13 +314,14 @@ impl Shared {
                     start,
                     req_bytes,
                     shared: self.clone(),
+                    quota: reservation,
                 };
                 Response::from_parts(parts, MeteredBody::new(body.boxed(), pending))
             }
         }
     }
 
-    /// Records a finished request: metrics, local quota accounting, and its event.
+    /// Records a finished request: metrics and its event.
     pub fn record(&self, event: RequestEvent, elapsed: Duration) {
         let route = event.route.clone().unwrap_or_else(|| "none".into());
         self.metrics
@@ -327,11 +335,6 @@ impl Shared {
             .duration
             .get_or_create(&crate::metrics::RouteLabels { route })
             .observe(elapsed.as_secs_f64());
-        if event.billable
-            && let Some(c) = &event.consumer
-        {
-            self.quota.record(c);
-        }
         self.sink.emit(event);
     }
 }
