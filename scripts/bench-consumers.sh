@@ -3,7 +3,8 @@
 # with one configured consumer (the baseline, same run) and with CONSUMERS consumers of one key
 # each (the key used by the load is the last one listed). Every consumer has a rate limit and a
 # monthly quota (too large to reach), so the gateway enforces both for all of them. Reports
-# requests/s and p99 of each, the ratio, and the process's RSS and CPU while idle afterwards.
+# requests/s and p99 of each, the ratio, the process's RSS and CPU while idle afterwards, and
+# how many requests a consumer with a 1,000-request quota gets through under the same load.
 # Usage: CONSUMERS=100000 scripts/bench-consumers.sh [BINARY...]
 #   With binaries given (say an older build and the current one), each is measured in turn;
 #   without, the release build of this tree.
@@ -40,29 +41,33 @@ with open(path, "w") as f:
   upstreams: {{ app: {{ targets: ["http://127.0.0.1:{up}"] }} }}
   routes: [ {{ id: items, methods: [GET], path: "/v1/items/{{id}}", upstream: app }} ]
   auth: {{ api_key: {{ header: x-api-key }} }}
-plans: {{ open: {{ rate_limit: {{ per_second: 1000000 }}, quota: {{ requests: 1000000000000 }}, pricing: {{ currency: USD, charges: {{ default: {{ unit_price: "0.0001" }} }} }} }} }}
+plans:
+  open: {{ rate_limit: {{ per_second: 1000000 }}, quota: {{ requests: 1000000000000 }}, pricing: {{ currency: USD, charges: {{ default: {{ unit_price: "0.0001" }} }} }} }}
+  capped: {{ quota: {{ requests: 1000 }} }}
 query_api: {{ listen: 127.0.0.1:{api} }}
 consumers:
 """)
     for i in range(n - 1):
         f.write(f'  - {{ id: c{i}, plan: open, api_keys: ["{h(f"key-{i}")}"] }}\n')
+    f.write(f'  - {{ id: capped, plan: capped, api_keys: ["{h("capped-key")}"] }}\n')
     f.write(f'  - {{ id: bench, plan: open, api_keys: ["{h("bench-key")}"] }}\n')
 print(gw, api)
 PY
 }
 
-wrk_run() { # url -> "rps p99_ms non2xx"
-  wrk -t1 -c"$CONNS" -d"$DURATION" --latency -H "x-api-key: bench-key" "$1" | python3 -c '
+wrk_run() { # url [key] [duration] -> "rps p99_ms non2xx total"
+  wrk -t1 -c"$CONNS" -d"${3:-$DURATION}" --latency -H "x-api-key: ${2:-bench-key}" "$1" | python3 -c '
 import re, sys
 t = sys.stdin.read()
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
 m = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)", t, re.M); v, u = float(m.group(1)), m.group(2)
 p99 = v / 1000 if u == "us" else v * 1000 if u == "s" else v
 bad = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
-print(f"{rps:.0f} {p99:.2f} {bad.group(1) if bad else 0}")'
+total = int(re.search(r"(\d+) requests in", t).group(1))
+print(f"{rps:.0f} {p99:.2f} {bad.group(1) if bad else 0} {total}")'
 }
 
-# measure BIN NAME N -> "rps p99 non2xx rss_mib idle_cpu_percent"
+# measure BIN NAME N -> "rps p99 non2xx rss_mib idle_cpu_percent admitted_of_1000"
 measure() {
   read -r gw api < <(config "$2" "$3")
   rm -rf "$WORK/data-$2"
@@ -70,7 +75,7 @@ measure() {
   local pid=$!
   wait_for "curl -sf http://127.0.0.1:$api/readyz" 120
   wait_for "[ \"\$(curl -s -o /dev/null -w '%{http_code}' -H 'x-api-key: bench-key' http://127.0.0.1:$gw/v1/items/1)\" = 200 ]" 60
-  local load; load=$(wrk_run "http://127.0.0.1:$gw/v1/items/1")
+  local load; load=$(wrk_run "http://127.0.0.1:$gw/v1/items/1" | cut -d' ' -f1-3)
   sleep 5 # let the last events drain before the idle window
   local t0 c0 t1 c1
   t0=$(now_ms); c0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
@@ -78,18 +83,20 @@ measure() {
   t1=$(now_ms); c1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
   local rss; rss=$(awk '/VmRSS/ {printf "%.0f", $2/1024}' "/proc/$pid/status")
   local idle; idle=$(python3 -c "print(round(($c1 - $c0) / $(getconf CLK_TCK) * 100000 / ($t1 - $t0), 1))")
+  # Quota overshoot: `capped` (1,000 requests a month) under the same load for 3 s.
+  local admitted; admitted=$(wrk_run "http://127.0.0.1:$gw/v1/items/1" capped-key 3s | awk '{print $4 - $3}')
   kill "$pid"; wait "$pid" 2>/dev/null || true
-  echo "$load $rss $idle"
+  echo "$load $rss $idle $admitted"
 }
 
 echo
 echo "## Many consumers (\`CONSUMERS=$CONSUMERS scripts/bench-consumers.sh\`, wrk -t1 -c$CONNS -d$DURATION)"
 echo
-echo "| binary | consumers | requests/s | p99 | non-2xx | RSS after | idle CPU (10 s) | requests/s vs 1 consumer |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| binary | consumers | requests/s | p99 | non-2xx | RSS after | idle CPU (10 s) | requests/s vs 1 consumer | admitted against a quota of 1,000 |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for bin in "${BINS[@]}"; do
-  read -r r1 p1 b1 m1 i1 < <(measure "$bin" one 1)
-  read -r rn pn bn mn in_ < <(measure "$bin" many "$CONSUMERS")
-  echo "| \`$bin\` | 1 | $r1 | $p1 ms | $b1 | $m1 MiB | $i1 % | 1 |"
-  echo "| \`$bin\` | $CONSUMERS | $rn | $pn ms | $bn | $mn MiB | $in_ % | $(python3 -c "print(round($rn / $r1, 3))") |"
+  read -r r1 p1 b1 m1 i1 a1 < <(measure "$bin" one 1)
+  read -r rn pn bn mn in_ an < <(measure "$bin" many "$CONSUMERS")
+  echo "| \`$bin\` | 1 | $r1 | $p1 ms | $b1 | $m1 MiB | $i1 % | 1 | $a1 |"
+  echo "| \`$bin\` | $CONSUMERS | $rn | $pn ms | $bn | $mn MiB | $in_ % | $(python3 -c "print(round($rn / $r1, 3))") | $an |"
 done
