@@ -151,7 +151,7 @@ hour_ago = int((time.time() - 3600) * 1000)
 tg_lat = timed(get(f"/v1/latency?from={hour_ago}&step=60s&quantiles=0.5,0.9,0.99"))
 tg_use = timed(get("/v1/usage?from=0&group_by=consumer,route,day"))
 con = duckdb.connect()
-files = f"read_parquet('{store}/day=*/*.parquet')"
+files = f"read_parquet('{store}/day=*/part-*.parquet')"
 dd_lat = timed(lambda: con.execute(f"SELECT route, time_bucket(INTERVAL 60 SECOND, ts) t, count(*), quantile_cont(latency_us, [0.5, 0.9, 0.99]) FROM {files} GROUP BY ALL").fetchall())
 dd_use = timed(lambda: con.execute(f"SELECT consumer, route, CAST(ts AS DATE), count(*), count(*) FILTER (WHERE billable), sum(req_bytes), sum(resp_bytes) FROM {files} GROUP BY ALL").fetchall())
 print(f"{tg_lat:.1f} {dd_lat:.1f} {tg_use:.1f} {dd_use:.1f} {duckdb.__version__}")
