@@ -88,6 +88,13 @@ impl Http {
         Ok((status, body))
     }
 
+    /// The JSON body of a GET that must answer 200 (the body is in the failure message).
+    pub async fn ok_json(&self, url: &str, token: Option<&str>) -> Value {
+        let (s, v) = self.json(url, token).await;
+        assert_eq!(s, StatusCode::OK, "GET {url}: {v}");
+        v
+    }
+
     pub async fn json(&self, url: &str, token: Option<&str>) -> (StatusCode, Value) {
         let auth = token.map(|t| format!("Bearer {t}"));
         let headers: Vec<(&str, &str)> =
