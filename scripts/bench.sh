@@ -30,24 +30,12 @@ WORK="$(mktemp -d)"
 cleanup() { kill "${TG_PID:-}" 2>/dev/null || true; nginx -p "$WORK" -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(free_port); PROXY=$(free_port); GW=$(free_port); API=$(free_port)
-
-mkdir -p "$WORK/logs"
-cat > "$WORK/nginx.conf" <<NGINX
-worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  upstream app { server 127.0.0.1:$UP; keepalive 256; }
-  server { listen 127.0.0.1:$UP; location / { return 200 '{"ok":true}'; } }
+. scripts/lib/services.sh
+UP=$(port); PROXY=$(port); GW=$(port); API=$(port)
+# The baseline: nginx as a reverse proxy with a keep-alive pool in front of the same upstream.
+start_nginx_upstream "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
   server { listen 127.0.0.1:$PROXY;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; } }
-}
-NGINX
-nginx -p "$WORK" -c "$WORK/nginx.conf"
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
 
 KEY_HASH=$("$BIN" hash-key bench-key)
 cat > "$WORK/tollgate.yaml" <<YAML

@@ -48,17 +48,22 @@ start_tansu() {
   wait_for "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", $KAFKA), 1)'" 30
 }
 
-# Starts nginx as a trivial upstream answering {"ok":true} on a free port; sets UP. The caller's
-# cleanup stops it: nginx -p "$WORK" -c "$WORK/nginx.conf" -s stop.
+# Starts nginx as a trivial upstream answering {"ok":true} on port $UP (a free one when UP is
+# unset; sets UP); $1, if given, is more of the http block (a proxy in front of it, say). The
+# caller's cleanup stops it: nginx -p "$WORK" -c "$WORK/nginx.conf" -s stop.
 start_nginx_upstream() {
-  UP=$(port)
+  UP=${UP:-$(port)}
   mkdir -p "$WORK/logs"
   cat > "$WORK/nginx.conf" <<NGINX
 worker_processes 1;
 pid $WORK/nginx.pid;
 error_log $WORK/logs/error.log warn;
 events { worker_connections 4096; }
-http { access_log off; server { listen 127.0.0.1:$UP; location / { return 200 '{"ok":true}'; } } }
+http {
+  access_log off;
+  server { listen 127.0.0.1:$UP; location / { return 200 '{"ok":true}'; } }
+${1:-}
+}
 NGINX
   nginx -p "$WORK" -c "$WORK/nginx.conf"
 }
