@@ -57,13 +57,13 @@ impl RateLimits {
 pub use tollgate_schemas::quota::{QuotaEntry, QuotaSnapshot};
 
 struct Known {
+    /// `entry.limit`, present (entries without one are not kept).
     limit: u64,
-    used: u64,
     /// Billable requests this gateway admitted that the store had not counted at the last
     /// update. Shared with the entry that replaces this one (see `QuotaState::update`).
     admitted_since: Arc<AtomicU64>,
     period_end: Option<chrono::DateTime<chrono::Utc>>,
-    /// As received, for the copy kept on disk.
+    /// As received (its `used` is what the store had counted), kept on disk too.
     entry: QuotaEntry,
 }
 
@@ -81,7 +81,7 @@ impl Known {
             .map(|t| t.with_timezone(&chrono::Utc));
         let admitted_since = match previous {
             Some(p) if p.period_end == period_end => {
-                let counted = entry.used.saturating_sub(p.used);
+                let counted = entry.used.saturating_sub(p.entry.used);
                 let _ = p
                     .admitted_since
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
@@ -93,7 +93,6 @@ impl Known {
         };
         Some(Arc::new(Known {
             limit,
-            used: entry.used,
             admitted_since,
             period_end,
             entry,
@@ -177,7 +176,7 @@ impl QuotaState {
         if k.period_end.is_some_and(|end| now >= end) {
             return Ok(None); // a new period began since the last poll
         }
-        let free = |a: u64| (k.used.saturating_add(a) < k.limit).then_some(a + 1);
+        let free = |a: u64| (k.entry.used.saturating_add(a) < k.limit).then_some(a + 1);
         match k
             .admitted_since
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, free)

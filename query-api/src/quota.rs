@@ -149,28 +149,24 @@ pub async fn quota(
     let caller = s.auth.caller(&headers)?;
     let p = Params::new(raw, &["consumer", "since", "epoch"])?;
     let scope = caller.scope(p.get("consumer"))?;
-    let number = |name: &'static str| -> Result<Option<i64>, ApiError> {
-        p.get(name)
-            .map(|v| {
-                v.parse::<i64>()
-                    .map_err(|_| ApiError::bad(name, format!("`{v}` is not an integer")))
-            })
-            .transpose()
-    };
-    let since = number("since")?;
-    let epoch = p
-        .get("epoch")
-        .map(|v| {
-            v.parse::<u64>()
-                .map_err(|_| ApiError::bad("epoch", format!("`{v}` is not an integer")))
-        })
-        .transpose()?;
+    let since: Option<i64> = integer(&p, "since")?;
+    let epoch: Option<u64> = integer(&p, "epoch")?;
     if since.is_some() != epoch.is_some() {
         return Err(ApiError::bad("since", "`since` and `epoch` go together"));
     }
     let mut cache = s.quota.lock().await;
     refresh(&s, &mut cache).await?;
     Ok(Json(cache.answer(since.zip(epoch), scope.as_deref())))
+}
+
+/// An optional integer parameter.
+fn integer<T: std::str::FromStr>(p: &Params, name: &'static str) -> Result<Option<T>, ApiError> {
+    p.get(name)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| ApiError::bad(name, format!("`{v}` is not an integer")))
+        })
+        .transpose()
 }
 
 #[cfg(test)]
