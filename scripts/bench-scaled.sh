@@ -9,7 +9,9 @@
 #      (HTTP round trip), against the same aggregation run by ClickHouse over the raw table.
 # Usage: EVENTS=1000000 DAY_EVENTS=10000000 SAMPLES=50 scripts/bench-scaled.sh
 #   STAGES="ingest" or STAGES="fresh" runs only part 1, or parts 2 and 3 (default: both);
-#   BATCH sets the collectors' batch_max_events (default: the collector's own default).
+#   BATCH sets the collectors' batch_max_events (default: the collector's own default);
+#   PERF_DIR=DIR records a system-wide `perf record -g` of each ingest run into DIR
+#   (PERF_ARGS replaces `-a -g`, e.g. "-a -F 999 --call-graph dwarf").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EVENTS="${EVENTS:-1000000}"
@@ -21,7 +23,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
 ./scripts/install-test-services.sh
 python3 -c 'import confluent_kafka' 2>/dev/null || python3 -m pip install -q confluent-kafka
 cargo build --release --locked --features scaled >&2
-BIN="$CARGO_TARGET_DIR/release/tollgate"
+BIN="${BIN:-$CARGO_TARGET_DIR/release/tollgate}"
 WORK="$(mktemp -d)"
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
@@ -109,14 +111,42 @@ ingest_run() { # $1 collectors, $2 database
     TOLLGATE_COLLECTOR__ADMIN_LISTEN="127.0.0.1:$(port)" TOLLGATE_COLLECTOR__GROUP="bench-$2" RUST_LOG=warn \
       "$BIN" collector --config "$WORK/$2.yaml" --data-dir "$WORK/c-$2-$i" 2>>"$WORK/collector.log" & pids+=($!)
   done
-  wait_for "[ \"\$(chq 'SELECT count() FROM $2.events' 2>/dev/null || echo 0)\" -gt 0 ]" 120
-  first=$(now_ms)
-  wait_for "[ \"\$(chq 'SELECT count() FROM $2.events')\" -ge $EVENTS ]" 600
-  local end=$(now_ms)
+  # One poller on one keep-alive connection (a curl per poll cost 3-5 % of the machine).
+  coproc COUNT { count_rows "$2" "$EVENTS"; }
+  read -r first <&"${COUNT[0]}"
+  local perf=""
+  if [ -n "${PERF_DIR:-}" ]; then
+    perf record ${PERF_ARGS:--a -g} -o "$PERF_DIR/ingest-$1.data" 2>/dev/null & perf=$!
+  fi
+  local end; read -r end <&"${COUNT[0]}"
+  [ -n "$end" ] || { echo "timed out waiting for $EVENTS rows in $2.events" >&2; exit 1; }
+  if [ -n "$perf" ]; then kill -INT "$perf"; wait "$perf" 2>/dev/null || true; fi
+  local cpu; cpu=$(cpu_ms "${pids[@]}")
   kill "${pids[@]}"; wait "${pids[@]}" 2>/dev/null || true
   local total; total=$(chq "SELECT count(), uniqExact(id) FROM $2.events" | tr '\t' ' ')
-  echo "| $1 collector(s) | $(( EVENTS * 1000 / (end - first) )) events/s | $((end - first)) ms from first row to all ($((first - start)) ms to join the group) | count, distinct ids: $total |"
+  echo "| $1 collector(s) | $(( EVENTS * 1000 / (end - first) )) events/s | $((end - first)) ms from first row to all ($((first - start)) ms to join the group) | $(( cpu * 1000000 / EVENTS )) ns | count, distinct ids: $total |"
 }
+# count_rows DB N: prints the time (ms) the first row of DB.events appeared, then the time it
+# held N rows; polls every 20 ms on one connection, gives up after 600 s.
+count_rows() { python3 - "$CH_HTTP" "$1" "$2" <<'PY'
+import http.client, sys, time
+port, db, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+conn = http.client.HTTPConnection("127.0.0.1", int(port))
+def count():
+    conn.request("POST", "/", body=f"SELECT count() FROM {db}.events".encode())
+    r = conn.getresponse(); body = r.read()
+    return int(body) if r.status == 200 else 0
+deadline = time.time() + 600
+for goal in (1, n):
+    while count() < goal:
+        if time.time() > deadline: sys.exit(1)
+        time.sleep(0.02)
+    print(int(time.time() * 1000), flush=True)
+PY
+}
+# cpu_ms PID...: user + system CPU time the processes used so far, in ms.
+cpu_ms() { local t=0 f; for p in "$@"; do f=($(cut -d' ' -f14,15 "/proc/$p/stat")); t=$((t + f[0] + f[1])); done
+  echo $((t * 1000 / $(getconf CLK_TCK))); }
 
 # The baseline table is created by the store's own migrations (a query API start), then filled by
 # clickhouse-client from the same rows.
@@ -125,14 +155,17 @@ config base none "$API" "$(port)"
 RUST_LOG=warn "$BIN" query-api --config "$WORK/base.yaml" --data-dir "$WORK/qb" 2>/dev/null & QB=$!
 wait_for "curl -sf http://127.0.0.1:$API/healthz" 60; kill $QB; wait $QB 2>/dev/null || true
 s=$(now_ms)
-clickhouse-client --port "$CH_TCP" --query "INSERT INTO base.events FORMAT JSONEachRow" < "$WORK/rows.json"
+clickhouse-client --port "$CH_TCP" --query "INSERT INTO base.events FORMAT JSONEachRow" < "$WORK/rows.json" & CLIENT=$!
+# The client's CPU time, read just before it exits (it parses the JSON rows, as a collector does).
+client_cpu=0; while kill -0 $CLIENT 2>/dev/null; do client_cpu=$(cpu_ms $CLIENT 2>/dev/null || echo "$client_cpu"); sleep 0.05; done
+wait $CLIENT
 e=$(now_ms)
 echo
 echo "## Ingest: $EVENTS events from the Kafka topic (12 partitions) into ClickHouse"
 echo
-echo "| run | rate | time | check |"
-echo "|---|---|---|---|"
-echo "| baseline: clickhouse-client INSERT of the same rows (JSONEachRow) | $(( EVENTS * 1000 / (e - s) )) events/s | $((e - s)) ms | $(chq 'SELECT count() FROM base.events') rows |"
+echo "| run | rate | time | client CPU per event | check |"
+echo "|---|---|---|---|---|"
+echo "| baseline: clickhouse-client INSERT of the same rows (JSONEachRow) | $(( EVENTS * 1000 / (e - s) )) events/s | $((e - s)) ms | ≥ $(( client_cpu * 1000000 / EVENTS )) ns | $(chq 'SELECT count() FROM base.events') rows |"
 ingest_run 1 one
 ingest_run 2 two
 

@@ -241,6 +241,7 @@ pub async fn run(
             append(&*store, &batch, &metrics).await?;
             appended_since_flush = true;
             events_since_flush += batch.events.len();
+            batcher.recycle(batch);
             if store.durable_on_append() || events_since_flush >= config.flush_max_events {
                 // Durable on append: commit now, so a rebalance re-reads as little as possible.
                 // Otherwise enough is held in memory: make it durable before taking more.

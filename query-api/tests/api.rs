@@ -85,6 +85,7 @@ async fn open(backend: Backend) -> (tollgate_store::Store, Guard) {
                 database: "api".into(),
                 user: None,
                 password: None,
+                compression: tollgate_store::ClickHouseCompression::Lz4,
             })
             .open()
             .await

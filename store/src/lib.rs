@@ -19,7 +19,7 @@ pub mod parquet;
 pub mod sketch;
 pub mod time;
 
-pub use clickhouse::ClickHouseConfig;
+pub use clickhouse::{ClickHouseConfig, Compression as ClickHouseCompression};
 pub use parquet::{ParquetConfig, ParquetStore};
 pub use tollgate_schemas::Checkpoint;
 

@@ -12,6 +12,7 @@ fn config(server: &tollgate_testkit::ClickHouse, db: &str) -> StoreConfig {
         database: db.into(),
         user: None,
         password: None,
+        compression: tollgate_store::ClickHouseCompression::None,
     })
 }
 

@@ -273,6 +273,7 @@ async fn clickhouse_store_passes_every_case() {
             database: format!("conformance_{i}"),
             user: None,
             password: None,
+            compression: tollgate_store::ClickHouseCompression::Lz4,
         })
         .open()
         .await

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -438,12 +438,45 @@ impl KafkaSubscriber {
     }
 }
 
-fn to_message(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
-    Message {
-        partition: m.partition().max(0) as u32,
-        offset: m.offset().max(0) as u64,
-        key: Bytes::copy_from_slice(m.key().unwrap_or_default()),
-        payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+/// Room for this many records is reserved when a poll starts (it grows past it if more come).
+const POLL_CAPACITY: usize = 8192;
+
+/// Records of one poll, copied out of librdkafka's buffers into one shared arena: one
+/// allocation per chunk of records instead of two per record (a key and a payload), which was a
+/// tenth of a collector's CPU time while it drained a backlog.
+struct Arena {
+    buf: BytesMut,
+}
+
+impl Arena {
+    /// Bytes reserved at a time; a record larger than this gets a chunk of its own size.
+    const CHUNK: usize = 1 << 20;
+
+    fn new() -> Arena {
+        Arena {
+            buf: BytesMut::new(),
+        }
+    }
+
+    fn copy(&mut self, bytes: &[u8]) -> Bytes {
+        if bytes.is_empty() {
+            return Bytes::new();
+        }
+        if self.buf.capacity() - self.buf.len() < bytes.len() {
+            // A new chunk; the records already handed out keep the old one alive.
+            self.buf = BytesMut::with_capacity(Self::CHUNK.max(bytes.len()));
+        }
+        self.buf.extend_from_slice(bytes);
+        self.buf.split().freeze()
+    }
+
+    fn message(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
+        Message {
+            partition: m.partition().max(0) as u32,
+            offset: m.offset().max(0) as u64,
+            key: self.copy(m.key().unwrap_or_default()),
+            payload: self.copy(m.payload().unwrap_or_default()),
+        }
     }
 }
 
@@ -455,7 +488,8 @@ impl Subscriber for KafkaSubscriber {
         let events = self.events.clone();
         let max = max.max(1);
         let (got, carried) = tokio::task::spawn_blocking(move || {
-            let mut got = Vec::new();
+            let mut arena = Arena::new();
+            let mut got = Vec::with_capacity(max.min(POLL_CAPACITY));
             let deadline = Instant::now() + wait;
             loop {
                 // Once records arrived, take only what is already fetched.
@@ -469,8 +503,8 @@ impl Subscriber for KafkaSubscriber {
                 let polled = consumer.poll(timeout);
                 let changed = events.changed.swap(false, Ordering::AcqRel);
                 match polled {
-                    Some(Ok(m)) if changed => return Ok((got, Some(to_message(&m)))),
-                    Some(Ok(m)) => got.push(to_message(&m)),
+                    Some(Ok(m)) if changed => return Ok((got, Some(arena.message(&m)))),
+                    Some(Ok(m)) => got.push(arena.message(&m)),
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "Kafka consumer error");
                         if changed {

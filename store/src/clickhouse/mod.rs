@@ -42,7 +42,7 @@ mod writer;
 
 use std::sync::Arc;
 
-pub use config::ClickHouseConfig;
+pub use config::{ClickHouseConfig, Compression};
 pub use migrations::MIGRATIONS;
 
 use crate::{EventWriter, StoreError, UsageQuery};
@@ -101,7 +101,11 @@ impl ClickHouseStore {
         // or read it, so the crate's schema validation is off; the DDL test checks the types.
         let mut client = ::clickhouse::Client::default()
             .with_url(&config.url)
-            .with_validation(false);
+            .with_validation(false)
+            .with_compression(match config.wire_compression() {
+                Compression::None => ::clickhouse::Compression::None,
+                _ => ::clickhouse::Compression::Lz4,
+            });
         if let Some(u) = &config.user {
             client = client.with_user(u);
         }
