@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use tollgate_schemas::RequestEvent;
 
-use crate::Shared;
+use crate::recorder::Recorder;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -61,7 +61,9 @@ pub struct Pending {
     pub event: RequestEvent,
     pub start: Instant,
     pub req_bytes: Arc<AtomicU64>,
-    pub shared: Arc<Shared>,
+    /// The matched route's position in the configuration (`None`: no route matched).
+    pub route: Option<usize>,
+    pub recorder: Arc<Recorder>,
     /// The request's unit of quota: kept when the answer is billable, else given back.
     pub quota: Option<crate::limits::Reservation>,
 }
@@ -77,7 +79,7 @@ impl Pending {
         self.event.latency_us = elapsed.as_micros() as u64;
         self.event.resp_bytes = resp_bytes;
         self.event.req_bytes = self.req_bytes.load(Ordering::Relaxed);
-        self.shared.record(self.event, elapsed);
+        self.recorder.record(self.route, self.event, elapsed);
     }
 }
 

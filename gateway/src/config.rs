@@ -12,6 +12,12 @@ pub struct GatewayConfig {
     /// Address of the proxy listener.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Threads serving the proxy listener; 0 (the default): one per available core. Each has
+    /// its own single-threaded runtime, its own listening socket on `listen` (SO_REUSEPORT: the
+    /// kernel spreads connections over them), its own upstream connection pool and its own event
+    /// buffer, so a request is accepted, forwarded and recorded on one thread.
+    #[serde(default)]
+    pub workers: usize,
     /// Instance id written into every event; defaults to `gateway-<port>`.
     #[serde(default)]
     pub id: Option<String>,
@@ -83,6 +89,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             listen: default_listen(),
+            workers: 0,
             id: None,
             upstreams: BTreeMap::new(),
             routes: Vec::new(),
@@ -231,8 +238,22 @@ const METHODS: [&str; 9] = [
 ];
 
 impl GatewayConfig {
+    /// The number of worker threads `workers` asks for (0: one per available core).
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
     /// Checks the section; the error names the key.
     pub fn validate(&self) -> Result<(), String> {
+        if self.workers > 1024 {
+            return Err(format!(
+                "gateway.workers: {} threads is more than 1024; 0 means one per core",
+                self.workers
+            ));
+        }
         for (name, u) in &self.upstreams {
             if u.targets.is_empty() {
                 return Err(format!(

@@ -33,6 +33,96 @@ impl EventSink {
     }
 }
 
+/// A worker thread's event buffer in front of the shared queue. Finished requests push onto a
+/// local vector; the buffer moves to the queue when it holds `batch` events, or `linger` after
+/// its first event, so the publisher (on another thread) is woken once per batch instead of once
+/// per request. The lock is only ever taken by the worker's own thread (uncontended: no system
+/// call); it is a lock rather than a `RefCell` so that response bodies stay `Send`.
+#[derive(Clone)]
+pub struct LocalSink {
+    inner: Arc<LocalInner>,
+}
+
+struct LocalInner {
+    buf: std::sync::Mutex<Vec<RequestEvent>>,
+    /// Wakes the flusher when the buffer gets its first event.
+    first: tokio::sync::Notify,
+    batch: usize,
+    sink: EventSink,
+}
+
+impl Drop for LocalInner {
+    /// Whatever is still buffered when the last handle goes is handed on, not lost.
+    fn drop(&mut self) {
+        let events = std::mem::take(self.buf.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for ev in events {
+            self.sink.emit(ev);
+        }
+    }
+}
+
+impl LocalSink {
+    /// A buffer of `batch` events in front of `sink`.
+    pub fn new(sink: EventSink, batch: usize) -> LocalSink {
+        LocalSink {
+            inner: Arc::new(LocalInner {
+                buf: std::sync::Mutex::new(Vec::with_capacity(batch)),
+                first: tokio::sync::Notify::new(),
+                batch: batch.max(1),
+                sink,
+            }),
+        }
+    }
+
+    /// Buffers an event (never blocks the request path).
+    pub fn emit(&self, ev: RequestEvent) {
+        let full = {
+            let mut buf = self.buf();
+            buf.push(ev);
+            if buf.len() == 1 {
+                self.inner.first.notify_one();
+            }
+            (buf.len() >= self.inner.batch)
+                .then(|| std::mem::replace(&mut *buf, Vec::with_capacity(self.inner.batch)))
+        };
+        if let Some(events) = full {
+            self.send(events);
+        }
+    }
+
+    /// Moves what is buffered to the shared queue.
+    pub fn flush(&self) {
+        let events = std::mem::replace(&mut *self.buf(), Vec::with_capacity(self.inner.batch));
+        self.send(events);
+    }
+
+    /// Flushes `linger` after each first event, until `stop`; then flushes what is left.
+    pub async fn run_flusher(self, linger: Duration, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = self.inner.first.notified() => {}
+                _ = stop.cancelled() => break,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(linger) => {}
+                _ = stop.cancelled() => break,
+            }
+            self.flush();
+        }
+        self.flush();
+    }
+
+    fn buf(&self) -> std::sync::MutexGuard<'_, Vec<RequestEvent>> {
+        self.inner.buf.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn send(&self, events: Vec<RequestEvent>) {
+        for ev in events {
+            self.inner.sink.emit(ev);
+        }
+    }
+}
+
 /// Creates the queue. The returned future publishes until every `EventSink` is gone — that is,
 /// until the server has drained its last request — so no event of a finishing request is lost.
 pub fn channel(

@@ -13,6 +13,7 @@ pub mod limits;
 pub mod metrics;
 mod proxy;
 mod quota_feed;
+mod recorder;
 pub mod router;
 
 use std::collections::{BTreeMap, HashMap};
@@ -57,17 +58,53 @@ pub struct Shared {
     rate_limits: limits::RateLimits,
     quota: Arc<limits::QuotaState>,
     upstreams: HashMap<String, proxy::Upstream>,
-    client: Client<HttpConnector, CountingBody>,
-    sink: events::EventSink,
-    metrics: GatewayMetrics,
 }
 
-/// A gateway bound to its listener, ready to serve.
+/// A gateway bound to its listeners, ready to serve.
 pub struct Gateway {
-    listener: TcpListener,
+    /// One listening socket per worker thread, all on the same address (SO_REUSEPORT).
+    listeners: Vec<std::net::TcpListener>,
+    addr: SocketAddr,
     shared: Arc<Shared>,
+    sink: events::EventSink,
+    /// Events a worker buffers before handing them to the publisher.
+    worker_batch: usize,
+    metrics: GatewayMetrics,
     publisher: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     feed: Option<quota_feed::QuotaFeed>,
+}
+
+/// How long a worker holds its first buffered event before handing the buffer on: bounds what
+/// buffering adds to freshness.
+const WORKER_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// `n` listening sockets on `addr` with SO_REUSEPORT, so that the kernel spreads incoming
+/// connections over the worker threads (port 0: the first socket picks the port, the others
+/// join it).
+///
+/// SO_REUSEPORT would also let this process share a port another process of the same user
+/// already listens on with it (a second gateway started by mistake would silently take half
+/// the connections). So the address is first bound without it: a port in use fails here with
+/// "address in use", as a plain listener would.
+fn listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(n);
+    let mut at = std::net::TcpListener::bind(addr)?.local_addr()?;
+    for _ in 0..n {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(at),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&at.into())?;
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
+        at = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok(out)
 }
 
 impl Gateway {
@@ -85,21 +122,18 @@ impl Gateway {
                 "gateway.auth.jwt is configured but JWT verification is not implemented yet; only API keys authenticate"
             );
         }
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| GatewayError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let listeners = listeners(config.listen, config.worker_threads()).map_err(|source| {
+            GatewayError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let addr = listeners[0]
+            .local_addr()
+            .map_err(|source| GatewayError::Bind {
+                addr: config.listen,
+                source,
+            })?;
         let (sink, publisher) = events::channel(
             config.events.queue_capacity,
             config.events.batch_max,
@@ -147,13 +181,14 @@ impl Gateway {
                 .iter()
                 .map(|(k, v)| (k.clone(), proxy::Upstream::new(v)))
                 .collect(),
-            client,
-            sink,
-            metrics,
         });
         Ok(Gateway {
-            listener,
+            listeners,
+            addr,
             shared,
+            sink,
+            worker_batch: config.events.batch_max.clamp(1, 256),
+            metrics,
             publisher: Box::pin(publisher),
             feed,
         })
@@ -161,17 +196,20 @@ impl Gateway {
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("bound listener has an address")
+        self.addr
     }
 
-    /// Serves until `shutdown`, then stops accepting, lets open requests finish, and drains the
-    /// event queue to the bus.
+    /// Serves until `shutdown`: one thread per listener, each running a single-threaded runtime
+    /// that accepts, forwards and records its connections' requests. Then stops accepting, lets
+    /// open requests finish, and drains the event queue to the bus.
     pub async fn run(self, shutdown: CancellationToken) {
         let Gateway {
-            listener,
+            listeners,
+            addr,
             shared,
+            sink,
+            worker_batch,
+            metrics,
             publisher,
             feed,
         } = self;
@@ -180,49 +218,137 @@ impl Gateway {
             feed.load_persisted();
             tokio::spawn(feed.run(shutdown.clone()));
         }
-        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "gateway listening");
-        let tracker = tokio_util::task::TaskTracker::new();
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                        continue;
-                    }
-                },
+        tracing::info!(%addr, workers = listeners.len(), "gateway listening");
+        let mut workers = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let start = WorkerStart {
+                shared: shared.clone(),
+                events: events::LocalSink::new(sink.clone(), worker_batch),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
             };
-            let _ = stream.set_nodelay(true);
-            let shared = shared.clone();
-            let shutdown = shutdown.clone();
-            tracker.spawn(async move {
-                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let shared = shared.clone();
-                    // One span per request (debug level: free unless asked for with RUST_LOG).
-                    let span = tracing::debug_span!("request", method = %req.method(), path = %req.uri().path(), peer = %peer);
-                    async move { Ok::<_, std::convert::Infallible>(shared.handle(req, peer).await) }.instrument(span)
-                });
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(std::time::Duration::from_secs(30))
-                    .serve_connection(TokioIo::new(stream), service);
-                let mut conn = std::pin::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => {}
-                    _ = shutdown.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
+            let (done, finished) = tokio::sync::oneshot::channel::<()>();
+            let spawned = std::thread::Builder::new()
+                .name(format!("tollgate-gw-{i}"))
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(serve(listener, start)),
+                        Err(e) => tracing::error!(error = %e, "gateway worker runtime failed"),
                     }
-                }
-            });
+                    let _ = done.send(());
+                });
+            match spawned {
+                Ok(_) => workers.push(finished),
+                Err(e) => tracing::error!(error = %e, worker = i, "gateway worker thread failed"),
+            }
         }
-        drop(listener);
-        tracker.close();
-        tracker.wait().await;
-        drop(shared); // the last event sink goes with it; the publisher drains and stops
+        drop(sink); // the workers hold the remaining senders; the publisher ends after them
+        drop(shared);
+        for w in workers {
+            let _ = w.await;
+        }
         let _ = publisher.await;
         tracing::info!("gateway stopped");
     }
+}
+
+/// What a worker thread starts from.
+struct WorkerStart {
+    shared: Arc<Shared>,
+    events: events::LocalSink,
+    metrics: GatewayMetrics,
+    shutdown: CancellationToken,
+}
+
+/// The upstream client of one worker: its own connection pool, its connections driven by its
+/// own runtime.
+fn upstream_client() -> Client<HttpConnector, CountingBody> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(60))
+        .pool_max_idle_per_host(1024)
+        .pool_timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// One worker: accepts on its own listener until shutdown, serves each connection on this
+/// thread, then waits for open requests to finish and hands its buffered events on.
+async fn serve(listener: std::net::TcpListener, start: WorkerStart) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "gateway worker cannot use its listener");
+            return;
+        }
+    };
+    let WorkerStart {
+        shared,
+        events,
+        metrics,
+        shutdown,
+    } = start;
+    let recorder = Arc::new(recorder::Recorder::new(
+        &metrics,
+        shared.router.ids(),
+        events.clone(),
+    ));
+    let stop_flusher = CancellationToken::new();
+    let flusher = tokio::spawn(
+        events
+            .clone()
+            .run_flusher(WORKER_LINGER, stop_flusher.clone()),
+    );
+    let worker = Arc::new(proxy::Worker {
+        shared,
+        client: upstream_client(),
+        recorder,
+    });
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let worker = worker.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let worker = worker.clone();
+                // One span per request (debug level: free unless asked for with RUST_LOG).
+                let span = tracing::debug_span!("request", method = %req.method(), path = %req.uri().path(), peer = %peer);
+                async move { Ok::<_, std::convert::Infallible>(worker.handle(req, peer).await) }
+                    .instrument(span)
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(30))
+                .serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    tracker.close();
+    tracker.wait().await;
+    stop_flusher.cancel();
+    let _ = flusher.await;
 }

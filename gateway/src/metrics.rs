@@ -25,6 +25,24 @@ pub struct DropLabels {
     pub reason: &'static str,
 }
 
+/// One route's request counters (by outcome, in `Outcome::ALL` order) and latency histogram.
+#[derive(Clone, Debug)]
+pub struct RouteMetrics {
+    pub requests: [Counter; 8],
+    pub duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn observe(&self, outcome: tollgate_schemas::Outcome, seconds: f64) {
+        let i = tollgate_schemas::Outcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .expect("every outcome is in ALL");
+        self.requests[i].inc();
+        self.duration.observe(seconds);
+    }
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
@@ -77,6 +95,27 @@ impl GatewayMetrics {
             m.quota_state_age.clone(),
         );
         m
+    }
+
+    /// The handles of one route's series (`route` is a route id, or `none`), created now so
+    /// that a request updates them without building labels or looking them up.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            requests: tollgate_schemas::Outcome::ALL.map(|outcome| {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        route: route.to_string(),
+                        outcome: outcome.as_str(),
+                    })
+                    .clone()
+            }),
+            duration: self
+                .duration
+                .get_or_create(&RouteLabels {
+                    route: route.to_string(),
+                })
+                .clone(),
+        }
     }
 
     pub fn unregistered() -> GatewayMetrics {

@@ -14,9 +14,13 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tollgate_schemas::{Outcome, RequestEvent};
 
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+
 use crate::Shared;
 use crate::auth::Identity;
 use crate::body::{CountingBody, MeteredBody, Pending};
+use crate::recorder::Recorder;
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
@@ -66,6 +70,14 @@ fn trace_id_of(headers: &HeaderMap) -> Option<String> {
     .then(|| parts[1].to_string())
 }
 
+/// A UUIDv7 for an event starting at `ts`, its random bits from the thread's userspace
+/// generator: `Uuid::now_v7` asks the kernel (`getrandom`) for every id, one system call per
+/// request.
+fn event_id(ts: &chrono::DateTime<chrono::Utc>) -> uuid::Uuid {
+    let ms = u64::try_from(ts.timestamp_millis()).unwrap_or(0);
+    uuid::Builder::from_unix_timestamp_millis(ms, &rand::random::<[u8; 10]>()).into_uuid()
+}
+
 fn error_body(code: &str, message: &str) -> Full<Bytes> {
     Full::new(Bytes::from(
         serde_json::json!({"error": {"code": code, "message": message}}).to_string(),
@@ -77,23 +89,32 @@ fn retry_after_secs(wait: Duration) -> HeaderValue {
     HeaderValue::from(secs.max(1))
 }
 
-impl Shared {
+/// One worker thread's view of the gateway: the shared state, plus what the thread owns (its
+/// upstream connection pool and its recorder).
+pub struct Worker {
+    pub shared: Arc<Shared>,
+    pub client: Client<HttpConnector, CountingBody>,
+    pub recorder: Arc<Recorder>,
+}
+
+impl Worker {
     /// Handles one request end to end.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<MeteredBody> {
+        let shared = &*self.shared;
         let start = Instant::now();
         let ts = chrono::Utc::now();
-        let id = uuid::Uuid::now_v7();
+        let id = event_id(&ts);
         let method = req.method().as_str().to_string();
         let path = req.uri().path().to_string();
         let mut event = RequestEvent {
             v: 1,
             id,
             ts,
-            gateway: self.gateway_id.clone(),
+            gateway: shared.gateway_id.clone(),
             route: None,
             method,
             path,
@@ -109,7 +130,9 @@ impl Shared {
             trace_id: trace_id_of(req.headers()),
         };
         let req_bytes = Arc::new(AtomicU64::new(0));
+        let mut route_index = None;
         let reject = |mut event: RequestEvent,
+                      route: Option<usize>,
                       status: StatusCode,
                       outcome: Outcome,
                       message: &str,
@@ -120,7 +143,8 @@ impl Shared {
                 event,
                 start,
                 req_bytes: req_bytes.clone(),
-                shared: self.clone(),
+                route,
+                recorder: self.recorder.clone(),
                 quota: None,
             };
             let mut resp = Response::new(MeteredBody::new(
@@ -140,9 +164,13 @@ impl Shared {
         };
 
         // Phase 1: route.
-        let Some(route) = self.router.find(req.method().as_str(), req.uri().path()) else {
+        let Some((index, route)) = shared
+            .router
+            .find_indexed(req.method().as_str(), req.uri().path())
+        else {
             return reject(
                 event,
+                route_index,
                 StatusCode::NOT_FOUND,
                 Outcome::NotFound,
                 "no route matches this method and path",
@@ -150,21 +178,23 @@ impl Shared {
             );
         };
         event.route = Some(route.id.clone());
+        route_index = Some(index);
 
         // Phase 2: authenticate.
-        let identity: Option<Identity> = match (&self.api_key_header, route.auth) {
+        let identity: Option<Identity> = match (&shared.api_key_header, route.auth) {
             (_, false) => None,
             (None, true) => None,
             (Some(h), true) => match req
                 .headers()
                 .get(h)
-                .and_then(|v| self.keys.authenticate(v.as_bytes()))
+                .and_then(|v| shared.keys.authenticate(v.as_bytes()))
             {
                 Some(id) => Some(id),
                 None => {
                     let msg = format!("missing or unknown API key in header `{h}`");
                     return reject(
                         event,
+                        route_index,
                         StatusCode::UNAUTHORIZED,
                         Outcome::Unauthorized,
                         &msg,
@@ -181,20 +211,22 @@ impl Shared {
             event.plan = Some(id.plan.to_string());
 
             // Phase 3: rate limit, then quota.
-            if let Err(wait) = self.rate_limits.check(&id.consumer) {
+            if let Err(wait) = shared.rate_limits.check(&id.consumer) {
                 return reject(
                     event,
+                    route_index,
                     StatusCode::TOO_MANY_REQUESTS,
                     Outcome::RateLimited,
                     "rate limit exceeded",
                     Some(wait),
                 );
             }
-            match self.quota.reserve(&id.consumer) {
+            match shared.quota.reserve(&id.consumer) {
                 Ok(r) => reservation = r,
                 Err(wait) => {
                     return reject(
                         event,
+                        route_index,
                         StatusCode::TOO_MANY_REQUESTS,
                         Outcome::QuotaExceeded,
                         "quota for this period is used up",
@@ -205,7 +237,7 @@ impl Shared {
         }
 
         // Phase 4: forward.
-        let upstream = &self.upstreams[&route.upstream];
+        let upstream = &shared.upstreams[&route.upstream];
         let target = upstream.pick();
         let mut path = req.uri().path();
         if let Some(prefix) = &route.strip_prefix
@@ -222,6 +254,7 @@ impl Shared {
             Err(_) => {
                 return reject(
                     event,
+                    route_index,
                     StatusCode::BAD_REQUEST,
                     Outcome::BadRequest,
                     "request path cannot be forwarded",
@@ -235,7 +268,7 @@ impl Shared {
         strip_hop_by_hop(headers);
         headers.remove(http::header::HOST);
         headers.remove(CONSUMER_HEADER);
-        if let Some(h) = &self.api_key_header {
+        if let Some(h) = &shared.api_key_header {
             headers.remove(h);
         }
         let request_id = headers
@@ -279,6 +312,7 @@ impl Shared {
                 event.upstream_latency_us = Some(sent.elapsed().as_micros() as u64);
                 reject(
                     event,
+                    route_index,
                     StatusCode::GATEWAY_TIMEOUT,
                     Outcome::Timeout,
                     "upstream did not answer in time",
@@ -290,6 +324,7 @@ impl Shared {
                 event.upstream_latency_us = Some(sent.elapsed().as_micros() as u64);
                 reject(
                     event,
+                    route_index,
                     StatusCode::BAD_GATEWAY,
                     Outcome::UpstreamError,
                     "upstream unreachable",
@@ -313,29 +348,13 @@ impl Shared {
                     event,
                     start,
                     req_bytes,
-                    shared: self.clone(),
+                    route: route_index,
+                    recorder: self.recorder.clone(),
                     quota: reservation,
                 };
                 Response::from_parts(parts, MeteredBody::new(body.boxed(), pending))
             }
         }
-    }
-
-    /// Records a finished request: metrics and its event.
-    pub fn record(&self, event: RequestEvent, elapsed: Duration) {
-        let route = event.route.clone().unwrap_or_else(|| "none".into());
-        self.metrics
-            .requests
-            .get_or_create(&crate::metrics::RequestLabels {
-                route: route.clone(),
-                outcome: event.outcome.as_str(),
-            })
-            .inc();
-        self.metrics
-            .duration
-            .get_or_create(&crate::metrics::RouteLabels { route })
-            .observe(elapsed.as_secs_f64());
-        self.sink.emit(event);
     }
 }
 
@@ -362,5 +381,24 @@ impl Upstream {
     fn pick(&self) -> &str {
         let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.targets.len();
         &self.targets[i]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_are_distinct_uuid_v7_carrying_the_request_time() {
+        let ts = chrono::Utc::now();
+        let a = event_id(&ts);
+        let b = event_id(&ts);
+        assert_ne!(a, b);
+        assert_eq!(a.get_version_num(), 7);
+        let (secs, nanos) = a.get_timestamp().expect("v7 has a timestamp").to_unix();
+        assert_eq!(
+            secs as i64 * 1000 + i64::from(nanos / 1_000_000),
+            ts.timestamp_millis()
+        );
     }
 }

@@ -35,11 +35,21 @@ impl Router {
 
     /// The route for `method` and `path`, if any.
     pub fn find(&self, method: &str, path: &str) -> Option<&RouteConfig> {
+        self.find_indexed(method, path).map(|(_, r)| r)
+    }
+
+    /// The route for `method` and `path` with its position in the configuration.
+    pub fn find_indexed(&self, method: &str, path: &str) -> Option<(usize, &RouteConfig)> {
         let m = self.paths.at(path).ok()?;
         m.value
             .iter()
-            .map(|i| &self.routes[*i])
-            .find(|r| r.methods.is_empty() || r.methods.iter().any(|x| x == method))
+            .map(|i| (*i, &self.routes[*i]))
+            .find(|(_, r)| r.methods.is_empty() || r.methods.iter().any(|x| x == method))
+    }
+
+    /// Route ids in configuration order (the positions `find_indexed` returns).
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|r| r.id.as_str())
     }
 }
 

@@ -526,3 +526,41 @@ async fn keys_are_checked_in_the_default_header_when_auth_is_not_configured() {
     assert_eq!(status(Some("k-acme")).await, StatusCode::OK);
     shutdown.cancel();
 }
+
+/// The workers share their port through SO_REUSEPORT, which must not let a second gateway (or
+/// anything else) join a port that is already taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_address_is_refused_even_with_several_workers() {
+    let bind = |listen: SocketAddr, dir: &std::path::Path| {
+        let log = EmbeddedLog::open(EmbeddedConfig {
+            dir: dir.to_path_buf(),
+            ..Default::default()
+        })
+        .unwrap();
+        let config = GatewayConfig {
+            listen,
+            workers: 2,
+            ..Default::default()
+        };
+        async move {
+            Gateway::bind(
+                config,
+                &[],
+                &BTreeMap::new(),
+                Arc::new(log),
+                GatewayMetrics::unregistered(),
+            )
+            .await
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let first = bind("127.0.0.1:0".parse().unwrap(), &dir.path().join("a"))
+        .await
+        .unwrap();
+    let taken = first.local_addr();
+    match bind(taken, &dir.path().join("b")).await {
+        Err(tollgate_gateway::GatewayError::Bind { addr, .. }) => assert_eq!(addr, taken),
+        Err(e) => panic!("expected a bind error, got {e}"),
+        Ok(_) => panic!("a second gateway was allowed to listen on {taken}"),
+    }
+}

@@ -151,6 +151,9 @@ pub fn recover(path: &Path, base: u64) -> io::Result<Recovered> {
 pub struct SegmentReader {
     pub base: u64,
     reader: BufReader<File>,
+    /// Byte position of the next frame, kept here rather than asked of the file (`lseek`) for
+    /// every frame.
+    pos: u64,
 }
 
 impl SegmentReader {
@@ -161,6 +164,7 @@ impl SegmentReader {
         let mut r = SegmentReader {
             base,
             reader: BufReader::with_capacity(256 * 1024, file),
+            pos: 0,
         };
         let mut pos = 0u64;
         let mut at = base;
@@ -174,16 +178,19 @@ impl SegmentReader {
             }
         }
         r.reader.seek(SeekFrom::Start(pos))?;
+        r.pos = pos;
         Ok(r)
     }
 
     /// The next frame, if fully written.
     pub fn next_frame(&mut self) -> io::Result<Option<Frame>> {
-        let pos = self.reader.stream_position()?;
         let frame = read_frame(&mut self.reader)?;
-        if frame.is_none() {
+        match &frame {
+            Some(f) => self.pos += f.size,
             // Not yet complete (or end of segment): come back to the same place later.
-            self.reader.seek(SeekFrom::Start(pos))?;
+            None => {
+                self.reader.seek(SeekFrom::Start(self.pos))?;
+            }
         }
         Ok(frame)
     }

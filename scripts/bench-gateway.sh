@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# The gateway against nginx as a plain reverse proxy, same machine, same load, same run.
+#
+# wrk (THREADS threads, CONNS keep-alive connections, DURATION per run) against:
+#   - nginx as a reverse proxy (worker_processes auto, keep-alive upstream pool): the baseline;
+#   - `tollgate up` with API-key auth, a rate limit, a quota and one event per request, for each
+#     binary given (say the last commit's build and this tree's), so before and after are
+#     measured side by side.
+# The upstream is a separate nginx (one worker) answering BODY bytes. Runs alternate (baseline,
+# then each binary) for ROUNDS rounds. Each run also counts, with `perf stat`, the system calls
+# and context switches of the proxy's processes (nginx's workers, Tollgate's process) per request.
+# Last, one run per target with a quarter of the connections: latency under a lighter load.
+#
+# Usage: ROUNDS=3 DURATION=10s scripts/bench-gateway.sh [BINARY...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
+DURATION="${DURATION:-10s}"
+CONNS="${CONNS:-64}"
+THREADS="${THREADS:-1}"
+ROUNDS="${ROUNDS:-3}"
+BODY="${BODY:-1024}"
+for tool in wrk nginx curl perf; do
+  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl linux-perf >/dev/null; break; }
+done
+BINS=("$@")
+if [ ${#BINS[@]} -eq 0 ]; then
+  cargo build --release --locked >&2
+  BINS=("$CARGO_TARGET_DIR/release/tollgate")
+fi
+WORK="$(mktemp -d)"
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true
+  for c in upstream proxy; do nginx -p "$WORK/$c" -c "$WORK/$c/nginx.conf" -s stop 2>/dev/null || true; done
+  wait 2>/dev/null || true; rm -rf "$WORK"
+}
+trap cleanup EXIT
+. scripts/lib/services.sh
+
+# nginx_instance NAME WORKERS HTTP-BLOCK: an nginx of its own (pid file, logs) under $WORK/NAME.
+nginx_instance() {
+  mkdir -p "$WORK/$1/logs"
+  cat > "$WORK/$1/nginx.conf" <<NGINX
+worker_processes $2;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+$3
+}
+NGINX
+  nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf"
+}
+UP=$(port); PROXY=$(port)
+nginx_instance upstream 1 "  server { listen 127.0.0.1:$UP; location / { return 200 '$(printf 'x%.0s' $(seq "$BODY"))'; } }"
+nginx_instance proxy auto "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
+  server { listen 127.0.0.1:$PROXY;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+wait_for "curl -sf http://127.0.0.1:$PROXY/v1/items/1" 10
+proxy_pids() { pgrep -d, -P "$(cat "$WORK/proxy/nginx.pid")"; }
+
+# One `tollgate up` per binary, each on its own ports and data directory.
+TG_PORTS=(); TG_PIDS=()
+for i in "${!BINS[@]}"; do
+  gw=$(port); api=$(port)
+  cat > "$WORK/tg$i.yaml" <<YAML
+gateway:
+  listen: 127.0.0.1:$gw
+  upstreams: { app: { targets: ["http://127.0.0.1:$UP"] } }
+  routes: [ { id: items, methods: [GET], path: "/v1/items/{id}", upstream: app } ]
+  auth: { api_key: { header: x-api-key } }
+consumers: [ { id: bench, plan: open, api_keys: ["sha256:$(printf bench-key | sha256sum | cut -d' ' -f1)"] } ]
+plans: { open: { rate_limit: { per_second: 10000000 }, quota: { requests: 1000000000000 },
+                 pricing: { currency: USD, charges: { default: { unit_price: "0.0001" } } } } }
+query_api: { listen: 127.0.0.1:$api }
+YAML
+  RUST_LOG=warn "${BINS[$i]}" up --config "$WORK/tg$i.yaml" --data-dir "$WORK/data$i" 2>"$WORK/tg$i.log" &
+  TG_PIDS+=($!); TG_PORTS+=("$gw")
+  wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$gw/v1/items/1" 60
+done
+
+# run NAME URL PIDS CONNS [HEADER]: one wrk run with perf stat on PIDS; appends a result line
+# "name rps p50_ms p99_ms requests non2xx syscalls_per_req cs_per_req" to $WORK/results.
+run() {
+  local name=$1 url=$2 pids=$3 conns=$4 header=${5:-}
+  perf stat -e raw_syscalls:sys_enter,context-switches -x, -o "$WORK/perf.txt" -p "$pids" &
+  local perf=$!
+  sleep 0.2
+  if [ -n "$header" ]; then
+    wrk -t"$THREADS" -c"$conns" -d"$DURATION" --latency -H "$header" "$url" > "$WORK/wrk.txt"
+  else
+    wrk -t"$THREADS" -c"$conns" -d"$DURATION" --latency "$url" > "$WORK/wrk.txt"
+  fi
+  kill -INT "$perf"; wait "$perf" 2>/dev/null || true
+  python3 - "$name" "$WORK/wrk.txt" "$WORK/perf.txt" >> "$WORK/results" <<'PY'
+import re, sys
+name, wrk, perf = sys.argv[1], open(sys.argv[2]).read(), open(sys.argv[3]).read()
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", wrk).group(1))
+def lat(p):
+    m = re.search(r"^\s+%s%%\s+([\d.]+)(us|ms|s)" % p, wrk, re.M)
+    v, u = float(m.group(1)), m.group(2)
+    return v / 1000 if u == "us" else v * 1000 if u == "s" else v
+total = int(re.search(r"(\d+) requests in", wrk).group(1))
+non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", wrk)
+counts = {}
+for line in perf.splitlines():
+    f = line.split(",")
+    if len(f) > 2 and f[0].strip().isdigit():
+        counts[f[2]] = int(f[0])
+sc = counts.get("raw_syscalls:sys_enter", 0) / total
+cs = counts.get("context-switches", 0) / total
+print(f"{name} {rps:.0f} {lat(50):.3f} {lat(99):.3f} {total} {non2xx.group(1) if non2xx else 0} {sc:.2f} {cs:.2f}")
+PY
+}
+
+for r in $(seq 1 "$ROUNDS"); do
+  echo "round $r of $ROUNDS" >&2
+  run nginx "http://127.0.0.1:$PROXY/v1/items/1" "$(proxy_pids)" "$CONNS"
+  for i in "${!BINS[@]}"; do
+    run "tollgate-$i" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$CONNS" "x-api-key: bench-key"
+  done
+done
+# Latency at a lighter load: a quarter of the connections.
+light=$((CONNS / 4 > 0 ? CONNS / 4 : 1))
+run nginx-light "http://127.0.0.1:$PROXY/v1/items/1" "$(proxy_pids)" "$light"
+for i in "${!BINS[@]}"; do
+  run "tollgate-$i-light" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$light" "x-api-key: bench-key"
+done
+
+echo
+echo "wrk -t$THREADS -c$CONNS -d$DURATION, $BODY-byte responses, $ROUNDS alternating rounds (light load: -c$light)"
+for i in "${!BINS[@]}"; do echo "tollgate-$i = ${BINS[$i]}"; done
+echo
+python3 - "$WORK/results" <<'PY'
+import collections, statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+by = collections.defaultdict(list)
+for r in rows:
+    by[r[0]].append(r)
+nginx = statistics.median(float(r[1]) for r in by["nginx"])
+print("| target | requests/s (median) | each run | ratio to nginx | p50 ms | p99 ms | syscalls/req | context switches/req | non-2xx |")
+print("|---|---|---|---|---|---|---|---|---|")
+for name, rs in by.items():
+    med = statistics.median(float(r[1]) for r in rs)
+    mid = sorted(rs, key=lambda r: float(r[1]))[len(rs) // 2]
+    base = nginx if not name.endswith("light") else statistics.median(float(r[1]) for r in by["nginx-light"])
+    print(f"| {name} | {med:.0f} | {', '.join(r[1] for r in rs)} | {med / base:.2f} | {mid[2]} | {mid[3]} | {mid[6]} | {mid[7]} | {sum(int(r[5]) for r in rs)} |")
+PY
