@@ -1,9 +1,15 @@
 //! The data plane: routing, proxying, API-key auth, rate limits, quotas and event emission.
 //!
-//! The request path never waits on analytics: events go through a bounded queue to a batching
-//! task (`events.rs`); quota state is read from memory and refreshed in the background
-//! (`quota_feed.rs`). When the query API or the bus is down, the gateway keeps routing with what
-//! it last knew, and says so in its logs and metrics.
+//! The data plane is a thread per core (`gateway.workers`), in the way nginx and Pingora are
+//! built: each worker thread runs its own single-threaded runtime, accepts on its own
+//! SO_REUSEPORT socket, forwards through its own upstream connection pool and buffers its own
+//! events, so a request stays on one thread from accept to record. What the workers share
+//! (routes, keys, rate limits, quota state) is read-mostly.
+//!
+//! The request path never waits on analytics: events go from the worker's buffer through a
+//! bounded queue to a batching task (`events.rs`); quota state is read from memory and
+//! refreshed in the background (`quota_feed.rs`). When the query API or the bus is down, the
+//! gateway keeps routing with what it last knew, and says so in its logs and metrics.
 
 pub mod auth;
 pub mod body;
