@@ -17,15 +17,11 @@ CONNS="${CONNS:-32}"
 for tool in wrk nginx curl; do
   command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl >/dev/null; break; }
 done
-BINS=("$@")
-if [ ${#BINS[@]} -eq 0 ]; then
-  cargo build --release --locked >&2
-  BINS=("$CARGO_TARGET_DIR/release/tollgate")
-fi
+. scripts/lib/services.sh
+bins_or_release "$@"
 WORK="$(mktemp -d)"
 cleanup() { kill $(jobs -p) 2>/dev/null || true; nginx -p "$WORK" -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-. scripts/lib/services.sh
 
 start_nginx_upstream
 

@@ -23,11 +23,8 @@ BODY="${BODY:-1024}"
 for tool in wrk nginx curl perf; do
   command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl linux-perf >/dev/null; break; }
 done
-BINS=("$@")
-if [ ${#BINS[@]} -eq 0 ]; then
-  cargo build --release --locked >&2
-  BINS=("$CARGO_TARGET_DIR/release/tollgate")
-fi
+. scripts/lib/services.sh
+bins_or_release "$@"
 WORK="$(mktemp -d)"
 cleanup() {
   kill $(jobs -p) 2>/dev/null || true
@@ -35,7 +32,6 @@ cleanup() {
   wait 2>/dev/null || true; rm -rf "$WORK"
 }
 trap cleanup EXIT
-. scripts/lib/services.sh
 
 # nginx_instance NAME WORKERS HTTP-BLOCK: an nginx of its own (pid file, logs) under $WORK/NAME.
 nginx_instance() {

@@ -67,3 +67,13 @@ ${1:-}
 NGINX
   nginx -p "$WORK" -c "$WORK/nginx.conf"
 }
+
+# bins_or_release BINARY...: sets BINS to the binaries given, or else to this tree's release
+# build (built now).
+bins_or_release() {
+  BINS=("$@")
+  if [ ${#BINS[@]} -eq 0 ]; then
+    cargo build --release --locked >&2
+    BINS=("$CARGO_TARGET_DIR/release/tollgate")
+  fi
+}
