@@ -60,17 +60,7 @@ proxy_pids() { pgrep -d, -P "$(cat "$WORK/proxy/nginx.pid")"; }
 TG_PORTS=(); TG_PIDS=()
 for i in "${!BINS[@]}"; do
   gw=$(port); api=$(port)
-  cat > "$WORK/tg$i.yaml" <<YAML
-gateway:
-  listen: 127.0.0.1:$gw
-  upstreams: { app: { targets: ["http://127.0.0.1:$UP"] } }
-  routes: [ { id: items, methods: [GET], path: "/v1/items/{id}", upstream: app } ]
-  auth: { api_key: { header: x-api-key } }
-consumers: [ { id: bench, plan: open, api_keys: ["sha256:$(printf bench-key | sha256sum | cut -d' ' -f1)"] } ]
-plans: { open: { rate_limit: { per_second: 10000000 }, quota: { requests: 1000000000000 },
-                 pricing: { currency: USD, charges: { default: { unit_price: "0.0001" } } } } }
-query_api: { listen: 127.0.0.1:$api }
-YAML
+  bench_config "$WORK/tg$i.yaml" "$gw" "$api"
   RUST_LOG=warn "${BINS[$i]}" up --config "$WORK/tg$i.yaml" --data-dir "$WORK/data$i" 2>"$WORK/tg$i.log" &
   TG_PIDS+=($!); TG_PORTS+=("$gw")
   wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$gw/v1/items/1" 60

@@ -3,8 +3,8 @@
 # run. Prints a Markdown table for BENCHMARKS.md.
 #
 #  1. Gateway throughput and added latency: wrk against an nginx upstream directly, through nginx
-#     as a reverse proxy (the baseline), and through the Tollgate gateway (API key checked,
-#     event emitted per request).
+#     as a reverse proxy (the baseline), and through the Tollgate gateway (API key, rate limit
+#     and quota checked, event emitted per request).
 #  2. Freshness: time from wrk's last response until /v1/usage counts every request.
 #  3. Collector throughput: the store is wiped and the collector re-reads the whole bus log;
 #     events/s until every event is queryable, and until every event is in Parquet files.
@@ -37,17 +37,7 @@ start_nginx_upstream "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
   server { listen 127.0.0.1:$PROXY;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
 
-KEY_HASH=$("$BIN" hash-key bench-key)
-cat > "$WORK/tollgate.yaml" <<YAML
-gateway:
-  listen: 127.0.0.1:$GW
-  upstreams: { app: { targets: ["http://127.0.0.1:$UP"] } }
-  routes: [ { id: items, methods: [GET], path: "/v1/items/{id}", upstream: app } ]
-  auth: { api_key: { header: x-api-key } }
-consumers: [ { id: bench, plan: open, api_keys: ["$KEY_HASH"] } ]
-plans: { open: { pricing: { currency: USD, charges: { default: { unit_price: "0.0001" } } } } }
-query_api: { listen: 127.0.0.1:$API }
-YAML
+bench_config "$WORK/tollgate.yaml" "$GW" "$API"
 RUST_LOG=warn "$BIN" up --config "$WORK/tollgate.yaml" --data-dir "$WORK/data" 2>"$WORK/tollgate.log" &
 TG_PID=$!
 for _ in $(seq 200); do curl -sf "http://127.0.0.1:$API/readyz" >/dev/null && break; sleep 0.05; done

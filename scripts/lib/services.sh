@@ -77,3 +77,20 @@ bins_or_release() {
     BINS=("$CARGO_TARGET_DIR/release/tollgate")
   fi
 }
+
+# bench_config FILE GATEWAY_PORT API_PORT: the configuration the gateway benchmarks load
+# `tollgate up` with: one route to the upstream on $UP, API-key auth (key `bench-key`), a rate
+# limit and a monthly quota too large to reach (so both are checked on every request), a price.
+bench_config() {
+  cat > "$1" <<YAML
+gateway:
+  listen: 127.0.0.1:$2
+  upstreams: { app: { targets: ["http://127.0.0.1:$UP"] } }
+  routes: [ { id: items, methods: [GET], path: "/v1/items/{id}", upstream: app } ]
+  auth: { api_key: { header: x-api-key } }
+consumers: [ { id: bench, plan: open, api_keys: ["sha256:$(printf bench-key | sha256sum | cut -d' ' -f1)"] } ]
+plans: { open: { rate_limit: { per_second: 10000000 }, quota: { requests: 1000000000000 },
+                 pricing: { currency: USD, charges: { default: { unit_price: "0.0001" } } } } }
+query_api: { listen: 127.0.0.1:$3 }
+YAML
+}
