@@ -79,25 +79,21 @@ run() {
     wrk -t"$THREADS" -c"$conns" -d"$DURATION" --latency "$url" > "$WORK/wrk.txt"
   fi
   kill -INT "$perf"; wait "$perf" 2>/dev/null || true
-  python3 - "$name" "$WORK/wrk.txt" "$WORK/perf.txt" >> "$WORK/results" <<'PY'
-import re, sys
-name, wrk, perf = sys.argv[1], open(sys.argv[2]).read(), open(sys.argv[3]).read()
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", wrk).group(1))
-def lat(p):
-    m = re.search(r"^\s+%s%%\s+([\d.]+)(us|ms|s)" % p, wrk, re.M)
-    v, u = float(m.group(1)), m.group(2)
-    return v / 1000 if u == "us" else v * 1000 if u == "s" else v
-total = int(re.search(r"(\d+) requests in", wrk).group(1))
-non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", wrk)
+  local summary per_request
+  summary=$(python3 scripts/lib/wrk_summary.py "$WORK/wrk.txt")
+  # System calls and context switches per request (the 4th field is the request count).
+  per_request=$(python3 - "$(cut -d' ' -f4 <<<"$summary")" "$WORK/perf.txt" <<'PY'
+import sys
+total, perf = int(sys.argv[1]), open(sys.argv[2]).read()
 counts = {}
 for line in perf.splitlines():
     f = line.split(",")
     if len(f) > 2 and f[0].strip().isdigit():
         counts[f[2]] = int(f[0])
-sc = counts.get("raw_syscalls:sys_enter", 0) / total
-cs = counts.get("context-switches", 0) / total
-print(f"{name} {rps:.0f} {lat(50):.3f} {lat(99):.3f} {total} {non2xx.group(1) if non2xx else 0} {sc:.2f} {cs:.2f}")
+print(f"{counts.get('raw_syscalls:sys_enter', 0) / total:.2f} {counts.get('context-switches', 0) / total:.2f}")
 PY
+)
+  echo "$name $summary $per_request" >> "$WORK/results"
 }
 
 for r in $(seq 1 "$ROUNDS"); do

@@ -46,19 +46,7 @@ run_wrk() { # name url [header]
   local out
   if [ -n "${3:-}" ]; then out=$(wrk -t2 -c"$CONNS" -d"$DURATION" --latency -H "$3" "$2"); else out=$(wrk -t2 -c"$CONNS" -d"$DURATION" --latency "$2"); fi
   echo "$out" > "$WORK/wrk-$1.txt"
-  python3 - "$1" "$WORK/wrk-$1.txt" <<'PY'
-import re, sys
-name, path = sys.argv[1], sys.argv[2]
-t = open(path).read()
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
-def lat(p):
-    m = re.search(r"^\s+%s%%\s+([\d.]+)(us|ms|s)" % p, t, re.M)
-    v, u = float(m.group(1)), m.group(2)
-    return v / 1000 if u == "us" else v * 1000 if u == "s" else v
-total = int(re.search(r"(\d+) requests in", t).group(1))
-non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
-print(f"{name} {rps:.0f} {lat(50):.3f} {lat(99):.3f} {total} {non2xx.group(1) if non2xx else 0}")
-PY
+  echo "$1 $(python3 scripts/lib/wrk_summary.py "$WORK/wrk-$1.txt")"
 }
 
 direct=$(run_wrk direct "http://127.0.0.1:$UP/v1/items/1")

@@ -51,13 +51,25 @@ struct LocalInner {
     sink: EventSink,
 }
 
+impl LocalInner {
+    /// Hands events to the shared queue.
+    fn send(&self, events: Vec<RequestEvent>) {
+        for ev in events {
+            self.sink.emit(ev);
+        }
+    }
+
+    /// What `buf` holds, leaving it empty with room for a batch.
+    fn take(&self, buf: &mut Vec<RequestEvent>) -> Vec<RequestEvent> {
+        std::mem::replace(buf, Vec::with_capacity(self.batch))
+    }
+}
+
 impl Drop for LocalInner {
     /// Whatever is still buffered when the last handle goes is handed on, not lost.
     fn drop(&mut self) {
         let events = std::mem::take(self.buf.get_mut().unwrap_or_else(|p| p.into_inner()));
-        for ev in events {
-            self.sink.emit(ev);
-        }
+        self.send(events);
     }
 }
 
@@ -82,18 +94,17 @@ impl LocalSink {
             if buf.len() == 1 {
                 self.inner.first.notify_one();
             }
-            (buf.len() >= self.inner.batch)
-                .then(|| std::mem::replace(&mut *buf, Vec::with_capacity(self.inner.batch)))
+            (buf.len() >= self.inner.batch).then(|| self.inner.take(&mut buf))
         };
         if let Some(events) = full {
-            self.send(events);
+            self.inner.send(events);
         }
     }
 
     /// Moves what is buffered to the shared queue.
     pub fn flush(&self) {
-        let events = std::mem::replace(&mut *self.buf(), Vec::with_capacity(self.inner.batch));
-        self.send(events);
+        let events = self.inner.take(&mut self.buf());
+        self.inner.send(events);
     }
 
     /// Flushes `linger` after each first event, until `stop`; then flushes what is left.
@@ -114,12 +125,6 @@ impl LocalSink {
 
     fn buf(&self) -> std::sync::MutexGuard<'_, Vec<RequestEvent>> {
         self.inner.buf.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn send(&self, events: Vec<RequestEvent>) {
-        for ev in events {
-            self.inner.sink.emit(ev);
-        }
     }
 }
 

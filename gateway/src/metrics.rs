@@ -28,7 +28,7 @@ pub struct DropLabels {
 /// One route's request counters (by outcome, in `Outcome::ALL` order) and latency histogram.
 #[derive(Clone, Debug)]
 pub struct RouteMetrics {
-    pub requests: [Counter; 8],
+    pub requests: [Counter; tollgate_schemas::Outcome::ALL.len()],
     pub duration: Histogram,
 }
 

@@ -164,9 +164,7 @@ impl Worker {
         };
 
         // Phase 1: route.
-        let Some((index, route)) = shared
-            .router
-            .find_indexed(req.method().as_str(), req.uri().path())
+        let Some((index, route)) = shared.router.find(req.method().as_str(), req.uri().path())
         else {
             return reject(
                 event,

@@ -34,9 +34,4 @@ impl Recorder {
         metrics.observe(event.outcome, elapsed.as_secs_f64());
         self.events.emit(event);
     }
-
-    /// The worker's event buffer.
-    pub fn events(&self) -> &LocalSink {
-        &self.events
-    }
 }

@@ -33,13 +33,8 @@ impl Router {
         Ok(Router { paths, routes })
     }
 
-    /// The route for `method` and `path`, if any.
-    pub fn find(&self, method: &str, path: &str) -> Option<&RouteConfig> {
-        self.find_indexed(method, path).map(|(_, r)| r)
-    }
-
-    /// The route for `method` and `path` with its position in the configuration.
-    pub fn find_indexed(&self, method: &str, path: &str) -> Option<(usize, &RouteConfig)> {
+    /// The route for `method` and `path`, if any, with its position in the configuration.
+    pub fn find(&self, method: &str, path: &str) -> Option<(usize, &RouteConfig)> {
         let m = self.paths.at(path).ok()?;
         m.value
             .iter()
@@ -78,13 +73,13 @@ mod tests {
             route("lower", &["delete"], "/lower"),
         ])
         .unwrap();
-        assert_eq!(r.find("DELETE", "/lower").unwrap().id, "lower");
-        assert_eq!(r.find("GET", "/v1/orders").unwrap().id, "list");
-        assert_eq!(r.find("POST", "/v1/orders").unwrap().id, "create");
-        assert_eq!(r.find("GET", "/v1/orders/42").unwrap().id, "get");
+        assert_eq!(r.find("DELETE", "/lower").unwrap().1.id, "lower");
+        assert_eq!(r.find("GET", "/v1/orders").unwrap().1.id, "list");
+        assert_eq!(r.find("POST", "/v1/orders").unwrap().1.id, "create");
+        assert_eq!(r.find("GET", "/v1/orders/42").unwrap().1.id, "get");
         assert!(r.find("DELETE", "/v1/orders/42").is_none());
         assert!(r.find("GET", "/v1/orders/42/items").is_none());
-        assert_eq!(r.find("PUT", "/files/a/b/c").unwrap().id, "files");
+        assert_eq!(r.find("PUT", "/files/a/b/c").unwrap().1.id, "files");
         assert!(r.find("GET", "/nope").is_none());
     }
 
