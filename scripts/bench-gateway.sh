@@ -5,11 +5,20 @@
 #   - nginx as a reverse proxy (worker_processes auto, keep-alive upstream pool): the baseline;
 #   - `tollgate up` with API-key auth, a rate limit, a quota and one event per request, for each
 #     binary given (say the last commit's build and this tree's), so before and after are
-#     measured side by side.
+#     measured side by side;
+#   - the last binary as `tollgate gateway`, the gateway as its own process (target `gateway`):
+#     the same configuration, its events produced to a Kafka-protocol broker (tansu, memory
+#     storage, on the same cores), no collector, store or query API running (quota state from
+#     the configuration). That binary must be built with `--features scaled`; STANDALONE=0
+#     leaves this target out.
 # The upstream is a separate nginx (one worker) answering BODY bytes. Runs alternate (baseline,
 # then each binary) for ROUNDS rounds. Each run also counts, with `perf stat`, the system calls
 # and context switches of the proxy's processes (nginx's workers, Tollgate's process) per request.
-# Last, one run per target with a quarter of the connections: latency under a lighter load.
+# Then one run per target with a quarter of the connections: latency under a lighter load.
+# Last, the latency each proxy adds at a fixed rate: examples/open_loop.rs sends RATE requests/s
+# (default: half the last Tollgate target's median requests/s above) on a schedule, to nginx and
+# to every target, and measures from each request's scheduled time (no coordinated omission);
+# "added p99" is a target's p99 minus nginx's at the same rate.
 #
 # Usage: ROUNDS=3 DURATION=10s scripts/bench-gateway.sh [BINARY...]
 set -euo pipefail
@@ -25,8 +34,11 @@ for tool in wrk nginx curl perf; do
 done
 . scripts/lib/services.sh
 bins_or_release "$@"
+cargo build --release --locked --example open_loop >&2
+OPEN_LOOP="$CARGO_TARGET_DIR/release/examples/open_loop"
 WORK="$(mktemp -d)"
 cleanup() {
+  [ -s "$WORK/gw.log" ] && { echo "tollgate gateway's log:" >&2; tail -5 "$WORK/gw.log" >&2; }
   kill $(jobs -p) 2>/dev/null || true
   for c in upstream proxy; do nginx -p "$WORK/$c" -c "$WORK/$c/nginx.conf" -s stop 2>/dev/null || true; done
   wait 2>/dev/null || true; rm -rf "$WORK"
@@ -65,6 +77,16 @@ for i in "${!BINS[@]}"; do
   TG_PIDS+=($!); TG_PORTS+=("$gw")
   wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$gw/v1/items/1" 60
 done
+TARGETS=(); for i in "${!BINS[@]}"; do TARGETS+=("tollgate-$i"); done
+if [ "${STANDALONE:-1}" = 1 ]; then
+  start_tansu
+  gw=$(port); api=$(port)
+  bench_config "$WORK/gw.yaml" "$gw" "$api"
+  echo "bus: { kind: kafka, brokers: \"127.0.0.1:$KAFKA\", topic: bench, partitions: 12 }" >> "$WORK/gw.yaml"
+  RUST_LOG=error "${BINS[-1]}" gateway --config "$WORK/gw.yaml" --data-dir "$WORK/data-gw" 2>"$WORK/gw.log" &
+  TG_PIDS+=($!); TG_PORTS+=("$gw"); TARGETS+=("gateway")
+  wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$gw/v1/items/1" 60
+fi
 
 # run NAME URL PIDS CONNS [HEADER]: one wrk run with perf stat on PIDS; appends a result line
 # "name rps p50_ms p99_ms requests non2xx syscalls_per_req cs_per_req" to $WORK/results.
@@ -99,20 +121,34 @@ PY
 for r in $(seq 1 "$ROUNDS"); do
   echo "round $r of $ROUNDS" >&2
   run nginx "http://127.0.0.1:$PROXY/v1/items/1" "$(proxy_pids)" "$CONNS"
-  for i in "${!BINS[@]}"; do
-    run "tollgate-$i" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$CONNS" "x-api-key: bench-key"
+  for i in "${!TARGETS[@]}"; do
+    run "${TARGETS[$i]}" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$CONNS" "x-api-key: bench-key"
   done
 done
 # Latency at a lighter load: a quarter of the connections.
 light=$((CONNS / 4 > 0 ? CONNS / 4 : 1))
 run nginx-light "http://127.0.0.1:$PROXY/v1/items/1" "$(proxy_pids)" "$light"
-for i in "${!BINS[@]}"; do
-  run "tollgate-$i-light" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$light" "x-api-key: bench-key"
+for i in "${!TARGETS[@]}"; do
+  run "${TARGETS[$i]}-light" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$light" "x-api-key: bench-key"
+done
+
+# Open loop at half the last target's maximum.
+RATE="${RATE:-$(python3 - "$WORK/results" "${TARGETS[-1]}" <<'PY'
+import statistics, sys
+rps = [float(l.split()[1]) for l in open(sys.argv[1]) if l.split()[0] == sys.argv[2]]
+print(int(statistics.median(rps) / 2))
+PY
+)}"
+secs="${DURATION%s}"
+"$OPEN_LOOP" "http://127.0.0.1:$PROXY/v1/items/1" "$RATE" "$secs" "$CONNS" > "$WORK/open-nginx"
+for i in "${!TARGETS[@]}"; do
+  "$OPEN_LOOP" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "$RATE" "$secs" "$CONNS" "x-api-key: bench-key" > "$WORK/open-${TARGETS[$i]}"
 done
 
 echo
 echo "wrk -t$THREADS -c$CONNS -d$DURATION, $BODY-byte responses, $ROUNDS alternating rounds (light load: -c$light)"
-for i in "${!BINS[@]}"; do echo "tollgate-$i = ${BINS[$i]}"; done
+for i in "${!BINS[@]}"; do echo "tollgate-$i = ${BINS[$i]} (tollgate up)"; done
+[ "${STANDALONE:-1}" = 1 ] && echo "gateway = ${BINS[-1]} (tollgate gateway, events to tansu)"
 echo
 python3 - "$WORK/results" <<'PY'
 import collections, statistics, sys
@@ -128,4 +164,20 @@ for name, rs in by.items():
     mid = sorted(rs, key=lambda r: float(r[1]))[len(rs) // 2]
     base = nginx if not name.endswith("light") else statistics.median(float(r[1]) for r in by["nginx-light"])
     print(f"| {name} | {med:.0f} | {', '.join(r[1] for r in rs)} | {med / base:.2f} | {mid[2]} | {mid[3]} | {mid[6]} | {mid[7]} | {sum(int(r[5]) for r in rs)} |")
+PY
+
+echo
+echo "open loop at $RATE requests/s for ${secs} s over $CONNS connections (examples/open_loop.rs), latency from the scheduled time:"
+echo
+python3 - "$WORK" nginx "${TARGETS[@]}" <<'PY'
+import sys
+work, names = sys.argv[1], sys.argv[2:]
+rows = {n: open(f"{work}/open-{n}").read().split() for n in names}
+base = float(rows["nginx"][7])
+print("| target | sent | achieved requests/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | non-2xx + errors | added p99 ms |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for n in names:
+    r = rows[n]
+    added = "" if n == "nginx" else f"{float(r[7]) - base:.3f}"
+    print(f"| {n} | {r[0]} | {r[4]} | {r[5]} | {r[6]} | {r[7]} | {r[8]} | {r[9]} | {int(r[2]) + int(r[3])} | {added} |")
 PY

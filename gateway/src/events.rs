@@ -1,8 +1,11 @@
-//! Event emission off the request path: `try_send` into a bounded queue (a full queue drops the
-//! event and counts it — the request never waits), and one task that drains the queue in batches
-//! and publishes them to the bus, retrying transient failures with backoff.
+//! Event emission off the request path. Each worker thread buffers its finished requests'
+//! events (`LocalSink`) and hands them over a batch at a time (`EventSink`) to one task that
+//! encodes and publishes them to the bus, retrying transient failures with backoff. Handing over
+//! never blocks: the queue holds at most `queue_capacity` events, and what does not fit is
+//! dropped and counted, so the request never waits.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,24 +15,47 @@ use tollgate_schemas::RequestEvent;
 
 use crate::metrics::GatewayMetrics;
 
-/// The request path's handle: never blocks.
+/// The handle worker threads hand batches to: never blocks.
 #[derive(Clone)]
 pub struct EventSink {
-    tx: mpsc::Sender<RequestEvent>,
+    tx: mpsc::UnboundedSender<Vec<RequestEvent>>,
+    /// Events queued and not yet taken by the publisher; bounded by `capacity`.
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
     metrics: GatewayMetrics,
 }
 
 impl EventSink {
-    /// Queues an event, or drops and counts it when the queue is full.
-    pub fn emit(&self, ev: RequestEvent) {
-        if self.tx.try_send(ev).is_err() {
-            self.metrics
-                .events_dropped
-                .get_or_create(&crate::metrics::DropLabels {
-                    reason: "queue_full",
-                })
-                .inc();
+    /// Queues a batch (one wake-up of the publisher at most), dropping and counting the events
+    /// that do not fit.
+    pub fn emit_batch(&self, mut events: Vec<RequestEvent>) {
+        if events.is_empty() {
+            return;
         }
+        let n = events.len();
+        let before = self.queued.fetch_add(n, Ordering::AcqRel);
+        let room = self.capacity.saturating_sub(before);
+        if room < n {
+            self.queued.fetch_sub(n - room, Ordering::AcqRel);
+            events.truncate(room);
+            self.count_dropped("queue_full", (n - room) as u64);
+        }
+        if events.is_empty() {
+            return;
+        }
+        let kept = events.len();
+        if self.tx.send(events).is_err() {
+            // The publisher is gone (shutting down after its last sender): nothing can send.
+            self.queued.fetch_sub(kept, Ordering::AcqRel);
+            self.count_dropped("queue_full", kept as u64);
+        }
+    }
+
+    fn count_dropped(&self, reason: &'static str, n: u64) {
+        self.metrics
+            .events_dropped
+            .get_or_create(&crate::metrics::DropLabels { reason })
+            .inc_by(n);
     }
 }
 
@@ -54,9 +80,7 @@ struct LocalInner {
 impl LocalInner {
     /// Hands events to the shared queue.
     fn send(&self, events: Vec<RequestEvent>) {
-        for ev in events {
-            self.sink.emit(ev);
-        }
+        self.sink.emit_batch(events);
     }
 
     /// What `buf` holds, leaving it empty with room for a batch.
@@ -136,19 +160,31 @@ pub fn channel(
     bus: Arc<dyn Publisher>,
     metrics: GatewayMetrics,
 ) -> (EventSink, impl std::future::Future<Output = ()>) {
-    let (tx, mut rx) = mpsc::channel::<RequestEvent>(capacity);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<RequestEvent>>();
+    let queued = Arc::new(AtomicUsize::new(0));
     let sink = EventSink {
         tx,
+        queued: queued.clone(),
+        capacity,
         metrics: metrics.clone(),
     };
     let task = async move {
         let mut buf = Vec::with_capacity(batch_max);
-        loop {
-            // Zero only once every sender is dropped and the queue is empty.
-            if rx.recv_many(&mut buf, batch_max).await == 0 {
-                break;
+        let mut batches = Vec::new();
+        // `None` only once every sender is dropped and the queue is empty.
+        while rx.recv_many(&mut batches, 64).await > 0 {
+            for batch in batches.drain(..) {
+                queued.fetch_sub(batch.len(), Ordering::AcqRel);
+                for ev in batch {
+                    buf.push(ev);
+                    if buf.len() >= batch_max {
+                        publish_with_retry(&*bus, &mut buf, &metrics).await;
+                    }
+                }
             }
-            publish_with_retry(&*bus, &mut buf, &metrics).await;
+            if !buf.is_empty() {
+                publish_with_retry(&*bus, &mut buf, &metrics).await;
+            }
         }
         // Backends that deliver in the background (Kafka) get a bounded time to finish.
         if let Err(e) = bus.flush(Duration::from_secs(30)).await {
@@ -194,5 +230,74 @@ async fn publish_with_retry(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tollgate_bus::BusError;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<Record>>);
+
+    #[async_trait::async_trait]
+    impl Publisher for Collect {
+        async fn publish(&self, records: Vec<Record>) -> Result<(), BusError> {
+            self.0.lock().unwrap().extend(records);
+            Ok(())
+        }
+    }
+
+    fn event(n: u64) -> RequestEvent {
+        let ts = chrono::DateTime::from_timestamp_micros(1_764_000_000_000_000).unwrap();
+        RequestEvent {
+            v: 1,
+            id: uuid::Uuid::now_v7(),
+            ts,
+            gateway: "gw".into(),
+            route: None,
+            method: "GET".into(),
+            path: "/".into(),
+            status: 404,
+            latency_us: n,
+            upstream_latency_us: None,
+            req_bytes: 0,
+            resp_bytes: 0,
+            consumer: None,
+            plan: None,
+            outcome: tollgate_schemas::Outcome::NotFound,
+            billable: false,
+            trace_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_what_does_not_fit_and_publishes_the_rest_in_order() {
+        let bus = Arc::new(Collect::default());
+        let metrics = GatewayMetrics::register(&mut Default::default());
+        let (sink, task) = channel(5, 2, bus.clone(), metrics.clone());
+        sink.emit_batch((0..3).map(event).collect());
+        sink.emit_batch((3..6).map(event).collect());
+        sink.emit_batch((6..7).map(event).collect());
+        drop(sink);
+        task.await;
+        let got: Vec<u64> = bus
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| RequestEvent::from_json(&r.payload).unwrap().latency_us)
+            .collect();
+        assert_eq!(got, [0, 1, 2, 3, 4]);
+        assert_eq!(metrics.events_published.get(), 5);
+        let dropped = metrics
+            .events_dropped
+            .get_or_create(&crate::metrics::DropLabels {
+                reason: "queue_full",
+            })
+            .get();
+        assert_eq!(dropped, 2);
     }
 }

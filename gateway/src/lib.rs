@@ -63,7 +63,31 @@ pub struct Shared {
     api_key_header: Option<HeaderName>,
     rate_limits: limits::RateLimits,
     quota: Arc<limits::QuotaState>,
-    upstreams: HashMap<String, proxy::Upstream>,
+    /// Each route's upstream, by the route's position in the configuration.
+    route_upstreams: Vec<Arc<proxy::Upstream>>,
+}
+
+/// Each route's upstream, in route order; routes of one upstream share it (and its round robin).
+fn route_upstreams(config: &GatewayConfig) -> Result<Vec<Arc<proxy::Upstream>>, GatewayError> {
+    let mut by_name = HashMap::new();
+    for (name, u) in &config.upstreams {
+        let upstream = proxy::Upstream::new(u)
+            .map_err(|e| GatewayError::Config(format!("gateway.upstreams.{name}: {e}")))?;
+        by_name.insert(name.as_str(), Arc::new(upstream));
+    }
+    config
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            by_name.get(r.upstream.as_str()).cloned().ok_or_else(|| {
+                GatewayError::Config(format!(
+                    "gateway.routes[{i}].upstream: `{}` is not a configured upstream",
+                    r.upstream
+                ))
+            })
+        })
+        .collect()
 }
 
 /// A gateway bound to its listeners, ready to serve.
@@ -182,11 +206,7 @@ impl Gateway {
             api_key_header,
             rate_limits: limits::RateLimits::new(consumers, plans),
             quota,
-            upstreams: config
-                .upstreams
-                .iter()
-                .map(|(k, v)| (k.clone(), proxy::Upstream::new(v)))
-                .collect(),
+            route_upstreams: route_upstreams(&config)?,
         });
         Ok(Gateway {
             listeners,

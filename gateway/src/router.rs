@@ -42,7 +42,7 @@ impl Router {
             .find(|(_, r)| r.methods.is_empty() || r.methods.iter().any(|x| x == method))
     }
 
-    /// Route ids in configuration order (the positions `find_indexed` returns).
+    /// Route ids in configuration order (the positions `find` returns).
     pub fn ids(&self) -> impl Iterator<Item = &str> {
         self.routes.iter().map(|r| r.id.as_str())
     }

@@ -78,13 +78,15 @@ bins_or_release() {
   fi
 }
 
-# bench_config FILE GATEWAY_PORT API_PORT: the configuration the gateway benchmarks load
-# `tollgate up` with: one route to the upstream on $UP, API-key auth (key `bench-key`), a rate
-# limit and a monthly quota too large to reach (so both are checked on every request), a price.
+# bench_config FILE GATEWAY_PORT API_PORT [ADMIN_PORT]: the configuration the gateway benchmarks
+# load `tollgate up` (or `tollgate gateway`, which also needs ADMIN_PORT) with: one route to the
+# upstream on $UP, API-key auth (key `bench-key`), a rate limit and a monthly quota too large to
+# reach (so both are checked on every request), a price.
 bench_config() {
   cat > "$1" <<YAML
 gateway:
   listen: 127.0.0.1:$2
+  admin_listen: 127.0.0.1:${4:-$(port)}
   upstreams: { app: { targets: ["http://127.0.0.1:$UP"] } }
   routes: [ { id: items, methods: [GET], path: "/v1/items/{id}", upstream: app } ]
   auth: { api_key: { header: x-api-key } }

@@ -289,7 +289,12 @@ async fn clickhouse_store_passes_every_case() {
 }
 
 fn case_files() -> Vec<std::path::PathBuf> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases");
+    // The runner's CARGO_MANIFEST_DIR first: a test binary built in another checkout and found
+    // fresh would carry that checkout's path in `env!`.
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+        .join("tests/cases");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .flatten()

@@ -1,0 +1,179 @@
+//! An open-loop HTTP/1.1 load generator: requests are sent on a fixed schedule (RATE per second
+//! over CONNS keep-alive connections, connection `k` taking every CONNS-th slot), whatever the
+//! server's speed, and each latency runs from the request's *scheduled* time to the end of its
+//! response. A server that falls behind therefore shows its queueing in the latencies instead of
+//! slowing the load down (closed-loop tools such as wrk do the latter: "coordinated omission").
+//! `scripts/bench-gateway.sh` uses it for the latency a proxy adds at a given rate.
+//!
+//! The schedule is kept with tokio's timer (1 ms resolution): requests due within the same
+//! millisecond leave together, which every target measured at the same rate pays alike. The
+//! timer's own lateness is not counted: a request sent on time is measured from when it was
+//! sent, one sent late because its connection was still waiting for an earlier answer from its
+//! scheduled time.
+//!
+//! Usage: `open_loop URL RATE SECONDS CONNS [HEADER: VALUE]`; prints one line:
+//! `sent ok non2xx errors achieved_rate p50_ms p90_ms p99_ms p999_ms max_ms`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+#[derive(Default)]
+struct Tally {
+    /// Microseconds to the response's last byte, for answered requests.
+    latencies_us: Vec<u64>,
+    ok: u64,
+    non2xx: u64,
+    errors: u64,
+}
+
+async fn connection(
+    url: http::Uri,
+    header: Option<(http::HeaderName, http::HeaderValue)>,
+    first: u64,
+    step: u64,
+    interval: Duration,
+    start: Instant,
+    end: Instant,
+) -> anyhow::Result<Tally> {
+    let authority = url.authority().expect("URL has host:port").clone();
+    let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+    stream.set_nodelay(true)?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut tally = Tally::default();
+    let mut slot = first;
+    loop {
+        let due = start + interval * u32::try_from(slot).expect("slot fits");
+        if due >= end {
+            break;
+        }
+        // Measured from the scheduled time when this connection is behind its schedule (the
+        // server's queueing), else from when the timer woke us (its lateness is ours).
+        let from = if Instant::now() < due {
+            tokio::time::sleep_until(due).await;
+            Instant::now()
+        } else {
+            due
+        };
+        let mut req = http::Request::get(url.clone())
+            .header(http::header::HOST, authority.as_str())
+            .body(Empty::new())?;
+        if let Some((k, v)) = &header {
+            req.headers_mut().insert(k.clone(), v.clone());
+        }
+        let answered = match sender.ready().await {
+            Ok(()) => match sender.send_request(req).await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    resp.into_body().collect().await.ok().map(|_| status)
+                }
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
+        match answered {
+            Some(status) => {
+                tally
+                    .latencies_us
+                    .push(Instant::now().duration_since(from).as_micros() as u64);
+                if status.is_success() {
+                    tally.ok += 1;
+                } else {
+                    tally.non2xx += 1;
+                }
+            }
+            None => {
+                // The connection is gone: count what is left of its schedule as errors.
+                tally.errors +=
+                    (end.duration_since(due).as_nanos() / interval.as_nanos()) as u64 / step + 1;
+                break;
+            }
+        }
+        slot += step;
+    }
+    Ok(tally)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    anyhow::ensure!(
+        (5..=6).contains(&args.len()),
+        "usage: open_loop URL RATE SECONDS CONNS ['HEADER: VALUE']"
+    );
+    let url: http::Uri = args[1].parse()?;
+    let rate: f64 = args[2].parse()?;
+    let seconds: f64 = args[3].parse()?;
+    let conns: u64 = args[4].parse()?;
+    anyhow::ensure!(
+        rate > 0.0 && seconds > 0.0 && conns > 0,
+        "RATE, SECONDS and CONNS must be positive"
+    );
+    let header = match args.get(5) {
+        Some(h) => {
+            let (k, v) = h
+                .split_once(':')
+                .ok_or_else(|| anyhow::anyhow!("header `{h}` is not `name: value`"))?;
+            Some((k.trim().parse()?, v.trim().parse()?))
+        }
+        None => None,
+    };
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let tally = runtime.block_on(async move {
+        // Connections start a little ahead of the schedule, so connecting is not measured.
+        let start = Instant::now() + Duration::from_millis(200);
+        let end = start + Duration::from_secs_f64(seconds);
+        let tasks: Vec<_> = (0..conns)
+            .map(|k| {
+                tokio::spawn(connection(
+                    url.clone(),
+                    header.clone(),
+                    k,
+                    conns,
+                    interval,
+                    start,
+                    end,
+                ))
+            })
+            .collect();
+        let mut all = Tally::default();
+        for t in tasks {
+            let t = t.await??;
+            all.latencies_us.extend(t.latencies_us);
+            all.ok += t.ok;
+            all.non2xx += t.non2xx;
+            all.errors += t.errors;
+        }
+        anyhow::Ok(all)
+    })?;
+    let mut l = tally.latencies_us;
+    l.sort_unstable();
+    let q = |p: f64| -> f64 {
+        if l.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((p * l.len() as f64).ceil() as usize).clamp(1, l.len()) - 1;
+        l[i] as f64 / 1000.0
+    };
+    let sent = tally.ok + tally.non2xx + tally.errors;
+    println!(
+        "{sent} {} {} {} {:.0} {:.3} {:.3} {:.3} {:.3} {:.3}",
+        tally.ok,
+        tally.non2xx,
+        tally.errors,
+        (tally.ok + tally.non2xx) as f64 / seconds,
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        q(0.999),
+        q(1.0)
+    );
+    Ok(())
+}
