@@ -33,3 +33,19 @@ pub fn limit_arenas() {
         }
     }
 }
+
+/// Hands memory freed during start-up back to the system. Reading a large configuration
+/// (100,000 consumers: a 12 MB YAML file, parsed into a tree of events first) frees tens of
+/// megabytes that glibc keeps in its arenas; without this, they stay in the process's RSS.
+/// A no-op on other C libraries.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: `malloc_trim` only returns free pages of glibc's heaps to the kernel; it
+        // takes the arenas' locks itself and is safe to call from any thread at any time.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+}

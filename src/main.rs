@@ -246,6 +246,7 @@ async fn gateway(mut config: Config) -> anyhow::Result<()> {
         stop.clone(),
     )
     .await?;
+    alloc::release_free_memory();
     eprintln!(
         "tollgate gateway listening on http://{}",
         gateway.local_addr()
@@ -308,7 +309,7 @@ async fn collector(config: Config) -> anyhow::Result<()> {
     result.context("collector task")?
 }
 
-async fn query_api(config: Config) -> anyhow::Result<()> {
+async fn query_api(mut config: Config) -> anyhow::Result<()> {
     let store = config.store.open().await.map_err(store_error)?;
     let listener = tollgate_query_api::bind(&config.query_api)
         .await
@@ -317,11 +318,12 @@ async fn query_api(config: Config) -> anyhow::Result<()> {
     let state = tollgate_query_api::AppState::new(
         &config.query_api,
         store.query.clone(),
-        config.consumers.clone(),
+        std::mem::take(&mut config.consumers),
         config.plans.clone(),
         Registry::default(),
     )
     .map_err(ConfigError)?;
+    alloc::release_free_memory();
     let stop = CancellationToken::new();
     let serving = tokio::spawn(tollgate_query_api::serve(
         listener,
@@ -404,14 +406,17 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
     .await?;
     let gateway_addr = gateway.local_addr();
 
+    // The gateway is built: the consumers move to the query API (with 100,000 of them, a copy
+    // is tens of megabytes).
     let state = tollgate_query_api::AppState::new(
         &config.query_api,
         store.query.clone(),
-        config.consumers.clone(),
+        std::mem::take(&mut config.consumers),
         config.plans.clone(),
         registry,
     )
     .map_err(ConfigError)?;
+    alloc::release_free_memory();
     let stop_api = CancellationToken::new();
     let api = tokio::spawn(tollgate_query_api::serve(
         api_listener,

@@ -1,6 +1,7 @@
 //! API-key authentication of the request path: the consumer key table of
 //! `tollgate_schemas::keys` (sha256, constant-time, no early exit), granting an identity.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tollgate_schemas::config::Consumer;
@@ -10,7 +11,10 @@ use tollgate_schemas::keys;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub consumer: Arc<str>,
+    /// Shared by every consumer of the plan.
     pub plan: Arc<str>,
+    /// The consumer's position in the configuration: what per-consumer state is indexed by.
+    pub index: usize,
 }
 
 /// Every consumer key, granting that consumer's identity.
@@ -21,9 +25,16 @@ pub struct KeyTable {
 impl KeyTable {
     /// Builds the table; consumers were validated with the configuration.
     pub fn new(consumers: &[Consumer]) -> Result<KeyTable, String> {
-        let keys = keys::KeyTable::for_consumers(consumers, |c| Identity {
+        let mut plans: HashMap<&str, Arc<str>> = HashMap::new();
+        for c in consumers {
+            plans
+                .entry(&c.plan)
+                .or_insert_with(|| c.plan.as_str().into());
+        }
+        let keys = keys::KeyTable::for_consumers(consumers, |index, c| Identity {
             consumer: c.id.as_str().into(),
-            plan: c.plan.as_str().into(),
+            plan: plans[c.plan.as_str()].clone(),
+            index,
         })?;
         Ok(KeyTable { keys })
     }
@@ -57,6 +68,7 @@ mod tests {
         let t = KeyTable::new(&consumers).unwrap();
         assert_eq!(&*t.authenticate(b"k-acme").unwrap().consumer, "acme");
         assert_eq!(&*t.authenticate(b"k-zeta-2").unwrap().plan, "free");
+        assert_eq!(t.authenticate(b"k-zeta").unwrap().index, 1);
         assert!(t.authenticate(b"k-nobody").is_none());
         assert!(t.authenticate(b"").is_none());
     }

@@ -15,9 +15,10 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tollgate_schemas::config::{Consumer, Plan};
 
-/// Token buckets per consumer.
+/// Token buckets per consumer, by the consumer's position in the configuration (no name is
+/// hashed on the request path).
 pub struct RateLimits {
-    limiters: HashMap<String, DefaultDirectRateLimiter>,
+    limiters: Vec<Option<DefaultDirectRateLimiter>>,
     clock: DefaultClock,
 }
 
@@ -26,26 +27,26 @@ impl RateLimits {
         consumers: &[Consumer],
         plans: &std::collections::BTreeMap<String, Plan>,
     ) -> RateLimits {
-        let mut limiters = HashMap::new();
-        for c in consumers {
-            if let Some(rl) = plans.get(&c.plan).and_then(|p| p.rate_limit.as_ref()) {
+        let limiters = consumers
+            .iter()
+            .map(|c| {
+                let rl = plans.get(&c.plan)?.rate_limit.as_ref()?;
                 let per_second = NonZeroU32::new(rl.per_second).unwrap_or(NonZeroU32::MIN);
                 let burst = rl.burst.and_then(NonZeroU32::new).unwrap_or(per_second);
-                limiters.insert(
-                    c.id.clone(),
-                    RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
-                );
-            }
-        }
+                Some(RateLimiter::direct(
+                    Quota::per_second(per_second).allow_burst(burst),
+                ))
+            })
+            .collect();
         RateLimits {
             limiters,
             clock: DefaultClock::default(),
         }
     }
 
-    /// `Err(wait)` when `consumer` is over its rate limit.
-    pub fn check(&self, consumer: &str) -> Result<(), Duration> {
-        match self.limiters.get(consumer) {
+    /// `Err(wait)` when the consumer at `index` is over its rate limit.
+    pub fn check(&self, index: usize) -> Result<(), Duration> {
+        match self.limiters.get(index).and_then(Option::as_ref) {
             None => Ok(()),
             Some(l) => l
                 .check()
@@ -56,15 +57,26 @@ impl RateLimits {
 
 pub use tollgate_schemas::quota::{QuotaEntry, QuotaSnapshot};
 
+/// What one period's entries share (every consumer of a plan, usually): held once, not per
+/// consumer, so the state of 100,000 consumers stays a few megabytes.
+#[derive(Debug, PartialEq, Eq)]
+struct Period {
+    plan: Option<String>,
+    name: String,
+    /// As received (RFC 3339), for the state kept on disk.
+    end_text: String,
+    end: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 struct Known {
-    /// `entry.limit`, present (entries without one are not kept).
+    /// The entry's limit, present (entries without one are not kept).
     limit: u64,
+    /// Billable requests the store had counted at the last update.
+    used: u64,
     /// Billable requests this gateway admitted that the store had not counted at the last
     /// update. Shared with the entry that replaces this one (see `QuotaState::update`).
     admitted_since: Arc<AtomicU64>,
-    period_end: Option<chrono::DateTime<chrono::Utc>>,
-    /// As received (its `used` is what the store had counted), kept on disk too.
-    entry: QuotaEntry,
+    period: Arc<Period>,
 }
 
 impl Known {
@@ -73,15 +85,39 @@ impl Known {
     /// counted since (`used` grew by it), so requests still on their way through the bus
     /// stay counted. Taking the growth off this gateway's count is exact with one gateway;
     /// with several, the others' requests are taken off too, which can only let a consumer
-    /// overshoot by what is in flight, never stop it early.
-    fn of(entry: QuotaEntry, previous: Option<&Known>) -> Option<Arc<Known>> {
+    /// overshoot by what is in flight, never stop it early. `periods` holds the periods seen
+    /// in this update, so that entries share them.
+    fn of(
+        entry: QuotaEntry,
+        previous: Option<&Known>,
+        periods: &mut Vec<Arc<Period>>,
+    ) -> Option<Arc<Known>> {
         let limit = entry.limit?;
-        let period_end = chrono::DateTime::parse_from_rfc3339(&entry.period_end)
-            .ok()
-            .map(|t| t.with_timezone(&chrono::Utc));
+        let same = |p: &Period| {
+            p.plan == entry.plan && p.name == entry.period && p.end_text == entry.period_end
+        };
+        let period = match previous
+            .map(|k| &k.period)
+            .filter(|p| same(p))
+            .or_else(|| periods.iter().find(|p| same(p)))
+        {
+            Some(p) => p.clone(),
+            None => {
+                let p = Arc::new(Period {
+                    end: chrono::DateTime::parse_from_rfc3339(&entry.period_end)
+                        .ok()
+                        .map(|t| t.with_timezone(&chrono::Utc)),
+                    plan: entry.plan,
+                    name: entry.period,
+                    end_text: entry.period_end,
+                });
+                periods.push(p.clone());
+                p
+            }
+        };
         let admitted_since = match previous {
-            Some(p) if p.period_end == period_end => {
-                let counted = entry.used.saturating_sub(p.entry.used);
+            Some(p) if p.period.end == period.end => {
+                let counted = entry.used.saturating_sub(p.used);
                 let _ = p
                     .admitted_since
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
@@ -93,10 +129,24 @@ impl Known {
         };
         Some(Arc::new(Known {
             limit,
+            used: entry.used,
             admitted_since,
-            period_end,
-            entry,
+            period,
         }))
+    }
+
+    /// The entry as received (what is kept on disk).
+    fn entry(&self, consumer: &str) -> QuotaEntry {
+        QuotaEntry {
+            consumer: consumer.to_string(),
+            plan: self.period.plan.clone(),
+            period: self.period.name.clone(),
+            period_end: self.period.end_text.clone(),
+            limit: Some(self.limit),
+            used: self.used,
+            remaining: Some(self.limit.saturating_sub(self.used)),
+            state: tollgate_schemas::quota::QuotaLevel::of(Some(self.limit), self.used),
+        }
     }
 }
 
@@ -116,6 +166,7 @@ impl QuotaState {
     /// carries over, less what the store counted meanwhile (see `Known::of`).
     pub fn update(&self, snap: QuotaSnapshot) {
         let (version, epoch) = (snap.version, snap.epoch);
+        let mut periods = Vec::new();
         if snap.full {
             // Full answers are rare (a gateway's first poll, a new query-API process): the
             // rebuild holds the lock.
@@ -124,17 +175,18 @@ impl QuotaState {
             *known = snap
                 .consumers
                 .into_iter()
-                .filter_map(|e| {
-                    let previous = old.get(&e.consumer).map(|k| &**k);
-                    let k = Known::of(e, previous)?;
-                    Some((k.entry.consumer.clone(), k))
+                .filter_map(|mut e| {
+                    let consumer = std::mem::take(&mut e.consumer);
+                    let previous = old.get(&consumer).map(|k| &**k);
+                    let k = Known::of(e, previous, &mut periods)?;
+                    Some((consumer, k))
                 })
                 .collect();
         } else if !snap.consumers.is_empty() {
             let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
-            for e in snap.consumers {
-                let consumer = e.consumer.clone();
-                match Known::of(e, known.get(&consumer).map(|k| &**k)) {
+            for mut e in snap.consumers {
+                let consumer = std::mem::take(&mut e.consumer);
+                match Known::of(e, known.get(&consumer).map(|k| &**k), &mut periods) {
                     Some(k) => known.insert(consumer, k),
                     None => known.remove(&consumer),
                 };
@@ -158,8 +210,35 @@ impl QuotaState {
             version,
             epoch,
             full: true,
-            consumers: known.values().map(|k| k.entry.clone()).collect(),
+            consumers: known.iter().map(|(c, k)| k.entry(c)).collect(),
         }
+    }
+
+    /// The whole state held as the JSON of a full answer (what is kept on disk), written
+    /// entry by entry: with 100,000 consumers the entries are never all built at once.
+    pub fn snapshot_json(&self) -> Vec<u8> {
+        use serde::ser::{SerializeStruct, Serializer};
+        struct Entries<'a>(&'a HashMap<String, Arc<Known>>);
+        impl serde::Serialize for Entries<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.iter().map(|(c, k)| k.entry(c)))
+            }
+        }
+        let (version, epoch) = self.position().unwrap_or_default();
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::with_capacity(64 + known.len() * 200);
+        let mut ser = serde_json::Serializer::new(&mut out);
+        let written: Result<(), serde_json::Error> = (|| {
+            // The fields of `QuotaSnapshot`, in its order.
+            let mut s = (&mut ser).serialize_struct("QuotaSnapshot", 4)?;
+            s.serialize_field("version", &version)?;
+            s.serialize_field("epoch", &epoch)?;
+            s.serialize_field("full", &true)?;
+            s.serialize_field("consumers", &Entries(&known))?;
+            s.end()
+        })();
+        written.expect("writing JSON into memory does not fail");
+        out
     }
 
     /// Admits one request of `consumer` against its quota: counts it locally at once (so
@@ -173,10 +252,10 @@ impl QuotaState {
             return Ok(None);
         };
         let now = chrono::Utc::now();
-        if k.period_end.is_some_and(|end| now >= end) {
+        if k.period.end.is_some_and(|end| now >= end) {
             return Ok(None); // a new period began since the last poll
         }
-        let free = |a: u64| (k.entry.used.saturating_add(a) < k.limit).then_some(a + 1);
+        let free = |a: u64| (k.used.saturating_add(a) < k.limit).then_some(a + 1);
         match k
             .admitted_since
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, free)
@@ -185,7 +264,8 @@ impl QuotaState {
                 count: Some(k.admitted_since.clone()),
             })),
             Err(_) => Err(k
-                .period_end
+                .period
+                .end
                 .map(|end| (end - now).to_std().unwrap_or_default())
                 .unwrap_or(Duration::from_secs(60))),
         }
@@ -222,11 +302,18 @@ mod tests {
 
     #[test]
     fn rate_limit_allows_the_burst_then_refuses_with_a_wait() {
-        let consumers = vec![Consumer {
-            id: "a".into(),
-            plan: "p".into(),
-            api_keys: vec![],
-        }];
+        let consumers = vec![
+            Consumer {
+                id: "a".into(),
+                plan: "p".into(),
+                api_keys: vec![],
+            },
+            Consumer {
+                id: "unlimited".into(),
+                plan: "free".into(),
+                api_keys: vec![],
+            },
+        ];
         let plans = [(
             "p".to_string(),
             Plan {
@@ -240,14 +327,15 @@ mod tests {
         .into();
         let rl = RateLimits::new(&consumers, &plans);
         for _ in 0..3 {
-            assert!(rl.check("a").is_ok());
+            assert!(rl.check(0).is_ok());
         }
-        let wait = rl.check("a").unwrap_err();
+        let wait = rl.check(0).unwrap_err();
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_secs(1),
             "{wait:?}"
         );
-        assert!(rl.check("unlimited").is_ok());
+        assert!(rl.check(1).is_ok(), "a plan without a rate limit");
+        assert!(rl.check(7).is_ok(), "no such consumer");
     }
 
     fn entry(limit: u64, used: u64, period_end: &str) -> QuotaEntry {
@@ -261,6 +349,43 @@ mod tests {
             remaining: Some(limit.saturating_sub(used)),
             state: tollgate_schemas::quota::QuotaLevel::of(Some(limit), used),
         }
+    }
+
+    #[test]
+    fn the_state_kept_on_disk_is_what_was_received_and_entries_share_their_period() {
+        let q = QuotaState::default();
+        let end = "2026-12-01T00:00:00.000Z";
+        let mut sent: Vec<QuotaEntry> = (0..3)
+            .map(|i| QuotaEntry {
+                consumer: format!("c{i}"),
+                plan: Some("pro".into()),
+                ..entry(10, i, end)
+            })
+            .collect();
+        sent.push(QuotaEntry {
+            consumer: "free".into(),
+            plan: Some("free".into()),
+            ..entry(5, 5, end)
+        });
+        q.update(QuotaSnapshot {
+            version: 1,
+            epoch: 2,
+            full: true,
+            consumers: sent.clone(),
+        });
+        let mut kept = q.snapshot().consumers;
+        let from_json: QuotaSnapshot = serde_json::from_slice(&q.snapshot_json()).unwrap();
+        assert_eq!(
+            from_json,
+            q.snapshot(),
+            "the file says what the state holds"
+        );
+        kept.sort_by(|a, b| a.consumer.cmp(&b.consumer));
+        sent.sort_by(|a, b| a.consumer.cmp(&b.consumer));
+        assert_eq!(kept, sent);
+        let known = q.known.read().unwrap();
+        assert!(Arc::ptr_eq(&known["c0"].period, &known["c2"].period));
+        assert!(!Arc::ptr_eq(&known["c0"].period, &known["free"].period));
     }
 
     #[test]

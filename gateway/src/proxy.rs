@@ -401,17 +401,14 @@ impl Worker {
         let Some(id) = identity else { return Ok(()) };
         ctx.event.consumer = Some(id.consumer.to_string());
         ctx.event.plan = Some(id.plan.to_string());
-        self.shared
-            .rate_limits
-            .check(&id.consumer)
-            .map_err(|wait| {
-                Rejection::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    Outcome::RateLimited,
-                    "rate limit exceeded",
-                )
-                .retry_after(wait)
-            })?;
+        self.shared.rate_limits.check(id.index).map_err(|wait| {
+            Rejection::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                Outcome::RateLimited,
+                "rate limit exceeded",
+            )
+            .retry_after(wait)
+        })?;
         ctx.reservation = self.shared.quota.reserve(&id.consumer).map_err(|wait| {
             Rejection::new(
                 StatusCode::TOO_MANY_REQUESTS,

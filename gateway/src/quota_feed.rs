@@ -54,14 +54,13 @@ impl QuotaFeed {
         }
     }
 
-    fn persist(&self, snap: &QuotaSnapshot) {
+    fn persist(&self) {
         let Some(path) = &self.persist else { return };
         let written = path
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
             .and_then(|()| {
-                let body = serde_json::to_vec(snap).expect("quota state serializes");
-                tollgate_schemas::fsutil::write_atomic(path, &body)
+                tollgate_schemas::fsutil::write_atomic(path, &self.state.snapshot_json())
             });
         if let Err(e) = written {
             tracing::warn!(file = %path.display(), error = %e, "cannot keep the quota state on disk");
@@ -89,7 +88,7 @@ impl QuotaFeed {
                 Err(_) => {}
             }
             if dirty && persisted_at.is_none_or(|t| t.elapsed() >= PERSIST_EVERY) {
-                self.persist(&self.state.snapshot());
+                self.persist();
                 (dirty, persisted_at) = (false, Some(std::time::Instant::now()));
             }
             let updated = self.state.updated_at.load(Ordering::Relaxed);
@@ -102,7 +101,7 @@ impl QuotaFeed {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     if dirty {
-                        self.persist(&self.state.snapshot());
+                        self.persist();
                     }
                     return;
                 }

@@ -37,7 +37,7 @@ impl Authenticator {
     pub fn new(admin_tokens: &[String], consumers: &[Consumer]) -> Result<Authenticator, String> {
         Ok(Authenticator {
             admin: KeyTable::from_secrets(admin_tokens.iter().map(|t| (t.as_str(), ()))),
-            keys: KeyTable::for_consumers(consumers, |c| c.id.clone())?,
+            keys: KeyTable::for_consumers(consumers, |_, c| c.id.clone())?,
         })
     }
 

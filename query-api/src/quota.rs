@@ -8,13 +8,14 @@
 //! megabytes of JSON on both sides. Any other `since` (none, or from another query-API process
 //! or one this process no longer knows) gets the whole state.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
+use tollgate_schemas::config::{Consumer, Plan};
 use tollgate_schemas::quota::{QuotaEntry, QuotaLevel, QuotaSnapshot};
 use tollgate_store::{Filter, GroupKey, KeyValue};
 
@@ -25,7 +26,10 @@ use crate::params::{Params, period_name, period_of, rfc3339};
 /// How old the computed state may be before a request recomputes it.
 pub const REFRESH: Duration = Duration::from_millis(250);
 
-/// The last computed state, shared by every caller.
+/// The last computed state, shared by every caller. Per consumer it holds two numbers, not an
+/// entry: the JSON entries are built for the consumers an answer carries (with 100,000
+/// consumers, a few per second once the gateways are in step), so a refresh allocates nothing
+/// per consumer and the cache costs 16 bytes per consumer.
 #[derive(Debug)]
 pub struct QuotaCache {
     /// Random per process: versions of another process do not compare.
@@ -34,8 +38,17 @@ pub struct QuotaCache {
     base: Option<i64>,
     version: i64,
     computed_at: Option<Instant>,
-    /// Per configured consumer (same order): its entry and the version it last changed at.
-    entries: Vec<(QuotaEntry, i64)>,
+    /// The billing period the counts are of, `[start, end)` in microseconds.
+    period: (i64, i64),
+    /// Per configured consumer (same order as `AppState::consumers`).
+    counts: Vec<Count>,
+}
+
+/// One consumer's billable requests in the period, and the version at which that last changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Count {
+    used: u64,
+    changed: i64,
 }
 
 impl Default for QuotaCache {
@@ -45,7 +58,8 @@ impl Default for QuotaCache {
             base: None,
             version: 0,
             computed_at: None,
-            entries: Vec::new(),
+            period: (0, 0),
+            counts: Vec::new(),
         }
     }
 }
@@ -57,18 +71,40 @@ fn rand_epoch() -> u64 {
 
 impl QuotaCache {
     /// The answer for a caller holding the state at `since` of `epoch`, scoped to `scope`.
-    fn answer(&self, since: Option<(i64, u64)>, scope: Option<&str>) -> QuotaSnapshot {
+    fn answer(
+        &self,
+        consumers: &[Consumer],
+        plans: &BTreeMap<String, Plan>,
+        since: Option<(i64, u64)>,
+        scope: Option<&str>,
+    ) -> QuotaSnapshot {
         let known = since.filter(|(v, e)| {
             *e == self.epoch && scope.is_none() && self.base.is_some_and(|b| *v >= b)
         });
-        let consumers = self
-            .entries
+        let (period, period_end) = (period_name(self.period.0), rfc3339(self.period.1));
+        let consumers = consumers
             .iter()
-            .filter(|(e, changed)| {
-                scope.is_none_or(|sc| sc == e.consumer)
-                    && known.is_none_or(|(since, _)| *changed > since)
+            .zip(&self.counts)
+            .filter(|(c, n)| {
+                scope.is_none_or(|sc| sc == c.id)
+                    && known.is_none_or(|(since, _)| n.changed > since)
             })
-            .map(|(e, _)| e.clone())
+            .map(|(c, n)| {
+                let limit = plans
+                    .get(&c.plan)
+                    .and_then(|p| p.quota.as_ref())
+                    .map(|q| q.requests);
+                QuotaEntry {
+                    consumer: c.id.clone(),
+                    plan: Some(c.plan.clone()),
+                    period: period.clone(),
+                    period_end: period_end.clone(),
+                    limit,
+                    used: n.used,
+                    remaining: limit.map(|l| l.saturating_sub(n.used)),
+                    state: QuotaLevel::of(limit, n.used),
+                }
+            })
             .collect();
         QuotaSnapshot {
             version: self.version,
@@ -76,6 +112,39 @@ impl QuotaCache {
             full: known.is_none(),
             consumers,
         }
+    }
+
+    /// Takes the counts of `period` (`used` gives each consumer's, in configuration order) at
+    /// `version`: an entry changes when its count does, every entry when the period does.
+    fn update(
+        &mut self,
+        version: i64,
+        period: (i64, i64),
+        used: impl ExactSizeIterator<Item = u64>,
+    ) {
+        let same_period = self.period == period && self.counts.len() == used.len();
+        if !same_period {
+            self.counts.clear();
+        }
+        self.counts.resize(
+            used.len(),
+            Count {
+                used: 0,
+                changed: version,
+            },
+        );
+        for (n, used) in self.counts.iter_mut().zip(used) {
+            if !same_period || n.used != used {
+                *n = Count {
+                    used,
+                    changed: version,
+                };
+            }
+        }
+        self.period = period;
+        self.version = version;
+        self.base.get_or_insert(version);
+        self.computed_at = Some(Instant::now());
     }
 }
 
@@ -103,41 +172,13 @@ async fn refresh(s: &AppState, cache: &mut QuotaCache) -> Result<(), ApiError> {
         })
         .collect();
     let version = (now / 1000).max(cache.version + 1);
-    let (period, period_end) = (period_name(start), rfc3339(end));
-    let fresh: Vec<QuotaEntry> = s
-        .consumers
-        .iter()
-        .map(|c| {
-            let limit = s
-                .plans
-                .get(&c.plan)
-                .and_then(|p| p.quota.as_ref())
-                .map(|q| q.requests);
-            let used = used.get(&c.id).copied().unwrap_or(0);
-            QuotaEntry {
-                consumer: c.id.clone(),
-                plan: Some(c.plan.clone()),
-                period: period.clone(),
-                period_end: period_end.clone(),
-                limit,
-                used,
-                remaining: limit.map(|l| l.saturating_sub(used)),
-                state: QuotaLevel::of(limit, used),
-            }
-        })
-        .collect();
-    let old = std::mem::take(&mut cache.entries);
-    cache.entries = fresh
-        .into_iter()
-        .enumerate()
-        .map(|(i, e)| match old.get(i) {
-            Some((prev, changed)) if *prev == e => (e, *changed),
-            _ => (e, version),
-        })
-        .collect();
-    cache.version = version;
-    cache.base.get_or_insert(version);
-    cache.computed_at = Some(Instant::now());
+    cache.update(
+        version,
+        (start, end),
+        s.consumers
+            .iter()
+            .map(|c| used.get(&c.id).copied().unwrap_or(0)),
+    );
     Ok(())
 }
 
@@ -156,7 +197,12 @@ pub async fn quota(
     }
     let mut cache = s.quota.lock().await;
     refresh(&s, &mut cache).await?;
-    Ok(Json(cache.answer(since.zip(epoch), scope.as_deref())))
+    Ok(Json(cache.answer(
+        &s.consumers,
+        &s.plans,
+        since.zip(epoch),
+        scope.as_deref(),
+    )))
 }
 
 /// An optional integer parameter.
@@ -173,50 +219,78 @@ fn integer<T: std::str::FromStr>(p: &Params, name: &'static str) -> Result<Optio
 mod tests {
     use super::*;
 
-    fn entry(consumer: &str, used: u64) -> QuotaEntry {
-        QuotaEntry {
-            consumer: consumer.into(),
-            plan: None,
-            period: "2026-11".into(),
-            period_end: "2026-12-01T00:00:00.000Z".into(),
-            limit: Some(10),
-            used,
-            remaining: Some(10 - used),
-            state: QuotaLevel::of(Some(10), used),
-        }
+    fn setup() -> (Vec<Consumer>, BTreeMap<String, Plan>) {
+        let consumers = ["a", "b", "c"]
+            .iter()
+            .map(|id| Consumer {
+                id: id.to_string(),
+                plan: "p".into(),
+                api_keys: vec![],
+            })
+            .collect();
+        let plan: Plan = serde_json::from_value(serde_json::json!({"quota": {"requests": 10}}))
+            .expect("a plan with a quota");
+        (consumers, [("p".to_string(), plan)].into())
     }
+
+    const NOV: (i64, i64) = (1_761_955_200_000_000, 1_764_547_200_000_000);
 
     #[test]
     fn a_caller_gets_what_changed_since_its_version_of_this_epoch_and_otherwise_everything() {
-        let cache = QuotaCache {
+        let (consumers, plans) = setup();
+        let mut cache = QuotaCache {
             epoch: 7,
-            base: Some(100),
-            version: 300,
-            computed_at: None,
-            entries: vec![
-                (entry("a", 1), 100),
-                (entry("b", 2), 200),
-                (entry("c", 3), 300),
-            ],
+            ..Default::default()
         };
+        cache.update(100, NOV, [1, 2, 3].into_iter());
+        cache.update(200, NOV, [1, 4, 3].into_iter());
+        cache.update(300, NOV, [1, 4, 5].into_iter());
+        let answer = |since, scope| cache.answer(&consumers, &plans, since, scope);
         let names = |s: &QuotaSnapshot| -> Vec<String> {
             s.consumers.iter().map(|e| e.consumer.clone()).collect()
         };
-        let delta = cache.answer(Some((200, 7)), None);
+        let delta = answer(Some((200, 7)), None);
         assert!(!delta.full);
         assert_eq!(names(&delta), ["c"]);
         assert_eq!(delta.version, 300);
-        assert!(cache.answer(Some((300, 7)), None).consumers.is_empty());
+        let c = &delta.consumers[0];
+        assert_eq!(
+            (c.used, c.limit, c.remaining, c.state),
+            (5, Some(10), Some(5), QuotaLevel::Ok)
+        );
+        assert_eq!(
+            (c.period.as_str(), c.period_end.as_str()),
+            ("2025-11", "2025-12-01T00:00:00.000Z")
+        );
+        assert_eq!(names(&answer(Some((100, 7)), None)), ["b", "c"]);
+        assert!(answer(Some((300, 7)), None).consumers.is_empty());
         for full in [
-            cache.answer(None, None),
-            cache.answer(Some((200, 8)), None), // another process
-            cache.answer(Some((50, 7)), None),  // before this process knew
+            answer(None, None),
+            answer(Some((200, 8)), None), // another process
+            answer(Some((50, 7)), None),  // before this process knew
         ] {
             assert!(full.full);
             assert_eq!(names(&full), ["a", "b", "c"]);
         }
-        let own = cache.answer(Some((200, 7)), Some("a"));
+        let own = answer(Some((200, 7)), Some("a"));
         assert!(own.full);
         assert_eq!(names(&own), ["a"]);
+    }
+
+    #[test]
+    fn a_new_period_changes_every_entry() {
+        let (consumers, plans) = setup();
+        let mut cache = QuotaCache::default();
+        let epoch = cache.epoch;
+        cache.update(100, NOV, [1, 2, 3].into_iter());
+        cache.update(200, (NOV.1, NOV.1 + 1), [0, 0, 0].into_iter());
+        let delta = cache.answer(&consumers, &plans, Some((100, epoch)), None);
+        assert_eq!(delta.consumers.len(), 3);
+        assert!(
+            delta
+                .consumers
+                .iter()
+                .all(|e| e.used == 0 && e.period == "2025-12")
+        );
     }
 }

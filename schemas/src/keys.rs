@@ -42,19 +42,19 @@ impl<T> KeyTable<T> {
         }
     }
 
-    /// Every key of every consumer, granting `grant(consumer)`. A key listed twice is an error:
+    /// Every key of every consumer, granting `grant(position, consumer)`. A key listed twice is an error:
     /// it would authenticate as whichever consumer came last.
     pub fn for_consumers(
         consumers: &[Consumer],
-        grant: impl Fn(&Consumer) -> T,
+        grant: impl Fn(usize, &Consumer) -> T,
     ) -> Result<KeyTable<T>, String>
     where
         T: Clone,
     {
         let mut keys = HashMap::new();
         let mut owner: HashMap<[u8; 32], &str> = HashMap::new();
-        for c in consumers {
-            let value = grant(c);
+        for (i, c) in consumers.iter().enumerate() {
+            let value = grant(i, c);
             for h in c.key_hashes()? {
                 if let Some(first) = owner.insert(h, &c.id) {
                     return Err(format!(
@@ -97,7 +97,7 @@ mod tests {
                 api_keys: vec![hash_key("k-zeta"), hash_key("k-zeta-2")],
             },
         ];
-        let t = KeyTable::for_consumers(&consumers, |c| c.id.clone()).unwrap();
+        let t = KeyTable::for_consumers(&consumers, |_, c| c.id.clone()).unwrap();
         assert_eq!(t.find(b"k-acme").map(String::as_str), Some("acme"));
         assert_eq!(t.find(b"k-zeta-2").map(String::as_str), Some("zeta"));
         assert!(t.find(b"k-nobody").is_none());
@@ -115,7 +115,7 @@ mod tests {
             api_keys: vec![hash_key(key)],
         };
         let both = [consumer("acme", "k-1"), consumer("zeta", "k-1")];
-        let err = KeyTable::for_consumers(&both, |c| c.id.clone()).unwrap_err();
+        let err = KeyTable::for_consumers(&both, |_, c| c.id.clone()).unwrap_err();
         assert!(err.contains("`zeta`") && err.contains("`acme`"), "{err}");
     }
 }
