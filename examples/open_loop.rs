@@ -40,11 +40,7 @@ async fn connection(
     end: Instant,
 ) -> anyhow::Result<Tally> {
     let authority = url.authority().expect("URL has host:port").clone();
-    let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
-    stream.set_nodelay(true)?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let mut sender = connect(&authority).await?;
     let mut tally = Tally::default();
     let mut slot = first;
     loop {
@@ -66,14 +62,16 @@ async fn connection(
         if let Some((k, v)) = &header {
             req.headers_mut().insert(k.clone(), v.clone());
         }
-        let answered = match sender.ready().await {
-            Ok(()) => match sender.send_request(req).await {
-                Ok(resp) => {
-                    let status = resp.status();
-                    resp.into_body().collect().await.ok().map(|_| status)
-                }
-                Err(_) => None,
-            },
+        // A server may close a keep-alive connection between requests (nginx does after
+        // 1,000): then the request goes on a new connection, its time counted.
+        if sender.ready().await.is_err() {
+            sender = connect(&authority).await?;
+        }
+        let answered = match sender.send_request(req).await {
+            Ok(resp) => {
+                let status = resp.status();
+                resp.into_body().collect().await.ok().map(|_| status)
+            }
             Err(_) => None,
         };
         match answered {
@@ -88,15 +86,24 @@ async fn connection(
                 }
             }
             None => {
-                // The connection is gone: count what is left of its schedule as errors.
-                tally.errors +=
-                    (end.duration_since(due).as_nanos() / interval.as_nanos()) as u64 / step + 1;
-                break;
+                tally.errors += 1;
+                sender = connect(&authority).await?;
             }
         }
         slot += step;
     }
     Ok(tally)
+}
+
+async fn connect(
+    authority: &http::uri::Authority,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+    let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
 }
 
 fn main() -> anyhow::Result<()> {

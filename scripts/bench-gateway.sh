@@ -89,10 +89,11 @@ if [ "${STANDALONE:-1}" = 1 ]; then
 fi
 
 # run NAME URL PIDS CONNS [HEADER]: one wrk run with perf stat on PIDS; appends a result line
-# "name rps p50_ms p99_ms requests non2xx syscalls_per_req cs_per_req" to $WORK/results.
+# "name rps p50_ms p99_ms requests non2xx syscalls_per_req cs_per_req cpu_us_per_req" to
+# $WORK/results.
 run() {
   local name=$1 url=$2 pids=$3 conns=$4 header=${5:-}
-  perf stat -e raw_syscalls:sys_enter,context-switches -x, -o "$WORK/perf.txt" -p "$pids" &
+  perf stat -e raw_syscalls:sys_enter,context-switches,task-clock -x, -o "$WORK/perf.txt" -p "$pids" &
   local perf=$!
   sleep 0.2
   if [ -n "$header" ]; then
@@ -107,12 +108,15 @@ run() {
   per_request=$(python3 - "$(cut -d' ' -f4 <<<"$summary")" "$WORK/perf.txt" <<'PY'
 import sys
 total, perf = int(sys.argv[1]), open(sys.argv[2]).read()
-counts = {}
-for line in perf.splitlines():
+# task-clock is in milliseconds: CPU microseconds per request.
+def count(line):
     f = line.split(",")
-    if len(f) > 2 and f[0].strip().isdigit():
-        counts[f[2]] = int(f[0])
-print(f"{counts.get('raw_syscalls:sys_enter', 0) / total:.2f} {counts.get('context-switches', 0) / total:.2f}")
+    try:
+        return f[2], float(f[0])
+    except (IndexError, ValueError):
+        return None
+counts = dict(c for c in map(count, perf.splitlines()) if c)
+print(f"{counts.get('raw_syscalls:sys_enter', 0) / total:.2f} {counts.get('context-switches', 0) / total:.2f} {counts.get('task-clock', 0) * 1000 / total:.1f}")
 PY
 )
   echo "$name $summary $per_request" >> "$WORK/results"
@@ -157,13 +161,13 @@ by = collections.defaultdict(list)
 for r in rows:
     by[r[0]].append(r)
 nginx = statistics.median(float(r[1]) for r in by["nginx"])
-print("| target | requests/s (median) | each run | ratio to nginx | p50 ms | p99 ms | syscalls/req | context switches/req | non-2xx |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| target | requests/s (median) | each run | ratio to nginx | p50 ms | p99 ms | syscalls/req | context switches/req | CPU µs/req | non-2xx |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for name, rs in by.items():
     med = statistics.median(float(r[1]) for r in rs)
     mid = sorted(rs, key=lambda r: float(r[1]))[len(rs) // 2]
     base = nginx if not name.endswith("light") else statistics.median(float(r[1]) for r in by["nginx-light"])
-    print(f"| {name} | {med:.0f} | {', '.join(r[1] for r in rs)} | {med / base:.2f} | {mid[2]} | {mid[3]} | {mid[6]} | {mid[7]} | {sum(int(r[5]) for r in rs)} |")
+    print(f"| {name} | {med:.0f} | {', '.join(r[1] for r in rs)} | {med / base:.2f} | {mid[2]} | {mid[3]} | {mid[6]} | {mid[7]} | {mid[8]} | {sum(int(r[5]) for r in rs)} |")
 PY
 
 echo
