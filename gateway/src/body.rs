@@ -8,13 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use crate::recorder::{Draft, Measured, Recorder};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
-use tollgate_schemas::RequestEvent;
-
-use crate::recorder::Recorder;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -58,7 +56,7 @@ impl Body for CountingBody {
 
 /// The event of a request in flight, completed when its response body ends.
 pub struct Pending {
-    pub event: RequestEvent,
+    pub event: Draft,
     pub start: Instant,
     pub req_bytes: Arc<AtomicU64>,
     /// The matched route's position in the configuration (`None`: no route matched).
@@ -75,11 +73,12 @@ impl Pending {
         {
             r.keep();
         }
-        let elapsed = self.start.elapsed();
-        self.event.latency_us = elapsed.as_micros() as u64;
-        self.event.resp_bytes = resp_bytes;
-        self.event.req_bytes = self.req_bytes.load(Ordering::Relaxed);
-        self.recorder.record(self.route, self.event, elapsed);
+        let measured = Measured {
+            elapsed: self.start.elapsed(),
+            req_bytes: self.req_bytes.load(Ordering::Relaxed),
+            resp_bytes,
+        };
+        self.recorder.record(self.route, &self.event, measured);
     }
 }
 

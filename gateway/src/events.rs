@@ -1,24 +1,24 @@
-//! Event emission off the request path. Each worker thread buffers its finished requests'
-//! events (`LocalSink`) and hands them over a batch at a time (`EventSink`) to one task that
-//! encodes and publishes them to the bus, retrying transient failures with backoff. Handing over
-//! never blocks: the queue holds at most `queue_capacity` events, and what does not fit is
-//! dropped and counted, so the request never waits.
+//! Event emission off the request path. Each worker thread encodes its finished requests'
+//! events into its own batch buffer (`LocalSink`) and hands them over a batch at a time
+//! (`EventSink`) to one task that publishes them to the bus, retrying transient failures with
+//! backoff. Handing over never blocks: the queue holds at most `queue_capacity` events, and what
+//! does not fit is dropped and counted, so the request never waits.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, BytesMut};
 use tokio::sync::mpsc;
 use tollgate_bus::{Publisher, Record};
-use tollgate_schemas::RequestEvent;
+use tollgate_schemas::RequestEventRef;
 
 use crate::metrics::GatewayMetrics;
 
 /// The handle worker threads hand batches to: never blocks.
 #[derive(Clone)]
 pub struct EventSink {
-    tx: mpsc::UnboundedSender<Vec<RequestEvent>>,
+    tx: mpsc::UnboundedSender<Vec<Record>>,
     /// Events queued and not yet taken by the publisher; bounded by `capacity`.
     queued: Arc<AtomicUsize>,
     capacity: usize,
@@ -26,9 +26,9 @@ pub struct EventSink {
 }
 
 impl EventSink {
-    /// Queues a batch (one wake-up of the publisher at most), dropping and counting the events
-    /// that do not fit.
-    pub fn emit_batch(&self, mut events: Vec<RequestEvent>) {
+    /// Queues a batch of encoded events (one wake-up of the publisher at most), dropping and
+    /// counting the events that do not fit.
+    pub fn emit_batch(&self, mut events: Vec<Record>) {
         if events.is_empty() {
             return;
         }
@@ -59,10 +59,55 @@ impl EventSink {
     }
 }
 
-/// A worker thread's event buffer in front of the shared queue. Finished requests push onto a
-/// local vector; the buffer moves to the queue when it holds `batch` events, or `linger` after
-/// its first event, so the publisher (on another thread) is woken once per batch instead of once
-/// per request. The lock is only ever taken by the worker's own thread (uncontended: no system
+/// Room reserved per event in a batch buffer (an encoded event is 300–450 bytes).
+const EVENT_BYTES: usize = 512;
+
+/// Events encoded into one buffer: each is its key's bytes, then its JSON.
+struct Batch {
+    bytes: BytesMut,
+    /// Per event: where its key starts, where its JSON starts, where it ends.
+    spans: Vec<(usize, usize, usize)>,
+}
+
+impl Batch {
+    fn new(events: usize) -> Batch {
+        Batch {
+            bytes: BytesMut::with_capacity(events * EVENT_BYTES),
+            spans: Vec::with_capacity(events),
+        }
+    }
+
+    fn push(&mut self, ev: &RequestEventRef<'_>) {
+        self.bytes.reserve(EVENT_BYTES);
+        let start = self.bytes.len();
+        self.bytes.put_slice(ev.key().as_bytes());
+        let key_end = self.bytes.len();
+        ev.write_json(&mut (&mut self.bytes).writer());
+        self.spans.push((start, key_end, self.bytes.len()));
+    }
+
+    /// The records held, leaving the batch empty with room for `events` more. One buffer per
+    /// batch: the records are slices of it.
+    fn take(&mut self, events: usize) -> Vec<Record> {
+        let bytes = std::mem::replace(
+            &mut self.bytes,
+            BytesMut::with_capacity(events * EVENT_BYTES),
+        )
+        .freeze();
+        self.spans
+            .drain(..)
+            .map(|(start, key_end, end)| Record {
+                key: bytes.slice(start..key_end),
+                payload: bytes.slice(key_end..end),
+            })
+            .collect()
+    }
+}
+
+/// A worker thread's event buffer in front of the shared queue. Finished requests are encoded
+/// into it; it moves to the queue when it holds `batch` events, or `linger` after its first
+/// event, so the publisher (on another thread) is woken once per batch instead of once per
+/// request. The lock is only ever taken by the worker's own thread (uncontended: no system
 /// call); it is a lock rather than a `RefCell` so that response bodies stay `Send`.
 #[derive(Clone)]
 pub struct LocalSink {
@@ -70,65 +115,59 @@ pub struct LocalSink {
 }
 
 struct LocalInner {
-    buf: std::sync::Mutex<Vec<RequestEvent>>,
+    buf: std::sync::Mutex<Batch>,
     /// Wakes the flusher when the buffer gets its first event.
     first: tokio::sync::Notify,
     batch: usize,
     sink: EventSink,
 }
 
-impl LocalInner {
-    /// Hands events to the shared queue.
-    fn send(&self, events: Vec<RequestEvent>) {
-        self.sink.emit_batch(events);
-    }
-
-    /// What `buf` holds, leaving it empty with room for a batch.
-    fn take(&self, buf: &mut Vec<RequestEvent>) -> Vec<RequestEvent> {
-        std::mem::replace(buf, Vec::with_capacity(self.batch))
-    }
-}
-
 impl Drop for LocalInner {
     /// Whatever is still buffered when the last handle goes is handed on, not lost.
     fn drop(&mut self) {
-        let events = std::mem::take(self.buf.get_mut().unwrap_or_else(|p| p.into_inner()));
-        self.send(events);
+        let batch = self.batch;
+        let events = self
+            .buf
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(batch);
+        self.sink.emit_batch(events);
     }
 }
 
 impl LocalSink {
     /// A buffer of `batch` events in front of `sink`.
     pub fn new(sink: EventSink, batch: usize) -> LocalSink {
+        let batch = batch.max(1);
         LocalSink {
             inner: Arc::new(LocalInner {
-                buf: std::sync::Mutex::new(Vec::with_capacity(batch)),
+                buf: std::sync::Mutex::new(Batch::new(batch)),
                 first: tokio::sync::Notify::new(),
-                batch: batch.max(1),
+                batch,
                 sink,
             }),
         }
     }
 
-    /// Buffers an event (never blocks the request path).
-    pub fn emit(&self, ev: RequestEvent) {
+    /// Encodes an event into the buffer (never blocks the request path).
+    pub fn emit(&self, ev: &RequestEventRef<'_>) {
         let full = {
             let mut buf = self.buf();
             buf.push(ev);
-            if buf.len() == 1 {
+            if buf.spans.len() == 1 {
                 self.inner.first.notify_one();
             }
-            (buf.len() >= self.inner.batch).then(|| self.inner.take(&mut buf))
+            (buf.spans.len() >= self.inner.batch).then(|| buf.take(self.inner.batch))
         };
         if let Some(events) = full {
-            self.inner.send(events);
+            self.inner.sink.emit_batch(events);
         }
     }
 
     /// Moves what is buffered to the shared queue.
     pub fn flush(&self) {
-        let events = self.inner.take(&mut self.buf());
-        self.inner.send(events);
+        let events = self.buf().take(self.inner.batch);
+        self.inner.sink.emit_batch(events);
     }
 
     /// Flushes `linger` after each first event, until `stop`; then flushes what is left.
@@ -147,7 +186,7 @@ impl LocalSink {
         self.flush();
     }
 
-    fn buf(&self) -> std::sync::MutexGuard<'_, Vec<RequestEvent>> {
+    fn buf(&self) -> std::sync::MutexGuard<'_, Batch> {
         self.inner.buf.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -160,7 +199,7 @@ pub fn channel(
     bus: Arc<dyn Publisher>,
     metrics: GatewayMetrics,
 ) -> (EventSink, impl std::future::Future<Output = ()>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<RequestEvent>>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Record>>();
     let queued = Arc::new(AtomicUsize::new(0));
     let sink = EventSink {
         tx,
@@ -175,8 +214,8 @@ pub fn channel(
         while rx.recv_many(&mut batches, 64).await > 0 {
             for batch in batches.drain(..) {
                 queued.fetch_sub(batch.len(), Ordering::AcqRel);
-                for ev in batch {
-                    buf.push(ev);
+                for record in batch {
+                    buf.push(record);
                     if buf.len() >= batch_max {
                         publish_with_retry(&*bus, &mut buf, &metrics).await;
                     }
@@ -194,18 +233,8 @@ pub fn channel(
     (sink, task)
 }
 
-async fn publish_with_retry(
-    bus: &dyn Publisher,
-    buf: &mut Vec<RequestEvent>,
-    metrics: &GatewayMetrics,
-) {
-    let records: Vec<Record> = buf
-        .drain(..)
-        .map(|e| Record {
-            key: Bytes::copy_from_slice(e.key().as_bytes()),
-            payload: Bytes::from(e.to_json()),
-        })
-        .collect();
+async fn publish_with_retry(bus: &dyn Publisher, buf: &mut Vec<Record>, metrics: &GatewayMetrics) {
+    let records = std::mem::take(buf);
     let n = records.len() as u64;
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=5 {
@@ -238,6 +267,7 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
     use tollgate_bus::BusError;
+    use tollgate_schemas::RequestEvent;
 
     #[derive(Default)]
     struct Collect(Mutex<Vec<Record>>);
@@ -250,47 +280,79 @@ mod tests {
         }
     }
 
-    fn event(n: u64) -> RequestEvent {
+    fn event(n: u64, consumer: Option<&str>) -> RequestEvent {
         let ts = chrono::DateTime::from_timestamp_micros(1_764_000_000_000_000).unwrap();
         RequestEvent {
             v: 1,
             id: uuid::Uuid::now_v7(),
             ts,
             gateway: "gw".into(),
-            route: None,
+            route: Some("r".into()),
             method: "GET".into(),
             path: "/".into(),
-            status: 404,
+            status: 200,
             latency_us: n,
             upstream_latency_us: None,
             req_bytes: 0,
             resp_bytes: 0,
-            consumer: None,
+            consumer: consumer.map(Into::into),
             plan: None,
-            outcome: tollgate_schemas::Outcome::NotFound,
-            billable: false,
+            outcome: tollgate_schemas::Outcome::Ok,
+            billable: true,
             trace_id: None,
         }
+    }
+
+    fn latencies(bus: &Collect) -> Vec<u64> {
+        bus.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| RequestEvent::from_json(&r.payload).unwrap().latency_us)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn workers_encode_events_with_their_keys_and_batches_arrive_in_order() {
+        let bus = Arc::new(Collect::default());
+        let metrics = GatewayMetrics::unregistered();
+        let (sink, task) = channel(100, 4, bus.clone(), metrics.clone());
+        let local = LocalSink::new(sink.clone(), 3);
+        let sent: Vec<RequestEvent> = (0..7)
+            .map(|i| event(i, (i % 2 == 0).then_some("acme")))
+            .collect();
+        for ev in &sent {
+            local.emit(&ev.borrowed());
+        }
+        drop((local, sink)); // hands the last, partial batch on
+        task.await;
+        let got = bus.0.lock().unwrap().clone();
+        assert_eq!(got.len(), 7);
+        for (record, ev) in got.iter().zip(&sent) {
+            assert_eq!(&record.payload[..], &ev.to_json()[..]);
+            assert_eq!(&record.key[..], ev.key().as_bytes());
+        }
+        assert_eq!(metrics.events_published.get(), 7);
     }
 
     #[tokio::test]
     async fn a_full_queue_drops_and_counts_what_does_not_fit_and_publishes_the_rest_in_order() {
         let bus = Arc::new(Collect::default());
-        let metrics = GatewayMetrics::register(&mut Default::default());
+        let metrics = GatewayMetrics::unregistered();
         let (sink, task) = channel(5, 2, bus.clone(), metrics.clone());
-        sink.emit_batch((0..3).map(event).collect());
-        sink.emit_batch((3..6).map(event).collect());
-        sink.emit_batch((6..7).map(event).collect());
+        let batch = |r: std::ops::Range<u64>| -> Vec<Record> {
+            r.map(|i| Record {
+                key: bytes::Bytes::new(),
+                payload: event(i, None).to_json().into(),
+            })
+            .collect()
+        };
+        sink.emit_batch(batch(0..3));
+        sink.emit_batch(batch(3..6));
+        sink.emit_batch(batch(6..7));
         drop(sink);
         task.await;
-        let got: Vec<u64> = bus
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|r| RequestEvent::from_json(&r.payload).unwrap().latency_us)
-            .collect();
-        assert_eq!(got, [0, 1, 2, 3, 4]);
+        assert_eq!(latencies(&bus), [0, 1, 2, 3, 4]);
         assert_eq!(metrics.events_published.get(), 5);
         let dropped = metrics
             .events_dropped

@@ -319,6 +319,7 @@ async fn serve(listener: std::net::TcpListener, start: WorkerStart) {
         shutdown,
     } = start;
     let recorder = Arc::new(recorder::Recorder::new(
+        &shared.gateway_id,
         &metrics,
         shared.router.ids(),
         events.clone(),

@@ -22,7 +22,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use tollgate_schemas::{Outcome, RequestEvent};
+use tollgate_schemas::Outcome;
 
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -32,7 +32,7 @@ use crate::auth::Identity;
 use crate::body::{CountingBody, MeteredBody, Pending};
 use crate::config::RouteConfig;
 use crate::limits::Reservation;
-use crate::recorder::Recorder;
+use crate::recorder::{Draft, Recorder, TraceId};
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
@@ -74,18 +74,19 @@ fn is_lower_hex(s: &str, len: usize) -> bool {
 }
 
 /// A W3C `traceparent`'s trace id, when the header is well formed.
-fn trace_id_of(headers: &HeaderMap) -> Option<String> {
+fn trace_id_of(headers: &HeaderMap) -> Option<TraceId> {
     let v = headers.get("traceparent")?.to_str().ok()?;
     let mut parts = v.split('-');
     let (version, trace, span, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    (parts.next().is_none()
-        && is_lower_hex(version, 2)
-        && is_lower_hex(trace, 32)
-        && is_lower_hex(span, 16)
-        && is_lower_hex(flags, 2)
-        && trace.bytes().any(|b| b != b'0'))
-    .then(|| trace.to_string())
+    if parts.next().is_some()
+        || !is_lower_hex(version, 2)
+        || !is_lower_hex(span, 16)
+        || !is_lower_hex(flags, 2)
+    {
+        return None;
+    }
+    TraceId::parse(trace)
 }
 
 /// Writes `v` as `out.len()` lowercase hex digits (the low bits of `v`).
@@ -98,13 +99,14 @@ fn write_hex(out: &mut [u8], mut v: u128) {
 }
 
 /// A new W3C `traceparent` (sampled) and its trace id. Neither id is zero.
-fn new_traceparent() -> (HeaderValue, String) {
+fn new_traceparent() -> (HeaderValue, TraceId) {
     let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
     write_hex(&mut buf[3..35], rand::random::<u128>() | 1);
     write_hex(&mut buf[36..52], u128::from(rand::random::<u64>() | 1));
     let trace = std::str::from_utf8(&buf[3..35])
-        .expect("hex is ASCII")
-        .to_string();
+        .ok()
+        .and_then(TraceId::parse)
+        .expect("a non-zero hex id");
     let header = HeaderValue::from_bytes(&buf).expect("hex is a header value");
     (header, trace)
 }
@@ -180,7 +182,7 @@ impl Rejection {
 pub struct Ctx {
     start: Instant,
     /// The event as known so far; completed by the response body.
-    event: RequestEvent,
+    event: Draft,
     /// Request body bytes, counted as they are forwarded.
     req_bytes: Arc<AtomicU64>,
     /// The matched route's position in the configuration.
@@ -324,24 +326,17 @@ impl Worker {
         let ts = chrono::Utc::now();
         Ctx {
             start: Instant::now(),
-            event: RequestEvent {
-                v: 1,
+            event: Draft {
                 id: event_id(&ts),
                 ts,
-                gateway: self.shared.gateway_id.clone(),
-                route: None,
-                method: req.method().as_str().to_string(),
-                path: req.uri().path().to_string(),
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                identity: None,
+                trace_id: trace_id_of(req.headers()),
                 status: 0,
-                latency_us: 0,
                 upstream_latency_us: None,
-                req_bytes: 0,
-                resp_bytes: 0,
-                consumer: None,
-                plan: None,
                 outcome: Outcome::Ok,
                 billable: false,
-                trace_id: trace_id_of(req.headers()),
             },
             req_bytes: Arc::new(AtomicU64::new(0)),
             route: None,
@@ -368,7 +363,6 @@ impl Worker {
             ));
         };
         ctx.route = Some(index);
-        ctx.event.route = Some(route.id.clone());
         Ok(route)
     }
 
@@ -399,8 +393,7 @@ impl Worker {
     /// the answer is billable).
     fn admit(&self, ctx: &mut Ctx, identity: Option<Identity>) -> Result<(), Rejection> {
         let Some(id) = identity else { return Ok(()) };
-        ctx.event.consumer = Some(id.consumer.to_string());
-        ctx.event.plan = Some(id.plan.to_string());
+        let id = &*ctx.event.identity.insert(id);
         self.shared.rate_limits.check(id.index).map_err(|wait| {
             Rejection::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -467,9 +460,9 @@ impl Worker {
         }
         if let Some(v) = ctx
             .event
-            .consumer
-            .as_deref()
-            .and_then(|c| HeaderValue::from_str(c).ok())
+            .identity
+            .as_ref()
+            .and_then(|id| HeaderValue::from_str(&id.consumer).ok())
         {
             headers.insert(CONSUMER_HEADER, v);
         }
@@ -501,7 +494,7 @@ impl Worker {
                 "upstream did not answer in time",
             )),
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, route = ?ctx.event.route, "upstream request failed");
+                tracing::debug!(error = %e, route = ?ctx.route, "upstream request failed");
                 Err(Rejection::new(
                     StatusCode::BAD_GATEWAY,
                     Outcome::UpstreamError,
@@ -625,7 +618,7 @@ mod tests {
         let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         h.insert("traceparent", HeaderValue::from_static(good));
         assert_eq!(
-            trace_id_of(&h).as_deref(),
+            trace_id_of(&h).as_ref().map(TraceId::as_str),
             Some("0af7651916cd43dd8448eb211c80319c")
         );
         for bad in [

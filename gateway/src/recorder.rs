@@ -1,37 +1,134 @@
 //! What a finished request needs to be recorded, and nothing more: its route's metric handles
 //! and its worker's event buffer. Response bodies hold one of these (per worker thread), not the
 //! gateway's whole state.
+//!
+//! While a request is in flight its event is a [`Draft`]: the parts only the request knows,
+//! held without copying strings (the consumer's and plan's shared names, the request's own
+//! URI bytes, the trace id inline). When the response ends, the recorder adds what it knows
+//! (the gateway's id, the route's id) and encodes the event once, on the worker's thread, into
+//! the worker's batch buffer. So an event costs no allocation of its own, and nothing is freed
+//! on another thread than the one that allocated it.
 
 use std::time::Duration;
 
-use tollgate_schemas::RequestEvent;
+use tollgate_schemas::{Outcome, RequestEventRef};
 
+use crate::auth::Identity;
 use crate::events::LocalSink;
 use crate::metrics::{GatewayMetrics, RouteMetrics};
 
+/// A W3C trace id: 32 lowercase hex digits, held inline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceId([u8; 32]);
+
+impl TraceId {
+    /// `s` if it is 32 lowercase hex digits, not all zero.
+    pub fn parse(s: &str) -> Option<TraceId> {
+        let bytes: [u8; 32] = s.as_bytes().try_into().ok()?;
+        (bytes
+            .iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+            && bytes.iter().any(|b| *b != b'0'))
+        .then_some(TraceId(bytes))
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
+}
+
+/// A request's event as the request path knows it, until its response ends.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    pub id: uuid::Uuid,
+    pub ts: chrono::DateTime<chrono::Utc>,
+    pub method: http::Method,
+    /// The request's URI as received (shares the request's bytes); its path is the event's.
+    pub uri: http::Uri,
+    pub identity: Option<Identity>,
+    pub trace_id: Option<TraceId>,
+    pub status: u16,
+    pub upstream_latency_us: Option<u64>,
+    pub outcome: Outcome,
+    pub billable: bool,
+}
+
+/// What the response body measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    pub elapsed: Duration,
+    pub req_bytes: u64,
+    pub resp_bytes: u64,
+}
+
 pub struct Recorder {
-    /// By route position in the configuration; the last one is for requests no route matched.
+    gateway: String,
+    /// By route position in the configuration.
+    route_ids: Vec<String>,
+    /// By route position; the last one is for requests no route matched.
     routes: Vec<RouteMetrics>,
     events: LocalSink,
 }
 
 impl Recorder {
-    /// A recorder for routes `route_ids` (in configuration order).
+    /// A recorder for gateway `gateway` with routes `route_ids` (in configuration order).
     pub fn new<'a>(
+        gateway: &str,
         metrics: &GatewayMetrics,
         route_ids: impl Iterator<Item = &'a str>,
         events: LocalSink,
     ) -> Recorder {
-        let mut routes: Vec<RouteMetrics> = route_ids.map(|id| metrics.route(id)).collect();
+        let route_ids: Vec<String> = route_ids.map(str::to_string).collect();
+        let mut routes: Vec<RouteMetrics> = route_ids.iter().map(|id| metrics.route(id)).collect();
         routes.push(metrics.route("none"));
-        Recorder { routes, events }
+        Recorder {
+            gateway: gateway.to_string(),
+            route_ids,
+            routes,
+            events,
+        }
     }
 
     /// Counts a finished request under its route (`None`: no route matched) and emits its event.
-    pub fn record(&self, route: Option<usize>, event: RequestEvent, elapsed: Duration) {
+    pub fn record(&self, route: Option<usize>, draft: &Draft, m: Measured) {
         let none = self.routes.len() - 1;
         let metrics = &self.routes[route.unwrap_or(none).min(none)];
-        metrics.observe(event.outcome, elapsed.as_secs_f64());
-        self.events.emit(event);
+        metrics.observe(draft.outcome, m.elapsed.as_secs_f64());
+        self.events.emit(&RequestEventRef {
+            v: 1,
+            id: draft.id,
+            ts: draft.ts,
+            gateway: &self.gateway,
+            route: route
+                .and_then(|i| self.route_ids.get(i))
+                .map(String::as_str),
+            method: draft.method.as_str(),
+            path: draft.uri.path(),
+            status: draft.status,
+            latency_us: m.elapsed.as_micros() as u64,
+            upstream_latency_us: draft.upstream_latency_us,
+            req_bytes: m.req_bytes,
+            resp_bytes: m.resp_bytes,
+            consumer: draft.identity.as_ref().map(|i| &*i.consumer),
+            plan: draft.identity.as_ref().map(|i| &*i.plan),
+            outcome: draft.outcome,
+            billable: draft.billable,
+            trace_id: draft.trace_id.as_ref().map(TraceId::as_str),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids_are_32_lowercase_hex_digits_not_all_zero() {
+        let id = "0af7651916cd43dd8448eb211c80319c";
+        assert_eq!(TraceId::parse(id).unwrap().as_str(), id);
+        assert!(TraceId::parse(&"0".repeat(32)).is_none());
+        assert!(TraceId::parse(&id.to_uppercase()).is_none());
+        assert!(TraceId::parse(&id[1..]).is_none());
+        assert!(TraceId::parse(&format!("{id}0")).is_none());
     }
 }

@@ -85,6 +85,43 @@ pub struct RequestEvent {
     pub trace_id: Option<String>,
 }
 
+/// A `RequestEvent` whose strings are borrowed: what an encoder that does not own them (a
+/// gateway worker, encoding from its request's context) serializes. `RequestEvent::to_json`
+/// goes through it too, so both write the same bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RequestEventRef<'a> {
+    pub v: u8,
+    pub id: Uuid,
+    #[serde(serialize_with = "ser_ts")]
+    pub ts: DateTime<Utc>,
+    pub gateway: &'a str,
+    pub route: Option<&'a str>,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub status: u16,
+    pub latency_us: u64,
+    pub upstream_latency_us: Option<u64>,
+    pub req_bytes: u64,
+    pub resp_bytes: u64,
+    pub consumer: Option<&'a str>,
+    pub plan: Option<&'a str>,
+    pub outcome: Outcome,
+    pub billable: bool,
+    pub trace_id: Option<&'a str>,
+}
+
+impl RequestEventRef<'_> {
+    /// Appends the event as one JSON object (one bus message) to `out`.
+    pub fn write_json(&self, out: &mut impl std::io::Write) {
+        serde_json::to_writer(out, self).expect("RequestEvent serializes");
+    }
+
+    /// The Kafka key: consumer id, or route id when anonymous, or empty.
+    pub fn key(&self) -> &str {
+        self.consumer.or(self.route).unwrap_or("")
+    }
+}
+
 /// Why bytes are not a valid `RequestEvent` v1.
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
@@ -123,7 +160,32 @@ pub fn format_ts(ts: &DateTime<Utc>) -> String {
 impl RequestEvent {
     /// Encodes as one JSON object (one bus message).
     pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("RequestEvent serializes")
+        let mut out = Vec::with_capacity(384);
+        self.borrowed().write_json(&mut out);
+        out
+    }
+
+    /// The same event with borrowed strings.
+    pub fn borrowed(&self) -> RequestEventRef<'_> {
+        RequestEventRef {
+            v: self.v,
+            id: self.id,
+            ts: self.ts,
+            gateway: &self.gateway,
+            route: self.route.as_deref(),
+            method: &self.method,
+            path: &self.path,
+            status: self.status,
+            latency_us: self.latency_us,
+            upstream_latency_us: self.upstream_latency_us,
+            req_bytes: self.req_bytes,
+            resp_bytes: self.resp_bytes,
+            consumer: self.consumer.as_deref(),
+            plan: self.plan.as_deref(),
+            outcome: self.outcome,
+            billable: self.billable,
+            trace_id: self.trace_id.as_deref(),
+        }
     }
 
     /// Decodes and validates one bus message.
@@ -210,6 +272,16 @@ mod tests {
             outcome: Outcome::Ok,
             billable: true,
             trace_id: Some("0af7651916cd43dd8448eb211c80319c".into()),
+        }
+    }
+
+    #[test]
+    fn the_borrowed_encoder_writes_what_the_owned_type_serializes_to() {
+        let mut anonymous = sample();
+        (anonymous.consumer, anonymous.plan, anonymous.trace_id) = (None, None, None);
+        for ev in [sample(), anonymous] {
+            assert_eq!(ev.to_json(), serde_json::to_vec(&ev).unwrap());
+            assert_eq!(ev.borrowed().key(), ev.key());
         }
     }
 

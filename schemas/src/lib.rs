@@ -14,7 +14,7 @@ pub mod keys;
 pub mod quota;
 
 pub use checkpoint::Checkpoint;
-pub use event::{Outcome, RequestEvent, SchemaError};
+pub use event::{Outcome, RequestEvent, RequestEventRef, SchemaError};
 
 /// The JSON Schema of `RequestEvent` v1, as shipped (the source of truth).
 pub const REQUEST_EVENT_V1_SCHEMA: &str = include_str!("../request_event.v1.schema.json");
