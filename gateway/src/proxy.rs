@@ -20,7 +20,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use tollgate_schemas::Outcome;
 
@@ -47,16 +47,20 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Identity headers only the gateway may set.
-const CONSUMER_HEADER: &str = "x-tollgate-consumer";
+const CONSUMER_HEADER: HeaderName = HeaderName::from_static("x-tollgate-consumer");
+// Header names the gateway sets, made once: inserting by `&str` allocates a name per call for
+// names that are not standard ones.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// The longest client-sent `x-request-id` passed on; a longer one is replaced by the event id.
 const MAX_REQUEST_ID: usize = 128;
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(extra) = headers
-        .get(http::header::CONNECTION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+    // A clone of the value shares its bytes (no copy), so the map can be changed meanwhile.
+    if let Some(extra) = headers.get(http::header::CONNECTION).cloned()
+        && let Ok(extra) = extra.to_str()
     {
         for name in extra.split(',') {
             headers.remove(name.trim());
@@ -75,7 +79,7 @@ fn is_lower_hex(s: &str, len: usize) -> bool {
 
 /// A W3C `traceparent`'s trace id, when the header is well formed.
 fn trace_id_of(headers: &HeaderMap) -> Option<TraceId> {
-    let v = headers.get("traceparent")?.to_str().ok()?;
+    let v = headers.get(TRACEPARENT)?.to_str().ok()?;
     let mut parts = v.split('-');
     let (version, trace, span, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -443,7 +447,7 @@ impl Worker {
             headers.remove(h);
         }
         let request_id = headers
-            .get("x-request-id")
+            .get(REQUEST_ID)
             .filter(|v| v.len() <= MAX_REQUEST_ID)
             .cloned()
             .unwrap_or_else(|| {
@@ -451,11 +455,11 @@ impl Worker {
                 HeaderValue::from_str(ctx.event.id.hyphenated().encode_lower(&mut buf))
                     .expect("uuid is a header value")
             });
-        headers.insert("x-request-id", request_id.clone());
+        headers.insert(REQUEST_ID, request_id.clone());
         ctx.request_id = Some(request_id);
         if ctx.event.trace_id.is_none() {
             let (header, trace) = new_traceparent();
-            headers.insert("traceparent", header);
+            headers.insert(TRACEPARENT, header);
             ctx.event.trace_id = Some(trace);
         }
         if let Some(v) = ctx
@@ -466,8 +470,8 @@ impl Worker {
         {
             headers.insert(CONSUMER_HEADER, v);
         }
-        if let Some(v) = forwarded_for(headers.get("x-forwarded-for"), peer) {
-            headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+        if let Some(v) = forwarded_for(headers.get(FORWARDED_FOR), peer) {
+            headers.insert(FORWARDED_FOR, v);
         }
         Ok(Request::from_parts(
             parts,
@@ -510,11 +514,11 @@ impl Worker {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         if let Some(id) = ctx.request_id.take() {
-            parts.headers.insert("x-request-id", id);
+            parts.headers.insert(REQUEST_ID, id);
         }
         ctx.event.status = parts.status.as_u16();
         (ctx.event.outcome, ctx.event.billable) = classify(parts.status);
-        Response::from_parts(parts, MeteredBody::new(body.boxed(), self.pending(ctx)))
+        Response::from_parts(parts, MeteredBody::upstream(body, self.pending(ctx)))
     }
 
     /// The gateway's own answer to a rejected request: JSON naming the problem.
@@ -523,7 +527,7 @@ impl Worker {
         ctx.event.outcome = r.outcome;
         ctx.event.billable = false;
         let body = error_body(r.outcome.as_str(), &r.message);
-        let mut resp = Response::new(MeteredBody::new(body, self.pending(ctx)));
+        let mut resp = Response::new(MeteredBody::own(body, self.pending(ctx)));
         *resp.status_mut() = r.status;
         resp.headers_mut().insert(
             http::header::CONTENT_TYPE,

@@ -3,7 +3,7 @@
 //! Decoding is strict: unknown fields, a wrong version, a malformed id, timestamp or trace id are
 //! errors (the collector sends such messages to its dead-letter destination, it never drops them).
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
 
@@ -142,7 +142,33 @@ fn invalid(field: &'static str, message: impl Into<String>) -> SchemaError {
 }
 
 fn ser_ts<S: Serializer>(ts: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format_ts(ts))
+    if (0..=9999).contains(&ts.year()) {
+        // Written straight into the output: no string per event.
+        s.collect_str(&WireTs(ts))
+    } else {
+        s.serialize_str(&format_ts(ts))
+    }
+}
+
+/// `format_ts` as a `Display`, for years 0 to 9999 (four digits, no sign).
+struct WireTs<'a>(&'a DateTime<Utc>);
+
+impl std::fmt::Display for WireTs<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = self.0;
+        write!(
+            f,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            // A leap second is carried as nanoseconds past 999,999,999 (chrono's encoding).
+            t.timestamp_subsec_micros()
+        )
+    }
 }
 
 fn de_ts<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
@@ -273,6 +299,27 @@ mod tests {
             billable: true,
             trace_id: Some("0af7651916cd43dd8448eb211c80319c".into()),
         }
+    }
+
+    #[test]
+    fn timestamps_are_written_as_format_ts_writes_them() {
+        for us in [
+            0,
+            1_764_000_000_123_456,
+            1_764_000_000_000_000,
+            253_402_300_799_999_999,
+            -62_167_219_200_000_000,
+        ] {
+            let ts = DateTime::from_timestamp_micros(us).unwrap();
+            assert_eq!(WireTs(&ts).to_string(), format_ts(&ts), "{us}");
+        }
+        let far = DateTime::from_timestamp_micros(300_000_000_000_000_000).unwrap();
+        let json = serde_json::to_string(&RequestEvent {
+            ts: far,
+            ..sample()
+        })
+        .unwrap();
+        assert!(json.contains(&format_ts(&far)), "{json}");
     }
 
     #[test]
