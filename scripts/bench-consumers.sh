@@ -5,9 +5,11 @@
 # monthly quota (too large to reach), so the gateway enforces both for all of them. Reports
 # requests/s and p99 of each, the ratio, the process's RSS and CPU while idle afterwards, and
 # how many requests a consumer with a 1,000-request quota gets through under the same load.
-# Usage: CONSUMERS=100000 scripts/bench-consumers.sh [BINARY...]
+# Usage: CONSUMERS=100000 ROUNDS=3 scripts/bench-consumers.sh [BINARY...]
 #   With binaries given (say an older build and the current one), each is measured in turn;
-#   without, the release build of this tree.
+#   without, the release build of this tree. Each round measures one consumer, then CONSUMERS,
+#   back to back; with several rounds the last line per binary is the median of the rounds'
+#   ratios (single 10 s runs on a shared machine differ by 15 % or more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
@@ -93,8 +95,15 @@ echo
 echo "| binary | consumers | requests/s | p99 | non-2xx | RSS after (anonymous) | idle CPU (10 s) | requests/s vs 1 consumer | admitted against a quota of 1,000 |"
 echo "|---|---|---|---|---|---|---|---|---|"
 for bin in "${BINS[@]}"; do
-  read -r r1 p1 b1 m1 x1 i1 a1 < <(measure "$bin" one 1)
-  read -r rn pn bn mn xn in_ an < <(measure "$bin" many "$CONSUMERS")
-  echo "| \`$bin\` | 1 | $r1 | $p1 ms | $b1 | $m1 MiB ($x1) | $i1 % | 1 | $a1 |"
-  echo "| \`$bin\` | $CONSUMERS | $rn | $pn ms | $bn | $mn MiB ($xn) | $in_ % | $(python3 -c "print(round($rn / $r1, 3))") | $an |"
+  ratios=()
+  for _ in $(seq 1 "${ROUNDS:-1}"); do
+    read -r r1 p1 b1 m1 x1 i1 a1 < <(measure "$bin" one 1)
+    read -r rn pn bn mn xn in_ an < <(measure "$bin" many "$CONSUMERS")
+    ratio=$(python3 -c "print(round($rn / $r1, 3))"); ratios+=("$ratio")
+    echo "| \`$bin\` | 1 | $r1 | $p1 ms | $b1 | $m1 MiB ($x1) | $i1 % | 1 | $a1 |"
+    echo "| \`$bin\` | $CONSUMERS | $rn | $pn ms | $bn | $mn MiB ($xn) | $in_ % | $ratio | $an |"
+  done
+  if [ "${#ratios[@]}" -gt 1 ]; then
+    echo "| \`$bin\` | median of ${#ratios[@]} rounds | | | | | | **$(python3 -c "import statistics, sys; print(statistics.median(map(float, sys.argv[1:])))" "${ratios[@]}")** ($(IFS=,; echo "${ratios[*]}")) | |"
+  fi
 done
