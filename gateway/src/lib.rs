@@ -75,19 +75,12 @@ fn route_upstreams(config: &GatewayConfig) -> Result<Vec<Arc<proxy::Upstream>>, 
             .map_err(|e| GatewayError::Config(format!("gateway.upstreams.{name}: {e}")))?;
         by_name.insert(name.as_str(), Arc::new(upstream));
     }
-    config
+    // `bind` validated the configuration: every route names a configured upstream.
+    Ok(config
         .routes
         .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            by_name.get(r.upstream.as_str()).cloned().ok_or_else(|| {
-                GatewayError::Config(format!(
-                    "gateway.routes[{i}].upstream: `{}` is not a configured upstream",
-                    r.upstream
-                ))
-            })
-        })
-        .collect()
+        .map(|r| by_name[r.upstream.as_str()].clone())
+        .collect())
 }
 
 /// A gateway bound to its listeners, ready to serve.

@@ -137,16 +137,14 @@ impl Known {
 
     /// The entry as received (what is kept on disk).
     fn entry(&self, consumer: &str) -> QuotaEntry {
-        QuotaEntry {
-            consumer: consumer.to_string(),
-            plan: self.period.plan.clone(),
-            period: self.period.name.clone(),
-            period_end: self.period.end_text.clone(),
-            limit: Some(self.limit),
-            used: self.used,
-            remaining: Some(self.limit.saturating_sub(self.used)),
-            state: tollgate_schemas::quota::QuotaLevel::of(Some(self.limit), self.used),
-        }
+        QuotaEntry::new(
+            consumer.to_string(),
+            self.period.plan.clone(),
+            self.period.name.clone(),
+            self.period.end_text.clone(),
+            Some(self.limit),
+            self.used,
+        )
     }
 }
 

@@ -23,6 +23,7 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tollgate_schemas::Outcome;
+use tollgate_schemas::event::is_lower_hex;
 
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -69,12 +70,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for h in HOP_BY_HOP {
         headers.remove(h);
     }
-}
-
-fn is_lower_hex(s: &str, len: usize) -> bool {
-    s.len() == len
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A W3C `traceparent`'s trace id, when the header is well formed.
@@ -317,10 +312,10 @@ impl Worker {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<Incoming>, Rejection> {
-        let route = self.route(ctx, &req)?;
+        let (index, route) = self.route(ctx, &req)?;
         let identity = self.authenticate(route, req.headers())?;
         self.admit(ctx, identity)?;
-        let upstream = &*self.shared.route_upstreams[ctx.route.expect("routed")];
+        let upstream = &*self.shared.route_upstreams[index];
         let upstream_req = self.upstream_request(ctx, route, upstream, req, peer)?;
         self.forward(ctx, upstream, upstream_req).await
     }
@@ -349,12 +344,12 @@ impl Worker {
         }
     }
 
-    /// Phase 1: the route for the request's method and path.
+    /// Phase 1: the route for the request's method and path, with its position.
     fn route<'s>(
         &'s self,
         ctx: &mut Ctx,
         req: &Request<Incoming>,
-    ) -> Result<&'s RouteConfig, Rejection> {
+    ) -> Result<(usize, &'s RouteConfig), Rejection> {
         let Some((index, route)) = self
             .shared
             .router
@@ -367,7 +362,7 @@ impl Worker {
             ));
         };
         ctx.route = Some(index);
-        Ok(route)
+        Ok((index, route))
     }
 
     /// Phase 2: who is calling. `None` for routes without authentication, and when no consumer

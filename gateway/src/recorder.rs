@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use tollgate_schemas::event::is_lower_hex;
 use tollgate_schemas::{Outcome, RequestEventRef};
 
 use crate::auth::Identity;
@@ -25,11 +26,7 @@ impl TraceId {
     /// `s` if it is 32 lowercase hex digits, not all zero.
     pub fn parse(s: &str) -> Option<TraceId> {
         let bytes: [u8; 32] = s.as_bytes().try_into().ok()?;
-        (bytes
-            .iter()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
-            && bytes.iter().any(|b| *b != b'0'))
-        .then_some(TraceId(bytes))
+        (is_lower_hex(s, 32) && bytes.iter().any(|b| *b != b'0')).then_some(TraceId(bytes))
     }
 
     pub fn as_str(&self) -> &str {

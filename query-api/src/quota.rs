@@ -16,7 +16,7 @@ use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use tollgate_schemas::config::{Consumer, Plan};
-use tollgate_schemas::quota::{QuotaEntry, QuotaLevel, QuotaSnapshot};
+use tollgate_schemas::quota::{QuotaEntry, QuotaSnapshot};
 use tollgate_store::{Filter, GroupKey, KeyValue};
 
 use crate::AppState;
@@ -94,16 +94,14 @@ impl QuotaCache {
                     .get(&c.plan)
                     .and_then(|p| p.quota.as_ref())
                     .map(|q| q.requests);
-                QuotaEntry {
-                    consumer: c.id.clone(),
-                    plan: Some(c.plan.clone()),
-                    period: period.clone(),
-                    period_end: period_end.clone(),
+                QuotaEntry::new(
+                    c.id.clone(),
+                    Some(c.plan.clone()),
+                    period.clone(),
+                    period_end.clone(),
                     limit,
-                    used: n.used,
-                    remaining: limit.map(|l| l.saturating_sub(n.used)),
-                    state: QuotaLevel::of(limit, n.used),
-                }
+                    n.used,
+                )
             })
             .collect();
         QuotaSnapshot {
@@ -218,6 +216,7 @@ fn integer<T: std::str::FromStr>(p: &Params, name: &'static str) -> Result<Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tollgate_schemas::quota::QuotaLevel;
 
     fn setup() -> (Vec<Consumer>, BTreeMap<String, Plan>) {
         let consumers = ["a", "b", "c"]

@@ -134,6 +134,13 @@ pub enum SchemaError {
     },
 }
 
+/// Whether `s` is `len` lowercase hex digits (trace and span ids).
+pub fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 fn invalid(field: &'static str, message: impl Into<String>) -> SchemaError {
     SchemaError::Invalid {
         field,
@@ -251,10 +258,7 @@ impl RequestEvent {
             }
         }
         if let Some(t) = &self.trace_id
-            && (t.len() != 32
-                || !t
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+            && !is_lower_hex(t, 32)
         {
             return Err(invalid("trace_id", "must be 32 lowercase hex digits"));
         }

@@ -61,6 +61,29 @@ pub struct QuotaEntry {
     pub state: QuotaLevel,
 }
 
+impl QuotaEntry {
+    /// An entry whose `remaining` and `state` follow from `limit` and `used`.
+    pub fn new(
+        consumer: String,
+        plan: Option<String>,
+        period: String,
+        period_end: String,
+        limit: Option<u64>,
+        used: u64,
+    ) -> QuotaEntry {
+        QuotaEntry {
+            consumer,
+            plan,
+            period,
+            period_end,
+            limit,
+            used,
+            remaining: limit.map(|l| l.saturating_sub(used)),
+            state: QuotaLevel::of(limit, used),
+        }
+    }
+}
+
 /// How close a consumer is to its limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
