@@ -291,15 +291,18 @@ pub enum StoreConfig {
     Clickhouse(ClickHouseConfig),
 }
 
+/// Background work a backend owns, run until its token is cancelled.
+pub(crate) type Upkeep =
+    Box<dyn FnOnce(CancellationToken) -> futures::future::BoxFuture<'static, ()> + Send>;
+
 /// A store opened from its configuration: the collector's and the query API's sides, and the
-/// background upkeep the backend owns (Parquet compaction; nothing for ClickHouse, which merges
-/// by itself).
+/// background upkeep the backend owns (Parquet: compaction and rollups; ClickHouse, which
+/// merges by itself: compacted latency sketches). Collectors run the upkeep; a query API does
+/// not (it may hold read-only credentials).
 pub struct Store {
     pub writer: Arc<dyn EventWriter>,
     pub query: Arc<dyn UsageQuery>,
-    upkeep: Option<
-        Box<dyn FnOnce(CancellationToken) -> futures::future::BoxFuture<'static, ()> + Send>,
-    >,
+    upkeep: Option<Upkeep>,
 }
 
 impl std::fmt::Debug for Store {
@@ -347,11 +350,11 @@ impl StoreConfig {
                 })
             }
             StoreConfig::Clickhouse(c) => {
-                let (writer, query) = clickhouse::open(c).await?;
+                let (writer, query, upkeep) = clickhouse::open(c).await?;
                 Ok(Store {
                     writer,
                     query,
-                    upkeep: None,
+                    upkeep: Some(upkeep),
                 })
             }
         }

@@ -72,6 +72,20 @@ impl LatencyGroups {
         g.buckets.push((bucket, n));
     }
 
+    /// Adds `(bucket, count)` pairs of one group, `errors` of them 5xx.
+    pub fn add_pairs(
+        &mut self,
+        route: &str,
+        consumer: Option<&str>,
+        t_us: i64,
+        errors: u64,
+        pairs: impl IntoIterator<Item = (i32, u64)>,
+    ) {
+        let g = self.group(route, consumer, t_us);
+        g.errors += errors;
+        g.buckets.extend(pairs);
+    }
+
     /// Adds a whole sketch in its byte form (`sketch::encode`).
     pub fn add_encoded(
         &mut self,
@@ -81,9 +95,21 @@ impl LatencyGroups {
         errors: u64,
         sketch: &[u8],
     ) {
+        self.add_encoded_owned(route, consumer, t_us, errors, sketch.to_vec());
+    }
+
+    /// [`add_encoded`](Self::add_encoded) for a sketch already owned.
+    pub fn add_encoded_owned(
+        &mut self,
+        route: &str,
+        consumer: Option<&str>,
+        t_us: i64,
+        errors: u64,
+        sketch: Vec<u8>,
+    ) {
         let g = self.group(route, consumer, t_us);
         g.errors += errors;
-        g.encoded.push(sketch.to_vec());
+        g.encoded.push(sketch);
     }
 
     /// The rows, sorted by route, consumer and time, with `quantiles` of each group. Fails on

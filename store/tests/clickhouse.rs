@@ -250,3 +250,150 @@ async fn the_events_table_agrees_with_the_json_schema() {
         "columns beyond the schema"
     );
 }
+
+/// An event of route `r` at `minute` (minutes after a fixed UTC midnight) with this latency.
+fn timed(minute: i64, latency_us: u64) -> RequestEvent {
+    let mut e = event(0);
+    e.ts = chrono::DateTime::from_timestamp_micros(MIDNIGHT_US + minute * 60_000_000 + 7).unwrap();
+    e.latency_us = latency_us;
+    e
+}
+
+const MIDNIGHT_US: i64 = 1_790_035_200_000_000; // 2026-09-22T00:00:00Z
+
+/// The latency per minute that every backend must report: the sketch of all `events`.
+fn expected(events: &[RequestEvent], levels: &[f64]) -> Vec<(i64, u64, Vec<f64>)> {
+    let mut per_minute: std::collections::BTreeMap<i64, tollgate_store::sketch::LogHistogram> =
+        Default::default();
+    for e in events {
+        let t = e.ts.timestamp_micros().div_euclid(60_000_000) * 60_000_000;
+        per_minute.entry(t).or_default().record(e.latency_us);
+    }
+    per_minute
+        .into_iter()
+        .map(|(t, h)| {
+            let q = levels.iter().map(|l| h.quantile(*l).unwrap()).collect();
+            (t, h.count(), q)
+        })
+        .collect()
+}
+
+async fn per_minute(
+    query: &dyn tollgate_store::UsageQuery,
+    levels: &[f64],
+) -> Vec<(i64, u64, Vec<f64>)> {
+    let q = tollgate_store::LatencyQuery {
+        filter: tollgate_store::Filter {
+            from_us: MIDNIGHT_US,
+            to_us: MIDNIGHT_US + 86_400_000_000,
+            consumer: None,
+            route: None,
+        },
+        step_us: Some(60_000_000),
+        by_consumer: false,
+        quantiles: levels.to_vec(),
+    };
+    query
+        .latency(&q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.t_us, r.count, r.quantiles_us))
+        .collect()
+}
+
+#[tokio::test]
+async fn compacted_sketches_answer_only_while_they_match_the_counts() {
+    let server = tollgate_testkit::ClickHouse::start();
+    let cfg = ClickHouseConfig {
+        url: server.url(),
+        database: "sketches".into(),
+        user: None,
+        password: None,
+        compression: tollgate_store::ClickHouseCompression::None,
+    };
+    let store = StoreConfig::Clickhouse(cfg.clone()).open().await.unwrap();
+    let compactor = tollgate_store::clickhouse::ClickHouseStore::connect(&cfg)
+        .await
+        .unwrap();
+    let levels = [0.5, 0.9, 0.99];
+    // Three minutes and, in the next hour, a fourth, with latencies spread over many buckets.
+    let mut events: Vec<RequestEvent> = (0..600u64)
+        .map(|i| timed([0, 1, 2, 61][i as usize % 4], 1_000 + i * 397 % 90_000))
+        .collect();
+    let n = events.len() as u64;
+    store
+        .writer
+        .append(&EventBatch::consecutive(events.clone(), 0, n))
+        .await
+        .unwrap();
+    let want = expected(&events, &levels);
+    assert_eq!(want.len(), 4);
+    assert_eq!(
+        per_minute(&*store.query, &levels).await,
+        want,
+        "from buckets"
+    );
+
+    // Four minutes and two hours compacted; the same answers.
+    assert_eq!(
+        compactor
+            .compact_sketches(i64::MIN, i64::MAX)
+            .await
+            .unwrap(),
+        6
+    );
+    assert_eq!(
+        compactor
+            .compact_sketches(i64::MIN, i64::MAX)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        per_minute(&*store.query, &levels).await,
+        want,
+        "from sketches"
+    );
+
+    // The sketches are what answers: one replaced by a different one with the same total is
+    // reported (only a test can make a sketch disagree with its buckets).
+    let total = want[0].1;
+    let fake = tollgate_store::sketch::encode([(100i32, total)]);
+    let hex: String = fake.iter().map(|b| format!("{b:02x}")).collect();
+    server.query(&format!(
+        "INSERT INTO sketches.route_sketch SELECT 60000000, 'r', {MIDNIGHT_US}, {total}, 0, unhex('{hex}')"
+    ));
+    server.query("OPTIMIZE TABLE sketches.route_sketch FINAL");
+    let got = per_minute(&*store.query, &levels).await;
+    assert_eq!(got[0].2, vec![tollgate_store::sketch::bucket_value(100); 3]);
+    assert_eq!(got[1..], want[1..]);
+
+    // Late events into the first minute: its sketch no longer matches, buckets answer it.
+    let late: Vec<RequestEvent> = (0..50u64).map(|i| timed(0, 150_000 + i * 1_000)).collect();
+    store
+        .writer
+        .append(&EventBatch::consecutive(late.clone(), 1, 50))
+        .await
+        .unwrap();
+    events.extend(late);
+    let want = expected(&events, &levels);
+    assert_eq!(
+        per_minute(&*store.query, &levels).await,
+        want,
+        "late events"
+    );
+    // The next round rebuilds that minute and its hour only.
+    assert_eq!(
+        compactor
+            .compact_sketches(i64::MIN, i64::MAX)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        per_minute(&*store.query, &levels).await,
+        want,
+        "recompacted"
+    );
+}

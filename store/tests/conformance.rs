@@ -285,6 +285,27 @@ async fn clickhouse_store_passes_every_case() {
         store.writer.append(&first).await.unwrap();
         store.writer.append(&second).await.unwrap();
         check(&format!("{name} (clickhouse)"), &*store.query, &case).await;
+        // The same answers once every period has its compacted sketch (what the collectors'
+        // upkeep builds), and again once a compacted period changed after compaction.
+        let compactor = tollgate_store::clickhouse::ClickHouseStore::connect(&ClickHouseConfig {
+            url: server.url(),
+            database: format!("conformance_{i}"),
+            user: None,
+            password: None,
+            compression: tollgate_store::ClickHouseCompression::None,
+        })
+        .await
+        .unwrap();
+        compactor
+            .compact_sketches(i64::MIN, i64::MAX)
+            .await
+            .unwrap();
+        check(
+            &format!("{name} (clickhouse, compacted)"),
+            &*store.query,
+            &case,
+        )
+        .await;
     }
 }
 

@@ -3,8 +3,9 @@
 //! (`IF NOT EXISTS`), so processes starting together may apply the same migration twice
 //! without harm; a migration is recorded once it has fully applied.
 
-/// `(version, name, sql)` of every migration, in order. `{db}` stands for the database and
-/// `{coarse_since_us}` for where the coarse rollups of 0003 start (see that file).
+/// `(version, name, sql)` of every migration, in order. `{db}` stands for the database, and
+/// `{since_us}` (`{coarse_since_us}` in 0003) for where the views a migration adds start
+/// counting: see [`coarse_since_us`].
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "events", include_str!("migrations/0001_events.sql")),
     (2, "rollups", include_str!("migrations/0002_rollups.sql")),
@@ -13,11 +14,20 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "coarse_rollups",
         include_str!("migrations/0003_coarse_rollups.sql"),
     ),
+    (
+        4,
+        "route_sketches",
+        include_str!("migrations/0004_route_sketches.sql"),
+    ),
 ];
 
-/// Where the coarse rollups start in a database: 0 when it holds no events yet (they cover
-/// everything), else the next UTC midnight (rows before it keep being answered by the
-/// per-minute rollups).
+/// The placeholders a migration may use for where its views start.
+const SINCE_PLACEHOLDERS: [&str; 2] = ["{coarse_since_us}", "{since_us}"];
+
+/// Where views added by a migration start in a database: 0 when it holds no events yet (they
+/// cover everything), else the next UTC midnight (rows before it keep being answered by what
+/// answered them before). A view sees only rows inserted after it exists, so starting it at a
+/// boundary still ahead is what keeps it exact without copying old rows.
 pub fn coarse_since_us(holds_events: bool, now_us: i64) -> i64 {
     if holds_events {
         (now_us.div_euclid(crate::time::DAY_US) + 1) * crate::time::DAY_US
@@ -27,7 +37,7 @@ pub fn coarse_since_us(holds_events: bool, now_us: i64) -> i64 {
 }
 
 /// The statements of one migration file for database `db`: comments dropped, split on `;`.
-/// `{coarse_since_us}` is replaced by the caller.
+/// The since placeholders are replaced by the caller.
 pub fn statements(sql: &str, db: &str) -> Vec<String> {
     let text: String = sql
         .lines()
@@ -84,7 +94,7 @@ pub(super) async fn apply(
         if applied.contains(version) {
             continue;
         }
-        let since = if sql.contains("{coarse_since_us}") {
+        let since = if SINCE_PLACEHOLDERS.iter().any(|p| sql.contains(p)) {
             let n: u64 = client
                 .query(&format!("SELECT count() FROM `{db}`.events"))
                 .fetch_one()
@@ -96,7 +106,9 @@ pub(super) async fn apply(
             0
         };
         for statement in statements(sql, db) {
-            let statement = statement.replace("{coarse_since_us}", &since.to_string());
+            let statement = SINCE_PLACEHOLDERS
+                .iter()
+                .fold(statement, |s, p| s.replace(p, &since.to_string()));
             client.query(&statement).execute().await.map_err(|e| {
                 crate::StoreError::ClickHouse(format!("migration {version:04}_{name}: {e}"))
             })?;
@@ -115,18 +127,18 @@ pub(super) async fn apply(
     Ok(())
 }
 
-/// Where the coarse rollups of this database start (the latest recorded, when processes
-/// starting together recorded more than one: each view covers from its own, so the latest is
+/// Where the views recorded in `table` (`tollgate_rollup_since` for 0003,
+/// `tollgate_sketch_since` for 0004) start in this database: the latest recorded, when processes
+/// starting together recorded more than one (each view covers from its own, so the latest is
 /// safe for all).
 #[cfg(feature = "clickhouse")]
-pub(super) async fn coarse_since(
+pub(super) async fn since(
     client: &::clickhouse::Client,
     db: &str,
+    table: &str,
 ) -> Result<i64, crate::StoreError> {
     client
-        .query(&format!(
-            "SELECT max(since_us) FROM `{db}`.tollgate_rollup_since"
-        ))
+        .query(&format!("SELECT max(since_us) FROM `{db}`.{table}"))
         .fetch_one::<i64>()
         .await
         .map_err(super::ch_err)

@@ -2,7 +2,9 @@
 //! number of collectors insert into one raw `events` table; materialized views keep rollups
 //! (usage per minute, hour and day; latency sketches per route and minute or hour, and per
 //! consumer and minute) that the query API reads for the aligned spans of a window, and the raw
-//! table answers only the partial minutes at its edges. Latency quantiles are computed in the
+//! table answers only the partial minutes at its edges. Per-route latency reads compacted
+//! sketches, one byte string per route and minute or hour, checked against live counts
+//! (`sketches.rs`, built by the collectors' upkeep); per-consumer latency is computed in the
 //! server (`quantilesExactWeighted` over sketch buckets: nearest rank, as `sketch.rs`), so a
 //! dashboard over a month receives a few numbers per point, not every bucket. Schema changes are numbered
 //! `.sql` migrations beside this file, applied at start-up and recorded in
@@ -38,6 +40,8 @@ pub mod migrations;
 #[cfg(feature = "clickhouse")]
 mod query;
 #[cfg(feature = "clickhouse")]
+mod sketches;
+#[cfg(feature = "clickhouse")]
 mod writer;
 
 use std::sync::Arc;
@@ -45,21 +49,27 @@ use std::sync::Arc;
 pub use config::{ClickHouseConfig, Compression};
 pub use migrations::MIGRATIONS;
 
-use crate::{EventWriter, StoreError, UsageQuery};
+use crate::{EventWriter, StoreError, Upkeep, UsageQuery};
 
-/// Connects, creates the database and applies pending migrations.
+/// Connects, creates the database and applies pending migrations; the upkeep compacts latency
+/// sketches (`sketches.rs`).
 #[cfg(feature = "clickhouse")]
 pub(crate) async fn open(
     config: &ClickHouseConfig,
-) -> Result<(Arc<dyn EventWriter>, Arc<dyn UsageQuery>), StoreError> {
+) -> Result<(Arc<dyn EventWriter>, Arc<dyn UsageQuery>, Upkeep), StoreError> {
     let store = ClickHouseStore::connect(config).await?;
-    Ok((Arc::new(store.clone()), Arc::new(store)))
+    let upkeep = store.clone();
+    Ok((
+        Arc::new(store.clone()),
+        Arc::new(store),
+        Box::new(move |stop| Box::pin(upkeep.compact_every(stop))),
+    ))
 }
 
 #[cfg(not(feature = "clickhouse"))]
 pub(crate) async fn open(
     _config: &ClickHouseConfig,
-) -> Result<(Arc<dyn EventWriter>, Arc<dyn UsageQuery>), StoreError> {
+) -> Result<(Arc<dyn EventWriter>, Arc<dyn UsageQuery>, Upkeep), StoreError> {
     Err(StoreError::NotBuilt {
         kind: "clickhouse",
         feature: "clickhouse",
@@ -76,6 +86,8 @@ pub struct ClickHouseStore {
     appended: Arc<std::sync::Mutex<crate::Checkpoint>>,
     /// Where the hour and day rollups start (migration 0003).
     coarse_since_us: i64,
+    /// Where the per-route counts start (migration 0004).
+    sketch_since_us: i64,
 }
 
 #[cfg(feature = "clickhouse")]
@@ -113,12 +125,15 @@ impl ClickHouseStore {
             client = client.with_password(p);
         }
         migrations::apply(&client, &config.database).await?;
-        let coarse_since_us = migrations::coarse_since(&client, &config.database).await?;
+        let db = &config.database;
+        let coarse_since_us = migrations::since(&client, db, "tollgate_rollup_since").await?;
+        let sketch_since_us = migrations::since(&client, db, "tollgate_sketch_since").await?;
         Ok(ClickHouseStore {
-            client: client.with_database(&config.database),
-            database: config.database.clone(),
+            client: client.with_database(db),
+            database: db.clone(),
             appended: Default::default(),
             coarse_since_us,
+            sketch_since_us,
         })
     }
 

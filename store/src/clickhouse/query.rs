@@ -1,17 +1,22 @@
 //! `UsageQuery` over ClickHouse. A window is cut into parts (`time::plan`): aligned days, hours
-//! and minutes from the rollups, the partial minutes at its edges from the raw table. All parts
-//! go to the server as one `UNION ALL`, summed there; latency quantiles are computed there too,
-//! with `quantilesExactWeighted` over the sketch buckets (the nearest-rank rule of
-//! `sketch::LogHistogram::quantile`: the smallest bucket whose cumulative count reaches
-//! `ceil(q·n)`), and turned into microseconds here with `sketch::bucket_value`, so ClickHouse
-//! and the embedded store report the same value for the same events. Filters are bound
+//! and minutes from the rollups, the partial minutes at its edges from the raw table. Usage
+//! parts go to the server as one `UNION ALL`, summed there.
+//!
+//! Latency per route merges, here, the compacted sketch of each whole minute or hour that has a
+//! current one (`sketches.rs`) with the buckets of everything else (summed per time bucket in
+//! the server), and takes quantiles with `merge::LatencyGroups`, the code the Parquet store
+//! uses. Latency per consumer is computed in the server with `quantilesExactWeighted` over the
+//! sketch buckets (the nearest-rank rule of `sketch::LogHistogram::quantile`: the smallest
+//! bucket whose cumulative count reaches `ceil(q·n)`), turned into microseconds here with
+//! `sketch::bucket_value`. Either way ClickHouse and the embedded store report the same value
+//! for the same events. Filters are bound
 //! parameters; only numbers the store produced itself are spliced into the SQL.
 
 use async_trait::async_trait;
 use serde::Deserialize;
 
 use super::{ClickHouseStore, ch_err};
-use crate::merge::UsageSums;
+use crate::merge::{LatencyGroups, UsageSums};
 use crate::sketch::bucket_value;
 use crate::time::{DAY_US, Grain, HOUR_US, MINUTE_US, plan};
 use crate::{
@@ -83,6 +88,16 @@ struct UsageRowSums {
     billable_n: u64,
     req_bytes_n: u64,
     resp_bytes_n: u64,
+}
+
+/// One time bucket of a route: its sketch buckets and their weights.
+#[derive(clickhouse::Row, Deserialize)]
+struct RoutePoint {
+    route_k: String,
+    t_us: i64,
+    buckets: Vec<i32>,
+    counts: Vec<u64>,
+    errors_n: u64,
 }
 
 #[derive(clickhouse::Row, Deserialize)]
@@ -180,6 +195,93 @@ impl ClickHouseStore {
     }
 }
 
+impl ClickHouseStore {
+    /// The parts of a latency query as one `UNION ALL` of `(route_k, consumer_k, t_us, b, w,
+    /// e)`: the time bucket, the sketch bucket, its weight and 5xx count.
+    fn latency_union(&self, q: &LatencyQuery, parts: Vec<(Source, i64, i64)>) -> Union {
+        let f = &q.filter;
+        let mut union = Union::default();
+        for (source, from, to) in parts {
+            let t = source.time_column();
+            let bucket_t = match q.step_us {
+                Some(step) => format!("intDiv({t}, {step}) * {step}"),
+                None => format!("toInt64({})", f.from_us),
+            };
+            let by_consumer = |c: &'static str| if q.by_consumer { c } else { "''" };
+            let (route, consumer, table, bucket, n, errors, forwarded) = match source {
+                Source::Raw => (
+                    "ifNull(route, '')",
+                    by_consumer("ifNull(consumer, '')"),
+                    self.table("events"),
+                    "latency_bucket",
+                    "toUInt64(1)",
+                    "toUInt64(status >= 500)",
+                    " AND isNotNull(route) AND isNotNull(upstream_latency_us)",
+                ),
+                Source::Rollup { table, .. } => (
+                    "route_key",
+                    by_consumer("consumer_key"),
+                    self.table(table),
+                    "bucket",
+                    "n",
+                    "errors",
+                    "",
+                ),
+            };
+            let (cond, binds) = source.filters(f);
+            union.push(
+                format!(
+                    "SELECT {route} AS route_k, {consumer} AS consumer_k, {bucket_t} AS t_us, \
+                     toInt32({bucket}) AS b, {n} AS w, {errors} AS e \
+                     FROM {table} WHERE {t} >= ? AND {t} < ?{forwarded}{cond}"
+                ),
+                from,
+                to,
+                binds,
+            );
+        }
+        union
+    }
+
+    /// Latency with the quantiles computed in the server, for queries that need the consumer
+    /// (the per-consumer rollup has no compacted sketches).
+    async fn latency_in_server(&self, q: &LatencyQuery) -> Result<Vec<LatencyRow>, StoreError> {
+        let f = &q.filter;
+        let union = self.latency_union(q, parts(f.from_us, f.to_us, &self.latency_grains(q)));
+        if union.parts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let levels: Vec<String> = q.quantiles.iter().map(|l| format!("{l:?}")).collect();
+        let buckets = if levels.is_empty() {
+            "emptyArrayInt32()".to_string()
+        } else {
+            format!("quantilesExactWeighted({})(b, w)", levels.join(", "))
+        };
+        let points = union
+            .query(&self.client, |inner| {
+                format!(
+                    "SELECT route_k, consumer_k, t_us, sum(w) AS count_n, sum(e) AS errors_n, \
+                     {buckets} AS buckets FROM ({inner}) WHERE w > 0 \
+                     GROUP BY route_k, consumer_k, t_us ORDER BY route_k, consumer_k, t_us"
+                )
+            })
+            .fetch_all::<LatencyPoint>()
+            .await
+            .map_err(ch_err)?;
+        Ok(points
+            .into_iter()
+            .map(|p| LatencyRow {
+                route: p.route_k,
+                consumer: (!p.consumer_k.is_empty()).then_some(p.consumer_k),
+                t_us: p.t_us,
+                count: p.count_n,
+                errors: p.errors_n,
+                quantiles_us: p.buckets.into_iter().map(bucket_value).collect(),
+            })
+            .collect())
+    }
+}
+
 /// The parts of `[from, to)` with the source each is read from.
 fn parts(from: i64, to: i64, grains: &[(Source, Grain)]) -> Vec<(Source, i64, i64)> {
     let g: Vec<Grain> = grains.iter().map(|(_, g)| *g).collect();
@@ -260,78 +362,74 @@ impl UsageQuery for ClickHouseStore {
 
     async fn latency(&self, q: &LatencyQuery) -> Result<Vec<LatencyRow>, StoreError> {
         q.validate()?;
+        if q.needs_consumer() {
+            return self.latency_in_server(q).await;
+        }
+        // Per route: compacted sketches where current, buckets elsewhere, merged here.
         let f = &q.filter;
-        let mut union = Union::default();
-        for (source, from, to) in parts(f.from_us, f.to_us, &self.latency_grains(q)) {
-            let t = source.time_column();
-            let bucket_t = match q.step_us {
-                Some(step) => format!("intDiv({t}, {step}) * {step}"),
-                None => format!("toInt64({})", f.from_us),
-            };
-            let by_consumer = |c: &'static str| if q.by_consumer { c } else { "''" };
-            let (route, consumer, table, bucket, n, errors, forwarded) = match source {
-                Source::Raw => (
-                    "ifNull(route, '')",
-                    by_consumer("ifNull(consumer, '')"),
-                    self.table("events"),
-                    "latency_bucket",
-                    "toUInt64(1)",
-                    "toUInt64(status >= 500)",
-                    " AND isNotNull(route) AND isNotNull(upstream_latency_us)",
-                ),
-                Source::Rollup { table, .. } => (
-                    "route_key",
-                    by_consumer("consumer_key"),
-                    self.table(table),
-                    "bucket",
-                    "n",
-                    "errors",
-                    "",
-                ),
-            };
-            let (cond, binds) = source.filters(f);
-            union.push(
-                format!(
-                    "SELECT {route} AS route_k, {consumer} AS consumer_k, {bucket_t} AS t_us, \
-                     toInt32({bucket}) AS b, {n} AS w, {errors} AS e \
-                     FROM {table} WHERE {t} >= ? AND {t} < ?{forwarded}{cond}"
-                ),
-                from,
-                to,
-                binds,
-            );
-        }
-        if union.parts.is_empty() {
-            return Ok(Vec::new());
-        }
-        let levels: Vec<String> = q.quantiles.iter().map(|l| format!("{l:?}")).collect();
-        let buckets = if levels.is_empty() {
-            "emptyArrayInt32()".to_string()
-        } else {
-            format!("quantilesExactWeighted({})(b, w)", levels.join(", "))
+        let point = |t: i64| {
+            q.step_us
+                .map_or(f.from_us, |step| t.div_euclid(step) * step)
         };
-        let points = union
-            .query(&self.client, |inner| {
-                format!(
-                    "SELECT route_k, consumer_k, t_us, sum(w) AS count_n, sum(e) AS errors_n, \
-                     {buckets} AS buckets FROM ({inner}) WHERE w > 0 \
-                     GROUP BY route_k, consumer_k, t_us ORDER BY route_k, consumer_k, t_us"
-                )
-            })
-            .fetch_all::<LatencyPoint>()
-            .await
-            .map_err(ch_err)?;
-        Ok(points
-            .into_iter()
-            .map(|p| LatencyRow {
-                route: p.route_k,
-                consumer: (!p.consumer_k.is_empty()).then_some(p.consumer_k),
-                t_us: p.t_us,
-                count: p.count_n,
-                errors: p.errors_n,
-                quantiles_us: p.buckets.into_iter().map(bucket_value).collect(),
-            })
-            .collect())
+        let since = self.sketches_since();
+        let mut groups = LatencyGroups::default();
+        let mut rest = Vec::new();
+        for (source, from, to) in parts(f.from_us, f.to_us, &self.latency_grains(q)) {
+            let grain = match source {
+                Source::Rollup {
+                    table: "latency_route_1m",
+                    ..
+                } => Some(MINUTE_US),
+                Source::Rollup {
+                    table: "latency_route_1h",
+                    ..
+                } => Some(HOUR_US),
+                _ => None,
+            };
+            match grain {
+                // `since` is a UTC midnight (or 0): cutting there keeps both sides aligned.
+                Some(grain) if to > since => {
+                    let cut = from.max(since);
+                    if from < cut {
+                        rest.push((source, from, cut));
+                    }
+                    self.add_route_periods(
+                        &mut groups,
+                        grain,
+                        (cut, to),
+                        f.route.as_deref(),
+                        &point,
+                    )
+                    .await?;
+                }
+                _ => rest.push((source, from, to)),
+            }
+        }
+        if !rest.is_empty() {
+            let rows = self
+                .latency_union(q, rest)
+                .query(&self.client, |inner| {
+                    format!(
+                        "SELECT route_k, t_us, groupArray(b) AS buckets, groupArray(w) AS counts, \
+                         sum(e) AS errors_n FROM ({inner}) WHERE w > 0 GROUP BY route_k, t_us"
+                    )
+                })
+                .fetch_all::<RoutePoint>()
+                .await
+                .map_err(ch_err)?;
+            for p in rows {
+                groups.add_pairs(
+                    &p.route_k,
+                    None,
+                    p.t_us,
+                    p.errors_n,
+                    p.buckets.into_iter().zip(p.counts),
+                );
+            }
+        }
+        groups
+            .rows(&q.quantiles)
+            .map_err(|e| StoreError::Corrupt(format!("latency sketch: {e}")))
     }
 
     async fn ready(&self) -> bool {
