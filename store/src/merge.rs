@@ -49,6 +49,8 @@ struct Group {
     /// than one part: one sketch alone (a per-minute point from the per-minute rollup, the
     /// common case of a dashboard) is answered in one pass over its bytes.
     encoded: Vec<Vec<u8>>,
+    /// The whole group already answered: its count and the bucket of each asked level.
+    answered: Option<(u64, Vec<i32>)>,
 }
 
 impl LatencyGroups {
@@ -86,6 +88,22 @@ impl LatencyGroups {
         g.buckets.extend(pairs);
     }
 
+    /// Sets a group whose answer was computed elsewhere (a compacted period's precomputed
+    /// quantiles): its count, 5xx count and the bucket of each asked level, in order. Nothing
+    /// else may be added to that group.
+    pub fn add_answered(
+        &mut self,
+        route: &str,
+        consumer: Option<&str>,
+        t_us: i64,
+        (count, errors): (u64, u64),
+        buckets: Vec<i32>,
+    ) {
+        let g = self.group(route, consumer, t_us);
+        g.errors += errors;
+        g.answered = Some((count, buckets));
+    }
+
     /// Adds a whole sketch in its byte form (`sketch::encode`).
     pub fn add_encoded(
         &mut self,
@@ -117,9 +135,17 @@ impl LatencyGroups {
     pub fn rows(self, quantiles: &[f64]) -> Result<Vec<LatencyRow>, String> {
         let mut rows = Vec::with_capacity(self.0.len());
         for ((route, consumer, t_us), mut g) in self.0 {
-            let (count, found) = match g.encoded.as_slice() {
-                [one] if g.buckets.is_empty() => encoded_quantiles(one, quantiles)?,
-                parts => {
+            let (count, found) = match (g.answered, g.encoded.as_slice()) {
+                (Some((count, buckets)), []) if g.buckets.is_empty() => {
+                    (count, buckets.into_iter().map(Some).collect())
+                }
+                (Some(_), _) => {
+                    return Err(format!(
+                        "time bucket {t_us} of route {route} mixes a precomputed answer with sketches"
+                    ));
+                }
+                (None, [one]) if g.buckets.is_empty() => encoded_quantiles(one, quantiles)?,
+                (None, parts) => {
                     for p in parts {
                         decode_into(p, &mut g.buckets)?;
                     }

@@ -142,6 +142,19 @@ where
     out
 }
 
+/// Quantile levels whose buckets a compacted sketch also keeps precomputed (ClickHouse's
+/// `route_sketch.quantile_buckets`), so that a dashboard asking for some of them, one point per
+/// compacted period, reads a few numbers per point instead of each sketch.
+pub const STANDARD_LEVELS: [f64; 6] = [0.5, 0.75, 0.9, 0.95, 0.99, 0.999];
+
+/// Where each of `levels` is in [`STANDARD_LEVELS`]; `None` when one is not there.
+pub fn standard_positions(levels: &[f64]) -> Option<Vec<usize>> {
+    levels
+        .iter()
+        .map(|l| STANDARD_LEVELS.iter().position(|s| s == l))
+        .collect()
+}
+
 /// Pairs per block of the index of format 2.
 pub const BLOCK_PAIRS: usize = 32;
 

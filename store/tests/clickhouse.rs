@@ -302,6 +302,11 @@ async fn per_minute(
         .collect()
 }
 
+/// Per-minute quantiles at levels that are all precomputed in compacted sketches, and at
+/// levels that are not (read from the sketches themselves).
+const PRECOMPUTED: [f64; 3] = [0.5, 0.9, 0.99];
+const OTHER: [f64; 3] = [0.25, 0.5, 0.999];
+
 #[tokio::test]
 async fn compacted_sketches_answer_only_while_they_match_the_counts() {
     let server = tollgate_testkit::ClickHouse::start();
@@ -316,7 +321,14 @@ async fn compacted_sketches_answer_only_while_they_match_the_counts() {
     let compactor = tollgate_store::clickhouse::ClickHouseStore::connect(&cfg)
         .await
         .unwrap();
-    let levels = [0.5, 0.9, 0.99];
+    let answers =
+        |events: &[RequestEvent]| (expected(events, &PRECOMPUTED), expected(events, &OTHER));
+    let query = || async {
+        (
+            per_minute(&*store.query, &PRECOMPUTED).await,
+            per_minute(&*store.query, &OTHER).await,
+        )
+    };
     // Three minutes and, in the next hour, a fourth, with latencies spread over many buckets.
     let mut events: Vec<RequestEvent> = (0..600u64)
         .map(|i| timed([0, 1, 2, 61][i as usize % 4], 1_000 + i * 397 % 90_000))
@@ -327,13 +339,9 @@ async fn compacted_sketches_answer_only_while_they_match_the_counts() {
         .append(&EventBatch::consecutive(events.clone(), 0, n))
         .await
         .unwrap();
-    let want = expected(&events, &levels);
-    assert_eq!(want.len(), 4);
-    assert_eq!(
-        per_minute(&*store.query, &levels).await,
-        want,
-        "from buckets"
-    );
+    let want = answers(&events);
+    assert_eq!(want.0.len(), 4);
+    assert_eq!(query().await, want, "from buckets");
 
     // Four minutes and two hours compacted; the same answers.
     assert_eq!(
@@ -350,24 +358,25 @@ async fn compacted_sketches_answer_only_while_they_match_the_counts() {
             .unwrap(),
         0
     );
-    assert_eq!(
-        per_minute(&*store.query, &levels).await,
-        want,
-        "from sketches"
-    );
+    assert_eq!(query().await, want, "from sketches");
 
-    // The sketches are what answers: one replaced by a different one with the same total is
-    // reported (only a test can make a sketch disagree with its buckets).
-    let total = want[0].1;
+    // The compacted rows are what answers: one replaced by a different one with the same total
+    // is reported (only a test can make a sketch disagree with its buckets).
+    let total = want.0[0].1;
     let fake = tollgate_store::sketch::encode([(100i32, total)]);
     let hex: String = fake.iter().map(|b| format!("{b:02x}")).collect();
     server.query(&format!(
-        "INSERT INTO sketches.route_sketch SELECT 60000000, 'r', {MIDNIGHT_US}, {total}, 0, unhex('{hex}')"
+        "INSERT INTO sketches.route_sketch SELECT 60000000, 'r', {MIDNIGHT_US}, {total}, 0, \
+         unhex('{hex}'), [100, 100, 100, 100, 100, 100]"
     ));
     server.query("OPTIMIZE TABLE sketches.route_sketch FINAL");
-    let got = per_minute(&*store.query, &levels).await;
-    assert_eq!(got[0].2, vec![tollgate_store::sketch::bucket_value(100); 3]);
-    assert_eq!(got[1..], want[1..]);
+    let (precomputed, other) = query().await;
+    let faked = vec![tollgate_store::sketch::bucket_value(100); 3];
+    assert_eq!((&precomputed[0].2, &other[0].2), (&faked, &faked));
+    assert_eq!(
+        (&precomputed[1..], &other[1..]),
+        (&want.0[1..], &want.1[1..])
+    );
 
     // Late events into the first minute: its sketch no longer matches, buckets answer it.
     let late: Vec<RequestEvent> = (0..50u64).map(|i| timed(0, 150_000 + i * 1_000)).collect();
@@ -377,12 +386,8 @@ async fn compacted_sketches_answer_only_while_they_match_the_counts() {
         .await
         .unwrap();
     events.extend(late);
-    let want = expected(&events, &levels);
-    assert_eq!(
-        per_minute(&*store.query, &levels).await,
-        want,
-        "late events"
-    );
+    let want = answers(&events);
+    assert_eq!(query().await, want, "late events");
     // The next round rebuilds that minute and its hour only.
     assert_eq!(
         compactor
@@ -391,9 +396,5 @@ async fn compacted_sketches_answer_only_while_they_match_the_counts() {
             .unwrap(),
         2
     );
-    assert_eq!(
-        per_minute(&*store.query, &levels).await,
-        want,
-        "recompacted"
-    );
+    assert_eq!(query().await, want, "recompacted");
 }

@@ -372,6 +372,7 @@ impl UsageQuery for ClickHouseStore {
                 .map_or(f.from_us, |step| t.div_euclid(step) * step)
         };
         let since = self.sketches_since();
+        let levels = crate::sketch::standard_positions(&q.quantiles);
         let mut groups = LatencyGroups::default();
         let mut rest = Vec::new();
         for (source, from, to) in parts(f.from_us, f.to_us, &self.latency_grains(q)) {
@@ -393,12 +394,14 @@ impl UsageQuery for ClickHouseStore {
                     if from < cut {
                         rest.push((source, from, cut));
                     }
+                    // Each period its own point: precomputed quantiles may answer it.
+                    let precomputed = levels.as_deref().filter(|_| q.step_us == Some(grain));
                     self.add_route_periods(
                         &mut groups,
-                        grain,
-                        (cut, to),
+                        (grain, cut, to),
                         f.route.as_deref(),
                         &point,
+                        precomputed,
                     )
                     .await?;
                 }

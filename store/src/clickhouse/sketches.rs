@@ -76,6 +76,15 @@ struct StoredSketch {
     sketch: Vec<u8>,
 }
 
+#[derive(clickhouse::Row, Deserialize)]
+struct StoredQuantiles {
+    route_key: String,
+    t_us: i64,
+    n: u64,
+    errors: u64,
+    quantile_buckets: Vec<i32>,
+}
+
 #[derive(clickhouse::Row, Serialize)]
 struct NewSketch<'a> {
     grain_us: i64,
@@ -85,6 +94,7 @@ struct NewSketch<'a> {
     errors: u64,
     #[serde(serialize_with = "as_byte_string")]
     sketch: &'a [u8],
+    quantile_buckets: &'a [i32],
 }
 
 #[derive(clickhouse::Row, Deserialize)]
@@ -221,21 +231,27 @@ impl ClickHouseStore {
     }
 
     /// Adds to `groups` (at `point(period start)`) every period of `grain` in `[from, to)`:
-    /// its compacted sketch when that is current, else its buckets. `[from, to)` is aligned to
+    /// its compacted sketch when that is current, else its buckets. When each period is a point
+    /// of its own and every asked level is one of `sketch::STANDARD_LEVELS`, a current period
+    /// is added as its precomputed quantiles instead of its sketch. `[from, to)` is aligned to
     /// `grain` and starts at or after [`sketches_since`](Self::sketches_since).
     pub(super) async fn add_route_periods(
         &self,
         groups: &mut LatencyGroups,
-        grain: i64,
-        (from, to): (i64, i64),
+        (grain, from, to): (i64, i64, i64),
         route: Option<&str>,
         point: &(impl Fn(i64) -> i64 + Sync),
+        precomputed: Option<&[usize]>,
     ) -> Result<(), StoreError> {
-        let sketches = async {
+        let columns = match precomputed {
+            Some(_) => "quantile_buckets",
+            None => "sketch",
+        };
+        let query = || {
             let mut q = self
                 .client
                 .query(&format!(
-                    "SELECT route_key, t_us, n, errors, sketch FROM {} \
+                    "SELECT route_key, t_us, n, errors, {columns} FROM {} \
                      WHERE grain_us = {grain} AND t_us >= ? AND t_us < ?{}",
                     self.table("route_sketch"),
                     route_cond(route)
@@ -245,18 +261,48 @@ impl ClickHouseStore {
             if let Some(r) = route {
                 q = q.bind(r);
             }
-            q.fetch_all::<StoredSketch>().await.map_err(ch_err)
+            q
         };
-        let (mut pending, sketches) =
-            tokio::try_join!(self.period_counts(grain, from, to, route), sketches)?;
-        for s in sketches {
-            let key = (s.route_key, s.t_us);
-            // `remove`: of two copies of one sketch, one is used.
-            if pending.get(&key) == Some(&s.n) {
-                pending.remove(&key);
-                groups.add_encoded_owned(&key.0, None, point(key.1), s.errors, s.sketch);
+        let counts = self.period_counts(grain, from, to, route);
+        // `remove`: of two copies of one period's row, one is used.
+        let pending = match precomputed {
+            Some(levels) => {
+                let (mut pending, rows) = tokio::try_join!(counts, async {
+                    query().fetch_all::<StoredQuantiles>().await.map_err(ch_err)
+                })?;
+                for s in rows {
+                    let key = (s.route_key, s.t_us);
+                    if pending.get(&key) == Some(&s.n) {
+                        pending.remove(&key);
+                        let buckets = levels
+                            .iter()
+                            .map(|i| s.quantile_buckets.get(*i).copied())
+                            .collect::<Option<Vec<i32>>>()
+                            .ok_or_else(|| {
+                                StoreError::Corrupt(format!(
+                                    "route_sketch of {} at {} lacks quantile buckets",
+                                    key.0, key.1
+                                ))
+                            })?;
+                        groups.add_answered(&key.0, None, point(key.1), (s.n, s.errors), buckets);
+                    }
+                }
+                pending
             }
-        }
+            None => {
+                let (mut pending, rows) = tokio::try_join!(counts, async {
+                    query().fetch_all::<StoredSketch>().await.map_err(ch_err)
+                })?;
+                for s in rows {
+                    let key = (s.route_key, s.t_us);
+                    if pending.get(&key) == Some(&s.n) {
+                        pending.remove(&key);
+                        groups.add_encoded_owned(&key.0, None, point(key.1), s.errors, s.sketch);
+                    }
+                }
+                pending
+            }
+        };
         if pending.is_empty() {
             return Ok(());
         }
@@ -334,7 +380,11 @@ impl ClickHouseStore {
                 let n: u64 = pairs.iter().map(|(_, c)| c).sum();
                 if after.get(&(p.route_key.clone(), p.t_us)) == Some(&n) {
                     let bytes = sketch::encode(pairs.iter().copied());
-                    rows.push((p.route_key, p.t_us, n, p.errors, bytes));
+                    let quantiles = sketch::STANDARD_LEVELS
+                        .iter()
+                        .map(|q| sketch::nearest_rank(&pairs, n, *q).unwrap_or_default())
+                        .collect::<Vec<i32>>();
+                    rows.push((p.route_key, p.t_us, n, p.errors, bytes, quantiles));
                 }
             }
             if rows.is_empty() {
@@ -345,7 +395,7 @@ impl ClickHouseStore {
                 .insert::<NewSketch<'_>>("route_sketch")
                 .await
                 .map_err(ch_err)?;
-            for (route_key, t_us, n, errors, bytes) in &rows {
+            for (route_key, t_us, n, errors, bytes, quantiles) in &rows {
                 insert
                     .write(&NewSketch {
                         grain_us: grain,
@@ -354,6 +404,7 @@ impl ClickHouseStore {
                         n: *n,
                         errors: *errors,
                         sketch: bytes,
+                        quantile_buckets: quantiles,
                     })
                     .await
                     .map_err(ch_err)?;

@@ -42,6 +42,10 @@ FROM {db}.events
 WHERE ts_us >= {since_us} AND isNotNull(route) AND isNotNull(upstream_latency_us)
 GROUP BY minute_us, route_key;
 
+-- `quantile_buckets` holds the sketch's bucket at each of `sketch::STANDARD_LEVELS` (p50, p75,
+-- p90, p95, p99, p99.9): a query for some of those, one point per period, reads them instead of
+-- the sketch (a few bytes per point instead of about 800 for a busy minute).
+--
 -- `n` is the version: events only ever add to a period, so of two sketches of one period the
 -- one with more events is the newer, and merges keep it. Queries do not rely on merges having
 -- run: they pick the row whose `n` matches.
@@ -52,7 +56,8 @@ CREATE TABLE IF NOT EXISTS {db}.route_sketch
     t_us Int64,
     n UInt64,
     errors UInt64,
-    sketch String
+    sketch String,
+    quantile_buckets Array(Int32)
 )
 ENGINE = ReplacingMergeTree(n)
 PARTITION BY toYYYYMM(toDateTime(intDiv(t_us, 1000000)))
