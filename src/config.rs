@@ -235,6 +235,60 @@ mod tests {
     }
 
     #[test]
+    fn auth_chains_and_jwt_settings_are_checked() {
+        let demo = DEMO.replace("DEMO_UPSTREAM", "127.0.0.1:9");
+        let with = |auth: &str, route_auth: &str| {
+            let text = demo
+                .replace(
+                    "  auth:\n    api_key: { header: x-api-key }\n",
+                    &format!("  auth: {auth}\n"),
+                )
+                .replace(
+                    "upstream: shop, auth: false",
+                    &format!("upstream: shop, auth: {route_auth}"),
+                );
+            parse(&text, &[]).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let jwt = |extra: &str| format!("{{ jwt: {{ issuer: i, audience: a{extra} }} }}");
+        let key = ", keys: [ { alg: RS256, pem: x } ]";
+        assert_eq!(with(&jwt(key), "[jwt, anonymous]"), Ok(()));
+        let cases = [
+            (jwt(key), "[]".to_string(), "gateway.routes[5].auth"),
+            (
+                "{}".to_string(),
+                "[jwt]".to_string(),
+                "needs a gateway.auth.jwt section",
+            ),
+            (jwt(key), "[jwt, nobody]".to_string(), "gateway"),
+            (jwt(""), "true".to_string(), "needs `jwks_url` or `keys`"),
+            (
+                jwt(", jwks_url: \"https://idp/jwks\""),
+                "true".to_string(),
+                "https is not supported",
+            ),
+            (
+                jwt(", keys: [ { alg: none, pem: x } ]"),
+                "true".to_string(),
+                "keys[0].alg",
+            ),
+            (
+                jwt(", keys: [ { alg: HS256, secret: short } ]"),
+                "true".to_string(),
+                "at least 32 bytes",
+            ),
+            (
+                jwt(", keys: [ { alg: RS256, secret: xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx } ]"),
+                "true".to_string(),
+                "needs `pem`",
+            ),
+        ];
+        for (auth, route, want) in cases {
+            let err = with(&auth, &route).unwrap_err();
+            assert!(err.contains(want), "{auth} / {route}: {err}");
+        }
+    }
+
+    #[test]
     fn environment_overrides_follow_section_key() {
         let text = DEMO.replace("DEMO_UPSTREAM", "127.0.0.1:9");
         let c = parse(

@@ -177,6 +177,15 @@ fn bus_error(e: BusError) -> anyhow::Error {
     }
 }
 
+/// A gateway section the gateway refuses (bad keys, JWT in a build without it) is a
+/// configuration error (exit 2); failing to listen is not.
+fn gateway_error(e: tollgate_gateway::GatewayError) -> anyhow::Error {
+    match e {
+        tollgate_gateway::GatewayError::Config(_) => ConfigError(e.to_string()).into(),
+        e => e.into(),
+    }
+}
+
 fn store_error(e: StoreError) -> anyhow::Error {
     match e {
         StoreError::NotBuilt { .. } => ConfigError(e.to_string()).into(),
@@ -235,7 +244,7 @@ async fn gateway(mut config: Config) -> anyhow::Result<()> {
         metrics,
     )
     .await
-    .map_err(|e| ConfigError(e.to_string()))?;
+    .map_err(gateway_error)?;
     let admin = admin::serve(
         "gateway.admin_listen",
         config.gateway.admin_listen,
@@ -403,7 +412,8 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
         publisher,
         gateway_metrics,
     )
-    .await?;
+    .await
+    .map_err(gateway_error)?;
     let gateway_addr = gateway.local_addr();
 
     // The gateway is built: the consumers move to the query API (with 100,000 of them, a copy

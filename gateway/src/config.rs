@@ -135,13 +135,37 @@ pub struct RouteConfig {
     /// Removed from the start of the path before forwarding.
     #[serde(default)]
     pub strip_prefix: Option<String>,
-    /// Whether callers must authenticate (default true). Anonymous calls are metered too.
-    #[serde(default = "default_true")]
-    pub auth: bool,
+    /// How callers authenticate (default `true`); anonymous calls are metered too. See
+    /// [`RouteAuth`].
+    #[serde(default)]
+    pub auth: RouteAuth,
 }
 
-fn default_true() -> bool {
-    true
+/// A route's authentication: `true` tries every configured method (API key, then JWT) and
+/// refuses a caller who presents none; `false` lets every caller through anonymously; a list is
+/// the chain, tried in order, e.g. `[jwt, api_key]`, where `anonymous` lets through a caller who
+/// presented no credential. A credential that is presented and invalid is refused at once,
+/// never passed on to the next method or to `anonymous`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RouteAuth {
+    All(bool),
+    Chain(Vec<AuthMethod>),
+}
+
+impl Default for RouteAuth {
+    fn default() -> Self {
+        RouteAuth::All(true)
+    }
+}
+
+/// One link of a route's authentication chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    ApiKey,
+    Jwt,
+    Anonymous,
 }
 
 /// Authentication methods.
@@ -152,29 +176,154 @@ pub struct AuthConfig {
     /// consumer has keys: the keys are checked in `x-api-key`.
     #[serde(default)]
     pub api_key: Option<ApiKeyConfig>,
-    /// JWT bearer tokens. Accepted in the configuration; verification is not implemented yet,
-    /// so requests are authenticated by API key only (a warning says so at start).
+    /// JWT bearer tokens (`Authorization: Bearer`), in builds with the `jwt` feature.
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
 }
 
-/// JWT authentication settings.
+/// JWT authentication settings. Signing keys come from `keys` and/or `jwks_url`; each key
+/// verifies one algorithm only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
-    /// Expected `iss`.
+    /// Required `iss`.
     pub issuer: String,
-    /// Expected `aud`.
+    /// Required `aud` (one of the token's audiences).
     pub audience: String,
-    /// Where the signing keys are published.
-    pub jwks_url: String,
-    /// The claim naming the consumer.
+    /// Where the signing keys are published (a JWKS over `http://`). Fetched at start, every
+    /// `jwks_refresh_s`, and when a token names an unknown `kid` (at most once per
+    /// `jwks_min_interval_s`). When it cannot be reached, the keys last fetched keep serving.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Keys given in the file.
+    #[serde(default)]
+    pub keys: Vec<JwtKeyConfig>,
+    /// The claim naming the consumer (a configured consumer id).
     #[serde(default = "default_consumer_claim")]
     pub consumer_claim: String,
+    /// Clock skew allowed for `exp` and `nbf`, in seconds.
+    #[serde(default = "default_leeway_s")]
+    pub leeway_s: u64,
+    /// Seconds between JWKS refreshes; a key dropped from the JWKS is still accepted for this
+    /// long (tokens signed just before a rotation stay valid).
+    #[serde(default = "default_jwks_refresh_s")]
+    pub jwks_refresh_s: u64,
+    /// Fewest seconds between two fetches of the JWKS caused by unknown `kid`s: a burst of
+    /// forged `kid`s costs one fetch.
+    #[serde(default = "default_jwks_min_interval_s")]
+    pub jwks_min_interval_s: u64,
+}
+
+/// A key given in the configuration: a PEM public key (RS*, PS*, ES*, EdDSA) or a shared secret
+/// (HS*), with the one algorithm it verifies.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKeyConfig {
+    /// Matched against the token's `kid`; a token without `kid` tries every key of its
+    /// algorithm.
+    #[serde(default)]
+    pub kid: Option<String>,
+    /// `RS256`, `RS384`, `RS512`, `PS256`, `PS384`, `PS512`, `ES256`, `ES384`, `EdDSA`, `HS256`,
+    /// `HS384` or `HS512`.
+    pub alg: String,
+    /// The public key in PEM (asymmetric algorithms).
+    #[serde(default)]
+    pub pem: Option<String>,
+    /// The shared secret (HS algorithms only).
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+impl std::fmt::Debug for JwtKeyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtKeyConfig")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .field("pem", &self.pem.as_ref().map(|_| "<pem>"))
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// The algorithms a configured key may name.
+pub const JWT_ALGORITHMS: [&str; 12] = [
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA", "HS256",
+    "HS384", "HS512",
+];
+
+impl JwtConfig {
+    /// Checks the section without I/O (keys are parsed when the gateway starts).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.issuer.is_empty() || self.audience.is_empty() {
+            return Err("gateway.auth.jwt: issuer and audience must be set".into());
+        }
+        if self.consumer_claim.is_empty() {
+            return Err("gateway.auth.jwt.consumer_claim: must name a claim".into());
+        }
+        if self.keys.is_empty() && self.jwks_url.is_none() {
+            return Err("gateway.auth.jwt: needs `jwks_url` or `keys`".into());
+        }
+        if let Some(url) = &self.jwks_url {
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|e| format!("gateway.auth.jwt.jwks_url: `{url}` is not a URL: {e}"))?;
+            if uri.scheme_str() == Some("https") {
+                return Err(format!(
+                    "gateway.auth.jwt.jwks_url: `{url}`: https is not supported by this build; serve the JWKS over http (for example through a local proxy) or list the keys under `keys`"
+                ));
+            }
+            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                return Err(format!(
+                    "gateway.auth.jwt.jwks_url: `{url}` must be http://host:port/path"
+                ));
+            }
+        }
+        if self.jwks_refresh_s == 0 {
+            return Err("gateway.auth.jwt.jwks_refresh_s: must be at least 1".into());
+        }
+        for (i, k) in self.keys.iter().enumerate() {
+            let at = format!("gateway.auth.jwt.keys[{i}]");
+            if !JWT_ALGORITHMS.contains(&k.alg.as_str()) {
+                return Err(format!(
+                    "{at}.alg: `{}` is not one of {}",
+                    k.alg,
+                    JWT_ALGORITHMS.join(", ")
+                ));
+            }
+            match (k.alg.starts_with("HS"), &k.pem, &k.secret) {
+                (true, None, Some(secret)) if secret.len() >= 32 => {}
+                (true, None, Some(_)) => {
+                    return Err(format!(
+                        "{at}.secret: an HMAC secret must be at least 32 bytes"
+                    ));
+                }
+                (true, _, _) => {
+                    return Err(format!("{at}: {} needs `secret` (and no `pem`)", k.alg));
+                }
+                (false, Some(_), None) => {}
+                (false, _, _) => {
+                    return Err(format!("{at}: {} needs `pem` (and no `secret`)", k.alg));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_consumer_claim() -> String {
     "sub".into()
+}
+
+fn default_leeway_s() -> u64 {
+    30
+}
+
+fn default_jwks_refresh_s() -> u64 {
+    300
+}
+
+fn default_jwks_min_interval_s() -> u64 {
+    10
 }
 
 /// API-key authentication.
@@ -306,6 +455,21 @@ impl GatewayConfig {
                     ));
                 }
             }
+            if let RouteAuth::Chain(chain) = &r.auth {
+                if chain.is_empty() {
+                    return Err(format!(
+                        "gateway.routes[{i}].auth: an empty list lets nobody in; use `false` for anonymous access"
+                    ));
+                }
+                if chain.contains(&AuthMethod::Jwt) && self.auth.jwt.is_none() {
+                    return Err(format!(
+                        "gateway.routes[{i}].auth: `jwt` needs a gateway.auth.jwt section"
+                    ));
+                }
+            }
+        }
+        if let Some(jwt) = &self.auth.jwt {
+            jwt.validate()?;
         }
         if self.events.queue_capacity == 0 || self.events.batch_max == 0 {
             return Err("gateway.events: queue_capacity and batch_max must be at least 1".into());

@@ -59,8 +59,7 @@ pub enum GatewayError {
 pub struct Shared {
     gateway_id: String,
     router: router::Router,
-    keys: auth::KeyTable,
-    api_key_header: Option<HeaderName>,
+    auth: auth::Authenticators,
     rate_limits: limits::RateLimits,
     quota: Arc<limits::QuotaState>,
     /// Each route's upstream, by the route's position in the configuration.
@@ -140,11 +139,6 @@ impl Gateway {
         metrics: GatewayMetrics,
     ) -> Result<Gateway, GatewayError> {
         config.validate().map_err(GatewayError::Config)?;
-        if config.auth.jwt.is_some() {
-            tracing::warn!(
-                "gateway.auth.jwt is configured but JWT verification is not implemented yet; only API keys authenticate"
-            );
-        }
         let listeners = listeners(config.listen, config.worker_threads()).map_err(|source| {
             GatewayError::Bind {
                 addr: config.listen,
@@ -195,8 +189,8 @@ impl Gateway {
         let shared = Arc::new(Shared {
             gateway_id: config.instance_id(),
             router: router::Router::build(&config.routes).map_err(GatewayError::Config)?,
-            keys: auth::KeyTable::new(consumers).map_err(GatewayError::Config)?,
-            api_key_header,
+            auth: auth::Authenticators::new(&config, consumers, api_key_header)
+                .map_err(GatewayError::Config)?,
             rate_limits: limits::RateLimits::new(consumers, plans),
             quota,
             route_upstreams: route_upstreams(&config)?,
@@ -233,6 +227,10 @@ impl Gateway {
             feed,
         } = self;
         let publisher = tokio::spawn(publisher);
+        #[cfg(feature = "jwt")]
+        if let Some(jwt) = shared.auth.jwt() {
+            tokio::spawn(jwt.refresh_every(shutdown.clone()));
+        }
         if let Some(feed) = feed {
             feed.load_persisted();
             tokio::spawn(feed.run(shutdown.clone()));

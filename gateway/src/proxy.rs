@@ -313,7 +313,7 @@ impl Worker {
         peer: SocketAddr,
     ) -> Result<Response<Incoming>, Rejection> {
         let (index, route) = self.route(ctx, &req)?;
-        let identity = self.authenticate(route, req.headers())?;
+        let identity = self.authenticate(index, req.headers()).await?;
         self.admit(ctx, identity)?;
         let upstream = &*self.shared.route_upstreams[index];
         let upstream_req = self.upstream_request(ctx, route, upstream, req, peer)?;
@@ -365,27 +365,18 @@ impl Worker {
         Ok((index, route))
     }
 
-    /// Phase 2: who is calling. `None` for routes without authentication, and when no consumer
-    /// has a key.
-    fn authenticate(
+    /// Phase 2: who is calling, by the route's chain of authenticators (`auth`): `None` for
+    /// an anonymous caller the chain admits; a missing or refused credential is a 401.
+    async fn authenticate(
         &self,
-        route: &RouteConfig,
+        route: usize,
         headers: &HeaderMap,
     ) -> Result<Option<Identity>, Rejection> {
-        let Some(h) = self.shared.api_key_header.as_ref().filter(|_| route.auth) else {
-            return Ok(None);
-        };
-        match headers
-            .get(h)
-            .and_then(|v| self.shared.keys.authenticate(v.as_bytes()))
-        {
-            Some(id) => Ok(Some(id)),
-            None => Err(Rejection::new(
-                StatusCode::UNAUTHORIZED,
-                Outcome::Unauthorized,
-                format!("missing or unknown API key in header `{h}`"),
-            )),
-        }
+        self.shared
+            .auth
+            .authenticate(route, headers)
+            .await
+            .map_err(|why| Rejection::new(StatusCode::UNAUTHORIZED, Outcome::Unauthorized, why))
     }
 
     /// Phase 3: the consumer's rate limit, then its quota (a unit is reserved, kept only if
@@ -438,7 +429,7 @@ impl Worker {
         strip_hop_by_hop(headers);
         headers.remove(http::header::HOST);
         headers.remove(CONSUMER_HEADER);
-        if let Some(h) = &self.shared.api_key_header {
+        if let Some(h) = self.shared.auth.api_key_header() {
             headers.remove(h);
         }
         let request_id = headers

@@ -59,7 +59,7 @@ mod tests {
             path: path.into(),
             upstream: "u".into(),
             strip_prefix: None,
-            auth: true,
+            auth: crate::config::RouteAuth::All(true),
         }
     }
 

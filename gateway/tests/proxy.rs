@@ -106,7 +106,7 @@ impl Harness {
             path: path.into(),
             upstream: upstream.into(),
             strip_prefix: None,
-            auth: true,
+            auth: tollgate_gateway::config::RouteAuth::All(true),
         };
         let mut api = route("api", "/api/{*rest}", "app");
         api.strip_prefix = Some("/api".into());
@@ -478,7 +478,7 @@ async fn keys_are_checked_in_the_default_header_when_auth_is_not_configured() {
             path: "/echo".into(),
             upstream: "app".into(),
             strip_prefix: None,
-            auth: true,
+            auth: tollgate_gateway::config::RouteAuth::All(true),
         }],
         ..Default::default()
     };

@@ -22,6 +22,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
 ];
 
 /// The placeholders a migration may use for where its views start.
+#[cfg(feature = "clickhouse")]
 const SINCE_PLACEHOLDERS: [&str; 2] = ["{coarse_since_us}", "{since_us}"];
 
 /// Where views added by a migration start in a database: 0 when it holds no events yet (they

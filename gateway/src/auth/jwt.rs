@@ -1,0 +1,762 @@
+//! JWT bearer tokens (`Authorization: Bearer <token>`), verified with `jsonwebtoken` (its
+//! RustCrypto backend: no C build). The decisions, each covered by a test:
+//!
+//! - Every key verifies exactly one algorithm, and a token's `alg` must be that algorithm:
+//!   `alg: none`, an HS256 token signed with an RSA public key as the secret, and any other
+//!   algorithm swap are refused before a signature is checked.
+//! - Keys come only from the configuration and from the configured JWKS URL. A token's `jku`,
+//!   `x5u`, `x5c` and embedded `jwk` are never used; its `kid` is only compared with the ids of
+//!   keys already known, so a `kid` such as `../../etc/passwd` is just unknown.
+//! - A JWKS never supplies symmetric (`oct`) keys or HS algorithms: a published HMAC secret
+//!   would let anyone sign.
+//! - `exp`, `iss` and `aud` are required, `nbf` is checked when present, with `leeway_s` of
+//!   clock skew.
+//! - The consumer claim must name a configured consumer; the identity (plan, rate limit,
+//!   quota) is that consumer's.
+//! - A token naming an unknown `kid` refreshes the JWKS at most once per
+//!   `jwks_min_interval_s`, one fetch at a time (concurrent requests wait for it and then look
+//!   again), so a burst of forged `kid`s costs one fetch. A failed fetch keeps the keys last
+//!   fetched; a key dropped from the JWKS stays valid for one more refresh period.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
+use tokio_util::sync::CancellationToken;
+
+use super::{Identity, Verdict};
+use crate::config::{JwtConfig, JwtKeyConfig};
+
+/// The most a JWKS response may weigh.
+const JWKS_MAX_BYTES: usize = 1 << 20;
+/// How long a JWKS fetch may take.
+const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One verification key, pinned to one algorithm.
+struct Key {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// Verifies bearer tokens and maps them to consumers.
+pub struct JwtAuth {
+    consumer_claim: String,
+    identities: HashMap<String, Identity>,
+    /// The claim checks, per algorithm (`algorithms` holds that one algorithm).
+    validations: HashMap<Algorithm, Validation>,
+    configured: Vec<Arc<Key>>,
+    jwks: Option<Jwks>,
+}
+
+/// Keys from the JWKS URL.
+struct Jwks {
+    url: http::Uri,
+    client: Client<HttpConnector, Empty<Bytes>>,
+    keys: RwLock<Arc<JwksKeys>>,
+    /// When the last fetch started; held while fetching (one fetch at a time).
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    min_interval: Duration,
+    refresh: Duration,
+}
+
+#[derive(Default)]
+struct JwksKeys {
+    current: Vec<Arc<Key>>,
+    /// Keys the last fetches dropped, each accepted until its instant.
+    retired: Vec<(Arc<Key>, Instant)>,
+}
+
+impl JwtAuth {
+    /// Parses the configured keys; `identities` are the consumers tokens may name.
+    pub fn new(
+        config: &JwtConfig,
+        identities: HashMap<String, Identity>,
+    ) -> Result<JwtAuth, String> {
+        let configured = config
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                configured_key(k)
+                    .map(Arc::new)
+                    .map_err(|e| format!("gateway.auth.jwt.keys[{i}]: {e}"))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let jwks = match &config.jwks_url {
+            Some(url) => Some(Jwks {
+                url: url
+                    .parse()
+                    .map_err(|e| format!("gateway.auth.jwt.jwks_url: {e}"))?,
+                client: Client::builder(TokioExecutor::new()).build_http(),
+                keys: RwLock::default(),
+                last_fetch: tokio::sync::Mutex::new(None),
+                min_interval: Duration::from_secs(config.jwks_min_interval_s),
+                refresh: Duration::from_secs(config.jwks_refresh_s),
+            }),
+            None => None,
+        };
+        let validations = ALGORITHMS
+            .iter()
+            .map(|alg| {
+                let mut v = Validation::new(*alg);
+                v.set_issuer(&[&config.issuer]);
+                v.set_audience(&[&config.audience]);
+                v.set_required_spec_claims(&["exp", "iss", "aud"]);
+                v.validate_nbf = true;
+                v.leeway = config.leeway_s;
+                (*alg, v)
+            })
+            .collect();
+        Ok(JwtAuth {
+            consumer_claim: config.consumer_claim.clone(),
+            identities,
+            validations,
+            configured,
+            jwks,
+        })
+    }
+
+    /// The verdict on a request's `Authorization` header: absent unless it is a bearer token.
+    pub async fn verdict(&self, headers: &HeaderMap) -> Verdict {
+        let token = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            });
+        match token {
+            None => Verdict::Absent,
+            Some(t) => match self.verify(t).await {
+                Ok(id) => Verdict::Granted(id),
+                Err(why) => Verdict::Denied(format!("invalid bearer token: {why}")),
+            },
+        }
+    }
+
+    /// The consumer a valid token names, or why the token is refused.
+    pub async fn verify(&self, token: &str) -> Result<Identity, String> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| "malformed, or its algorithm is not supported".to_string())?;
+        let kid = header.kid.as_deref();
+        let mut keys = self.keys_for(header.alg, kid);
+        if keys.is_empty()
+            && let (Some(jwks), Some(_)) = (&self.jwks, kid)
+        {
+            jwks.refresh_if_due().await;
+            keys = self.keys_for(header.alg, kid);
+        }
+        if keys.is_empty() {
+            return Err(match kid {
+                Some(_) => "no known key has its `kid` and algorithm".into(),
+                None => "no key for its algorithm".into(),
+            });
+        }
+        let validation = &self.validations[&header.alg];
+        let mut last = None;
+        for key in keys {
+            match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+                token, &key.key, validation,
+            ) {
+                Ok(data) => return self.identity(&data.claims),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.map_or_else(|| "invalid".into(), |e| describe(e.kind())))
+    }
+
+    fn identity(
+        &self,
+        claims: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Identity, String> {
+        let claim = &self.consumer_claim;
+        let consumer = claims
+            .get(claim)
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| format!("no `{claim}` claim naming the consumer"))?;
+        self.identities
+            .get(consumer)
+            .cloned()
+            .ok_or_else(|| format!("`{claim}` names no known consumer"))
+    }
+
+    /// The known keys that may verify a token with `alg` and `kid`: same algorithm, and same
+    /// `kid` when both have one.
+    fn keys_for(&self, alg: Algorithm, kid: Option<&str>) -> Vec<Arc<Key>> {
+        let fits = |k: &Arc<Key>| {
+            k.alg == alg && (kid.is_none() || k.kid.is_none() || k.kid.as_deref() == kid)
+        };
+        let mut out: Vec<Arc<Key>> = self
+            .configured
+            .iter()
+            .filter(|k| fits(k))
+            .cloned()
+            .collect();
+        if let Some(jwks) = &self.jwks {
+            let set = jwks.keys.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let now = Instant::now();
+            out.extend(set.current.iter().filter(|k| fits(k)).cloned());
+            out.extend(
+                set.retired
+                    .iter()
+                    .filter(|(k, until)| *until > now && fits(k))
+                    .map(|(k, _)| k.clone()),
+            );
+        }
+        out
+    }
+
+    /// Fetches the JWKS now and then every `jwks_refresh_s` until `stop` (no JWKS: returns).
+    pub async fn refresh_every(self: Arc<Self>, stop: CancellationToken) {
+        let Some(jwks) = &self.jwks else { return };
+        loop {
+            jwks.refresh_now().await;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(jwks.refresh) => {}
+            }
+        }
+    }
+}
+
+impl Jwks {
+    /// Fetches unless a fetch started less than `min_interval` ago; waits for one in progress.
+    async fn refresh_if_due(&self) {
+        let mut last = self.last_fetch.lock().await;
+        if last.is_some_and(|t| t.elapsed() < self.min_interval) {
+            return;
+        }
+        *last = Some(Instant::now());
+        self.fetch_and_install().await;
+    }
+
+    async fn refresh_now(&self) {
+        let mut last = self.last_fetch.lock().await;
+        *last = Some(Instant::now());
+        self.fetch_and_install().await;
+    }
+
+    async fn fetch_and_install(&self) {
+        match self.fetch().await {
+            Ok(keys) => {
+                tracing::debug!(keys = keys.len(), url = %self.url, "fetched JWKS");
+                self.install(keys);
+            }
+            Err(e) => {
+                tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed; keeping the keys fetched before")
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<Vec<Arc<Key>>, String> {
+        let req = Request::get(self.url.clone())
+            .header(http::header::ACCEPT, "application/json")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let body = tokio::time::timeout(JWKS_TIMEOUT, async {
+            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("status {}", resp.status()));
+            }
+            Limited::new(resp.into_body(), JWKS_MAX_BYTES)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|_| "timed out".to_string())??;
+        #[derive(serde::Deserialize)]
+        struct Set {
+            keys: Vec<serde_json::Value>,
+        }
+        let set: Set = serde_json::from_slice(&body).map_err(|e| format!("not a JWKS: {e}"))?;
+        // A key this gateway cannot use (another type, encryption, a symmetric key) is skipped,
+        // not a reason to drop the others.
+        Ok(set
+            .keys
+            .into_iter()
+            .filter_map(|v| serde_json::from_value::<Jwk>(v).ok())
+            .filter_map(|jwk| jwks_key(&jwk))
+            .map(Arc::new)
+            .collect())
+    }
+
+    /// Makes `fresh` the current keys; current keys it lacks stay valid for one refresh period.
+    fn install(&self, fresh: Vec<Arc<Key>>) {
+        let now = Instant::now();
+        let same = |a: &Key, b: &Key| a.kid.is_some() && a.kid == b.kid && a.alg == b.alg;
+        let mut guard = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        let mut retired: Vec<(Arc<Key>, Instant)> = guard
+            .retired
+            .iter()
+            .filter(|(k, until)| *until > now && !fresh.iter().any(|f| same(f, k)))
+            .cloned()
+            .collect();
+        for k in &guard.current {
+            if !fresh.iter().any(|f| same(f, k)) {
+                retired.push((k.clone(), now + self.refresh));
+            }
+        }
+        *guard = Arc::new(JwksKeys {
+            current: fresh,
+            retired,
+        });
+    }
+}
+
+/// Every algorithm a key may be pinned to.
+const ALGORITHMS: [Algorithm; 12] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+    Algorithm::HS256,
+    Algorithm::HS384,
+    Algorithm::HS512,
+];
+
+fn configured_key(k: &JwtKeyConfig) -> Result<Key, String> {
+    let alg =
+        Algorithm::from_str(&k.alg).map_err(|_| format!("alg `{}` is not supported", k.alg))?;
+    let pem = || k.pem.as_deref().map(str::as_bytes).ok_or("needs `pem`");
+    let key = match alg.family() {
+        AlgorithmFamily::Hmac => {
+            DecodingKey::from_secret(k.secret.as_deref().ok_or("needs `secret`")?.as_bytes())
+        }
+        AlgorithmFamily::Rsa => {
+            DecodingKey::from_rsa_pem(pem()?).map_err(|e| format!("pem: {e}"))?
+        }
+        AlgorithmFamily::Ec => DecodingKey::from_ec_pem(pem()?).map_err(|e| format!("pem: {e}"))?,
+        AlgorithmFamily::Ed => DecodingKey::from_ed_pem(pem()?).map_err(|e| format!("pem: {e}"))?,
+    };
+    Ok(Key {
+        kid: k.kid.clone(),
+        alg,
+        key,
+    })
+}
+
+/// A JWKS entry as a key: signature keys only, never symmetric, its algorithm the entry's
+/// `alg` or, without one, the usual one for its key type, and matching the key type.
+fn jwks_key(jwk: &Jwk) -> Option<Key> {
+    if jwk
+        .common
+        .public_key_use
+        .as_ref()
+        .is_some_and(|u| *u != PublicKeyUse::Signature)
+    {
+        return None;
+    }
+    let family = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => AlgorithmFamily::Rsa,
+        AlgorithmParameters::EllipticCurve(_) => AlgorithmFamily::Ec,
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+            AlgorithmFamily::Ed
+        }
+        _ => return None,
+    };
+    let alg = match (&jwk.common.key_algorithm, &jwk.algorithm) {
+        (Some(a), _) => Algorithm::from_str(&a.to_string()).ok()?,
+        (None, AlgorithmParameters::RSA(_)) => Algorithm::RS256,
+        (None, AlgorithmParameters::EllipticCurve(p)) => match p.curve {
+            EllipticCurve::P256 => Algorithm::ES256,
+            EllipticCurve::P384 => Algorithm::ES384,
+            _ => return None,
+        },
+        (None, _) => Algorithm::EdDSA,
+    };
+    if alg.family() != family {
+        return None;
+    }
+    Some(Key {
+        kid: jwk.common.key_id.clone(),
+        alg,
+        key: DecodingKey::from_jwk(jwk).ok()?,
+    })
+}
+
+/// Why a token failed, in words a client can act on (no key material, no internals).
+fn describe(kind: &ErrorKind) -> String {
+    match kind {
+        ErrorKind::ExpiredSignature => "expired".into(),
+        ErrorKind::ImmatureSignature => "not valid yet (`nbf`)".into(),
+        ErrorKind::InvalidAudience => "wrong audience".into(),
+        ErrorKind::InvalidIssuer => "wrong issuer".into(),
+        ErrorKind::InvalidSignature => "bad signature".into(),
+        ErrorKind::InvalidAlgorithm => "algorithm not allowed for its key".into(),
+        ErrorKind::MissingRequiredClaim(c) => format!("no `{c}` claim"),
+        ErrorKind::InvalidClaimFormat(c) => format!("claim `{c}` has the wrong type"),
+        _ => "malformed".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    use serde_json::json;
+
+    use super::*;
+
+    const RSA1: &str = include_str!("../../tests/fixtures/jwt/rsa1.key");
+    const RSA1_PUB: &str = include_str!("../../tests/fixtures/jwt/rsa1.pub");
+    const RSA2: &str = include_str!("../../tests/fixtures/jwt/rsa2.key");
+    const EC1: &str = include_str!("../../tests/fixtures/jwt/ec1.key");
+    const EC1_PUB: &str = include_str!("../../tests/fixtures/jwt/ec1.pub");
+    const ED1: &str = include_str!("../../tests/fixtures/jwt/ed1.key");
+    const ED1_PUB: &str = include_str!("../../tests/fixtures/jwt/ed1.pub");
+    const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
+
+    fn identities() -> HashMap<String, Identity> {
+        super::super::identities(&[
+            tollgate_schemas::config::Consumer {
+                id: "acme".into(),
+                plan: "pro".into(),
+                api_keys: vec![],
+            },
+            tollgate_schemas::config::Consumer {
+                id: "zeta".into(),
+                plan: "free".into(),
+                api_keys: vec![],
+            },
+        ])
+    }
+
+    fn config(keys: Vec<JwtKeyConfig>, jwks_url: Option<String>) -> JwtConfig {
+        JwtConfig {
+            issuer: "https://issuer.example".into(),
+            audience: "orders-api".into(),
+            jwks_url,
+            keys,
+            consumer_claim: "sub".into(),
+            leeway_s: 5,
+            jwks_refresh_s: 300,
+            jwks_min_interval_s: 60,
+        }
+    }
+
+    fn key(kid: &str, alg: &str, pem: &str) -> JwtKeyConfig {
+        JwtKeyConfig {
+            kid: Some(kid.into()),
+            alg: alg.into(),
+            pem: Some(pem.into()),
+            secret: None,
+        }
+    }
+
+    fn now() -> i64 {
+        chrono::Utc::now().timestamp()
+    }
+
+    fn claims(sub: &str) -> serde_json::Value {
+        json!({ "sub": sub, "iss": "https://issuer.example", "aud": "orders-api", "exp": now() + 600 })
+    }
+
+    fn sign(
+        alg: Algorithm,
+        kid: Option<&str>,
+        key: &EncodingKey,
+        claims: &serde_json::Value,
+    ) -> String {
+        let mut h = Header::new(alg);
+        h.kid = kid.map(str::to_string);
+        encode(&h, claims, key).unwrap()
+    }
+
+    fn rsa(pem: &str) -> EncodingKey {
+        EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap()
+    }
+
+    fn all_keys() -> JwtAuth {
+        let mut hs = key("hs", "HS256", "");
+        hs.pem = None;
+        hs.secret = Some(SECRET.into());
+        JwtAuth::new(
+            &config(
+                vec![
+                    key("rsa1", "RS256", RSA1_PUB),
+                    key("rsa1-ps", "PS256", RSA1_PUB),
+                    key("ec1", "ES256", EC1_PUB),
+                    key("ed1", "EdDSA", ED1_PUB),
+                    hs,
+                ],
+                None,
+            ),
+            identities(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_supported_algorithm_grants_the_named_consumer() {
+        let auth = all_keys();
+        let ec = EncodingKey::from_ec_pem(EC1.as_bytes()).unwrap();
+        let ed = EncodingKey::from_ed_pem(ED1.as_bytes()).unwrap();
+        let hs = EncodingKey::from_secret(SECRET.as_bytes());
+        for token in [
+            sign(Algorithm::RS256, Some("rsa1"), &rsa(RSA1), &claims("acme")),
+            sign(
+                Algorithm::PS256,
+                Some("rsa1-ps"),
+                &rsa(RSA1),
+                &claims("acme"),
+            ),
+            sign(Algorithm::ES256, Some("ec1"), &ec, &claims("acme")),
+            sign(Algorithm::EdDSA, Some("ed1"), &ed, &claims("acme")),
+            sign(Algorithm::HS256, Some("hs"), &hs, &claims("acme")),
+            // No `kid`: every key of the algorithm is tried.
+            sign(Algorithm::ES256, None, &ec, &claims("acme")),
+        ] {
+            let id = auth.verify(&token).await.unwrap();
+            assert_eq!((&*id.consumer, &*id.plan, id.index), ("acme", "pro", 0));
+        }
+        let id = auth
+            .verify(&sign(
+                Algorithm::RS256,
+                Some("rsa1"),
+                &rsa(RSA1),
+                &claims("zeta"),
+            ))
+            .await
+            .unwrap();
+        assert_eq!((&*id.consumer, id.index), ("zeta", 1));
+    }
+
+    #[tokio::test]
+    async fn bad_claims_are_refused_with_the_reason() {
+        let auth = all_keys();
+        let k = rsa(RSA1);
+        let t = |c: serde_json::Value| sign(Algorithm::RS256, Some("rsa1"), &k, &c);
+        let mut expired = claims("acme");
+        expired["exp"] = json!(now() - 60);
+        let mut early = claims("acme");
+        early["nbf"] = json!(now() + 600);
+        let mut no_exp = claims("acme");
+        no_exp.as_object_mut().unwrap().remove("exp");
+        let mut aud = claims("acme");
+        aud["aud"] = json!("another-api");
+        let mut iss = claims("acme");
+        iss["iss"] = json!("https://evil.example");
+        let mut sub_number = claims("acme");
+        sub_number["sub"] = json!(42);
+        let cases = [
+            (t(expired), "expired"),
+            (t(early), "not valid yet"),
+            (t(no_exp), "no `exp` claim"),
+            (t(aud), "wrong audience"),
+            (t(iss), "wrong issuer"),
+            (t(claims("nobody")), "names no known consumer"),
+            (t(sub_number), "no `sub` claim"),
+        ];
+        for (token, why) in cases {
+            let err = auth.verify(&token).await.unwrap_err();
+            assert!(err.contains(why), "{why}: got {err}");
+        }
+        // Within the leeway, an expiry just past is accepted.
+        let mut just = claims("acme");
+        just["exp"] = json!(now() - 2);
+        assert!(auth.verify(&t(just)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn algorithm_and_key_attacks_are_refused() {
+        let auth = all_keys();
+        // alg: none, no signature: a valid token's claims under the header {"alg":"none","typ":"JWT"}.
+        let good = sign(Algorithm::RS256, Some("rsa1"), &rsa(RSA1), &claims("acme"));
+        let payload = good.split('.').nth(1).unwrap();
+        let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}.");
+        assert!(auth.verify(&none).await.is_err());
+        // HS256 signed with the RSA public key as the secret, under the RSA key's kid.
+        let confused = sign(
+            Algorithm::HS256,
+            Some("rsa1"),
+            &EncodingKey::from_secret(RSA1_PUB.as_bytes()),
+            &claims("acme"),
+        );
+        assert!(auth.verify(&confused).await.is_err());
+        // A known kid, signed by another key.
+        let forged = sign(Algorithm::RS256, Some("rsa1"), &rsa(RSA2), &claims("acme"));
+        assert_eq!(auth.verify(&forged).await.unwrap_err(), "bad signature");
+        // A path in the kid, and a jku / embedded jwk pointing at the attacker's key.
+        let injected = sign(
+            Algorithm::RS256,
+            Some("../../../dev/null"),
+            &rsa(RSA2),
+            &claims("acme"),
+        );
+        assert!(auth.verify(&injected).await.unwrap_err().contains("kid"));
+        let mut h = Header::new(Algorithm::RS256);
+        h.kid = Some("attacker".into());
+        h.jku = Some("http://127.0.0.1:1/jwks.json".into());
+        h.jwk =
+            Some(jsonwebtoken::jwk::Jwk::from_encoding_key(&rsa(RSA2), Algorithm::RS256).unwrap());
+        let jku = encode(&h, &claims("acme"), &rsa(RSA2)).unwrap();
+        assert!(auth.verify(&jku).await.is_err());
+        // Garbage and an RS256 token whose signature was cut.
+        assert!(auth.verify("not.a.token").await.is_err());
+        let cut = &good[..good.len() - 10];
+        assert!(auth.verify(cut).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn the_header_decides_whether_a_token_was_presented() {
+        let auth = all_keys();
+        let mut h = HeaderMap::new();
+        assert!(matches!(auth.verdict(&h).await, Verdict::Absent));
+        h.insert(
+            http::header::AUTHORIZATION,
+            "Basic YWxhZGRpbjpvcGVuc2VzYW1l".parse().unwrap(),
+        );
+        assert!(matches!(auth.verdict(&h).await, Verdict::Absent));
+        h.insert(
+            http::header::AUTHORIZATION,
+            "Bearer nonsense".parse().unwrap(),
+        );
+        assert!(matches!(auth.verdict(&h).await, Verdict::Denied(_)));
+        let t = sign(Algorithm::RS256, Some("rsa1"), &rsa(RSA1), &claims("acme"));
+        h.insert(
+            http::header::AUTHORIZATION,
+            format!("bearer {t}").parse().unwrap(),
+        );
+        assert!(matches!(auth.verdict(&h).await, Verdict::Granted(_)));
+    }
+
+    /// A JWKS endpoint whose key set the test changes, counting its fetches.
+    struct JwksServer {
+        url: String,
+        keys: Arc<Mutex<serde_json::Value>>,
+        fetches: Arc<AtomicUsize>,
+        up: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    async fn jwks_server(keys: serde_json::Value) -> JwksServer {
+        use hyper::service::service_fn;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/.well-known/jwks.json",
+            listener.local_addr().unwrap()
+        );
+        let keys = Arc::new(Mutex::new(keys));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (k, f, u) = (keys.clone(), fetches.clone(), up.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (k, f, u) = (k.clone(), f.clone(), u.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| {
+                        f.fetch_add(1, Ordering::SeqCst);
+                        let (status, body) = if u.load(Ordering::SeqCst) {
+                            (200, k.lock().unwrap().to_string())
+                        } else {
+                            (503, "down".to_string())
+                        };
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .body(http_body_util::Full::new(Bytes::from(body)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        JwksServer {
+            url,
+            keys,
+            fetches,
+            up,
+        }
+    }
+
+    fn jwk(pem: &str, kid: &str) -> serde_json::Value {
+        let mut j =
+            serde_json::to_value(Jwk::from_encoding_key(&rsa(pem), Algorithm::RS256).unwrap())
+                .unwrap();
+        j["kid"] = json!(kid);
+        j["use"] = json!("sig");
+        j
+    }
+
+    #[tokio::test]
+    async fn jwks_rotation_outage_and_a_burst_of_unknown_kids() {
+        let server = jwks_server(json!({ "keys": [jwk(RSA1, "k1")] })).await;
+        let auth = JwtAuth::new(&config(vec![], Some(server.url.clone())), identities()).unwrap();
+        let t1 = sign(Algorithm::RS256, Some("k1"), &rsa(RSA1), &claims("acme"));
+        let t2 = sign(Algorithm::RS256, Some("k2"), &rsa(RSA2), &claims("acme"));
+        // The first token with an unknown kid fetches the set.
+        assert!(auth.verify(&t1).await.is_ok());
+        assert_eq!(server.fetches.load(Ordering::SeqCst), 1);
+
+        // A burst of forged kids (concurrently) within the minimum interval: no more fetches.
+        let forged: Vec<String> = (0..50)
+            .map(|i| {
+                sign(
+                    Algorithm::RS256,
+                    Some(&format!("forged-{i}")),
+                    &rsa(RSA2),
+                    &claims("acme"),
+                )
+            })
+            .collect();
+        let results = futures::future::join_all(forged.iter().map(|t| auth.verify(t))).await;
+        assert!(results.iter().all(|r| r.is_err()));
+        assert_eq!(server.fetches.load(Ordering::SeqCst), 1);
+
+        // Rotation: the set now holds k2 only. After a refresh k2 verifies, and k1 still does
+        // for one refresh period (tokens signed just before the rotation).
+        *server.keys.lock().unwrap() = json!({ "keys": [jwk(RSA2, "k2")] });
+        let jwks = auth.jwks.as_ref().unwrap();
+        jwks.refresh_now().await;
+        assert_eq!(server.fetches.load(Ordering::SeqCst), 2);
+        assert!(auth.verify(&t2).await.is_ok());
+        assert!(auth.verify(&t1).await.is_ok());
+
+        // The endpoint down: the keys fetched before keep serving.
+        server.up.store(false, Ordering::SeqCst);
+        jwks.refresh_now().await;
+        assert_eq!(server.fetches.load(Ordering::SeqCst), 3);
+        assert!(auth.verify(&t2).await.is_ok());
+
+        // A JWKS may not hand out a symmetric key.
+        server.up.store(true, Ordering::SeqCst);
+        *server.keys.lock().unwrap() = json!({ "keys": [
+            { "kty": "oct", "kid": "hs", "alg": "HS256", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA" },
+            jwk(RSA2, "k2"),
+        ] });
+        jwks.refresh_now().await;
+        let hs = sign(
+            Algorithm::HS256,
+            Some("hs"),
+            &EncodingKey::from_secret(b"secret-secret-secret-secret-secret"),
+            &claims("acme"),
+        );
+        assert!(auth.verify(&hs).await.is_err());
+        assert!(auth.verify(&t2).await.is_ok());
+    }
+}

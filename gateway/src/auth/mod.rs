@@ -1,0 +1,268 @@
+//! Authentication of the request path: a chain of authenticators per route
+//! ([`Authenticators`]), each of which finds no credential, grants an [`Identity`] or refuses.
+//! API keys are looked up in the consumer key table of `tollgate_schemas::keys` (by the key's
+//! sha256 digest); JWT bearer tokens are verified by `jwt` (the `jwt` cargo feature). A new
+//! method is a new module and one [`AuthMethod`] variant.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName};
+use tollgate_schemas::config::Consumer;
+use tollgate_schemas::keys;
+
+use crate::config::{AuthMethod, GatewayConfig, RouteAuth};
+
+#[cfg(feature = "jwt")]
+pub mod jwt;
+
+/// An authenticated consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub consumer: Arc<str>,
+    /// Shared by every consumer of the plan.
+    pub plan: Arc<str>,
+    /// The consumer's position in the configuration: what per-consumer state is indexed by.
+    pub index: usize,
+}
+
+/// Every consumer key, granting that consumer's identity.
+pub struct KeyTable {
+    keys: keys::KeyTable<Identity>,
+}
+
+impl KeyTable {
+    /// Builds the table; consumers were validated with the configuration.
+    pub fn new(consumers: &[Consumer]) -> Result<KeyTable, String> {
+        let mut plans: HashMap<&str, Arc<str>> = HashMap::new();
+        for c in consumers {
+            plans
+                .entry(&c.plan)
+                .or_insert_with(|| c.plan.as_str().into());
+        }
+        let keys = keys::KeyTable::for_consumers(consumers, |index, c| Identity {
+            consumer: c.id.as_str().into(),
+            plan: plans[c.plan.as_str()].clone(),
+            index,
+        })?;
+        Ok(KeyTable { keys })
+    }
+
+    /// The consumer owning `key`, if any.
+    pub fn authenticate(&self, key: &[u8]) -> Option<Identity> {
+        self.keys.find(key).cloned()
+    }
+}
+
+pub use keys::hash_key;
+
+/// What one authenticator concluded about a request.
+#[derive(Debug)]
+pub enum Verdict {
+    /// No credential of this kind was presented: the next link of the chain decides.
+    Absent,
+    Granted(Identity),
+    /// A credential was presented and refused, with why (sent to the client).
+    Denied(String),
+}
+
+/// The gateway's authenticators and each route's chain of them.
+pub struct Authenticators {
+    api_key: Option<(HeaderName, KeyTable)>,
+    #[cfg(feature = "jwt")]
+    jwt: Option<Arc<jwt::JwtAuth>>,
+    /// By route position.
+    chains: Vec<Vec<AuthMethod>>,
+}
+
+/// Each consumer's identity by id, plans shared.
+pub fn identities(consumers: &[Consumer]) -> HashMap<String, Identity> {
+    let mut plans: HashMap<&str, Arc<str>> = HashMap::new();
+    consumers
+        .iter()
+        .enumerate()
+        .map(|(index, c)| {
+            let plan = plans
+                .entry(&c.plan)
+                .or_insert_with(|| c.plan.as_str().into())
+                .clone();
+            let id = Identity {
+                consumer: c.id.as_str().into(),
+                plan,
+                index,
+            };
+            (c.id.clone(), id)
+        })
+        .collect()
+}
+
+impl Authenticators {
+    /// Builds the authenticators `config` names (`api_key_header`: where API keys are read,
+    /// when they are) and resolves each route's chain. Errors name the key.
+    pub fn new(
+        config: &GatewayConfig,
+        consumers: &[Consumer],
+        api_key_header: Option<HeaderName>,
+    ) -> Result<Authenticators, String> {
+        let api_key = match api_key_header {
+            Some(h) => Some((h, KeyTable::new(consumers)?)),
+            None => None,
+        };
+        #[cfg(feature = "jwt")]
+        let jwt = match &config.auth.jwt {
+            Some(j) => Some(Arc::new(jwt::JwtAuth::new(j, identities(consumers))?)),
+            None => None,
+        };
+        #[cfg(not(feature = "jwt"))]
+        if config.auth.jwt.is_some() {
+            return Err("gateway.auth.jwt: JWT verification is not in this build; rebuild with `--features jwt`".into());
+        }
+        let configured = |m: AuthMethod| match m {
+            AuthMethod::ApiKey => api_key.is_some(),
+            AuthMethod::Jwt => config.auth.jwt.is_some(),
+            AuthMethod::Anonymous => true,
+        };
+        let mut chains = Vec::with_capacity(config.routes.len());
+        for (i, r) in config.routes.iter().enumerate() {
+            let chain = match &r.auth {
+                RouteAuth::All(false) => vec![AuthMethod::Anonymous],
+                RouteAuth::All(true) => {
+                    let all: Vec<AuthMethod> = [AuthMethod::ApiKey, AuthMethod::Jwt]
+                        .into_iter()
+                        .filter(|m| configured(*m))
+                        .collect();
+                    // Nothing to check credentials against: the route is open, as before
+                    // any method is configured.
+                    if all.is_empty() {
+                        vec![AuthMethod::Anonymous]
+                    } else {
+                        all
+                    }
+                }
+                RouteAuth::Chain(list) => {
+                    if let Some(m) = list.iter().find(|m| !configured(**m)) {
+                        return Err(format!(
+                            "gateway.routes[{i}].auth: `{m:?}` is not configured (see gateway.auth)"
+                        ));
+                    }
+                    list.clone()
+                }
+            };
+            chains.push(chain);
+        }
+        Ok(Authenticators {
+            api_key,
+            #[cfg(feature = "jwt")]
+            jwt,
+            chains,
+        })
+    }
+
+    /// The header API keys are read from (removed before forwarding), if any.
+    pub fn api_key_header(&self) -> Option<&HeaderName> {
+        self.api_key.as_ref().map(|(h, _)| h)
+    }
+
+    /// The JWT authenticator, for its key refresh.
+    #[cfg(feature = "jwt")]
+    pub fn jwt(&self) -> Option<Arc<jwt::JwtAuth>> {
+        self.jwt.clone()
+    }
+
+    /// Runs route `route`'s chain over the request headers: the caller's identity, `None` for
+    /// an anonymous caller the chain admits, or why the caller is refused.
+    pub async fn authenticate(
+        &self,
+        route: usize,
+        headers: &HeaderMap,
+    ) -> Result<Option<Identity>, String> {
+        let chain = self.chains.get(route).map_or(&[][..], Vec::as_slice);
+        for method in chain {
+            let verdict = match method {
+                AuthMethod::Anonymous => return Ok(None),
+                AuthMethod::ApiKey => self.api_key_verdict(headers),
+                AuthMethod::Jwt => self.jwt_verdict(headers).await,
+            };
+            match verdict {
+                Verdict::Absent => continue,
+                Verdict::Granted(id) => return Ok(Some(id)),
+                Verdict::Denied(why) => return Err(why),
+            }
+        }
+        Err(self.missing(chain))
+    }
+
+    fn api_key_verdict(&self, headers: &HeaderMap) -> Verdict {
+        let Some((h, table)) = &self.api_key else {
+            return Verdict::Absent;
+        };
+        match headers.get(h) {
+            None => Verdict::Absent,
+            Some(v) => match table.authenticate(v.as_bytes()) {
+                Some(id) => Verdict::Granted(id),
+                None => Verdict::Denied(format!("missing or unknown API key in header `{h}`")),
+            },
+        }
+    }
+
+    #[cfg(feature = "jwt")]
+    async fn jwt_verdict(&self, headers: &HeaderMap) -> Verdict {
+        match &self.jwt {
+            Some(j) => j.verdict(headers).await,
+            None => Verdict::Absent,
+        }
+    }
+
+    #[cfg(not(feature = "jwt"))]
+    async fn jwt_verdict(&self, _headers: &HeaderMap) -> Verdict {
+        Verdict::Absent
+    }
+
+    /// Why a caller who presented none of the chain's credentials is refused.
+    fn missing(&self, chain: &[AuthMethod]) -> String {
+        if let ([AuthMethod::ApiKey], Some(h)) = (chain, self.api_key_header()) {
+            return format!("missing or unknown API key in header `{h}`");
+        }
+        let wanted: Vec<String> = chain
+            .iter()
+            .filter_map(|m| match m {
+                AuthMethod::ApiKey => self
+                    .api_key_header()
+                    .map(|h| format!("an API key in header `{h}`")),
+                AuthMethod::Jwt => Some("a bearer token (`Authorization: Bearer`)".into()),
+                AuthMethod::Anonymous => None,
+            })
+            .collect();
+        if wanted.is_empty() {
+            return "no authentication method is configured for this route".into();
+        }
+        format!("missing credentials: {}", wanted.join(" or "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_owner_of_a_key_and_nobody_else() {
+        let consumers = vec![
+            Consumer {
+                id: "acme".into(),
+                plan: "pro".into(),
+                api_keys: vec![hash_key("k-acme")],
+            },
+            Consumer {
+                id: "zeta".into(),
+                plan: "free".into(),
+                api_keys: vec![hash_key("k-zeta"), hash_key("k-zeta-2")],
+            },
+        ];
+        let t = KeyTable::new(&consumers).unwrap();
+        assert_eq!(&*t.authenticate(b"k-acme").unwrap().consumer, "acme");
+        assert_eq!(&*t.authenticate(b"k-zeta-2").unwrap().plan, "free");
+        assert_eq!(t.authenticate(b"k-zeta").unwrap().index, 1);
+        assert!(t.authenticate(b"k-nobody").is_none());
+        assert!(t.authenticate(b"").is_none());
+    }
+}
