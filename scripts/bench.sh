@@ -4,7 +4,8 @@
 #
 #  1. Gateway throughput and added latency: wrk against an nginx upstream directly, through nginx
 #     as a reverse proxy (the baseline), and through the Tollgate gateway (API key, rate limit
-#     and quota checked, event emitted per request).
+#     and quota checked, event emitted per request), then the same with an RS256 bearer token
+#     instead of the API key (built with `--features jwt`).
 #  2. Freshness: time from wrk's last response until /v1/usage counts every request.
 #  3. Collector throughput: the store is wiped and the collector re-reads the whole bus log;
 #     events/s until every event is queryable, and until every event is in Parquet files.
@@ -23,7 +24,7 @@ for tool in wrk nginx curl; do
   command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl >/dev/null; break; }
 done
 python3 -c 'import duckdb' 2>/dev/null || pip install -q duckdb >&2
-cargo build --release --locked >&2
+cargo build --release --locked --features jwt >&2
 BIN="$CARGO_TARGET_DIR/release/tollgate"
 
 WORK="$(mktemp -d)"
@@ -37,7 +38,9 @@ start_nginx_upstream "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
   server { listen 127.0.0.1:$PROXY;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
 
-bench_config "$WORK/tollgate.yaml" "$GW" "$API"
+# API keys and JWT both on (the test fixture key signs the bench's bearer token).
+JWT_PUB=gateway/tests/fixtures/jwt/rsa1.pub bench_config "$WORK/tollgate.yaml" "$GW" "$API"
+TOKEN=$(python3 scripts/lib/jwt_token.py gateway/tests/fixtures/jwt/rsa1.key bench bench bench bench)
 RUST_LOG=warn "$BIN" up --config "$WORK/tollgate.yaml" --data-dir "$WORK/data" 2>"$WORK/tollgate.log" &
 TG_PID=$!
 for _ in $(seq 200); do curl -sf "http://127.0.0.1:$API/readyz" >/dev/null && break; sleep 0.05; done
@@ -71,6 +74,10 @@ else:
     print(f"timeout {n}")
 PY
 )
+
+# The same load authenticated by a bearer token (RS256) instead of an API key.
+tollgate_jwt=$(run_wrk tollgate-jwt "http://127.0.0.1:$GW/v1/items/1" "Authorization: Bearer $TOKEN")
+sent=$((sent + $(echo "$tollgate_jwt" | awk '{print $5}')))
 
 # Peak memory of the whole one-process deployment after the load.
 rss_mb=$(awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$TG_PID/status")
@@ -124,18 +131,19 @@ print(f"{tg_lat:.1f} {dd_lat:.1f} {tg_use:.1f} {dd_use:.1f} {duckdb.__version__}
 PY
 )
 
-python3 - "$direct" "$nginx_proxy" "$tollgate" "$fresh" "$collect" "$sent" "$CONNS" "$DURATION" "$rss_mb" "$queries" <<'PY'
+python3 - "$direct" "$nginx_proxy" "$tollgate" "$fresh" "$collect" "$sent" "$CONNS" "$DURATION" "$rss_mb" "$queries" "$tollgate_jwt" <<'PY'
 import sys
 d, n, t = (s.split() for s in sys.argv[1:4])
+j = sys.argv[11].split()
 fresh, collect, sent, conns, dur = sys.argv[4].split(), sys.argv[5].split(), int(sys.argv[6]), sys.argv[7], sys.argv[8]
 rps = lambda r: float(r[1]); p50 = lambda r: float(r[2]); p99 = lambda r: float(r[3])
 print(f"wrk -t2 -c{conns} -d{dur}, same machine, same run\n")
 print("| target | requests/s | p50 ms | p99 ms | non-2xx |")
 print("|---|---|---|---|---|")
-for name, r in (("nginx upstream, direct", d), ("nginx reverse proxy -> upstream (baseline)", n), ("tollgate gateway -> upstream", t)):
+for name, r in (("nginx upstream, direct", d), ("nginx reverse proxy -> upstream (baseline)", n), ("tollgate gateway -> upstream (API key)", t), ("tollgate gateway -> upstream (JWT, RS256)", j)):
     print(f"| {name} | {rps(r):.0f} | {p50(r):.3f} | {p99(r):.3f} | {r[5]} |")
 print()
-print(f"- tollgate / nginx-proxy throughput ratio: {rps(t)/rps(n):.2f}")
+print(f"- tollgate / nginx-proxy throughput ratio: {rps(t)/rps(n):.2f} with API keys, {rps(j)/rps(n):.2f} with JWT")
 print(f"- added p50 latency over the direct upstream: tollgate {p50(t)-p50(d):.3f} ms, nginx proxy {p50(n)-p50(d):.3f} ms")
 print(f"- freshness (last response -> all {sent} requests counted): {fresh[0]} ms")
 print(f"- peak RSS of `tollgate up` (gateway, bus, collector, store, query API) after the load: {sys.argv[9]} MB")

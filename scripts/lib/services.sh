@@ -83,13 +83,19 @@ bins_or_release() {
 # upstream on $UP, API-key auth (key `bench-key`), a rate limit and a monthly quota too large to
 # reach (so both are checked on every request), a price.
 bench_config() {
+  # With JWT_PUB set (a PEM public key file), bearer tokens of issuer and audience `bench`
+  # signed by its private key (kid `bench`) authenticate too.
+  local jwt=""
+  if [ -n "${JWT_PUB:-}" ]; then
+    jwt=", jwt: { issuer: bench, audience: bench, keys: [ { kid: bench, alg: RS256, pem: \"$(awk '{printf "%s\\n", $0}' "$JWT_PUB")\" } ] }"
+  fi
   cat > "$1" <<YAML
 gateway:
   listen: 127.0.0.1:$2
   admin_listen: 127.0.0.1:${4:-$(port)}
   upstreams: { app: { targets: ["http://127.0.0.1:$UP"] } }
   routes: [ { id: items, methods: [GET], path: "/v1/items/{id}", upstream: app } ]
-  auth: { api_key: { header: x-api-key } }
+  auth: { api_key: { header: x-api-key }$jwt }
 consumers: [ { id: bench, plan: open, api_keys: ["sha256:$(printf bench-key | sha256sum | cut -d' ' -f1)"] } ]
 plans: { open: { rate_limit: { per_second: 10000000 }, quota: { requests: 1000000000000 },
                  pricing: { currency: USD, charges: { default: { unit_price: "0.0001" } } } } }

@@ -57,6 +57,56 @@ pub struct JwtAuth {
     validations: HashMap<Algorithm, Validation>,
     configured: Vec<Arc<Key>>,
     jwks: Option<Jwks>,
+    verified: VerifiedCache,
+}
+
+/// Tokens verified recently, by their exact text. A client sends the same token on every request
+/// until it expires, and checking a signature costs tens of microseconds, more than the rest of
+/// the request path; a lookup costs a hash of the token. An entry lives until the token's `exp`
+/// or [`CACHE_TTL`], whichever comes first, so a key dropped from the JWKS (or a consumer removed
+/// by a restart) stops admitting its tokens within that time. Only successes are cached.
+#[derive(Default)]
+struct VerifiedCache {
+    map: std::sync::Mutex<HashMap<Box<str>, (Identity, Instant)>>,
+}
+
+/// The longest a verified token is admitted without checking it again.
+const CACHE_TTL: Duration = Duration::from_secs(60);
+/// Verified tokens held at most (expired ones are dropped first when it is full).
+const CACHE_MAX: usize = 16_384;
+
+impl VerifiedCache {
+    fn get(&self, token: &str) -> Option<Identity> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(token)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(id, _)| id.clone())
+    }
+
+    fn insert(
+        &self,
+        token: &str,
+        id: &Identity,
+        claims: &serde_json::Map<String, serde_json::Value>,
+    ) {
+        let Some(exp) = claims.get("exp").and_then(serde_json::Value::as_f64) else {
+            return;
+        };
+        let left = exp - chrono::Utc::now().timestamp() as f64;
+        if left.is_nan() || left <= 0.0 {
+            return; // admitted within the leeway only: checked again next time
+        }
+        let now = Instant::now();
+        let until = now + CACHE_TTL.min(Duration::from_secs_f64(left.min(CACHE_TTL.as_secs_f64())));
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= CACHE_MAX {
+            map.retain(|_, (_, u)| *u > now);
+            if map.len() >= CACHE_MAX {
+                map.clear();
+            }
+        }
+        map.insert(token.into(), (id.clone(), until));
+    }
 }
 
 /// Keys from the JWKS URL.
@@ -124,6 +174,7 @@ impl JwtAuth {
             validations,
             configured,
             jwks,
+            verified: VerifiedCache::default(),
         })
     }
 
@@ -147,6 +198,9 @@ impl JwtAuth {
 
     /// The consumer a valid token names, or why the token is refused.
     pub async fn verify(&self, token: &str) -> Result<Identity, String> {
+        if let Some(id) = self.verified.get(token) {
+            return Ok(id);
+        }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| "malformed, or its algorithm is not supported".to_string())?;
         let kid = header.kid.as_deref();
@@ -169,7 +223,11 @@ impl JwtAuth {
             match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
                 token, &key.key, validation,
             ) {
-                Ok(data) => return self.identity(&data.claims),
+                Ok(data) => {
+                    let id = self.identity(&data.claims)?;
+                    self.verified.insert(token, &id, &data.claims);
+                    return Ok(id);
+                }
                 Err(e) => last = Some(e),
             }
         }
@@ -735,7 +793,9 @@ mod tests {
         jwks.refresh_now().await;
         assert_eq!(server.fetches.load(Ordering::SeqCst), 2);
         assert!(auth.verify(&t2).await.is_ok());
-        assert!(auth.verify(&t1).await.is_ok());
+        // (A token not seen before, so that the verified-token cache cannot answer.)
+        let t1_again = sign(Algorithm::RS256, Some("k1"), &rsa(RSA1), &claims("zeta"));
+        assert!(auth.verify(&t1_again).await.is_ok());
 
         // The endpoint down: the keys fetched before keep serving.
         server.up.store(false, Ordering::SeqCst);
@@ -758,5 +818,23 @@ mod tests {
         );
         assert!(auth.verify(&hs).await.is_err());
         assert!(auth.verify(&t2).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn verified_tokens_are_cached_until_they_expire() {
+        let auth = all_keys();
+        let t = sign(Algorithm::RS256, Some("rsa1"), &rsa(RSA1), &claims("acme"));
+        assert_eq!(&*auth.verify(&t).await.unwrap().consumer, "acme");
+        assert_eq!(auth.verified.get(&t).map(|id| id.index), Some(0));
+        // A token past its `exp` but within the leeway is admitted, and checked every time.
+        let mut c = claims("zeta");
+        c["exp"] = json!(now() - 1);
+        let late = sign(Algorithm::RS256, Some("rsa1"), &rsa(RSA1), &c);
+        assert!(auth.verify(&late).await.is_ok());
+        assert!(auth.verified.get(&late).is_none());
+        // Failures are never cached.
+        let forged = sign(Algorithm::RS256, Some("rsa1"), &rsa(RSA2), &claims("acme"));
+        assert!(auth.verify(&forged).await.is_err());
+        assert!(auth.verified.get(&forged).is_none());
     }
 }
