@@ -78,6 +78,7 @@ PY
 # The same load authenticated by a bearer token (RS256) instead of an API key.
 tollgate_jwt=$(run_wrk tollgate-jwt "http://127.0.0.1:$GW/v1/items/1" "Authorization: Bearer $TOKEN")
 sent=$((sent + $(echo "$tollgate_jwt" | awk '{print $5}')))
+echo "api-key run: $tollgate; jwt run: $tollgate_jwt; sent: $sent" >&2
 
 # Peak memory of the whole one-process deployment after the load.
 rss_mb=$(awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$TG_PID/status")
@@ -108,6 +109,12 @@ while time.time() - t0 < 300:
     time.sleep(0.02)
 PY
 )
+
+if [ -z "$collect" ]; then
+  echo "the collector did not re-read all $sent events within 300 s; tollgate's log:" >&2
+  tail -20 "$WORK/tollgate.log" >&2
+  exit 1
+fi
 
 # Queries: median of 7 runs each, after one warm-up.
 queries=$(python3 - "$API" "$WORK/data/store" <<'PY'

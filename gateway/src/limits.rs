@@ -18,8 +18,17 @@ use tollgate_schemas::config::{Consumer, Plan};
 /// Token buckets per consumer, by the consumer's position in the configuration (no name is
 /// hashed on the request path).
 pub struct RateLimits {
-    limiters: Vec<Option<DefaultDirectRateLimiter>>,
+    /// Each consumer's bucket and its requests per second.
+    limiters: Vec<Option<(DefaultDirectRateLimiter, u32)>>,
     clock: DefaultClock,
+}
+
+/// A request over a limit: how long until one would be admitted, and the limit (requests per
+/// second for a rate limit, per period for a quota), for the `RateLimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverLimit {
+    pub wait: Duration,
+    pub limit: u64,
 }
 
 impl RateLimits {
@@ -33,8 +42,9 @@ impl RateLimits {
                 let rl = plans.get(&c.plan)?.rate_limit.as_ref()?;
                 let per_second = NonZeroU32::new(rl.per_second).unwrap_or(NonZeroU32::MIN);
                 let burst = rl.burst.and_then(NonZeroU32::new).unwrap_or(per_second);
-                Some(RateLimiter::direct(
-                    Quota::per_second(per_second).allow_burst(burst),
+                Some((
+                    RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+                    per_second.get(),
                 ))
             })
             .collect();
@@ -45,12 +55,13 @@ impl RateLimits {
     }
 
     /// `Err(wait)` when the consumer at `index` is over its rate limit.
-    pub fn check(&self, index: usize) -> Result<(), Duration> {
+    pub fn check(&self, index: usize) -> Result<(), OverLimit> {
         match self.limiters.get(index).and_then(Option::as_ref) {
             None => Ok(()),
-            Some(l) => l
-                .check()
-                .map_err(|not_until| not_until.wait_time_from(self.clock.now())),
+            Some((l, per_second)) => l.check().map_err(|not_until| OverLimit {
+                wait: not_until.wait_time_from(self.clock.now()),
+                limit: u64::from(*per_second),
+            }),
         }
     }
 }
@@ -244,7 +255,7 @@ impl QuotaState {
     /// which gives the unit back when dropped unless the request turned out billable
     /// ([`Reservation::keep`]). `Err(retry_after)` when the quota for the period is used up;
     /// `Ok(None)` for a consumer without a known limit.
-    pub fn reserve(&self, consumer: &str) -> Result<Option<Reservation>, Duration> {
+    pub fn reserve(&self, consumer: &str) -> Result<Option<Reservation>, OverLimit> {
         let known = self.known.read().unwrap_or_else(|p| p.into_inner());
         let Some(k) = known.get(consumer) else {
             return Ok(None);
@@ -261,11 +272,14 @@ impl QuotaState {
             Ok(_) => Ok(Some(Reservation {
                 count: Some(k.admitted_since.clone()),
             })),
-            Err(_) => Err(k
-                .period
-                .end
-                .map(|end| (end - now).to_std().unwrap_or_default())
-                .unwrap_or(Duration::from_secs(60))),
+            Err(_) => Err(OverLimit {
+                wait: k
+                    .period
+                    .end
+                    .map(|end| (end - now).to_std().unwrap_or_default())
+                    .unwrap_or(Duration::from_secs(60)),
+                limit: k.limit,
+            }),
         }
     }
 }
@@ -327,7 +341,8 @@ mod tests {
         for _ in 0..3 {
             assert!(rl.check(0).is_ok());
         }
-        let wait = rl.check(0).unwrap_err();
+        let over = rl.check(0).unwrap_err();
+        let wait = over.wait;
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_secs(1),
             "{wait:?}"
@@ -397,8 +412,9 @@ mod tests {
         });
         q.reserve("a").unwrap().unwrap().keep();
         q.reserve("a").unwrap().unwrap().keep();
-        let wait = q.reserve("a").unwrap_err();
-        assert!(wait > Duration::from_secs(2 * 86_400));
+        let over = q.reserve("a").unwrap_err();
+        assert!(over.wait > Duration::from_secs(2 * 86_400));
+        assert_eq!(over.limit, 5);
         q.update(QuotaSnapshot {
             version: 2,
             consumers: vec![entry(10, 5, &end)],

@@ -49,6 +49,9 @@ const HOP_BY_HOP: [&str; 8] = [
 
 /// Identity headers only the gateway may set.
 const CONSUMER_HEADER: HeaderName = HeaderName::from_static("x-tollgate-consumer");
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 // Header names the gateway sets, made once: inserting by `&str` allocates a name per call for
 // names that are not standard ones.
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -157,8 +160,8 @@ pub struct Rejection {
     pub status: StatusCode,
     pub outcome: Outcome,
     pub message: Cow<'static, str>,
-    /// `Retry-After`, for limits.
-    pub retry: Option<Duration>,
+    /// `Retry-After` and the `RateLimit-*` headers, for limits.
+    pub over: Option<crate::limits::OverLimit>,
 }
 
 impl Rejection {
@@ -167,12 +170,12 @@ impl Rejection {
             status,
             outcome,
             message: message.into(),
-            retry: None,
+            over: None,
         }
     }
 
-    fn retry_after(mut self, wait: Duration) -> Self {
-        self.retry = Some(wait);
+    fn over_limit(mut self, over: crate::limits::OverLimit) -> Self {
+        self.over = Some(over);
         self
     }
 }
@@ -384,21 +387,21 @@ impl Worker {
     fn admit(&self, ctx: &mut Ctx, identity: Option<Identity>) -> Result<(), Rejection> {
         let Some(id) = identity else { return Ok(()) };
         let id = &*ctx.event.identity.insert(id);
-        self.shared.rate_limits.check(id.index).map_err(|wait| {
+        self.shared.rate_limits.check(id.index).map_err(|over| {
             Rejection::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 Outcome::RateLimited,
                 "rate limit exceeded",
             )
-            .retry_after(wait)
+            .over_limit(over)
         })?;
-        ctx.reservation = self.shared.quota.reserve(&id.consumer).map_err(|wait| {
+        ctx.reservation = self.shared.quota.reserve(&id.consumer).map_err(|over| {
             Rejection::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 Outcome::QuotaExceeded,
                 "quota for this period is used up",
             )
-            .retry_after(wait)
+            .over_limit(over)
         })?;
         Ok(())
     }
@@ -519,9 +522,20 @@ impl Worker {
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Some(wait) = r.retry {
-            resp.headers_mut()
-                .insert(http::header::RETRY_AFTER, retry_after_secs(wait));
+        let h = resp.headers_mut();
+        if let Some(over) = r.over {
+            // RFC 9110 `Retry-After`, and the IETF draft's `RateLimit-*` fields.
+            let reset = retry_after_secs(over.wait);
+            h.insert(http::header::RETRY_AFTER, reset.clone());
+            h.insert(RATELIMIT_LIMIT, HeaderValue::from(over.limit));
+            h.insert(RATELIMIT_REMAINING, HeaderValue::from_static("0"));
+            h.insert(RATELIMIT_RESET, reset);
+        }
+        if r.status == StatusCode::UNAUTHORIZED {
+            h.insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tollgate\""),
+            );
         }
         resp
     }

@@ -333,12 +333,11 @@ async fn rejects_with_the_right_status_and_still_meters() {
         h.call("GET", "/echo/1", &[], "").await.0,
         StatusCode::UNAUTHORIZED
     );
-    assert_eq!(
-        h.call("GET", "/echo/1", &[("x-api-key", "wrong")], "")
-            .await
-            .0,
-        StatusCode::UNAUTHORIZED
-    );
+    let (s, headers, _) = h
+        .call("GET", "/echo/1", &[("x-api-key", "wrong")], "")
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(headers.contains_key("www-authenticate"));
     // Burst of 2, then 429 with Retry-After.
     for _ in 0..2 {
         assert_eq!(
@@ -361,6 +360,10 @@ async fn rejects_with_the_right_status_and_still_meters() {
             >= 1
     );
     assert_eq!(body["error"]["code"], "rate_limited");
+    // The draft RateLimit fields: 1 request per second, none left, reset with Retry-After.
+    assert_eq!(headers["ratelimit-limit"], "1");
+    assert_eq!(headers["ratelimit-remaining"], "0");
+    assert_eq!(headers["ratelimit-reset"], headers["retry-after"]);
     assert_eq!(
         h.call("GET", "/slow", &[("x-api-key", "k-acme")], "")
             .await
@@ -390,6 +393,8 @@ async fn rejects_with_the_right_status_and_still_meters() {
                     .unwrap()
                     > 86_400
             );
+            assert_eq!(headers["ratelimit-limit"], "10");
+            assert_eq!(headers["ratelimit-remaining"], "0");
             break;
         }
         assert!(
@@ -563,4 +568,38 @@ async fn a_taken_address_is_refused_even_with_several_workers() {
         Err(e) => panic!("expected a bind error, got {e}"),
         Ok(_) => panic!("a second gateway was allowed to listen on {taken}"),
     }
+}
+
+/// A smuggling probe: `Content-Length` and `Transfer-Encoding` together. hyper's parser lets
+/// `Transfer-Encoding` decide, drops `Content-Length` and closes the connection after the answer
+/// (RFC 9112 §6.3), so the bytes after the chunked body are never read as a second request, and
+/// the upstream sees one request with a body framed by the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_transfer_encoding_gets_one_answer_and_a_closed_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start().await;
+    let mut sock = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    sock.write_all(
+        b"POST /echo/1 HTTP/1.1\r\nHost: x\r\nx-api-key: k-acme\r\nContent-Length: 4\r\n\
+          Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /echo/2 HTTP/1.1\r\nHost: x\r\nx-api-key: k-acme\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut answer))
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert_eq!(
+        text.matches("HTTP/1.1 ").count(),
+        1,
+        "one answer only: {text}"
+    );
+    assert!(text.contains("connection: close"), "{text}");
+    assert!(
+        !text.contains("/echo/2"),
+        "the smuggled request never reached the upstream: {text}"
+    );
+    h.shutdown.cancel();
 }
