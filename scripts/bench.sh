@@ -77,8 +77,8 @@ PY
 
 # The same load authenticated by a bearer token (RS256) instead of an API key.
 tollgate_jwt=$(run_wrk tollgate-jwt "http://127.0.0.1:$GW/v1/items/1" "Authorization: Bearer $TOKEN")
+sent_key=$sent
 sent=$((sent + $(echo "$tollgate_jwt" | awk '{print $5}')))
-echo "api-key run: $tollgate; jwt run: $tollgate_jwt; sent: $sent" >&2
 
 # Peak memory of the whole one-process deployment after the load.
 rss_mb=$(awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$TG_PID/status")
@@ -138,7 +138,7 @@ print(f"{tg_lat:.1f} {dd_lat:.1f} {tg_use:.1f} {dd_use:.1f} {duckdb.__version__}
 PY
 )
 
-python3 - "$direct" "$nginx_proxy" "$tollgate" "$fresh" "$collect" "$sent" "$CONNS" "$DURATION" "$rss_mb" "$queries" "$tollgate_jwt" <<'PY'
+python3 - "$direct" "$nginx_proxy" "$tollgate" "$fresh" "$collect" "$sent" "$CONNS" "$DURATION" "$rss_mb" "$queries" "$tollgate_jwt" "$sent_key" <<'PY'
 import sys
 d, n, t = (s.split() for s in sys.argv[1:4])
 j = sys.argv[11].split()
@@ -152,7 +152,7 @@ for name, r in (("nginx upstream, direct", d), ("nginx reverse proxy -> upstream
 print()
 print(f"- tollgate / nginx-proxy throughput ratio: {rps(t)/rps(n):.2f} with API keys, {rps(j)/rps(n):.2f} with JWT")
 print(f"- added p50 latency over the direct upstream: tollgate {p50(t)-p50(d):.3f} ms, nginx proxy {p50(n)-p50(d):.3f} ms")
-print(f"- freshness (last response -> all {sent} requests counted): {fresh[0]} ms")
+print(f"- freshness (last response of the API-key run -> all its {sys.argv[12]} requests counted): {fresh[0]} ms")
 print(f"- peak RSS of `tollgate up` (gateway, bus, collector, store, query API) after the load: {sys.argv[9]} MB")
 q, f = float(collect[0]), float(collect[1])
 print(f"- collector re-reading {sent} events from the bus log: all queryable after {q:.2f} s = {sent/q:.0f} events/s (includes process start);")
