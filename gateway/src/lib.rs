@@ -189,7 +189,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             gateway_id: config.instance_id(),
             router: router::Router::build(&config.routes).map_err(GatewayError::Config)?,
-            auth: auth::Authenticators::new(&config, consumers, api_key_header)
+            auth: auth::Authenticators::new(&config, consumers, api_key_header, &metrics)
                 .map_err(GatewayError::Config)?,
             rate_limits: limits::RateLimits::new(consumers, plans),
             quota,

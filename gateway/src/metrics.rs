@@ -25,6 +25,11 @@ pub struct DropLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
 /// One route's request counters (by outcome, in `Outcome::ALL` order) and latency histogram.
 #[derive(Clone, Debug)]
 pub struct RouteMetrics {
@@ -56,6 +61,10 @@ pub struct GatewayMetrics {
     pub events_dropped: Family<DropLabels, Counter>,
     /// Seconds since the quota state was last refreshed (-1: never).
     pub quota_state_age: Gauge,
+    /// JWKS fetches by result (`ok`, `error`).
+    pub jwks_fetches: Family<ResultLabels, Counter>,
+    /// Signing keys held from the JWKS (current and still-accepted retired ones).
+    pub jwks_keys: Gauge,
 }
 
 impl GatewayMetrics {
@@ -66,6 +75,8 @@ impl GatewayMetrics {
             events_published: Counter::default(),
             events_dropped: Family::default(),
             quota_state_age: Gauge::default(),
+            jwks_fetches: Family::default(),
+            jwks_keys: Gauge::default(),
         };
         m.quota_state_age.set(-1);
         let r = registry.sub_registry_with_prefix("tollgate_gateway");
@@ -93,6 +104,16 @@ impl GatewayMetrics {
             "quota_state_age_seconds",
             "Age of the quota state in force (-1: never received)",
             m.quota_state_age.clone(),
+        );
+        r.register(
+            "jwks_fetches",
+            "JWKS fetches by result",
+            m.jwks_fetches.clone(),
+        );
+        r.register(
+            "jwks_keys",
+            "Signing keys held from the JWKS",
+            m.jwks_keys.clone(),
         );
         m
     }

@@ -37,6 +37,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Identity, Verdict};
 use crate::config::{JwtConfig, JwtKeyConfig};
 
+const OK: crate::metrics::ResultLabels = crate::metrics::ResultLabels { result: "ok" };
+const ERROR: crate::metrics::ResultLabels = crate::metrics::ResultLabels { result: "error" };
+
 /// The most a JWKS response may weigh.
 const JWKS_MAX_BYTES: usize = 1 << 20;
 /// How long a JWKS fetch may take.
@@ -118,6 +121,7 @@ struct Jwks {
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
     min_interval: Duration,
     refresh: Duration,
+    metrics: crate::GatewayMetrics,
 }
 
 #[derive(Default)]
@@ -132,6 +136,7 @@ impl JwtAuth {
     pub fn new(
         config: &JwtConfig,
         identities: HashMap<String, Identity>,
+        metrics: crate::GatewayMetrics,
     ) -> Result<JwtAuth, String> {
         let configured = config
             .keys
@@ -153,6 +158,7 @@ impl JwtAuth {
                 last_fetch: tokio::sync::Mutex::new(None),
                 min_interval: Duration::from_secs(config.jwks_min_interval_s),
                 refresh: Duration::from_secs(config.jwks_refresh_s),
+                metrics,
             }),
             None => None,
         };
@@ -309,9 +315,11 @@ impl Jwks {
         match self.fetch().await {
             Ok(keys) => {
                 tracing::debug!(keys = keys.len(), url = %self.url, "fetched JWKS");
+                self.metrics.jwks_fetches.get_or_create(&OK).inc();
                 self.install(keys);
             }
             Err(e) => {
+                self.metrics.jwks_fetches.get_or_create(&ERROR).inc();
                 tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed; keeping the keys fetched before")
             }
         }
@@ -367,6 +375,9 @@ impl Jwks {
                 retired.push((k.clone(), now + self.refresh));
             }
         }
+        self.metrics
+            .jwks_keys
+            .set((fresh.len() + retired.len()) as i64);
         *guard = Arc::new(JwksKeys {
             current: fresh,
             retired,
@@ -560,6 +571,7 @@ mod tests {
                 None,
             ),
             identities(),
+            crate::GatewayMetrics::unregistered(),
         )
         .unwrap()
     }
@@ -764,7 +776,13 @@ mod tests {
     #[tokio::test]
     async fn jwks_rotation_outage_and_a_burst_of_unknown_kids() {
         let server = jwks_server(json!({ "keys": [jwk(RSA1, "k1")] })).await;
-        let auth = JwtAuth::new(&config(vec![], Some(server.url.clone())), identities()).unwrap();
+        let metrics = crate::GatewayMetrics::unregistered();
+        let auth = JwtAuth::new(
+            &config(vec![], Some(server.url.clone())),
+            identities(),
+            metrics.clone(),
+        )
+        .unwrap();
         let t1 = sign(Algorithm::RS256, Some("k1"), &rsa(RSA1), &claims("acme"));
         let t2 = sign(Algorithm::RS256, Some("k2"), &rsa(RSA2), &claims("acme"));
         // The first token with an unknown kid fetches the set.
@@ -818,6 +836,18 @@ mod tests {
         );
         assert!(auth.verify(&hs).await.is_err());
         assert!(auth.verify(&t2).await.is_ok());
+        let count = |result| {
+            metrics
+                .jwks_fetches
+                .get_or_create(&crate::metrics::ResultLabels { result })
+                .get()
+        };
+        assert_eq!((count("ok"), count("error")), (3, 1));
+        assert_eq!(
+            metrics.jwks_keys.get(),
+            2,
+            "k2, and k1 retired but still accepted"
+        );
     }
 
     #[tokio::test]

@@ -103,6 +103,7 @@ impl Authenticators {
         config: &GatewayConfig,
         consumers: &[Consumer],
         api_key_header: Option<HeaderName>,
+        metrics: &crate::GatewayMetrics,
     ) -> Result<Authenticators, String> {
         let api_key = match api_key_header {
             Some(h) => Some((h, KeyTable::new(consumers)?)),
@@ -110,9 +111,15 @@ impl Authenticators {
         };
         #[cfg(feature = "jwt")]
         let jwt = match &config.auth.jwt {
-            Some(j) => Some(Arc::new(jwt::JwtAuth::new(j, identities(consumers))?)),
+            Some(j) => Some(Arc::new(jwt::JwtAuth::new(
+                j,
+                identities(consumers),
+                metrics.clone(),
+            )?)),
             None => None,
         };
+        #[cfg(not(feature = "jwt"))]
+        let _ = metrics;
         #[cfg(not(feature = "jwt"))]
         if config.auth.jwt.is_some() {
             return Err("gateway.auth.jwt: JWT verification is not in this build; rebuild with `--features jwt`".into());
