@@ -34,17 +34,8 @@ pub struct KeyTable {
 impl KeyTable {
     /// Builds the table; consumers were validated with the configuration.
     pub fn new(consumers: &[Consumer]) -> Result<KeyTable, String> {
-        let mut plans: HashMap<&str, Arc<str>> = HashMap::new();
-        for c in consumers {
-            plans
-                .entry(&c.plan)
-                .or_insert_with(|| c.plan.as_str().into());
-        }
-        let keys = keys::KeyTable::for_consumers(consumers, |index, c| Identity {
-            consumer: c.id.as_str().into(),
-            plan: plans[c.plan.as_str()].clone(),
-            index,
-        })?;
+        let ids = identities(consumers);
+        let keys = keys::KeyTable::for_consumers(consumers, |_, c| ids[&c.id].clone())?;
         Ok(KeyTable { keys })
     }
 
