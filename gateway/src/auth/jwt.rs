@@ -100,7 +100,7 @@ impl VerifiedCache {
             return; // admitted within the leeway only: checked again next time
         }
         let now = Instant::now();
-        let until = now + CACHE_TTL.min(Duration::from_secs_f64(left.min(CACHE_TTL.as_secs_f64())));
+        let until = now + Duration::from_secs_f64(left.min(CACHE_TTL.as_secs_f64()));
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= CACHE_MAX {
             map.retain(|_, (_, u)| *u > now);

@@ -135,7 +135,7 @@ fn whole_periods(from: i64, to: i64, grain: i64) -> (i64, i64) {
     (start, to.div_euclid(grain) * grain)
 }
 
-/// ` AND route_key = ?` when one route is asked.
+/// ` AND route_key = ?` when one route is asked (bound by [`ClickHouseStore::window_query`]).
 fn route_cond(route: Option<&str>) -> &'static str {
     if route.is_some() {
         " AND route_key = ?"
@@ -145,6 +145,21 @@ fn route_cond(route: Option<&str>) -> &'static str {
 }
 
 impl ClickHouseStore {
+    /// `sql` (with `?` for the window's start and end, then [`route_cond`]'s route) with its
+    /// values bound.
+    fn window_query(
+        &self,
+        sql: &str,
+        (from, to): (i64, i64),
+        route: Option<&str>,
+    ) -> clickhouse::query::Query {
+        let q = self.client.query(sql).bind(from).bind(to);
+        match route {
+            Some(r) => q.bind(r),
+            None => q,
+        }
+    }
+
     /// Where compacted sketches can exist: from where both the per-route rollups (0003) and
     /// the counts (0004) start.
     pub(super) fn sketches_since(&self) -> i64 {
@@ -160,19 +175,16 @@ impl ClickHouseStore {
         to: i64,
         route: Option<&str>,
     ) -> Result<HashMap<Period, u64>, StoreError> {
-        let mut q = self
-            .client
-            .query(&format!(
+        let q = self.window_query(
+            &format!(
                 "SELECT route_key, intDiv(minute_us, {grain}) * {grain} AS t_us, sum(n) AS n \
                  FROM {} WHERE minute_us >= ? AND minute_us < ?{} GROUP BY route_key, t_us",
                 self.table("route_count_1m"),
                 route_cond(route)
-            ))
-            .bind(from)
-            .bind(to);
-        if let Some(r) = route {
-            q = q.bind(r);
-        }
+            ),
+            (from, to),
+            route,
+        );
         let rows = q.fetch_all::<PeriodCount>().await.map_err(ch_err)?;
         Ok(rows
             .into_iter()
@@ -207,20 +219,17 @@ impl ClickHouseStore {
         }
         let mut out = Vec::new();
         for (from, to) in runs {
-            let mut q = self
-                .client
-                .query(&format!(
+            let q = self.window_query(
+                &format!(
                     "SELECT route_key, {time} AS t_us, groupArray(toInt32(bucket)) AS buckets, \
                      groupArray(n) AS counts, sum(errors) AS errors FROM {} \
                      WHERE {time} >= ? AND {time} < ?{} GROUP BY route_key, t_us",
                     self.table(table),
                     route_cond(route)
-                ))
-                .bind(from)
-                .bind(to);
-            if let Some(r) = route {
-                q = q.bind(r);
-            }
+                ),
+                (from, to),
+                route,
+            );
             let rows = q.fetch_all::<PeriodBuckets>().await.map_err(ch_err)?;
             out.extend(
                 rows.into_iter()
@@ -248,19 +257,16 @@ impl ClickHouseStore {
             None => "sketch",
         };
         let query = || {
-            let mut q = self
-                .client
-                .query(&format!(
+            let q = self.window_query(
+                &format!(
                     "SELECT route_key, t_us, n, errors, {columns} FROM {} \
                      WHERE grain_us = {grain} AND t_us >= ? AND t_us < ?{}",
                     self.table("route_sketch"),
                     route_cond(route)
-                ))
-                .bind(from)
-                .bind(to);
-            if let Some(r) = route {
-                q = q.bind(r);
-            }
+                ),
+                (from, to),
+                route,
+            );
             q
         };
         let counts = self.period_counts(grain, from, to, route);
