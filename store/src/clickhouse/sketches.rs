@@ -257,7 +257,7 @@ impl ClickHouseStore {
             None => "sketch",
         };
         let query = || {
-            let q = self.window_query(
+            self.window_query(
                 &format!(
                     "SELECT route_key, t_us, n, errors, {columns} FROM {} \
                      WHERE grain_us = {grain} AND t_us >= ? AND t_us < ?{}",
@@ -266,8 +266,7 @@ impl ClickHouseStore {
                 ),
                 (from, to),
                 route,
-            );
-            q
+            )
         };
         let counts = self.period_counts(grain, from, to, route);
         // `remove`: of two copies of one period's row, one is used.
