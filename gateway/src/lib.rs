@@ -2,9 +2,12 @@
 //!
 //! The data plane is a thread per core (`gateway.workers`), in the way nginx and Pingora are
 //! built: each worker thread runs its own single-threaded runtime, accepts on its own
-//! SO_REUSEPORT socket, forwards through its own upstream connection pool and buffers its own
-//! events, so a request stays on one thread from accept to record. What the workers share
-//! (routes, keys, rate limits, quota state) is read-mostly.
+//! SO_REUSEPORT socket, forwards through its own pool of idle upstream connections and buffers
+//! its own events, so a request stays on one thread from accept to record. What the workers
+//! share (routes, keys, rate limits, quota state) is read-mostly. HTTP/1.1 is spoken by the
+//! gateway's own codec on both sides (`h1.rs`, `conn.rs`): one task per client connection, which
+//! reads a request head, runs the phases (`proxy.rs`) and writes the upstream's request and the
+//! client's answer straight from the parsed offsets.
 //!
 //! The request path never waits on analytics: events go from the worker's buffer through a
 //! bounded queue to a batching task (`events.rs`); quota state is read from memory and
@@ -12,36 +15,30 @@
 //! gateway keeps routing with what it last knew, and says so in its logs and metrics.
 
 pub mod auth;
-pub mod body;
 pub mod config;
+mod conn;
 pub mod events;
+pub mod h1;
 pub mod limits;
 pub mod metrics;
 mod proxy;
 mod quota_feed;
 mod recorder;
 pub mod router;
+mod upstream;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::HeaderName;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tollgate_bus::Publisher;
 use tollgate_schemas::config::{Consumer, Plan};
-use tracing::Instrument;
 
 pub use config::GatewayConfig;
 pub use metrics::GatewayMetrics;
-
-use crate::body::CountingBody;
 
 /// Gateway errors.
 #[derive(Debug, thiserror::Error)]
@@ -63,23 +60,31 @@ pub struct Shared {
     rate_limits: limits::RateLimits,
     quota: Arc<limits::QuotaState>,
     /// Each route's upstream, by the route's position in the configuration.
-    route_upstreams: Vec<Arc<proxy::Upstream>>,
+    route_upstreams: Vec<Arc<upstream::Upstream>>,
+    /// How many upstream targets there are (they are numbered from 0).
+    targets: usize,
 }
 
-/// Each route's upstream, in route order; routes of one upstream share it (and its round robin).
-fn route_upstreams(config: &GatewayConfig) -> Result<Vec<Arc<proxy::Upstream>>, GatewayError> {
+/// Each route's upstream, in route order (routes of one upstream share it, and its round
+/// robin), and the number of targets.
+fn route_upstreams(
+    config: &GatewayConfig,
+) -> Result<(Vec<Arc<upstream::Upstream>>, usize), GatewayError> {
     let mut by_name = HashMap::new();
+    let mut targets = 0;
     for (name, u) in &config.upstreams {
-        let upstream = proxy::Upstream::new(u)
+        let upstream = upstream::Upstream::new(u, targets)
             .map_err(|e| GatewayError::Config(format!("gateway.upstreams.{name}: {e}")))?;
+        targets += upstream.target_count();
         by_name.insert(name.as_str(), Arc::new(upstream));
     }
     // `bind` validated the configuration: every route names a configured upstream.
-    Ok(config
+    let routes = config
         .routes
         .iter()
         .map(|r| by_name[r.upstream.as_str()].clone())
-        .collect())
+        .collect();
+    Ok((routes, targets))
 }
 
 /// A gateway bound to its listeners, ready to serve.
@@ -186,6 +191,7 @@ impl Gateway {
             }
             None => None,
         };
+        let (route_upstreams, targets) = route_upstreams(&config)?;
         let shared = Arc::new(Shared {
             gateway_id: config.instance_id(),
             router: router::Router::build(&config.routes).map_err(GatewayError::Config)?,
@@ -193,7 +199,8 @@ impl Gateway {
                 .map_err(GatewayError::Config)?,
             rate_limits: limits::RateLimits::new(consumers, plans),
             quota,
-            route_upstreams: route_upstreams(&config)?,
+            route_upstreams,
+            targets,
         });
         Ok(Gateway {
             listeners,
@@ -280,19 +287,6 @@ struct WorkerStart {
     shutdown: CancellationToken,
 }
 
-/// The upstream client of one worker: its own connection pool, its connections driven by its
-/// own runtime.
-fn upstream_client() -> Client<HttpConnector, CountingBody> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(60))
-        .pool_max_idle_per_host(1024)
-        .pool_timer(TokioTimer::new())
-        .build(connector)
-}
-
 /// One worker: accepts on its own listener until shutdown, serves each connection on this
 /// thread, then waits for open requests to finish and hands its buffered events on.
 async fn serve(listener: std::net::TcpListener, start: WorkerStart) {
@@ -309,12 +303,15 @@ async fn serve(listener: std::net::TcpListener, start: WorkerStart) {
         metrics,
         shutdown,
     } = start;
-    let recorder = Arc::new(recorder::Recorder::new(
+    // This worker's own cancellation node: each connection waiting for its next request
+    // registers with it, so the workers do not contend on one shared waiter list.
+    let shutdown = shutdown.child_token();
+    let recorder = recorder::Recorder::new(
         &shared.gateway_id,
         &metrics,
         shared.router.ids(),
         events.clone(),
-    ));
+    );
     let stop_flusher = CancellationToken::new();
     let flusher = tokio::spawn(
         events
@@ -322,8 +319,8 @@ async fn serve(listener: std::net::TcpListener, start: WorkerStart) {
             .run_flusher(WORKER_LINGER, stop_flusher.clone()),
     );
     let worker = Arc::new(proxy::Worker {
+        pool: conn::Pool::new(shared.targets),
         shared,
-        client: upstream_client(),
         recorder,
     });
     let tracker = tokio_util::task::TaskTracker::new();
@@ -340,29 +337,7 @@ async fn serve(listener: std::net::TcpListener, start: WorkerStart) {
             },
         };
         let _ = stream.set_nodelay(true);
-        let worker = worker.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let worker = worker.clone();
-                // One span per request (debug level: free unless asked for with RUST_LOG).
-                let span = tracing::debug_span!("request", method = %req.method(), path = %req.uri().path(), peer = %peer);
-                async move { Ok::<_, std::convert::Infallible>(worker.handle(req, peer).await) }
-                    .instrument(span)
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
+        tracker.spawn(conn::serve(worker.clone(), stream, peer, shutdown.clone()));
     }
     drop(listener);
     tracker.close();

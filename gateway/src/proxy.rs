@@ -1,83 +1,58 @@
 //! The request path, as phases over one request's context (`Ctx`), in the spirit of Pingora's
 //! `ProxyHttp`: [`Worker::route`], [`Worker::authenticate`], [`Worker::admit`] (rate limit, then
-//! quota), [`Worker::upstream_request`] (URI rewrite and header policy), [`Worker::forward`],
-//! then [`Worker::respond`] (outcome classification). A phase either moves the request on or
-//! ends it with a [`Rejection`], which [`Worker::reject`] turns into the gateway's own JSON
-//! answer. Every request — rejected ones included — produces exactly one event, emitted by its
-//! response body when the last byte has been sent.
+//! quota), [`Worker::upstream_request`] (the head the upstream receives), [`Worker::forward`]
+//! (send, and read the answer's head), then [`Worker::respond`] (stream the answer back). A
+//! phase either moves the request on or ends it with a [`Rejection`], which [`Worker::reject`]
+//! turns into the gateway's own JSON answer.
 //!
-//! The common case allocates little: the forwarded URI reuses the request's path and query
-//! when no prefix is stripped, trace and span ids are written as hex on the stack, and the
-//! route's upstream is found by position, not by name.
+//! Every request that reaches the phases — rejected ones included — produces exactly one event:
+//! its `Ctx` records it when dropped, after the last byte of the answer was written (or the
+//! exchange broke off), so `latency_us` spans first byte in to last byte out.
+//!
+//! Heads are written straight into the connection's output buffer from the parsed request's
+//! offsets: no header map, no copy of a header the upstream receives unchanged.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use bytes::{Buf, Bytes};
+use http::{Method, StatusCode};
+use tokio_util::sync::CancellationToken;
 use tollgate_schemas::Outcome;
 use tollgate_schemas::event::is_lower_hex;
 
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-
 use crate::Shared;
 use crate::auth::Identity;
-use crate::body::{CountingBody, MeteredBody, Pending};
 use crate::config::RouteConfig;
+use crate::conn::{self, After, Broken, Pool, Side};
+use crate::h1::{self, Fields, Framing, Parsed, RequestHead, ResponseHead, put_field};
 use crate::limits::Reservation;
-use crate::recorder::{Draft, Recorder, TraceId};
+use crate::recorder::{Draft, Measured, Recorder, TraceId};
+use crate::upstream::{Target, Upstream};
 
-/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-];
-
-/// Identity headers only the gateway may set.
-const CONSUMER_HEADER: HeaderName = HeaderName::from_static("x-tollgate-consumer");
-const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
-const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
-const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
-// Header names the gateway sets, made once: inserting by `&str` allocates a name per call for
-// names that are not standard ones.
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// Identity header only the gateway may set.
+const CONSUMER_HEADER: &str = "x-tollgate-consumer";
+const REQUEST_ID: &str = "x-request-id";
+const TRACEPARENT: &str = "traceparent";
+const FORWARDED_FOR: &str = "x-forwarded-for";
 
 /// The longest client-sent `x-request-id` passed on; a longer one is replaced by the event id.
 const MAX_REQUEST_ID: usize = 128;
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // A clone of the value shares its bytes (no copy), so the map can be changed meanwhile.
-    if let Some(extra) = headers.get(http::header::CONNECTION).cloned()
-        && let Ok(extra) = extra.to_str()
-    {
-        for name in extra.split(',') {
-            headers.remove(name.trim());
-        }
-    }
-    for h in HOP_BY_HOP {
-        headers.remove(h);
-    }
+fn is(name: &[u8], wanted: &str) -> bool {
+    name.eq_ignore_ascii_case(wanted.as_bytes())
+}
+
+/// Whether `v` can be sent as a header value as it is (visible ASCII, spaces and tabs).
+fn is_field_value(v: &[u8]) -> bool {
+    v.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b))
 }
 
 /// A W3C `traceparent`'s trace id, when the header is well formed.
-fn trace_id_of(headers: &HeaderMap) -> Option<TraceId> {
-    let v = headers.get(TRACEPARENT)?.to_str().ok()?;
+fn trace_id_of(fields: &Fields) -> Option<TraceId> {
+    let v = std::str::from_utf8(fields.get(TRACEPARENT)?).ok()?;
     let mut parts = v.split('-');
     let (version, trace, span, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -101,7 +76,7 @@ fn write_hex(out: &mut [u8], mut v: u128) {
 }
 
 /// A new W3C `traceparent` (sampled) and its trace id. Neither id is zero.
-fn new_traceparent() -> (HeaderValue, TraceId) {
+fn new_traceparent() -> ([u8; 55], TraceId) {
     let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
     write_hex(&mut buf[3..35], rand::random::<u128>() | 1);
     write_hex(&mut buf[36..52], u128::from(rand::random::<u64>() | 1));
@@ -109,20 +84,20 @@ fn new_traceparent() -> (HeaderValue, TraceId) {
         .ok()
         .and_then(TraceId::parse)
         .expect("a non-zero hex id");
-    let header = HeaderValue::from_bytes(&buf).expect("hex is a header value");
-    (header, trace)
+    (buf, trace)
 }
 
-/// `x-forwarded-for` with `peer` appended to what the client sent.
-fn forwarded_for(prev: Option<&HeaderValue>, peer: SocketAddr) -> Option<HeaderValue> {
+/// Appends `x-forwarded-for` with `peer` after what the client sent.
+fn put_forwarded_for(out: &mut Vec<u8>, prev: Option<&[u8]>, peer: SocketAddr) {
     use std::io::Write as _;
-    let mut out = BytesMut::with_capacity(prev.map_or(0, |p| p.len() + 2) + 39).writer();
+    out.extend_from_slice(FORWARDED_FOR.as_bytes());
+    out.extend_from_slice(b": ");
     if let Some(p) = prev {
-        out.get_mut().put_slice(p.as_bytes());
-        out.get_mut().put_slice(b", ");
+        out.extend_from_slice(p);
+        out.extend_from_slice(b", ");
     }
-    write!(out, "{}", peer.ip()).ok()?;
-    HeaderValue::from_maybe_shared(out.into_inner().freeze()).ok()
+    let _ = write!(out, "{}", peer.ip());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// A UUIDv7 for an event starting at `ts`, its random bits from the thread's userspace
@@ -133,15 +108,54 @@ fn event_id(ts: &chrono::DateTime<chrono::Utc>) -> uuid::Uuid {
     uuid::Builder::from_unix_timestamp_millis(ms, &rand::random::<[u8; 10]>()).into_uuid()
 }
 
-fn error_body(code: &str, message: &str) -> Full<Bytes> {
-    Full::new(Bytes::from(
-        serde_json::json!({"error": {"code": code, "message": message}}).to_string(),
-    ))
+thread_local! {
+    /// This thread's `Date` value and the second it was made for.
+    static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
 }
 
-fn retry_after_secs(wait: Duration) -> HeaderValue {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    HeaderValue::from(secs.max(1))
+/// Appends a `Date` field (RFC 9110 §6.6.1), formatted at most once a second per thread.
+fn put_date(out: &mut Vec<u8>) {
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != secs || text.is_empty() {
+            *at = secs;
+            *text = httpdate::fmt_http_date(now);
+        }
+        put_field(out, b"date", text.as_bytes());
+    });
+}
+
+/// Writes one of the gateway's own answers: a JSON error naming the problem. `fields` adds
+/// header fields before the head ends.
+pub fn own_answer(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    close: bool,
+    fields: impl FnOnce(&mut Vec<u8>),
+) -> u64 {
+    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
+    h1::put_status_line(out, status);
+    put_field(out, b"content-type", b"application/json");
+    out.extend_from_slice(b"content-length: ");
+    h1::put_decimal(out, body.len() as u64);
+    out.extend_from_slice(b"\r\n");
+    put_date(out);
+    fields(out);
+    if close {
+        put_field(out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+    body.len() as u64
+}
+
+fn retry_after_secs(wait: std::time::Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 /// What an upstream's answer means for the event: its outcome, and whether it is billable
@@ -178,185 +192,165 @@ impl Rejection {
         self.over = Some(over);
         self
     }
+
+    fn bad_gateway(message: &'static str) -> Self {
+        Rejection::new(StatusCode::BAD_GATEWAY, Outcome::UpstreamError, message)
+    }
 }
 
-/// One request's context, carried through the phases.
-pub struct Ctx {
+/// How much of the request body has been read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyRead {
+    Untouched,
+    Partly,
+    Done,
+}
+
+/// One request's context, carried through the phases; records the request's event when
+/// dropped.
+pub struct Ctx<'w> {
+    recorder: &'w Recorder,
     start: Instant,
-    /// The event as known so far; completed by the response body.
+    /// The event as known so far.
     event: Draft,
-    /// Request body bytes, counted as they are forwarded.
-    req_bytes: Arc<AtomicU64>,
     /// The matched route's position in the configuration.
     route: Option<usize>,
     /// The request's unit of quota, given back unless the answer is billable.
     reservation: Option<Reservation>,
-    /// Sent upstream and back to the client.
-    request_id: Option<HeaderValue>,
+    /// The client's `x-request-id`, when it is kept (else the event id is the request's id).
+    client_request_id: Option<Bytes>,
+    /// Whether the request id is sent back (once the request went upstream).
+    has_request_id: bool,
+    body: BodyRead,
+    req_bytes: u64,
+    resp_bytes: u64,
 }
 
-/// One upstream target, split for building URIs without parsing: `base` is the target's own
-/// path without its trailing slash (usually empty).
-struct Target {
-    scheme: Scheme,
-    authority: Authority,
-    base: String,
-}
-
-/// One upstream: its targets (round robin) and timeout.
-pub struct Upstream {
-    targets: Vec<Target>,
-    next: AtomicU64,
-    pub timeout: Duration,
-}
-
-impl Upstream {
-    /// Targets were validated with the configuration (`http://host:port[/base]`).
-    pub fn new(config: &crate::config::UpstreamConfig) -> Result<Upstream, String> {
-        let targets = config
-            .targets
-            .iter()
-            .map(|t| {
-                let uri: Uri = t
-                    .parse()
-                    .map_err(|e| format!("upstream target `{t}` is not a URL: {e}"))?;
-                let parts = uri.into_parts();
-                match (parts.scheme, parts.authority) {
-                    (Some(scheme), Some(authority)) => Ok(Target {
-                        scheme,
-                        authority,
-                        base: parts
-                            .path_and_query
-                            .map(|p| p.path().trim_end_matches('/').to_string())
-                            .unwrap_or_default(),
-                    }),
-                    _ => Err(format!("upstream target `{t}` must be http://host:port")),
-                }
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        Ok(Upstream {
-            targets,
-            next: AtomicU64::new(0),
-            timeout: Duration::from_millis(config.timeout_ms),
-        })
-    }
-
-    fn pick(&self) -> &Target {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.targets.len();
-        &self.targets[i]
-    }
-}
-
-/// The URI a request is forwarded to: `target`'s scheme, authority and base path, then the
-/// request's path with `strip_prefix` removed (an emptied path becomes `/`), then its query.
-/// `None` when the result is not a valid URI.
-fn upstream_uri(target: &Target, strip_prefix: Option<&str>, uri: &Uri) -> Option<Uri> {
-    let path = uri.path();
-    let stripped = strip_prefix.and_then(|p| path.strip_prefix(p));
-    let path_and_query = match (stripped, target.base.is_empty()) {
-        // The common case: the request's own path and query, shared, not copied.
-        (None, true) => uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        (rest, _) => {
-            let path = match rest {
-                Some("") => "/",
-                Some(rest) => rest,
-                None => path,
-            };
-            let query = uri.query();
-            let mut s = BytesMut::with_capacity(
-                target.base.len() + path.len() + query.map_or(0, |q| q.len() + 1),
-            );
-            s.put_slice(target.base.as_bytes());
-            s.put_slice(path.as_bytes());
-            if let Some(q) = query {
-                s.put_u8(b'?');
-                s.put_slice(q.as_bytes());
-            }
-            PathAndQuery::from_maybe_shared(s.freeze()).ok()?
+impl Drop for Ctx<'_> {
+    fn drop(&mut self) {
+        if self.event.billable
+            && let Some(r) = self.reservation.take()
+        {
+            r.keep();
         }
-    };
-    Uri::builder()
-        .scheme(target.scheme.clone())
-        .authority(target.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .ok()
+        let measured = Measured {
+            elapsed: self.start.elapsed(),
+            req_bytes: self.req_bytes,
+            resp_bytes: self.resp_bytes,
+        };
+        self.recorder.record(self.route, &self.event, measured);
+    }
+}
+
+impl Ctx<'_> {
+    /// Appends `x-request-id`: the client's, or the event id.
+    fn put_request_id(&self, out: &mut Vec<u8>) {
+        match &self.client_request_id {
+            Some(id) => put_field(out, REQUEST_ID.as_bytes(), id),
+            None => {
+                let mut buf = uuid::Uuid::encode_buffer();
+                let id = self.event.id.hyphenated().encode_lower(&mut buf);
+                put_field(out, REQUEST_ID.as_bytes(), id.as_bytes());
+            }
+        }
+    }
 }
 
 /// One worker thread's view of the gateway: the shared state, plus what the thread owns (its
-/// upstream connection pool and its recorder).
+/// idle upstream connections and its recorder).
 pub struct Worker {
     pub shared: Arc<Shared>,
-    pub client: Client<HttpConnector, CountingBody>,
-    pub recorder: Arc<Recorder>,
+    pub pool: Pool,
+    pub recorder: Recorder,
 }
 
 impl Worker {
-    /// Handles one request end to end.
-    pub async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
+    /// Serves one request whose head was read on `client`, `out` being the connection's
+    /// output buffer. Says whether the connection can serve another.
+    pub async fn exchange(
+        &self,
+        client: &mut Side,
+        head: RequestHead,
+        started: Instant,
         peer: SocketAddr,
-    ) -> Response<MeteredBody> {
-        let mut ctx = self.begin(&req);
-        match self.proxy(&mut ctx, req, peer).await {
-            Ok(resp) => self.respond(ctx, resp),
-            Err(rejection) => self.reject(ctx, rejection),
+        out: &mut Vec<u8>,
+        shutdown: &CancellationToken,
+    ) -> After {
+        let mut ctx = self.begin(&head, started);
+        match self
+            .proxy(&mut ctx, client, &head, peer, out, shutdown)
+            .await
+        {
+            Ok(after) => after,
+            Err(rejection) => {
+                self.reject(&mut ctx, client, &head, rejection, out, shutdown)
+                    .await
+            }
         }
     }
 
     /// The phases in order; the first rejection ends the request.
     async fn proxy(
         &self,
-        ctx: &mut Ctx,
-        req: Request<Incoming>,
+        ctx: &mut Ctx<'_>,
+        client: &mut Side,
+        head: &RequestHead,
         peer: SocketAddr,
-    ) -> Result<Response<Incoming>, Rejection> {
-        let (index, route) = self.route(ctx, &req)?;
-        let identity = self.authenticate(index, req.headers()).await?;
+        out: &mut Vec<u8>,
+        shutdown: &CancellationToken,
+    ) -> Result<After, Rejection> {
+        let (index, route) = self.route(ctx, head)?;
+        let identity = self.authenticate(index, &head.fields).await?;
         self.admit(ctx, identity)?;
         let upstream = &*self.shared.route_upstreams[index];
-        let upstream_req = self.upstream_request(ctx, route, upstream, req, peer)?;
-        self.forward(ctx, upstream, upstream_req).await
+        let target = upstream.pick();
+        self.upstream_request(ctx, route, target, head, peer, out);
+        let (resp, up) = self
+            .forward(ctx, client, head, upstream, target, out)
+            .await?;
+        Ok(self
+            .respond(ctx, client, head, resp, up, target, out, shutdown)
+            .await)
     }
 
-    /// The context of a request that just arrived.
-    fn begin(&self, req: &Request<Incoming>) -> Ctx {
-        let ts = chrono::Utc::now();
+    /// The context of a request whose head just arrived (its first byte at `started`).
+    fn begin(&self, head: &RequestHead, started: Instant) -> Ctx<'_> {
+        let ts = chrono::Utc::now() - started.elapsed();
         Ctx {
-            start: Instant::now(),
+            recorder: &self.recorder,
+            start: started,
             event: Draft {
                 id: event_id(&ts),
                 ts,
-                method: req.method().clone(),
-                uri: req.uri().clone(),
+                method: head.method.clone(),
+                uri: head.uri.clone(),
                 identity: None,
-                trace_id: trace_id_of(req.headers()),
+                trace_id: trace_id_of(&head.fields),
                 status: 0,
                 upstream_latency_us: None,
                 outcome: Outcome::Ok,
                 billable: false,
             },
-            req_bytes: Arc::new(AtomicU64::new(0)),
             route: None,
             reservation: None,
-            request_id: None,
+            client_request_id: None,
+            has_request_id: false,
+            body: BodyRead::Untouched,
+            req_bytes: 0,
+            resp_bytes: 0,
         }
     }
 
     /// Phase 1: the route for the request's method and path, with its position.
     fn route<'s>(
         &'s self,
-        ctx: &mut Ctx,
-        req: &Request<Incoming>,
+        ctx: &mut Ctx<'_>,
+        head: &RequestHead,
     ) -> Result<(usize, &'s RouteConfig), Rejection> {
         let Some((index, route)) = self
             .shared
             .router
-            .find(req.method().as_str(), req.uri().path())
+            .find(head.method.as_str(), head.uri.path())
         else {
             return Err(Rejection::new(
                 StatusCode::NOT_FOUND,
@@ -373,18 +367,18 @@ impl Worker {
     async fn authenticate(
         &self,
         route: usize,
-        headers: &HeaderMap,
+        fields: &Fields,
     ) -> Result<Option<Identity>, Rejection> {
         self.shared
             .auth
-            .authenticate(route, headers)
+            .authenticate(route, fields)
             .await
             .map_err(|why| Rejection::new(StatusCode::UNAUTHORIZED, Outcome::Unauthorized, why))
     }
 
     /// Phase 3: the consumer's rate limit, then its quota (a unit is reserved, kept only if
     /// the answer is billable).
-    fn admit(&self, ctx: &mut Ctx, identity: Option<Identity>) -> Result<(), Rejection> {
+    fn admit(&self, ctx: &mut Ctx<'_>, identity: Option<Identity>) -> Result<(), Rejection> {
         let Some(id) = identity else { return Ok(()) };
         let id = &*ctx.event.identity.insert(id);
         self.shared.rate_limits.check(id.index).map_err(|over| {
@@ -406,79 +400,129 @@ impl Worker {
         Ok(())
     }
 
-    /// Phase 4: the request as the upstream receives it. The URI is rewritten for the target;
-    /// hop-by-hop headers, `Host`, the API key and any client-sent identity are removed; the
-    /// gateway sets `x-request-id` (the client's, or the event id), `traceparent` (when the
-    /// client sent none), the consumer and `x-forwarded-for`.
+    /// Phase 4: the head the upstream receives, written into `out`. The target is rewritten;
+    /// hop-by-hop fields, `Host`, the API key and any client-sent identity are left out; the
+    /// gateway sets `Host`, `x-request-id` (the client's, or the event id), `traceparent`
+    /// (when the client sent none that is well formed), the consumer and `x-forwarded-for`,
+    /// and frames the body itself.
     fn upstream_request(
         &self,
-        ctx: &mut Ctx,
+        ctx: &mut Ctx<'_>,
         route: &RouteConfig,
-        upstream: &Upstream,
-        req: Request<Incoming>,
+        target: &Target,
+        head: &RequestHead,
         peer: SocketAddr,
-    ) -> Result<Request<CountingBody>, Rejection> {
-        let uri = upstream_uri(upstream.pick(), route.strip_prefix.as_deref(), req.uri())
-            .ok_or_else(|| {
-                Rejection::new(
-                    StatusCode::BAD_REQUEST,
-                    Outcome::BadRequest,
-                    "request path cannot be forwarded",
-                )
-            })?;
-        let (mut parts, body) = req.into_parts();
-        parts.uri = uri;
-        let headers = &mut parts.headers;
-        strip_hop_by_hop(headers);
-        headers.remove(http::header::HOST);
-        headers.remove(CONSUMER_HEADER);
-        if let Some(h) = self.shared.auth.api_key_header() {
-            headers.remove(h);
+        out: &mut Vec<u8>,
+    ) {
+        out.clear();
+        out.extend_from_slice(head.method.as_str().as_bytes());
+        out.push(b' ');
+        target.put_path(out, route.strip_prefix.as_deref(), &head.uri);
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        put_field(out, b"host", &target.authority);
+        let api_key = self
+            .shared
+            .auth
+            .api_key_header()
+            .map(|h| h.as_str().as_bytes());
+        let new_trace = ctx.event.trace_id.is_none();
+        let mut forwarded_for = None;
+        for (name, value) in head.fields.iter() {
+            if head.fields.is_hop_by_hop(name)
+                || is(name, "host")
+                || is(name, CONSUMER_HEADER)
+                || is(name, REQUEST_ID)
+                || api_key.is_some_and(|k| name.eq_ignore_ascii_case(k))
+                || (new_trace && is(name, TRACEPARENT))
+            {
+                continue;
+            }
+            if is(name, FORWARDED_FOR) {
+                forwarded_for.get_or_insert(value);
+                continue;
+            }
+            put_field(out, name, value);
         }
-        let request_id = headers
-            .get(REQUEST_ID)
-            .filter(|v| v.len() <= MAX_REQUEST_ID)
-            .cloned()
-            .unwrap_or_else(|| {
-                let mut buf = uuid::Uuid::encode_buffer();
-                HeaderValue::from_str(ctx.event.id.hyphenated().encode_lower(&mut buf))
-                    .expect("uuid is a header value")
-            });
-        headers.insert(REQUEST_ID, request_id.clone());
-        ctx.request_id = Some(request_id);
-        if ctx.event.trace_id.is_none() {
+        ctx.client_request_id = head
+            .fields
+            .get_shared(REQUEST_ID)
+            .filter(|v| v.len() <= MAX_REQUEST_ID);
+        ctx.has_request_id = true;
+        ctx.put_request_id(out);
+        if new_trace {
             let (header, trace) = new_traceparent();
-            headers.insert(TRACEPARENT, header);
+            put_field(out, TRACEPARENT.as_bytes(), &header);
             ctx.event.trace_id = Some(trace);
         }
-        if let Some(v) = ctx
-            .event
-            .identity
-            .as_ref()
-            .and_then(|id| HeaderValue::from_str(&id.consumer).ok())
+        if let Some(id) = &ctx.event.identity
+            && is_field_value(id.consumer.as_bytes())
         {
-            headers.insert(CONSUMER_HEADER, v);
+            put_field(out, CONSUMER_HEADER.as_bytes(), id.consumer.as_bytes());
         }
-        if let Some(v) = forwarded_for(headers.get(FORWARDED_FOR), peer) {
-            headers.insert(FORWARDED_FOR, v);
+        put_forwarded_for(out, forwarded_for, peer);
+        match head.framing {
+            Framing::Length(n) => {
+                out.extend_from_slice(b"content-length: ");
+                h1::put_decimal(out, n);
+                out.extend_from_slice(b"\r\n");
+            }
+            Framing::Chunked => put_field(out, b"transfer-encoding", b"chunked"),
+            // A `Content-Length: 0` the client sent is kept: some servers want one on a POST.
+            Framing::Empty | Framing::Close => {
+                if head.fields.get("content-length").is_some() {
+                    put_field(out, b"content-length", b"0");
+                }
+            }
         }
-        Ok(Request::from_parts(
-            parts,
-            CountingBody::new(body, ctx.req_bytes.clone()),
-        ))
+        out.extend_from_slice(b"\r\n");
     }
 
-    /// Phase 5: sends the request on this worker's connection pool, within the upstream's
-    /// timeout. The wait counts as upstream latency whatever the result, so timeouts show in
-    /// the tail.
+    /// Phase 5: sends the request to `target` (a pooled connection, or a new one) and reads
+    /// the answer's head, all within the upstream's timeout. The wait counts as upstream
+    /// latency whatever the result, so timeouts show in the tail.
     async fn forward(
         &self,
-        ctx: &mut Ctx,
+        ctx: &mut Ctx<'_>,
+        client: &mut Side,
+        head: &RequestHead,
         upstream: &Upstream,
-        req: Request<CountingBody>,
-    ) -> Result<Response<Incoming>, Rejection> {
+        target: &Target,
+        out: &mut Vec<u8>,
+    ) -> Result<(ResponseHead, Side), Rejection> {
+        let client_gone = || {
+            Rejection::new(
+                StatusCode::BAD_REQUEST,
+                Outcome::BadRequest,
+                "the client went away",
+            )
+        };
+        if head.expect_continue && head.framing != Framing::Empty {
+            client
+                .write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .map_err(|_| client_gone())?;
+        }
+        // A body that has arrived whole goes out with the head, and the request can be sent
+        // again if a pooled connection turns out to be closed.
+        let staged = match head.framing {
+            Framing::Empty => true,
+            Framing::Length(n) if client.buf.len() as u64 >= n => {
+                out.extend_from_slice(&client.buf[..n as usize]);
+                client.buf.advance(n as usize);
+                ctx.req_bytes = n;
+                true
+            }
+            _ => false,
+        };
+        if staged {
+            ctx.body = BodyRead::Done;
+        }
         let sent = Instant::now();
-        let result = tokio::time::timeout(upstream.timeout, self.client.request(req)).await;
+        let result = tokio::time::timeout(
+            upstream.timeout,
+            self.send(ctx, client, head, target, out, staged),
+        )
+        .await;
         ctx.event.upstream_latency_us = Some(sent.elapsed().as_micros() as u64);
         match result {
             Err(_) => Err(Rejection::new(
@@ -486,179 +530,245 @@ impl Worker {
                 Outcome::Timeout,
                 "upstream did not answer in time",
             )),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, route = ?ctx.route, "upstream request failed");
-                Err(Rejection::new(
-                    StatusCode::BAD_GATEWAY,
-                    Outcome::UpstreamError,
-                    "upstream unreachable",
-                ))
+            Ok(r) => r,
+        }
+    }
+
+    /// Writes the request and reads the answer's head. A pooled connection the upstream has
+    /// closed meanwhile fails before any answer; the request is then sent once more on a new
+    /// connection when it was sent whole (nothing of it can have been acted on).
+    async fn send(
+        &self,
+        ctx: &mut Ctx<'_>,
+        client: &mut Side,
+        head: &RequestHead,
+        target: &Target,
+        out: &[u8],
+        staged: bool,
+    ) -> Result<(ResponseHead, Side), Rejection> {
+        let unreachable = || Rejection::bad_gateway("upstream unreachable");
+        'attempt: for attempt in 0..2 {
+            // The second attempt never takes another pooled connection: it may be as stale.
+            let pooled = if attempt == 0 {
+                self.pool.take(target.id)
+            } else {
+                None
+            };
+            let (mut up, reused) = match pooled {
+                Some(side) => (side, true),
+                None => (
+                    target.connect().await.map_err(|e| {
+                        tracing::debug!(error = %e, route = ?ctx.route, "upstream connect failed");
+                        unreachable()
+                    })?,
+                    false,
+                ),
+            };
+            let may_retry = reused && staged && attempt == 0;
+            if up.write(out).await.is_err() {
+                if may_retry {
+                    continue;
+                }
+                return Err(unreachable());
             }
-            Ok(Ok(resp)) => Ok(resp),
+            if !staged {
+                ctx.body = BodyRead::Partly;
+                let mut scratch = Vec::new();
+                let chunked = head.framing == Framing::Chunked;
+                match conn::copy_body(
+                    client,
+                    head.framing,
+                    &mut up.stream,
+                    chunked,
+                    &mut scratch,
+                    &mut ctx.req_bytes,
+                )
+                .await
+                {
+                    Ok(()) => ctx.body = BodyRead::Done,
+                    Err(Broken::Read) => {
+                        return Err(Rejection::new(
+                            StatusCode::BAD_REQUEST,
+                            Outcome::BadRequest,
+                            "the request body ended early or is not valid chunked coding",
+                        ));
+                    }
+                    Err(Broken::Write) => return Err(unreachable()),
+                }
+            }
+            loop {
+                match h1::parse_response(&mut up.buf, &head.method) {
+                    Ok(Parsed::Head(resp)) if resp.status == StatusCode::SWITCHING_PROTOCOLS => {
+                        return Err(Rejection::bad_gateway(
+                            "the upstream switched protocols, which this route does not pass on",
+                        ));
+                    }
+                    // An interim answer (100 Continue, 103 Early Hints): the final one follows.
+                    Ok(Parsed::Head(resp)) if resp.status.is_informational() => continue,
+                    Ok(Parsed::Head(resp)) => return Ok((resp, up)),
+                    Ok(Parsed::Partial) => {}
+                    Err(why) => return Err(Rejection::bad_gateway(why)),
+                }
+                match up.read_more().await {
+                    Ok(n) if n > 0 => {}
+                    _ if may_retry && up.buf.is_empty() => continue 'attempt,
+                    _ => {
+                        return Err(Rejection::bad_gateway(
+                            "the upstream closed the connection without answering",
+                        ));
+                    }
+                }
+            }
+        }
+        Err(unreachable())
+    }
+
+    /// Phase 6: the upstream's answer, streamed back with its outcome recorded. Its body keeps
+    /// its length when it has one; otherwise it is sent chunked (or, to an HTTP/1.0 client,
+    /// until the connection closes).
+    #[allow(clippy::too_many_arguments)]
+    async fn respond(
+        &self,
+        ctx: &mut Ctx<'_>,
+        client: &mut Side,
+        head: &RequestHead,
+        resp: ResponseHead,
+        mut up: Side,
+        target: &Target,
+        out: &mut Vec<u8>,
+        shutdown: &CancellationToken,
+    ) -> After {
+        ctx.event.status = resp.status.as_u16();
+        (ctx.event.outcome, ctx.event.billable) = classify(resp.status);
+        let unframed = matches!(resp.framing, Framing::Chunked | Framing::Close);
+        let chunked = unframed && !head.http10;
+        let keep = head.keep_alive
+            && ctx.body == BodyRead::Done
+            && !(unframed && head.http10)
+            && !shutdown.is_cancelled();
+        // The answer to HEAD, 204 and 304 keep the upstream's own `Content-Length`.
+        let own_length = head.method == Method::HEAD
+            || resp.status == StatusCode::NO_CONTENT
+            || resp.status == StatusCode::NOT_MODIFIED;
+        out.clear();
+        h1::put_status_line(out, resp.status);
+        for (name, value) in resp.fields.iter() {
+            if is(name, "content-length") {
+                if own_length {
+                    put_field(out, name, value);
+                }
+                continue;
+            }
+            if resp.fields.is_hop_by_hop(name) || is(name, REQUEST_ID) {
+                continue;
+            }
+            put_field(out, name, value);
+        }
+        ctx.put_request_id(out);
+        match resp.framing {
+            Framing::Length(n) => {
+                out.extend_from_slice(b"content-length: ");
+                h1::put_decimal(out, n);
+                out.extend_from_slice(b"\r\n");
+            }
+            Framing::Empty if !own_length => put_field(out, b"content-length", b"0"),
+            Framing::Chunked | Framing::Close if chunked => {
+                put_field(out, b"transfer-encoding", b"chunked")
+            }
+            _ => {}
+        }
+        if !keep {
+            put_field(out, b"connection", b"close");
+        } else if head.http10 {
+            put_field(out, b"connection", b"keep-alive");
+        }
+        out.extend_from_slice(b"\r\n");
+        let copied = conn::copy_body(
+            &mut up,
+            resp.framing,
+            &mut client.stream,
+            chunked,
+            out,
+            &mut ctx.resp_bytes,
+        )
+        .await;
+        out.clear();
+        match copied {
+            Ok(()) => {
+                if resp.keep_alive {
+                    self.pool.put(target.id, up);
+                }
+                if keep { After::KeepAlive } else { After::Close }
+            }
+            Err(_) => After::Close,
         }
     }
 
-    /// Phase 6: the upstream's answer, passed on with its outcome recorded.
-    fn respond(&self, mut ctx: Ctx, resp: Response<Incoming>) -> Response<MeteredBody> {
-        let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        if let Some(id) = ctx.request_id.take() {
-            parts.headers.insert(REQUEST_ID, id);
-        }
-        ctx.event.status = parts.status.as_u16();
-        (ctx.event.outcome, ctx.event.billable) = classify(parts.status);
-        Response::from_parts(parts, MeteredBody::upstream(body, self.pending(ctx)))
-    }
-
-    /// The gateway's own answer to a rejected request: JSON naming the problem.
-    fn reject(&self, mut ctx: Ctx, r: Rejection) -> Response<MeteredBody> {
+    /// The gateway's own answer to a rejected request: JSON naming the problem. The connection
+    /// stays open when the request's body was read, or is already buffered whole.
+    async fn reject(
+        &self,
+        ctx: &mut Ctx<'_>,
+        client: &mut Side,
+        head: &RequestHead,
+        r: Rejection,
+        out: &mut Vec<u8>,
+        shutdown: &CancellationToken,
+    ) -> After {
         ctx.event.status = r.status.as_u16();
         ctx.event.outcome = r.outcome;
         ctx.event.billable = false;
-        let body = error_body(r.outcome.as_str(), &r.message);
-        let mut resp = Response::new(MeteredBody::own(body, self.pending(ctx)));
-        *resp.status_mut() = r.status;
-        resp.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
+        let body_read = match ctx.body {
+            BodyRead::Done => true,
+            BodyRead::Partly => false,
+            BodyRead::Untouched => conn::skip_buffered_body(client, head.framing),
+        };
+        let keep = head.keep_alive && body_read && !shutdown.is_cancelled();
+        out.clear();
+        let sent = own_answer(
+            out,
+            r.status,
+            r.outcome.as_str(),
+            &r.message,
+            !keep,
+            |out| {
+                if let Some(over) = r.over {
+                    // RFC 9110 `Retry-After`, and the IETF draft's `RateLimit-*` fields.
+                    let reset = retry_after_secs(over.wait);
+                    for (name, n) in [
+                        (&b"retry-after"[..], reset),
+                        (b"ratelimit-limit", over.limit),
+                        (b"ratelimit-remaining", 0),
+                        (b"ratelimit-reset", reset),
+                    ] {
+                        out.extend_from_slice(name);
+                        out.extend_from_slice(b": ");
+                        h1::put_decimal(out, n);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                }
+                if r.status == StatusCode::UNAUTHORIZED {
+                    put_field(out, b"www-authenticate", b"Bearer realm=\"tollgate\"");
+                }
+                if ctx.has_request_id {
+                    ctx.put_request_id(out);
+                }
+                if keep && head.http10 {
+                    put_field(out, b"connection", b"keep-alive");
+                }
+            },
         );
-        let h = resp.headers_mut();
-        if let Some(over) = r.over {
-            // RFC 9110 `Retry-After`, and the IETF draft's `RateLimit-*` fields.
-            let reset = retry_after_secs(over.wait);
-            h.insert(http::header::RETRY_AFTER, reset.clone());
-            h.insert(RATELIMIT_LIMIT, HeaderValue::from(over.limit));
-            h.insert(RATELIMIT_REMAINING, HeaderValue::from_static("0"));
-            h.insert(RATELIMIT_RESET, reset);
-        }
-        if r.status == StatusCode::UNAUTHORIZED {
-            h.insert(
-                http::header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"tollgate\""),
-            );
-        }
-        resp
-    }
-
-    /// What the response body needs to complete and record the event.
-    fn pending(&self, ctx: Ctx) -> Pending {
-        Pending {
-            event: ctx.event,
-            start: ctx.start,
-            req_bytes: ctx.req_bytes,
-            route: ctx.route,
-            recorder: self.recorder.clone(),
-            quota: ctx.reservation,
+        ctx.resp_bytes = sent;
+        let written = client.write(out).await;
+        out.clear();
+        match (written, keep, body_read) {
+            (Err(_), _, _) => After::Close,
+            (Ok(()), true, _) => After::KeepAlive,
+            (Ok(()), false, true) => After::Close,
+            (Ok(()), false, false) => After::Linger,
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn event_ids_are_distinct_uuid_v7_carrying_the_request_time() {
-        let ts = chrono::Utc::now();
-        let a = event_id(&ts);
-        let b = event_id(&ts);
-        assert_ne!(a, b);
-        assert_eq!(a.get_version_num(), 7);
-        let (secs, nanos) = a.get_timestamp().expect("v7 has a timestamp").to_unix();
-        assert_eq!(
-            secs as i64 * 1000 + i64::from(nanos / 1_000_000),
-            ts.timestamp_millis()
-        );
-    }
-
-    fn target(t: &str) -> Target {
-        Upstream::new(&crate::config::UpstreamConfig {
-            targets: vec![t.into()],
-            timeout_ms: 1000,
-        })
-        .unwrap()
-        .targets
-        .remove(0)
-    }
-
-    fn rewritten(t: &str, strip: Option<&str>, uri: &str) -> Option<String> {
-        upstream_uri(&target(t), strip, &uri.parse().unwrap()).map(|u| u.to_string())
-    }
-
-    #[test]
-    fn the_upstream_uri_keeps_path_and_query_and_applies_base_and_prefix() {
-        let t = "http://10.0.0.1:9000";
-        assert_eq!(
-            rewritten(t, None, "/v1/orders/42?x=1&y").as_deref(),
-            Some("http://10.0.0.1:9000/v1/orders/42?x=1&y")
-        );
-        assert_eq!(
-            rewritten(t, Some("/api"), "/api/v2/items?q=a").as_deref(),
-            Some("http://10.0.0.1:9000/v2/items?q=a")
-        );
-        assert_eq!(
-            rewritten(t, Some("/api"), "/api").as_deref(),
-            Some("http://10.0.0.1:9000/"),
-            "an emptied path becomes /"
-        );
-        assert_eq!(
-            rewritten(t, Some("/api"), "/other?q").as_deref(),
-            Some("http://10.0.0.1:9000/other?q"),
-            "a prefix that does not match is left alone"
-        );
-        assert_eq!(
-            rewritten("http://h:1/base/", None, "/x?y=1").as_deref(),
-            Some("http://h:1/base/x?y=1")
-        );
-        assert_eq!(
-            rewritten("http://h:1/base", Some("/api"), "/api/x").as_deref(),
-            Some("http://h:1/base/x")
-        );
-    }
-
-    #[test]
-    fn traceparent_is_read_only_when_well_formed_and_new_ones_are_valid() {
-        let mut h = HeaderMap::new();
-        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-        h.insert("traceparent", HeaderValue::from_static(good));
-        assert_eq!(
-            trace_id_of(&h).as_ref().map(TraceId::as_str),
-            Some("0af7651916cd43dd8448eb211c80319c")
-        );
-        for bad in [
-            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
-            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-ff",
-        ] {
-            h.insert("traceparent", HeaderValue::from_static(bad));
-            assert_eq!(trace_id_of(&h), None, "{bad}");
-        }
-        let (header, trace) = new_traceparent();
-        h.insert("traceparent", header);
-        assert_eq!(trace_id_of(&h), Some(trace));
-    }
-
-    #[test]
-    fn forwarded_for_appends_the_peer() {
-        let peer: SocketAddr = "192.0.2.7:5000".parse().unwrap();
-        assert_eq!(forwarded_for(None, peer).unwrap(), "192.0.2.7");
-        let prev = HeaderValue::from_static("203.0.113.1");
-        assert_eq!(
-            forwarded_for(Some(&prev), peer).unwrap(),
-            "203.0.113.1, 192.0.2.7"
-        );
-        let v6: SocketAddr = "[2001:db8::1]:80".parse().unwrap();
-        assert_eq!(forwarded_for(None, v6).unwrap(), "2001:db8::1");
-    }
-
-    #[test]
-    fn only_upstream_server_errors_are_unbillable() {
-        assert_eq!(classify(StatusCode::OK), (Outcome::Ok, true));
-        assert_eq!(classify(StatusCode::NOT_FOUND), (Outcome::Ok, true));
-        assert_eq!(
-            classify(StatusCode::SERVICE_UNAVAILABLE),
-            (Outcome::UpstreamError, false)
-        );
-    }
-}
+mod tests;

@@ -24,7 +24,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request};
+use http::Request;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -185,10 +185,10 @@ impl JwtAuth {
     }
 
     /// The verdict on a request's `Authorization` header: absent unless it is a bearer token.
-    pub async fn verdict(&self, headers: &HeaderMap) -> Verdict {
+    pub async fn verdict<H: super::Headers + Sync + ?Sized>(&self, headers: &H) -> Verdict {
         let token = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
+            .header("authorization")
+            .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| {
                 let (scheme, token) = v.split_once(' ')?;
                 scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
@@ -478,6 +478,7 @@ fn describe(kind: &ErrorKind) -> String {
 
 #[cfg(test)]
 mod tests {
+    use http::HeaderMap;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 

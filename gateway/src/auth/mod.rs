@@ -26,6 +26,25 @@ pub struct Identity {
     pub index: usize,
 }
 
+/// Where authenticators read a request's header fields: the gateway's parsed heads, and
+/// `http::HeaderMap` (tests, other front ends).
+pub trait Headers {
+    /// The first value of field `name` (lowercase).
+    fn header(&self, name: &str) -> Option<&[u8]>;
+}
+
+impl Headers for HeaderMap {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.get(name).map(|v| v.as_bytes())
+    }
+}
+
+impl Headers for crate::h1::Fields {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.get(name)
+    }
+}
+
 /// Every consumer key, granting that consumer's identity.
 pub struct KeyTable {
     keys: keys::KeyTable<Identity>,
@@ -169,10 +188,10 @@ impl Authenticators {
 
     /// Runs route `route`'s chain over the request headers: the caller's identity, `None` for
     /// an anonymous caller the chain admits, or why the caller is refused.
-    pub async fn authenticate(
+    pub async fn authenticate<H: Headers + Sync + ?Sized>(
         &self,
         route: usize,
-        headers: &HeaderMap,
+        headers: &H,
     ) -> Result<Option<Identity>, String> {
         let chain = self.chains.get(route).map_or(&[][..], Vec::as_slice);
         for method in chain {
@@ -190,13 +209,13 @@ impl Authenticators {
         Err(self.missing(chain))
     }
 
-    fn api_key_verdict(&self, headers: &HeaderMap) -> Verdict {
+    fn api_key_verdict<H: Headers + ?Sized>(&self, headers: &H) -> Verdict {
         let Some((h, table)) = &self.api_key else {
             return Verdict::Absent;
         };
-        match headers.get(h) {
+        match headers.header(h.as_str()) {
             None => Verdict::Absent,
-            Some(v) => match table.authenticate(v.as_bytes()) {
+            Some(v) => match table.authenticate(v) {
                 Some(id) => Verdict::Granted(id),
                 None => Verdict::Denied(format!("missing or unknown API key in header `{h}`")),
             },
@@ -204,7 +223,7 @@ impl Authenticators {
     }
 
     #[cfg(feature = "jwt")]
-    async fn jwt_verdict(&self, headers: &HeaderMap) -> Verdict {
+    async fn jwt_verdict<H: Headers + Sync + ?Sized>(&self, headers: &H) -> Verdict {
         match &self.jwt {
             Some(j) => j.verdict(headers).await,
             None => Verdict::Absent,
@@ -212,7 +231,7 @@ impl Authenticators {
     }
 
     #[cfg(not(feature = "jwt"))]
-    async fn jwt_verdict(&self, _headers: &HeaderMap) -> Verdict {
+    async fn jwt_verdict<H: Headers + Sync + ?Sized>(&self, _headers: &H) -> Verdict {
         Verdict::Absent
     }
 

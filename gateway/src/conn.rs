@@ -1,0 +1,340 @@
+//! The connections of one worker thread: the client connection loop (read a head, run the
+//! exchange, repeat while keep-alive holds), the worker's pool of idle upstream connections, and
+//! the body copy between the two, re-framed where the two sides differ.
+//!
+//! Timeouts, where a peer can hold a connection:
+//! - a keep-alive connection may sit idle for [`IDLE_TIMEOUT`] between requests;
+//! - once a request's first byte has arrived, its whole head must follow within
+//!   [`HEAD_TIMEOUT`] (slowloris), or the answer is 408 and the connection closes;
+//! - each read of a body and each write to either side must progress within [`IO_TIMEOUT`].
+//!
+//! A connection the gateway closes with unread input is closed gracefully (write side first,
+//! then the input drained for a moment), so that the client reads the answer rather than a
+//! reset.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::h1::{self, Chunk, ChunkedDecoder, Framing, Parsed, RequestHead};
+use crate::proxy::Worker;
+
+/// How long a keep-alive connection may wait for its next request.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a request head may take once its first byte has arrived.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one read or write of a body may wait.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an idle upstream connection is kept for reuse.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+/// The most idle connections kept per upstream target and worker.
+const POOL_MAX: usize = 1024;
+
+/// One side of an exchange: a connection and the bytes read from it, not yet used.
+pub struct Side {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+}
+
+impl Side {
+    pub fn new(stream: TcpStream) -> Side {
+        Side {
+            stream,
+            buf: BytesMut::with_capacity(8 * 1024),
+        }
+    }
+
+    /// Reads what has arrived into the buffer: the count, 0 at the end of the input.
+    pub async fn fill(&mut self, within: Duration) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 2048 {
+            self.buf.reserve(16 * 1024);
+        }
+        match tokio::time::timeout(within, self.stream.read_buf(&mut self.buf)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::ErrorKind::TimedOut.into()),
+        }
+    }
+
+    /// Reads what has arrived into the buffer, without a timeout of its own (the caller has
+    /// one): the count, 0 at the end of the input.
+    pub async fn read_more(&mut self) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 2048 {
+            self.buf.reserve(16 * 1024);
+        }
+        self.stream.read_buf(&mut self.buf).await
+    }
+
+    /// Writes all of `data`.
+    pub async fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        write(&mut self.stream, data).await
+    }
+
+    /// Closes gracefully: no more output, then what the peer still sends is read and dropped
+    /// for a moment, so that it reads the last answer instead of a reset.
+    pub async fn linger_close(mut self) {
+        let _ = self.stream.shutdown().await;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut drained = 0usize;
+        while drained < 256 * 1024 {
+            self.buf.clear();
+            match self
+                .fill(deadline.saturating_duration_since(Instant::now()))
+                .await
+            {
+                Ok(n) if n > 0 => drained += n,
+                _ => break,
+            }
+        }
+    }
+}
+
+async fn write(stream: &mut TcpStream, data: &[u8]) -> io::Result<()> {
+    match tokio::time::timeout(IO_TIMEOUT, stream.write_all(data)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// Serves one client connection until it closes, goes idle, breaks, or the worker shuts down.
+pub async fn serve(
+    worker: Arc<Worker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let mut client = Side::new(stream);
+    let mut out = Vec::with_capacity(4 * 1024);
+    loop {
+        let (head, started) = match read_head(&mut client, &shutdown).await {
+            Next::Head(head, started) => (head, started),
+            Next::Closed => return,
+            Next::Refused(r) => {
+                out.clear();
+                crate::proxy::own_answer(
+                    &mut out,
+                    r.status,
+                    "bad_request",
+                    r.message,
+                    true,
+                    |_| {},
+                );
+                if client.write(&out).await.is_ok() {
+                    client.linger_close().await;
+                }
+                return;
+            }
+        };
+        match worker
+            .exchange(&mut client, head, started, peer, &mut out, &shutdown)
+            .await
+        {
+            After::KeepAlive => {}
+            After::Close => return,
+            After::Linger => return client.linger_close().await,
+        }
+    }
+}
+
+/// What a connection does after an exchange.
+pub enum After {
+    KeepAlive,
+    Close,
+    /// Close gracefully: the client may still be sending.
+    Linger,
+}
+
+#[allow(clippy::large_enum_variant)] // one per request, moved once
+enum Next {
+    Head(RequestHead, Instant),
+    Closed,
+    Refused(h1::Refusal),
+}
+
+/// Waits for the next request head: bytes already buffered (pipelined) first.
+async fn read_head(client: &mut Side, shutdown: &CancellationToken) -> Next {
+    let mut started: Option<Instant> = None;
+    loop {
+        if !client.buf.is_empty() {
+            let t = *started.get_or_insert_with(Instant::now);
+            match h1::parse_request(&mut client.buf) {
+                Ok(Parsed::Head(head)) => return Next::Head(head, t),
+                Ok(Parsed::Partial) => {}
+                Err(r) => return Next::Refused(r),
+            }
+        }
+        let within = match started {
+            None => IDLE_TIMEOUT,
+            Some(t) => HEAD_TIMEOUT.saturating_sub(t.elapsed()),
+        };
+        let read = tokio::select! {
+            biased;
+            r = client.fill(within) => r,
+            _ = shutdown.cancelled(), if started.is_none() => return Next::Closed,
+        };
+        match read {
+            Ok(0) => return Next::Closed,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && started.is_some() => {
+                return Next::Refused(h1::Refusal {
+                    status: http::StatusCode::REQUEST_TIMEOUT,
+                    message: "the request head did not arrive in time",
+                });
+            }
+            Err(_) => return Next::Closed,
+        }
+    }
+}
+
+/// Which side of a body copy failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broken {
+    /// The source ended early, sent bad framing, or timed out.
+    Read,
+    /// The destination went away or timed out.
+    Write,
+}
+
+/// Copies a body framed as `framing` from `src` to `dst`: as chunks when `chunked` is set,
+/// else as the bare bytes. `out` holds bytes already staged for `dst` (a head), sent with the
+/// first body bytes. `total` counts the body bytes taken from `src`.
+pub async fn copy_body(
+    src: &mut Side,
+    framing: Framing,
+    dst: &mut TcpStream,
+    chunked: bool,
+    out: &mut Vec<u8>,
+    total: &mut u64,
+) -> Result<(), Broken> {
+    let start = *total;
+    let stage = |out: &mut Vec<u8>, data: &[u8]| {
+        if chunked {
+            h1::put_chunk(out, data);
+        } else {
+            out.extend_from_slice(data);
+        }
+    };
+    match framing {
+        Framing::Empty => {}
+        Framing::Length(n) => loop {
+            let take = (n - (*total - start)).min(src.buf.len() as u64) as usize;
+            stage(out, &src.buf[..take]);
+            src.buf.advance(take);
+            *total += take as u64;
+            if *total - start == n {
+                break;
+            }
+            flush(dst, out).await?;
+            if src.fill(IO_TIMEOUT).await.map_err(|_| Broken::Read)? == 0 {
+                return Err(Broken::Read);
+            }
+        },
+        Framing::Chunked => {
+            let mut decoder = ChunkedDecoder::default();
+            loop {
+                match decoder.next(&mut src.buf).map_err(|_| Broken::Read)? {
+                    Chunk::Data(data) => {
+                        *total += data.len() as u64;
+                        stage(out, &data);
+                    }
+                    Chunk::End => break,
+                    Chunk::Partial => {
+                        flush(dst, out).await?;
+                        if src.fill(IO_TIMEOUT).await.map_err(|_| Broken::Read)? == 0 {
+                            return Err(Broken::Read);
+                        }
+                    }
+                }
+            }
+        }
+        Framing::Close => loop {
+            *total += src.buf.len() as u64;
+            stage(out, &src.buf);
+            src.buf.clear();
+            flush(dst, out).await?;
+            if src.fill(IO_TIMEOUT).await.map_err(|_| Broken::Read)? == 0 {
+                break;
+            }
+        },
+    }
+    if chunked {
+        out.extend_from_slice(h1::LAST_CHUNK);
+    }
+    flush(dst, out).await
+}
+
+async fn flush(dst: &mut TcpStream, out: &mut Vec<u8>) -> Result<(), Broken> {
+    if !out.is_empty() {
+        write(dst, out).await.map_err(|_| Broken::Write)?;
+        out.clear();
+    }
+    Ok(())
+}
+
+/// Whether the rest of a request body is already buffered; if so it is consumed, so that
+/// the connection can serve its next request after an answer that did not read it.
+pub fn skip_buffered_body(client: &mut Side, framing: Framing) -> bool {
+    match framing {
+        Framing::Empty => true,
+        Framing::Length(n) if client.buf.len() as u64 >= n => {
+            client.buf.advance(n as usize);
+            true
+        }
+        Framing::Length(_) | Framing::Close => false,
+        Framing::Chunked => {
+            let mut probe = client.buf.clone();
+            let mut decoder = ChunkedDecoder::default();
+            loop {
+                match decoder.next(&mut probe) {
+                    Ok(Chunk::Data(_)) => {}
+                    Ok(Chunk::End) => {
+                        client.buf = probe;
+                        return true;
+                    }
+                    Ok(Chunk::Partial) | Err(_) => return false,
+                }
+            }
+        }
+    }
+}
+
+/// One worker's idle upstream connections, by target.
+pub struct Pool {
+    idle: Vec<Mutex<Vec<(Side, Instant)>>>,
+}
+
+impl Pool {
+    /// A pool for `targets` upstream targets (numbered from 0).
+    pub fn new(targets: usize) -> Pool {
+        Pool {
+            idle: (0..targets).map(|_| Mutex::new(Vec::new())).collect(),
+        }
+    }
+
+    /// The most recently used idle connection to `target`, if one is fresh enough.
+    pub fn take(&self, target: usize) -> Option<Side> {
+        let mut idle = self.idle[target].lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((side, since)) = idle.pop() {
+            if since.elapsed() < POOL_IDLE {
+                return Some(side);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection whose last exchange ended cleanly.
+    pub fn put(&self, target: usize, side: Side) {
+        if !side.buf.is_empty() {
+            return; // the upstream sent more than its answer: not to be trusted again
+        }
+        let mut idle = self.idle[target].lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < POOL_MAX {
+            idle.push((side, Instant::now()));
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! The gateway's HTTP/1.1 on real sockets, byte by byte: bodies re-framed between the two sides,
+//! pipelining, keep-alive after an early answer, smuggling and size probes, and pooled upstream
+//! connections the upstream has closed. The upstream is a scripted TCP server that reports what
+//! it received, so each test sees both sides of the gateway.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tollgate_bus::{EmbeddedConfig, EmbeddedLog, Subscriber};
+use tollgate_gateway::auth::hash_key;
+use tollgate_gateway::config::{ApiKeyConfig, AuthConfig, RouteAuth, RouteConfig, UpstreamConfig};
+use tollgate_gateway::h1::{self, Chunk, ChunkedDecoder, Framing, Parsed};
+use tollgate_gateway::{Gateway, GatewayConfig, GatewayMetrics};
+use tollgate_schemas::RequestEvent;
+use tollgate_schemas::config::{Consumer, Plan};
+
+/// Reads one whole message body framed as `framing` from `sock` (bytes after the head in `buf`).
+async fn read_body(sock: &mut TcpStream, buf: &mut BytesMut, framing: Framing) -> Vec<u8> {
+    let mut body = Vec::new();
+    let mut decoder = ChunkedDecoder::default();
+    loop {
+        match framing {
+            Framing::Empty => return body,
+            Framing::Length(n) if buf.len() as u64 >= n => {
+                return buf.split_to(n as usize).to_vec();
+            }
+            Framing::Chunked => loop {
+                match decoder.next(buf).expect("valid chunked coding") {
+                    Chunk::Data(d) => body.extend_from_slice(&d),
+                    Chunk::End => return body,
+                    Chunk::Partial => break,
+                }
+            },
+            _ => {}
+        }
+        if sock.read_buf(buf).await.unwrap() == 0 {
+            assert_eq!(framing, Framing::Close, "the message ended early");
+            return buf.split().to_vec();
+        }
+    }
+}
+
+/// Connections the scripted upstream closed after a `/drop` answer.
+static DROPPED: AtomicUsize = AtomicUsize::new(0);
+
+/// The scripted upstream: answers each request with what it received, as JSON; the path says
+/// how it frames the answer and whether it keeps the connection.
+async fn upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = BytesMut::new();
+                loop {
+                    let head = loop {
+                        if let Ok(Parsed::Head(h)) = h1::parse_request(&mut buf) {
+                            break h;
+                        }
+                        if sock.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                    };
+                    let body = read_body(&mut sock, &mut buf, head.framing).await;
+                    let field = |n: &str| {
+                        head.fields
+                            .get(n)
+                            .map(|v| String::from_utf8_lossy(v).to_string())
+                    };
+                    let report = serde_json::json!({
+                        "target": head.uri.to_string(),
+                        "body": String::from_utf8_lossy(&body),
+                        "content-length": field("content-length"),
+                        "transfer-encoding": field("transfer-encoding"),
+                        "expect": field("expect"),
+                    })
+                    .to_string();
+                    let path = head.uri.path().to_string();
+                    let answer = if head.method == http::Method::HEAD {
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                            report.len()
+                        )
+                    } else if path.ends_with("/chunked") {
+                        format!(
+                            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{report}\r\n0\r\n\r\n",
+                            report.len()
+                        )
+                    } else if path.ends_with("/until-close") {
+                        format!("HTTP/1.1 200 OK\r\n\r\n{report}")
+                    } else {
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{report}",
+                            report.len()
+                        )
+                    };
+                    sock.write_all(answer.as_bytes()).await.unwrap();
+                    // `until-close` ends its body by closing; `drop` closes a connection it
+                    // announced as kept, as an upstream's idle timeout does.
+                    if path.ends_with("/until-close") {
+                        return;
+                    }
+                    if path.ends_with("/drop") {
+                        drop(sock);
+                        DROPPED.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+struct Gw {
+    addr: SocketAddr,
+    log: EmbeddedLog,
+    _dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+}
+
+async fn gateway() -> Gw {
+    let up = upstream().await;
+    let route = |id: &str, path: &str, auth: bool| RouteConfig {
+        id: id.into(),
+        methods: vec![],
+        path: path.into(),
+        upstream: "app".into(),
+        strip_prefix: None,
+        auth: RouteAuth::All(auth),
+    };
+    let config = GatewayConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        id: Some("gw-wire".into()),
+        upstreams: [(
+            "app".to_string(),
+            UpstreamConfig {
+                targets: vec![format!("http://{up}")],
+                timeout_ms: 2000,
+            },
+        )]
+        .into(),
+        routes: vec![
+            route("open", "/open/{*rest}", false),
+            route("keyed", "/keyed/{*rest}", true),
+        ],
+        auth: AuthConfig {
+            api_key: Some(ApiKeyConfig {
+                header: "x-api-key".into(),
+            }),
+            jwt: None,
+        },
+        ..Default::default()
+    };
+    let consumers = vec![Consumer {
+        id: "acme".into(),
+        plan: "open".into(),
+        api_keys: vec![hash_key("k-acme")],
+    }];
+    let plans = [("open".to_string(), Plan::default())].into();
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(EmbeddedConfig {
+        dir: dir.path().to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap();
+    let gw = Gateway::bind(
+        config,
+        &consumers,
+        &plans,
+        Arc::new(log.clone()),
+        GatewayMetrics::unregistered(),
+    )
+    .await
+    .unwrap();
+    let addr = gw.local_addr();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(gw.run(shutdown.clone()));
+    Gw {
+        addr,
+        log,
+        _dir: dir,
+        shutdown,
+    }
+}
+
+/// A client connection that reads answers one at a time.
+struct Client {
+    sock: TcpStream,
+    buf: BytesMut,
+}
+
+impl Client {
+    async fn connect(gw: &Gw) -> Client {
+        Client {
+            sock: TcpStream::connect(gw.addr).await.unwrap(),
+            buf: BytesMut::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.sock.write_all(bytes).await.unwrap();
+    }
+
+    /// The next answer: status, head text, body.
+    async fn answer(&mut self, method: &http::Method) -> (u16, String, Vec<u8>) {
+        let read = async {
+            let head = loop {
+                if let Parsed::Head(h) = h1::parse_response(&mut self.buf, method).unwrap() {
+                    break h;
+                }
+                assert!(
+                    self.sock.read_buf(&mut self.buf).await.unwrap() > 0,
+                    "closed before an answer"
+                );
+            };
+            let text: String = head
+                .fields
+                .iter()
+                .map(|(n, v)| {
+                    format!(
+                        "{}: {}\n",
+                        String::from_utf8_lossy(n).to_lowercase(),
+                        String::from_utf8_lossy(v)
+                    )
+                })
+                .collect();
+            let body = read_body(&mut self.sock, &mut self.buf, head.framing).await;
+            (head.status.as_u16(), text, body)
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("an answer in time")
+    }
+
+    async fn report(&mut self) -> serde_json::Value {
+        let (status, head, body) = self.answer(&http::Method::POST).await;
+        assert_eq!(status, 200, "{head}");
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    /// Whether the gateway closed the connection (within a deadline).
+    async fn closed(&mut self) -> bool {
+        let mut rest = Vec::new();
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.sock.read_to_end(&mut rest)).await,
+            Ok(Ok(_)) | Ok(Err(_))
+        ) && rest.is_empty()
+    }
+}
+
+async fn events(log: &EmbeddedLog, n: usize) -> Vec<RequestEvent> {
+    let mut sub = log.subscribe("wire").unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while out.len() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {n} events",
+            out.len()
+        );
+        for m in sub
+            .poll(n - out.len(), Duration::from_millis(100))
+            .await
+            .unwrap()
+        {
+            out.push(RequestEvent::from_json(&m.payload).unwrap());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_reframed_between_the_sides_and_metered_as_data() {
+    let gw = gateway().await;
+    let mut c = Client::connect(&gw).await;
+    // A chunked request body reaches the upstream chunked by the gateway (extensions and
+    // trailers dropped), its data counted once.
+    c.send(b"POST /open/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n").await;
+    let r = c.report().await;
+    assert_eq!(
+        (r["body"].as_str(), r["transfer-encoding"].as_str()),
+        (Some("hello world"), Some("chunked"))
+    );
+    // Expect: 100-continue is answered by the gateway, not passed on.
+    c.send(
+        b"POST /open/b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await;
+    let (status, _, _) = c.answer(&http::Method::POST).await;
+    assert_eq!(status, 100);
+    c.send(b"abc").await;
+    let r = c.report().await;
+    assert_eq!(
+        (
+            r["body"].as_str(),
+            r["expect"].as_str(),
+            r["content-length"].as_str()
+        ),
+        (Some("abc"), None, Some("3"))
+    );
+    // An answer delimited by the upstream closing its connection goes to an HTTP/1.1 client
+    // chunked, and the client's connection stays open.
+    c.send(b"GET /open/until-close HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let (status, head, body) = c.answer(&http::Method::GET).await;
+    assert_eq!(status, 200);
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    let until_close_len = body.len() as u64;
+    assert!(serde_json::from_slice::<serde_json::Value>(&body).is_ok());
+    // A chunked answer stays chunked, and HEAD gets no body.
+    c.send(
+        b"GET /open/chunked HTTP/1.1\r\nHost: x\r\n\r\nHEAD /open/h HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    let (_, head, body) = c.answer(&http::Method::GET).await;
+    assert!(
+        head.contains("transfer-encoding: chunked") && !body.is_empty(),
+        "{head}"
+    );
+    let (status, head, body) = c.answer(&http::Method::HEAD).await;
+    assert!(
+        status == 200 && body.is_empty() && head.contains("content-length:"),
+        "{head}"
+    );
+    // An HTTP/1.0 client gets the close-delimited answer as it is, then the connection ends.
+    let mut old = Client::connect(&gw).await;
+    old.send(b"GET /open/until-close HTTP/1.0\r\n\r\n").await;
+    let (status, head, body) = old.answer(&http::Method::GET).await;
+    assert!(
+        status == 200 && !head.contains("transfer-encoding") && !body.is_empty(),
+        "{head}"
+    );
+
+    let evs = events(&gw.log, 6).await;
+    let at = |path: &str| {
+        evs.iter()
+            .find(|e| e.path == path)
+            .unwrap_or_else(|| panic!("no event for {path}"))
+    };
+    assert_eq!(
+        (at("/open/a").req_bytes, at("/open/b").req_bytes),
+        (11, 3),
+        "data bytes, not framing"
+    );
+    assert!(
+        evs.iter()
+            .filter(|e| e.path == "/open/until-close")
+            .any(|e| e.resp_bytes == until_close_len)
+    );
+    assert!(
+        evs.iter()
+            .all(|e| e.status == 200 && e.route.as_deref() == Some("open"))
+    );
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_and_an_early_401_keeps_the_connection() {
+    let gw = gateway().await;
+    let mut c = Client::connect(&gw).await;
+    let hidden = "GET /open/smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    c.send(
+        format!(
+            "POST /open/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nA\
+             POST /keyed/2 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{hidden}\
+             GET /open/3 HTTP/1.1\r\nHost: x\r\n\r\n",
+            hidden.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(c.report().await["target"], "/open/1");
+    // The refused request's body was read whole, so the connection carries on, and the body
+    // (which looks like a request) is never taken for one.
+    let (status, head, _) = c.answer(&http::Method::POST).await;
+    assert!(
+        status == 401 && !head.contains("connection: close"),
+        "{head}"
+    );
+    assert_eq!(c.report().await["target"], "/open/3");
+    // A refused request whose body has not arrived: the answer says close, and the
+    // connection ends, so an unread body can never become a request.
+    c.send(b"POST /keyed/4 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\npartial")
+        .await;
+    let (status, head, _) = c.answer(&http::Method::POST).await;
+    assert!(
+        status == 401 && head.contains("connection: close"),
+        "{head}"
+    );
+    assert!(c.closed().await);
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_and_size_probes_get_a_named_refusal_and_a_closed_connection() {
+    let gw = gateway().await;
+    let long_target = format!(
+        "GET /open/{} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "a".repeat(h1::MAX_REQUEST_LINE)
+    );
+    let big_head = format!(
+        "GET /open/a HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(h1::MAX_HEAD)
+    );
+    let probes: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("CL with TE", b"POST /open/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /open/smuggled HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), 400),
+        ("two CL", b"POST /open/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\nabcd".to_vec(), 400),
+        ("signed CL", b"POST /open/a HTTP/1.1\r\nHost: x\r\nContent-Length: +4\r\n\r\nabcd".to_vec(), 400),
+        ("obfuscated TE", b"POST /open/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n".to_vec(), 501),
+        ("space before colon", b"POST /open/a HTTP/1.1\r\nHost: x\r\nContent-Length : 4\r\n\r\nabcd".to_vec(), 400),
+        ("obs-fold", b"GET /open/a HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n 2\r\n\r\n".to_vec(), 400),
+        ("bad chunk size", b"POST /open/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec(), 400),
+        ("request line", long_target.into_bytes(), 414),
+        ("head size", big_head.into_bytes(), 431),
+    ];
+    for (name, bytes, status) in probes {
+        let mut c = Client::connect(&gw).await;
+        c.send(&bytes).await;
+        let (got, head, body) = c.answer(&http::Method::POST).await;
+        assert_eq!(got, status, "{name}: {head}");
+        assert!(head.contains("connection: close"), "{name}: {head}");
+        let why: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            why["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{name}"
+        );
+        assert!(
+            c.closed().await,
+            "{name}: one answer, then the connection ends"
+        );
+    }
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_upstream_closed_is_replaced_without_an_error() {
+    let gw = gateway().await;
+    // Every answer on /drop comes on a connection the upstream then closes, though it did not
+    // say so: each next request finds its pooled connection dead and must be sent again on a
+    // new one, invisibly to the client.
+    for i in 0..20 {
+        let mut c = Client::connect(&gw).await;
+        c.send(format!("GET /open/{i}/drop HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await;
+        assert_eq!(c.report().await["target"], format!("/open/{i}/drop"));
+        // The upstream has closed the connection the gateway keeps for the next request.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while DROPPED.load(Ordering::SeqCst) <= i {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the upstream did not close"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+    let evs = events(&gw.log, 20).await;
+    assert!(
+        evs.iter().all(|e| e.status == 200),
+        "{:?}",
+        evs.iter().map(|e| e.status).collect::<Vec<_>>()
+    );
+    gw.shutdown.cancel();
+}
