@@ -40,6 +40,9 @@ start_nginx_upstream "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
 
 # API keys and JWT both on (the test fixture key signs the bench's bearer token).
 JWT_PUB=gateway/tests/fixtures/jwt/rsa1.pub bench_config "$WORK/tollgate.yaml" "$GW" "$API"
+# One bus segment for the whole run: the embedded log deletes a segment once every group has
+# consumed it, and step 3 re-reads the log from its start.
+echo "bus: { kind: embedded, segment_bytes: 17179869184 }" >> "$WORK/tollgate.yaml"
 TOKEN=$(python3 scripts/lib/jwt_token.py gateway/tests/fixtures/jwt/rsa1.key bench bench bench bench)
 RUST_LOG=warn "$BIN" up --config "$WORK/tollgate.yaml" --data-dir "$WORK/data" 2>"$WORK/tollgate.log" &
 TG_PID=$!

@@ -164,7 +164,29 @@ impl EmbeddedLog {
 
     /// A subscriber for `group`, positioned at the group's committed offset.
     pub fn subscribe(&self, group: &str) -> Result<EmbeddedSubscriber, BusError> {
-        let committed = offsets::load(&self.inner.offsets_dir, group)?;
+        // A group that never committed starts at the oldest event the log still holds, as
+        // Kafka's `auto.offset.reset=earliest` does: segments every other group had consumed
+        // may be gone (a store rebuilt from the log after its offsets were wiped, say). A group
+        // that did commit resumes exactly there, and a commit below the log's start is an error
+        // when read, never silently skipped.
+        let committed = match offsets::load(&self.inner.offsets_dir, group)? {
+            Some(next) => next,
+            None => {
+                let start = segment::list_segments(&self.inner.dir)
+                    .map_err(io_err(&self.inner.dir))?
+                    .first()
+                    .copied()
+                    .unwrap_or(0);
+                if start > 0 {
+                    tracing::warn!(
+                        group,
+                        start,
+                        "new consumer group: events before offset {start} were already deleted; starting there"
+                    );
+                }
+                start
+            }
+        };
         Ok(EmbeddedSubscriber {
             log: self.clone(),
             group: group.to_string(),

@@ -19,16 +19,16 @@ fn err(path: &Path) -> impl FnOnce(std::io::Error) -> BusError + '_ {
     }
 }
 
-/// The committed next offset of `group` (0 when it never committed).
-pub fn load(dir: &Path, group: &str) -> Result<u64, BusError> {
+/// The committed next offset of `group` (`None` when it never committed).
+pub fn load(dir: &Path, group: &str) -> Result<Option<u64>, BusError> {
     let path = dir.join(format!("{group}.json"));
     match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice::<Committed>(&bytes)
-            .map(|c| c.next_offset)
+            .map(|c| Some(c.next_offset))
             .map_err(|e| {
                 BusError::Config(format!("{} is not an offsets file: {e}", path.display()))
             }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(err(&path)(e)),
     }
 }
@@ -47,8 +47,8 @@ pub fn min_committed(dir: &Path) -> Result<Option<u64>, BusError> {
         let name = entry.file_name().to_string_lossy().to_string();
         if let Some(group) = name.strip_suffix(".json")
             && !name.starts_with('.')
+            && let Some(o) = load(dir, group)?
         {
-            let o = load(dir, group)?;
             min = Some(min.map_or(o, |m: u64| m.min(o)));
         }
     }

@@ -137,4 +137,8 @@ async fn fully_consumed_segments_are_deleted() {
     log.publish(vec![rec(21)]).await.unwrap();
     let bases = segment::list_segments(&dir.path().join("segments")).unwrap();
     assert!(bases.iter().all(|b| *b >= 20), "{bases:?}");
+    // A group that never committed starts at the oldest event still held, not at offset 0.
+    let mut late = log.subscribe("late").unwrap();
+    let got = drain(&mut late, 2).await;
+    assert_eq!(got.iter().map(|m| m.offset).collect::<Vec<_>>(), [20, 21]);
 }
