@@ -571,6 +571,14 @@ pub fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends a header field line whose value is a decimal number.
+pub fn put_number_field(out: &mut Vec<u8>, name: &[u8], n: u64) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    put_decimal(out, n);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Appends an HTTP/1.1 status line.
 pub fn put_status_line(out: &mut Vec<u8>, status: StatusCode) {
     out.extend_from_slice(b"HTTP/1.1 ");

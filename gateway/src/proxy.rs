@@ -141,9 +141,7 @@ pub fn own_answer(
     let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
     h1::put_status_line(out, status);
     put_field(out, b"content-type", b"application/json");
-    out.extend_from_slice(b"content-length: ");
-    h1::put_decimal(out, body.len() as u64);
-    out.extend_from_slice(b"\r\n");
+    h1::put_number_field(out, b"content-length", body.len() as u64);
     put_date(out);
     fields(out);
     if close {
@@ -462,9 +460,7 @@ impl Worker {
         put_forwarded_for(out, forwarded_for, peer);
         match head.framing {
             Framing::Length(n) => {
-                out.extend_from_slice(b"content-length: ");
-                h1::put_decimal(out, n);
-                out.extend_from_slice(b"\r\n");
+                h1::put_number_field(out, b"content-length", n);
             }
             Framing::Chunked => put_field(out, b"transfer-encoding", b"chunked"),
             // A `Content-Length: 0` the client sent is kept: some servers want one on a POST.
@@ -667,9 +663,7 @@ impl Worker {
         ctx.put_request_id(out);
         match resp.framing {
             Framing::Length(n) => {
-                out.extend_from_slice(b"content-length: ");
-                h1::put_decimal(out, n);
-                out.extend_from_slice(b"\r\n");
+                h1::put_number_field(out, b"content-length", n);
             }
             Framing::Empty if !own_length => put_field(out, b"content-length", b"0"),
             Framing::Chunked | Framing::Close if chunked => {
@@ -741,10 +735,7 @@ impl Worker {
                         (b"ratelimit-remaining", 0),
                         (b"ratelimit-reset", reset),
                     ] {
-                        out.extend_from_slice(name);
-                        out.extend_from_slice(b": ");
-                        h1::put_decimal(out, n);
-                        out.extend_from_slice(b"\r\n");
+                        h1::put_number_field(out, name, n);
                     }
                 }
                 if r.status == StatusCode::UNAUTHORIZED {

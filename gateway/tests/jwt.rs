@@ -3,10 +3,10 @@
 //! leaves behind.
 #![cfg(feature = "jwt")]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -16,15 +16,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-use tollgate_bus::{EmbeddedConfig, EmbeddedLog, Subscriber};
+use tollgate_gateway::GatewayConfig;
 use tollgate_gateway::auth::hash_key;
 use tollgate_gateway::config::{
     ApiKeyConfig, AuthConfig, AuthMethod, JwtConfig, JwtKeyConfig, RouteAuth, RouteConfig,
     UpstreamConfig,
 };
-use tollgate_gateway::{Gateway, GatewayConfig, GatewayMetrics};
-use tollgate_schemas::RequestEvent;
 use tollgate_schemas::config::{Consumer, Plan};
 
 const EC1: &str = include_str!("fixtures/jwt/ec1.key");
@@ -137,24 +134,8 @@ async fn each_route_runs_its_chain_of_authenticators() {
         },
     ];
     let plans: BTreeMap<String, Plan> = [("p".to_string(), Plan::default())].into();
-    let dir = tempfile::tempdir().unwrap();
-    let log = EmbeddedLog::open(EmbeddedConfig {
-        dir: dir.path().to_path_buf(),
-        ..Default::default()
-    })
-    .unwrap();
-    let gw = Gateway::bind(
-        config,
-        &consumers,
-        &plans,
-        Arc::new(log.clone()),
-        GatewayMetrics::unregistered(),
-    )
-    .await
-    .unwrap();
-    let addr = gw.local_addr();
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(gw.run(shutdown.clone()));
+    let gw = common::start(config, &consumers, &plans).await;
+    let (addr, log) = (gw.addr, gw.log.clone());
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let call = |path: &'static str, headers: Vec<(&'static str, String)>| {
         let client = client.clone();
@@ -228,19 +209,7 @@ async fn each_route_runs_its_chain_of_authenticators() {
     assert_eq!(call("/maybe", bad).await.0, StatusCode::UNAUTHORIZED);
 
     // Each of the nine requests left its event; the token's consumer is metered.
-    let mut sub = log.subscribe("t").unwrap();
-    let mut events = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while events.len() < 9 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} events",
-            events.len()
-        );
-        for m in sub.poll(9, Duration::from_millis(200)).await.unwrap() {
-            events.push(RequestEvent::from_json(&m.payload).unwrap());
-        }
-    }
+    let events = common::events(&mut log.subscribe("t").unwrap(), 9).await;
     let zeta = events
         .iter()
         .find(|e| e.route.as_deref() == Some("both") && e.consumer.as_deref() == Some("zeta"))
@@ -249,6 +218,6 @@ async fn each_route_runs_its_chain_of_authenticators() {
         (zeta.status, zeta.billable, zeta.plan.as_deref()),
         (200, true, Some("p"))
     );
-    shutdown.cancel();
-    running.await.unwrap();
+    gw.shutdown.cancel();
+    gw.running.await.unwrap();
 }

@@ -1,6 +1,8 @@
 //! The gateway in process, over a real embedded bus log: every phase of the request path and the
 //! event each request leaves behind.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +17,6 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 use tollgate_bus::{EmbeddedConfig, EmbeddedLog, Subscriber};
 use tollgate_gateway::auth::hash_key;
 use tollgate_gateway::config::{
@@ -84,11 +85,7 @@ fn quota_exhausted(_: &Request<hyper::body::Incoming>) -> (u64, Value) {
 }
 
 struct Harness {
-    addr: SocketAddr,
-    log: EmbeddedLog,
-    _dir: tempfile::TempDir,
-    shutdown: CancellationToken,
-    running: tokio::task::JoinHandle<()>,
+    gw: common::Running,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 }
 
@@ -181,30 +178,8 @@ impl Harness {
             ),
         ]
         .into();
-        let dir = tempfile::tempdir().unwrap();
-        let log = EmbeddedLog::open(EmbeddedConfig {
-            dir: dir.path().to_path_buf(),
-            ..Default::default()
-        })
-        .unwrap();
-        let shutdown = CancellationToken::new();
-        let gw = Gateway::bind(
-            config,
-            &consumers,
-            &plans,
-            Arc::new(log.clone()),
-            GatewayMetrics::unregistered(),
-        )
-        .await
-        .unwrap();
-        let addr = gw.local_addr();
-        let running = tokio::spawn(gw.run(shutdown.clone()));
         Harness {
-            addr,
-            log,
-            _dir: dir,
-            shutdown,
-            running,
+            gw: common::start(config, &consumers, &plans).await,
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
     }
@@ -218,7 +193,7 @@ impl Harness {
     ) -> (StatusCode, http::HeaderMap, Value) {
         let mut req = Request::builder()
             .method(method)
-            .uri(format!("http://{}{path}", self.addr));
+            .uri(format!("http://{}{path}", self.gw.addr));
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -239,32 +214,15 @@ impl Harness {
         )
     }
 
-    /// The next `n` events on the bus (waits for them with a deadline).
     async fn events(&self, sub: &mut dyn Subscriber, n: usize) -> Vec<RequestEvent> {
-        let mut out = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while out.len() < n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "only {} of {n} events arrived",
-                out.len()
-            );
-            for m in sub
-                .poll(n - out.len(), Duration::from_millis(200))
-                .await
-                .unwrap()
-            {
-                out.push(RequestEvent::from_json(&m.payload).unwrap());
-            }
-        }
-        out
+        common::events(sub, n).await
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_with_identity_headers_and_meters_bytes() {
     let h = Harness::start().await;
-    let mut sub = h.log.subscribe("t").unwrap();
+    let mut sub = h.gw.log.subscribe("t").unwrap();
     let (s, headers, body) = h
         .call(
             "POST",
@@ -318,13 +276,13 @@ async fn forwards_with_identity_headers_and_meters_bytes() {
         up["traceparent"].as_str().unwrap().split('-').nth(1)
     );
     assert_eq!(evs[1].route.as_deref(), Some("api"));
-    h.shutdown.cancel();
+    h.gw.shutdown.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejects_with_the_right_status_and_still_meters() {
     let h = Harness::start().await;
-    let mut sub = h.log.subscribe("t").unwrap();
+    let mut sub = h.gw.log.subscribe("t").unwrap();
     assert_eq!(
         h.call("GET", "/nowhere", &[], "").await.0,
         StatusCode::NOT_FOUND
@@ -429,14 +387,14 @@ async fn rejects_with_the_right_status_and_still_meters() {
     );
     assert_eq!(evs[0].upstream_latency_us, None, "not forwarded");
     assert_eq!(evs.last().unwrap().outcome, Outcome::QuotaExceeded);
-    h.shutdown.cancel();
+    h.gw.shutdown.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_requests_in_flight_and_their_events() {
     let mut h = Harness::start().await;
-    let mut sub = h.log.subscribe("t").unwrap();
-    let url = format!("http://{}/slow", h.addr);
+    let mut sub = h.gw.log.subscribe("t").unwrap();
+    let url = format!("http://{}/slow", h.gw.addr);
     let client = h.client.clone();
     let in_flight = tokio::spawn(async move {
         let req = Request::get(url)
@@ -447,13 +405,13 @@ async fn shutdown_drains_requests_in_flight_and_their_events() {
     });
     // Shut down while the request waits on its upstream.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    h.shutdown.cancel();
+    h.gw.shutdown.cancel();
     assert_eq!(
         in_flight.await.unwrap().unwrap(),
         StatusCode::GATEWAY_TIMEOUT,
         "the request was allowed to finish"
     );
-    tokio::time::timeout(Duration::from_secs(10), &mut h.running)
+    tokio::time::timeout(Duration::from_secs(10), &mut h.gw.running)
         .await
         .expect("gateway stops")
         .unwrap();
@@ -494,24 +452,8 @@ async fn keys_are_checked_in_the_default_header_when_auth_is_not_configured() {
         api_keys: vec![hash_key("k-acme")],
     }];
     let plans: BTreeMap<String, Plan> = [("open".to_string(), Plan::default())].into();
-    let dir = tempfile::tempdir().unwrap();
-    let log = EmbeddedLog::open(EmbeddedConfig {
-        dir: dir.path().to_path_buf(),
-        ..Default::default()
-    })
-    .unwrap();
-    let gw = Gateway::bind(
-        config,
-        &consumers,
-        &plans,
-        Arc::new(log),
-        GatewayMetrics::unregistered(),
-    )
-    .await
-    .unwrap();
-    let addr = gw.local_addr();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(gw.run(shutdown.clone()));
+    let gw = common::start(config, &consumers, &plans).await;
+    let addr = gw.addr;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let status = |key: Option<&'static str>| {
         let client = client.clone();
@@ -529,7 +471,7 @@ async fn keys_are_checked_in_the_default_header_when_auth_is_not_configured() {
     };
     assert_eq!(status(None).await, StatusCode::UNAUTHORIZED);
     assert_eq!(status(Some("k-acme")).await, StatusCode::OK);
-    shutdown.cancel();
+    gw.shutdown.cancel();
 }
 
 /// The workers share their port through SO_REUSEPORT, which must not let a second gateway (or
@@ -578,7 +520,7 @@ async fn a_taken_address_is_refused_even_with_several_workers() {
 async fn content_length_with_transfer_encoding_is_a_400_and_a_closed_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = Harness::start().await;
-    let mut sock = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let mut sock = tokio::net::TcpStream::connect(h.gw.addr).await.unwrap();
     sock.write_all(
         b"POST /echo/1 HTTP/1.1\r\nHost: x\r\nx-api-key: k-acme\r\nContent-Length: 4\r\n\
           Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /echo/2 HTTP/1.1\r\nHost: x\r\nx-api-key: k-acme\r\n\r\n",
@@ -602,5 +544,5 @@ async fn content_length_with_transfer_encoding_is_a_400_and_a_closed_connection(
         !text.contains("/echo/2"),
         "the smuggled request never reached the upstream: {text}"
     );
-    h.shutdown.cancel();
+    h.gw.shutdown.cancel();
 }

@@ -3,20 +3,20 @@
 //! connections the upstream has closed. The upstream is a scripted TCP server that reports what
 //! it received, so each test sees both sides of the gateway.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-use tollgate_bus::{EmbeddedConfig, EmbeddedLog, Subscriber};
+use tollgate_bus::EmbeddedLog;
+use tollgate_gateway::GatewayConfig;
 use tollgate_gateway::auth::hash_key;
 use tollgate_gateway::config::{ApiKeyConfig, AuthConfig, RouteAuth, RouteConfig, UpstreamConfig};
 use tollgate_gateway::h1::{self, Chunk, ChunkedDecoder, Framing, Parsed};
-use tollgate_gateway::{Gateway, GatewayConfig, GatewayMetrics};
 use tollgate_schemas::RequestEvent;
 use tollgate_schemas::config::{Consumer, Plan};
 
@@ -119,14 +119,7 @@ async fn upstream() -> SocketAddr {
     addr
 }
 
-struct Gw {
-    addr: SocketAddr,
-    log: EmbeddedLog,
-    _dir: tempfile::TempDir,
-    shutdown: CancellationToken,
-}
-
-async fn gateway() -> Gw {
+async fn gateway() -> common::Running {
     let up = upstream().await;
     let route = |id: &str, path: &str, auth: bool| RouteConfig {
         id: id.into(),
@@ -165,30 +158,7 @@ async fn gateway() -> Gw {
         api_keys: vec![hash_key("k-acme")],
     }];
     let plans = [("open".to_string(), Plan::default())].into();
-    let dir = tempfile::tempdir().unwrap();
-    let log = EmbeddedLog::open(EmbeddedConfig {
-        dir: dir.path().to_path_buf(),
-        ..Default::default()
-    })
-    .unwrap();
-    let gw = Gateway::bind(
-        config,
-        &consumers,
-        &plans,
-        Arc::new(log.clone()),
-        GatewayMetrics::unregistered(),
-    )
-    .await
-    .unwrap();
-    let addr = gw.local_addr();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(gw.run(shutdown.clone()));
-    Gw {
-        addr,
-        log,
-        _dir: dir,
-        shutdown,
-    }
+    common::start(config, &consumers, &plans).await
 }
 
 /// A client connection that reads answers one at a time.
@@ -198,7 +168,7 @@ struct Client {
 }
 
 impl Client {
-    async fn connect(gw: &Gw) -> Client {
+    async fn connect(gw: &common::Running) -> Client {
         Client {
             sock: TcpStream::connect(gw.addr).await.unwrap(),
             buf: BytesMut::new(),
@@ -257,24 +227,7 @@ impl Client {
 }
 
 async fn events(log: &EmbeddedLog, n: usize) -> Vec<RequestEvent> {
-    let mut sub = log.subscribe("wire").unwrap();
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while out.len() < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} of {n} events",
-            out.len()
-        );
-        for m in sub
-            .poll(n - out.len(), Duration::from_millis(100))
-            .await
-            .unwrap()
-        {
-            out.push(RequestEvent::from_json(&m.payload).unwrap());
-        }
-    }
-    out
+    common::events(&mut log.subscribe("wire").unwrap(), n).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,78 @@
+//! What the gateway's integration tests share: a gateway serving over an embedded bus log in a
+//! temp dir, and the events it wrote there.
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tollgate_bus::{EmbeddedConfig, EmbeddedLog, Subscriber};
+use tollgate_gateway::{Gateway, GatewayConfig, GatewayMetrics};
+use tollgate_schemas::RequestEvent;
+use tollgate_schemas::config::{Consumer, Plan};
+
+/// A gateway serving on a free port until `shutdown`.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub log: EmbeddedLog,
+    pub shutdown: CancellationToken,
+    pub running: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+/// Binds `config` (its `listen` is replaced by a free loopback port) and serves it.
+pub async fn start(
+    mut config: GatewayConfig,
+    consumers: &[Consumer],
+    plans: &BTreeMap<String, Plan>,
+) -> Running {
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(EmbeddedConfig {
+        dir: dir.path().to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap();
+    let gw = Gateway::bind(
+        config,
+        consumers,
+        plans,
+        Arc::new(log.clone()),
+        GatewayMetrics::unregistered(),
+    )
+    .await
+    .unwrap();
+    let addr = gw.local_addr();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(gw.run(shutdown.clone()));
+    Running {
+        addr,
+        log,
+        shutdown,
+        running,
+        _dir: dir,
+    }
+}
+
+/// The next `n` events on the bus (waits for them with a deadline).
+pub async fn events(sub: &mut dyn Subscriber, n: usize) -> Vec<RequestEvent> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while out.len() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {n} events arrived",
+            out.len()
+        );
+        for m in sub
+            .poll(n - out.len(), Duration::from_millis(100))
+            .await
+            .unwrap()
+        {
+            out.push(RequestEvent::from_json(&m.payload).unwrap());
+        }
+    }
+    out
+}
