@@ -47,6 +47,46 @@ pub struct GatewayConfig {
     /// The disk spool for events while a remote bus (Kafka) does not deliver.
     #[serde(default)]
     pub spool: SpoolSettings,
+    /// How long a client connection may hold the gateway without progress.
+    #[serde(default)]
+    pub connections: ConnectionSettings,
+}
+
+/// `gateway.connections`: the timeouts of client connections (and of body transfers on both
+/// sides), so that a slow or idle peer cannot hold a connection for ever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionSettings {
+    /// Once a request's first byte has arrived, its whole head must follow within this
+    /// (slowloris); else 408 and the connection closes.
+    #[serde(default = "default_head_timeout_ms")]
+    pub head_timeout_ms: u64,
+    /// How long a keep-alive connection may wait for its next request.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// How long one read or write of a body, on either side, may wait.
+    #[serde(default = "default_io_timeout_ms")]
+    pub io_timeout_ms: u64,
+}
+
+fn default_head_timeout_ms() -> u64 {
+    30_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    60_000
+}
+fn default_io_timeout_ms() -> u64 {
+    30_000
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        ConnectionSettings {
+            head_timeout_ms: default_head_timeout_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            io_timeout_ms: default_io_timeout_ms(),
+        }
+    }
 }
 
 /// `gateway.spool`: how much to keep on disk while the bus is unreachable.
@@ -99,6 +139,7 @@ impl Default for GatewayConfig {
             admin_listen: default_admin_listen(),
             state_dir: std::path::PathBuf::new(),
             spool: SpoolSettings::default(),
+            connections: ConnectionSettings::default(),
         }
     }
 }
@@ -397,6 +438,16 @@ impl GatewayConfig {
 
     /// Checks the section; the error names the key.
     pub fn validate(&self) -> Result<(), String> {
+        let c = &self.connections;
+        for (key, ms) in [
+            ("head_timeout_ms", c.head_timeout_ms),
+            ("idle_timeout_ms", c.idle_timeout_ms),
+            ("io_timeout_ms", c.io_timeout_ms),
+        ] {
+            if ms == 0 {
+                return Err(format!("gateway.connections.{key}: must be at least 1"));
+            }
+        }
         if self.workers > 1024 {
             return Err(format!(
                 "gateway.workers: {} threads is more than 1024; 0 means one per core",

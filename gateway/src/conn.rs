@@ -2,11 +2,11 @@
 //! exchange, repeat while keep-alive holds), the worker's pool of idle upstream connections, and
 //! the body copy between the two, re-framed where the two sides differ.
 //!
-//! Timeouts, where a peer can hold a connection:
-//! - a keep-alive connection may sit idle for [`IDLE_TIMEOUT`] between requests;
-//! - once a request's first byte has arrived, its whole head must follow within
-//!   [`HEAD_TIMEOUT`] (slowloris), or the answer is 408 and the connection closes;
-//! - each read of a body and each write to either side must progress within [`IO_TIMEOUT`].
+//! Timeouts, where a peer can hold a connection (`gateway.connections`, [`Timeouts`]):
+//! - a keep-alive connection may sit idle for `idle` between requests (60 s by default);
+//! - once a request's first byte has arrived, its whole head must follow within `head` (30 s;
+//!   slowloris), or the answer is 408 and the connection closes;
+//! - each read of a body and each write to either side must progress within `io` (30 s).
 //!
 //! A connection the gateway closes with unread input is closed gracefully (write side first,
 //! then the input drained for a moment), so that the client reads the answer rather than a
@@ -25,12 +25,23 @@ use tokio_util::sync::CancellationToken;
 use crate::h1::{self, Chunk, ChunkedDecoder, Framing, Parsed, RequestHead};
 use crate::proxy::Worker;
 
-/// How long a keep-alive connection may wait for its next request.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a request head may take once its first byte has arrived.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long one read or write of a body may wait.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// The connection timeouts, from `gateway.connections`.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub head: Duration,
+    pub idle: Duration,
+    pub io: Duration,
+}
+
+impl From<crate::config::ConnectionSettings> for Timeouts {
+    fn from(c: crate::config::ConnectionSettings) -> Self {
+        Timeouts {
+            head: Duration::from_millis(c.head_timeout_ms),
+            idle: Duration::from_millis(c.idle_timeout_ms),
+            io: Duration::from_millis(c.io_timeout_ms),
+        }
+    }
+}
 /// How long an idle upstream connection is kept for reuse.
 const POOL_IDLE: Duration = Duration::from_secs(30);
 /// The most idle connections kept per upstream target and worker.
@@ -40,13 +51,16 @@ const POOL_MAX: usize = 1024;
 pub struct Side {
     pub stream: TcpStream,
     pub buf: BytesMut,
+    /// How long one write, or one read of a body, may wait.
+    pub io: Duration,
 }
 
 impl Side {
-    pub fn new(stream: TcpStream) -> Side {
+    pub fn new(stream: TcpStream, io: Duration) -> Side {
         Side {
             stream,
             buf: BytesMut::with_capacity(8 * 1024),
+            io,
         }
     }
 
@@ -72,7 +86,7 @@ impl Side {
 
     /// Writes all of `data`.
     pub async fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        write(&mut self.stream, data).await
+        write(&mut self.stream, data, self.io).await
     }
 
     /// Closes gracefully: no more output, then what the peer still sends is read and dropped
@@ -94,8 +108,8 @@ impl Side {
     }
 }
 
-async fn write(stream: &mut TcpStream, data: &[u8]) -> io::Result<()> {
-    match tokio::time::timeout(IO_TIMEOUT, stream.write_all(data)).await {
+async fn write(stream: &mut TcpStream, data: &[u8], within: Duration) -> io::Result<()> {
+    match tokio::time::timeout(within, stream.write_all(data)).await {
         Ok(r) => r,
         Err(_) => Err(io::ErrorKind::TimedOut.into()),
     }
@@ -108,10 +122,11 @@ pub async fn serve(
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
-    let mut client = Side::new(stream);
+    let timeouts = worker.shared.timeouts;
+    let mut client = Side::new(stream, timeouts.io);
     let mut out = Vec::with_capacity(4 * 1024);
     loop {
-        let (head, started) = match read_head(&mut client, &shutdown).await {
+        let (head, started) = match read_head(&mut client, timeouts, &shutdown).await {
             Next::Head(head, started) => (head, started),
             Next::Closed => return,
             Next::Refused(r) => {
@@ -157,7 +172,7 @@ enum Next {
 }
 
 /// Waits for the next request head: bytes already buffered (pipelined) first.
-async fn read_head(client: &mut Side, shutdown: &CancellationToken) -> Next {
+async fn read_head(client: &mut Side, timeouts: Timeouts, shutdown: &CancellationToken) -> Next {
     let mut started: Option<Instant> = None;
     loop {
         if !client.buf.is_empty() {
@@ -169,8 +184,8 @@ async fn read_head(client: &mut Side, shutdown: &CancellationToken) -> Next {
             }
         }
         let within = match started {
-            None => IDLE_TIMEOUT,
-            Some(t) => HEAD_TIMEOUT.saturating_sub(t.elapsed()),
+            None => timeouts.idle,
+            Some(t) => timeouts.head.saturating_sub(t.elapsed()),
         };
         let read = tokio::select! {
             biased;
@@ -229,8 +244,8 @@ pub async fn copy_body(
             if *total - start == n {
                 break;
             }
-            flush(dst, out).await?;
-            if src.fill(IO_TIMEOUT).await.map_err(|_| Broken::Read)? == 0 {
+            flush(dst, out, src.io).await?;
+            if src.fill(src.io).await.map_err(|_| Broken::Read)? == 0 {
                 return Err(Broken::Read);
             }
         },
@@ -244,8 +259,8 @@ pub async fn copy_body(
                     }
                     Chunk::End => break,
                     Chunk::Partial => {
-                        flush(dst, out).await?;
-                        if src.fill(IO_TIMEOUT).await.map_err(|_| Broken::Read)? == 0 {
+                        flush(dst, out, src.io).await?;
+                        if src.fill(src.io).await.map_err(|_| Broken::Read)? == 0 {
                             return Err(Broken::Read);
                         }
                     }
@@ -256,8 +271,8 @@ pub async fn copy_body(
             *total += src.buf.len() as u64;
             stage(out, &src.buf);
             src.buf.clear();
-            flush(dst, out).await?;
-            if src.fill(IO_TIMEOUT).await.map_err(|_| Broken::Read)? == 0 {
+            flush(dst, out, src.io).await?;
+            if src.fill(src.io).await.map_err(|_| Broken::Read)? == 0 {
                 break;
             }
         },
@@ -265,12 +280,12 @@ pub async fn copy_body(
     if chunked {
         out.extend_from_slice(h1::LAST_CHUNK);
     }
-    flush(dst, out).await
+    flush(dst, out, src.io).await
 }
 
-async fn flush(dst: &mut TcpStream, out: &mut Vec<u8>) -> Result<(), Broken> {
+async fn flush(dst: &mut TcpStream, out: &mut Vec<u8>, within: Duration) -> Result<(), Broken> {
     if !out.is_empty() {
-        write(dst, out).await.map_err(|_| Broken::Write)?;
+        write(dst, out, within).await.map_err(|_| Broken::Write)?;
         out.clear();
     }
     Ok(())

@@ -63,6 +63,7 @@ pub struct Shared {
     route_upstreams: Vec<Arc<upstream::Upstream>>,
     /// How many upstream targets there are (they are numbered from 0).
     targets: usize,
+    timeouts: conn::Timeouts,
 }
 
 /// Each route's upstream, in route order (routes of one upstream share it, and its round
@@ -201,6 +202,7 @@ impl Gateway {
             quota,
             route_upstreams,
             targets,
+            timeouts: config.connections.into(),
         });
         Ok(Gateway {
             listeners,

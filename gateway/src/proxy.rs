@@ -553,7 +553,7 @@ impl Worker {
             let (mut up, reused) = match pooled {
                 Some(side) => (side, true),
                 None => (
-                    target.connect().await.map_err(|e| {
+                    target.connect(self.shared.timeouts.io).await.map_err(|e| {
                         tracing::debug!(error = %e, route = ?ctx.route, "upstream connect failed");
                         unreachable()
                     })?,

@@ -75,12 +75,13 @@ impl Upstream {
 }
 
 impl Target {
-    /// A new connection to this target, with Nagle's algorithm off.
-    pub async fn connect(&self) -> std::io::Result<Side> {
+    /// A new connection to this target, with Nagle's algorithm off; `io` bounds each of its
+    /// body reads and writes.
+    pub async fn connect(&self, io: Duration) -> std::io::Result<Side> {
         let authority = std::str::from_utf8(&self.authority).map_err(std::io::Error::other)?;
         let stream = TcpStream::connect(authority).await?;
         stream.set_nodelay(true)?;
-        Ok(Side::new(stream))
+        Ok(Side::new(stream, io))
     }
 
     /// Appends the request target the upstream receives: the target's base path, then the

@@ -15,7 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tollgate_bus::EmbeddedLog;
 use tollgate_gateway::GatewayConfig;
 use tollgate_gateway::auth::hash_key;
-use tollgate_gateway::config::{ApiKeyConfig, AuthConfig, RouteAuth, RouteConfig, UpstreamConfig};
+use tollgate_gateway::config::{
+    ApiKeyConfig, AuthConfig, ConnectionSettings, RouteAuth, RouteConfig, UpstreamConfig,
+};
 use tollgate_gateway::h1::{self, Chunk, ChunkedDecoder, Framing, Parsed};
 use tollgate_schemas::RequestEvent;
 use tollgate_schemas::config::{Consumer, Plan};
@@ -120,6 +122,10 @@ async fn upstream() -> SocketAddr {
 }
 
 async fn gateway() -> common::Running {
+    gateway_with(Default::default()).await
+}
+
+async fn gateway_with(connections: ConnectionSettings) -> common::Running {
     let up = upstream().await;
     let route = |id: &str, path: &str, auth: bool| RouteConfig {
         id: id.into(),
@@ -150,6 +156,7 @@ async fn gateway() -> common::Running {
             }),
             jwt: None,
         },
+        connections,
         ..Default::default()
     };
     let consumers = vec![Consumer {
@@ -422,5 +429,38 @@ async fn a_pooled_connection_the_upstream_closed_is_replaced_without_an_error() 
         "{:?}",
         evs.iter().map(|e| e.status).collect::<Vec<_>>()
     );
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_head_gets_408_and_an_idle_connection_is_closed() {
+    let gw = gateway_with(ConnectionSettings {
+        head_timeout_ms: 300,
+        idle_timeout_ms: 600,
+        io_timeout_ms: 1000,
+    })
+    .await;
+    // Slowloris: the head starts and never ends, a byte now and then keeping it alive.
+    let mut slow = Client::connect(&gw).await;
+    slow.send(b"GET /open/a HTTP/1.1\r\nHost: x\r\n").await;
+    let trickle = async {
+        for _ in 0..20 {
+            if slow.sock.write_all(b"X").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(400), trickle).await;
+    let (status, head, _) = slow.answer(&http::Method::GET).await;
+    assert!(
+        status == 408 && head.contains("connection: close"),
+        "{head}"
+    );
+    // A keep-alive connection that sends nothing after its answer is closed without a word.
+    let mut idle = Client::connect(&gw).await;
+    idle.send(b"GET /open/b HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(idle.report().await["target"], "/open/b");
+    assert!(idle.closed().await, "closed after the idle timeout");
     gw.shutdown.cancel();
 }
