@@ -61,6 +61,8 @@ impl EventSink {
 
 /// Room reserved per event in a batch buffer (an encoded event is 300–450 bytes).
 const EVENT_BYTES: usize = 512;
+/// The fewest events a fresh batch buffer has room for (it grows past that as needed).
+const MIN_RESERVE_EVENTS: usize = 32;
 
 /// Events encoded into one buffer: each is its key's bytes, then its JSON.
 struct Batch {
@@ -72,9 +74,24 @@ struct Batch {
 impl Batch {
     fn new(events: usize) -> Batch {
         Batch {
-            bytes: BytesMut::with_capacity(events * EVENT_BYTES),
-            spans: Vec::with_capacity(events),
+            bytes: BytesMut::with_capacity(Self::first_capacity(events)),
+            spans: Vec::with_capacity(events.min(MIN_RESERVE_EVENTS)),
         }
+    }
+
+    /// Room for a fresh buffer: what the last batch held plus a quarter, at least
+    /// `MIN_RESERVE_EVENTS` events and at most a full batch. Reserving a full batch (256 events,
+    /// 128 KiB) for every 2 ms of a worker's traffic kept tens of megabytes of buffers in flight
+    /// to the publisher and in the workers' malloc arenas, most of it never written.
+    fn capacity_after(last_bytes: usize, events: usize) -> usize {
+        (last_bytes + last_bytes / 4).clamp(
+            Self::first_capacity(events),
+            events.max(MIN_RESERVE_EVENTS) * EVENT_BYTES,
+        )
+    }
+
+    fn first_capacity(events: usize) -> usize {
+        events.min(MIN_RESERVE_EVENTS) * EVENT_BYTES
     }
 
     fn push(&mut self, ev: &RequestEventRef<'_>) {
@@ -86,14 +103,11 @@ impl Batch {
         self.spans.push((start, key_end, self.bytes.len()));
     }
 
-    /// The records held, leaving the batch empty with room for `events` more. One buffer per
-    /// batch: the records are slices of it.
+    /// The records held, leaving the batch empty with room for about as many more. One buffer
+    /// per batch: the records are slices of it.
     fn take(&mut self, events: usize) -> Vec<Record> {
-        let bytes = std::mem::replace(
-            &mut self.bytes,
-            BytesMut::with_capacity(events * EVENT_BYTES),
-        )
-        .freeze();
+        let next = Self::capacity_after(self.bytes.len(), events);
+        let bytes = std::mem::replace(&mut self.bytes, BytesMut::with_capacity(next)).freeze();
         self.spans
             .drain(..)
             .map(|(start, key_end, end)| Record {
@@ -265,6 +279,32 @@ async fn publish_with_retry(bus: &dyn Publisher, buf: &mut Vec<Record>, metrics:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_buffers_are_sized_by_what_the_last_batch_held() {
+        let full = 256 * EVENT_BYTES;
+        assert_eq!(Batch::new(256).bytes.capacity(), 32 * EVENT_BYTES);
+        assert_eq!(
+            Batch::capacity_after(0, 256),
+            32 * EVENT_BYTES,
+            "at least the minimum"
+        );
+        assert_eq!(
+            Batch::capacity_after(40_000, 256),
+            50_000,
+            "the last batch and a quarter"
+        );
+        assert_eq!(
+            Batch::capacity_after(10 * full, 256),
+            full,
+            "at most a full batch"
+        );
+        assert_eq!(
+            Batch::capacity_after(0, 4),
+            4 * EVENT_BYTES,
+            "small batches stay small"
+        );
+    }
     use std::sync::Mutex;
     use tollgate_bus::BusError;
     use tollgate_schemas::RequestEvent;
