@@ -291,6 +291,24 @@ async fn flush(dst: &mut TcpStream, out: &mut Vec<u8>, within: Duration) -> Resu
     Ok(())
 }
 
+/// Copies bytes from `from` to `to` until `from` ends, then ends `to` (a half close), counting
+/// them into `count`. One direction of a tunnel.
+pub async fn pump(
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
+    to: &mut tokio::net::tcp::WriteHalf<'_>,
+    count: &mut u64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        *count += n as u64;
+    }
+}
+
 /// Whether the rest of a request body is already buffered; if so it is consumed, so that
 /// the connection can serve its next request after an answer that did not read it.
 pub fn skip_buffered_body(client: &mut Side, framing: Framing) -> bool {

@@ -146,6 +146,9 @@ pub struct RequestHead {
     pub keep_alive: bool,
     /// `Expect: 100-continue`.
     pub expect_continue: bool,
+    /// A WebSocket handshake: `GET` over HTTP/1.1 with `Connection: upgrade` and
+    /// `Upgrade: websocket`. Other upgrades are not passed on (the fields are hop-by-hop).
+    pub websocket: bool,
 }
 
 /// What parsing a message head at the start of a buffer found.
@@ -165,6 +168,8 @@ struct Scan {
     other_coding: bool,
     close: bool,
     keep_alive: bool,
+    /// `Connection` names `upgrade`.
+    upgrade: bool,
     hosts: usize,
     expect: Option<Range<usize>>,
 }
@@ -184,6 +189,7 @@ fn scan(base: &[u8], headers: &[httparse::Header<'_>]) -> Result<Scan, &'static 
         other_coding: false,
         close: false,
         keep_alive: false,
+        upgrade: false,
         hosts: 0,
         expect: None,
     };
@@ -215,6 +221,8 @@ fn scan(base: &[u8], headers: &[httparse::Header<'_>]) -> Result<Scan, &'static 
                     s.close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     s.keep_alive = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    s.upgrade = true;
                 } else if !token.is_empty() {
                     s.connection.push(offset(base, token));
                 }
@@ -303,6 +311,13 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Parsed<RequestHead>, Refusal>
             Some(n) => Framing::Length(n),
         }
     };
+    let websocket = s.upgrade
+        && !http10
+        && method == Method::GET
+        && s.fields.iter().any(|f| {
+            buf[f.name.clone()].eq_ignore_ascii_case(b"upgrade")
+                && buf[f.value.clone()].eq_ignore_ascii_case(b"websocket")
+        });
     let raw = buf.split_to(len).freeze();
     let uri =
         Uri::from_maybe_shared(raw.slice(target)).map_err(|_| bad("malformed request target"))?;
@@ -318,6 +333,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Parsed<RequestHead>, Refusal>
         framing,
         keep_alive: if http10 { s.keep_alive } else { !s.close },
         expect_continue,
+        websocket,
     }))
 }
 

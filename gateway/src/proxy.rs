@@ -458,6 +458,10 @@ impl Worker {
             put_field(out, CONSUMER_HEADER.as_bytes(), id.consumer.as_bytes());
         }
         put_forwarded_for(out, forwarded_for, peer);
+        if head.websocket {
+            put_field(out, b"connection", b"upgrade");
+            put_field(out, b"upgrade", b"websocket");
+        }
         match head.framing {
             Framing::Length(n) => {
                 h1::put_number_field(out, b"content-length", n);
@@ -594,6 +598,11 @@ impl Worker {
             }
             loop {
                 match h1::parse_response(&mut up.buf, &head.method) {
+                    Ok(Parsed::Head(resp))
+                        if resp.status == StatusCode::SWITCHING_PROTOCOLS && head.websocket =>
+                    {
+                        return Ok((resp, up));
+                    }
                     Ok(Parsed::Head(resp)) if resp.status == StatusCode::SWITCHING_PROTOCOLS => {
                         return Err(Rejection::bad_gateway(
                             "the upstream switched protocols, which this route does not pass on",
@@ -636,6 +645,9 @@ impl Worker {
     ) -> After {
         ctx.event.status = resp.status.as_u16();
         (ctx.event.outcome, ctx.event.billable) = classify(resp.status);
+        if resp.status == StatusCode::SWITCHING_PROTOCOLS {
+            return self.tunnel(ctx, client, resp, up, out, shutdown).await;
+        }
         let unframed = matches!(resp.framing, Framing::Chunked | Framing::Close);
         let chunked = unframed && !head.http10;
         let keep = head.keep_alive
@@ -696,6 +708,67 @@ impl Worker {
             }
             Err(_) => After::Close,
         }
+    }
+
+    /// Phase 6 of a WebSocket handshake the upstream accepted: its 101 goes to the client, then
+    /// bytes flow both ways until both sides have closed (or the gateway shuts down). The
+    /// connection is metered as one event when it ends: its duration, and the bytes each way.
+    /// No idle timeout applies: WebSocket connections are long-lived, and the application's
+    /// own pings keep or end them.
+    async fn tunnel(
+        &self,
+        ctx: &mut Ctx<'_>,
+        client: &mut Side,
+        resp: ResponseHead,
+        mut up: Side,
+        out: &mut Vec<u8>,
+        shutdown: &CancellationToken,
+    ) -> After {
+        out.clear();
+        h1::put_status_line(out, resp.status);
+        for (name, value) in resp.fields.iter() {
+            if !resp.fields.is_hop_by_hop(name) && !is(name, REQUEST_ID) {
+                put_field(out, name, value);
+            }
+        }
+        ctx.put_request_id(out);
+        put_field(out, b"connection", b"upgrade");
+        put_field(out, b"upgrade", b"websocket");
+        out.extend_from_slice(b"\r\n");
+        // Frames that came with the handshake, either way.
+        ctx.resp_bytes += up.buf.len() as u64;
+        out.extend_from_slice(&up.buf);
+        up.buf.clear();
+        let written = client.write(out).await;
+        out.clear();
+        if written.is_err() {
+            return After::Close;
+        }
+        if !client.buf.is_empty() {
+            ctx.req_bytes += client.buf.len() as u64;
+            if up.write(&client.buf).await.is_err() {
+                return After::Close;
+            }
+            client.buf.clear();
+        }
+        let (mut sent, mut received) = (0u64, 0u64);
+        {
+            let (mut from_client, mut to_client) = client.stream.split();
+            let (mut from_up, mut to_up) = up.stream.split();
+            let both = async {
+                tokio::try_join!(
+                    conn::pump(&mut from_client, &mut to_up, &mut sent),
+                    conn::pump(&mut from_up, &mut to_client, &mut received),
+                )
+            };
+            tokio::select! {
+                _ = both => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+        ctx.req_bytes += sent;
+        ctx.resp_bytes += received;
+        After::Close
     }
 
     /// The gateway's own answer to a rejected request: JSON naming the problem. The connection

@@ -70,6 +70,18 @@ async fn upstream() -> SocketAddr {
                             return;
                         }
                     };
+                    if head.websocket {
+                        // Accept the handshake, then echo every byte until the client closes.
+                        sock.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n").await.unwrap();
+                        sock.write_all(&buf.split()).await.unwrap();
+                        let mut chunk = [0u8; 1024];
+                        loop {
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => sock.write_all(&chunk[..n]).await.unwrap(),
+                            }
+                        }
+                    }
                     let body = read_body(&mut sock, &mut buf, head.framing).await;
                     let field = |n: &str| {
                         head.fields
@@ -463,4 +475,63 @@ async fn a_slow_head_gets_408_and_an_idle_connection_is_closed() {
     assert_eq!(idle.report().await["target"], "/open/b");
     assert!(idle.closed().await, "closed after the idle timeout");
     gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_is_tunnelled_and_metered_once_when_it_closes() {
+    let gw = gateway().await;
+    let mut c = Client::connect(&gw).await;
+    // The handshake, with a first frame right behind it.
+    c.send(b"GET /open/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\nping").await;
+    let (status, head, _) = c.answer(&http::Method::GET).await;
+    assert!(
+        status == 101
+            && head.contains("upgrade: websocket")
+            && head.contains("sec-websocket-accept: x"),
+        "{head}"
+    );
+    let mut echoed = c.buf.split().to_vec();
+    while echoed.len() < 4 {
+        let mut more = [0u8; 64];
+        let n = c.sock.read(&mut more).await.unwrap();
+        assert!(n > 0, "closed early");
+        echoed.extend_from_slice(&more[..n]);
+    }
+    assert_eq!(echoed, b"ping");
+    c.send(b"hello!").await;
+    let mut back = [0u8; 6];
+    tokio::time::timeout(Duration::from_secs(5), c.sock.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"hello!");
+    // The client closes; the tunnel closes both ways and the event is written.
+    c.sock.shutdown().await.unwrap();
+    assert!(c.closed().await);
+    let evs = events(&gw.log, 1).await;
+    let e = &evs[0];
+    assert_eq!(
+        (e.status, e.path.as_str(), e.req_bytes, e.resp_bytes),
+        (101, "/open/ws", 10, 10)
+    );
+    assert!(e.latency_us >= e.upstream_latency_us.unwrap());
+    // Without `Connection: upgrade` the same request is a plain GET: the upgrade is not passed on.
+    let mut plain = Client::connect(&gw).await;
+    plain
+        .send(b"GET /open/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
+        .await;
+    assert_eq!(plain.report().await["target"], "/open/ws");
+    // An open WebSocket does not hold up shutdown: it is closed, and metered.
+    let mut open = Client::connect(&gw).await;
+    open.send(
+        b"GET /open/ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: WebSocket\r\n\r\n",
+    )
+    .await;
+    assert_eq!(open.answer(&http::Method::GET).await.0, 101);
+    gw.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), gw.running)
+        .await
+        .expect("the gateway stops with a WebSocket open")
+        .unwrap();
+    assert!(open.closed().await);
 }
