@@ -150,9 +150,29 @@ impl Default for GatewayConfig {
 pub struct UpstreamConfig {
     /// `http://host:port` base URLs, used round robin.
     pub targets: Vec<String>,
-    /// Time allowed until the upstream's response headers arrive.
+    /// Time allowed from the start of the connection until the upstream's response headers
+    /// arrive (a target refused on the way included).
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// How a request's target is chosen.
+    #[serde(default)]
+    pub balance: Balance,
+    /// The most requests in flight to this upstream from each gateway process; past it a
+    /// request is answered 503 at once (load shed) rather than queued. Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u64>,
+}
+
+/// `gateway.upstreams.*.balance`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each target in turn.
+    #[default]
+    RoundRobin,
+    /// The less busy of two targets drawn at random (power of two choices), by the requests
+    /// this gateway has in flight to each.
+    LeastRequest,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -168,6 +188,11 @@ pub struct RouteConfig {
     /// Methods this route accepts; empty means any.
     #[serde(default)]
     pub methods: Vec<String>,
+    /// Host names this route serves: the request's `Host` (its port ignored, any case), or
+    /// `*.example.com` for every subdomain. Empty: any host. For one path and method, a route
+    /// that names the request's host wins over one that names none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
     /// Path template: literal segments and `{name}` parameters, e.g. `/v1/orders/{id}`; a last
     /// segment `{*rest}` matches the remainder.
     pub path: String,
@@ -486,6 +511,18 @@ impl GatewayConfig {
             }
             if !ids.insert(&r.id) {
                 return Err(format!("gateway.routes[{i}].id: `{}` is used twice", r.id));
+            }
+            for (j, h) in r.hosts.iter().enumerate() {
+                let name = h.strip_prefix("*.").unwrap_or(h);
+                if name.is_empty()
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                {
+                    return Err(format!(
+                        "gateway.routes[{i}].hosts[{j}]: `{h}` is not a host name (or `*.` and one; no port)"
+                    ));
+                }
             }
             if !self.upstreams.contains_key(&r.upstream) {
                 return Err(format!(

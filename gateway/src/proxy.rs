@@ -174,6 +174,8 @@ pub struct Rejection {
     pub message: Cow<'static, str>,
     /// `Retry-After` and the `RateLimit-*` headers, for limits.
     pub over: Option<crate::limits::OverLimit>,
+    /// `Retry-After` alone (seconds), for load shedding.
+    pub retry_after: Option<u64>,
 }
 
 impl Rejection {
@@ -183,7 +185,13 @@ impl Rejection {
             outcome,
             message: message.into(),
             over: None,
+            retry_after: None,
         }
+    }
+
+    fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 
     fn over_limit(mut self, over: crate::limits::OverLimit) -> Self {
@@ -194,6 +202,21 @@ impl Rejection {
     fn bad_gateway(message: &'static str) -> Self {
         Rejection::new(StatusCode::BAD_GATEWAY, Outcome::UpstreamError, message)
     }
+}
+
+/// A connection to a target, and whether it came from the pool (it may have been closed by
+/// the upstream meanwhile).
+pub struct Conn {
+    side: Side,
+    reused: bool,
+}
+
+fn timed_out() -> Rejection {
+    Rejection::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        Outcome::Timeout,
+        "upstream did not answer in time",
+    )
 }
 
 /// How much of the request body has been read.
@@ -301,10 +324,26 @@ impl Worker {
         let identity = self.authenticate(index, &head.fields).await?;
         self.admit(ctx, identity)?;
         let upstream = &*self.shared.route_upstreams[index];
-        let target = upstream.pick();
+        let mut slot = upstream.admit().ok_or_else(|| {
+            Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Outcome::UpstreamError,
+                "the upstream has as many requests in flight as it is allowed (max_in_flight)",
+            )
+            .retry_after(1)
+        })?;
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + upstream.timeout);
+        let connected = tokio::time::timeout_at(deadline, self.connect(ctx, upstream)).await;
+        let (target, conn) = match connected {
+            Ok(Ok(c)) => c,
+            Ok(Err(rejection)) => return Err(rejection),
+            Err(_) => return Err(timed_out()),
+        };
+        slot.on(target);
         self.upstream_request(ctx, route, target, head, peer, out);
         let (resp, up) = self
-            .forward(ctx, client, head, upstream, target, out)
+            .forward(ctx, client, head, target, conn, out, started, deadline)
             .await?;
         Ok(self
             .respond(ctx, client, head, resp, up, target, out, shutdown)
@@ -339,21 +378,26 @@ impl Worker {
         }
     }
 
-    /// Phase 1: the route for the request's method and path, with its position.
+    /// Phase 1: the route for the request's host, method and path, with its position.
     fn route<'s>(
         &'s self,
         ctx: &mut Ctx<'_>,
         head: &RequestHead,
     ) -> Result<(usize, &'s RouteConfig), Rejection> {
-        let Some((index, route)) = self
-            .shared
-            .router
-            .find(head.method.as_str(), head.uri.path())
+        let host = head.uri.host().or_else(|| {
+            head.fields
+                .get("host")
+                .and_then(|h| std::str::from_utf8(h).ok())
+        });
+        let Some((index, route)) =
+            self.shared
+                .router
+                .find(host, head.method.as_str(), head.uri.path())
         else {
             return Err(Rejection::new(
                 StatusCode::NOT_FOUND,
                 Outcome::NotFound,
-                "no route matches this method and path",
+                "no route matches this host, method and path",
             ));
         };
         ctx.route = Some(index);
@@ -477,17 +521,58 @@ impl Worker {
         out.extend_from_slice(b"\r\n");
     }
 
-    /// Phase 5: sends the request to `target` (a pooled connection, or a new one) and reads
-    /// the answer's head, all within the upstream's timeout. The wait counts as upstream
-    /// latency whatever the result, so timeouts show in the tail.
+    /// Phase 4b: a connection to one of the upstream's targets: an idle one of this worker's,
+    /// or a new one. A target that refuses the connection counts a failure (see `upstream.rs`
+    /// on ejection), and the next target is tried once: nothing was sent, so this is safe for
+    /// every method.
+    async fn connect<'u>(
+        &self,
+        ctx: &Ctx<'_>,
+        upstream: &'u Upstream,
+    ) -> Result<(&'u Target, Conn), Rejection> {
+        let mut target = upstream.pick(None);
+        for attempt in 0..2 {
+            if let Some(side) = self.pool.take(target.id) {
+                return Ok((target, Conn { side, reused: true }));
+            }
+            match target.connect(self.shared.timeouts.io).await {
+                Ok(side) => {
+                    target.succeeded();
+                    return Ok((
+                        target,
+                        Conn {
+                            side,
+                            reused: false,
+                        },
+                    ));
+                }
+                Err(e) => {
+                    target.failed();
+                    tracing::debug!(error = %e, route = ?ctx.route, "upstream connect failed");
+                    if attempt == 0 && upstream.target_count() > 1 {
+                        target = upstream.pick(Some(target.id));
+                        continue;
+                    }
+                }
+            }
+        }
+        Err(Rejection::bad_gateway("upstream unreachable"))
+    }
+
+    /// Phase 5: sends the request on `conn` and reads the answer's head, by `deadline` (the
+    /// upstream's timeout from `started`, when the connection was sought). The wait counts as
+    /// upstream latency whatever the result, so timeouts show in the tail.
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         ctx: &mut Ctx<'_>,
         client: &mut Side,
         head: &RequestHead,
-        upstream: &Upstream,
         target: &Target,
+        conn: Conn,
         out: &mut Vec<u8>,
+        started: Instant,
+        deadline: tokio::time::Instant,
     ) -> Result<(ResponseHead, Side), Rejection> {
         let client_gone = || {
             Rejection::new(
@@ -517,19 +602,14 @@ impl Worker {
         if staged {
             ctx.body = BodyRead::Done;
         }
-        let sent = Instant::now();
-        let result = tokio::time::timeout(
-            upstream.timeout,
-            self.send(ctx, client, head, target, out, staged),
+        let result = tokio::time::timeout_at(
+            deadline,
+            self.send(ctx, client, head, target, conn, out, staged),
         )
         .await;
-        ctx.event.upstream_latency_us = Some(sent.elapsed().as_micros() as u64);
+        ctx.event.upstream_latency_us = Some(started.elapsed().as_micros() as u64);
         match result {
-            Err(_) => Err(Rejection::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                Outcome::Timeout,
-                "upstream did not answer in time",
-            )),
+            Err(_) => Err(timed_out()),
             Ok(r) => r,
         }
     }
@@ -537,32 +617,31 @@ impl Worker {
     /// Writes the request and reads the answer's head. A pooled connection the upstream has
     /// closed meanwhile fails before any answer; the request is then sent once more on a new
     /// connection when it was sent whole (nothing of it can have been acted on).
+    #[allow(clippy::too_many_arguments)]
     async fn send(
         &self,
         ctx: &mut Ctx<'_>,
         client: &mut Side,
         head: &RequestHead,
         target: &Target,
+        conn: Conn,
         out: &[u8],
         staged: bool,
     ) -> Result<(ResponseHead, Side), Rejection> {
         let unreachable = || Rejection::bad_gateway("upstream unreachable");
+        let mut first = Some(conn);
         'attempt: for attempt in 0..2 {
-            // The second attempt never takes another pooled connection: it may be as stale.
-            let pooled = if attempt == 0 {
-                self.pool.take(target.id)
-            } else {
-                None
-            };
-            let (mut up, reused) = match pooled {
-                Some(side) => (side, true),
-                None => (
-                    target.connect(self.shared.timeouts.io).await.map_err(|e| {
+            // The second attempt is on a new connection: another pooled one may be as stale.
+            let (mut up, reused) = match first.take() {
+                Some(Conn { side, reused }) => (side, reused),
+                None => match target.connect(self.shared.timeouts.io).await {
+                    Ok(side) => (side, false),
+                    Err(e) => {
+                        target.failed();
                         tracing::debug!(error = %e, route = ?ctx.route, "upstream connect failed");
-                        unreachable()
-                    })?,
-                    false,
-                ),
+                        return Err(unreachable());
+                    }
+                },
             };
             let may_retry = reused && staged && attempt == 0;
             if up.write(out).await.is_err() {
@@ -617,6 +696,12 @@ impl Worker {
                 match up.read_more().await {
                     Ok(n) if n > 0 => {}
                     _ if may_retry && up.buf.is_empty() => continue 'attempt,
+                    _ if !reused && up.buf.is_empty() => {
+                        target.failed();
+                        return Err(Rejection::bad_gateway(
+                            "the upstream closed the connection without answering",
+                        ));
+                    }
                     _ => {
                         return Err(Rejection::bad_gateway(
                             "the upstream closed the connection without answering",
@@ -810,6 +895,9 @@ impl Worker {
                     ] {
                         h1::put_number_field(out, name, n);
                     }
+                }
+                if let (None, Some(secs)) = (r.over, r.retry_after) {
+                    h1::put_number_field(out, b"retry-after", secs);
                 }
                 if r.status == StatusCode::UNAUTHORIZED {
                     put_field(out, b"www-authenticate", b"Bearer realm=\"tollgate\"");

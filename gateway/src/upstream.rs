@@ -1,14 +1,33 @@
-//! Upstreams: their targets (round robin), the request target each forwarded request gets, and
-//! new connections. Idle connections are kept per worker (`conn::Pool`).
+//! Upstreams: their targets, how a request's target is chosen (round robin, or the less busy
+//! of two: least request), the load shedding of `max_in_flight`, passive outlier ejection, the
+//! request target each forwarded request gets, and new connections. Idle connections are kept
+//! per worker (`conn::Pool`).
+//!
+//! Passive outlier ejection: a target that refuses [`EJECT_AFTER`] connections in a row (or
+//! closes new ones without answering) sits out [`EJECT_FOR`], unless every target of its
+//! upstream is out, in which case they are all tried as usual.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Uri;
 use tokio::net::TcpStream;
 
+use crate::config::Balance;
 use crate::conn::Side;
+
+/// Failures in a row that eject a target.
+pub const EJECT_AFTER: u32 = 5;
+/// How long an ejected target sits out.
+pub const EJECT_FOR: Duration = Duration::from_secs(10);
+
+/// Milliseconds since the first call: a cheap shared clock for ejection deadlines.
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
 
 /// One upstream target: `http://host:port[/base]`, numbered across all upstreams so that a
 /// worker's pool can index its idle connections by it.
@@ -18,13 +37,48 @@ pub struct Target {
     pub authority: Bytes,
     /// The target's own path without its trailing slash (usually empty).
     base: String,
+    /// Requests this gateway has in flight to the target (least request).
+    in_flight: AtomicU64,
+    /// Connection failures in a row.
+    failures: AtomicU32,
+    /// Until when (`now_ms`) the target is ejected; 0 when it is not.
+    ejected_until: AtomicU64,
 }
 
-/// One upstream: its targets (round robin) and timeout.
+/// One upstream: its targets, how they are chosen, and its limit.
 pub struct Upstream {
     targets: Vec<Target>,
     next: AtomicU64,
     pub timeout: Duration,
+    balance: Balance,
+    max_in_flight: u64,
+    in_flight: AtomicU64,
+}
+
+/// A request in flight to an upstream (and, once chosen, to one of its targets): counted
+/// until dropped.
+pub struct InFlight<'u> {
+    upstream: &'u Upstream,
+    target: Option<&'u Target>,
+}
+
+impl<'u> InFlight<'u> {
+    /// Counts the request against `target` too (least request).
+    pub fn on(&mut self, target: &'u Target) {
+        if let Some(old) = self.target.replace(target) {
+            old.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        target.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(t) = self.target {
+            t.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Upstream {
@@ -52,6 +106,9 @@ impl Upstream {
                     id: first_id + i,
                     authority: Bytes::copy_from_slice(authority.as_str().as_bytes()),
                     base: uri.path().trim_end_matches('/').to_string(),
+                    in_flight: AtomicU64::new(0),
+                    failures: AtomicU32::new(0),
+                    ejected_until: AtomicU64::new(0),
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -59,6 +116,9 @@ impl Upstream {
             targets,
             next: AtomicU64::new(0),
             timeout: Duration::from_millis(config.timeout_ms),
+            balance: config.balance,
+            max_in_flight: config.max_in_flight.unwrap_or(u64::MAX),
+            in_flight: AtomicU64::new(0),
         })
     }
 
@@ -67,14 +127,83 @@ impl Upstream {
         self.targets.len()
     }
 
-    /// The next target, round robin.
-    pub fn pick(&self) -> &Target {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.targets.len();
+    /// A place for one more request, unless `max_in_flight` are already in flight.
+    pub fn admit(&self) -> Option<InFlight<'_>> {
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max_in_flight {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(InFlight {
+            upstream: self,
+            target: None,
+        })
+    }
+
+    /// The target for the next request, leaving out `not` (a target that just failed) and
+    /// ejected targets while any other is left.
+    pub fn pick(&self, not: Option<usize>) -> &Target {
+        let now = now_ms();
+        let usable =
+            |t: &Target| Some(t.id) != not && t.ejected_until.load(Ordering::Relaxed) <= now;
+        let n = self.targets.len();
+        match self.balance {
+            Balance::RoundRobin => {
+                for _ in 0..n {
+                    let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % n;
+                    if usable(&self.targets[i]) {
+                        return &self.targets[i];
+                    }
+                }
+            }
+            Balance::LeastRequest => {
+                let candidates: [usize; 2] = if n <= 1 {
+                    [0, 0]
+                } else {
+                    let a = rand::random_range(0..n);
+                    let b = (a + 1 + rand::random_range(0..n - 1)) % n;
+                    [a, b]
+                };
+                let load = |i: usize| self.targets[i].in_flight.load(Ordering::Relaxed);
+                let [a, b] = candidates;
+                let (first, second) = if load(b) < load(a) { (b, a) } else { (a, b) };
+                for i in [first, second] {
+                    if usable(&self.targets[i]) {
+                        return &self.targets[i];
+                    }
+                }
+                if let Some(t) = self.targets.iter().find(|t| usable(t)) {
+                    return t;
+                }
+            }
+        }
+        // Nothing usable: every target is out (or the only one just failed). Try them anyway.
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % n;
         &self.targets[i]
     }
 }
 
 impl Target {
+    /// A connection that worked: the failures in a row start again.
+    pub fn succeeded(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A connection that failed; the `EJECT_AFTER`th in a row ejects the target.
+    pub fn failed(&self) {
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= EJECT_AFTER {
+            self.failures.store(0, Ordering::Relaxed);
+            self.ejected_until
+                .store(now_ms() + EJECT_FOR.as_millis() as u64, Ordering::Relaxed);
+            tracing::warn!(
+                target = %String::from_utf8_lossy(&self.authority),
+                seconds = EJECT_FOR.as_secs(),
+                "upstream target failed {EJECT_AFTER} connections in a row; ejected"
+            );
+        }
+    }
+
     /// A new connection to this target, with Nagle's algorithm off; `io` bounds each of its
     /// body reads and writes.
     pub async fn connect(&self, io: Duration) -> std::io::Result<Side> {
@@ -114,11 +243,13 @@ mod tests {
             &crate::config::UpstreamConfig {
                 targets: vec![t.into()],
                 timeout_ms: 1000,
+                balance: Default::default(),
+                max_in_flight: None,
             },
             0,
         )
         .unwrap();
-        let target = up.pick();
+        let target = up.pick(None);
         let mut out = b"http://".to_vec();
         out.extend_from_slice(&target.authority);
         target.put_path(&mut out, strip, &uri.parse().unwrap());
@@ -167,21 +298,93 @@ mod tests {
             &crate::config::UpstreamConfig {
                 targets: vec!["http://a:1".into(), "http://b:2".into()],
                 timeout_ms: 1000,
+                balance: Default::default(),
+                max_in_flight: None,
             },
             5,
         )
         .unwrap();
-        let ids: Vec<usize> = (0..4).map(|_| up.pick().id).collect();
+        let ids: Vec<usize> = (0..4).map(|_| up.pick(None).id).collect();
         assert_eq!(ids, [5, 6, 5, 6]);
         assert!(
             Upstream::new(
                 &crate::config::UpstreamConfig {
                     targets: vec!["https://a:1".into()],
-                    timeout_ms: 1
+                    timeout_ms: 1,
+                    balance: Default::default(),
+                    max_in_flight: None,
                 },
                 0
             )
             .is_err()
+        );
+    }
+
+    fn upstream(targets: usize, balance: Balance) -> Upstream {
+        Upstream::new(
+            &crate::config::UpstreamConfig {
+                targets: (0..targets).map(|i| format!("http://t{i}:80")).collect(),
+                timeout_ms: 1000,
+                balance,
+                max_in_flight: Some(2),
+            },
+            0,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn least_request_prefers_the_less_busy_of_two() {
+        let up = upstream(2, Balance::LeastRequest);
+        let mut busy = up.admit().unwrap();
+        busy.on(&up.targets[0]);
+        assert!(
+            (0..50).all(|_| up.pick(None).id == 1),
+            "two targets: always the idle one"
+        );
+        drop(busy);
+        let ids: std::collections::HashSet<usize> = (0..200).map(|_| up.pick(None).id).collect();
+        assert_eq!(ids.len(), 2, "equal load: both are used");
+    }
+
+    #[test]
+    fn admission_stops_at_max_in_flight_and_frees_on_drop() {
+        let up = upstream(1, Balance::RoundRobin);
+        let a = up.admit().unwrap();
+        let b = up.admit().unwrap();
+        assert!(up.admit().is_none());
+        drop(a);
+        assert!(up.admit().is_some());
+        drop(b);
+    }
+
+    #[test]
+    fn a_target_failing_in_a_row_is_ejected_while_another_is_usable() {
+        let up = upstream(2, Balance::RoundRobin);
+        for _ in 0..EJECT_AFTER - 1 {
+            up.targets[0].failed();
+        }
+        up.targets[0].succeeded();
+        up.targets[0].failed();
+        assert!(
+            (0..4).any(|_| up.pick(None).id == 0),
+            "not in a row: still used"
+        );
+        for _ in 0..EJECT_AFTER {
+            up.targets[0].failed();
+        }
+        assert!((0..10).all(|_| up.pick(None).id == 1), "ejected");
+        up.targets[1]
+            .ejected_until
+            .store(u64::MAX, Ordering::Relaxed);
+        assert!(
+            (0..4).any(|_| up.pick(None).id == 0),
+            "all out: tried anyway"
+        );
+        assert_eq!(
+            up.pick(Some(0)).id,
+            1,
+            "the one that just failed is left out when possible"
         );
     }
 }

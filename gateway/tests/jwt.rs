@@ -75,6 +75,7 @@ async fn each_route_runs_its_chain_of_authenticators() {
     let route = |id: &str, auth: RouteAuth| RouteConfig {
         id: id.into(),
         methods: vec![],
+        hosts: vec![],
         path: format!("/{id}"),
         upstream: "app".into(),
         strip_prefix: None,
@@ -88,6 +89,8 @@ async fn each_route_runs_its_chain_of_authenticators() {
             UpstreamConfig {
                 targets: vec![format!("http://{up}")],
                 timeout_ms: 1000,
+                balance: Default::default(),
+                max_in_flight: None,
             },
         )]
         .into(),

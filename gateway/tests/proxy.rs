@@ -100,6 +100,7 @@ impl Harness {
         let route = |id: &str, path: &str, upstream: &str| RouteConfig {
             id: id.into(),
             methods: vec![],
+            hosts: vec![],
             path: path.into(),
             upstream: upstream.into(),
             strip_prefix: None,
@@ -116,6 +117,8 @@ impl Harness {
                     UpstreamConfig {
                         targets: vec![format!("http://{upstream}")],
                         timeout_ms: 200,
+                        balance: Default::default(),
+                        max_in_flight: None,
                     },
                 ),
                 (
@@ -123,6 +126,8 @@ impl Harness {
                     UpstreamConfig {
                         targets: vec![format!("http://{dead}")],
                         timeout_ms: 200,
+                        balance: Default::default(),
+                        max_in_flight: None,
                     },
                 ),
             ]
@@ -432,12 +437,15 @@ async fn keys_are_checked_in_the_default_header_when_auth_is_not_configured() {
             UpstreamConfig {
                 targets: vec![format!("http://{upstream}")],
                 timeout_ms: 1000,
+                balance: Default::default(),
+                max_in_flight: None,
             },
         )]
         .into(),
         routes: vec![RouteConfig {
             id: "echo".into(),
             methods: vec![],
+            hosts: vec![],
             path: "/echo".into(),
             upstream: "app".into(),
             strip_prefix: None,

@@ -48,6 +48,9 @@ async fn read_body(sock: &mut TcpStream, buf: &mut BytesMut, framing: Framing) -
     }
 }
 
+/// Whether the scripted upstream has received a `/slow` request.
+static SLOW_STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Connections the scripted upstream closed after a `/drop` answer.
 static DROPPED: AtomicUsize = AtomicUsize::new(0);
 
@@ -97,6 +100,10 @@ async fn upstream() -> SocketAddr {
                     })
                     .to_string();
                     let path = head.uri.path().to_string();
+                    if path.ends_with("/slow") {
+                        SLOW_STARTED.store(true, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
                     let answer = if head.method == http::Method::HEAD {
                         format!(
                             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
@@ -134,20 +141,23 @@ async fn upstream() -> SocketAddr {
 }
 
 async fn gateway() -> common::Running {
-    gateway_with(Default::default()).await
+    gateway_with(|_| {}).await
 }
 
-async fn gateway_with(connections: ConnectionSettings) -> common::Running {
+/// The test gateway (routes `/open/*` anonymous and `/keyed/*` with an API key, both to the
+/// scripted upstream), after `adjust` has changed its configuration.
+async fn gateway_with(adjust: impl FnOnce(&mut GatewayConfig)) -> common::Running {
     let up = upstream().await;
     let route = |id: &str, path: &str, auth: bool| RouteConfig {
         id: id.into(),
         methods: vec![],
+        hosts: vec![],
         path: path.into(),
         upstream: "app".into(),
         strip_prefix: None,
         auth: RouteAuth::All(auth),
     };
-    let config = GatewayConfig {
+    let mut config = GatewayConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         id: Some("gw-wire".into()),
         upstreams: [(
@@ -155,6 +165,8 @@ async fn gateway_with(connections: ConnectionSettings) -> common::Running {
             UpstreamConfig {
                 targets: vec![format!("http://{up}")],
                 timeout_ms: 2000,
+                balance: Default::default(),
+                max_in_flight: None,
             },
         )]
         .into(),
@@ -168,9 +180,9 @@ async fn gateway_with(connections: ConnectionSettings) -> common::Running {
             }),
             jwt: None,
         },
-        connections,
         ..Default::default()
     };
+    adjust(&mut config);
     let consumers = vec![Consumer {
         id: "acme".into(),
         plan: "open".into(),
@@ -446,10 +458,12 @@ async fn a_pooled_connection_the_upstream_closed_is_replaced_without_an_error() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_head_gets_408_and_an_idle_connection_is_closed() {
-    let gw = gateway_with(ConnectionSettings {
-        head_timeout_ms: 300,
-        idle_timeout_ms: 600,
-        io_timeout_ms: 1000,
+    let gw = gateway_with(|c| {
+        c.connections = ConnectionSettings {
+            head_timeout_ms: 300,
+            idle_timeout_ms: 600,
+            io_timeout_ms: 1000,
+        }
     })
     .await;
     // Slowloris: the head starts and never ends, a byte now and then keeping it alive.
@@ -534,4 +548,50 @@ async fn a_websocket_is_tunnelled_and_metered_once_when_it_closes() {
         .expect("the gateway stops with a WebSocket open")
         .unwrap();
     assert!(open.closed().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_target_is_skipped_and_max_in_flight_sheds_load_with_503() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap(); // closed once dropped
+    let gw = gateway_with(|c| {
+        let app = c.upstreams.get_mut("app").unwrap();
+        app.targets.insert(0, format!("http://{dead}"));
+        app.balance = tollgate_gateway::config::Balance::LeastRequest;
+    })
+    .await;
+    // Every request gets through although one target of two refuses connections.
+    for i in 0..12 {
+        let mut c = Client::connect(&gw).await;
+        c.send(format!("GET /open/{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await;
+        assert_eq!(c.report().await["target"], format!("/open/{i}"));
+    }
+    gw.shutdown.cancel();
+
+    // One request in flight is the limit: while it is, the next is shed at once.
+    let gw = gateway_with(|c| c.upstreams.get_mut("app").unwrap().max_in_flight = Some(1)).await;
+    let mut slow = Client::connect(&gw).await;
+    slow.send(b"GET /open/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !SLOW_STARTED.load(Ordering::SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow request never arrived"
+        );
+        tokio::task::yield_now().await;
+    }
+    let mut c = Client::connect(&gw).await;
+    c.send(b"GET /open/now HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (status, head, body) = c.answer(&http::Method::GET).await;
+    assert!(
+        status == 503 && head.contains("retry-after: 1"),
+        "{status} {head}"
+    );
+    assert!(String::from_utf8_lossy(&body).contains("max_in_flight"));
+    assert_eq!(slow.report().await["target"], "/open/slow");
+    gw.shutdown.cancel();
 }
