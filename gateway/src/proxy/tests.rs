@@ -1,5 +1,6 @@
 //! The phases' pure parts: ids, trace context, forwarding headers, outcomes, own answers.
 
+use super::answer::classify;
 use super::*;
 
 #[test]
