@@ -446,6 +446,24 @@ pub struct QuotaFeedConfig {
     /// Poll interval in milliseconds (default 1000).
     #[serde(default)]
     pub poll_ms: Option<u64>,
+    /// Seconds since the quota state was last fetched past which it is stale. Unset: never
+    /// stale (the last known state stays in force while the query API is unreachable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_after_s: Option<u64>,
+    /// What a stale state means for consumers whose plan has a quota: `open` (the default:
+    /// quotas are not enforced until the state is fresh again) or `closed` (their requests get
+    /// 503 until it is).
+    #[serde(default)]
+    pub when_stale: WhenStale,
+}
+
+/// `gateway.quota.when_stale`: fail open or fail closed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenStale {
+    #[default]
+    Open,
+    Closed,
 }
 
 const METHODS: [&str; 9] = [

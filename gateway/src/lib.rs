@@ -61,6 +61,9 @@ pub struct Shared {
     quota: Arc<limits::QuotaState>,
     /// Each route's upstream, by the route's position in the configuration.
     route_upstreams: Vec<Arc<upstream::Upstream>>,
+    /// Plans with a quota: whose consumers a stale quota state refuses under `when_stale:
+    /// closed`.
+    quota_plans: std::collections::HashSet<String>,
     /// How many upstream targets there are (they are numbered from 0).
     targets: usize,
     timeouts: conn::Timeouts,
@@ -163,7 +166,10 @@ impl Gateway {
             bus,
             metrics.clone(),
         );
-        let quota = Arc::new(limits::QuotaState::default());
+        let quota = Arc::new(limits::QuotaState::with_staleness(
+            config.quota.stale_after_s,
+            config.quota.when_stale,
+        ));
         let feed = config.quota.url.as_ref().map(|url| quota_feed::QuotaFeed {
             url: url.clone(),
             persist: (!config.state_dir.as_os_str().is_empty())
@@ -201,6 +207,11 @@ impl Gateway {
             rate_limits: limits::RateLimits::new(consumers, plans),
             quota,
             route_upstreams,
+            quota_plans: plans
+                .iter()
+                .filter(|(_, p)| p.quota.is_some())
+                .map(|(name, _)| name.clone())
+                .collect(),
             targets,
             timeouts: config.connections.into(),
         });

@@ -3,7 +3,9 @@
 //!
 //! Quota enforcement is eventually consistent: the state is as fresh as the last poll plus the
 //! pipeline's freshness (about a second), so a consumer can overshoot by what it sends in that
-//! time. When the query API is unreachable the last known state stays in force.
+//! time. When the query API is unreachable the last known state stays in force, unless
+//! `gateway.quota.stale_after_s` is set: past that age the state is stale, and `when_stale`
+//! says whether quotas are then not enforced (`open`) or their consumers refused (`closed`).
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -14,6 +16,8 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tollgate_schemas::config::{Consumer, Plan};
+
+use crate::config::WhenStale;
 
 /// Token buckets per consumer, by the consumer's position in the configuration (no name is
 /// hashed on the request path).
@@ -167,9 +171,41 @@ pub struct QuotaState {
     position: std::sync::Mutex<Option<(i64, u64)>>,
     /// Unix seconds of the last successful update (0: never).
     pub updated_at: AtomicU64,
+    /// `gateway.quota.stale_after_s` and `when_stale`.
+    stale: Option<(u64, WhenStale)>,
+}
+
+/// Whether the quota state can be enforced as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staleness {
+    Fresh,
+    /// Older than `stale_after_s`: the policy says what to do.
+    Stale(WhenStale),
 }
 
 impl QuotaState {
+    /// An empty state that turns stale `stale_after_s` seconds after its last update.
+    pub fn with_staleness(stale_after_s: Option<u64>, when: WhenStale) -> QuotaState {
+        QuotaState {
+            stale: stale_after_s.map(|s| (s, when)),
+            ..Default::default()
+        }
+    }
+
+    /// Whether the state is older than `stale_after_s` (never, when that is unset).
+    pub fn staleness(&self) -> Staleness {
+        let Some((after, when)) = self.stale else {
+            return Staleness::Fresh;
+        };
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        let updated = self.updated_at.load(Ordering::Relaxed);
+        if updated == 0 || now.saturating_sub(updated) > after {
+            Staleness::Stale(when)
+        } else {
+            Staleness::Fresh
+        }
+    }
+
     /// Applies an answer of `/v1/quota`: a full one replaces the state, a partial one
     /// (`full: false`, the entries that changed) is merged into it. A consumer's local count
     /// carries over, less what the store counted meanwhile (see `Known::of`).
@@ -490,5 +526,32 @@ mod tests {
             consumers: vec![],
         });
         assert!(q.reserve("a").is_ok() && q.snapshot().consumers.is_empty());
+    }
+
+    #[test]
+    fn the_state_turns_stale_past_its_age_limit_and_fresh_on_update() {
+        let now = chrono::Utc::now().timestamp() as u64;
+        assert_eq!(
+            QuotaState::default().staleness(),
+            Staleness::Fresh,
+            "no limit: never stale"
+        );
+        let q = QuotaState::with_staleness(Some(30), WhenStale::Closed);
+        assert_eq!(
+            q.staleness(),
+            Staleness::Stale(WhenStale::Closed),
+            "never fetched"
+        );
+        q.updated_at.store(now - 10, Ordering::Relaxed);
+        assert_eq!(q.staleness(), Staleness::Fresh);
+        q.updated_at.store(now - 31, Ordering::Relaxed);
+        assert_eq!(q.staleness(), Staleness::Stale(WhenStale::Closed));
+        q.update(QuotaSnapshot {
+            version: 1,
+            epoch: 1,
+            full: true,
+            consumers: vec![],
+        });
+        assert_eq!(q.staleness(), Staleness::Fresh, "a poll makes it fresh");
     }
 }

@@ -26,9 +26,10 @@ use tollgate_schemas::event::is_lower_hex;
 use crate::Shared;
 use crate::auth::Identity;
 use crate::config::RouteConfig;
+use crate::config::WhenStale;
 use crate::conn::{self, After, Broken, Pool, Side};
 use crate::h1::{self, Fields, Framing, Parsed, RequestHead, ResponseHead, put_field};
-use crate::limits::Reservation;
+use crate::limits::{Reservation, Staleness};
 use crate::recorder::{Draft, Measured, Recorder, TraceId};
 use crate::upstream::{Target, Upstream};
 
@@ -361,7 +362,8 @@ impl Worker {
     }
 
     /// Phase 3: the consumer's rate limit, then its quota (a unit is reserved, kept only if
-    /// the answer is billable).
+    /// the answer is billable). A stale quota state is not enforced (`when_stale: open`), or
+    /// refuses consumers whose plan has a quota with 503 (`closed`).
     fn admit(&self, ctx: &mut Ctx<'_>, identity: Option<Identity>) -> Result<(), Rejection> {
         let Some(id) = identity else { return Ok(()) };
         let id = &*ctx.event.identity.insert(id);
@@ -373,6 +375,19 @@ impl Worker {
             )
             .over_limit(over)
         })?;
+        match self.shared.quota.staleness() {
+            Staleness::Fresh => {}
+            Staleness::Stale(WhenStale::Open) => return Ok(()),
+            Staleness::Stale(WhenStale::Closed) if self.shared.quota_plans.contains(&*id.plan) => {
+                return Err(Rejection::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Outcome::QuotaExceeded,
+                    "the quota state is older than gateway.quota.stale_after_s and this gateway fails closed",
+                )
+                .retry_after(1));
+            }
+            Staleness::Stale(WhenStale::Closed) => return Ok(()),
+        }
         ctx.reservation = self.shared.quota.reserve(&id.consumer).map_err(|over| {
             Rejection::new(
                 StatusCode::TOO_MANY_REQUESTS,

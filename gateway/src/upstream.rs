@@ -53,18 +53,24 @@ pub struct Upstream {
     balance: Balance,
     max_in_flight: u64,
     in_flight: AtomicU64,
+    /// Whether requests in flight are counted (a limit, or least request).
+    counted: bool,
 }
 
 /// A request in flight to an upstream (and, once chosen, to one of its targets): counted
 /// until dropped.
 pub struct InFlight<'u> {
-    upstream: &'u Upstream,
+    /// `None` when the upstream does not count its requests.
+    upstream: Option<&'u Upstream>,
     target: Option<&'u Target>,
 }
 
 impl<'u> InFlight<'u> {
     /// Counts the request against `target` too (least request).
     pub fn on(&mut self, target: &'u Target) {
+        if self.upstream.is_none() {
+            return;
+        }
         if let Some(old) = self.target.replace(target) {
             old.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
@@ -74,7 +80,9 @@ impl<'u> InFlight<'u> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(u) = self.upstream {
+            u.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(t) = self.target {
             t.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
@@ -119,6 +127,7 @@ impl Upstream {
             balance: config.balance,
             max_in_flight: config.max_in_flight.unwrap_or(u64::MAX),
             in_flight: AtomicU64::new(0),
+            counted: config.max_in_flight.is_some() || config.balance == Balance::LeastRequest,
         })
     }
 
@@ -127,14 +136,22 @@ impl Upstream {
         self.targets.len()
     }
 
-    /// A place for one more request, unless `max_in_flight` are already in flight.
+    /// A place for one more request, unless `max_in_flight` are already in flight. Requests
+    /// are counted only when something reads the counts (a limit, or least request): the
+    /// counters are shared by every worker thread, and an uncounted request touches none.
     pub fn admit(&self) -> Option<InFlight<'_>> {
+        if !self.counted {
+            return Some(InFlight {
+                upstream: None,
+                target: None,
+            });
+        }
         if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max_in_flight {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
         Some(InFlight {
-            upstream: self,
+            upstream: Some(self),
             target: None,
         })
     }

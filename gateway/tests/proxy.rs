@@ -149,6 +149,7 @@ impl Harness {
                 url: Some(format!("http://{quota}/v1/quota")),
                 token: None,
                 poll_ms: Some(20),
+                ..Default::default()
             },
             ..Default::default()
         };

@@ -183,12 +183,30 @@ async fn gateway_with(adjust: impl FnOnce(&mut GatewayConfig)) -> common::Runnin
         ..Default::default()
     };
     adjust(&mut config);
-    let consumers = vec![Consumer {
-        id: "acme".into(),
-        plan: "open".into(),
-        api_keys: vec![hash_key("k-acme")],
-    }];
-    let plans = [("open".to_string(), Plan::default())].into();
+    let consumers = vec![
+        Consumer {
+            id: "acme".into(),
+            plan: "open".into(),
+            api_keys: vec![hash_key("k-acme")],
+        },
+        Consumer {
+            id: "metered".into(),
+            plan: "metered".into(),
+            api_keys: vec![hash_key("k-metered")],
+        },
+    ];
+    let metered = Plan {
+        quota: Some(tollgate_schemas::config::Quota {
+            period: Default::default(),
+            requests: 1_000_000,
+        }),
+        ..Default::default()
+    };
+    let plans = [
+        ("open".to_string(), Plan::default()),
+        ("metered".to_string(), metered),
+    ]
+    .into();
     common::start(config, &consumers, &plans).await
 }
 
@@ -594,4 +612,53 @@ async fn a_refused_target_is_skipped_and_max_in_flight_sheds_load_with_503() {
     assert!(String::from_utf8_lossy(&body).contains("max_in_flight"));
     assert_eq!(slow.report().await["target"], "/open/slow");
     gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_quota_state_fails_open_or_closed_as_configured() {
+    use tollgate_gateway::config::WhenStale;
+    // The query API is unreachable: the quota state is never fetched, so it is stale at once.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let status = |gw: &common::Running, key: &'static str| {
+        let addr = gw.addr;
+        async move {
+            let mut c = Client {
+                sock: TcpStream::connect(addr).await.unwrap(),
+                buf: BytesMut::new(),
+            };
+            c.send(
+                format!("GET /keyed/x HTTP/1.1\r\nHost: x\r\nx-api-key: {key}\r\n\r\n").as_bytes(),
+            )
+            .await;
+            c.answer(&http::Method::GET).await
+        }
+    };
+    for when in [WhenStale::Closed, WhenStale::Open] {
+        let gw = gateway_with(|c| {
+            c.quota.url = Some(format!("http://{dead}/v1/quota"));
+            c.quota.stale_after_s = Some(30);
+            c.quota.when_stale = when;
+        })
+        .await;
+        let (got, head, body) = status(&gw, "k-metered").await;
+        match when {
+            WhenStale::Closed => {
+                assert!(
+                    got == 503 && head.contains("retry-after: 1"),
+                    "{got} {head}"
+                );
+                assert!(String::from_utf8_lossy(&body).contains("stale_after_s"));
+            }
+            WhenStale::Open => assert_eq!(got, 200, "not enforced while stale"),
+        }
+        assert_eq!(
+            status(&gw, "k-acme").await.0,
+            200,
+            "a plan without a quota is never refused for it"
+        );
+        gw.shutdown.cancel();
+    }
 }
