@@ -161,6 +161,37 @@ pub struct UpstreamConfig {
     /// request is answered 503 at once (load shed) rather than queued. Unset: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<u64>,
+    /// Active health checks of each target; unset: none (passive ejection only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// `gateway.upstreams.*.health_check`: a `GET` of `path` on each target every `interval_ms`.
+/// A target that fails `unhealthy_after` checks in a row (no answer within `timeout_ms`, or a
+/// status other than 2xx) gets no requests until it passes `healthy_after` in a row, unless
+/// every target of the upstream is down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub path: String,
+    #[serde(default = "default_check_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_check_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_check_threshold")]
+    pub unhealthy_after: u32,
+    #[serde(default = "default_check_threshold")]
+    pub healthy_after: u32,
+}
+
+fn default_check_interval_ms() -> u64 {
+    5_000
+}
+fn default_check_timeout_ms() -> u64 {
+    1_000
+}
+fn default_check_threshold() -> u32 {
+    2
 }
 
 /// `gateway.upstreams.*.balance`.
@@ -498,6 +529,17 @@ impl GatewayConfig {
             ));
         }
         for (name, u) in &self.upstreams {
+            if let Some(h) = &u.health_check
+                && (!h.path.starts_with('/')
+                    || h.interval_ms == 0
+                    || h.timeout_ms == 0
+                    || h.unhealthy_after == 0
+                    || h.healthy_after == 0)
+            {
+                return Err(format!(
+                    "gateway.upstreams.{name}.health_check: `path` must start with `/`, and the intervals and thresholds must be at least 1"
+                ));
+            }
             if u.targets.is_empty() {
                 return Err(format!(
                     "gateway.upstreams.{name}.targets: needs at least one target"

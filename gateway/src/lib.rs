@@ -251,6 +251,15 @@ impl Gateway {
         if let Some(jwt) = shared.auth.jwt() {
             tokio::spawn(jwt.refresh_every(shutdown.clone()));
         }
+        // Routes of one upstream share it: one checker per upstream.
+        let mut checked: Vec<&Arc<upstream::Upstream>> = Vec::new();
+        for u in &shared.route_upstreams {
+            if !checked.iter().any(|c| Arc::ptr_eq(c, u)) {
+                checked.push(u);
+                tokio::spawn(u.clone().check_health(shutdown.clone()));
+            }
+        }
+        drop(checked);
         if let Some(feed) = feed {
             feed.load_persisted();
             tokio::spawn(feed.run(shutdown.clone()));

@@ -5,7 +5,9 @@
 //!
 //! Passive outlier ejection: a target that refuses [`EJECT_AFTER`] connections in a row (or
 //! closes new ones without answering) sits out [`EJECT_FOR`], unless every target of its
-//! upstream is out, in which case they are all tried as usual.
+//! upstream is out, in which case they are all tried as usual. Active health checks
+//! ([`Upstream::check_health`], `health_check` in the configuration) take a target out while it
+//! fails them, on the same terms.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -43,6 +45,8 @@ pub struct Target {
     failures: AtomicU32,
     /// Until when (`now_ms`) the target is ejected; 0 when it is not.
     ejected_until: AtomicU64,
+    /// Whether the target passes its active health checks (always, without them).
+    healthy: std::sync::atomic::AtomicBool,
 }
 
 /// One upstream: its targets, how they are chosen, and its limit.
@@ -55,6 +59,7 @@ pub struct Upstream {
     in_flight: AtomicU64,
     /// Whether requests in flight are counted (a limit, or least request).
     counted: bool,
+    health_check: Option<crate::config::HealthCheck>,
 }
 
 /// A request in flight to an upstream (and, once chosen, to one of its targets): counted
@@ -117,6 +122,7 @@ impl Upstream {
                     in_flight: AtomicU64::new(0),
                     failures: AtomicU32::new(0),
                     ejected_until: AtomicU64::new(0),
+                    healthy: std::sync::atomic::AtomicBool::new(true),
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -128,6 +134,7 @@ impl Upstream {
             max_in_flight: config.max_in_flight.unwrap_or(u64::MAX),
             in_flight: AtomicU64::new(0),
             counted: config.max_in_flight.is_some() || config.balance == Balance::LeastRequest,
+            health_check: config.health_check.clone(),
         })
     }
 
@@ -160,8 +167,11 @@ impl Upstream {
     /// ejected targets while any other is left.
     pub fn pick(&self, not: Option<usize>) -> &Target {
         let now = now_ms();
-        let usable =
-            |t: &Target| Some(t.id) != not && t.ejected_until.load(Ordering::Relaxed) <= now;
+        let usable = |t: &Target| {
+            Some(t.id) != not
+                && t.ejected_until.load(Ordering::Relaxed) <= now
+                && t.healthy.load(Ordering::Relaxed)
+        };
         let n = self.targets.len();
         match self.balance {
             Balance::RoundRobin => {
@@ -199,7 +209,75 @@ impl Upstream {
     }
 }
 
+impl Upstream {
+    /// Checks every target's health every `interval_ms` until `shutdown`, when the upstream
+    /// has `health_check` (returns at once otherwise).
+    pub async fn check_health(
+        self: std::sync::Arc<Self>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let Some(check) = self.health_check.clone() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(check.interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Passes (positive) or failures (negative) in a row, per target.
+        let mut streak = vec![0i64; self.targets.len()];
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            for (t, streak) in self.targets.iter().zip(streak.iter_mut()) {
+                let timeout = Duration::from_millis(check.timeout_ms);
+                let probed = tokio::time::timeout(timeout, t.probe(&check.path)).await;
+                let passed = matches!(probed, Ok(Ok(s)) if (200..300).contains(&s));
+                *streak = match (passed, *streak > 0) {
+                    (true, true) => *streak + 1,
+                    (true, false) => 1,
+                    (false, true) => -1,
+                    (false, false) => *streak - 1,
+                };
+                let healthy = t.healthy.load(Ordering::Relaxed);
+                let authority = String::from_utf8_lossy(&t.authority);
+                if healthy && -*streak >= i64::from(check.unhealthy_after) {
+                    t.healthy.store(false, Ordering::Relaxed);
+                    tracing::warn!(upstream_target = %authority, path = %check.path, "upstream target failed its health checks; taken out");
+                } else if !healthy && *streak >= i64::from(check.healthy_after) {
+                    t.healthy.store(true, Ordering::Relaxed);
+                    tracing::info!(upstream_target = %authority, "upstream target passes its health checks again");
+                }
+            }
+        }
+    }
+}
+
 impl Target {
+    /// One health check: `GET path` on a new connection; the answer's status.
+    async fn probe(&self, path: &str) -> std::io::Result<u16> {
+        let mut side = self.connect(Duration::from_secs(5)).await?;
+        let mut req = Vec::with_capacity(128);
+        req.extend_from_slice(b"GET ");
+        req.extend_from_slice(self.base.as_bytes());
+        req.extend_from_slice(path.as_bytes());
+        req.extend_from_slice(b" HTTP/1.1\r\n");
+        crate::h1::put_field(&mut req, b"host", &self.authority);
+        crate::h1::put_field(&mut req, b"user-agent", b"tollgate-health-check");
+        crate::h1::put_field(&mut req, b"connection", b"close");
+        req.extend_from_slice(b"\r\n");
+        side.write(&req).await?;
+        loop {
+            match crate::h1::parse_response(&mut side.buf, &http::Method::GET) {
+                Ok(crate::h1::Parsed::Head(head)) => return Ok(head.status.as_u16()),
+                Ok(crate::h1::Parsed::Partial) => {}
+                Err(why) => return Err(std::io::Error::other(why)),
+            }
+            if side.read_more().await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
     /// A connection that worked: the failures in a row start again.
     pub fn succeeded(&self) {
         if self.failures.load(Ordering::Relaxed) != 0 {
@@ -214,7 +292,7 @@ impl Target {
             self.ejected_until
                 .store(now_ms() + EJECT_FOR.as_millis() as u64, Ordering::Relaxed);
             tracing::warn!(
-                target = %String::from_utf8_lossy(&self.authority),
+                upstream_target = %String::from_utf8_lossy(&self.authority),
                 seconds = EJECT_FOR.as_secs(),
                 "upstream target failed {EJECT_AFTER} connections in a row; ejected"
             );
@@ -262,6 +340,7 @@ mod tests {
                 timeout_ms: 1000,
                 balance: Default::default(),
                 max_in_flight: None,
+                health_check: None,
             },
             0,
         )
@@ -317,6 +396,7 @@ mod tests {
                 timeout_ms: 1000,
                 balance: Default::default(),
                 max_in_flight: None,
+                health_check: None,
             },
             5,
         )
@@ -330,6 +410,7 @@ mod tests {
                     timeout_ms: 1,
                     balance: Default::default(),
                     max_in_flight: None,
+                    health_check: None,
                 },
                 0
             )
@@ -344,6 +425,7 @@ mod tests {
                 timeout_ms: 1000,
                 balance,
                 max_in_flight: Some(2),
+                health_check: None,
             },
             0,
         )

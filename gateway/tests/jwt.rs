@@ -91,6 +91,7 @@ async fn each_route_runs_its_chain_of_authenticators() {
                 timeout_ms: 1000,
                 balance: Default::default(),
                 max_in_flight: None,
+                health_check: None,
             },
         )]
         .into(),

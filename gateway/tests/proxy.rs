@@ -119,6 +119,7 @@ impl Harness {
                         timeout_ms: 200,
                         balance: Default::default(),
                         max_in_flight: None,
+                        health_check: None,
                     },
                 ),
                 (
@@ -128,6 +129,7 @@ impl Harness {
                         timeout_ms: 200,
                         balance: Default::default(),
                         max_in_flight: None,
+                        health_check: None,
                     },
                 ),
             ]
@@ -440,6 +442,7 @@ async fn keys_are_checked_in_the_default_header_when_auth_is_not_configured() {
                 timeout_ms: 1000,
                 balance: Default::default(),
                 max_in_flight: None,
+                health_check: None,
             },
         )]
         .into(),

@@ -6,7 +6,8 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -49,7 +50,7 @@ async fn read_body(sock: &mut TcpStream, buf: &mut BytesMut, framing: Framing) -
 }
 
 /// Whether the scripted upstream has received a `/slow` request.
-static SLOW_STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static SLOW_STARTED: AtomicBool = AtomicBool::new(false);
 
 /// Connections the scripted upstream closed after a `/drop` answer.
 static DROPPED: AtomicUsize = AtomicUsize::new(0);
@@ -57,11 +58,17 @@ static DROPPED: AtomicUsize = AtomicUsize::new(0);
 /// The scripted upstream: answers each request with what it received, as JSON; the path says
 /// how it frames the answer and whether it keeps the connection.
 async fn upstream() -> SocketAddr {
+    upstream_with(Arc::new(AtomicBool::new(true))).await
+}
+
+/// The scripted upstream, whose `/health` answers 200 while `healthy` holds, else 503.
+async fn upstream_with(healthy: Arc<AtomicBool>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
             let (mut sock, _) = listener.accept().await.unwrap();
+            let healthy = healthy.clone();
             tokio::spawn(async move {
                 let mut buf = BytesMut::new();
                 loop {
@@ -85,6 +92,20 @@ async fn upstream() -> SocketAddr {
                             }
                         }
                     }
+                    if head.uri.path() == "/health" {
+                        let status = if healthy.load(Ordering::SeqCst) {
+                            "200 OK"
+                        } else {
+                            "503 Service Unavailable"
+                        };
+                        let _ = sock
+                            .write_all(
+                                format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n")
+                                    .as_bytes(),
+                            )
+                            .await;
+                        continue;
+                    }
                     let body = read_body(&mut sock, &mut buf, head.framing).await;
                     let field = |n: &str| {
                         head.fields
@@ -93,6 +114,7 @@ async fn upstream() -> SocketAddr {
                     };
                     let report = serde_json::json!({
                         "target": head.uri.to_string(),
+                        "upstream": addr.port(),
                         "body": String::from_utf8_lossy(&body),
                         "content-length": field("content-length"),
                         "transfer-encoding": field("transfer-encoding"),
@@ -167,6 +189,7 @@ async fn gateway_with(adjust: impl FnOnce(&mut GatewayConfig)) -> common::Runnin
                 timeout_ms: 2000,
                 balance: Default::default(),
                 max_in_flight: None,
+                health_check: None,
             },
         )]
         .into(),
@@ -661,4 +684,51 @@ async fn a_stale_quota_state_fails_open_or_closed_as_configured() {
         );
         gw.shutdown.cancel();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_failing_its_health_checks_gets_no_requests_until_it_passes() {
+    let a_ok = Arc::new(AtomicBool::new(true));
+    let a = upstream_with(a_ok.clone()).await;
+    let b = upstream().await;
+    let gw = gateway_with(|c| {
+        let app = c.upstreams.get_mut("app").unwrap();
+        app.targets = vec![format!("http://{a}"), format!("http://{b}")];
+        app.health_check = Some(tollgate_gateway::config::HealthCheck {
+            path: "/health".into(),
+            interval_ms: 20,
+            timeout_ms: 500,
+            unhealthy_after: 1,
+            healthy_after: 1,
+        });
+    })
+    .await;
+    // Which targets answer ten requests in a row.
+    let served = || async {
+        let mut ports = std::collections::HashSet::new();
+        for i in 0..10 {
+            let mut c = Client::connect(&gw).await;
+            c.send(format!("GET /open/{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await;
+            ports.insert(c.report().await["upstream"].as_u64().unwrap() as u16);
+        }
+        ports
+    };
+    assert_eq!(served().await.len(), 2, "both healthy: both serve");
+    a_ok.store(false, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while served().await != [b.port()].into() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failing target still gets requests"
+        );
+    }
+    a_ok.store(true, Ordering::SeqCst);
+    while !served().await.contains(&a.port()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the target never came back"
+        );
+    }
+    gw.shutdown.cancel();
 }
