@@ -17,7 +17,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use tollgate_gateway::GatewayConfig;
-use tollgate_gateway::auth::hash_key;
 use tollgate_gateway::config::{
     ApiKeyConfig, AuthConfig, AuthMethod, JwtConfig, JwtKeyConfig, RouteAuth, RouteConfig,
     UpstreamConfig,
@@ -126,11 +125,7 @@ async fn each_route_runs_its_chain_of_authenticators() {
         ..Default::default()
     };
     let consumers = vec![
-        Consumer {
-            id: "acme".into(),
-            plan: "p".into(),
-            api_keys: vec![hash_key("k-acme")],
-        },
+        common::consumer("acme", "p", "k-acme"),
         Consumer {
             id: "zeta".into(),
             plan: "p".into(),

@@ -18,12 +18,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tollgate_bus::{EmbeddedConfig, EmbeddedLog, Subscriber};
-use tollgate_gateway::auth::hash_key;
 use tollgate_gateway::config::{
     ApiKeyConfig, AuthConfig, QuotaFeedConfig, RouteConfig, UpstreamConfig,
 };
 use tollgate_gateway::{Gateway, GatewayConfig, GatewayMetrics};
-use tollgate_schemas::config::{Consumer, Plan, RateLimit};
+use tollgate_schemas::config::{Plan, RateLimit};
 use tollgate_schemas::{Outcome, RequestEvent};
 
 /// Echoes what it received as JSON; `/slow` takes 500 ms.
@@ -156,21 +155,9 @@ impl Harness {
             ..Default::default()
         };
         let consumers = vec![
-            Consumer {
-                id: "acme".into(),
-                plan: "open".into(),
-                api_keys: vec![hash_key("k-acme")],
-            },
-            Consumer {
-                id: "tight".into(),
-                plan: "tight".into(),
-                api_keys: vec![hash_key("k-tight")],
-            },
-            Consumer {
-                id: "limited".into(),
-                plan: "open".into(),
-                api_keys: vec![hash_key("k-limited")],
-            },
+            common::consumer("acme", "open", "k-acme"),
+            common::consumer("tight", "tight", "k-tight"),
+            common::consumer("limited", "open", "k-limited"),
         ];
         let plans: BTreeMap<String, Plan> = [
             ("open".to_string(), Plan::default()),
@@ -458,11 +445,7 @@ async fn keys_are_checked_in_the_default_header_when_auth_is_not_configured() {
         ..Default::default()
     };
     assert_eq!(config.auth, AuthConfig::default());
-    let consumers = vec![Consumer {
-        id: "acme".into(),
-        plan: "open".into(),
-        api_keys: vec![hash_key("k-acme")],
-    }];
+    let consumers = vec![common::consumer("acme", "open", "k-acme")];
     let plans: BTreeMap<String, Plan> = [("open".to_string(), Plan::default())].into();
     let gw = common::start(config, &consumers, &plans).await;
     let addr = gw.addr;

@@ -15,13 +15,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tollgate_bus::EmbeddedLog;
 use tollgate_gateway::GatewayConfig;
-use tollgate_gateway::auth::hash_key;
 use tollgate_gateway::config::{
     ApiKeyConfig, AuthConfig, ConnectionSettings, RouteAuth, RouteConfig, UpstreamConfig,
 };
 use tollgate_gateway::h1::{self, Chunk, ChunkedDecoder, Framing, Parsed};
 use tollgate_schemas::RequestEvent;
-use tollgate_schemas::config::{Consumer, Plan};
+use tollgate_schemas::config::Plan;
 
 /// Reads one whole message body framed as `framing` from `sock` (bytes after the head in `buf`).
 async fn read_body(sock: &mut TcpStream, buf: &mut BytesMut, framing: Framing) -> Vec<u8> {
@@ -207,16 +206,8 @@ async fn gateway_with(adjust: impl FnOnce(&mut GatewayConfig)) -> common::Runnin
     };
     adjust(&mut config);
     let consumers = vec![
-        Consumer {
-            id: "acme".into(),
-            plan: "open".into(),
-            api_keys: vec![hash_key("k-acme")],
-        },
-        Consumer {
-            id: "metered".into(),
-            plan: "metered".into(),
-            api_keys: vec![hash_key("k-metered")],
-        },
+        common::consumer("acme", "open", "k-acme"),
+        common::consumer("metered", "metered", "k-metered"),
     ];
     let metered = Plan {
         quota: Some(tollgate_schemas::config::Quota {

@@ -56,6 +56,15 @@ pub async fn start(
     }
 }
 
+/// A consumer of `plan` whose API key is `key`.
+pub fn consumer(id: &str, plan: &str, key: &str) -> Consumer {
+    Consumer {
+        id: id.into(),
+        plan: plan.into(),
+        api_keys: vec![tollgate_gateway::auth::hash_key(key)],
+    }
+}
+
 /// The next `n` events on the bus (waits for them with a deadline).
 pub async fn events(sub: &mut dyn Subscriber, n: usize) -> Vec<RequestEvent> {
     let mut out = Vec::new();
