@@ -108,7 +108,7 @@ fn main() -> ExitCode {
             data_dir,
         } => runtime().block_on(up(config, demo, data_dir)),
         Command::Gateway { config, data_dir } => load_part(&config, &data_dir, Part::Gateway)
-            .and_then(|c| runtime().block_on(gateway(c))),
+            .and_then(|c| runtime().block_on(gateway(c, config, data_dir))),
         Command::Collector { config, data_dir } => load_part(&config, &data_dir, Part::Collector)
             .and_then(|c| runtime().block_on(collector(c))),
         Command::QueryApi { config, data_dir } => load_part(&config, &data_dir, Part::QueryApi)
@@ -228,7 +228,11 @@ fn gateway_publisher(
     Ok(spool)
 }
 
-async fn gateway(mut config: Config) -> anyhow::Result<()> {
+async fn gateway(
+    mut config: Config,
+    path: std::path::PathBuf,
+    data_dir: std::path::PathBuf,
+) -> anyhow::Result<()> {
     let bus = config.bus.open().await.map_err(bus_error)?;
     let api_addr = config.query_api.listen;
     default_quota_feed(&mut config, api_addr);
@@ -260,9 +264,17 @@ async fn gateway(mut config: Config) -> anyhow::Result<()> {
         "tollgate gateway listening on http://{}",
         gateway.local_addr()
     );
+    let reloads = tokio::spawn(reload_on_change(
+        gateway.reloader(),
+        path,
+        data_dir,
+        api_addr,
+        stop.clone(),
+    ));
     let serving = tokio::spawn(gateway.run(stop.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down: draining requests and delivering their events");
+    reloads.abort();
     stop.cancel();
     let _ = serving.await;
     let _ = admin.await;
@@ -344,6 +356,79 @@ async fn query_api(mut config: Config) -> anyhow::Result<()> {
     stop.cancel();
     serving.await.context("query API task")??;
     Ok(())
+}
+
+/// Reloads the gateway's configuration on SIGHUP, and when the file's modification time
+/// changes (checked every 2 s). The file is read as at start-up (environment overrides
+/// included); a file that does not load or validate leaves the running configuration in force,
+/// says why in the log, and sets `tollgate_gateway_config_reload_failed`.
+async fn reload_on_change(
+    reloader: tollgate_gateway::Reloader,
+    path: std::path::PathBuf,
+    data_dir: std::path::PathBuf,
+    api_addr: std::net::SocketAddr,
+    stop: CancellationToken,
+) {
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = modified(&path);
+    #[cfg(unix)]
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler; the configuration reloads on file change only");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<Option<()>>();
+        let why = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = hangup => {
+                seen = modified(&path);
+                "SIGHUP"
+            }
+            _ = tick.tick() => {
+                let now = modified(&path);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                "the file changed"
+            }
+        };
+        let loaded = match load_part(&path, &data_dir, Part::Gateway) {
+            Ok(mut c) => {
+                default_quota_feed(&mut c, api_addr);
+                reloader
+                    .reload(&c.gateway, &c.consumers, &c.plans)
+                    .map_err(|e| anyhow::anyhow!(e))
+            }
+            Err(e) => {
+                reloader.refused();
+                Err(e)
+            }
+        };
+        match loaded {
+            Ok(()) => {
+                tracing::info!(file = %path.display(), trigger = why, "configuration reloaded")
+            }
+            Err(e) => tracing::error!(
+                file = %path.display(),
+                trigger = why,
+                error = %format!("{e:#}"),
+                "configuration refused; the running one stays"
+            ),
+        }
+    }
 }
 
 async fn shutdown_signal() {

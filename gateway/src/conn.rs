@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::h1::{self, Chunk, ChunkedDecoder, Framing, Parsed, RequestHead};
-use crate::proxy::Worker;
+use crate::reload::WorkerSlot;
 
 /// The connection timeouts, from `gateway.connections`.
 #[derive(Debug, Clone, Copy)]
@@ -117,12 +117,12 @@ async fn write(stream: &mut TcpStream, data: &[u8], within: Duration) -> io::Res
 
 /// Serves one client connection until it closes, goes idle, breaks, or the worker shuts down.
 pub async fn serve(
-    worker: Arc<Worker>,
+    slot: Arc<WorkerSlot>,
     stream: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
-    let timeouts = worker.shared.timeouts;
+    let timeouts = slot.worker().shared.timeouts;
     let mut client = Side::new(stream, timeouts.io);
     let mut out = Vec::with_capacity(4 * 1024);
     loop {
@@ -145,6 +145,8 @@ pub async fn serve(
                 return;
             }
         };
+        // The worker of the configuration in force for this request (a reload changes it).
+        let worker = slot.worker();
         match worker
             .exchange(&mut client, head, started, peer, &mut out, &shutdown)
             .await

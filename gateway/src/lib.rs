@@ -24,6 +24,7 @@ pub mod metrics;
 mod proxy;
 mod quota_feed;
 mod recorder;
+mod reload;
 pub mod router;
 mod upstream;
 
@@ -31,7 +32,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::header::HeaderName;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tollgate_bus::Publisher;
@@ -39,6 +39,7 @@ use tollgate_schemas::config::{Consumer, Plan};
 
 pub use config::GatewayConfig;
 pub use metrics::GatewayMetrics;
+pub use reload::Reloader;
 
 /// Gateway errors.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +97,9 @@ pub struct Gateway {
     /// One listening socket per worker thread, all on the same address (SO_REUSEPORT).
     listeners: Vec<std::net::TcpListener>,
     addr: SocketAddr,
-    shared: Arc<Shared>,
+    live: Arc<reload::Live>,
+    /// The configuration it was bound with (what a reload may not change).
+    started: Arc<GatewayConfig>,
     sink: events::EventSink,
     /// Events a worker buffers before handing them to the publisher.
     worker_batch: usize,
@@ -179,46 +182,14 @@ impl Gateway {
             state: quota.clone(),
             metrics: metrics.clone(),
         });
-        let api_key_header = match &config.auth.api_key {
-            Some(k) => Some(
-                HeaderName::from_bytes(k.header.to_ascii_lowercase().as_bytes()).map_err(|_| {
-                    GatewayError::Config(format!(
-                        "gateway.auth.api_key.header: `{}` is not a header name",
-                        k.header
-                    ))
-                })?,
-            ),
-            // Consumers with keys but no `auth.api_key` section: keys are still checked, in the
-            // default header, rather than letting every caller through anonymously.
-            None if consumers.iter().any(|c| !c.api_keys.is_empty()) => {
-                tracing::info!(
-                    "gateway.auth.api_key is not set; checking API keys in the default header x-api-key"
-                );
-                Some(HeaderName::from_static("x-api-key"))
-            }
-            None => None,
-        };
-        let (route_upstreams, targets) = route_upstreams(&config)?;
-        let shared = Arc::new(Shared {
-            gateway_id: config.instance_id(),
-            router: router::Router::build(&config.routes).map_err(GatewayError::Config)?,
-            auth: auth::Authenticators::new(&config, consumers, api_key_header, &metrics)
-                .map_err(GatewayError::Config)?,
-            rate_limits: limits::RateLimits::new(consumers, plans),
-            quota,
-            route_upstreams,
-            quota_plans: plans
-                .iter()
-                .filter(|(_, p)| p.quota.is_some())
-                .map(|(name, _)| name.clone())
-                .collect(),
-            targets,
-            timeouts: config.connections.into(),
-        });
+        let shared = Arc::new(reload::build_shared(
+            &config, consumers, plans, &metrics, quota,
+        )?);
         Ok(Gateway {
             listeners,
             addr,
-            shared,
+            live: Arc::new(reload::Live::new(shared)),
+            started: Arc::new(config.clone()),
             sink,
             worker_batch: config.events.batch_max.clamp(1, 256),
             metrics,
@@ -232,6 +203,15 @@ impl Gateway {
         self.addr
     }
 
+    /// A handle that replaces this gateway's configuration while it serves.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            live: self.live.clone(),
+            started: self.started.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
     /// Serves until `shutdown`: one thread per listener, each running a single-threaded runtime
     /// that accepts, forwards and records its connections' requests. Then stops accepting, lets
     /// open requests finish, and drains the event queue to the bus.
@@ -239,7 +219,8 @@ impl Gateway {
         let Gateway {
             listeners,
             addr,
-            shared,
+            live,
+            started: _,
             sink,
             worker_batch,
             metrics,
@@ -247,19 +228,7 @@ impl Gateway {
             feed,
         } = self;
         let publisher = tokio::spawn(publisher);
-        #[cfg(feature = "jwt")]
-        if let Some(jwt) = shared.auth.jwt() {
-            tokio::spawn(jwt.refresh_every(shutdown.clone()));
-        }
-        // Routes of one upstream share it: one checker per upstream.
-        let mut checked: Vec<&Arc<upstream::Upstream>> = Vec::new();
-        for u in &shared.route_upstreams {
-            if !checked.iter().any(|c| Arc::ptr_eq(c, u)) {
-                checked.push(u);
-                tokio::spawn(u.clone().check_health(shutdown.clone()));
-            }
-        }
-        drop(checked);
+        live.start(shutdown.clone());
         if let Some(feed) = feed {
             feed.load_persisted();
             tokio::spawn(feed.run(shutdown.clone()));
@@ -268,7 +237,7 @@ impl Gateway {
         let mut workers = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
             let start = WorkerStart {
-                shared: shared.clone(),
+                live: live.clone(),
                 events: events::LocalSink::new(sink.clone(), worker_batch),
                 metrics: metrics.clone(),
                 shutdown: shutdown.clone(),
@@ -292,7 +261,7 @@ impl Gateway {
             }
         }
         drop(sink); // the workers hold the remaining senders; the publisher ends after them
-        drop(shared);
+        drop(live);
         for w in workers {
             let _ = w.await;
         }
@@ -303,7 +272,7 @@ impl Gateway {
 
 /// What a worker thread starts from.
 struct WorkerStart {
-    shared: Arc<Shared>,
+    live: Arc<reload::Live>,
     events: events::LocalSink,
     metrics: GatewayMetrics,
     shutdown: CancellationToken,
@@ -320,7 +289,7 @@ async fn serve(listener: std::net::TcpListener, start: WorkerStart) {
         }
     };
     let WorkerStart {
-        shared,
+        live,
         events,
         metrics,
         shutdown,
@@ -328,23 +297,13 @@ async fn serve(listener: std::net::TcpListener, start: WorkerStart) {
     // This worker's own cancellation node: each connection waiting for its next request
     // registers with it, so the workers do not contend on one shared waiter list.
     let shutdown = shutdown.child_token();
-    let recorder = recorder::Recorder::new(
-        &shared.gateway_id,
-        &metrics,
-        shared.router.ids(),
-        events.clone(),
-    );
     let stop_flusher = CancellationToken::new();
     let flusher = tokio::spawn(
         events
             .clone()
             .run_flusher(WORKER_LINGER, stop_flusher.clone()),
     );
-    let worker = Arc::new(proxy::Worker {
-        pool: conn::Pool::new(shared.targets),
-        shared,
-        recorder,
-    });
+    let slot = Arc::new(reload::WorkerSlot::new(live, events, metrics));
     let tracker = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -359,7 +318,7 @@ async fn serve(listener: std::net::TcpListener, start: WorkerStart) {
             },
         };
         let _ = stream.set_nodelay(true);
-        tracker.spawn(conn::serve(worker.clone(), stream, peer, shutdown.clone()));
+        tracker.spawn(conn::serve(slot.clone(), stream, peer, shutdown.clone()));
     }
     drop(listener);
     tracker.close();

@@ -65,6 +65,10 @@ pub struct GatewayMetrics {
     pub jwks_fetches: Family<ResultLabels, Counter>,
     /// Signing keys held from the JWKS (current and still-accepted retired ones).
     pub jwks_keys: Gauge,
+    /// Configuration reloads by result (`ok`, `error`).
+    pub config_reloads: Family<ResultLabels, Counter>,
+    /// 1 while the configuration last offered was refused (the one before it still serves).
+    pub config_reload_failed: Gauge,
 }
 
 impl GatewayMetrics {
@@ -77,6 +81,8 @@ impl GatewayMetrics {
             quota_state_age: Gauge::default(),
             jwks_fetches: Family::default(),
             jwks_keys: Gauge::default(),
+            config_reloads: Family::default(),
+            config_reload_failed: Gauge::default(),
         };
         m.quota_state_age.set(-1);
         let r = registry.sub_registry_with_prefix("tollgate_gateway");
@@ -114,6 +120,16 @@ impl GatewayMetrics {
             "jwks_keys",
             "Signing keys held from the JWKS",
             m.jwks_keys.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Configuration reloads by result",
+            m.config_reloads.clone(),
+        );
+        r.register(
+            "config_reload_failed",
+            "1 while the last configuration offered was refused and the one before it serves",
+            m.config_reload_failed.clone(),
         );
         m
     }

@@ -723,3 +723,78 @@ async fn a_target_failing_its_health_checks_gets_no_requests_until_it_passes() {
     }
     gw.shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_routes_without_dropping_a_request_and_a_bad_file_changes_nothing() {
+    use tollgate_gateway::metrics::ResultLabels;
+    let gw = gateway().await;
+    let get = |path: &'static str| {
+        let addr = gw.addr;
+        async move {
+            let mut c = Client {
+                sock: TcpStream::connect(addr).await.unwrap(),
+                buf: BytesMut::new(),
+            };
+            c.send(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await;
+            c.answer(&http::Method::GET).await.0
+        }
+    };
+    assert_eq!(get("/v2/a").await, 404);
+    // A request in flight while the configuration changes finishes on the one it started with.
+    let mut slow = Client::connect(&gw).await;
+    slow.send(b"GET /open/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !SLOW_STARTED.load(Ordering::SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow request never arrived"
+        );
+        tokio::task::yield_now().await;
+    }
+    let mut config = gw.config.clone();
+    let mut v2 = config.routes[0].clone();
+    v2.id = "v2".into();
+    v2.path = "/v2/{*rest}".into();
+    config.routes.push(v2);
+    gw.reloader
+        .reload(&config, &gw.consumers, &gw.plans)
+        .unwrap();
+    assert_eq!(slow.report().await["target"], "/open/slow");
+    assert_eq!(get("/v2/a").await, 200, "the new route serves");
+    // Refused: the running configuration stays, and the error names the key.
+    let mut bad = config.clone();
+    bad.routes[0].upstream = "nowhere".into();
+    let err = gw
+        .reloader
+        .reload(&bad, &gw.consumers, &gw.plans)
+        .unwrap_err();
+    assert!(
+        err.contains("gateway.routes[0]") && err.contains("nowhere"),
+        "{err}"
+    );
+    let mut moved = config.clone();
+    moved.listen = "127.0.0.1:1".parse().unwrap();
+    let err = gw
+        .reloader
+        .reload(&moved, &gw.consumers, &gw.plans)
+        .unwrap_err();
+    assert!(
+        err.contains("gateway.listen") && err.contains("restart"),
+        "{err}"
+    );
+    assert_eq!(get("/v2/a").await, 200);
+    assert_eq!(get("/open/b").await, 200);
+    let count = |result| {
+        gw.metrics
+            .config_reloads
+            .get_or_create(&ResultLabels { result })
+            .get()
+    };
+    assert_eq!((count("ok"), count("error")), (1, 2));
+    assert_eq!(gw.metrics.config_reload_failed.get(), 1);
+    let evs = events(&gw.log, 4).await;
+    assert!(evs.iter().any(|e| e.route.as_deref() == Some("v2")));
+    gw.shutdown.cancel();
+}

@@ -16,6 +16,12 @@ use tollgate_schemas::config::{Consumer, Plan};
 /// A gateway serving on a free port until `shutdown`.
 pub struct Running {
     pub addr: SocketAddr,
+    /// What it was started with, to reload it with changes.
+    pub config: GatewayConfig,
+    pub consumers: Vec<Consumer>,
+    pub plans: BTreeMap<String, Plan>,
+    pub reloader: tollgate_gateway::Reloader,
+    pub metrics: GatewayMetrics,
     pub log: EmbeddedLog,
     pub shutdown: CancellationToken,
     pub running: tokio::task::JoinHandle<()>,
@@ -35,20 +41,27 @@ pub async fn start(
         ..Default::default()
     })
     .unwrap();
+    let metrics = GatewayMetrics::unregistered();
     let gw = Gateway::bind(
-        config,
+        config.clone(),
         consumers,
         plans,
         Arc::new(log.clone()),
-        GatewayMetrics::unregistered(),
+        metrics.clone(),
     )
     .await
     .unwrap();
     let addr = gw.local_addr();
+    let reloader = gw.reloader();
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(gw.run(shutdown.clone()));
     Running {
         addr,
+        config,
+        consumers: consumers.to_vec(),
+        plans: plans.clone(),
+        reloader,
+        metrics,
         log,
         shutdown,
         running,
