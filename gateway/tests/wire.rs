@@ -289,6 +289,33 @@ impl Client {
     }
 }
 
+/// A `/open/slow` request, once the upstream has it (it answers 300 ms later).
+async fn slow_in_flight(gw: &common::Running) -> Client {
+    let mut slow = Client::connect(gw).await;
+    slow.send(b"GET /open/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !SLOW_STARTED.load(Ordering::SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow request never arrived"
+        );
+        tokio::task::yield_now().await;
+    }
+    slow
+}
+
+/// The answer to `GET path` with `headers` (each line ending in CRLF), on a new connection.
+async fn get(addr: SocketAddr, path: &str, headers: &str) -> (u16, String, Vec<u8>) {
+    let mut c = Client {
+        sock: TcpStream::connect(addr).await.unwrap(),
+        buf: BytesMut::new(),
+    };
+    c.send(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").as_bytes())
+        .await;
+    c.answer(&http::Method::GET).await
+}
+
 async fn events(log: &EmbeddedLog, n: usize) -> Vec<RequestEvent> {
     common::events(&mut log.subscribe("wire").unwrap(), n).await
 }
@@ -605,17 +632,7 @@ async fn a_refused_target_is_skipped_and_max_in_flight_sheds_load_with_503() {
 
     // One request in flight is the limit: while it is, the next is shed at once.
     let gw = gateway_with(|c| c.upstreams.get_mut("app").unwrap().max_in_flight = Some(1)).await;
-    let mut slow = Client::connect(&gw).await;
-    slow.send(b"GET /open/slow HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !SLOW_STARTED.load(Ordering::SeqCst) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the slow request never arrived"
-        );
-        tokio::task::yield_now().await;
-    }
+    let mut slow = slow_in_flight(&gw).await;
     let mut c = Client::connect(&gw).await;
     c.send(b"GET /open/now HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let (status, head, body) = c.answer(&http::Method::GET).await;
@@ -638,17 +655,7 @@ async fn a_stale_quota_state_fails_open_or_closed_as_configured() {
         .unwrap();
     let status = |gw: &common::Running, key: &'static str| {
         let addr = gw.addr;
-        async move {
-            let mut c = Client {
-                sock: TcpStream::connect(addr).await.unwrap(),
-                buf: BytesMut::new(),
-            };
-            c.send(
-                format!("GET /keyed/x HTTP/1.1\r\nHost: x\r\nx-api-key: {key}\r\n\r\n").as_bytes(),
-            )
-            .await;
-            c.answer(&http::Method::GET).await
-        }
+        async move { get(addr, "/keyed/x", &format!("x-api-key: {key}\r\n")).await }
     };
     for when in [WhenStale::Closed, WhenStale::Open] {
         let gw = gateway_with(|c| {
@@ -728,31 +735,13 @@ async fn a_target_failing_its_health_checks_gets_no_requests_until_it_passes() {
 async fn a_reload_changes_routes_without_dropping_a_request_and_a_bad_file_changes_nothing() {
     use tollgate_gateway::metrics::ResultLabels;
     let gw = gateway().await;
-    let get = |path: &'static str| {
+    let status = |path: &'static str| {
         let addr = gw.addr;
-        async move {
-            let mut c = Client {
-                sock: TcpStream::connect(addr).await.unwrap(),
-                buf: BytesMut::new(),
-            };
-            c.send(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-                .await;
-            c.answer(&http::Method::GET).await.0
-        }
+        async move { get(addr, path, "").await.0 }
     };
-    assert_eq!(get("/v2/a").await, 404);
+    assert_eq!(status("/v2/a").await, 404);
     // A request in flight while the configuration changes finishes on the one it started with.
-    let mut slow = Client::connect(&gw).await;
-    slow.send(b"GET /open/slow HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !SLOW_STARTED.load(Ordering::SeqCst) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the slow request never arrived"
-        );
-        tokio::task::yield_now().await;
-    }
+    let mut slow = slow_in_flight(&gw).await;
     let mut config = gw.config.clone();
     let mut v2 = config.routes[0].clone();
     v2.id = "v2".into();
@@ -762,7 +751,7 @@ async fn a_reload_changes_routes_without_dropping_a_request_and_a_bad_file_chang
         .reload(&config, &gw.consumers, &gw.plans)
         .unwrap();
     assert_eq!(slow.report().await["target"], "/open/slow");
-    assert_eq!(get("/v2/a").await, 200, "the new route serves");
+    assert_eq!(status("/v2/a").await, 200, "the new route serves");
     // Refused: the running configuration stays, and the error names the key.
     let mut bad = config.clone();
     bad.routes[0].upstream = "nowhere".into();
@@ -784,8 +773,8 @@ async fn a_reload_changes_routes_without_dropping_a_request_and_a_bad_file_chang
         err.contains("gateway.listen") && err.contains("restart"),
         "{err}"
     );
-    assert_eq!(get("/v2/a").await, 200);
-    assert_eq!(get("/open/b").await, 200);
+    assert_eq!(status("/v2/a").await, 200);
+    assert_eq!(status("/open/b").await, 200);
     let count = |result| {
         gw.metrics
             .config_reloads
