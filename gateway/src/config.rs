@@ -47,9 +47,15 @@ pub struct GatewayConfig {
     /// The disk spool for events while a remote bus (Kafka) does not deliver.
     #[serde(default)]
     pub spool: SpoolSettings,
-    /// How long a client connection may hold the gateway without progress.
+    /// How long a client connection may hold the gateway without progress, and how large a
+    /// request body may be.
     #[serde(default)]
     pub connections: ConnectionSettings,
+    /// Whether a client's own `X-Forwarded-For` is kept (the peer's address appended to it):
+    /// only behind a proxy or load balancer that sets it. Off: the client's value is dropped
+    /// and the header names the peer alone, so a client cannot forge its address.
+    #[serde(default)]
+    pub trust_forwarded_for: bool,
 }
 
 /// `gateway.connections`: the timeouts of client connections (and of body transfers on both
@@ -67,6 +73,14 @@ pub struct ConnectionSettings {
     /// How long one read or write of a body, on either side, may wait.
     #[serde(default = "default_io_timeout_ms")]
     pub io_timeout_ms: u64,
+    /// The largest request body: a larger declared length is answered 413 before any of it
+    /// is read; a chunked body that grows past it is cut off with 413 and the connection closes.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+}
+
+fn default_max_body_bytes() -> u64 {
+    10 * 1024 * 1024
 }
 
 fn default_head_timeout_ms() -> u64 {
@@ -85,6 +99,7 @@ impl Default for ConnectionSettings {
             head_timeout_ms: default_head_timeout_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
             io_timeout_ms: default_io_timeout_ms(),
+            max_body_bytes: default_max_body_bytes(),
         }
     }
 }
@@ -140,6 +155,7 @@ impl Default for GatewayConfig {
             state_dir: std::path::PathBuf::new(),
             spool: SpoolSettings::default(),
             connections: ConnectionSettings::default(),
+            trust_forwarded_for: false,
         }
     }
 }

@@ -31,6 +31,8 @@ pub struct Timeouts {
     pub head: Duration,
     pub idle: Duration,
     pub io: Duration,
+    /// `max_body_bytes`: not a timeout, but a limit of the same connection settings.
+    pub max_body: u64,
 }
 
 impl From<crate::config::ConnectionSettings> for Timeouts {
@@ -39,6 +41,7 @@ impl From<crate::config::ConnectionSettings> for Timeouts {
             head: Duration::from_millis(c.head_timeout_ms),
             idle: Duration::from_millis(c.idle_timeout_ms),
             io: Duration::from_millis(c.io_timeout_ms),
+            max_body: c.max_body_bytes,
         }
     }
 }
@@ -215,6 +218,8 @@ pub enum Broken {
     Read,
     /// The destination went away or timed out.
     Write,
+    /// The body grew past the limit it was copied under.
+    TooLarge,
 }
 
 /// Copies a body framed as `framing` from `src` to `dst`: as chunks when `chunked` is set,
@@ -227,6 +232,7 @@ pub async fn copy_body(
     chunked: bool,
     out: &mut Vec<u8>,
     total: &mut u64,
+    limit: u64,
 ) -> Result<(), Broken> {
     let start = *total;
     let stage = |out: &mut Vec<u8>, data: &[u8]| {
@@ -257,6 +263,9 @@ pub async fn copy_body(
                 match decoder.next(&mut src.buf).map_err(|_| Broken::Read)? {
                     Chunk::Data(data) => {
                         *total += data.len() as u64;
+                        if *total - start > limit {
+                            return Err(Broken::TooLarge);
+                        }
                         stage(out, &data);
                     }
                     Chunk::End => break,

@@ -18,7 +18,9 @@
 //! - obsolete line folding and a space before the colon are refused by the parser; an
 //!   HTTP/1.1 request needs exactly one `Host`; every head is written anew with CRLF line ends;
 //! - chunk sizes are hex digits, at most 16 of them; chunk extensions and trailers are read and
-//!   dropped, so the upstream sees chunk framing the gateway wrote itself.
+//!   dropped, so the upstream sees chunk framing the gateway wrote itself;
+//! - the path is normalised once ([`normalized`]) and that path is what routing,
+//!   authentication, the event and the upstream all see.
 //!
 //! Each refusal is a status and a message naming the problem; the connection closes after it.
 
@@ -321,6 +323,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Parsed<RequestHead>, Refusal>
     let raw = buf.split_to(len).freeze();
     let uri =
         Uri::from_maybe_shared(raw.slice(target)).map_err(|_| bad("malformed request target"))?;
+    let uri = normalized(uri).map_err(bad)?;
     Ok(Parsed::Head(RequestHead {
         method,
         uri,
@@ -335,6 +338,60 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Parsed<RequestHead>, Refusal>
         expect_continue,
         websocket,
     }))
+}
+
+/// The request target with its path normalised, once, for everything after (routing,
+/// authentication, the event and the upstream): `//` merged, `.` and `..` segments resolved (a
+/// percent-encoded dot counts as a dot), the query kept. An encoded `/` or `\\` in the path, a
+/// `..` above the root, or a path that does not start with `/` is refused: a proxy and its
+/// upstream must never disagree on which resource a path names.
+pub fn normalized(uri: Uri) -> Result<Uri, &'static str> {
+    if uri.path() == "*" && uri.query().is_none() {
+        return Ok(uri); // OPTIONS * (no route matches it)
+    }
+    let path = uri.path();
+    if !path.starts_with('/') {
+        return Err("the request path must start with /");
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+        return Err("an encoded / or \\ in the request path is not accepted");
+    }
+    let dotted = lower.contains("%2e");
+    if !dotted && !path.contains("//") && !path.contains("/.") {
+        return Ok(uri); // the common case: nothing to do, nothing copied
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    let trailing = path.ends_with('/') || path.ends_with("/.") || path.ends_with("/..");
+    for seg in path.split('/').skip(1) {
+        let is_dots = |s: &str, n: usize| {
+            let s = s.to_ascii_lowercase().replace("%2e", ".");
+            s.len() == n && s.bytes().all(|b| b == b'.')
+        };
+        if seg.is_empty() || is_dots(seg, 1) {
+            continue;
+        }
+        if is_dots(seg, 2) {
+            if segments.pop().is_none() {
+                return Err("the request path climbs above the root");
+            }
+            continue;
+        }
+        segments.push(seg);
+    }
+    let mut out = String::with_capacity(path.len() + uri.query().map_or(0, |q| q.len() + 1));
+    for seg in &segments {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if out.is_empty() || (trailing && !segments.is_empty()) {
+        out.push('/');
+    }
+    if let Some(q) = uri.query() {
+        out.push('?');
+        out.push_str(q);
+    }
+    Uri::from_maybe_shared(Bytes::from(out)).map_err(|_| "malformed request target")
 }
 
 /// An incomplete request head: fine while within the limits.

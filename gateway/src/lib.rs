@@ -68,6 +68,8 @@ pub struct Shared {
     /// How many upstream targets there are (they are numbered from 0).
     targets: usize,
     timeouts: conn::Timeouts,
+    /// `gateway.trust_forwarded_for`.
+    trust_forwarded_for: bool,
 }
 
 /// Each route's upstream, in route order (routes of one upstream share it, and its round

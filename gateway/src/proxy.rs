@@ -154,6 +154,14 @@ pub struct Conn {
     reused: bool,
 }
 
+fn too_large() -> Rejection {
+    Rejection::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Outcome::BadRequest,
+        "the request body is larger than gateway.connections.max_body_bytes",
+    )
+}
+
 fn timed_out() -> Rejection {
     Rejection::new(
         StatusCode::GATEWAY_TIMEOUT,
@@ -266,6 +274,11 @@ impl Worker {
         let (index, route) = self.route(ctx, head)?;
         let identity = self.authenticate(index, &head.fields).await?;
         self.admit(ctx, identity)?;
+        if let Framing::Length(n) = head.framing
+            && n > self.shared.timeouts.max_body
+        {
+            return Err(too_large());
+        }
         let upstream = &*self.shared.route_upstreams[index];
         let mut slot = upstream.admit().ok_or_else(|| {
             Rejection::new(
@@ -437,7 +450,9 @@ impl Worker {
                 continue;
             }
             if is(name, FORWARDED_FOR) {
-                forwarded_for.get_or_insert(value);
+                if self.shared.trust_forwarded_for {
+                    forwarded_for.get_or_insert(value);
+                }
                 continue;
             }
             put_field(out, name, value);
@@ -618,10 +633,12 @@ impl Worker {
                     chunked,
                     &mut scratch,
                     &mut ctx.req_bytes,
+                    self.shared.timeouts.max_body,
                 )
                 .await
                 {
                     Ok(()) => ctx.body = BodyRead::Done,
+                    Err(Broken::TooLarge) => return Err(too_large()),
                     Err(Broken::Read) => {
                         return Err(Rejection::new(
                             StatusCode::BAD_REQUEST,

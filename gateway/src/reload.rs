@@ -69,6 +69,7 @@ pub(crate) fn build_shared(
             .collect(),
         targets,
         timeouts: config.connections.into(),
+        trust_forwarded_for: config.trust_forwarded_for,
     })
 }
 

@@ -118,6 +118,7 @@ async fn upstream_with(healthy: Arc<AtomicBool>) -> SocketAddr {
                         "content-length": field("content-length"),
                         "transfer-encoding": field("transfer-encoding"),
                         "expect": field("expect"),
+                        "x-forwarded-for": field("x-forwarded-for"),
                     })
                     .to_string();
                     let path = head.uri.path().to_string();
@@ -522,6 +523,7 @@ async fn a_slow_head_gets_408_and_an_idle_connection_is_closed() {
             head_timeout_ms: 300,
             idle_timeout_ms: 600,
             io_timeout_ms: 1000,
+            ..Default::default()
         }
     })
     .await;
@@ -786,4 +788,71 @@ async fn a_reload_changes_routes_without_dropping_a_request_and_a_bad_file_chang
     let evs = events(&gw.log, 4).await;
     assert!(evs.iter().any(|e| e.route.as_deref() == Some("v2")));
     gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_limit_get_413_and_paths_are_decided_once() {
+    let gw = gateway_with(|c| c.connections.max_body_bytes = 100).await;
+    // A declared length over the limit: refused before a byte of the body is read.
+    let mut c = Client::connect(&gw).await;
+    c.send(b"POST /open/big HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        .await;
+    let (status, head, _) = c.answer(&http::Method::POST).await;
+    assert!(
+        status == 413 && head.contains("connection: close"),
+        "{head}"
+    );
+    // A chunked body that grows past it.
+    let mut c = Client::connect(&gw).await;
+    let chunk = format!("3c\r\n{}\r\n", "z".repeat(60));
+    c.send(format!("POST /open/big HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}{chunk}{chunk}0\r\n\r\n").as_bytes()).await;
+    let (status, head, _) = c.answer(&http::Method::POST).await;
+    assert!(
+        status == 413 && head.contains("connection: close"),
+        "{head}"
+    );
+    // Under the limit, fine.
+    let mut c = Client::connect(&gw).await;
+    c.send(b"POST /open/small HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        .await;
+    assert_eq!(c.report().await["body"], "hello");
+    // The path is normalised once: routing and the upstream see the same one.
+    let report = |path: &'static str| {
+        let addr = gw.addr;
+        async move {
+            let (status, _, body) = get(addr, path, "").await;
+            (
+                status,
+                serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default(),
+            )
+        }
+    };
+    let (status, r) = report("/open/x/../y").await;
+    assert_eq!((status, r["target"].as_str()), (200, Some("/open/y")));
+    let (status, r) = report("/keyed/%2e%2e/open/z").await;
+    assert_eq!(
+        (status, r["target"].as_str()),
+        (200, Some("/open/z")),
+        "routed as /open/z, no key needed"
+    );
+    assert_eq!(report("//open//w").await.1["target"], "/open/w");
+    assert_eq!(report("/open/a%2Fb").await.0, 400);
+    assert_eq!(report("/open/../../etc/passwd").await.0, 400);
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_forwarded_for_from_clients_is_kept_only_when_trusted() {
+    for trust in [false, true] {
+        let gw = gateway_with(|c| c.trust_forwarded_for = trust).await;
+        let (_, _, body) = get(gw.addr, "/open/a", "X-Forwarded-For: 203.0.113.9\r\n").await;
+        let r: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let want = if trust {
+            "203.0.113.9, 127.0.0.1"
+        } else {
+            "127.0.0.1"
+        };
+        assert_eq!(r["x-forwarded-for"], want, "trust_forwarded_for: {trust}");
+        gw.shutdown.cancel();
+    }
 }

@@ -264,3 +264,36 @@ fn writers_frame_what_they_write() {
     put_status_line(&mut out, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(out, b"HTTP/1.1 429 Too Many Requests\r\n");
 }
+
+#[test]
+fn paths_are_normalised_once_and_ambiguous_ones_refused() {
+    let norm = |p: &str| normalized(p.parse().unwrap()).map(|u| u.to_string());
+    assert_eq!(norm("/v1/items?x=1").unwrap(), "/v1/items?x=1");
+    assert_eq!(norm("/v1/../admin").unwrap(), "/admin");
+    assert_eq!(norm("/v1/%2e%2e/admin").unwrap(), "/admin");
+    assert_eq!(
+        norm("/v1/%2E./admin?q=..").unwrap(),
+        "/admin?q=..",
+        "the query is not a path"
+    );
+    assert_eq!(norm("//v1//items/").unwrap(), "/v1/items/");
+    assert_eq!(norm("/v1/./items/.").unwrap(), "/v1/items/");
+    assert_eq!(norm("/a/b/..").unwrap(), "/a/");
+    assert_eq!(norm("/.").unwrap(), "/");
+    assert_eq!(norm("/v1/...").unwrap(), "/v1/...", "three dots are a name");
+    assert!(norm("/..").is_err());
+    assert!(norm("/v1/../../etc").is_err());
+    assert!(norm("/v1%2Fadmin").is_err());
+    assert!(norm("/v1%2fadmin").is_err());
+    assert!(norm("/v1%5Cadmin").is_err());
+    let h = request("GET /v1/../admin HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    assert_eq!(
+        h.uri.path(),
+        "/admin",
+        "the parsed head carries the normalised path"
+    );
+    assert_eq!(
+        refused("GET /v1%2Fx HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        StatusCode::BAD_REQUEST
+    );
+}

@@ -138,6 +138,7 @@ impl Worker {
             chunked,
             out,
             &mut ctx.resp_bytes,
+            u64::MAX,
         )
         .await;
         out.clear();
