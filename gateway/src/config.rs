@@ -252,6 +252,11 @@ pub struct RouteConfig {
     /// [`RouteAuth`].
     #[serde(default)]
     pub auth: RouteAuth,
+    /// A token bucket per consumer on this route, on top of the plan's rate limit. Buckets
+    /// are made on a consumer's first request and dropped once idle (refilled), so memory
+    /// follows the active consumers; anonymous callers make none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<tollgate_schemas::config::RateLimit>,
 }
 
 /// A route's authentication: `true` tries every configured method (API key, then JWT) and

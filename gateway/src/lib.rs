@@ -59,6 +59,8 @@ pub struct Shared {
     router: router::Router,
     auth: auth::Authenticators,
     rate_limits: limits::RateLimits,
+    /// `routes[].rate_limit`, by route position.
+    route_limits: limits::RouteLimits,
     quota: Arc<limits::QuotaState>,
     /// Each route's upstream, by the route's position in the configuration.
     route_upstreams: Vec<Arc<upstream::Upstream>>,

@@ -70,6 +70,66 @@ impl RateLimits {
     }
 }
 
+/// Token buckets per route and consumer (`routes[].rate_limit`), made on a consumer's first
+/// request on the route and evicted once idle ([`RouteLimits::evict_idle`]): memory follows
+/// the consumers active on each route, not every configured one, and anonymous callers (who
+/// never reach a limit) make none.
+pub struct RouteLimits {
+    by_route: Vec<Option<(governor::DefaultKeyedRateLimiter<u32>, u32)>>,
+    clock: DefaultClock,
+}
+
+impl RouteLimits {
+    pub fn new(routes: &[crate::config::RouteConfig]) -> RouteLimits {
+        RouteLimits {
+            by_route: routes
+                .iter()
+                .map(|r| {
+                    let rl = r.rate_limit.as_ref()?;
+                    let per_second = NonZeroU32::new(rl.per_second).unwrap_or(NonZeroU32::MIN);
+                    let burst = rl.burst.and_then(NonZeroU32::new).unwrap_or(per_second);
+                    Some((
+                        RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+                        per_second.get(),
+                    ))
+                })
+                .collect(),
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// `Err(wait)` when consumer `consumer` is over route `route`'s limit.
+    pub fn check(&self, route: usize, consumer: usize) -> Result<(), OverLimit> {
+        match self.by_route.get(route).and_then(Option::as_ref) {
+            None => Ok(()),
+            Some((l, per_second)) => {
+                l.check_key(&(consumer as u32))
+                    .map_err(|not_until| OverLimit {
+                        wait: not_until.wait_time_from(self.clock.now()),
+                        limit: u64::from(*per_second),
+                    })
+            }
+        }
+    }
+
+    /// Drops the buckets that are full again (a fresh one would be the same).
+    pub fn evict_idle(&self) {
+        for (l, _) in self.by_route.iter().flatten() {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    }
+
+    /// Buckets held, over every route.
+    pub fn len(&self) -> usize {
+        self.by_route.iter().flatten().map(|(l, _)| l.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 pub use tollgate_schemas::quota::{QuotaEntry, QuotaSnapshot};
 
 /// What one period's entries share (every consumer of a plan, usually): held once, not per
@@ -553,5 +613,49 @@ mod tests {
             consumers: vec![],
         });
         assert_eq!(q.staleness(), Staleness::Fresh, "a poll makes it fresh");
+    }
+
+    #[test]
+    fn route_limits_are_per_consumer_and_idle_buckets_are_evicted() {
+        let mut limited = crate::config::RouteConfig {
+            id: "r".into(),
+            methods: vec![],
+            hosts: vec![],
+            path: "/r".into(),
+            upstream: "u".into(),
+            strip_prefix: None,
+            auth: crate::config::RouteAuth::All(true),
+            rate_limit: Some(tollgate_schemas::config::RateLimit {
+                per_second: 1000,
+                burst: Some(2),
+            }),
+        };
+        let mut open = limited.clone();
+        open.rate_limit = None;
+        limited.id = "limited".into();
+        let limits = RouteLimits::new(&[open, limited]);
+        assert!(
+            limits.check(0, 7).is_ok() && limits.is_empty(),
+            "an unlimited route holds nothing"
+        );
+        assert!(limits.check(1, 7).is_ok() && limits.check(1, 7).is_ok());
+        let over = limits.check(1, 7).unwrap_err();
+        assert_eq!(over.limit, 1000);
+        assert!(
+            limits.check(1, 8).is_ok(),
+            "another consumer has its own bucket"
+        );
+        assert_eq!(limits.len(), 2);
+        // At 1,000/s the buckets refill within milliseconds; then they are evicted.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !limits.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} buckets still held",
+                limits.len()
+            );
+            limits.evict_idle();
+            std::thread::yield_now();
+        }
     }
 }

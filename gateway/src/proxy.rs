@@ -374,7 +374,8 @@ impl Worker {
             .map_err(|why| Rejection::new(StatusCode::UNAUTHORIZED, Outcome::Unauthorized, why))
     }
 
-    /// Phase 3: the consumer's rate limit, then its quota (a unit is reserved, kept only if
+    /// Phase 3: the consumer's rate limit, then the route's limit for the consumer, then its
+    /// quota (a unit is reserved, kept only if
     /// the answer is billable). A stale quota state is not enforced (`when_stale: open`), or
     /// refuses consumers whose plan has a quota with 503 (`closed`).
     fn admit(&self, ctx: &mut Ctx<'_>, identity: Option<Identity>) -> Result<(), Rejection> {
@@ -400,6 +401,19 @@ impl Worker {
                 .retry_after(1));
             }
             Staleness::Stale(WhenStale::Closed) => return Ok(()),
+        }
+        if let Some(route) = ctx.route {
+            self.shared
+                .route_limits
+                .check(route, id.index)
+                .map_err(|over| {
+                    Rejection::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        Outcome::RateLimited,
+                        "rate limit of this route exceeded",
+                    )
+                    .over_limit(over)
+                })?;
         }
         ctx.reservation = self.shared.quota.reserve(&id.consumer).map_err(|over| {
             Rejection::new(

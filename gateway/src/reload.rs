@@ -60,6 +60,7 @@ pub(crate) fn build_shared(
         auth: auth::Authenticators::new(config, consumers, api_key_header, metrics)
             .map_err(GatewayError::Config)?,
         rate_limits: limits::RateLimits::new(consumers, plans),
+        route_limits: limits::RouteLimits::new(&config.routes),
         quota,
         route_upstreams,
         quota_plans: plans
@@ -131,6 +132,18 @@ impl Live {
         if let Some(jwt) = shared.auth.jwt() {
             tokio::spawn(jwt.refresh_every(token.clone()));
         }
+        // Idle per-route buckets go every minute.
+        let evicting = shared.clone();
+        let stop = token.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => evicting.route_limits.evict_idle(),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
         // Routes of one upstream share it: one checker per upstream.
         let mut checked: Vec<&Arc<crate::upstream::Upstream>> = Vec::new();
         for u in &shared.route_upstreams {

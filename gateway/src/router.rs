@@ -95,6 +95,7 @@ mod tests {
             upstream: "u".into(),
             strip_prefix: None,
             auth: crate::config::RouteAuth::All(true),
+            rate_limit: None,
         }
     }
 

@@ -104,6 +104,7 @@ impl Harness {
             upstream: upstream.into(),
             strip_prefix: None,
             auth: tollgate_gateway::config::RouteAuth::All(true),
+            rate_limit: None,
         };
         let mut api = route("api", "/api/{*rest}", "app");
         api.strip_prefix = Some("/api".into());
@@ -441,6 +442,7 @@ async fn keys_are_checked_in_the_default_header_when_auth_is_not_configured() {
             upstream: "app".into(),
             strip_prefix: None,
             auth: tollgate_gateway::config::RouteAuth::All(true),
+            rate_limit: None,
         }],
         ..Default::default()
     };

@@ -178,6 +178,7 @@ async fn gateway_with(adjust: impl FnOnce(&mut GatewayConfig)) -> common::Runnin
         upstream: "app".into(),
         strip_prefix: None,
         auth: RouteAuth::All(auth),
+        rate_limit: None,
     };
     let mut config = GatewayConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -855,4 +856,38 @@ async fn x_forwarded_for_from_clients_is_kept_only_when_trusted() {
         assert_eq!(r["x-forwarded-for"], want, "trust_forwarded_for: {trust}");
         gw.shutdown.cancel();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_limit_applies_per_consumer_on_that_route_only() {
+    let gw = gateway_with(|c| {
+        let keyed = c.routes.iter_mut().find(|r| r.id == "keyed").unwrap();
+        keyed.rate_limit = Some(tollgate_schemas::config::RateLimit {
+            per_second: 1,
+            burst: Some(2),
+        });
+    })
+    .await;
+    let call = |path: &'static str, key: &'static str| {
+        let addr = gw.addr;
+        async move { get(addr, path, &format!("x-api-key: {key}\r\n")).await }
+    };
+    assert_eq!(call("/keyed/1", "k-acme").await.0, 200);
+    assert_eq!(call("/keyed/2", "k-acme").await.0, 200);
+    let (status, head, _) = call("/keyed/3", "k-acme").await;
+    assert!(
+        status == 429 && head.contains("ratelimit-limit: 1") && head.contains("retry-after: 1"),
+        "{head}"
+    );
+    assert_eq!(
+        call("/keyed/4", "k-metered").await.0,
+        200,
+        "another consumer has its own bucket"
+    );
+    assert_eq!(
+        call("/open/5", "k-acme").await.0,
+        200,
+        "other routes are not limited"
+    );
+    gw.shutdown.cancel();
 }
