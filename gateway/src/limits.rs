@@ -27,6 +27,16 @@ pub struct RateLimits {
     clock: DefaultClock,
 }
 
+/// A configured rate limit as a governor quota (burst defaults to the rate), and its rate.
+fn bucket(rl: &tollgate_schemas::config::RateLimit) -> (Quota, u32) {
+    let per_second = NonZeroU32::new(rl.per_second).unwrap_or(NonZeroU32::MIN);
+    let burst = rl.burst.and_then(NonZeroU32::new).unwrap_or(per_second);
+    (
+        Quota::per_second(per_second).allow_burst(burst),
+        per_second.get(),
+    )
+}
+
 /// A request over a limit: how long until one would be admitted, and the limit (requests per
 /// second for a rate limit, per period for a quota), for the `RateLimit-*` headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,13 +53,8 @@ impl RateLimits {
         let limiters = consumers
             .iter()
             .map(|c| {
-                let rl = plans.get(&c.plan)?.rate_limit.as_ref()?;
-                let per_second = NonZeroU32::new(rl.per_second).unwrap_or(NonZeroU32::MIN);
-                let burst = rl.burst.and_then(NonZeroU32::new).unwrap_or(per_second);
-                Some((
-                    RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
-                    per_second.get(),
-                ))
+                let (quota, per_second) = bucket(plans.get(&c.plan)?.rate_limit.as_ref()?);
+                Some((RateLimiter::direct(quota), per_second))
             })
             .collect();
         RateLimits {
@@ -85,13 +90,8 @@ impl RouteLimits {
             by_route: routes
                 .iter()
                 .map(|r| {
-                    let rl = r.rate_limit.as_ref()?;
-                    let per_second = NonZeroU32::new(rl.per_second).unwrap_or(NonZeroU32::MIN);
-                    let burst = rl.burst.and_then(NonZeroU32::new).unwrap_or(per_second);
-                    Some((
-                        RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
-                        per_second.get(),
-                    ))
+                    let (quota, per_second) = bucket(r.rate_limit.as_ref()?);
+                    Some((RateLimiter::keyed(quota), per_second))
                 })
                 .collect(),
             clock: DefaultClock::default(),
