@@ -1,0 +1,122 @@
+//! `tollgate gateway` reloads its configuration, as a process against a real broker: SIGHUP puts
+//! a new route in force; a broken file written over it is refused on the next file check, with
+//! the metric set and the running routes still answering.
+#![cfg(feature = "kafka")]
+
+mod common;
+use common::{Http, free_port, start_upstream};
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper::StatusCode;
+use tollgate_testkit::{Broker, signal};
+
+fn write_config(path: &Path, upstream: std::net::SocketAddr, broker: &Broker, extra_route: &str) {
+    let text = format!(
+        r#"
+gateway:
+  upstreams:
+    app: {{ targets: ["http://{upstream}"], timeout_ms: 2000 }}
+  routes:
+    - {{ id: fast, methods: [GET], path: /fast, upstream: app, auth: false }}
+{extra_route}
+bus: {{ kind: kafka, brokers: "{broker}", topic: reload.events, partitions: 2 }}
+"#,
+        broker = broker.addr(),
+    );
+    std::fs::write(path, text).unwrap();
+}
+
+/// Polls `ok` until it holds, or fails naming `what` after 20 s.
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut ok: impl FnMut() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok().await {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_gateway_and_a_broken_file_changes_nothing() {
+    let broker = Broker::start();
+    let upstream = start_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tollgate.yaml");
+    write_config(&config, upstream, &broker, "");
+    let (port, admin) = (free_port(), free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("gateway")
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("TOLLGATE_GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "TOLLGATE_GATEWAY__ADMIN_LISTEN",
+            format!("127.0.0.1:{admin}"),
+        )
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("tollgate binary starts");
+    let http = Http::new();
+    let status = |path: &'static str| {
+        let http = &http;
+        async move {
+            http.get(&format!("http://127.0.0.1:{port}{path}"), &[])
+                .await
+                .map(|(s, _)| s)
+                .ok()
+        }
+    };
+    eventually("the gateway did not start", || async {
+        status("/fast").await == Some(StatusCode::OK)
+    })
+    .await;
+    assert_eq!(status("/slow/1").await, Some(StatusCode::NOT_FOUND));
+
+    let route =
+        "    - { id: slow, methods: [GET], path: \"/slow/{id}\", upstream: app, auth: false }";
+    // The new file keeps the old one's modification time, so that only SIGHUP can load it.
+    let before = dir.path().join("before.yaml");
+    std::fs::copy(&config, &before).unwrap();
+    let same_mtime = |from: &Path, to: &Path| {
+        let ok = Command::new("touch").arg("-r").arg(from).arg(to).status();
+        assert!(ok.is_ok_and(|s| s.success()), "touch -r");
+    };
+    same_mtime(&config, &before);
+    write_config(&config, upstream, &broker, route);
+    same_mtime(&before, &config);
+    // A file check passes meanwhile (every 2 s) and finds nothing new.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        status("/slow/1").await,
+        Some(StatusCode::NOT_FOUND),
+        "no reload without a trigger"
+    );
+    signal(child.id(), "HUP");
+    eventually("SIGHUP did not put the new route in force", || async {
+        status("/slow/1").await == Some(StatusCode::OK)
+    })
+    .await;
+
+    std::fs::write(&config, "gateway: { routes: [ broken").unwrap();
+    let metrics = format!("http://127.0.0.1:{admin}/metrics");
+    eventually("the broken file was not noticed", || async {
+        http.get(&metrics, &[]).await.is_ok_and(|(_, body)| {
+            String::from_utf8_lossy(&body).contains("tollgate_gateway_config_reload_failed 1")
+        })
+    })
+    .await;
+    assert_eq!(
+        status("/slow/2").await,
+        Some(StatusCode::OK),
+        "the running configuration stays"
+    );
+    assert_eq!(status("/fast").await, Some(StatusCode::OK));
+    let _ = child.kill();
+    let _ = child.wait();
+}
