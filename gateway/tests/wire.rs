@@ -891,3 +891,74 @@ async fn a_route_limit_applies_per_consumer_on_that_route_only() {
     );
     gw.shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_413_and_429_on_a_keep_alive_post_never_read_the_body_as_a_request() {
+    let gw = gateway_with(|c| {
+        c.connections.max_body_bytes = 100;
+        let keyed = c.routes.iter_mut().find(|r| r.id == "keyed").unwrap();
+        keyed.rate_limit = Some(tollgate_schemas::config::RateLimit {
+            per_second: 1,
+            burst: Some(1),
+        });
+    })
+    .await;
+    // Each refused body looks like a request; the gateway must skip it whole.
+    let hidden = format!(
+        "GET /open/smuggled HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+        "p".repeat(80)
+    );
+    let post = |path: &str, key: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nx-api-key: {key}\r\nContent-Length: {}\r\n\r\n{hidden}",
+            hidden.len()
+        )
+    };
+    let mut c = Client::connect(&gw).await;
+    c.send(
+        format!(
+            "{}{}GET /open/after HTTP/1.1\r\nHost: x\r\n\r\n",
+            post("/open/big", "k-acme"),
+            post("/keyed/1", "k-acme")
+        )
+        .as_bytes(),
+    )
+    .await;
+    let (status, head, _) = c.answer(&http::Method::POST).await;
+    assert!(
+        status == 413 && !head.contains("connection: close"),
+        "{head}"
+    );
+    let (status, _, _) = c.answer(&http::Method::POST).await;
+    assert_eq!(status, 413, "this body is over the limit too");
+    assert_eq!(
+        c.report().await["target"],
+        "/open/after",
+        "the next real request, not the hidden one"
+    );
+    // 429: a buffered body under the limit is skipped after the refusal too.
+    let small = "GET /open/smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let small_post = |n: u32| {
+        format!(
+            "POST /keyed/{n} HTTP/1.1\r\nHost: x\r\nx-api-key: k-acme\r\nContent-Length: {}\r\n\r\n{small}",
+            small.len()
+        )
+    };
+    let mut c = Client::connect(&gw).await;
+    let posts: String = (1..=3).map(small_post).collect();
+    c.send(format!("{posts}GET /open/after2 HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await;
+    let mut refused = 0;
+    for _ in 0..3 {
+        let (status, head, _) = c.answer(&http::Method::POST).await;
+        assert!(status == 200 || status == 429, "{status} {head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        refused += usize::from(status == 429);
+    }
+    assert!(
+        refused >= 1,
+        "three requests within a second against a bucket of one"
+    );
+    assert_eq!(c.report().await["target"], "/open/after2");
+    gw.shutdown.cancel();
+}
