@@ -177,6 +177,13 @@ pub struct UpstreamConfig {
     /// request is answered 503 at once (load shed) rather than queued. Unset: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<u64>,
+    /// Retries: a request with an idempotent method (GET, HEAD, OPTIONS, PUT, DELETE, TRACE)
+    /// whose whole body was buffered, and whose connection the upstream closed or reset before
+    /// any answer, is sent once more, to another target when there is one, while retries stay
+    /// within this percentage of the upstream's requests (a budget, so that retries cannot
+    /// multiply the load of an upstream in trouble). Unset: no retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget_percent: Option<u32>,
     /// Active health checks of each target; unset: none (passive ejection only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::StatusCode;
 use tokio_util::sync::CancellationToken;
 use tollgate_schemas::Outcome;
@@ -119,6 +119,9 @@ pub struct Rejection {
     pub over: Option<crate::limits::OverLimit>,
     /// `Retry-After` alone (seconds), for load shedding.
     pub retry_after: Option<u64>,
+    /// The upstream closed or reset a new connection before any answer: an idempotent request
+    /// sent whole may be retried.
+    pub retryable: bool,
 }
 
 impl Rejection {
@@ -129,7 +132,13 @@ impl Rejection {
             message: message.into(),
             over: None,
             retry_after: None,
+            retryable: false,
         }
+    }
+
+    fn retryable(mut self) -> Self {
+        self.retryable = true;
+        self
     }
 
     fn retry_after(mut self, secs: u64) -> Self {
@@ -152,6 +161,20 @@ impl Rejection {
 pub struct Conn {
     side: Side,
     reused: bool,
+}
+
+/// Methods a retry cannot repeat the effect of (RFC 9110 §9.2.2).
+fn is_idempotent(m: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PUT,
+        Method::DELETE,
+        Method::TRACE,
+    ]
+    .contains(m)
 }
 
 fn too_large() -> Rejection {
@@ -194,6 +217,10 @@ pub struct Ctx<'w> {
     /// Whether the request id is sent back (once the request went upstream).
     has_request_id: bool,
     body: BodyRead,
+    /// A body that arrived whole, kept until the answer in case the request is sent again.
+    staged_body: Option<Bytes>,
+    /// The `traceparent` the gateway made for this request, sent again on a retry.
+    traceparent: Option<[u8; 55]>,
     req_bytes: u64,
     resp_bytes: u64,
 }
@@ -290,20 +317,40 @@ impl Worker {
         })?;
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + upstream.timeout);
-        let connected = tokio::time::timeout_at(deadline, self.connect(ctx, upstream)).await;
-        let (target, conn) = match connected {
-            Ok(Ok(c)) => c,
-            Ok(Err(rejection)) => return Err(rejection),
-            Err(_) => return Err(timed_out()),
-        };
-        slot.on(target);
-        self.upstream_request(ctx, route, target, head, peer, out);
-        let (resp, up) = self
-            .forward(ctx, client, head, target, conn, out, started, deadline)
-            .await?;
-        Ok(self
-            .respond(ctx, client, head, resp, up, target, out, shutdown)
-            .await)
+        let mut avoid = None;
+        loop {
+            let connected =
+                tokio::time::timeout_at(deadline, self.connect(ctx, upstream, avoid)).await;
+            let (target, conn) = match connected {
+                Ok(Ok(c)) => c,
+                Ok(Err(rejection)) => return Err(rejection),
+                Err(_) => return Err(timed_out()),
+            };
+            slot.on(target);
+            self.upstream_request(ctx, route, target, head, peer, out);
+            match self
+                .forward(ctx, client, head, target, conn, out, started, deadline)
+                .await
+            {
+                Ok((resp, up)) => {
+                    return Ok(self
+                        .respond(ctx, client, head, resp, up, target, out, shutdown)
+                        .await);
+                }
+                // Once, for an idempotent request sent whole, within the upstream's budget.
+                Err(r)
+                    if r.retryable
+                        && avoid.is_none()
+                        && is_idempotent(&head.method)
+                        && (head.framing == Framing::Empty || ctx.staged_body.is_some())
+                        && upstream.may_retry() =>
+                {
+                    tracing::debug!(route = ?ctx.route, why = %r.message, "retrying on another target");
+                    avoid = Some(target.id);
+                }
+                Err(r) => return Err(r),
+            }
+        }
     }
 
     /// The context of a request whose head just arrived (its first byte at `started`).
@@ -329,6 +376,8 @@ impl Worker {
             client_request_id: None,
             has_request_id: false,
             body: BodyRead::Untouched,
+            staged_body: None,
+            traceparent: None,
             req_bytes: 0,
             resp_bytes: 0,
         }
@@ -451,7 +500,7 @@ impl Worker {
             .auth
             .api_key_header()
             .map(|h| h.as_str().as_bytes());
-        let new_trace = ctx.event.trace_id.is_none();
+        let new_trace = ctx.traceparent.is_some() || ctx.event.trace_id.is_none();
         let mut forwarded_for = None;
         for (name, value) in head.fields.iter() {
             if head.fields.is_hop_by_hop(name)
@@ -478,9 +527,12 @@ impl Worker {
         ctx.has_request_id = true;
         ctx.put_request_id(out);
         if new_trace {
-            let (header, trace) = new_traceparent();
+            let header = *ctx.traceparent.get_or_insert_with(|| {
+                let (header, trace) = new_traceparent();
+                ctx.event.trace_id = Some(trace);
+                header
+            });
             put_field(out, TRACEPARENT.as_bytes(), &header);
-            ctx.event.trace_id = Some(trace);
         }
         if let Some(id) = &ctx.event.identity
             && is_field_value(id.consumer.as_bytes())
@@ -515,8 +567,9 @@ impl Worker {
         &self,
         ctx: &Ctx<'_>,
         upstream: &'u Upstream,
+        avoid: Option<usize>,
     ) -> Result<(&'u Target, Conn), Rejection> {
-        let mut target = upstream.pick(None);
+        let mut target = upstream.pick(avoid);
         for attempt in 0..2 {
             if let Some(side) = self.pool.take(target.id) {
                 return Ok((target, Conn { side, reused: true }));
@@ -567,7 +620,8 @@ impl Worker {
                 "the client went away",
             )
         };
-        if head.expect_continue && head.framing != Framing::Empty {
+        if head.expect_continue && head.framing != Framing::Empty && ctx.body == BodyRead::Untouched
+        {
             client
                 .write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 .await
@@ -575,11 +629,16 @@ impl Worker {
         }
         // A body that has arrived whole goes out with the head, and the request can be sent
         // again if a pooled connection turns out to be closed.
-        let staged = match head.framing {
-            Framing::Empty => true,
-            Framing::Length(n) if client.buf.len() as u64 >= n => {
-                out.extend_from_slice(&client.buf[..n as usize]);
-                client.buf.advance(n as usize);
+        let staged = match (head.framing, &ctx.staged_body) {
+            (Framing::Empty, _) => true,
+            (_, Some(body)) => {
+                out.extend_from_slice(body);
+                true
+            }
+            (Framing::Length(n), None) if client.buf.len() as u64 >= n => {
+                let body = client.buf.split_to(n as usize).freeze();
+                out.extend_from_slice(&body);
+                ctx.staged_body = Some(body);
                 ctx.req_bytes = n;
                 true
             }
@@ -634,7 +693,7 @@ impl Worker {
                 if may_retry {
                     continue;
                 }
-                return Err(unreachable());
+                return Err(unreachable().retryable());
             }
             if !staged {
                 ctx.body = BodyRead::Partly;
@@ -688,7 +747,8 @@ impl Worker {
                         target.failed();
                         return Err(Rejection::bad_gateway(
                             "the upstream closed the connection without answering",
-                        ));
+                        )
+                        .retryable());
                     }
                     _ => {
                         return Err(Rejection::bad_gateway(

@@ -60,7 +60,15 @@ pub struct Upstream {
     /// Whether requests in flight are counted (a limit, or least request).
     counted: bool,
     health_check: Option<crate::config::HealthCheck>,
+    /// Retry budget in thousandths of a retry: each request adds `retry_share`, a retry takes
+    /// 1,000; at most `RETRY_BUDGET_MAX` saved (a burst of retries after a quiet spell).
+    retry_budget: AtomicU64,
+    /// `retry_budget_percent` × 10; 0: no retries.
+    retry_share: u64,
 }
+
+/// The most retries a quiet upstream saves up, in thousandths.
+const RETRY_BUDGET_MAX: u64 = 10_000;
 
 /// A request in flight to an upstream (and, once chosen, to one of its targets): counted
 /// until dropped.
@@ -133,8 +141,12 @@ impl Upstream {
             balance: config.balance,
             max_in_flight: config.max_in_flight.unwrap_or(u64::MAX),
             in_flight: AtomicU64::new(0),
-            counted: config.max_in_flight.is_some() || config.balance == Balance::LeastRequest,
+            counted: config.max_in_flight.is_some()
+                || config.balance == Balance::LeastRequest
+                || config.retry_budget_percent.is_some(),
             health_check: config.health_check.clone(),
+            retry_budget: AtomicU64::new(0),
+            retry_share: u64::from(config.retry_budget_percent.unwrap_or(0).min(100)) * 10,
         })
     }
 
@@ -153,6 +165,13 @@ impl Upstream {
                 target: None,
             });
         }
+        if self.retry_share > 0 {
+            let _ = self
+                .retry_budget
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                    Some((b + self.retry_share).min(RETRY_BUDGET_MAX))
+                });
+        }
         if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max_in_flight {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             return None;
@@ -161,6 +180,17 @@ impl Upstream {
             upstream: Some(self),
             target: None,
         })
+    }
+
+    /// Whether a retry fits in the budget (and takes its share of it).
+    pub fn may_retry(&self) -> bool {
+        self.retry_share > 0
+            && self
+                .retry_budget
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                    b.checked_sub(1_000)
+                })
+                .is_ok()
     }
 
     /// The target for the next request, leaving out `not` (a target that just failed) and
@@ -341,6 +371,7 @@ mod tests {
                 balance: Default::default(),
                 max_in_flight: None,
                 health_check: None,
+                retry_budget_percent: None,
             },
             0,
         )
@@ -397,6 +428,7 @@ mod tests {
                 balance: Default::default(),
                 max_in_flight: None,
                 health_check: None,
+                retry_budget_percent: None,
             },
             5,
         )
@@ -411,6 +443,7 @@ mod tests {
                     balance: Default::default(),
                     max_in_flight: None,
                     health_check: None,
+                    retry_budget_percent: None,
                 },
                 0
             )
@@ -426,6 +459,7 @@ mod tests {
                 balance,
                 max_in_flight: Some(2),
                 health_check: None,
+                retry_budget_percent: None,
             },
             0,
         )

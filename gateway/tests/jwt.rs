@@ -92,6 +92,7 @@ async fn each_route_runs_its_chain_of_authenticators() {
                 balance: Default::default(),
                 max_in_flight: None,
                 health_check: None,
+                retry_budget_percent: None,
             },
         )]
         .into(),

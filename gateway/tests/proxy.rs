@@ -120,6 +120,7 @@ impl Harness {
                         balance: Default::default(),
                         max_in_flight: None,
                         health_check: None,
+                        retry_budget_percent: None,
                     },
                 ),
                 (
@@ -130,6 +131,7 @@ impl Harness {
                         balance: Default::default(),
                         max_in_flight: None,
                         health_check: None,
+                        retry_budget_percent: None,
                     },
                 ),
             ]
@@ -431,6 +433,7 @@ async fn keys_are_checked_in_the_default_header_when_auth_is_not_configured() {
                 balance: Default::default(),
                 max_in_flight: None,
                 health_check: None,
+                retry_budget_percent: None,
             },
         )]
         .into(),

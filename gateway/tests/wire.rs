@@ -191,6 +191,7 @@ async fn gateway_with(adjust: impl FnOnce(&mut GatewayConfig)) -> common::Runnin
                 balance: Default::default(),
                 max_in_flight: None,
                 health_check: None,
+                retry_budget_percent: None,
             },
         )]
         .into(),
@@ -960,5 +961,65 @@ async fn early_413_and_429_on_a_keep_alive_post_never_read_the_body_as_a_request
         "three requests within a second against a bucket of one"
     );
     assert_eq!(c.report().await["target"], "/open/after2");
+    gw.shutdown.cancel();
+}
+
+/// An upstream that reads a request and closes the connection without answering.
+async fn resetting_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_are_retried_on_another_target_within_the_budget() {
+    let bad = resetting_upstream().await;
+    let good = upstream().await;
+    let with = |budget: Option<u32>| {
+        move |c: &mut GatewayConfig| {
+            let app = c.upstreams.get_mut("app").unwrap();
+            app.targets = vec![format!("http://{bad}"), format!("http://{good}")];
+            app.retry_budget_percent = budget;
+        }
+    };
+    let gw = gateway_with(with(Some(100))).await;
+    // Round robin over a target that drops every request and one that answers: a POST that
+    // lands on the bad one is not retried (not idempotent); a GET always gets through.
+    let mut posts = Vec::new();
+    for i in 0..2 {
+        let mut c = Client::connect(&gw).await;
+        c.send(
+            format!("POST /open/p{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx").as_bytes(),
+        )
+        .await;
+        posts.push(c.answer(&http::Method::POST).await.0);
+    }
+    posts.sort();
+    assert_eq!(posts, [200, 502], "one POST each way");
+    for i in 0..4 {
+        let (status, _, _) = get(gw.addr, &format!("/open/g{i}"), "").await;
+        assert_eq!(status, 200, "GET {i} was retried");
+    }
+    let evs = events(&gw.log, 6).await;
+    let traced = evs.iter().filter(|e| e.path.starts_with("/open/g")).count();
+    assert_eq!(traced, 4, "one event per request, retries included");
+    gw.shutdown.cancel();
+    // Without a budget nothing is retried: some GET meets the bad target.
+    let gw = gateway_with(with(None)).await;
+    let mut statuses = Vec::new();
+    for i in 0..2 {
+        statuses.push(get(gw.addr, &format!("/open/n{i}"), "").await.0);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 502]);
     gw.shutdown.cancel();
 }
