@@ -233,6 +233,20 @@ fn default_timeout_ms() -> u64 {
     5_000
 }
 
+impl UpstreamConfig {
+    /// An upstream of `targets` with every other setting at its default.
+    pub fn targets(targets: impl IntoIterator<Item = String>) -> UpstreamConfig {
+        UpstreamConfig {
+            targets: targets.into_iter().collect(),
+            timeout_ms: default_timeout_ms(),
+            balance: Balance::default(),
+            max_in_flight: None,
+            retry_budget_percent: None,
+            health_check: None,
+        }
+    }
+}
+
 /// One route.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -366,12 +366,8 @@ mod tests {
     fn rewritten(t: &str, strip: Option<&str>, uri: &str) -> String {
         let up = Upstream::new(
             &crate::config::UpstreamConfig {
-                targets: vec![t.into()],
                 timeout_ms: 1000,
-                balance: Default::default(),
-                max_in_flight: None,
-                health_check: None,
-                retry_budget_percent: None,
+                ..crate::config::UpstreamConfig::targets(vec![t.into()])
             },
             0,
         )
@@ -423,12 +419,11 @@ mod tests {
     fn targets_are_numbered_and_used_round_robin() {
         let up = Upstream::new(
             &crate::config::UpstreamConfig {
-                targets: vec!["http://a:1".into(), "http://b:2".into()],
                 timeout_ms: 1000,
-                balance: Default::default(),
-                max_in_flight: None,
-                health_check: None,
-                retry_budget_percent: None,
+                ..crate::config::UpstreamConfig::targets(vec![
+                    "http://a:1".into(),
+                    "http://b:2".into(),
+                ])
             },
             5,
         )
@@ -438,12 +433,8 @@ mod tests {
         assert!(
             Upstream::new(
                 &crate::config::UpstreamConfig {
-                    targets: vec!["https://a:1".into()],
                     timeout_ms: 1,
-                    balance: Default::default(),
-                    max_in_flight: None,
-                    health_check: None,
-                    retry_budget_percent: None,
+                    ..crate::config::UpstreamConfig::targets(vec!["https://a:1".into()])
                 },
                 0
             )

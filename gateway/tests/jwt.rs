@@ -87,12 +87,8 @@ async fn each_route_runs_its_chain_of_authenticators() {
         upstreams: [(
             "app".to_string(),
             UpstreamConfig {
-                targets: vec![format!("http://{up}")],
                 timeout_ms: 1000,
-                balance: Default::default(),
-                max_in_flight: None,
-                health_check: None,
-                retry_budget_percent: None,
+                ..UpstreamConfig::targets(vec![format!("http://{up}")])
             },
         )]
         .into(),

@@ -115,23 +115,15 @@ impl Harness {
                 (
                     "app".to_string(),
                     UpstreamConfig {
-                        targets: vec![format!("http://{upstream}")],
                         timeout_ms: 200,
-                        balance: Default::default(),
-                        max_in_flight: None,
-                        health_check: None,
-                        retry_budget_percent: None,
+                        ..UpstreamConfig::targets(vec![format!("http://{upstream}")])
                     },
                 ),
                 (
                     "down".to_string(),
                     UpstreamConfig {
-                        targets: vec![format!("http://{dead}")],
                         timeout_ms: 200,
-                        balance: Default::default(),
-                        max_in_flight: None,
-                        health_check: None,
-                        retry_budget_percent: None,
+                        ..UpstreamConfig::targets(vec![format!("http://{dead}")])
                     },
                 ),
             ]
@@ -428,12 +420,8 @@ async fn keys_are_checked_in_the_default_header_when_auth_is_not_configured() {
         upstreams: [(
             "app".to_string(),
             UpstreamConfig {
-                targets: vec![format!("http://{upstream}")],
                 timeout_ms: 1000,
-                balance: Default::default(),
-                max_in_flight: None,
-                health_check: None,
-                retry_budget_percent: None,
+                ..UpstreamConfig::targets(vec![format!("http://{upstream}")])
             },
         )]
         .into(),

@@ -186,12 +186,8 @@ async fn gateway_with(adjust: impl FnOnce(&mut GatewayConfig)) -> common::Runnin
         upstreams: [(
             "app".to_string(),
             UpstreamConfig {
-                targets: vec![format!("http://{up}")],
                 timeout_ms: 2000,
-                balance: Default::default(),
-                max_in_flight: None,
-                health_check: None,
-                retry_budget_percent: None,
+                ..UpstreamConfig::targets(vec![format!("http://{up}")])
             },
         )]
         .into(),
