@@ -278,6 +278,9 @@ pub struct RouteConfig {
     /// follows the active consumers; anonymous callers make none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<tollgate_schemas::config::RateLimit>,
+    /// This route's own `timeout_ms`, instead of its upstream's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// A route's authentication: `true` tries every configured method (API key, then JWT) and

@@ -629,6 +629,7 @@ mod tests {
                 per_second: 1000,
                 burst: Some(2),
             }),
+            timeout_ms: None,
         };
         let mut open = limited.clone();
         open.rate_limit = None;

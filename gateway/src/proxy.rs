@@ -316,7 +316,10 @@ impl Worker {
             .retry_after(1)
         })?;
         let started = Instant::now();
-        let deadline = tokio::time::Instant::from_std(started + upstream.timeout);
+        let timeout = route
+            .timeout_ms
+            .map_or(upstream.timeout, std::time::Duration::from_millis);
+        let deadline = tokio::time::Instant::from_std(started + timeout);
         let mut avoid = None;
         loop {
             let connected =

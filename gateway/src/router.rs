@@ -96,6 +96,7 @@ mod tests {
             strip_prefix: None,
             auth: crate::config::RouteAuth::All(true),
             rate_limit: None,
+            timeout_ms: None,
         }
     }
 

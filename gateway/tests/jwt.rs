@@ -80,6 +80,7 @@ async fn each_route_runs_its_chain_of_authenticators() {
         strip_prefix: None,
         auth,
         rate_limit: None,
+        timeout_ms: None,
     };
     let config = GatewayConfig {
         listen: "127.0.0.1:0".parse().unwrap(),

@@ -105,6 +105,7 @@ impl Harness {
             strip_prefix: None,
             auth: tollgate_gateway::config::RouteAuth::All(true),
             rate_limit: None,
+            timeout_ms: None,
         };
         let mut api = route("api", "/api/{*rest}", "app");
         api.strip_prefix = Some("/api".into());
@@ -434,6 +435,7 @@ async fn keys_are_checked_in_the_default_header_when_auth_is_not_configured() {
             strip_prefix: None,
             auth: tollgate_gateway::config::RouteAuth::All(true),
             rate_limit: None,
+            timeout_ms: None,
         }],
         ..Default::default()
     };

@@ -179,6 +179,7 @@ async fn gateway_with(adjust: impl FnOnce(&mut GatewayConfig)) -> common::Runnin
         strip_prefix: None,
         auth: RouteAuth::All(auth),
         rate_limit: None,
+        timeout_ms: None,
     };
     let mut config = GatewayConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -1017,5 +1018,22 @@ async fn idempotent_requests_are_retried_on_another_target_within_the_budget() {
     }
     statuses.sort();
     assert_eq!(statuses, [200, 502]);
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_timeout_overrides_its_upstreams() {
+    let gw = gateway_with(|c| {
+        let open = c.routes.iter_mut().find(|r| r.id == "open").unwrap();
+        open.timeout_ms = Some(100);
+    })
+    .await;
+    let (status, _, body) = get(gw.addr, "/open/slow", "").await;
+    assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
+    let (status, _, _) = get(gw.addr, "/keyed/slow", "x-api-key: k-acme\r\n").await;
+    assert_eq!(
+        status, 200,
+        "the upstream's own 2 s still applies elsewhere"
+    );
     gw.shutdown.cancel();
 }
