@@ -353,11 +353,16 @@ pub fn normalized(uri: Uri) -> Result<Uri, &'static str> {
     if !path.starts_with('/') {
         return Err("the request path must start with /");
     }
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+    // Checked on every request: a scan of the path, no copy of it.
+    let encoded = |code: &[u8]| {
+        path.as_bytes()
+            .windows(3)
+            .any(|w| w.eq_ignore_ascii_case(code))
+    };
+    if encoded(b"%2f") || encoded(b"%5c") || path.contains('\\') {
         return Err("an encoded / or \\ in the request path is not accepted");
     }
-    let dotted = lower.contains("%2e");
+    let dotted = encoded(b"%2e");
     if !dotted && !path.contains("//") && !path.contains("/.") {
         return Ok(uri); // the common case: nothing to do, nothing copied
     }

@@ -196,12 +196,8 @@ impl Upstream {
     /// The target for the next request, leaving out `not` (a target that just failed) and
     /// ejected targets while any other is left.
     pub fn pick(&self, not: Option<usize>) -> &Target {
-        let now = now_ms();
-        let usable = |t: &Target| {
-            Some(t.id) != not
-                && t.ejected_until.load(Ordering::Relaxed) <= now
-                && t.healthy.load(Ordering::Relaxed)
-        };
+        let usable =
+            |t: &Target| Some(t.id) != not && t.healthy.load(Ordering::Relaxed) && !t.ejected();
         let n = self.targets.len();
         match self.balance {
             Balance::RoundRobin => {
@@ -306,6 +302,22 @@ impl Target {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
         }
+    }
+
+    /// Whether the target sits out an ejection. The clock is read only while one is set: a
+    /// target that was never ejected (or whose ejection ran out) costs one atomic load.
+    fn ejected(&self) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if until > now_ms() {
+            return true;
+        }
+        let _ = self
+            .ejected_until
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        false
     }
 
     /// A connection that worked: the failures in a row start again.
