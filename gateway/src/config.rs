@@ -56,6 +56,21 @@ pub struct GatewayConfig {
     /// and the header names the peer alone, so a client cannot forge its address.
     #[serde(default)]
     pub trust_forwarded_for: bool,
+    /// TLS on `listen` (needs the `tls` cargo feature): the listener then speaks TLS only,
+    /// offering HTTP/2 and HTTP/1.1 by ALPN. Unset: plain TCP (HTTP/1.1, and h2c with prior
+    /// knowledge when built with `http2`).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `gateway.tls`: the certificate the listener presents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain, the server's own certificate first.
+    pub cert_path: std::path::PathBuf,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_path: std::path::PathBuf,
 }
 
 /// `gateway.connections`: the timeouts of client connections (and of body transfers on both
@@ -156,6 +171,7 @@ impl Default for GatewayConfig {
             spool: SpoolSettings::default(),
             connections: ConnectionSettings::default(),
             trust_forwarded_for: false,
+            tls: None,
         }
     }
 }
@@ -663,6 +679,9 @@ impl GatewayConfig {
         }
         if let Some(jwt) = &self.auth.jwt {
             jwt.validate()?;
+        }
+        if self.tls.is_some() && !cfg!(feature = "tls") {
+            return Err("gateway.tls: this build has no TLS; build with `--features tls`".into());
         }
         if self.events.queue_capacity == 0 || self.events.batch_max == 0 {
             return Err("gateway.events: queue_capacity and batch_max must be at least 1".into());

@@ -14,11 +14,13 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -50,18 +52,107 @@ const POOL_IDLE: Duration = Duration::from_secs(30);
 /// The most idle connections kept per upstream target and worker.
 const POOL_MAX: usize = 1024;
 
+/// A connection's bytes: plain TCP, or TLS over TCP (client connections under `gateway.tls`).
+/// An enum rather than a trait object: the plain case, the one benchmarks run, pays one
+/// branch per read or write.
+pub enum Stream {
+    Tcp(TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl From<TcpStream> for Stream {
+    fn from(s: TcpStream) -> Stream {
+        Stream::Tcp(s)
+    }
+}
+
+macro_rules! each_stream {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Tcp($s) => $e,
+            #[cfg(feature = "tls")]
+            Stream::Tls($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        each_stream!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        each_stream!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_stream!(self, s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_stream!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        each_stream!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Where a body copy writes: a connection (HTTP/1.1), or an HTTP/2 stream.
+pub trait Sink {
+    /// Sends what `out` holds, within `within`, and empties it.
+    fn put(
+        &mut self,
+        out: &mut Vec<u8>,
+        within: Duration,
+    ) -> impl std::future::Future<Output = Result<(), Broken>> + Send;
+}
+
+impl Sink for Stream {
+    async fn put(&mut self, out: &mut Vec<u8>, within: Duration) -> Result<(), Broken> {
+        if !out.is_empty() {
+            write(self, out, within).await.map_err(|_| Broken::Write)?;
+            out.clear();
+        }
+        Ok(())
+    }
+}
+
 /// One side of an exchange: a connection and the bytes read from it, not yet used.
 pub struct Side {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub buf: BytesMut,
     /// How long one write, or one read of a body, may wait.
     pub io: Duration,
 }
 
 impl Side {
-    pub fn new(stream: TcpStream, io: Duration) -> Side {
+    pub fn new(stream: impl Into<Stream>, io: Duration) -> Side {
         Side {
-            stream,
+            stream: stream.into(),
             buf: BytesMut::with_capacity(8 * 1024),
             io,
         }
@@ -111,8 +202,13 @@ impl Side {
     }
 }
 
-async fn write(stream: &mut TcpStream, data: &[u8], within: Duration) -> io::Result<()> {
-    match tokio::time::timeout(within, stream.write_all(data)).await {
+/// Writes all of `data` and flushes it (a no-op on TCP; TLS may hold the last record back).
+async fn write(stream: &mut Stream, data: &[u8], within: Duration) -> io::Result<()> {
+    let all = async {
+        stream.write_all(data).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(within, all).await {
         Ok(r) => r,
         Err(_) => Err(io::ErrorKind::TimedOut.into()),
     }
@@ -121,17 +217,25 @@ async fn write(stream: &mut TcpStream, data: &[u8], within: Duration) -> io::Res
 /// Serves one client connection until it closes, goes idle, breaks, or the worker shuts down.
 pub async fn serve(
     slot: Arc<WorkerSlot>,
-    stream: TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
     let timeouts = slot.worker().shared.timeouts;
     let mut client = Side::new(stream, timeouts.io);
     let mut out = Vec::with_capacity(4 * 1024);
+    let mut first = true;
     loop {
-        let (head, started) = match read_head(&mut client, timeouts, &shutdown).await {
+        let next = read_head(&mut client, timeouts, &shutdown, first).await;
+        first = false;
+        let (head, started) = match next {
             Next::Head(head, started) => (head, started),
             Next::Closed => return,
+            #[cfg(feature = "http2")]
+            Next::Http2 => {
+                let io = crate::http2::Prefixed::new(client.buf, client.stream);
+                return crate::http2::serve(slot, io, peer, shutdown).await;
+            }
             Next::Refused(r) => {
                 out.clear();
                 crate::proxy::own_answer(
@@ -174,40 +278,78 @@ enum Next {
     Head(RequestHead, Instant),
     Closed,
     Refused(h1::Refusal),
+    /// The connection opened with HTTP/2's preface (h2c with prior knowledge, RFC 9113 §3.3).
+    #[cfg(feature = "http2")]
+    Http2,
 }
 
-/// Waits for the next request head: bytes already buffered (pipelined) first.
-async fn read_head(client: &mut Side, timeouts: Timeouts, shutdown: &CancellationToken) -> Next {
+/// Waits for the next request head: bytes already buffered (pipelined) first. On a
+/// connection's `first` request, HTTP/2's preface hands the connection to `http2.rs`.
+async fn read_head(
+    client: &mut Side,
+    timeouts: Timeouts,
+    shutdown: &CancellationToken,
+    first: bool,
+) -> Next {
     let mut started: Option<Instant> = None;
     loop {
         if !client.buf.is_empty() {
             let t = *started.get_or_insert_with(Instant::now);
+            #[cfg(feature = "http2")]
+            if first {
+                match crate::http2::preface(&client.buf) {
+                    Some(true) => return Next::Http2,
+                    Some(false) => {}
+                    None => {
+                        // A prefix of the preface: wait for the rest (below).
+                        if let Some(n) = read_more(client, timeouts, shutdown, started).await {
+                            return n;
+                        }
+                        continue;
+                    }
+                }
+            }
+            #[cfg(not(feature = "http2"))]
+            let _ = first;
             match h1::parse_request(&mut client.buf) {
                 Ok(Parsed::Head(head)) => return Next::Head(head, t),
                 Ok(Parsed::Partial) => {}
                 Err(r) => return Next::Refused(r),
             }
         }
-        let within = match started {
-            None => timeouts.idle,
-            Some(t) => timeouts.head.saturating_sub(t.elapsed()),
-        };
-        let read = tokio::select! {
-            biased;
-            r = client.fill(within) => r,
-            _ = shutdown.cancelled(), if started.is_none() => return Next::Closed,
-        };
-        match read {
-            Ok(0) => return Next::Closed,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::TimedOut && started.is_some() => {
-                return Next::Refused(h1::Refusal {
-                    status: http::StatusCode::REQUEST_TIMEOUT,
-                    message: "the request head did not arrive in time",
-                });
-            }
-            Err(_) => return Next::Closed,
+        if let Some(n) = read_more(client, timeouts, shutdown, started).await {
+            return n;
         }
+    }
+}
+
+/// Reads more of a request head (or waits for the next request, when none has `started`):
+/// `Some` when the connection ends instead.
+async fn read_more(
+    client: &mut Side,
+    timeouts: Timeouts,
+    shutdown: &CancellationToken,
+    started: Option<Instant>,
+) -> Option<Next> {
+    let within = match started {
+        None => timeouts.idle,
+        Some(t) => timeouts.head.saturating_sub(t.elapsed()),
+    };
+    let read = tokio::select! {
+        biased;
+        r = client.fill(within) => r,
+        _ = shutdown.cancelled(), if started.is_none() => return Some(Next::Closed),
+    };
+    match read {
+        Ok(0) => Some(Next::Closed),
+        Ok(_) => None,
+        Err(e) if e.kind() == io::ErrorKind::TimedOut && started.is_some() => {
+            Some(Next::Refused(h1::Refusal {
+                status: http::StatusCode::REQUEST_TIMEOUT,
+                message: "the request head did not arrive in time",
+            }))
+        }
+        Err(_) => Some(Next::Closed),
     }
 }
 
@@ -228,7 +370,7 @@ pub enum Broken {
 pub async fn copy_body(
     src: &mut Side,
     framing: Framing,
-    dst: &mut TcpStream,
+    dst: &mut impl Sink,
     chunked: bool,
     out: &mut Vec<u8>,
     total: &mut u64,
@@ -252,7 +394,7 @@ pub async fn copy_body(
             if *total - start == n {
                 break;
             }
-            flush(dst, out, src.io).await?;
+            dst.put(out, src.io).await?;
             if src.fill(src.io).await.map_err(|_| Broken::Read)? == 0 {
                 return Err(Broken::Read);
             }
@@ -270,7 +412,7 @@ pub async fn copy_body(
                     }
                     Chunk::End => break,
                     Chunk::Partial => {
-                        flush(dst, out, src.io).await?;
+                        dst.put(out, src.io).await?;
                         if src.fill(src.io).await.map_err(|_| Broken::Read)? == 0 {
                             return Err(Broken::Read);
                         }
@@ -282,7 +424,7 @@ pub async fn copy_body(
             *total += src.buf.len() as u64;
             stage(out, &src.buf);
             src.buf.clear();
-            flush(dst, out, src.io).await?;
+            dst.put(out, src.io).await?;
             if src.fill(src.io).await.map_err(|_| Broken::Read)? == 0 {
                 break;
             }
@@ -291,22 +433,14 @@ pub async fn copy_body(
     if chunked {
         out.extend_from_slice(h1::LAST_CHUNK);
     }
-    flush(dst, out, src.io).await
-}
-
-async fn flush(dst: &mut TcpStream, out: &mut Vec<u8>, within: Duration) -> Result<(), Broken> {
-    if !out.is_empty() {
-        write(dst, out, within).await.map_err(|_| Broken::Write)?;
-        out.clear();
-    }
-    Ok(())
+    dst.put(out, src.io).await
 }
 
 /// Copies bytes from `from` to `to` until `from` ends, then ends `to` (a half close), counting
 /// them into `count`. One direction of a tunnel.
 pub async fn pump(
-    from: &mut tokio::net::tcp::ReadHalf<'_>,
-    to: &mut tokio::net::tcp::WriteHalf<'_>,
+    from: &mut (impl AsyncRead + Unpin),
+    to: &mut (impl AsyncWrite + Unpin),
     count: &mut u64,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; 16 * 1024];

@@ -83,6 +83,25 @@ pub struct Fields {
 }
 
 impl Fields {
+    /// Fields over a buffer of their own, for a head that did not arrive as HTTP/1.1 bytes
+    /// (HTTP/2's, where no `Connection` field can be among them).
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Fields {
+        let mut raw = Vec::new();
+        let mut fields = Vec::new();
+        for (name, value) in pairs {
+            let n = raw.len()..raw.len() + name.len();
+            raw.extend_from_slice(name);
+            let v = raw.len()..raw.len() + value.len();
+            raw.extend_from_slice(value);
+            fields.push(Field { name: n, value: v });
+        }
+        Fields {
+            raw: raw.into(),
+            fields,
+            connection: Vec::new(),
+        }
+    }
+
     /// The first value of header `name` (lowercase).
     pub fn get(&self, name: &str) -> Option<&[u8]> {
         self.fields

@@ -19,6 +19,8 @@ pub mod config;
 mod conn;
 pub mod events;
 pub mod h1;
+#[cfg(feature = "http2")]
+mod http2;
 pub mod limits;
 pub mod metrics;
 mod proxy;
@@ -26,6 +28,8 @@ mod quota_feed;
 mod recorder;
 mod reload;
 pub mod router;
+#[cfg(feature = "tls")]
+mod tls;
 mod upstream;
 
 use std::collections::{BTreeMap, HashMap};
@@ -72,6 +76,9 @@ pub struct Shared {
     timeouts: conn::Timeouts,
     /// `gateway.trust_forwarded_for`.
     trust_forwarded_for: bool,
+    /// `gateway.tls`: the listener's certificate, read when this state was built.
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<tls::Acceptor>>,
 }
 
 /// Each route's upstream, in route order (routes of one upstream share it, and its round
@@ -322,11 +329,39 @@ async fn serve(listener: std::net::TcpListener, start: WorkerStart) {
             },
         };
         let _ = stream.set_nodelay(true);
-        tracker.spawn(conn::serve(slot.clone(), stream, peer, shutdown.clone()));
+        tracker.spawn(accept(slot.clone(), stream, peer, shutdown.clone()));
     }
     drop(listener);
     tracker.close();
     tracker.wait().await;
     stop_flusher.cancel();
     let _ = flusher.await;
+}
+
+/// Serves an accepted connection: TLS first when `gateway.tls` is set (HTTP/2 when ALPN chose
+/// it), else plain HTTP/1.1 (or h2c, by its preface).
+async fn accept(
+    slot: Arc<reload::WorkerSlot>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    #[cfg(feature = "tls")]
+    {
+        let worker = slot.worker();
+        if let Some(tls) = worker.shared.tls.clone() {
+            let within = worker.shared.timeouts.head;
+            drop(worker);
+            let Some(accepted) = tls.accept(stream, within).await else {
+                return;
+            };
+            #[cfg(feature = "http2")]
+            if accepted.h2 {
+                return http2::serve(slot, accepted.stream, peer, shutdown).await;
+            }
+            let stream = conn::Stream::Tls(Box::new(accepted.stream));
+            return conn::serve(slot, stream, peer, shutdown).await;
+        }
+    }
+    conn::serve(slot, stream.into(), peer, shutdown).await
 }

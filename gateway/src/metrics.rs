@@ -69,6 +69,9 @@ pub struct GatewayMetrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     /// 1 while the configuration last offered was refused (the one before it still serves).
     pub config_reload_failed: Gauge,
+    /// Client connections the gateway closed for misbehaving, by reason: `http2_resets` (rapid
+    /// reset), `http2_protocol` (any other HTTP/2 violation or flood, answered with GOAWAY).
+    pub abusive_connections: Family<DropLabels, Counter>,
 }
 
 impl GatewayMetrics {
@@ -83,6 +86,7 @@ impl GatewayMetrics {
             jwks_keys: Gauge::default(),
             config_reloads: Family::default(),
             config_reload_failed: Gauge::default(),
+            abusive_connections: Family::default(),
         };
         m.quota_state_age.set(-1);
         let r = registry.sub_registry_with_prefix("tollgate_gateway");
@@ -130,6 +134,11 @@ impl GatewayMetrics {
             "config_reload_failed",
             "1 while the last configuration offered was refused and the one before it serves",
             m.config_reload_failed.clone(),
+        );
+        r.register(
+            "abusive_connections",
+            "Client connections closed for misbehaving, by reason",
+            m.abusive_connections.clone(),
         );
         m
     }

@@ -156,6 +156,16 @@ impl Rejection {
     }
 }
 
+/// The client's side of one exchange: an HTTP/1.1 connection, or one HTTP/2 stream.
+pub enum Client<'c> {
+    H1(&'c mut Side),
+    #[cfg(feature = "http2")]
+    H2 {
+        body: &'c mut h2::RecvStream,
+        answer: &'c crate::http2::Answering,
+    },
+}
+
 /// A connection to a target, and whether it came from the pool (it may have been closed by
 /// the upstream meanwhile).
 pub struct Conn {
@@ -244,12 +254,16 @@ impl Drop for Ctx<'_> {
 impl Ctx<'_> {
     /// Appends `x-request-id`: the client's, or the event id.
     fn put_request_id(&self, out: &mut Vec<u8>) {
+        self.with_request_id(|id| put_field(out, REQUEST_ID.as_bytes(), id));
+    }
+
+    /// Calls `f` with the request's id: the client's, or the event id.
+    fn with_request_id<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
         match &self.client_request_id {
-            Some(id) => put_field(out, REQUEST_ID.as_bytes(), id),
+            Some(id) => f(id),
             None => {
                 let mut buf = uuid::Uuid::encode_buffer();
-                let id = self.event.id.hyphenated().encode_lower(&mut buf);
-                put_field(out, REQUEST_ID.as_bytes(), id.as_bytes());
+                f(self.event.id.hyphenated().encode_lower(&mut buf).as_bytes())
             }
         }
     }
@@ -277,7 +291,14 @@ impl Worker {
     ) -> After {
         let mut ctx = self.begin(&head, started);
         match self
-            .proxy(&mut ctx, client, &head, peer, out, shutdown)
+            .proxy(
+                &mut ctx,
+                &mut Client::H1(client),
+                &head,
+                peer,
+                out,
+                shutdown,
+            )
             .await
         {
             Ok(after) => after,
@@ -292,7 +313,7 @@ impl Worker {
     async fn proxy(
         &self,
         ctx: &mut Ctx<'_>,
-        client: &mut Side,
+        client: &mut Client<'_>,
         head: &RequestHead,
         peer: SocketAddr,
         out: &mut Vec<u8>,
@@ -336,9 +357,17 @@ impl Worker {
                 .await
             {
                 Ok((resp, up)) => {
-                    return Ok(self
-                        .respond(ctx, client, head, resp, up, target, out, shutdown)
-                        .await);
+                    return Ok(match client {
+                        Client::H1(client) => {
+                            self.respond(ctx, client, head, resp, up, target, out, shutdown)
+                                .await
+                        }
+                        #[cfg(feature = "http2")]
+                        Client::H2 { answer, .. } => {
+                            self.respond_h2(ctx, answer, head, resp, up, target, out)
+                                .await
+                        }
+                    });
                 }
                 // Once, for an idempotent request sent whole, within the upstream's budget.
                 Err(r)
@@ -608,7 +637,7 @@ impl Worker {
     async fn forward(
         &self,
         ctx: &mut Ctx<'_>,
-        client: &mut Side,
+        client: &mut Client<'_>,
         head: &RequestHead,
         target: &Target,
         conn: Conn,
@@ -623,7 +652,10 @@ impl Worker {
                 "the client went away",
             )
         };
-        if head.expect_continue && head.framing != Framing::Empty && ctx.body == BodyRead::Untouched
+        if let Client::H1(client) = client
+            && head.expect_continue
+            && head.framing != Framing::Empty
+            && ctx.body == BodyRead::Untouched
         {
             client
                 .write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -631,15 +663,20 @@ impl Worker {
                 .map_err(|_| client_gone())?;
         }
         // A body that has arrived whole goes out with the head, and the request can be sent
-        // again if a pooled connection turns out to be closed.
-        let staged = match (head.framing, &ctx.staged_body) {
-            (Framing::Empty, _) => true,
-            (_, Some(body)) => {
+        // again if a pooled connection turns out to be closed. (An HTTP/2 body is streamed.)
+        let buffered = match client {
+            Client::H1(c) => Some(&mut c.buf),
+            #[cfg(feature = "http2")]
+            Client::H2 { .. } => None,
+        };
+        let staged = match (head.framing, &ctx.staged_body, buffered) {
+            (Framing::Empty, _, _) => true,
+            (_, Some(body), _) => {
                 out.extend_from_slice(body);
                 true
             }
-            (Framing::Length(n), None) if client.buf.len() as u64 >= n => {
-                let body = client.buf.split_to(n as usize).freeze();
+            (Framing::Length(n), None, Some(buf)) if buf.len() as u64 >= n => {
+                let body = buf.split_to(n as usize).freeze();
                 out.extend_from_slice(&body);
                 ctx.staged_body = Some(body);
                 ctx.req_bytes = n;
@@ -669,7 +706,7 @@ impl Worker {
     async fn send(
         &self,
         ctx: &mut Ctx<'_>,
-        client: &mut Side,
+        client: &mut Client<'_>,
         head: &RequestHead,
         target: &Target,
         conn: Conn,
@@ -701,18 +738,36 @@ impl Worker {
             if !staged {
                 ctx.body = BodyRead::Partly;
                 let mut scratch = Vec::new();
-                let chunked = head.framing == Framing::Chunked;
-                match conn::copy_body(
-                    client,
-                    head.framing,
-                    &mut up.stream,
-                    chunked,
-                    &mut scratch,
-                    &mut ctx.req_bytes,
-                    self.shared.timeouts.max_body,
-                )
-                .await
-                {
+                let limit = self.shared.timeouts.max_body;
+                let copied = match client {
+                    Client::H1(client) => {
+                        let chunked = head.framing == Framing::Chunked;
+                        conn::copy_body(
+                            client,
+                            head.framing,
+                            &mut up.stream,
+                            chunked,
+                            &mut scratch,
+                            &mut ctx.req_bytes,
+                            limit,
+                        )
+                        .await
+                    }
+                    #[cfg(feature = "http2")]
+                    Client::H2 { body, .. } => {
+                        crate::http2::copy_request_body(
+                            body,
+                            head.framing,
+                            &mut up.stream,
+                            &mut scratch,
+                            &mut ctx.req_bytes,
+                            limit,
+                            self.shared.timeouts.io,
+                        )
+                        .await
+                    }
+                };
+                match copied {
                     Ok(()) => ctx.body = BodyRead::Done,
                     Err(Broken::TooLarge) => return Err(too_large()),
                     Err(Broken::Read) => {
@@ -766,6 +821,8 @@ impl Worker {
 }
 
 mod answer;
+#[cfg(feature = "http2")]
+mod answer_h2;
 
 pub use answer::own_answer;
 

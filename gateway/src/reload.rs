@@ -71,6 +71,13 @@ pub(crate) fn build_shared(
         targets,
         timeouts: config.connections.into(),
         trust_forwarded_for: config.trust_forwarded_for,
+        #[cfg(feature = "tls")]
+        tls: match &config.tls {
+            Some(t) => Some(Arc::new(
+                crate::tls::Acceptor::new(t).map_err(GatewayError::Config)?,
+            )),
+            None => None,
+        },
     })
 }
 
@@ -273,6 +280,11 @@ impl WorkerSlot {
             shared,
             recorder,
         }
+    }
+
+    #[cfg(feature = "http2")]
+    pub(crate) fn metrics(&self) -> &GatewayMetrics {
+        &self.metrics
     }
 
     /// The worker for the state in force. The lock is only ever taken by this slot's own

@@ -69,6 +69,32 @@ pub(super) fn classify(status: StatusCode) -> (Outcome, bool) {
     }
 }
 
+/// The header fields of a rejection: `Retry-After` and the `RateLimit-*` fields for limits,
+/// `WWW-Authenticate` for a 401, and the request id once the request had one.
+pub(super) fn rejection_fields(ctx: &Ctx<'_>, r: &Rejection, out: &mut Vec<u8>) {
+    if let Some(over) = r.over {
+        // RFC 9110 `Retry-After`, and the IETF draft's `RateLimit-*` fields.
+        let reset = retry_after_secs(over.wait);
+        for (name, n) in [
+            (&b"retry-after"[..], reset),
+            (b"ratelimit-limit", over.limit),
+            (b"ratelimit-remaining", 0),
+            (b"ratelimit-reset", reset),
+        ] {
+            h1::put_number_field(out, name, n);
+        }
+    }
+    if let (None, Some(secs)) = (r.over, r.retry_after) {
+        h1::put_number_field(out, b"retry-after", secs);
+    }
+    if r.status == StatusCode::UNAUTHORIZED {
+        put_field(out, b"www-authenticate", b"Bearer realm=\"tollgate\"");
+    }
+    if ctx.has_request_id {
+        ctx.put_request_id(out);
+    }
+}
+
 impl Worker {
     /// Phase 6: the upstream's answer, streamed back with its outcome recorded. Its body keeps
     /// its length when it has one; otherwise it is sent chunked (or, to an HTTP/1.0 client,
@@ -196,8 +222,8 @@ impl Worker {
         }
         let (mut sent, mut received) = (0u64, 0u64);
         {
-            let (mut from_client, mut to_client) = client.stream.split();
-            let (mut from_up, mut to_up) = up.stream.split();
+            let (mut from_client, mut to_client) = tokio::io::split(&mut client.stream);
+            let (mut from_up, mut to_up) = tokio::io::split(&mut up.stream);
             let both = async {
                 tokio::try_join!(
                     conn::pump(&mut from_client, &mut to_up, &mut sent),
@@ -242,27 +268,7 @@ impl Worker {
             &r.message,
             !keep,
             |out| {
-                if let Some(over) = r.over {
-                    // RFC 9110 `Retry-After`, and the IETF draft's `RateLimit-*` fields.
-                    let reset = retry_after_secs(over.wait);
-                    for (name, n) in [
-                        (&b"retry-after"[..], reset),
-                        (b"ratelimit-limit", over.limit),
-                        (b"ratelimit-remaining", 0),
-                        (b"ratelimit-reset", reset),
-                    ] {
-                        h1::put_number_field(out, name, n);
-                    }
-                }
-                if let (None, Some(secs)) = (r.over, r.retry_after) {
-                    h1::put_number_field(out, b"retry-after", secs);
-                }
-                if r.status == StatusCode::UNAUTHORIZED {
-                    put_field(out, b"www-authenticate", b"Bearer realm=\"tollgate\"");
-                }
-                if ctx.has_request_id {
-                    ctx.put_request_id(out);
-                }
+                rejection_fields(ctx, &r, out);
                 if keep && head.http10 {
                     put_field(out, b"connection", b"keep-alive");
                 }

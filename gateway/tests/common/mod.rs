@@ -2,6 +2,8 @@
 //! temp dir, and the events it wrote there.
 #![allow(dead_code)] // each test binary uses its own part
 
+pub mod scripted;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
