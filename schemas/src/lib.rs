@@ -12,6 +12,7 @@ pub mod event;
 pub mod fsutil;
 pub mod keys;
 pub mod quota;
+pub mod sketch;
 
 pub use checkpoint::Checkpoint;
 pub use event::{Outcome, RequestEvent, RequestEventRef, SchemaError};

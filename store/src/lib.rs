@@ -16,7 +16,10 @@ use tollgate_schemas::RequestEvent;
 pub mod clickhouse;
 pub mod merge;
 pub mod parquet;
-pub mod sketch;
+/// The latency sketch lives with the schemas: its byte form is a storage format every backend
+/// shares, and its decoding loop is the hot part of latency queries, so it is compiled at full
+/// optimisation while this crate is built for build time (see the release profile).
+pub use tollgate_schemas::sketch;
 pub mod time;
 
 pub use clickhouse::{ClickHouseConfig, Compression as ClickHouseCompression};
