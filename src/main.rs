@@ -140,6 +140,8 @@ enum Part {
     Gateway,
     Collector,
     QueryApi,
+    /// Every part in one process (`tollgate up`): embedded backends are fine.
+    All,
 }
 
 /// Loads the configuration of one part and checks that what it shares with the other parts
@@ -266,8 +268,7 @@ async fn gateway(
     );
     let reloads = tokio::spawn(reload_on_change(
         gateway.reloader(),
-        path,
-        data_dir,
+        (path, data_dir, Part::Gateway),
         api_addr,
         stop.clone(),
     ));
@@ -364,8 +365,7 @@ async fn query_api(mut config: Config) -> anyhow::Result<()> {
 /// says why in the log, and sets `tollgate_gateway_config_reload_failed`.
 async fn reload_on_change(
     reloader: tollgate_gateway::Reloader,
-    path: std::path::PathBuf,
-    data_dir: std::path::PathBuf,
+    (path, data_dir, part): (std::path::PathBuf, std::path::PathBuf, Part),
     api_addr: std::net::SocketAddr,
     stop: CancellationToken,
 ) {
@@ -405,7 +405,7 @@ async fn reload_on_change(
                 "the file changed"
             }
         };
-        let loaded = match load_part(&path, &data_dir, Part::Gateway) {
+        let loaded = match load_part(&path, &data_dir, part) {
             Ok(mut c) => {
                 default_quota_feed(&mut c, api_addr);
                 reloader
@@ -531,6 +531,17 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
         let stop = stop_collector.clone();
         tokio::spawn(async move { store.upkeep(stop).await })
     };
+    // With a configuration file, the gateway reloads as `tollgate gateway` does. The other
+    // parts keep what they started with: the query API's consumers and plans (reports, quota
+    // state) change on a restart.
+    let reloads = config_path.map(|path| {
+        tokio::spawn(reload_on_change(
+            gateway.reloader(),
+            (path, data_dir.clone(), Part::All),
+            api_addr,
+            stop_gateway.clone(),
+        ))
+    });
     let gateway = tokio::spawn(gateway.run(stop_gateway.clone()));
 
     if demo {
@@ -550,6 +561,9 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
     shutdown_signal().await;
     tracing::info!("shutting down: draining the gateway, then flushing the collector");
     stop_traffic.cancel();
+    if let Some(r) = reloads {
+        r.abort();
+    }
     stop_gateway.cancel();
     let _ = gateway.await;
     stop_collector.cancel();

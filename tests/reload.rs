@@ -1,7 +1,7 @@
-//! `tollgate gateway` reloads its configuration, as a process against a real broker: SIGHUP puts
-//! a new route in force; a broken file written over it is refused on the next file check, with
-//! the metric set and the running routes still answering.
-#![cfg(feature = "kafka")]
+//! The gateway reloads its configuration, as a process: `tollgate gateway` against a real
+//! broker, where SIGHUP puts a new route in force and a broken file written over it is refused
+//! on the next file check, with the metric set and the running routes still answering; and
+//! `tollgate up --config`, whose gateway follows its file the same way.
 
 mod common;
 use common::{Http, free_port, start_upstream};
@@ -11,9 +11,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
-use tollgate_testkit::{Broker, signal};
 
-fn write_config(path: &Path, upstream: std::net::SocketAddr, broker: &Broker, extra_route: &str) {
+const SLOW_ROUTE: &str =
+    "    - { id: slow, methods: [GET], path: \"/slow/{id}\", upstream: app, auth: false }";
+
+/// A configuration with route `/fast` (and `extra_route`) to `upstream`, then `rest`.
+fn write_config(path: &Path, upstream: std::net::SocketAddr, rest: &str, extra_route: &str) {
     let text = format!(
         r#"
 gateway:
@@ -22,9 +25,8 @@ gateway:
   routes:
     - {{ id: fast, methods: [GET], path: /fast, upstream: app, auth: false }}
 {extra_route}
-bus: {{ kind: kafka, brokers: "{broker}", topic: reload.events, partitions: 2 }}
+{rest}
 "#,
-        broker = broker.addr(),
     );
     std::fs::write(path, text).unwrap();
 }
@@ -38,13 +40,19 @@ async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut ok: i
     }
 }
 
+#[cfg(feature = "kafka")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_gateway_and_a_broken_file_changes_nothing() {
+    use tollgate_testkit::{Broker, signal};
     let broker = Broker::start();
+    let bus = format!(
+        "bus: {{ kind: kafka, brokers: \"{}\", topic: reload.events, partitions: 2 }}",
+        broker.addr()
+    );
     let upstream = start_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tollgate.yaml");
-    write_config(&config, upstream, &broker, "");
+    write_config(&config, upstream, &bus, "");
     let (port, admin) = (free_port(), free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .arg("gateway")
@@ -78,8 +86,6 @@ async fn sighup_reloads_the_gateway_and_a_broken_file_changes_nothing() {
     .await;
     assert_eq!(status("/slow/1").await, Some(StatusCode::NOT_FOUND));
 
-    let route =
-        "    - { id: slow, methods: [GET], path: \"/slow/{id}\", upstream: app, auth: false }";
     // The new file keeps the old one's modification time, so that only SIGHUP can load it.
     let before = dir.path().join("before.yaml");
     std::fs::copy(&config, &before).unwrap();
@@ -88,7 +94,7 @@ async fn sighup_reloads_the_gateway_and_a_broken_file_changes_nothing() {
         assert!(ok.is_ok_and(|s| s.success()), "touch -r");
     };
     same_mtime(&config, &before);
-    write_config(&config, upstream, &broker, route);
+    write_config(&config, upstream, &bus, SLOW_ROUTE);
     same_mtime(&before, &config);
     // A file check passes meanwhile (every 2 s) and finds nothing new.
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -117,6 +123,64 @@ async fn sighup_reloads_the_gateway_and_a_broken_file_changes_nothing() {
         "the running configuration stays"
     );
     assert_eq!(status("/fast").await, Some(StatusCode::OK));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tollgate_up_with_a_file_reloads_its_gateway_when_the_file_changes() {
+    let upstream = start_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tollgate.yaml");
+    write_config(&config, upstream, "", "");
+    let (port, api) = (free_port(), free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("up")
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("TOLLGATE_GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
+        .env("TOLLGATE_QUERY_API__LISTEN", format!("127.0.0.1:{api}"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("tollgate binary starts");
+    let http = Http::new();
+    let status = |path: &'static str| {
+        let http = &http;
+        async move {
+            http.get(&format!("http://127.0.0.1:{port}{path}"), &[])
+                .await
+                .map(|(s, _)| s)
+                .ok()
+        }
+    };
+    eventually("tollgate up did not start", || async {
+        status("/fast").await == Some(StatusCode::OK)
+    })
+    .await;
+    assert_eq!(status("/slow/1").await, Some(StatusCode::NOT_FOUND));
+    write_config(&config, upstream, "", SLOW_ROUTE);
+    eventually(
+        "the changed file did not put the new route in force",
+        || async { status("/slow/1").await == Some(StatusCode::OK) },
+    )
+    .await;
+    std::fs::write(&config, "gateway: { routes: [ broken").unwrap();
+    let metrics = format!("http://127.0.0.1:{api}/metrics");
+    eventually("the broken file was not noticed", || async {
+        http.get(&metrics, &[]).await.is_ok_and(|(_, body)| {
+            String::from_utf8_lossy(&body).contains("tollgate_gateway_config_reload_failed 1")
+        })
+    })
+    .await;
+    assert_eq!(
+        status("/slow/2").await,
+        Some(StatusCode::OK),
+        "the running configuration stays"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }

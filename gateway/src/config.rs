@@ -200,6 +200,16 @@ pub struct UpstreamConfig {
     /// multiply the load of an upstream in trouble). Unset: no retries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget_percent: Option<u32>,
+    /// Answers that are retried like a closed connection (same conditions, same budget): the
+    /// answer is dropped unread and the request goes to another target, e.g. `[502, 503, 504]`
+    /// for targets that fail alone. Server errors only. Unset: answers are never retried.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_on_status: Vec<u16>,
+    /// Time one attempt may take to get its answer's head; an attempt that runs out is retried
+    /// (same conditions, same budget) while `timeout_ms`, which bounds the whole request, has
+    /// time left. Unset: one attempt gets all of `timeout_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub try_timeout_ms: Option<u64>,
     /// Active health checks of each target; unset: none (passive ejection only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
@@ -258,6 +268,8 @@ impl UpstreamConfig {
             balance: Balance::default(),
             max_in_flight: None,
             retry_budget_percent: None,
+            retry_on_status: Vec::new(),
+            try_timeout_ms: None,
             health_check: None,
         }
     }
@@ -348,17 +360,29 @@ pub struct JwtConfig {
     pub issuer: String,
     /// Required `aud` (one of the token's audiences).
     pub audience: String,
-    /// Where the signing keys are published (a JWKS over `http://`). Fetched at start, every
-    /// `jwks_refresh_s`, and when a token names an unknown `kid` (at most once per
-    /// `jwks_min_interval_s`). When it cannot be reached, the keys last fetched keep serving.
+    /// Where the signing keys are published (a JWKS over `https://`, which needs the `tls`
+    /// cargo feature, or `http://`). Fetched at start, every `jwks_refresh_s`, and when a token
+    /// names an unknown `kid` (at most once per `jwks_min_interval_s`). When it cannot be
+    /// reached, the keys last fetched keep serving.
     #[serde(default)]
     pub jwks_url: Option<String>,
+    /// A PEM file of the CA certificates trusted for an `https` JWKS URL, instead of the
+    /// system's (`SSL_CERT_FILE`, else the distribution's bundle).
+    #[serde(default)]
+    pub jwks_ca_path: Option<std::path::PathBuf>,
     /// Keys given in the file.
     #[serde(default)]
     pub keys: Vec<JwtKeyConfig>,
     /// The claim naming the consumer (a configured consumer id).
     #[serde(default = "default_consumer_claim")]
     pub consumer_claim: String,
+    /// A claim naming the caller's plan (a configured plan), e.g. for an identity provider that
+    /// knows each customer's subscription. A token carrying it is served under that plan: its
+    /// rate limit, its quota policy when the quota state is stale, and the plan recorded in the
+    /// event. A token without it gets the consumer's configured plan; one naming an unknown
+    /// plan is refused. Unset: the consumer's configured plan always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_claim: Option<String>,
     /// Clock skew allowed for `exp` and `nbf`, in seconds.
     #[serde(default = "default_leeway_s")]
     pub leeway_s: u64,
@@ -415,8 +439,8 @@ impl JwtConfig {
         if self.issuer.is_empty() || self.audience.is_empty() {
             return Err("gateway.auth.jwt: issuer and audience must be set".into());
         }
-        if self.consumer_claim.is_empty() {
-            return Err("gateway.auth.jwt.consumer_claim: must name a claim".into());
+        if self.consumer_claim.is_empty() || self.plan_claim.as_deref() == Some("") {
+            return Err("gateway.auth.jwt: consumer_claim and plan_claim must name a claim".into());
         }
         if self.keys.is_empty() && self.jwks_url.is_none() {
             return Err("gateway.auth.jwt: needs `jwks_url` or `keys`".into());
@@ -425,14 +449,14 @@ impl JwtConfig {
             let uri: http::Uri = url
                 .parse()
                 .map_err(|e| format!("gateway.auth.jwt.jwks_url: `{url}` is not a URL: {e}"))?;
-            if uri.scheme_str() == Some("https") {
+            if uri.scheme_str() == Some("https") && !cfg!(feature = "tls") {
                 return Err(format!(
-                    "gateway.auth.jwt.jwks_url: `{url}`: https is not supported by this build; serve the JWKS over http (for example through a local proxy) or list the keys under `keys`"
+                    "gateway.auth.jwt.jwks_url: `{url}`: https needs a build with `--features tls`; serve the JWKS over http (for example through a local proxy) or list the keys under `keys`"
                 ));
             }
-            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
                 return Err(format!(
-                    "gateway.auth.jwt.jwks_url: `{url}` must be http://host:port/path"
+                    "gateway.auth.jwt.jwks_url: `{url}` must be https://host[:port]/path or http://host[:port]/path"
                 ));
             }
         }
@@ -616,9 +640,14 @@ impl GatewayConfig {
                     ));
                 }
             }
-            if u.timeout_ms == 0 {
+            if u.timeout_ms == 0 || u.try_timeout_ms == Some(0) {
                 return Err(format!(
-                    "gateway.upstreams.{name}.timeout_ms: must be at least 1"
+                    "gateway.upstreams.{name}: timeout_ms and try_timeout_ms must be at least 1"
+                ));
+            }
+            if let Some(s) = u.retry_on_status.iter().find(|s| !(500..=599).contains(*s)) {
+                return Err(format!(
+                    "gateway.upstreams.{name}.retry_on_status: {s} is not a server error (5xx)"
                 ));
             }
         }

@@ -24,6 +24,9 @@ use crate::config::WhenStale;
 pub struct RateLimits {
     /// Each consumer's bucket and its requests per second.
     limiters: Vec<Option<(DefaultDirectRateLimiter, u32)>>,
+    /// For callers whose token names another plan (`plan_claim`): that plan's buckets, by
+    /// consumer position, made on first use and evicted once idle.
+    by_plan: HashMap<String, (governor::DefaultKeyedRateLimiter<u32>, u32)>,
     clock: DefaultClock,
 }
 
@@ -57,20 +60,46 @@ impl RateLimits {
                 Some((RateLimiter::direct(quota), per_second))
             })
             .collect();
+        let by_plan = plans
+            .iter()
+            .filter_map(|(name, p)| {
+                let (quota, per_second) = bucket(p.rate_limit.as_ref()?);
+                Some((name.clone(), (RateLimiter::keyed(quota), per_second)))
+            })
+            .collect();
         RateLimits {
             limiters,
+            by_plan,
             clock: DefaultClock::default(),
         }
     }
 
-    /// `Err(wait)` when the consumer at `index` is over its rate limit.
-    pub fn check(&self, index: usize) -> Result<(), OverLimit> {
-        match self.limiters.get(index).and_then(Option::as_ref) {
+    /// `Err(wait)` when the caller is over its plan's rate limit: the consumer's own bucket, or
+    /// its bucket of the plan its token names.
+    pub fn check(&self, id: &crate::auth::Identity) -> Result<(), OverLimit> {
+        let over = |not_until: governor::NotUntil<_>, per_second: u32| OverLimit {
+            wait: not_until.wait_time_from(self.clock.now()),
+            limit: u64::from(per_second),
+        };
+        if id.claimed_plan {
+            return match self.by_plan.get(&*id.plan) {
+                None => Ok(()),
+                Some((l, per_second)) => l
+                    .check_key(&(id.index as u32))
+                    .map_err(|n| over(n, *per_second)),
+            };
+        }
+        match self.limiters.get(id.index).and_then(Option::as_ref) {
             None => Ok(()),
-            Some((l, per_second)) => l.check().map_err(|not_until| OverLimit {
-                wait: not_until.wait_time_from(self.clock.now()),
-                limit: u64::from(*per_second),
-            }),
+            Some((l, per_second)) => l.check().map_err(|n| over(n, *per_second)),
+        }
+    }
+
+    /// Drops the claimed-plan buckets that are full again.
+    pub fn evict_idle(&self) {
+        for (l, _) in self.by_plan.values() {
+            l.retain_recent();
+            l.shrink_to_fit();
         }
     }
 }
@@ -434,17 +463,34 @@ mod tests {
         )]
         .into();
         let rl = RateLimits::new(&consumers, &plans);
+        let ids = crate::auth::identities(&consumers);
+        let (a, unlimited) = (&ids["a"], &ids["unlimited"]);
         for _ in 0..3 {
-            assert!(rl.check(0).is_ok());
+            assert!(rl.check(a).is_ok());
         }
-        let over = rl.check(0).unwrap_err();
+        let over = rl.check(a).unwrap_err();
         let wait = over.wait;
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_secs(1),
             "{wait:?}"
         );
-        assert!(rl.check(1).is_ok(), "a plan without a rate limit");
-        assert!(rl.check(7).is_ok(), "no such consumer");
+        assert!(rl.check(unlimited).is_ok(), "a plan without a rate limit");
+        let nobody = crate::auth::Identity {
+            index: 7,
+            ..unlimited.clone()
+        };
+        assert!(rl.check(&nobody).is_ok(), "no such consumer");
+        // The unlimited consumer with a token naming plan `p`: p's limit, in a bucket of its
+        // own (not consumer a's, which is empty now).
+        let claimed = crate::auth::Identity {
+            plan: "p".into(),
+            claimed_plan: true,
+            ..unlimited.clone()
+        };
+        for _ in 0..3 {
+            assert!(rl.check(&claimed).is_ok());
+        }
+        assert_eq!(rl.check(&claimed).unwrap_err().limit, 1);
     }
 
     fn entry(limit: u64, used: u64, period_end: &str) -> QuotaEntry {

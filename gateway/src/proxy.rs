@@ -342,6 +342,13 @@ impl Worker {
             .map_or(upstream.timeout, std::time::Duration::from_millis);
         let deadline = tokio::time::Instant::from_std(started + timeout);
         let mut avoid = None;
+        // A second attempt: once, for an idempotent request sent whole, within the budget.
+        let may_retry = |ctx: &Ctx<'_>, avoid: Option<usize>| {
+            avoid.is_none()
+                && is_idempotent(&head.method)
+                && (head.framing == Framing::Empty || ctx.staged_body.is_some())
+                && upstream.may_retry()
+        };
         loop {
             let connected =
                 tokio::time::timeout_at(deadline, self.connect(ctx, upstream, avoid)).await;
@@ -352,10 +359,18 @@ impl Worker {
             };
             slot.on(target);
             self.upstream_request(ctx, route, target, head, peer, out);
+            let attempt = upstream
+                .try_timeout
+                .map_or(deadline, |t| deadline.min(tokio::time::Instant::now() + t));
             match self
-                .forward(ctx, client, head, target, conn, out, started, deadline)
+                .forward(ctx, client, head, target, conn, out, started, attempt)
                 .await
             {
+                // An answer the upstream retries elsewhere: dropped unread (with its connection).
+                Ok((resp, _)) if upstream.retries_status(resp.status) && may_retry(ctx, avoid) => {
+                    tracing::debug!(route = ?ctx.route, status = %resp.status, "retrying on another target");
+                    avoid = Some(target.id);
+                }
                 Ok((resp, up)) => {
                     return Ok(match client {
                         Client::H1(client) => {
@@ -369,13 +384,11 @@ impl Worker {
                         }
                     });
                 }
-                // Once, for an idempotent request sent whole, within the upstream's budget.
+                // A closed or reset connection, or an attempt out of time while the request
+                // has some left.
                 Err(r)
-                    if r.retryable
-                        && avoid.is_none()
-                        && is_idempotent(&head.method)
-                        && (head.framing == Framing::Empty || ctx.staged_body.is_some())
-                        && upstream.may_retry() =>
+                    if (r.retryable || (r.outcome == Outcome::Timeout && attempt < deadline))
+                        && may_retry(ctx, avoid) =>
                 {
                     tracing::debug!(route = ?ctx.route, why = %r.message, "retrying on another target");
                     avoid = Some(target.id);
@@ -462,7 +475,7 @@ impl Worker {
     fn admit(&self, ctx: &mut Ctx<'_>, identity: Option<Identity>) -> Result<(), Rejection> {
         let Some(id) = identity else { return Ok(()) };
         let id = &*ctx.event.identity.insert(id);
-        self.shared.rate_limits.check(id.index).map_err(|over| {
+        self.shared.rate_limits.check(id).map_err(|over| {
             Rejection::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 Outcome::RateLimited,

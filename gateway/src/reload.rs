@@ -57,7 +57,7 @@ pub(crate) fn build_shared(
     Ok(Shared {
         gateway_id: config.instance_id(),
         router: router::Router::build(&config.routes).map_err(GatewayError::Config)?,
-        auth: auth::Authenticators::new(config, consumers, api_key_header, metrics)
+        auth: auth::Authenticators::new(config, consumers, plans, api_key_header, metrics)
             .map_err(GatewayError::Config)?,
         rate_limits: limits::RateLimits::new(consumers, plans),
         route_limits: limits::RouteLimits::new(&config.routes),
@@ -146,7 +146,10 @@ impl Live {
             let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
             loop {
                 tokio::select! {
-                    _ = every.tick() => evicting.route_limits.evict_idle(),
+                    _ = every.tick() => {
+                        evicting.route_limits.evict_idle();
+                        evicting.rate_limits.evict_idle();
+                    }
                     _ = stop.cancelled() => return,
                 }
             }

@@ -65,6 +65,10 @@ pub struct Upstream {
     retry_budget: AtomicU64,
     /// `retry_budget_percent` × 10; 0: no retries.
     retry_share: u64,
+    /// `retry_on_status`.
+    retry_on_status: Vec<u16>,
+    /// `try_timeout_ms`.
+    pub try_timeout: Option<Duration>,
 }
 
 /// The most retries a quiet upstream saves up, in thousandths.
@@ -147,6 +151,8 @@ impl Upstream {
             health_check: config.health_check.clone(),
             retry_budget: AtomicU64::new(0),
             retry_share: u64::from(config.retry_budget_percent.unwrap_or(0).min(100)) * 10,
+            retry_on_status: config.retry_on_status.clone(),
+            try_timeout: config.try_timeout_ms.map(Duration::from_millis),
         })
     }
 
@@ -180,6 +186,11 @@ impl Upstream {
             upstream: Some(self),
             target: None,
         })
+    }
+
+    /// Whether an answer with `status` is retried (`retry_on_status`).
+    pub fn retries_status(&self, status: http::StatusCode) -> bool {
+        self.retry_on_status.contains(&status.as_u16())
     }
 
     /// Whether a retry fits in the budget (and takes its share of it).
@@ -461,6 +472,8 @@ mod tests {
                 timeout_ms: 1000,
                 balance,
                 max_in_flight: Some(2),
+                retry_on_status: Vec::new(),
+                try_timeout_ms: None,
                 health_check: None,
                 retry_budget_percent: None,
             },

@@ -819,6 +819,96 @@ async fn idempotent_requests_are_retried_on_another_target_within_the_budget() {
     gw.shutdown.cancel();
 }
 
+/// An upstream that reads each request's head and then answers `answer` (`None`: never
+/// answers, holding the connection).
+async fn fixed_upstream(answer: Option<&'static str>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = BytesMut::new();
+                loop {
+                    while !matches!(h1::parse_request(&mut buf), Ok(Parsed::Head(_))) {
+                        if sock.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                    }
+                    match answer {
+                        Some(a) => {
+                            if sock.write_all(a.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_in_retry_on_status_and_attempts_out_of_time_are_retried_elsewhere() {
+    let busy = fixed_upstream(Some(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy",
+    ))
+    .await;
+    let good = upstream().await;
+    let gw = gateway_with(|c| {
+        let app = c.upstreams.get_mut("app").unwrap();
+        app.targets = vec![format!("http://{busy}"), format!("http://{good}")];
+        app.retry_budget_percent = Some(100);
+        app.retry_on_status = vec![503];
+    })
+    .await;
+    for i in 0..4 {
+        let (status, _, _) = get(gw.addr, &format!("/open/s{i}"), "").await;
+        assert_eq!(status, 200, "GET {i} was retried past the 503");
+    }
+    let mut posts = Vec::new();
+    for i in 0..2 {
+        let mut c = Client::connect(&gw).await;
+        c.send(
+            format!("POST /open/p{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx").as_bytes(),
+        )
+        .await;
+        posts.push(c.answer(&http::Method::POST).await.0);
+    }
+    posts.sort();
+    assert_eq!(posts, [200, 503], "a POST keeps the answer it got");
+    gw.shutdown.cancel();
+
+    // A target that never answers: with `try_timeout_ms` the attempt gives up in time for
+    // another; without it the request's whole timeout goes to the first attempt.
+    let stalled = fixed_upstream(None).await;
+    let with = |try_timeout_ms: Option<u64>| {
+        move |c: &mut GatewayConfig| {
+            let app = c.upstreams.get_mut("app").unwrap();
+            app.targets = vec![format!("http://{stalled}"), format!("http://{good}")];
+            app.retry_budget_percent = Some(100);
+            app.timeout_ms = 1_000;
+            app.try_timeout_ms = try_timeout_ms;
+        }
+    };
+    let gw = gateway_with(with(Some(200))).await;
+    for i in 0..4 {
+        let (status, _, _) = get(gw.addr, &format!("/open/t{i}"), "").await;
+        assert_eq!(status, 200, "GET {i} was retried after its attempt ran out");
+    }
+    gw.shutdown.cancel();
+    let gw = gateway_with(with(None)).await;
+    let mut statuses = Vec::new();
+    for i in 0..2 {
+        statuses.push(get(gw.addr, &format!("/open/u{i}"), "").await.0);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 504]);
+    gw.shutdown.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_timeout_overrides_its_upstreams() {
     let gw = gateway_with(|c| {

@@ -26,9 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
@@ -56,6 +54,9 @@ struct Key {
 pub struct JwtAuth {
     consumer_claim: String,
     identities: HashMap<String, Identity>,
+    /// `plan_claim`, and the configured plans it may name.
+    plan_claim: Option<String>,
+    plans: HashMap<String, Arc<str>>,
     /// The claim checks, per algorithm (`algorithms` holds that one algorithm).
     validations: HashMap<Algorithm, Validation>,
     configured: Vec<Arc<Key>>,
@@ -112,10 +113,140 @@ impl VerifiedCache {
     }
 }
 
+/// Where the JWKS is fetched from: one GET on a new connection per fetch (fetches are minutes
+/// apart), over TLS for an `https` URL.
+struct Source {
+    url: http::Uri,
+    #[cfg(feature = "tls")]
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+}
+
+impl Source {
+    fn new(config: &JwtConfig, url: &str) -> Result<Source, String> {
+        let url: http::Uri = url
+            .parse()
+            .map_err(|e| format!("gateway.auth.jwt.jwks_url: {e}"))?;
+        #[cfg(feature = "tls")]
+        let tls = if url.scheme_str() == Some("https") {
+            let host = url.host().unwrap_or_default().trim_matches(['[', ']']);
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| format!("gateway.auth.jwt.jwks_url: {e}"))?;
+            Some((connector(config.jwks_ca_path.as_deref())?, name))
+        } else {
+            None
+        };
+        #[cfg(not(feature = "tls"))]
+        let _ = config;
+        Ok(Source {
+            url,
+            #[cfg(feature = "tls")]
+            tls,
+        })
+    }
+
+    /// The body of a successful GET of the URL.
+    async fn get(&self) -> Result<Bytes, String> {
+        let host = self.url.host().unwrap_or_default().trim_matches(['[', ']']);
+        let https = self.url.scheme_str() == Some("https");
+        let port = self.url.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tcp = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let authority = self.url.authority().map_or(host, |a| a.as_str());
+        let req = Request::get(self.url.path_and_query().map_or("/", |p| p.as_str()))
+            .header(http::header::HOST, authority)
+            .header(http::header::ACCEPT, "application/json")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        #[cfg(feature = "tls")]
+        if let Some((connector, name)) = &self.tls {
+            let stream = connector
+                .connect(name.clone(), tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            return get_on(TokioIo::new(stream), req).await;
+        }
+        get_on(TokioIo::new(tcp), req).await
+    }
+}
+
+/// Sends `req` on a new HTTP/1.1 connection over `io`; the answer's body when it succeeded.
+async fn get_on<T>(io: T, req: Request<Empty<Bytes>>) -> Result<Bytes, String>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("status {}", resp.status()));
+    }
+    Limited::new(resp.into_body(), JWKS_MAX_BYTES)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| e.to_string())
+}
+
+/// A TLS client that trusts the CAs in `ca_path`, or the system's: `SSL_CERT_FILE`, else the
+/// first bundle found where distributions keep it.
+#[cfg(feature = "tls")]
+fn connector(ca_path: Option<&std::path::Path>) -> Result<tokio_rustls::TlsConnector, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let path = match ca_path {
+        Some(p) => p.to_path_buf(),
+        None => std::env::var_os("SSL_CERT_FILE")
+            .map(std::path::PathBuf::from)
+            .into_iter()
+            .chain(
+                [
+                    "/etc/ssl/certs/ca-certificates.crt",
+                    "/etc/pki/tls/certs/ca-bundle.crt",
+                    "/etc/ssl/cert.pem",
+                ]
+                .map(std::path::PathBuf::from),
+            )
+            .find(|p| p.exists())
+            .ok_or("gateway.auth.jwt.jwks_ca_path: no system CA bundle found; name one")?,
+    };
+    let certs = CertificateDer::pem_file_iter(&path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            format!(
+                "gateway.auth.jwt.jwks_ca_path: cannot read {}: {e}",
+                path.display()
+            )
+        })?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(format!(
+            "gateway.auth.jwt.jwks_ca_path: {} holds no CA certificate",
+            path.display()
+        ));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        config,
+    )))
+}
+
 /// Keys from the JWKS URL.
 struct Jwks {
-    url: http::Uri,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    source: Source,
     keys: RwLock<Arc<JwksKeys>>,
     /// When the last fetch started; held while fetching (one fetch at a time).
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
@@ -150,10 +281,7 @@ impl JwtAuth {
             .collect::<Result<Vec<_>, String>>()?;
         let jwks = match &config.jwks_url {
             Some(url) => Some(Jwks {
-                url: url
-                    .parse()
-                    .map_err(|e| format!("gateway.auth.jwt.jwks_url: {e}"))?,
-                client: Client::builder(TokioExecutor::new()).build_http(),
+                source: Source::new(config, url)?,
                 keys: RwLock::default(),
                 last_fetch: tokio::sync::Mutex::new(None),
                 min_interval: Duration::from_secs(config.jwks_min_interval_s),
@@ -176,6 +304,8 @@ impl JwtAuth {
             .collect();
         Ok(JwtAuth {
             consumer_claim: config.consumer_claim.clone(),
+            plan_claim: config.plan_claim.clone(),
+            plans: HashMap::new(),
             identities,
             validations,
             configured,
@@ -249,10 +379,33 @@ impl JwtAuth {
             .get(claim)
             .and_then(|v| v.as_str())
             .ok_or_else(|| format!("no `{claim}` claim naming the consumer"))?;
-        self.identities
+        let mut id = self
+            .identities
             .get(consumer)
             .cloned()
-            .ok_or_else(|| format!("`{claim}` names no known consumer"))
+            .ok_or_else(|| format!("`{claim}` names no known consumer"))?;
+        if let Some(claim) = &self.plan_claim
+            && let Some(value) = claims.get(claim)
+        {
+            let plan = value
+                .as_str()
+                .and_then(|name| self.plans.get(name))
+                .ok_or_else(|| format!("`{claim}` names no configured plan"))?;
+            if **plan != *id.plan {
+                id.plan = plan.clone();
+                id.claimed_plan = true;
+            }
+        }
+        Ok(id)
+    }
+
+    /// The plans a `plan_claim` may name (the configured ones).
+    pub fn with_plans<'a>(mut self, names: impl IntoIterator<Item = &'a String>) -> JwtAuth {
+        self.plans = names
+            .into_iter()
+            .map(|n| (n.clone(), Arc::from(n.as_str())))
+            .collect();
+        self
     }
 
     /// The known keys that may verify a token with `alg` and `kid`: same algorithm, and same
@@ -314,35 +467,21 @@ impl Jwks {
     async fn fetch_and_install(&self) {
         match self.fetch().await {
             Ok(keys) => {
-                tracing::debug!(keys = keys.len(), url = %self.url, "fetched JWKS");
+                tracing::debug!(keys = keys.len(), url = %self.source.url, "fetched JWKS");
                 self.metrics.jwks_fetches.get_or_create(&OK).inc();
                 self.install(keys);
             }
             Err(e) => {
                 self.metrics.jwks_fetches.get_or_create(&ERROR).inc();
-                tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed; keeping the keys fetched before")
+                tracing::warn!(url = %self.source.url, error = %e, "JWKS fetch failed; keeping the keys fetched before")
             }
         }
     }
 
     async fn fetch(&self) -> Result<Vec<Arc<Key>>, String> {
-        let req = Request::get(self.url.clone())
-            .header(http::header::ACCEPT, "application/json")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let body = tokio::time::timeout(JWKS_TIMEOUT, async {
-            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
-            if !resp.status().is_success() {
-                return Err(format!("status {}", resp.status()));
-            }
-            Limited::new(resp.into_body(), JWKS_MAX_BYTES)
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|_| "timed out".to_string())??;
+        let body = tokio::time::timeout(JWKS_TIMEOUT, self.source.get())
+            .await
+            .map_err(|_| "timed out".to_string())??;
         #[derive(serde::Deserialize)]
         struct Set {
             keys: Vec<serde_json::Value>,
@@ -516,8 +655,10 @@ mod tests {
             issuer: "https://issuer.example".into(),
             audience: "orders-api".into(),
             jwks_url,
+            jwks_ca_path: None,
             keys,
             consumer_claim: "sub".into(),
+            plan_claim: None,
             leeway_s: 5,
             jwks_refresh_s: 300,
             jwks_min_interval_s: 60,
@@ -711,6 +852,40 @@ mod tests {
         assert!(matches!(auth.verdict(&h).await, Verdict::Granted(_)));
     }
 
+    #[tokio::test]
+    async fn a_plan_claim_names_a_configured_plan_or_the_token_is_refused() {
+        let mut c = config(vec![key("rsa1", "RS256", RSA1_PUB)], None);
+        c.plan_claim = Some("plan".into());
+        let plans = [
+            "free".to_string(),
+            "pro".to_string(),
+            "enterprise".to_string(),
+        ];
+        let auth = JwtAuth::new(&c, identities(), crate::GatewayMetrics::unregistered())
+            .unwrap()
+            .with_plans(plans.iter());
+        let token = |plan: Option<serde_json::Value>| {
+            let mut cl = claims("acme");
+            if let Some(p) = plan {
+                cl["plan"] = p;
+            }
+            sign(Algorithm::RS256, Some("rsa1"), &rsa(RSA1), &cl)
+        };
+        let id = auth
+            .verify(&token(Some(json!("enterprise"))))
+            .await
+            .unwrap();
+        assert_eq!((&*id.plan, id.claimed_plan), ("enterprise", true));
+        let id = auth.verify(&token(Some(json!("pro")))).await.unwrap();
+        assert_eq!((&*id.plan, id.claimed_plan), ("pro", false), "its own plan");
+        let id = auth.verify(&token(None)).await.unwrap();
+        assert_eq!((&*id.plan, id.claimed_plan), ("pro", false), "no claim");
+        for bad in [json!("platinum"), json!(7)] {
+            let why = auth.verify(&token(Some(bad))).await.unwrap_err();
+            assert!(why.contains("names no configured plan"), "{why}");
+        }
+    }
+
     /// A JWKS endpoint whose key set the test changes, counting its fetches.
     struct JwksServer {
         url: String,
@@ -720,12 +895,29 @@ mod tests {
     }
 
     async fn jwks_server(keys: serde_json::Value) -> JwksServer {
+        jwks_server_on(keys, false).await
+    }
+
+    /// The JWKS endpoint, over TLS (the test certificate for `localhost`) when `tls`.
+    async fn jwks_server_on(keys: serde_json::Value, tls: bool) -> JwksServer {
         use hyper::service::service_fn;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!(
-            "http://{}/.well-known/jwks.json",
-            listener.local_addr().unwrap()
+            "{}://localhost:{}/.well-known/jwks.json",
+            if tls { "https" } else { "http" },
+            listener.local_addr().unwrap().port()
         );
+        #[cfg(feature = "tls")]
+        let acceptor = tls.then(|| {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+            Arc::new(
+                crate::tls::Acceptor::new(&crate::config::TlsConfig {
+                    cert_path: dir.join("server.pem"),
+                    key_path: dir.join("server.key"),
+                })
+                .unwrap(),
+            )
+        });
         let keys = Arc::new(Mutex::new(keys));
         let fetches = Arc::new(AtomicUsize::new(0));
         let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -734,6 +926,8 @@ mod tests {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 let (k, f, u) = (k.clone(), f.clone(), u.clone());
+                #[cfg(feature = "tls")]
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |_req| {
                         f.fetch_add(1, Ordering::SeqCst);
@@ -751,6 +945,17 @@ mod tests {
                             )
                         }
                     });
+                    #[cfg(feature = "tls")]
+                    if let Some(acceptor) = acceptor {
+                        let Some(tls) = acceptor.accept(stream, Duration::from_secs(5)).await
+                        else {
+                            return;
+                        };
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(tls.stream), svc)
+                            .await;
+                        return;
+                    }
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                         .await;
@@ -772,6 +977,34 @@ mod tests {
         j["kid"] = json!(kid);
         j["use"] = json!("sig");
         j
+    }
+
+    #[cfg(feature = "tls")]
+    #[tokio::test]
+    async fn a_jwks_over_https_is_trusted_only_through_the_configured_ca() {
+        let server = jwks_server_on(json!({ "keys": [jwk(RSA1, "k1")] }), true).await;
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let token = sign(Algorithm::RS256, Some("k1"), &rsa(RSA1), &claims("acme"));
+        let mut trusting = config(vec![], Some(server.url.clone()));
+        trusting.jwks_ca_path = Some(fixtures.join("ca.pem"));
+        let metrics = crate::GatewayMetrics::unregistered();
+        let auth = JwtAuth::new(&trusting, identities(), metrics.clone()).unwrap();
+        assert_eq!(&*auth.verify(&token).await.unwrap().consumer, "acme");
+        assert_eq!(server.fetches.load(Ordering::SeqCst), 1);
+
+        // Trusting only another CA (the server's own certificate is not one), the handshake
+        // fails, no key arrives, and the failure is counted.
+        let mut distrusting = config(vec![], Some(server.url.clone()));
+        distrusting.jwks_ca_path = Some(fixtures.join("server.pem"));
+        let metrics = crate::GatewayMetrics::unregistered();
+        let auth = JwtAuth::new(&distrusting, identities(), metrics.clone()).unwrap();
+        assert!(auth.verify(&token).await.is_err());
+        assert_eq!(
+            server.fetches.load(Ordering::SeqCst),
+            1,
+            "no request got through"
+        );
+        assert_eq!(metrics.jwks_fetches.get_or_create(&ERROR).get(), 1);
     }
 
     #[tokio::test]

@@ -24,6 +24,9 @@ pub struct Identity {
     pub plan: Arc<str>,
     /// The consumer's position in the configuration: what per-consumer state is indexed by.
     pub index: usize,
+    /// The plan came from the caller's token (`gateway.auth.jwt.plan_claim`) and is not the
+    /// consumer's configured one: its rate limit is kept apart (`limits::RateLimits`).
+    pub claimed_plan: bool,
 }
 
 /// Where authenticators read a request's header fields: the gateway's parsed heads, and
@@ -100,6 +103,7 @@ pub fn identities(consumers: &[Consumer]) -> HashMap<String, Identity> {
                 consumer: c.id.as_str().into(),
                 plan,
                 index,
+                claimed_plan: false,
             };
             (c.id.clone(), id)
         })
@@ -112,6 +116,7 @@ impl Authenticators {
     pub fn new(
         config: &GatewayConfig,
         consumers: &[Consumer],
+        plans: &std::collections::BTreeMap<String, tollgate_schemas::config::Plan>,
         api_key_header: Option<HeaderName>,
         metrics: &crate::GatewayMetrics,
     ) -> Result<Authenticators, String> {
@@ -121,15 +126,14 @@ impl Authenticators {
         };
         #[cfg(feature = "jwt")]
         let jwt = match &config.auth.jwt {
-            Some(j) => Some(Arc::new(jwt::JwtAuth::new(
-                j,
-                identities(consumers),
-                metrics.clone(),
-            )?)),
+            Some(j) => Some(Arc::new(
+                jwt::JwtAuth::new(j, identities(consumers), metrics.clone())?
+                    .with_plans(plans.keys()),
+            )),
             None => None,
         };
         #[cfg(not(feature = "jwt"))]
-        let _ = metrics;
+        let _ = (metrics, plans);
         #[cfg(not(feature = "jwt"))]
         if config.auth.jwt.is_some() {
             return Err("gateway.auth.jwt: JWT verification is not in this build; rebuild with `--features jwt`".into());
