@@ -31,6 +31,38 @@ gateway:
     std::fs::write(path, text).unwrap();
 }
 
+/// `tollgate COMMAND --config CONFIG` with its data in `dir`, its gateway on `port`, and one
+/// more listener: `(key, port)`, the key as in `TOLLGATE_<key>`.
+fn spawn(
+    command: &str,
+    config: &Path,
+    dir: &Path,
+    port: u16,
+    (key, other): (&str, u16),
+) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg(command)
+        .arg("--config")
+        .arg(config)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .env("TOLLGATE_GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
+        .env(format!("TOLLGATE_{key}"), format!("127.0.0.1:{other}"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("tollgate binary starts")
+}
+
+/// The status of `GET path` on the gateway at `port`, if it answered.
+async fn status(http: &Http, port: u16, path: &str) -> Option<StatusCode> {
+    http.get(&format!("http://127.0.0.1:{port}{path}"), &[])
+        .await
+        .map(|(s, _)| s)
+        .ok()
+}
+
 /// Polls `ok` until it holds, or fails naming `what` after 20 s.
 async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut ok: impl FnMut() -> F) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -54,32 +86,15 @@ async fn sighup_reloads_the_gateway_and_a_broken_file_changes_nothing() {
     let config = dir.path().join("tollgate.yaml");
     write_config(&config, upstream, &bus, "");
     let (port, admin) = (free_port(), free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .arg("gateway")
-        .arg("--config")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env("TOLLGATE_GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
-        .env(
-            "TOLLGATE_GATEWAY__ADMIN_LISTEN",
-            format!("127.0.0.1:{admin}"),
-        )
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("tollgate binary starts");
+    let mut child = spawn(
+        "gateway",
+        &config,
+        dir.path(),
+        port,
+        ("GATEWAY__ADMIN_LISTEN", admin),
+    );
     let http = Http::new();
-    let status = |path: &'static str| {
-        let http = &http;
-        async move {
-            http.get(&format!("http://127.0.0.1:{port}{path}"), &[])
-                .await
-                .map(|(s, _)| s)
-                .ok()
-        }
-    };
+    let status = |path: &'static str| status(&http, port, path);
     eventually("the gateway did not start", || async {
         status("/fast").await == Some(StatusCode::OK)
     })
@@ -134,29 +149,9 @@ async fn tollgate_up_with_a_file_reloads_its_gateway_when_the_file_changes() {
     let config = dir.path().join("tollgate.yaml");
     write_config(&config, upstream, "", "");
     let (port, api) = (free_port(), free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .arg("up")
-        .arg("--config")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env("TOLLGATE_GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
-        .env("TOLLGATE_QUERY_API__LISTEN", format!("127.0.0.1:{api}"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("tollgate binary starts");
+    let mut child = spawn("up", &config, dir.path(), port, ("QUERY_API__LISTEN", api));
     let http = Http::new();
-    let status = |path: &'static str| {
-        let http = &http;
-        async move {
-            http.get(&format!("http://127.0.0.1:{port}{path}"), &[])
-                .await
-                .map(|(s, _)| s)
-                .ok()
-        }
-    };
+    let status = |path: &'static str| status(&http, port, path);
     eventually("tollgate up did not start", || async {
         status("/fast").await == Some(StatusCode::OK)
     })

@@ -775,6 +775,21 @@ async fn resetting_upstream() -> SocketAddr {
     addr
 }
 
+/// The statuses of two POSTs (not idempotent: never retried), sorted.
+async fn two_posts(gw: &common::Running) -> Vec<u16> {
+    let mut posts = Vec::new();
+    for i in 0..2 {
+        let mut c = Client::connect(gw).await;
+        c.send(
+            format!("POST /open/p{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx").as_bytes(),
+        )
+        .await;
+        posts.push(c.answer(&http::Method::POST).await.0);
+    }
+    posts.sort();
+    posts
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_requests_are_retried_on_another_target_within_the_budget() {
     let bad = resetting_upstream().await;
@@ -789,16 +804,7 @@ async fn idempotent_requests_are_retried_on_another_target_within_the_budget() {
     let gw = gateway_with(with(Some(100))).await;
     // Round robin over a target that drops every request and one that answers: a POST that
     // lands on the bad one is not retried (not idempotent); a GET always gets through.
-    let mut posts = Vec::new();
-    for i in 0..2 {
-        let mut c = Client::connect(&gw).await;
-        c.send(
-            format!("POST /open/p{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx").as_bytes(),
-        )
-        .await;
-        posts.push(c.answer(&http::Method::POST).await.0);
-    }
-    posts.sort();
+    let posts = two_posts(&gw).await;
     assert_eq!(posts, [200, 502], "one POST each way");
     for i in 0..4 {
         let (status, _, _) = get(gw.addr, &format!("/open/g{i}"), "").await;
@@ -868,16 +874,7 @@ async fn answers_in_retry_on_status_and_attempts_out_of_time_are_retried_elsewhe
         let (status, _, _) = get(gw.addr, &format!("/open/s{i}"), "").await;
         assert_eq!(status, 200, "GET {i} was retried past the 503");
     }
-    let mut posts = Vec::new();
-    for i in 0..2 {
-        let mut c = Client::connect(&gw).await;
-        c.send(
-            format!("POST /open/p{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx").as_bytes(),
-        )
-        .await;
-        posts.push(c.answer(&http::Method::POST).await.0);
-    }
-    posts.sort();
+    let posts = two_posts(&gw).await;
     assert_eq!(posts, [200, 503], "a POST keeps the answer it got");
     gw.shutdown.cancel();
 
