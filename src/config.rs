@@ -262,9 +262,9 @@ mod tests {
             (jwt(key), "[jwt, nobody]".to_string(), "gateway"),
             (jwt(""), "true".to_string(), "needs `jwks_url` or `keys`"),
             (
-                jwt(", jwks_url: \"https://idp/jwks\""),
+                jwt(", jwks_url: \"ftp://idp/jwks\""),
                 "true".to_string(),
-                "https is not supported",
+                "must be https://host[:port]/path or http://host[:port]/path",
             ),
             (
                 jwt(", keys: [ { alg: none, pem: x } ]"),
