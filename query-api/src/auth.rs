@@ -1,10 +1,42 @@
-//! Who is calling: an admin (sees everything) or a consumer (sees only its own data).
+//! Who is calling: an admin (sees everything) or a consumer (sees only its own data), and the
+//! [`Scope`] every `/v1` handler takes.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Query};
 use axum::http::HeaderMap;
+use axum::http::request::Parts;
 use tollgate_schemas::config::Consumer;
 use tollgate_schemas::keys::KeyTable;
 
+use crate::AppState;
 use crate::error::ApiError;
+
+/// Whose data one `/v1` request may see, from its bearer token and its `consumer` parameter:
+/// `None` for an admin who did not narrow it, else one consumer (a partner's key sees only
+/// itself, and naming another consumer is a 403). It is an extractor that every `/v1` handler
+/// takes, so an endpoint cannot forget to apply it: a handler without it does not compile
+/// against the filters, which take the scope's consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope(pub Option<String>);
+
+impl FromRequestParts<Arc<AppState>> for Scope {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Scope, ApiError> {
+        let caller = state.auth.caller(&parts.headers)?;
+        // A query string that does not parse names no consumer here; the handler's own
+        // parameter check refuses it.
+        let asked = Query::<HashMap<String, String>>::try_from_uri(&parts.uri)
+            .ok()
+            .and_then(|Query(mut q)| q.remove("consumer"));
+        caller.scope(asked.as_deref()).map(Scope)
+    }
+}
 
 /// The caller of one request.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, Decimal128Builder, RecordBatch, StringBuilder, UInt64Builder};
 use arrow::datatypes::{DataType, Field, Schema};
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderValue, header};
+
+use crate::auth::Scope;
 use axum::response::{IntoResponse, Response};
 use rust_decimal::Decimal;
 use serde_json::json;
@@ -160,10 +162,9 @@ fn file_response(body: Vec<u8>, content_type: &'static str, filename: String) ->
 
 pub async fn export(
     State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Scope(consumer): Scope,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let caller = s.auth.caller(&headers)?;
     let p = Params::new(raw, &["period", "format", "consumer"])?;
     let period = p
         .get("period")
@@ -171,7 +172,7 @@ pub async fn export(
         .to_string();
     let (start, end) = parse_period(&period)?;
     let format = p.get("format").unwrap_or("csv");
-    let lines = lines(&s, start, end, caller.scope(p.get("consumer"))?).await?;
+    let lines = lines(&s, start, end, consumer).await?;
     let name = format!("tollgate-billing-{period}");
     match format {
         "csv" => {

@@ -12,9 +12,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::auth::Scope;
 use axum::Json;
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
 use tollgate_schemas::config::{Consumer, Plan};
 use tollgate_schemas::quota::{QuotaEntry, QuotaSnapshot};
 use tollgate_store::{Filter, GroupKey, KeyValue};
@@ -182,12 +182,10 @@ async fn refresh(s: &AppState, cache: &mut QuotaCache) -> Result<(), ApiError> {
 
 pub async fn quota(
     State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Scope(scope): Scope,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<QuotaSnapshot>, ApiError> {
-    let caller = s.auth.caller(&headers)?;
     let p = Params::new(raw, &["consumer", "since", "epoch"])?;
-    let scope = caller.scope(p.get("consumer"))?;
     let since: Option<i64> = integer(&p, "since")?;
     let epoch: Option<u64> = integer(&p, "epoch")?;
     if since.is_some() != epoch.is_some() {

@@ -3,9 +3,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use crate::auth::Scope;
 use axum::Json;
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -40,10 +40,9 @@ const MAX_POINTS: i64 = 10_000;
 
 pub async fn latency(
     State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Scope(consumer): Scope,
     Query(raw): Raw,
 ) -> Result<Json<LatencyAnswer>, ApiError> {
-    let caller = s.auth.caller(&headers)?;
     let p = Params::new(
         raw,
         &[
@@ -74,7 +73,6 @@ pub async fn latency(
             "latency series are always per route: use `route` or `route,consumer`",
         ));
     }
-    let consumer = caller.scope(p.get("consumer"))?;
     let query = LatencyQuery {
         filter: Filter {
             from_us,
@@ -175,10 +173,9 @@ impl serde::Serialize for Quantiles {
 
 pub async fn usage(
     State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Scope(consumer): Scope,
     Query(raw): Raw,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = s.auth.caller(&headers)?;
     let p = Params::new(raw, &["from", "to", "consumer", "route", "group_by"])?;
     let (from_us, to_us) = p.window()?;
     let group = p.group_by(
@@ -194,7 +191,7 @@ pub async fn usage(
     let filter = Filter {
         from_us,
         to_us,
-        consumer: caller.scope(p.get("consumer"))?,
+        consumer,
         route: p.get("route").map(str::to_owned),
     };
     let rows = s.store.usage(&filter, &group).await?;
@@ -321,17 +318,15 @@ pub(crate) fn money(d: Decimal) -> String {
 
 pub async fn revenue(
     State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Scope(consumer): Scope,
     Query(raw): Raw,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = s.auth.caller(&headers)?;
     let p = Params::new(raw, &["from", "to", "consumer", "route", "group_by"])?;
     let (from_us, to_us) = p.window()?;
     let group = p.group_by(
         &[GroupKey::Consumer, GroupKey::Route, GroupKey::Day],
         &[GroupKey::Consumer],
     )?;
-    let consumer = caller.scope(p.get("consumer"))?;
     let atoms = priced(
         &s,
         from_us,

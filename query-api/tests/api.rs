@@ -377,16 +377,48 @@ async fn quota_and_access_rules_on(backend: Backend) {
     assert_eq!(s, StatusCode::OK);
     let v: Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(v["consumers"].as_array().unwrap().len(), 1);
-    assert_eq!(
-        call(
+    // Every `/v1` endpoint: another partner's id in the parameters is a 403, and without it a
+    // partner's key sees its own rows only.
+    let endpoints = [
+        "/v1/latency?from=2026-11-01T00:00:00Z&to=2026-11-12T00:00:00Z&group_by=route,consumer",
+        "/v1/usage?from=2026-10-01T00:00:00Z&to=2026-12-01T00:00:00Z&group_by=consumer,route",
+        "/v1/revenue?from=2026-10-01T00:00:00Z&to=2026-12-01T00:00:00Z&group_by=consumer",
+        "/v1/billing/export?period=2026-11&format=jsonl",
+        "/v1/quota",
+    ];
+    for uri in endpoints {
+        let sep = if uri.contains('?') { '&' } else { '?' };
+        let (s, b) = call(
             &app,
-            "/v1/billing/export?period=2026-11&consumer=quota-user",
-            Some("key-a")
+            &format!("{uri}{sep}consumer=quota-user"),
+            Some("key-a"),
         )
-        .await
-        .0,
-        StatusCode::FORBIDDEN
-    );
+        .await;
+        assert_eq!(
+            s,
+            StatusCode::FORBIDDEN,
+            "{uri}: {}",
+            String::from_utf8_lossy(&b)
+        );
+        let (s, b) = call(&app, uri, Some("key-a")).await;
+        assert_eq!(s, StatusCode::OK, "{uri}: {}", String::from_utf8_lossy(&b));
+        let text = String::from_utf8_lossy(&b);
+        assert!(
+            !text.contains("quota-user"),
+            "{uri} shows another consumer: {text}"
+        );
+        assert!(
+            text.contains("\"a\""),
+            "{uri} shows the partner's own rows: {text}"
+        );
+        // The admin sees the other consumer through the same endpoint.
+        let (s, b) = call(&app, &format!("{uri}{sep}consumer=quota-user"), Some(ADMIN)).await;
+        assert_eq!(s, StatusCode::OK, "{uri}");
+        assert!(
+            !String::from_utf8_lossy(&b).contains("\"a\""),
+            "{uri}: admin's filter"
+        );
+    }
 
     for (uri, param) in [
         ("/v1/billing/export?period=2026-13", "period"),
