@@ -19,7 +19,7 @@ use crate::AppState;
 use crate::error::ApiError;
 use crate::params::{Params, parse_period};
 use crate::pricing;
-use crate::reports::money;
+use crate::revenue::money;
 
 /// Scale of `amount` in Parquet and Arrow exports (Decimal128(38, 12)).
 const AMOUNT_SCALE: u32 = 12;

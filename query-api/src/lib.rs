@@ -13,6 +13,7 @@ mod params;
 pub mod pricing;
 mod quota;
 mod reports;
+mod revenue;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -169,7 +170,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/latency", get(reports::latency))
         .route("/v1/usage", get(reports::usage))
-        .route("/v1/revenue", get(reports::revenue))
+        .route("/v1/revenue", get(revenue::revenue))
         .route("/v1/billing/export", get(billing::export))
         .route("/v1/quota", get(quota::quota))
         .fallback(|| async { ApiError::NotFound("no such endpoint; see /openapi.json".into()) })
