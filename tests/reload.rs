@@ -63,6 +63,24 @@ async fn status(http: &Http, port: u16, path: &str) -> Option<StatusCode> {
         .ok()
 }
 
+/// Writes a broken file over `config`: the metrics on `metrics_port` say it was refused, and
+/// the gateway on `port` still serves the route the last good file added.
+async fn broken_file_changes_nothing(http: &Http, config: &Path, metrics_port: u16, port: u16) {
+    std::fs::write(config, "gateway: { routes: [ broken").unwrap();
+    let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
+    eventually("the broken file was not noticed", || async {
+        http.get(&metrics, &[]).await.is_ok_and(|(_, body)| {
+            String::from_utf8_lossy(&body).contains("tollgate_gateway_config_reload_failed 1")
+        })
+    })
+    .await;
+    assert_eq!(
+        status(http, port, "/slow/2").await,
+        Some(StatusCode::OK),
+        "the running configuration stays"
+    );
+}
+
 /// Polls `ok` until it holds, or fails naming `what` after 20 s.
 async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut ok: impl FnMut() -> F) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -124,19 +142,7 @@ async fn sighup_reloads_the_gateway_and_a_broken_file_changes_nothing() {
     })
     .await;
 
-    std::fs::write(&config, "gateway: { routes: [ broken").unwrap();
-    let metrics = format!("http://127.0.0.1:{admin}/metrics");
-    eventually("the broken file was not noticed", || async {
-        http.get(&metrics, &[]).await.is_ok_and(|(_, body)| {
-            String::from_utf8_lossy(&body).contains("tollgate_gateway_config_reload_failed 1")
-        })
-    })
-    .await;
-    assert_eq!(
-        status("/slow/2").await,
-        Some(StatusCode::OK),
-        "the running configuration stays"
-    );
+    broken_file_changes_nothing(&http, &config, admin, port).await;
     assert_eq!(status("/fast").await, Some(StatusCode::OK));
     let _ = child.kill();
     let _ = child.wait();
@@ -163,19 +169,7 @@ async fn tollgate_up_with_a_file_reloads_its_gateway_when_the_file_changes() {
         || async { status("/slow/1").await == Some(StatusCode::OK) },
     )
     .await;
-    std::fs::write(&config, "gateway: { routes: [ broken").unwrap();
-    let metrics = format!("http://127.0.0.1:{api}/metrics");
-    eventually("the broken file was not noticed", || async {
-        http.get(&metrics, &[]).await.is_ok_and(|(_, body)| {
-            String::from_utf8_lossy(&body).contains("tollgate_gateway_config_reload_failed 1")
-        })
-    })
-    .await;
-    assert_eq!(
-        status("/slow/2").await,
-        Some(StatusCode::OK),
-        "the running configuration stays"
-    );
+    broken_file_changes_nothing(&http, &config, api, port).await;
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -775,6 +775,16 @@ async fn resetting_upstream() -> SocketAddr {
     addr
 }
 
+/// The statuses of two GETs of `/open/<prefix>N`, sorted.
+async fn two_gets(gw: &common::Running, prefix: &str) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for i in 0..2 {
+        statuses.push(get(gw.addr, &format!("/open/{prefix}{i}"), "").await.0);
+    }
+    statuses.sort();
+    statuses
+}
+
 /// The statuses of two POSTs (not idempotent: never retried), sorted.
 async fn two_posts(gw: &common::Running) -> Vec<u16> {
     let mut posts = Vec::new();
@@ -816,12 +826,7 @@ async fn idempotent_requests_are_retried_on_another_target_within_the_budget() {
     gw.shutdown.cancel();
     // Without a budget nothing is retried: some GET meets the bad target.
     let gw = gateway_with(with(None)).await;
-    let mut statuses = Vec::new();
-    for i in 0..2 {
-        statuses.push(get(gw.addr, &format!("/open/n{i}"), "").await.0);
-    }
-    statuses.sort();
-    assert_eq!(statuses, [200, 502]);
+    assert_eq!(two_gets(&gw, "n").await, [200, 502]);
     gw.shutdown.cancel();
 }
 
@@ -897,12 +902,7 @@ async fn answers_in_retry_on_status_and_attempts_out_of_time_are_retried_elsewhe
     }
     gw.shutdown.cancel();
     let gw = gateway_with(with(None)).await;
-    let mut statuses = Vec::new();
-    for i in 0..2 {
-        statuses.push(get(gw.addr, &format!("/open/u{i}"), "").await.0);
-    }
-    statuses.sort();
-    assert_eq!(statuses, [200, 504]);
+    assert_eq!(two_gets(&gw, "u").await, [200, 504]);
     gw.shutdown.cancel();
 }
 
