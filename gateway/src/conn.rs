@@ -295,61 +295,46 @@ async fn read_head(
     loop {
         if !client.buf.is_empty() {
             let t = *started.get_or_insert_with(Instant::now);
+            // A connection's first bytes may be HTTP/2's preface, or a prefix of it (read on).
             #[cfg(feature = "http2")]
-            if first {
-                match crate::http2::preface(&client.buf) {
-                    Some(true) => return Next::Http2,
-                    Some(false) => {}
-                    None => {
-                        // A prefix of the preface: wait for the rest (below).
-                        if let Some(n) = read_more(client, timeouts, shutdown, started).await {
-                            return n;
-                        }
-                        continue;
-                    }
+            let undecided = match first.then(|| crate::http2::preface(&client.buf)) {
+                Some(Some(true)) => return Next::Http2,
+                Some(None) => true,
+                _ => false,
+            };
+            #[cfg(not(feature = "http2"))]
+            let undecided = {
+                let _ = first; // only HTTP/2 has a preface to look for
+                false
+            };
+            if !undecided {
+                match h1::parse_request(&mut client.buf) {
+                    Ok(Parsed::Head(head)) => return Next::Head(head, t),
+                    Ok(Parsed::Partial) => {}
+                    Err(r) => return Next::Refused(r),
                 }
             }
-            #[cfg(not(feature = "http2"))]
-            let _ = first;
-            match h1::parse_request(&mut client.buf) {
-                Ok(Parsed::Head(head)) => return Next::Head(head, t),
-                Ok(Parsed::Partial) => {}
-                Err(r) => return Next::Refused(r),
+        }
+        let within = match started {
+            None => timeouts.idle,
+            Some(t) => timeouts.head.saturating_sub(t.elapsed()),
+        };
+        let read = tokio::select! {
+            biased;
+            r = client.fill(within) => r,
+            _ = shutdown.cancelled(), if started.is_none() => return Next::Closed,
+        };
+        match read {
+            Ok(0) => return Next::Closed,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && started.is_some() => {
+                return Next::Refused(h1::Refusal {
+                    status: http::StatusCode::REQUEST_TIMEOUT,
+                    message: "the request head did not arrive in time",
+                });
             }
+            Err(_) => return Next::Closed,
         }
-        if let Some(n) = read_more(client, timeouts, shutdown, started).await {
-            return n;
-        }
-    }
-}
-
-/// Reads more of a request head (or waits for the next request, when none has `started`):
-/// `Some` when the connection ends instead.
-async fn read_more(
-    client: &mut Side,
-    timeouts: Timeouts,
-    shutdown: &CancellationToken,
-    started: Option<Instant>,
-) -> Option<Next> {
-    let within = match started {
-        None => timeouts.idle,
-        Some(t) => timeouts.head.saturating_sub(t.elapsed()),
-    };
-    let read = tokio::select! {
-        biased;
-        r = client.fill(within) => r,
-        _ = shutdown.cancelled(), if started.is_none() => return Some(Next::Closed),
-    };
-    match read {
-        Ok(0) => Some(Next::Closed),
-        Ok(_) => None,
-        Err(e) if e.kind() == io::ErrorKind::TimedOut && started.is_some() => {
-            Some(Next::Refused(h1::Refusal {
-                status: http::StatusCode::REQUEST_TIMEOUT,
-                message: "the request head did not arrive in time",
-            }))
-        }
-        Err(_) => Some(Next::Closed),
     }
 }
 

@@ -205,7 +205,8 @@ where
             }
         };
         conduct.streams.fetch_add(1, Ordering::Relaxed);
-        if streams.len() >= MAX_STREAMS as usize {
+        let full = streams.len() >= MAX_STREAMS as usize;
+        if full {
             respond.send_reset(Reason::REFUSED_STREAM);
             conduct.abandoned();
         }
@@ -221,7 +222,7 @@ where
             closing = true;
             continue;
         }
-        if streams.len() >= MAX_STREAMS as usize {
+        if full {
             continue;
         }
         let worker = slot.worker();

@@ -106,7 +106,6 @@ impl Worker {
                 return send_own(&answer, &out).await;
             }
         };
-        drop(parts);
         let mut ctx = self.begin(&head, started);
         let mut client = Client::H2 {
             body: &mut body,
