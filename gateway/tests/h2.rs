@@ -74,8 +74,14 @@ async fn call(
         .send_request(req.body(()).unwrap(), body.is_empty())
         .expect("a stream");
     for (i, part) in body.iter().enumerate() {
-        send.send_data(Bytes::from(part.to_string()), i + 1 == body.len())
-            .unwrap();
+        // The gateway may answer (413, 401) and end the stream before the body is sent: the
+        // answer is what the test reads.
+        if send
+            .send_data(Bytes::from(part.to_string()), i + 1 == body.len())
+            .is_err()
+        {
+            break;
+        }
     }
     let read = async {
         let response = response.await.expect("an answer");
