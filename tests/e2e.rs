@@ -273,7 +273,10 @@ async fn meters_prices_and_survives_sigkill() {
     let auth = format!("Bearer {ADMIN}");
     let (s, csv) = http
         .get(
-            &format!("http://127.0.0.1:{api}/v1/billing/export?period={period}&format=csv"),
+            // The month is still open: its lines so far.
+            &format!(
+                "http://127.0.0.1:{api}/v1/billing/export?period={period}&format=csv&preliminary=true"
+            ),
             &[("authorization", &auth)],
         )
         .await
@@ -281,10 +284,27 @@ async fn meters_prices_and_survives_sigkill() {
     assert_eq!(s, StatusCode::OK);
     let csv = String::from_utf8(csv.to_vec()).unwrap();
     let want_csv = format!(
-        "period,consumer,plan,route,quantity,amount,currency\n{p},alpha,gold,fail,0,0,USD\n{p},alpha,gold,fast,20,0.15,USD\n{p},alpha,gold,slow,10,0.05,USD\n{p},beta,silver,fast,7,0.014,USD\n",
+        "period,consumer,plan,route,quantity,amount,currency,kind,for_period,status\n\
+         {p},alpha,gold,fail,0,0,USD,usage,{p},preliminary\n\
+         {p},alpha,gold,fast,20,0.15,USD,usage,{p},preliminary\n\
+         {p},alpha,gold,slow,10,0.05,USD,usage,{p},preliminary\n\
+         {p},beta,silver,fast,7,0.014,USD,usage,{p},preliminary\n",
         p = period
     );
     assert_eq!(csv, want_csv);
+    // Without `preliminary` the open month is refused. (This collector never flushes, so the
+    // store has no durable progress and no period is complete: `complete_through` is null.)
+    let (s, body) = http
+        .get(
+            &format!("http://127.0.0.1:{api}/v1/billing/export?period={period}"),
+            &[("authorization", &auth)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, StatusCode::CONFLICT);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "period_incomplete");
+    assert!(v["error"]["complete_through"].is_null(), "{v}");
 
     // Latency: the slow route's p50 and p99 are its 50 ms, plus the gateway's own overhead.
     let (_, lat) = http

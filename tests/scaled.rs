@@ -277,6 +277,32 @@ async fn two_gateways_two_collectors_survive_a_sigkill_and_a_frozen_broker() {
     }
     assert_eq!(stored, sent, "stored events by consumer, route and status");
 
+    // Every partition's collector (the survivor holds all six now) records how far the store
+    // holds the bus: the billing watermark passes the time all of the above was stored.
+    let stored_by = chrono::Utc::now();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = http
+            .ok_json(
+                &format!("http://127.0.0.1:{api}/v1/billing/exports"),
+                Some(ADMIN),
+            )
+            .await;
+        // The API reports it less the default two minutes allowed for an event's trip.
+        let through = v["complete_through"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&chrono::Utc) + chrono::Duration::seconds(120));
+        if through.is_some_and(|t| t >= stored_by) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the billing watermark did not pass {stored_by}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // The query API (rollups and raw edges) agrees exactly.
     let v = http
         .ok_json(

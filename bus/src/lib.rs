@@ -122,6 +122,9 @@ pub trait Subscriber: Send {
     fn committed(&self) -> Checkpoint;
     /// Moves the read position of `partition` to `offset`.
     async fn seek(&mut self, partition: u32, offset: u64) -> Result<(), BusError>;
+    /// The end of each partition this subscriber owns (the offset the next record written to
+    /// it will get), and how many partitions the topic has.
+    async fn end_offsets(&mut self) -> Result<(Checkpoint, u32), BusError>;
 }
 
 /// A bus opened from its configuration: what gateways publish to and collectors subscribe to.

@@ -28,8 +28,9 @@
 mod batcher;
 mod dead_letter;
 mod metrics;
+mod progress;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +45,7 @@ use tollgate_store::{EventBatch, EventWriter, Resume, StoreError};
 pub use batcher::Batcher;
 pub use dead_letter::DeadLetter;
 pub use metrics::CollectorMetrics;
+use progress::Progress;
 
 /// The `collector:` section of the configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +177,7 @@ pub async fn run(
     let mut next_flush = Instant::now() + flush_every;
     let mut appended_since_flush = false;
     let mut events_since_flush = 0usize;
+    let mut progress = Progress::default();
     loop {
         // Changes seen by the last poll come after the records it returned (trait contract).
         for change in bus.take_changes() {
@@ -183,6 +186,7 @@ pub async fn run(
                 AssignmentChange::Assigned(parts) => {
                     for (p, committed) in parts {
                         let r = assign(&*store, &mut *bus, p, committed).await?;
+                        progress.stored(&Checkpoint([(p, r.stored_through)].into()));
                         resume.insert(p, r);
                     }
                 }
@@ -191,9 +195,10 @@ pub async fn run(
                     batcher.drop_partitions(&parts);
                     for p in &parts {
                         resume.remove(p);
+                        progress.revoked(*p);
                     }
                     if appended_since_flush {
-                        flush(&*store, &mut *bus, &mut dead, &metrics).await?;
+                        progress.stored(&flush(&*store, &mut *bus, &mut dead, &metrics).await?);
                         appended_since_flush = false;
                         events_since_flush = 0;
                     }
@@ -245,24 +250,28 @@ pub async fn run(
             if store.durable_on_append() || events_since_flush >= config.flush_max_events {
                 // Durable on append: commit now, so a rebalance re-reads as little as possible.
                 // Otherwise enough is held in memory: make it durable before taking more.
-                flush(&*store, &mut *bus, &mut dead, &metrics).await?;
+                progress.stored(&flush(&*store, &mut *bus, &mut dead, &metrics).await?);
                 appended_since_flush = false;
                 events_since_flush = 0;
             }
         }
         if Instant::now() >= next_flush {
             if appended_since_flush {
-                flush(&*store, &mut *bus, &mut dead, &metrics).await?;
+                progress.stored(&flush(&*store, &mut *bus, &mut dead, &metrics).await?);
                 appended_since_flush = false;
                 events_since_flush = 0;
             }
+            let owned: HashSet<u32> = resume.keys().copied().collect();
+            progress.step(&owned, &mut *bus, &*store).await;
             next_flush = Instant::now() + flush_every;
         }
     }
     if let Some(batch) = batcher.take() {
         append(&*store, &batch, &metrics).await?;
     }
-    flush(&*store, &mut *bus, &mut dead, &metrics).await?;
+    progress.stored(&flush(&*store, &mut *bus, &mut dead, &metrics).await?);
+    let owned: HashSet<u32> = resume.keys().copied().collect();
+    progress.step(&owned, &mut *bus, &*store).await;
     tracing::info!("collector stopped after a final flush");
     Ok(())
 }
@@ -305,12 +314,13 @@ async fn append(
     Ok(())
 }
 
+/// Makes what was appended durable and commits it; returns the store's durable checkpoint.
 async fn flush(
     store: &dyn EventWriter,
     bus: &mut dyn Subscriber,
     dead: &mut DeadLetter,
     metrics: &CollectorMetrics,
-) -> Result<(), CollectorError> {
+) -> Result<Checkpoint, CollectorError> {
     let started = std::time::Instant::now();
     dead.sync().await.map_err(CollectorError::DeadLetter)?;
     let durable = store.flush().await?;
@@ -318,7 +328,7 @@ async fn flush(
     metrics
         .flush_seconds
         .observe(started.elapsed().as_secs_f64());
-    Ok(())
+    Ok(durable)
 }
 
 #[cfg(test)]

@@ -169,6 +169,39 @@ async fn stores_valid_events_and_dead_letters_the_rest() {
     assert_eq!(count(&env.store()).await, 60);
 }
 
+/// The collector records how far its partitions are durably stored: after events published at
+/// `t`, the store's watermark reaches `t` once they are flushed.
+#[tokio::test]
+async fn durable_progress_moves_the_completeness_watermark() {
+    let env = Env::new();
+    let log = env.log();
+    let store = env.store();
+    let (shutdown, handle) = start(&env, &log, &store, 20);
+    publish(&log, 0..10).await;
+    // Every record was on the bus by now.
+    let published_at = chrono::Utc::now().timestamp_micros();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let p = store.progress().await.unwrap();
+        let through = tollgate_store::ledger::complete_through(&p);
+        if through.is_some_and(|t| t >= published_at) {
+            assert_eq!(count(&store).await, 10, "complete means stored");
+            assert_eq!(store.manifest().checkpoint.0[&0], 10, "and durable");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "watermark {through:?} did not pass {published_at}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    // What was recorded survives a restart of the store.
+    let again = tollgate_store::ledger::complete_through(&env.store().progress().await.unwrap());
+    assert!(again.is_some_and(|t| t >= published_at));
+}
+
 /// However long the flush interval, what the store holds in memory is flushed once it reaches
 /// `flush_max_events`: a crash then re-reads nothing that was already durable.
 #[tokio::test]

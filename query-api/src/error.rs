@@ -19,6 +19,13 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     NotFound(String),
+    /// A billing period asked for before the store holds all of its events.
+    #[error("{message}")]
+    Incomplete {
+        message: String,
+        /// How far the events are complete (RFC 3339), when known.
+        complete_through: Option<String>,
+    },
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -39,6 +46,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Incomplete { .. } => (StatusCode::CONFLICT, "period_incomplete"),
             ApiError::Store(StoreError::BadRequest(_)) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Store(e) if e.retryable() => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
@@ -59,6 +67,12 @@ impl IntoResponse for ApiError {
         let mut body = serde_json::json!({"error": {"code": code, "message": self.to_string()}});
         if let ApiError::BadParam { param, .. } = &self {
             body["error"]["param"] = (*param).into();
+        }
+        if let ApiError::Incomplete {
+            complete_through, ..
+        } = &self
+        {
+            body["error"]["complete_through"] = complete_through.clone().into();
         }
         let mut resp = (status, Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {

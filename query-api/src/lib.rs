@@ -42,6 +42,34 @@ pub struct QueryApiConfig {
     /// Bearer tokens that see everything. Empty: the API is open (loopback only).
     #[serde(default)]
     pub admin_tokens: Vec<String>,
+    /// When billing periods count as complete (see `billing`).
+    #[serde(default)]
+    pub billing: BillingConfig,
+}
+
+/// The `query_api.billing:` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BillingConfig {
+    /// How long after a request starts its event may still reach the bus: the longest request
+    /// (upstream timeouts and retries), the gateways' batching, and clock skew between gateways
+    /// and collectors. A period is complete once the collectors have stored everything the bus
+    /// held this long after its end. Events later than that (a spool replayed after a long
+    /// broker outage) are billed as adjustments in the next export. Default two minutes.
+    #[serde(default = "default_event_delay_ms")]
+    pub event_delay_ms: u64,
+}
+
+fn default_event_delay_ms() -> u64 {
+    120_000
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        BillingConfig {
+            event_delay_ms: default_event_delay_ms(),
+        }
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -53,6 +81,7 @@ impl Default for QueryApiConfig {
         QueryApiConfig {
             listen: default_listen(),
             admin_tokens: Vec::new(),
+            billing: BillingConfig::default(),
         }
     }
 }
@@ -88,6 +117,8 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     /// This API's own metrics (registered in `registry`).
     pub metrics: Arc<metrics::ApiMetrics>,
+    /// When billing periods are complete.
+    pub billing: BillingConfig,
     /// The quota state, computed at most once per `quota::REFRESH` for every caller.
     quota: tokio::sync::Mutex<quota::QuotaCache>,
 }
@@ -115,6 +146,7 @@ impl AppState {
             auth,
             registry: Arc::new(registry),
             metrics,
+            billing: config.billing.clone(),
             quota: Default::default(),
         })
     }
@@ -172,6 +204,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/usage", get(reports::usage))
         .route("/v1/revenue", get(revenue::revenue))
         .route("/v1/billing/export", get(billing::export))
+        .route("/v1/billing/exports", get(billing::exports))
         .route("/v1/quota", get(quota::quota))
         .fallback(|| async { ApiError::NotFound("no such endpoint; see /openapi.json".into()) })
         .layer(axum::middleware::from_fn_with_state(

@@ -95,9 +95,37 @@ async fn open(backend: Backend) -> (tollgate_store::Store, Guard) {
     }
 }
 
+/// Events seeded by `seeded`, at offsets 0 to 47 of partition 0.
+const SEEDED: u64 = 48;
+
+fn us(rfc3339: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .unwrap()
+        .timestamp_micros()
+}
+
+/// Records that the one bus partition was stored to its end at `at` (what a collector does).
+async fn caught_up(store: &tollgate_store::Store, at: &str) {
+    store
+        .writer
+        .record_progress(&[tollgate_store::PartitionProgress {
+            partition: 0,
+            partitions: 1,
+            caught_up_us: us(at),
+        }])
+        .await
+        .unwrap();
+}
+
+async fn app(backend: Backend) -> (axum::Router, Guard) {
+    let (app, _store, guard) = seeded(backend).await;
+    (app, guard)
+}
+
 /// gold: 10 free, then 0.5 up to 20, then 0.25. October: 12 billable. November: 3 a day on the
 /// 1st to the 10th (30), plus 2 failed requests on the 5th. Also `now`: 4 for `quota-user`.
-async fn app(backend: Backend) -> (axum::Router, Guard) {
+/// The collectors have stored everything through November 15th: October is complete.
+async fn seeded(backend: Backend) -> (axum::Router, tollgate_store::Store, Guard) {
     let (store, guard) = open(backend).await;
     let mut evs: Vec<RequestEvent> = (0..12)
         .map(|i| event(&format!("2026-10-31T20:{i:02}:00Z"), "a", "gold", true))
@@ -126,6 +154,8 @@ async fn app(backend: Backend) -> (axum::Router, Guard) {
         .await
         .unwrap();
     store.writer.flush().await.unwrap();
+    assert_eq!(evs.len() as u64, SEEDED);
+    caught_up(&store, "2026-11-15T00:00:00Z").await;
 
     let tiers = vec![
         Tier {
@@ -189,10 +219,19 @@ async fn app(backend: Backend) -> (axum::Router, Guard) {
         Registry::default(),
     )
     .unwrap();
-    (router(Arc::new(state)), guard)
+    (router(Arc::new(state)), store, guard)
 }
 
 async fn call(app: &axum::Router, uri: &str, token: Option<&str>) -> (StatusCode, bytes::Bytes) {
+    let (status, _, body) = call_with_headers(app, uri, token).await;
+    (status, body)
+}
+
+async fn call_with_headers(
+    app: &axum::Router,
+    uri: &str,
+    token: Option<&str>,
+) -> (StatusCode, axum::http::HeaderMap, bytes::Bytes) {
     let mut req = Request::get(uri);
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
@@ -202,8 +241,12 @@ async fn call(app: &axum::Router, uri: &str, token: Option<&str>) -> (StatusCode
         .oneshot(req.body(Body::empty()).unwrap())
         .await
         .unwrap();
-    let status = resp.status();
-    (status, resp.into_body().collect().await.unwrap().to_bytes())
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    (
+        status,
+        headers,
+        resp.into_body().collect().await.unwrap().to_bytes(),
+    )
 }
 
 async fn json(app: &axum::Router, uri: &str) -> Value {
@@ -291,14 +334,14 @@ async fn billing_export_is_exact_in_every_format_on(backend: Backend) {
     let (app, _guard) = app(backend).await;
     let (s, csv) = call(
         &app,
-        "/v1/billing/export?period=2026-11&format=csv&consumer=a",
+        "/v1/billing/export?period=2026-11&format=csv&consumer=a&preliminary=true",
         Some(ADMIN),
     )
     .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(
         String::from_utf8(csv.to_vec()).unwrap(),
-        "period,consumer,plan,route,quantity,amount,currency\n2026-11,a,gold,r,30,7.5,EUR\n"
+        format!("{HEADER}2026-11,a,gold,r,30,7.5,EUR,usage,2026-11,preliminary\n")
     );
     let v = json(&app, "/v1/billing/export?period=2026-10&format=jsonl").await;
     assert_eq!(
@@ -308,7 +351,7 @@ async fn billing_export_is_exact_in_every_format_on(backend: Backend) {
 
     let (_, pq) = call(
         &app,
-        "/v1/billing/export?period=2026-11&format=parquet",
+        "/v1/billing/export?period=2026-11&format=parquet&preliminary=true",
         Some(ADMIN),
     )
     .await;
@@ -327,7 +370,7 @@ async fn billing_export_is_exact_in_every_format_on(backend: Backend) {
 
     let (_, ipc) = call(
         &app,
-        "/v1/billing/export?period=2026-11&format=arrow",
+        "/v1/billing/export?period=2026-11&format=arrow&preliminary=true",
         Some(ADMIN),
     )
     .await;
@@ -342,6 +385,132 @@ async fn billing_export_is_exact_in_every_format_on(backend: Backend) {
         .downcast_ref::<arrow::array::UInt64Array>()
         .unwrap();
     assert_eq!(quantity.value(0), 30);
+}
+
+const HEADER: &str = "period,consumer,plan,route,quantity,amount,currency,kind,for_period,status\n";
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// A late event of `period`'s last minute, at the next offset after `before` stored events.
+async fn late_event(store: &tollgate_store::Store, ts: &str, before: u64) {
+    let ev = vec![event(ts, "a", "gold", true)];
+    store
+        .writer
+        .append(&tollgate_store::EventBatch::consecutive(ev, 0, before + 1))
+        .await
+        .unwrap();
+    store.writer.flush().await.unwrap();
+}
+
+/// Consumer `a`'s lines of an export as CSV (`quota-user`'s requests are made at the time the
+/// test runs, so their period depends on the date).
+async fn csv_of(app: &axum::Router, query: &str) -> (StatusCode, axum::http::HeaderMap, String) {
+    let (s, h, b) = call_with_headers(
+        app,
+        &format!("/v1/billing/export?format=csv&consumer=a&{query}"),
+        Some(ADMIN),
+    )
+    .await;
+    (s, h, String::from_utf8(b.to_vec()).unwrap())
+}
+
+async fn periods_publish_once_complete_and_late_events_become_adjustments_on(backend: Backend) {
+    let (app, store, _guard) = seeded(backend).await;
+
+    // November is not complete: the store holds everything only through Nov 15th, less the
+    // two minutes an event may take to reach the bus.
+    let (s, _, body) = csv_of(&app, "period=2026-11").await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "period_incomplete");
+    assert_eq!(v["error"]["complete_through"], "2026-11-14T23:58:00.000Z");
+    let (s, h, body) = csv_of(&app, "period=2026-11&preliminary=true").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h["x-tollgate-export-status"], "preliminary");
+    assert_eq!(
+        body,
+        format!("{HEADER}2026-11,a,gold,r,30,7.5,EUR,usage,2026-11,preliminary\n")
+    );
+
+    // October is complete: published on the first download, the same bytes after.
+    let (s, h, october) = csv_of(&app, "period=2026-10").await;
+    assert_eq!(s, StatusCode::OK, "{october}");
+    assert_eq!(h["x-tollgate-export-status"], "final");
+    assert_eq!(
+        october,
+        format!("{HEADER}2026-10,a,gold,r,12,1,EUR,usage,2026-10,final\n")
+    );
+    let october_id = h["x-tollgate-export-id"].to_str().unwrap().to_string();
+    assert_eq!(
+        h["x-tollgate-export-sha256"].to_str().unwrap(),
+        sha256_hex(october.as_bytes())
+    );
+    let (_, all_of_october) = call(&app, "/v1/billing/export?period=2026-10", Some(ADMIN)).await;
+    assert_eq!(all_of_october, october.as_bytes(), "only `a` used October");
+
+    // A late October event: October's export does not change; it is billed as an adjustment
+    // in November's, continuing October's tiers (the 13th unit, at 0.5).
+    late_event(&store, "2026-10-31T23:59:00Z", SEEDED).await;
+    let (_, h, again) = csv_of(&app, "period=2026-10").await;
+    assert_eq!(again, october);
+    assert_eq!(h["x-tollgate-export-id"], october_id.as_str());
+    let (_, _, body) = csv_of(&app, "period=2026-11&preliminary=true").await;
+    assert_eq!(
+        body,
+        format!(
+            "{HEADER}2026-11,a,gold,r,30,7.5,EUR,usage,2026-11,preliminary\n\
+             2026-11,a,gold,r,1,0.5,EUR,adjustment,2026-10,preliminary\n"
+        )
+    );
+
+    // November completes and is published with the adjustment. A second late October event
+    // goes to December, and only it: the first was billed in November.
+    caught_up(&store, "2026-12-02T00:00:00Z").await;
+    let (s, _, november) = csv_of(&app, "period=2026-11").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        november,
+        format!(
+            "{HEADER}2026-11,a,gold,r,30,7.5,EUR,usage,2026-11,final\n\
+             2026-11,a,gold,r,1,0.5,EUR,adjustment,2026-10,final\n"
+        )
+    );
+    late_event(&store, "2026-10-31T23:59:30Z", SEEDED + 1).await;
+    assert_eq!(csv_of(&app, "period=2026-11").await.2, november);
+    assert_eq!(csv_of(&app, "period=2026-10").await.2, october);
+    let (_, _, december) = csv_of(&app, "period=2026-12&preliminary=true").await;
+    assert_eq!(
+        december,
+        format!("{HEADER}2026-12,a,gold,r,1,0.5,EUR,adjustment,2026-10,preliminary\n")
+    );
+
+    // The manifests: one per published period, with the SHA-256 of the bytes served.
+    let v = json(&app, "/v1/billing/exports").await;
+    let exports = v["exports"].as_array().unwrap();
+    assert_eq!(exports.len(), 2, "{v}");
+    assert_eq!(exports[0]["period"], "2026-10");
+    assert_eq!(exports[0]["id"], october_id.as_str());
+    assert_eq!(exports[0]["rows"], 1);
+    assert_eq!(exports[0]["sha256"]["csv"], sha256_hex(october.as_bytes()));
+    assert_eq!(
+        exports[1]["totals"][0],
+        serde_json::json!({"consumer": "a", "currency": "EUR", "quantity": 31, "amount": "8"})
+    );
+    assert_eq!(v["complete_through"], "2026-12-01T23:58:00.000Z");
+    // Every format of a published export is the bytes its manifest names.
+    for f in ["csv", "jsonl", "parquet", "arrow"] {
+        let (s, b) = call(
+            &app,
+            &format!("/v1/billing/export?period=2026-11&format={f}"),
+            Some(ADMIN),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(exports[1]["sha256"][f], sha256_hex(&b), "{f}");
+    }
 }
 
 async fn quota_and_access_rules_on(backend: Backend) {
@@ -383,7 +552,8 @@ async fn quota_and_access_rules_on(backend: Backend) {
         "/v1/latency?from=2026-11-01T00:00:00Z&to=2026-11-12T00:00:00Z&group_by=route,consumer",
         "/v1/usage?from=2026-10-01T00:00:00Z&to=2026-12-01T00:00:00Z&group_by=consumer,route",
         "/v1/revenue?from=2026-10-01T00:00:00Z&to=2026-12-01T00:00:00Z&group_by=consumer",
-        "/v1/billing/export?period=2026-11&format=jsonl",
+        "/v1/billing/export?period=2026-10&format=jsonl",
+        "/v1/billing/exports",
         "/v1/quota",
     ];
     for uri in endpoints {
@@ -424,6 +594,10 @@ async fn quota_and_access_rules_on(backend: Backend) {
         ("/v1/billing/export?period=2026-13", "period"),
         ("/v1/billing/export", "period"),
         ("/v1/billing/export?period=2026-11&format=xlsx", "format"),
+        (
+            "/v1/billing/export?period=2026-11&preliminary=yes",
+            "preliminary",
+        ),
         ("/v1/latency?step=0s", "step"),
         ("/v1/latency?quantiles=1.5", "quantiles"),
         (
@@ -484,4 +658,15 @@ async fn quota_and_access_rules() {
 #[tokio::test]
 async fn quota_and_access_rules_on_clickhouse() {
     quota_and_access_rules_on(Backend::ClickHouse).await;
+}
+
+#[tokio::test]
+async fn periods_publish_once_complete_and_late_events_become_adjustments() {
+    periods_publish_once_complete_and_late_events_become_adjustments_on(Backend::Parquet).await;
+}
+
+#[cfg(feature = "clickhouse")]
+#[tokio::test]
+async fn periods_publish_once_complete_and_late_events_become_adjustments_on_clickhouse() {
+    periods_publish_once_complete_and_late_events_become_adjustments_on(Backend::ClickHouse).await;
 }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tollgate_schemas::RequestEvent;
 
 pub mod clickhouse;
+pub mod ledger;
 pub mod merge;
 pub mod parquet;
 /// The latency sketch lives with the schemas: its byte form is a storage format every backend
@@ -23,6 +24,7 @@ pub use tollgate_schemas::sketch;
 pub mod time;
 
 pub use clickhouse::{ClickHouseConfig, Compression as ClickHouseCompression};
+pub use ledger::{PartitionProgress, StoredExport};
 pub use parquet::{ParquetConfig, ParquetStore};
 pub use tollgate_schemas::Checkpoint;
 
@@ -151,6 +153,9 @@ pub trait EventWriter: Send + Sync {
     fn preferred_batch_events(&self) -> usize {
         10_000
     }
+    /// Records that these partitions were stored up to their end at the given times (see
+    /// `ledger`); an earlier time than the one known for a partition changes nothing.
+    async fn record_progress(&self, progress: &[PartitionProgress]) -> Result<(), StoreError>;
 }
 
 /// A time window `[from, to)` in microseconds since the epoch, and optional filters.
@@ -282,6 +287,15 @@ pub trait UsageQuery: Send + Sync {
     async fn latency(&self, query: &LatencyQuery) -> Result<Vec<LatencyRow>, StoreError>;
     /// True when the store can answer queries.
     async fn ready(&self) -> bool;
+    /// What the collectors recorded of each partition (see `ledger`).
+    async fn progress(&self) -> Result<Vec<PartitionProgress>, StoreError>;
+    /// Stores a published export and returns the period's export: this one, or one published
+    /// before it (see `ledger`).
+    async fn publish_export(&self, export: &StoredExport) -> Result<StoredExport, StoreError>;
+    /// The published export of `period`, if any.
+    async fn published_export(&self, period: &str) -> Result<Option<StoredExport>, StoreError>;
+    /// Every period's published export, without lines (`lines` is empty), by period.
+    async fn published_exports(&self) -> Result<Vec<StoredExport>, StoreError>;
 }
 
 /// Which store backend to use: the `store:` section of the configuration.

@@ -387,6 +387,11 @@ impl Subscriber for EmbeddedSubscriber {
         }
         Ok(())
     }
+
+    async fn end_offsets(&mut self) -> Result<(Checkpoint, u32), BusError> {
+        let end = *self.log.inner.high_water.borrow();
+        Ok((Checkpoint([(0, end)].into()), 1))
+    }
 }
 
 #[async_trait]

@@ -594,4 +594,30 @@ impl Subscriber for KafkaSubscriber {
         }
         Ok(())
     }
+    async fn end_offsets(&mut self) -> Result<(Checkpoint, u32), BusError> {
+        let consumer = self.consumer.clone();
+        let topic = self.topic.clone();
+        let owned: Vec<u32> = self.owned.iter().copied().collect();
+        tokio::task::spawn_blocking(move || {
+            let timeout = Duration::from_secs(5);
+            let meta = consumer
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(broker_err)?;
+            let partitions = meta
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .map_or(0, |t| t.partitions().len() as u32);
+            let mut ends = Checkpoint::default();
+            for p in owned {
+                let (_, high) = consumer
+                    .fetch_watermarks(&topic, p as i32, timeout)
+                    .map_err(broker_err)?;
+                ends.0.insert(p, high.max(0) as u64);
+            }
+            Ok((ends, partitions))
+        })
+        .await
+        .map_err(|_| BusError::Closed)?
+    }
 }

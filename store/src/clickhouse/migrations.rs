@@ -19,6 +19,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "route_sketches",
         include_str!("migrations/0004_route_sketches.sql"),
     ),
+    (5, "billing", include_str!("migrations/0005_billing.sql")),
 ];
 
 /// The placeholders a migration may use for where its views start.

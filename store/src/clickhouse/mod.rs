@@ -36,6 +36,8 @@
 //! DateTime64, `Nullable` only outside sort keys, no TTL, no window functions.
 
 mod config;
+#[cfg(feature = "clickhouse")]
+mod ledger;
 pub mod migrations;
 #[cfg(feature = "clickhouse")]
 mod query;

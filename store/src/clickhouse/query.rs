@@ -438,4 +438,26 @@ impl UsageQuery for ClickHouseStore {
     async fn ready(&self) -> bool {
         self.client.query("SELECT 1").execute().await.is_ok()
     }
+
+    async fn progress(&self) -> Result<Vec<crate::PartitionProgress>, StoreError> {
+        self.read_progress().await
+    }
+
+    async fn publish_export(
+        &self,
+        export: &crate::StoredExport,
+    ) -> Result<crate::StoredExport, StoreError> {
+        self.insert_export(export).await
+    }
+
+    async fn published_export(
+        &self,
+        period: &str,
+    ) -> Result<Option<crate::StoredExport>, StoreError> {
+        self.read_export(period).await
+    }
+
+    async fn published_exports(&self) -> Result<Vec<crate::StoredExport>, StoreError> {
+        self.list_exports().await
+    }
 }

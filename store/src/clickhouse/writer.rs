@@ -96,6 +96,13 @@ impl EventWriter for ClickHouseStore {
             .clone())
     }
 
+    async fn record_progress(
+        &self,
+        progress: &[crate::PartitionProgress],
+    ) -> Result<(), StoreError> {
+        self.insert_progress(progress).await
+    }
+
     async fn resume(&self, partition: u32, committed: u64) -> Result<Resume, StoreError> {
         let stored: Vec<u64> = self
             .client

@@ -14,6 +14,7 @@
 //! manifest names lies before its checkpoint.
 
 mod files;
+mod ledger;
 mod manifest;
 mod query;
 mod rollup;
@@ -80,6 +81,8 @@ struct Inner {
     commit: tokio::sync::Mutex<()>,
     /// Files replaced by compaction, deleted on the next round.
     retired: Mutex<Vec<PathBuf>>,
+    /// What collectors recorded of each bus partition (`crate::ledger`), as in `progress.json`.
+    progress: Mutex<Vec<crate::PartitionProgress>>,
 }
 
 /// The Parquet + DataFusion store. Clones share it.
@@ -103,6 +106,7 @@ impl ParquetStore {
         std::fs::create_dir_all(&dir).map_err(StoreError::io(&dir))?;
         let manifest = manifest::load(&dir)?;
         remove_orphans(&dir, &manifest);
+        let progress = ledger::load_progress(&dir)?;
         Ok(ParquetStore {
             inner: Arc::new(Inner {
                 dir,
@@ -113,6 +117,7 @@ impl ParquetStore {
                 }),
                 commit: tokio::sync::Mutex::new(()),
                 retired: Mutex::new(Vec::new()),
+                progress: Mutex::new(progress),
             }),
         })
     }
@@ -364,6 +369,14 @@ impl EventWriter for ParquetStore {
         state.manifest = next;
         state.mem.drain(..taken);
         Ok(state.manifest.checkpoint.clone())
+    }
+
+    async fn record_progress(
+        &self,
+        progress: &[crate::PartitionProgress],
+    ) -> Result<(), StoreError> {
+        let (store, progress) = (self.clone(), progress.to_vec());
+        ledger::blocking(move || store.record_progress_now(&progress)).await
     }
 
     async fn resume(&self, partition: u32, committed: u64) -> Result<Resume, StoreError> {

@@ -447,6 +447,31 @@ impl UsageQuery for ParquetStore {
     async fn ready(&self) -> bool {
         self.inner.dir.is_dir()
     }
+
+    async fn progress(&self) -> Result<Vec<crate::PartitionProgress>, StoreError> {
+        Ok(self.progress_now())
+    }
+
+    async fn publish_export(
+        &self,
+        export: &crate::StoredExport,
+    ) -> Result<crate::StoredExport, StoreError> {
+        let (store, export) = (self.clone(), export.clone());
+        super::ledger::blocking(move || store.publish_export_now(&export)).await
+    }
+
+    async fn published_export(
+        &self,
+        period: &str,
+    ) -> Result<Option<crate::StoredExport>, StoreError> {
+        let (store, period) = (self.clone(), period.to_string());
+        super::ledger::blocking(move || store.published_export_now(&period)).await
+    }
+
+    async fn published_exports(&self) -> Result<Vec<crate::StoredExport>, StoreError> {
+        let store = self.clone();
+        super::ledger::blocking(move || store.published_exports_now()).await
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,99 @@
+//! How far each owned partition is stored, probed for billing completeness (see
+//! `tollgate_store::ledger`): the collector notes the wall-clock time, reads the end offsets of
+//! its partitions, and once what it has stored reaches them, records that those partitions were
+//! caught up at that time. Then it starts the next probe.
+
+use std::collections::HashSet;
+
+use tollgate_bus::Subscriber;
+use tollgate_schemas::Checkpoint;
+use tollgate_store::{EventWriter, PartitionProgress};
+
+/// The open probe: when it started and the end offsets it read.
+struct Probe {
+    started_us: i64,
+    ends: Checkpoint,
+    partitions: u32,
+}
+
+/// The collector's side of completeness.
+#[derive(Default)]
+pub(crate) struct Progress {
+    probe: Option<Probe>,
+    /// What the store holds of each partition, as far as this collector knows: the durable
+    /// checkpoints of its flushes and where each assigned partition resumed.
+    stored: Checkpoint,
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+impl Progress {
+    /// Notes a durable checkpoint of the store.
+    pub(crate) fn stored(&mut self, durable: &Checkpoint) {
+        self.stored = self.stored.max(durable);
+    }
+
+    /// Forgets a partition that went to another collector.
+    pub(crate) fn revoked(&mut self, partition: u32) {
+        self.stored.0.remove(&partition);
+        if let Some(p) = &mut self.probe {
+            p.ends.0.remove(&partition);
+        }
+    }
+
+    /// Records the open probe once every partition it covers (and this collector still owns)
+    /// is stored to its end, then opens the next one. Failures to read the bus or to record
+    /// are logged and retried at the next step: completeness waits, nothing else does.
+    pub(crate) async fn step(
+        &mut self,
+        owned: &HashSet<u32>,
+        bus: &mut dyn Subscriber,
+        store: &dyn EventWriter,
+    ) {
+        if let Some(probe) = &self.probe {
+            let caught_up = probe.ends.0.iter().all(|(p, end)| {
+                !owned.contains(p) || self.stored.0.get(p).copied().unwrap_or(0) >= *end
+            });
+            if !caught_up {
+                return;
+            }
+            let rows: Vec<PartitionProgress> = probe
+                .ends
+                .0
+                .keys()
+                .filter(|p| owned.contains(p))
+                .map(|p| PartitionProgress {
+                    partition: *p,
+                    partitions: probe.partitions,
+                    caught_up_us: probe.started_us,
+                })
+                .collect();
+            if let Err(e) = store.record_progress(&rows).await {
+                tracing::warn!(error = %e, "could not record how far partitions are stored; billing completeness waits");
+                return;
+            }
+            self.probe = None;
+        }
+        if owned.is_empty() {
+            return;
+        }
+        let started_us = now_us();
+        match bus.end_offsets().await {
+            Ok((mut ends, partitions)) => {
+                ends.0.retain(|p, _| owned.contains(p));
+                self.probe = Some(Probe {
+                    started_us,
+                    ends,
+                    partitions,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the bus's end offsets; billing completeness waits");
+            }
+        }
+    }
+}
