@@ -5,7 +5,10 @@
 # monthly quota (too large to reach), so the gateway enforces both for all of them. Reports
 # requests/s and p99 of each, the ratio, the process's RSS and CPU while idle afterwards, and
 # how many requests a consumer with a 1,000-request quota gets through under the same load.
-# Usage: CONSUMERS=100000 ROUNDS=3 scripts/bench-consumers.sh [BINARY...]
+# Usage: CONSUMERS=100000 ROUNDS=3 [PART=gateway] scripts/bench-consumers.sh [BINARY...]
+#   PART=gateway measures `tollgate gateway` on its own (a build with the `kafka` feature),
+#   its events produced to a Kafka-protocol broker (tansu); with no query API beside it there
+#   is no quota state to overshoot, so that column is left out.
 #   With binaries given (say an older build and the current one), each is measured in turn;
 #   without, the release build of this tree. Each round measures one consumer, then CONSUMERS,
 #   back to back; with several rounds the last line per binary is the median of the rounds'
@@ -26,6 +29,8 @@ cleanup() { kill $(jobs -p) 2>/dev/null || true; nginx -p "$WORK" -c "$WORK/ngin
 trap cleanup EXIT
 
 start_nginx_upstream
+PART="${PART:-up}"
+[ "$PART" = gateway ] && start_tansu
 
 # config NAME N: a configuration with N consumers, the last one holding `bench-key`.
 config() {
@@ -70,9 +75,12 @@ print(f"{rps:.0f} {p99:.2f} {bad.group(1) if bad else 0} {total}")'
 measure() {
   read -r gw api < <(config "$2" "$3")
   rm -rf "$WORK/data-$2"
-  RUST_LOG=warn "$1" up --config "$WORK/$2.yaml" --data-dir "$WORK/data-$2" 2>"$WORK/$2.log" &
+  if [ "$PART" = gateway ]; then
+    printf 'bus: { kind: kafka, brokers: "127.0.0.1:%s", topic: many-%s, partitions: 12 }\n' "$KAFKA" "$2" >> "$WORK/$2.yaml"
+  fi
+  RUST_LOG=warn "$1" "$PART" --config "$WORK/$2.yaml" --data-dir "$WORK/data-$2" 2>"$WORK/$2.log" &
   local pid=$!
-  wait_for "curl -sf http://127.0.0.1:$api/readyz" 120
+  [ "$PART" = up ] && wait_for "curl -sf http://127.0.0.1:$api/readyz" 120
   wait_for "[ \"\$(curl -s -o /dev/null -w '%{http_code}' -H 'x-api-key: bench-key' http://127.0.0.1:$gw/v1/items/1)\" = 200 ]" 60
   local load; load=$(wrk_run "http://127.0.0.1:$gw/v1/items/1" | cut -d' ' -f1-3)
   sleep 5 # let the last events drain before the idle window
@@ -84,13 +92,14 @@ measure() {
   local anon; anon=$(awk '/RssAnon/ {printf "%.0f", $2/1024}' "/proc/$pid/status")
   local idle; idle=$(python3 -c "print(round(($c1 - $c0) / $(getconf CLK_TCK) * 100000 / ($t1 - $t0), 1))")
   # Quota overshoot: `capped` (1,000 requests a month) under the same load for 3 s.
-  local admitted; admitted=$(wrk_run "http://127.0.0.1:$gw/v1/items/1" capped-key 3s | awk '{print $4 - $3}')
+  local admitted=-
+  [ "$PART" = up ] && admitted=$(wrk_run "http://127.0.0.1:$gw/v1/items/1" capped-key 3s | awk '{print $4 - $3}')
   kill "$pid"; wait "$pid" 2>/dev/null || true
   echo "$load $rss $anon $idle $admitted"
 }
 
 echo
-echo "## Many consumers (\`CONSUMERS=$CONSUMERS scripts/bench-consumers.sh\`, wrk -t1 -c$CONNS -d$DURATION)"
+echo "## Many consumers (\`CONSUMERS=$CONSUMERS PART=$PART scripts/bench-consumers.sh\`, \`tollgate $PART\`, wrk -t1 -c$CONNS -d$DURATION)"
 echo
 echo "| binary | consumers | requests/s | p99 | non-2xx | RSS after (anonymous) | idle CPU (10 s) | requests/s vs 1 consumer | admitted against a quota of 1,000 |"
 echo "|---|---|---|---|---|---|---|---|---|"

@@ -49,3 +49,30 @@ pub fn release_free_memory() {
         }
     }
 }
+
+/// How often [`trim_every`] hands free memory back.
+pub const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Hands free memory back to the system every `period`, for as long as the runtime runs.
+///
+/// glibc returns the top of its main heap by itself, but not free pages inside its heaps nor
+/// anything of the per-thread arenas: a gateway that served a burst on 64 connections kept two
+/// arenas of 16–21 MiB each after the load, most of it free (BENCHMARKS.md, "Many consumers").
+/// `malloc_trim` walks every arena and releases the free pages. Each call takes the arenas'
+/// locks in turn for the walk (well under a millisecond at these sizes), so a thread that
+/// allocates at that moment waits that long, once per period; pages reused afterwards cost one
+/// page fault each. It runs on a blocking thread, never on a worker of the request path.
+pub async fn trim_every(period: std::time::Duration) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        if tokio::task::spawn_blocking(release_free_memory)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}

@@ -106,13 +106,15 @@ fn main() -> ExitCode {
             config,
             demo,
             data_dir,
-        } => runtime().block_on(up(config, demo, data_dir)),
+        } => run_process(up(config, demo, data_dir)),
         Command::Gateway { config, data_dir } => load_part(&config, &data_dir, Part::Gateway)
-            .and_then(|c| runtime().block_on(gateway(c, config, data_dir))),
-        Command::Collector { config, data_dir } => load_part(&config, &data_dir, Part::Collector)
-            .and_then(|c| runtime().block_on(collector(c))),
-        Command::QueryApi { config, data_dir } => load_part(&config, &data_dir, Part::QueryApi)
-            .and_then(|c| runtime().block_on(query_api(c))),
+            .and_then(|c| run_process(gateway(c, config, data_dir))),
+        Command::Collector { config, data_dir } => {
+            load_part(&config, &data_dir, Part::Collector).and_then(|c| run_process(collector(c)))
+        }
+        Command::QueryApi { config, data_dir } => {
+            load_part(&config, &data_dir, Part::QueryApi).and_then(|c| run_process(query_api(c)))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -127,11 +129,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
+/// Runs a long-lived part to its end on a new runtime, handing free memory back to the system
+/// every few seconds meanwhile (`alloc::trim_every`).
+fn run_process(part: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .expect("tokio runtime")
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let trimmer = tokio::spawn(alloc::trim_every(alloc::TRIM_PERIOD));
+        let result = part.await;
+        trimmer.abort();
+        result
+    })
 }
 
 /// The parts that run as their own process.
