@@ -261,6 +261,10 @@ async fn gateway(
     )
     .await
     .map_err(gateway_error)?;
+    // The gateway holds what it needs of the consumers (key digests, identities, limits); the
+    // configuration's own list is not needed again (a reload reads the file anew). With 100,000
+    // consumers it is tens of megabytes.
+    drop(std::mem::take(&mut config.consumers));
     let admin = admin::serve(
         "gateway.admin_listen",
         config.gateway.admin_listen,
