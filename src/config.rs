@@ -217,6 +217,8 @@ mod tests {
             err.contains("plans.p.pricing.charges.default.unit_price"),
             "{err}"
         );
+        let err = parse("plans:\n  p:\n    pricing: { currency: USD, minimum: \"-1\", charges: { default: { unit_price: \"1\", included: 10 } } }\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("plans.p.pricing.minimum"), "{err}");
     }
 
     #[test]

@@ -4,8 +4,10 @@
 use rust_decimal::Decimal;
 use tollgate_schemas::config::{Charge, TierMode};
 
-/// The charge for `quantity` billable units, cumulative within the period.
+/// The charge for `quantity` billable units, cumulative within the period: nothing for the
+/// charge's included units, then the price or tiers over the units beyond them.
 pub fn charge(c: &Charge, quantity: u64) -> Decimal {
+    let quantity = quantity.saturating_sub(c.included);
     if let Some(p) = c.unit_price {
         return p * Decimal::from(quantity);
     }
@@ -77,6 +79,7 @@ mod tests {
                     unit_price: d("0.0005"),
                 },
             ]),
+            included: 0,
         }
     }
 
@@ -94,6 +97,7 @@ mod tests {
                     unit_price: d("0.008"),
                 },
             ]),
+            included: 0,
         }
     }
 
@@ -115,6 +119,7 @@ mod tests {
             unit_price: Some(d("0.0005")),
             mode: TierMode::Graduated,
             tiers: None,
+            included: 0,
         };
         assert_eq!(charge(&flat, 3), d("0.0015"));
         assert_eq!(charge(&graduated(), 5), d("0"));
@@ -148,6 +153,37 @@ mod tests {
                     before = *p;
                 }
                 prop_assert_eq!(total, charge(&c, 300));
+            }
+        }
+
+        #[test]
+        fn included_units_are_free_and_the_price_counts_after_them(q in 0u64..3000, n in 0u64..500) {
+            let flat = Charge { unit_price: Some(d("0.003")), mode: TierMode::Graduated, tiers: None, included: 0 };
+            for base in [graduated(), volume(), flat] {
+                let with = Charge { included: n, ..base.clone() };
+                prop_assert_eq!(charge(&with, q), charge(&base, q.saturating_sub(n)));
+                if q <= n {
+                    prop_assert!(charge(&with, q).is_zero());
+                }
+            }
+        }
+
+        #[test]
+        fn a_split_period_charges_what_the_whole_does(
+            cuts in proptest::collection::vec(0u64..3000, 0..6), n in 0u64..200,
+        ) {
+            // However a period's usage is split into windows (with included units too), the
+            // windows' charges add up to the charge of the whole period.
+            for base in [graduated(), volume()] {
+                let c = Charge { included: n, ..base };
+                let mut points = cuts.clone();
+                points.sort_unstable();
+                let (mut before, mut total) = (0, Decimal::ZERO);
+                for p in points.iter().chain(std::iter::once(&3000)) {
+                    total += incremental(&c, before, p - before);
+                    before = *p;
+                }
+                prop_assert_eq!(total, charge(&c, 3000));
             }
         }
 

@@ -180,9 +180,11 @@ async fn seeded(backend: Backend) -> (axum::Router, tollgate_store::Store, Guard
                     unit_price: None,
                     mode: TierMode::Graduated,
                     tiers: Some(tiers),
+                    included: 0,
                 },
             )]
             .into(),
+            minimum: None,
         }),
         ..Default::default()
     };
@@ -207,6 +209,15 @@ async fn seeded(backend: Backend) -> (axum::Router, tollgate_store::Store, Guard
             api_keys: vec![],
         },
     ];
+    (router_for(&store, consumers, plans), store, guard)
+}
+
+/// The API over `store` with an admin token.
+fn router_for(
+    store: &tollgate_store::Store,
+    consumers: Vec<Consumer>,
+    plans: BTreeMap<String, Plan>,
+) -> axum::Router {
     let config = QueryApiConfig {
         admin_tokens: vec![ADMIN.into()],
         ..Default::default()
@@ -219,7 +230,7 @@ async fn seeded(backend: Backend) -> (axum::Router, tollgate_store::Store, Guard
         Registry::default(),
     )
     .unwrap();
-    (router(Arc::new(state)), store, guard)
+    router(Arc::new(state))
 }
 
 async fn call(app: &axum::Router, uri: &str, token: Option<&str>) -> (StatusCode, bytes::Bytes) {
@@ -394,12 +405,15 @@ fn sha256_hex(b: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(b))
 }
 
-/// A late event of `period`'s last minute, at the next offset after `before` stored events.
-async fn late_event(store: &tollgate_store::Store, ts: &str, before: u64) {
-    let ev = vec![event(ts, "a", "gold", true)];
+/// A late event, at the next offset after `before` stored events.
+async fn late_event(store: &tollgate_store::Store, ev: RequestEvent, before: u64) {
     store
         .writer
-        .append(&tollgate_store::EventBatch::consecutive(ev, 0, before + 1))
+        .append(&tollgate_store::EventBatch::consecutive(
+            vec![ev],
+            0,
+            before + 1,
+        ))
         .await
         .unwrap();
     store.writer.flush().await.unwrap();
@@ -408,13 +422,7 @@ async fn late_event(store: &tollgate_store::Store, ts: &str, before: u64) {
 /// Consumer `a`'s lines of an export as CSV (`quota-user`'s requests are made at the time the
 /// test runs, so their period depends on the date).
 async fn csv_of(app: &axum::Router, query: &str) -> (StatusCode, axum::http::HeaderMap, String) {
-    let (s, h, b) = call_with_headers(
-        app,
-        &format!("/v1/billing/export?format=csv&consumer=a&{query}"),
-        Some(ADMIN),
-    )
-    .await;
-    (s, h, String::from_utf8(b.to_vec()).unwrap())
+    csv_of_all(app, &format!("consumer=a&{query}")).await
 }
 
 async fn periods_publish_once_complete_and_late_events_become_adjustments_on(backend: Backend) {
@@ -453,7 +461,12 @@ async fn periods_publish_once_complete_and_late_events_become_adjustments_on(bac
 
     // A late October event: October's export does not change; it is billed as an adjustment
     // in November's, continuing October's tiers (the 13th unit, at 0.5).
-    late_event(&store, "2026-10-31T23:59:00Z", SEEDED).await;
+    late_event(
+        &store,
+        event("2026-10-31T23:59:00Z", "a", "gold", true),
+        SEEDED,
+    )
+    .await;
     let (_, h, again) = csv_of(&app, "period=2026-10").await;
     assert_eq!(again, october);
     assert_eq!(h["x-tollgate-export-id"], october_id.as_str());
@@ -478,7 +491,12 @@ async fn periods_publish_once_complete_and_late_events_become_adjustments_on(bac
              2026-11,a,gold,r,1,0.5,EUR,adjustment,2026-10,final\n"
         )
     );
-    late_event(&store, "2026-10-31T23:59:30Z", SEEDED + 1).await;
+    late_event(
+        &store,
+        event("2026-10-31T23:59:30Z", "a", "gold", true),
+        SEEDED + 1,
+    )
+    .await;
     assert_eq!(csv_of(&app, "period=2026-11").await.2, november);
     assert_eq!(csv_of(&app, "period=2026-10").await.2, october);
     let (_, _, december) = csv_of(&app, "period=2026-12&preliminary=true").await;
@@ -511,6 +529,146 @@ async fn periods_publish_once_complete_and_late_events_become_adjustments_on(bac
         assert_eq!(s, StatusCode::OK);
         assert_eq!(exports[1]["sha256"][f], sha256_hex(&b), "{f}");
     }
+}
+
+fn priced(currency: &str, minimum: Option<&str>, charges: &[(&str, Charge)]) -> Plan {
+    Plan {
+        pricing: Some(Pricing {
+            currency: currency.into(),
+            charges: charges
+                .iter()
+                .map(|(r, c)| (r.to_string(), c.clone()))
+                .collect(),
+            minimum: minimum.map(d),
+        }),
+        ..Default::default()
+    }
+}
+
+fn flat(price: &str, included: u64) -> Charge {
+    Charge {
+        unit_price: Some(d(price)),
+        mode: TierMode::Graduated,
+        tiers: None,
+        included,
+    }
+}
+
+/// A consumer that moves from `basic` to `pro` in October: each plan prices its own part (its
+/// included units and tiers counted from zero), `basic`'s part falls short of its minimum; the
+/// revenue report and the export agree; late usage of `basic` revisits the minimum.
+async fn plan_changes_minimums_and_included_units_on(backend: Backend) {
+    let (store, _guard) = open(backend).await;
+    let mut evs = Vec::new();
+    for i in 0..5 {
+        evs.push(event(
+            &format!("2026-10-03T10:0{i}:00Z"),
+            "p",
+            "basic",
+            true,
+        ));
+    }
+    for i in 0..30 {
+        evs.push(event(
+            &format!("2026-10-20T10:{i:02}:00Z"),
+            "p",
+            "pro",
+            true,
+        ));
+    }
+    for i in 0..2 {
+        let mut e = event(&format!("2026-10-21T10:0{i}:00Z"), "p", "pro", true);
+        e.route = Some("s".into());
+        evs.push(e);
+    }
+    let n = evs.len() as u64;
+    store
+        .writer
+        .append(&tollgate_store::EventBatch::consecutive(evs, 0, n))
+        .await
+        .unwrap();
+    store.writer.flush().await.unwrap();
+    caught_up(&store, "2026-11-15T00:00:00Z").await;
+    let tiers = Charge {
+        unit_price: None,
+        mode: TierMode::Graduated,
+        tiers: Some(vec![
+            Tier {
+                up_to: Some(10),
+                unit_price: d("0.5"),
+            },
+            Tier {
+                up_to: None,
+                unit_price: d("0.1"),
+            },
+        ]),
+        included: 0,
+    };
+    let plans: BTreeMap<String, Plan> = [
+        (
+            "basic".to_string(),
+            priced("USD", Some("10"), &[("default", flat("1", 3))]),
+        ),
+        (
+            "pro".to_string(),
+            priced("USD", Some("5"), &[("r", tiers), ("default", flat("2", 1))]),
+        ),
+    ]
+    .into();
+    let consumers = vec![Consumer {
+        id: "p".into(),
+        plan: "pro".into(),
+        api_keys: vec![],
+    }];
+    let app = router_for(&store, consumers, plans);
+
+    // basic: 5 units, 3 included, 2 at 1 = 2, short of its minimum 10 by 8. pro: r at 10 x 0.5
+    // + 20 x 0.1 = 7; s: 2 units, 1 included, 1 at 2 = 2; 9 is above pro's minimum of 5.
+    let (s, _, october) = csv_of_all(&app, "period=2026-10").await;
+    assert_eq!(s, StatusCode::OK, "{october}");
+    assert_eq!(
+        october,
+        format!(
+            "{HEADER}2026-10,p,basic,r,5,2,USD,usage,2026-10,final\n\
+             2026-10,p,pro,r,30,7,USD,usage,2026-10,final\n\
+             2026-10,p,pro,s,2,2,USD,usage,2026-10,final\n\
+             2026-10,p,basic,,0,8,USD,minimum,2026-10,final\n"
+        )
+    );
+    // The revenue report prices the same usage to the same amounts (minimums are billing's).
+    let v = json(
+        &app,
+        "/v1/revenue?from=2026-10-01T00:00:00Z&to=2026-11-01T00:00:00Z&group_by=route",
+    )
+    .await;
+    let by_route = revenue_by(&v, "route");
+    assert_eq!(by_route["r"], (35, d("9")), "{v}");
+    assert_eq!(by_route["s"], (2, d("2")), "{v}");
+
+    // A late basic request: one more unit at 1, and the minimum line shrinks by as much.
+    late_event(&store, event("2026-10-31T23:00:00Z", "p", "basic", true), n).await;
+    assert_eq!(csv_of_all(&app, "period=2026-10").await.2, october);
+    let (_, _, november) = csv_of_all(&app, "period=2026-11&preliminary=true").await;
+    assert_eq!(
+        november,
+        format!(
+            "{HEADER}2026-11,p,basic,r,1,1,USD,adjustment,2026-10,preliminary\n\
+             2026-11,p,basic,,0,-1,USD,minimum_adjustment,2026-10,preliminary\n"
+        )
+    );
+}
+
+async fn csv_of_all(
+    app: &axum::Router,
+    query: &str,
+) -> (StatusCode, axum::http::HeaderMap, String) {
+    let (s, h, b) = call_with_headers(
+        app,
+        &format!("/v1/billing/export?format=csv&{query}"),
+        Some(ADMIN),
+    )
+    .await;
+    (s, h, String::from_utf8(b.to_vec()).unwrap())
 }
 
 async fn quota_and_access_rules_on(backend: Backend) {
@@ -669,4 +827,15 @@ async fn periods_publish_once_complete_and_late_events_become_adjustments() {
 #[tokio::test]
 async fn periods_publish_once_complete_and_late_events_become_adjustments_on_clickhouse() {
     periods_publish_once_complete_and_late_events_become_adjustments_on(Backend::ClickHouse).await;
+}
+
+#[tokio::test]
+async fn plan_changes_minimums_and_included_units() {
+    plan_changes_minimums_and_included_units_on(Backend::Parquet).await;
+}
+
+#[cfg(feature = "clickhouse")]
+#[tokio::test]
+async fn plan_changes_minimums_and_included_units_on_clickhouse() {
+    plan_changes_minimums_and_included_units_on(Backend::ClickHouse).await;
 }

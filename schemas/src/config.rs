@@ -103,6 +103,15 @@ pub struct Pricing {
     pub currency: String,
     /// Charge per route id; `default` prices every route not listed.
     pub charges: BTreeMap<String, Charge>,
+    /// The least a consumer on this plan pays for a period in which it used the plan (decimal
+    /// string): when its charges add up to less, the billing export adds a `minimum` line with
+    /// the difference. With a plan change inside the period, each plan's part has its own.
+    #[serde(
+        default,
+        deserialize_with = "de_opt_money",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub minimum: Option<Decimal>,
 }
 
 impl Pricing {
@@ -142,6 +151,15 @@ pub struct Charge {
     /// Tiers by cumulative quantity, ascending; the last has `up_to: null`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tiers: Option<Vec<Tier>>,
+    /// Units of the period included free before the price applies: the price and tiers count
+    /// from the first unit after them (with volume tiers, the tier is that of the units beyond
+    /// the included ones). Per route: under `default`, each route has its own.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub included: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One price tier.
@@ -228,6 +246,11 @@ pub fn validate_consumers(
             ));
         }
         if let Some(p) = &plan.pricing {
+            if p.minimum.is_some_and(|m| m.is_sign_negative()) {
+                return Err(format!(
+                    "plans.{name}.pricing.minimum: must not be negative"
+                ));
+            }
             for (route, charge) in &p.charges {
                 charge
                     .validate()

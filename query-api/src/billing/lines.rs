@@ -11,7 +11,15 @@
 //! `now − billed` units, where `billed` is `X`'s published quantity plus the adjustments for `X`
 //! in the published exports between `X` and `T`, priced as the charge of `now` minus the charge
 //! of `billed` under `X`'s tiers: the units continue `X`'s cumulative count, so the period's
-//! total charge is what it would have been had every event been on time.
+//! total charge is what it would have been had every event been on time. When a consumer × plan
+//! of `X` has late usage and the plan has a minimum, its minimum line is recomputed the same way
+//! (`minimum_adjustment`, the difference from what was billed).
+//!
+//! # Plan changes and minimums
+//!
+//! Events carry the plan they were served under, so a consumer that changes plan inside a
+//! period has lines under each plan: each plan prices its own part, its tiers counting from
+//! zero, and each part's minimum applies to it.
 
 use std::collections::BTreeMap;
 
@@ -31,6 +39,12 @@ pub enum LineKind {
     Usage,
     /// Late usage of an earlier period whose export was already published.
     Adjustment,
+    /// What a consumer pays on top of its charges to reach its plan's minimum for the period
+    /// (`pricing.minimum`); `route` is empty and `quantity` 0.
+    Minimum,
+    /// A change of an earlier published period's minimum line that late usage made (negative
+    /// when the late usage counts towards the minimum already paid).
+    MinimumAdjustment,
 }
 
 impl LineKind {
@@ -38,6 +52,8 @@ impl LineKind {
         match self {
             LineKind::Usage => "usage",
             LineKind::Adjustment => "adjustment",
+            LineKind::Minimum => "minimum",
+            LineKind::MinimumAdjustment => "minimum_adjustment",
         }
     }
 }
@@ -173,34 +189,126 @@ pub async fn adjustments(s: &AppState, period: &str) -> Result<Vec<Line>, ApiErr
     }
     let mut out = Vec::new();
     for (x, _) in &published {
-        // What was billed for `x`: its own usage lines and the adjustments for it since.
+        // What was billed for `x`: units per consumer × plan × route, and minimum amounts per
+        // consumer × plan, from its own export and the adjustments for it since.
         let mut billed: BTreeMap<Key, u64> = BTreeMap::new();
+        let mut billed_minimum: BTreeMap<(String, String), Decimal> = BTreeMap::new();
         for (y, lines) in &published {
             for l in lines.iter().filter(|l| &l.for_period == x) {
-                if y == x || l.kind == LineKind::Adjustment {
-                    *billed
-                        .entry((l.consumer.clone(), l.plan.clone(), l.route.clone()))
-                        .or_default() += l.quantity;
+                let own = y == x;
+                match l.kind {
+                    LineKind::Usage if own => {}
+                    LineKind::Adjustment => {}
+                    LineKind::Minimum if own => {
+                        *billed_minimum
+                            .entry((l.consumer.clone(), l.plan.clone()))
+                            .or_default() += l.amount;
+                        continue;
+                    }
+                    LineKind::MinimumAdjustment => {
+                        *billed_minimum
+                            .entry((l.consumer.clone(), l.plan.clone()))
+                            .or_default() += l.amount;
+                        continue;
+                    }
+                    _ => continue,
                 }
+                *billed
+                    .entry((l.consumer.clone(), l.plan.clone(), l.route.clone()))
+                    .or_default() += l.quantity;
             }
         }
         let (start, end) = crate::params::parse_period(x)?;
-        for now in usage_lines(s, x, start, end).await? {
+        let now_lines = period_lines(s, x, start, end).await?;
+        let mut changed: std::collections::BTreeSet<(String, String)> = Default::default();
+        for now in now_lines.iter().filter(|l| l.kind == LineKind::Usage) {
             let key = (now.consumer.clone(), now.plan.clone(), now.route.clone());
             let before = billed.get(&key).copied().unwrap_or(0);
             if now.quantity <= before {
                 continue;
             }
             let p = price(s, &now.consumer, Some(&now.plan), &now.route);
+            changed.insert((now.consumer.clone(), now.plan.clone()));
             out.push(Line {
                 quantity: now.quantity - before,
                 amount: p.charge(now.quantity) - p.charge(before),
                 kind: LineKind::Adjustment,
-                ..now
+                ..now.clone()
+            });
+        }
+        // A minimum is revisited only where late usage changed the charges (a pricing change
+        // made after publishing never rewrites what was billed).
+        for (consumer, plan) in changed {
+            let now_minimum = now_lines
+                .iter()
+                .find(|l| l.kind == LineKind::Minimum && l.consumer == consumer && l.plan == plan)
+                .map_or(Decimal::ZERO, |l| l.amount);
+            let before = billed_minimum
+                .get(&(consumer.clone(), plan.clone()))
+                .copied()
+                .unwrap_or_default();
+            if now_minimum == before {
+                continue;
+            }
+            let currency = price(s, &consumer, Some(&plan), "").currency;
+            out.push(Line {
+                consumer,
+                plan,
+                route: String::new(),
+                quantity: 0,
+                amount: now_minimum - before,
+                currency,
+                kind: LineKind::MinimumAdjustment,
+                for_period: x.clone(),
             });
         }
     }
     Ok(out)
+}
+
+/// The period's lines: its usage, and a minimum line per consumer × plan whose charges fall
+/// short of the plan's minimum.
+pub async fn period_lines(
+    s: &AppState,
+    period: &str,
+    start: i64,
+    end: i64,
+) -> Result<Vec<Line>, ApiError> {
+    let mut lines = usage_lines(s, period, start, end).await?;
+    let minimums = minimum_lines(s, &lines);
+    lines.extend(minimums);
+    Ok(lines)
+}
+
+/// A minimum line for each consumer × plan of `usage` (one period's usage lines) whose
+/// charges add up to less than its plan's `pricing.minimum`.
+fn minimum_lines(s: &AppState, usage: &[Line]) -> Vec<Line> {
+    let mut sums: BTreeMap<(&str, &str), (Decimal, &Line)> = BTreeMap::new();
+    for l in usage.iter().filter(|l| l.kind == LineKind::Usage) {
+        sums.entry((&l.consumer, &l.plan))
+            .or_insert((Decimal::ZERO, l))
+            .0 += l.amount;
+    }
+    let mut out = Vec::new();
+    for ((consumer, plan), (sum, first)) in sums {
+        let Some(pricing) = s.plans.get(plan).and_then(|p| p.pricing.as_ref()) else {
+            continue;
+        };
+        let Some(minimum) = pricing.minimum.filter(|m| sum < *m) else {
+            continue;
+        };
+        out.push(Line {
+            consumer: consumer.to_string(),
+            plan: plan.to_string(),
+            route: String::new(),
+            quantity: 0,
+            amount: minimum - sum,
+            currency: pricing.currency.clone(),
+            kind: LineKind::Minimum,
+            for_period: first.for_period.clone(),
+        });
+    }
+    out
 }
 
 /// Totals per consumer and currency, for the manifest.

@@ -63,7 +63,7 @@ async fn all_lines(
     start: i64,
     end: i64,
 ) -> Result<Vec<Line>, ApiError> {
-    let mut out = lines::usage_lines(s, period, start, end).await?;
+    let mut out = lines::period_lines(s, period, start, end).await?;
     out.extend(lines::adjustments(s, period).await?);
     Ok(out)
 }

@@ -3,9 +3,9 @@
 //! export has the same bytes on every download (its SHA-256 is in the manifest).
 //!
 //! Columns: `period,consumer,plan,route,quantity,amount,currency` (the first seven, as before
-//! adjustments existed), then `kind` (`usage` or `adjustment`), `for_period` (the period the
-//! quantity was used in) and `status` (`final` for a published export, `preliminary` for a
-//! period not yet complete).
+//! adjustments existed), then `kind` (`usage`, `adjustment`, `minimum`, `minimum_adjustment`:
+//! see `lines.rs`), `for_period` (the period the quantity was used in) and `status` (`final`
+//! for a published export, `preliminary` for a period not yet complete).
 
 use std::sync::Arc;
 
