@@ -23,6 +23,8 @@ use crate::reports::{Raw, keys_object};
 #[derive(Debug, Clone)]
 pub(crate) struct Priced {
     pub consumer: String,
+    /// The plan the usage was served under (the consumer's configured one for events without).
+    pub plan: Option<String>,
     pub route: Option<String>,
     pub day: KeyValue,
     pub billable: u64,
@@ -99,9 +101,8 @@ pub(crate) async fn priced(
         if entry.0 != month {
             *entry = (month, 0); // a new month: tiers start again
         }
-        let pricing = s
-            .plan(plan.as_deref(), Some(&c))
-            .and_then(|(_, p)| p.pricing.as_ref());
+        let resolved = s.plan(plan.as_deref(), Some(&c));
+        let pricing = resolved.and_then(|(_, p)| p.pricing.as_ref());
         let charge = pricing.and_then(|p| p.charge_for(route.as_deref().unwrap_or("default")));
         let revenue = charge
             .map(|ch| pricing::incremental(ch, entry.1, r.billable_requests))
@@ -109,6 +110,7 @@ pub(crate) async fn priced(
         entry.1 += r.billable_requests;
         out.push(Priced {
             consumer: c,
+            plan: resolved.map(|(n, _)| n.to_string()).or(plan),
             route,
             day: r.keys[3].clone(),
             billable: r.billable_requests,
@@ -129,12 +131,29 @@ pub async fn revenue(
     Scope(consumer): Scope,
     Query(raw): Raw,
 ) -> Result<Json<Value>, ApiError> {
-    let p = Params::new(raw, &["from", "to", "consumer", "route", "group_by"])?;
+    let p = Params::new(raw, &["from", "to", "consumer", "route", "group_by", "top"])?;
     let (from_us, to_us) = p.window()?;
     let group = p.group_by(
-        &[GroupKey::Consumer, GroupKey::Route, GroupKey::Day],
+        &[
+            GroupKey::Consumer,
+            GroupKey::Route,
+            GroupKey::Plan,
+            GroupKey::Day,
+        ],
         &[GroupKey::Consumer],
     )?;
+    let top = match p.get("top") {
+        None => None,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=10_000).contains(&n) => Some(n),
+            _ => {
+                return Err(ApiError::bad(
+                    "top",
+                    format!("`{v}` is not a whole number from 1 to 10000"),
+                ));
+            }
+        },
+    };
     let atoms = priced(
         &s,
         from_us,
@@ -154,6 +173,7 @@ pub async fn revenue(
                     .clone()
                     .map(KeyValue::Text)
                     .unwrap_or(KeyValue::Null),
+                GroupKey::Plan => a.plan.clone().map(KeyValue::Text).unwrap_or(KeyValue::Null),
                 _ => a.day.clone(),
             })
             .collect();
@@ -167,6 +187,12 @@ pub async fn revenue(
         }
     }
     let currency = s.deployment_currency();
+    let mut rows: Vec<_> = rows.into_iter().collect();
+    if let Some(n) = top {
+        // The top rows by revenue (highest first; equal revenue by keys), e.g. top consumers.
+        rows.sort_by(|a, b| b.1.1.cmp(&a.1.1).then_with(|| a.0.cmp(&b.0)));
+        rows.truncate(n);
+    }
     let rows: Vec<Value> = rows
         .into_iter()
         .map(|(keys, (billable, revenue, cur))| {

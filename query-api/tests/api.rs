@@ -644,6 +644,29 @@ async fn plan_changes_minimums_and_included_units_on(backend: Backend) {
     let by_route = revenue_by(&v, "route");
     assert_eq!(by_route["r"], (35, d("9")), "{v}");
     assert_eq!(by_route["s"], (2, d("2")), "{v}");
+    let window = "from=2026-10-01T00:00:00Z&to=2026-11-01T00:00:00Z";
+    let by_plan = revenue_by(
+        &json(&app, &format!("/v1/revenue?{window}&group_by=plan")).await,
+        "plan",
+    );
+    assert_eq!(by_plan["basic"], (5, d("2")));
+    assert_eq!(by_plan["pro"], (32, d("9")));
+    // Per consumer, the report is the sum of the export's usage lines.
+    let usage_total: Decimal = october
+        .lines()
+        .skip(1)
+        .filter(|l| l.contains(",usage,"))
+        .map(|l| d(l.split(',').nth(5).unwrap()))
+        .sum();
+    let by_consumer = revenue_by(
+        &json(&app, &format!("/v1/revenue?{window}")).await,
+        "consumer",
+    );
+    assert_eq!(by_consumer["p"].1, usage_total);
+    // The top route by revenue.
+    let v = json(&app, &format!("/v1/revenue?{window}&group_by=route&top=1")).await;
+    assert_eq!(v["rows"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["rows"][0]["route"], "r");
 
     // A late basic request: one more unit at 1, and the minimum line shrinks by as much.
     late_event(&store, event("2026-10-31T23:00:00Z", "p", "basic", true), n).await;
@@ -763,6 +786,7 @@ async fn quota_and_access_rules_on(backend: Backend) {
             "from",
         ),
         ("/v1/revenue?group_by=status", "group_by"),
+        ("/v1/revenue?top=0", "top"),
         ("/v1/usage?frm=1", "query"),
         ("/v1/usage?to=", "to"),
         ("/v1/quota?consumer=", "consumer"),
