@@ -1,8 +1,9 @@
-//! Writes synthetic `RequestEvent`s spread evenly over one UTC day into an embedded bus log, as
-//! if gateways had sent them: the input of `scripts/bench-embedded.sh`, which then lets
-//! `tollgate up` ingest and compact them and measures memory and query times.
+//! Writes synthetic `RequestEvent`s spread evenly over one UTC day (or DAYS days) into an
+//! embedded bus log, as if gateways had sent them: the input of `scripts/bench-embedded.sh` and
+//! `scripts/bench-export.sh`, which then let `tollgate up` ingest them and measure memory and
+//! query times. 1,000 consumers (`c0`..`c999`) on plan `p`, four routes, one request in 50 a 503.
 //!
-//! Usage: `cargo run --release --example seed_bus -- BUS_DIR EVENTS DAY_START_UNIX_SECONDS`
+//! Usage: `cargo run --release --example seed_bus -- BUS_DIR EVENTS DAY_START_UNIX_SECONDS [DAYS]`
 
 use bytes::Bytes;
 use tollgate_bus::{EmbeddedConfig, EmbeddedLog, Publisher, Record};
@@ -12,18 +13,19 @@ use tollgate_schemas::{Outcome, RequestEvent};
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(
-        args.len() == 4,
-        "usage: seed_bus BUS_DIR EVENTS DAY_START_UNIX_SECONDS"
+        args.len() == 4 || args.len() == 5,
+        "usage: seed_bus BUS_DIR EVENTS DAY_START_UNIX_SECONDS [DAYS]"
     );
     let (dir, n, day): (std::path::PathBuf, u64, i64) =
         (args[1].clone().into(), args[2].parse()?, args[3].parse()?);
+    let days: i64 = args.get(4).map_or(Ok(1), |d| d.parse())?;
     let log = EmbeddedLog::open(EmbeddedConfig {
         dir,
         fsync: false,
         ..Default::default()
     })?;
     let routes = ["orders-list", "orders-get", "search", "checkout"];
-    let step_us = 86_400_000_000 / n as i64;
+    let step_us = days * 86_400_000_000 / n as i64;
     let mut batch = Vec::with_capacity(10_000);
     for i in 0..n {
         let status = if i % 50 == 0 { 503 } else { 200 };
