@@ -58,22 +58,52 @@ impl ApiError {
     }
 }
 
+/// The body of every error: `{"error":{"code","message"}}`.
+#[derive(Debug, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Error))]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Debug, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+struct ErrorDetail {
+    /// `bad_parameter`, `unauthorized`, `forbidden`, `not_found`, `period_incomplete`,
+    /// `bad_request`, `store_unavailable` or `internal`.
+    code: &'static str,
+    message: String,
+    /// With `bad_parameter`: the parameter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    param: Option<&'static str>,
+    /// With `period_incomplete`: how far the stored events are complete (RFC 3339), when any
+    /// collector has reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    complete_through: Option<String>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         if status.is_server_error() {
             tracing::error!(error = %self, "query failed");
         }
-        let mut body = serde_json::json!({"error": {"code": code, "message": self.to_string()}});
-        if let ApiError::BadParam { param, .. } = &self {
-            body["error"]["param"] = (*param).into();
-        }
-        if let ApiError::Incomplete {
-            complete_through, ..
-        } = &self
-        {
-            body["error"]["complete_through"] = complete_through.clone().into();
-        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code,
+                message: self.to_string(),
+                param: match &self {
+                    ApiError::BadParam { param, .. } => Some(param),
+                    _ => None,
+                },
+                complete_through: match &self {
+                    ApiError::Incomplete {
+                        complete_through, ..
+                    } => complete_through.clone(),
+                    _ => None,
+                },
+            },
+        };
         let mut resp = (status, Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(

@@ -9,6 +9,8 @@ mod auth;
 mod billing;
 pub mod error;
 pub mod metrics;
+#[cfg(feature = "openapi")]
+pub mod openapi;
 mod params;
 pub mod pricing;
 mod quota;

@@ -180,12 +180,15 @@ async fn refresh(s: &AppState, cache: &mut QuotaCache) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The query parameters `/v1/quota` accepts.
+pub(crate) const QUOTA_PARAMS: &[&str] = &["consumer", "since", "epoch"];
+
 pub async fn quota(
     State(s): State<Arc<AppState>>,
     Scope(scope): Scope,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<QuotaSnapshot>, ApiError> {
-    let p = Params::new(raw, &["consumer", "since", "epoch"])?;
+    let p = Params::new(raw, QUOTA_PARAMS)?;
     let since: Option<i64> = integer(&p, "since")?;
     let epoch: Option<u64> = integer(&p, "epoch")?;
     if since.is_some() != epoch.is_some() {

@@ -7,7 +7,6 @@ use crate::auth::Scope;
 use axum::Json;
 use axum::extract::{Query, State};
 use serde::Serialize;
-use serde_json::{Map, Value, json};
 use tollgate_store::{Filter, GroupKey, KeyValue, LatencyQuery};
 
 use crate::AppState;
@@ -16,21 +15,87 @@ use crate::params::{Params, parse_quantiles, parse_step, rfc3339};
 
 pub(crate) type Raw = Query<HashMap<String, String>>;
 
-fn key_json(k: &KeyValue) -> Value {
-    match k {
-        KeyValue::Null => Value::Null,
-        KeyValue::Text(s) => Value::String(s.clone()),
-        KeyValue::Int(i) => Value::from(*i),
+/// The query parameters of each `/v1` endpoint: what its handler accepts, and what the OpenAPI
+/// document lists (a test compares them).
+pub(crate) const LATENCY_PARAMS: &[&str] = &[
+    "from",
+    "to",
+    "step",
+    "route",
+    "consumer",
+    "quantiles",
+    "group_by",
+];
+pub(crate) const USAGE_PARAMS: &[&str] = &["from", "to", "consumer", "route", "group_by"];
+
+/// A row's group keys, each present when grouped by it; `null` where the key has no value
+/// (anonymous requests have no consumer, unmatched ones no route).
+#[derive(Debug, Default, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct GroupKeys {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, nullable))]
+    pub consumer: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, nullable))]
+    pub route: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, nullable))]
+    pub plan: Option<Option<String>>,
+    /// UTC date, `YYYY-MM-DD`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub day: Option<String>,
+    /// HTTP status sent to the client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<i64>,
+}
+
+impl GroupKeys {
+    /// The keys of a row grouped by `group`.
+    pub(crate) fn of(group: &[GroupKey], keys: &[KeyValue]) -> GroupKeys {
+        let text = |v: &KeyValue| match v {
+            KeyValue::Text(s) => Some(s.clone()),
+            KeyValue::Int(i) => Some(i.to_string()),
+            KeyValue::Null => None,
+        };
+        let mut out = GroupKeys::default();
+        for (k, v) in group.iter().zip(keys) {
+            match k {
+                GroupKey::Consumer => out.consumer = Some(text(v)),
+                GroupKey::Route => out.route = Some(text(v)),
+                GroupKey::Plan => out.plan = Some(text(v)),
+                GroupKey::Day => out.day = text(v),
+                GroupKey::Status => {
+                    out.status = match v {
+                        KeyValue::Int(i) => Some(*i),
+                        other => text(other).and_then(|t| t.parse().ok()),
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
-/// A row's group keys as a JSON object: `{"consumer": .., "day": ..}`.
-pub(crate) fn keys_object(group: &[GroupKey], keys: &[KeyValue]) -> Map<String, Value> {
-    group
-        .iter()
-        .zip(keys)
-        .map(|(k, v)| (k.as_str().to_string(), key_json(v)))
-        .collect()
+/// The body of `/v1/usage`.
+#[derive(Debug, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UsageAnswer {
+    from: String,
+    to: String,
+    rows: Vec<UsageRow>,
+}
+
+/// Exact counts of one group.
+#[derive(Debug, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UsageRow {
+    #[serde(flatten)]
+    keys: GroupKeys,
+    requests: u64,
+    billable_requests: u64,
+    req_bytes: u64,
+    resp_bytes: u64,
 }
 
 /// Most points one latency answer may hold.
@@ -41,18 +106,7 @@ pub async fn latency(
     Scope(consumer): Scope,
     Query(raw): Raw,
 ) -> Result<Json<LatencyAnswer>, ApiError> {
-    let p = Params::new(
-        raw,
-        &[
-            "from",
-            "to",
-            "step",
-            "route",
-            "consumer",
-            "quantiles",
-            "group_by",
-        ],
-    )?;
+    let p = Params::new(raw, LATENCY_PARAMS)?;
     let (from_us, to_us) = p.window()?;
     let step_us = p.get("step").map(parse_step).transpose()?;
     if let Some(step) = step_us
@@ -129,6 +183,7 @@ pub async fn latency(
 
 /// The body of `/v1/latency`.
 #[derive(Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LatencyAnswer {
     from: String,
     to: String,
@@ -138,6 +193,7 @@ pub struct LatencyAnswer {
 }
 
 #[derive(Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 struct Series {
     route: String,
     consumer: Option<String>,
@@ -145,10 +201,15 @@ struct Series {
 }
 
 #[derive(Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 struct Point {
+    /// Start of the bucket (RFC 3339).
     t: String,
     count: u64,
+    /// Responses with status >= 500.
     errors: u64,
+    /// Each asked quantile in ms, `null` for a bucket without requests.
+    #[cfg_attr(feature = "openapi", schema(value_type = std::collections::BTreeMap<String, Option<f64>>))]
     quantiles_ms: Quantiles,
 }
 
@@ -173,8 +234,8 @@ pub async fn usage(
     State(s): State<Arc<AppState>>,
     Scope(consumer): Scope,
     Query(raw): Raw,
-) -> Result<Json<Value>, ApiError> {
-    let p = Params::new(raw, &["from", "to", "consumer", "route", "group_by"])?;
+) -> Result<Json<UsageAnswer>, ApiError> {
+    let p = Params::new(raw, USAGE_PARAMS)?;
     let (from_us, to_us) = p.window()?;
     let group = p.group_by(
         &[
@@ -193,18 +254,19 @@ pub async fn usage(
         route: p.get("route").map(str::to_owned),
     };
     let rows = s.store.usage(&filter, &group).await?;
-    let rows: Vec<Value> = rows
+    let rows = rows
         .into_iter()
-        .map(|r| {
-            let mut o = keys_object(&group, &r.keys);
-            o.insert("requests".into(), r.requests.into());
-            o.insert("billable_requests".into(), r.billable_requests.into());
-            o.insert("req_bytes".into(), r.req_bytes.into());
-            o.insert("resp_bytes".into(), r.resp_bytes.into());
-            Value::Object(o)
+        .map(|r| UsageRow {
+            keys: GroupKeys::of(&group, &r.keys),
+            requests: r.requests,
+            billable_requests: r.billable_requests,
+            req_bytes: r.req_bytes,
+            resp_bytes: r.resp_bytes,
         })
         .collect();
-    Ok(Json(
-        json!({"from": rfc3339(from_us), "to": rfc3339(to_us), "rows": rows}),
-    ))
+    Ok(Json(UsageAnswer {
+        from: rfc3339(from_us),
+        to: rfc3339(to_us),
+        rows,
+    }))
 }

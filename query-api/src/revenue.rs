@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Query, State};
 use rust_decimal::Decimal;
-use serde_json::{Value, json};
+use serde::Serialize;
 use tollgate_store::{Filter, GroupKey, KeyValue};
 
 use crate::AppState;
@@ -17,7 +17,34 @@ use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::params::{Params, period_name, period_of, rfc3339};
 use crate::pricing;
-use crate::reports::{Raw, keys_object};
+use crate::reports::{GroupKeys, Raw};
+
+/// The query parameters `/v1/revenue` accepts.
+pub(crate) const REVENUE_PARAMS: &[&str] = &["from", "to", "consumer", "route", "group_by", "top"];
+
+/// The body of `/v1/revenue`.
+#[derive(Debug, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RevenueAnswer {
+    from: String,
+    to: String,
+    /// The one currency every priced plan uses; `null` when plans use several (see each row).
+    currency: Option<String>,
+    rows: Vec<RevenueRow>,
+}
+
+/// Billable requests and exact revenue of one group.
+#[derive(Debug, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RevenueRow {
+    #[serde(flatten)]
+    keys: GroupKeys,
+    billable_requests: u64,
+    /// Exact decimal.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^-?[0-9]+(\\.[0-9]+)?$"))]
+    revenue: String,
+    currency: Option<String>,
+}
 
 /// Billable requests and revenue of one consumer × plan × route on one day.
 #[derive(Debug, Clone)]
@@ -130,8 +157,8 @@ pub async fn revenue(
     State(s): State<Arc<AppState>>,
     Scope(consumer): Scope,
     Query(raw): Raw,
-) -> Result<Json<Value>, ApiError> {
-    let p = Params::new(raw, &["from", "to", "consumer", "route", "group_by", "top"])?;
+) -> Result<Json<RevenueAnswer>, ApiError> {
+    let p = Params::new(raw, REVENUE_PARAMS)?;
     let (from_us, to_us) = p.window()?;
     let group = p.group_by(
         &[
@@ -193,17 +220,19 @@ pub async fn revenue(
         rows.sort_by(|a, b| b.1.1.cmp(&a.1.1).then_with(|| a.0.cmp(&b.0)));
         rows.truncate(n);
     }
-    let rows: Vec<Value> = rows
+    let rows = rows
         .into_iter()
-        .map(|(keys, (billable, revenue, cur))| {
-            let mut o = keys_object(&group, &keys);
-            o.insert("billable_requests".into(), billable.into());
-            o.insert("revenue".into(), money(revenue).into());
-            o.insert("currency".into(), json!(cur.or_else(|| currency.clone())));
-            Value::Object(o)
+        .map(|(keys, (billable, revenue, cur))| RevenueRow {
+            keys: GroupKeys::of(&group, &keys),
+            billable_requests: billable,
+            revenue: money(revenue),
+            currency: cur.or_else(|| currency.clone()),
         })
         .collect();
-    Ok(Json(
-        json!({"from": rfc3339(from_us), "to": rfc3339(to_us), "currency": currency, "rows": rows}),
-    ))
+    Ok(Json(RevenueAnswer {
+        from: rfc3339(from_us),
+        to: rfc3339(to_us),
+        currency,
+        rows,
+    }))
 }

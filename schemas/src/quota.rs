@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 /// query-API process (`epoch`); an answer to any other `since` is the whole state
 /// (`full: true`), which replaces what the caller held.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Quota))]
 pub struct QuotaSnapshot {
     /// When the state was computed (unix milliseconds); newer snapshots have larger versions.
     pub version: i64,
@@ -43,6 +45,7 @@ impl Default for QuotaSnapshot {
 
 /// One consumer's quota in the current period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct QuotaEntry {
     pub consumer: String,
     /// The consumer's plan.
@@ -86,6 +89,7 @@ impl QuotaEntry {
 
 /// How close a consumer is to its limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum QuotaLevel {
     Unlimited,

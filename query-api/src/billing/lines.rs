@@ -313,10 +313,13 @@ fn minimum_lines(s: &AppState, usage: &[Line]) -> Vec<Line> {
 
 /// Totals per consumer and currency, for the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Total {
     pub consumer: String,
     pub currency: String,
     pub quantity: u64,
+    /// Exact decimal.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub amount: Decimal,
 }
 

@@ -31,8 +31,13 @@ use crate::params::{Params, parse_period, rfc3339};
 use lines::{Line, Total};
 use render::{Format, Status};
 
+/// The query parameters of the billing endpoints.
+pub(crate) const EXPORT_PARAMS: &[&str] = &["period", "format", "consumer", "preliminary"];
+pub(crate) const EXPORTS_PARAMS: &[&str] = &["consumer"];
+
 /// What the manifest of a published export says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Manifest {
     pub id: String,
     pub period: String,
@@ -42,7 +47,17 @@ pub struct Manifest {
     pub rows: u64,
     /// Hex SHA-256 of each format's bytes (`csv`, `jsonl`, `parquet`, `arrow`).
     pub sha256: BTreeMap<String, String>,
+    /// Per consumer and currency (a consumer's own key sees its own only).
     pub totals: Vec<Total>,
+}
+
+/// The body of `/v1/billing/exports`.
+#[derive(Debug, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ExportsAnswer {
+    /// How far the stored events are complete (RFC 3339); `null` until a collector reports.
+    complete_through: Option<String>,
+    exports: Vec<Manifest>,
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {
@@ -127,7 +142,7 @@ pub async fn export(
     Scope(consumer): Scope,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let p = Params::new(raw, &["period", "format", "consumer", "preliminary"])?;
+    let p = Params::new(raw, EXPORT_PARAMS)?;
     let period = p
         .get("period")
         .ok_or_else(|| ApiError::bad("period", "required, a month like 2026-11"))?
@@ -191,8 +206,8 @@ pub async fn exports(
     State(s): State<Arc<AppState>>,
     Scope(consumer): Scope,
     Query(raw): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    Params::new(raw, &["consumer"])?;
+) -> Result<Json<ExportsAnswer>, ApiError> {
+    Params::new(raw, EXPORTS_PARAMS)?;
     let mut out = Vec::new();
     for e in s.store.published_exports().await? {
         let mut m = manifest_of(&e)?;
@@ -201,9 +216,8 @@ pub async fn exports(
         }
         out.push(m);
     }
-    let through = complete_through(&s).await?;
-    Ok(Json(serde_json::json!({
-        "complete_through": through.map(rfc3339),
-        "exports": out,
-    })))
+    Ok(Json(ExportsAnswer {
+        complete_through: complete_through(&s).await?.map(rfc3339),
+        exports: out,
+    }))
 }
