@@ -233,6 +233,10 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    // The billing watermark, as of this scrape (a store that cannot say leaves the last value).
+    if let Ok(Some(t)) = billing::complete_through(&state).await {
+        state.metrics.complete_through.set(t.div_euclid(1_000_000));
+    }
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &state.registry) {
         return ApiError::Internal(format!("encoding metrics: {e}")).into_response();

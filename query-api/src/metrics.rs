@@ -1,5 +1,7 @@
 //! Query API metrics (`tollgate_query_api_*`): requests by endpoint and status, and their
-//! latency. Endpoint labels are the matched route templates, a bounded set.
+//! latency. Endpoint labels are the matched route templates, a bounded set. Plus
+//! `tollgate_billing_complete_through_seconds`: how far the stored events are complete (the
+//! billing watermark, read from the store at each scrape).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,6 +12,7 @@ use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -33,6 +36,9 @@ fn histogram() -> Histogram {
 pub struct ApiMetrics {
     pub requests: Family<EndpointLabels, Counter>,
     pub duration: Family<EndpointOnly, Histogram, fn() -> Histogram>,
+    /// Unix seconds through which every event is stored, less the allowed event delay (0 until
+    /// a collector reports): billing periods ending before it are complete.
+    pub complete_through: Gauge,
 }
 
 impl ApiMetrics {
@@ -40,7 +46,13 @@ impl ApiMetrics {
         let m = ApiMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(histogram),
+            complete_through: Gauge::default(),
         };
+        registry.register(
+            "tollgate_billing_complete_through_seconds",
+            "Unix time through which the store holds every event, less the allowed event delay; billing periods ending before it are complete",
+            m.complete_through.clone(),
+        );
         let r = registry.sub_registry_with_prefix("tollgate_query_api");
         r.register(
             "requests",

@@ -435,6 +435,13 @@ async fn periods_publish_once_complete_and_late_events_become_adjustments_on(bac
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["code"], "period_incomplete");
     assert_eq!(v["error"]["complete_through"], "2026-11-14T23:58:00.000Z");
+    // The same watermark in /metrics, in unix seconds.
+    let (_, m) = call(&app, "/metrics", None).await;
+    let want = format!(
+        "tollgate_billing_complete_through_seconds {}",
+        us("2026-11-14T23:58:00Z") / 1_000_000
+    );
+    assert!(String::from_utf8_lossy(&m).contains(&want), "{want}");
     let (s, h, body) = csv_of(&app, "period=2026-11&preliminary=true").await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(h["x-tollgate-export-status"], "preliminary");

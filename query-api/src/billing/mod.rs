@@ -65,7 +65,7 @@ fn hex_sha256(bytes: &[u8]) -> String {
 }
 
 /// How far the stored events are complete, after the allowance for late events (µs).
-async fn complete_through(s: &AppState) -> Result<Option<i64>, ApiError> {
+pub(crate) async fn complete_through(s: &AppState) -> Result<Option<i64>, ApiError> {
     let progress = s.store.progress().await?;
     Ok(tollgate_store::ledger::complete_through(&progress)
         .map(|t| t - s.billing.event_delay_ms as i64 * 1000))
