@@ -8,15 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EVENTS="${EVENTS:-10000000}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
-python3 -c 'import duckdb' 2>/dev/null || python3 -m pip install -q duckdb >&2
-# The scaled build (same embedded code path) shares its compiled dependencies with bench-scaled.sh.
-cargo build --release --locked --features scaled --bin tollgate --example seed_bus >&2
-BIN="$CARGO_TARGET_DIR/release/tollgate"
-WORK="$(mktemp -d)"
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
 . scripts/lib/services.sh
+seeded_store_setup
 DAY=$(( ($(date +%s) / 86400 - 1) * 86400 ))
 s=$(date +%s%3N)
 "$CARGO_TARGET_DIR/release/examples/seed_bus" "$WORK/data/bus" "$EVENTS" "$DAY"

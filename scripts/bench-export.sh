@@ -10,14 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EVENTS="${EVENTS:-10000000}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
-python3 -c 'import duckdb' 2>/dev/null || python3 -m pip install -q duckdb >&2
-cargo build --release --locked --features scaled --bin tollgate --example seed_bus >&2
-BIN="$CARGO_TARGET_DIR/release/tollgate"
-WORK="$(mktemp -d)"
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
 . scripts/lib/services.sh
+seeded_store_setup
 read -r START DAYS PERIOD < <(python3 -c '
 import datetime as d
 t = d.datetime.now(d.timezone.utc).replace(day=1, hour=0, minute=0, second=0, microsecond=0)

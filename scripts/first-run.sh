@@ -5,6 +5,11 @@ set -euo pipefail
 REPO="${1:-$(cd "$(dirname "$0")/.." && pwd)}"
 WORK="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+# A demo already answering (say, one still shutting down) would be measured instead of this one.
+if curl -sf http://127.0.0.1:9090/healthz >/dev/null 2>&1; then
+  echo "error: something already answers on 127.0.0.1:9090; stop it first" >&2
+  exit 1
+fi
 start=$(date +%s)
 git clone -q "$REPO" "$WORK/tollgate"
 cd "$WORK/tollgate"
@@ -15,3 +20,7 @@ until curl -sf 'http://127.0.0.1:9090/v1/usage?group_by=consumer' | grep -q '"re
 done
 end=$(date +%s)
 echo "clean clone -> demo answering with metered traffic: $((end - start)) s"
+# Stop the demo (cargo's child too) and wait until its port is free, so that a run right after
+# this one measures its own demo.
+pkill -TERM -f "$WORK/target/release/tollgate" 2>/dev/null || true
+for _ in $(seq 100); do curl -sf http://127.0.0.1:9090/healthz >/dev/null 2>&1 || break; sleep 0.2; done

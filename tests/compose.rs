@@ -144,4 +144,32 @@ fn names_and_ports_agree_with_the_compose_file() {
     assert_eq!(j["host"].as_str(), Some(ch.as_str()));
     assert_eq!(j["port"].as_u64(), Some(u64::from(ch_port)));
     assert_eq!(j["defaultDatabase"], config["store"]["database"]);
+
+    // The dashboards Grafana is provisioned with are the repository's, mounted where the
+    // provider reads them, and every panel uses that data source (the queries are checked
+    // against ClickHouse by tests/grafana.rs).
+    let provider = load("compose/grafana/provisioning/dashboards/tollgate.yaml");
+    let path = provider["providers"][0]["options"]["path"]
+        .as_str()
+        .unwrap();
+    let mounts = compose["services"]["grafana"]["volumes"]
+        .as_sequence()
+        .unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.as_str() == Some(&format!("../dashboards/grafana:{path}:ro"))),
+        "grafana does not mount dashboards/grafana at {path}: {mounts:?}"
+    );
+    let uid = ds["datasources"][0]["uid"].as_str().unwrap();
+    for entry in std::fs::read_dir(root().join("dashboards/grafana"))
+        .unwrap()
+        .flatten()
+    {
+        let d: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(entry.path()).unwrap()).unwrap();
+        for panel in d["panels"].as_array().unwrap() {
+            assert_eq!(panel["datasource"]["uid"].as_str(), Some(uid));
+        }
+    }
 }

@@ -1,6 +1,7 @@
-//! The dashboards as a person sees them: `tollgate up --demo` runs, headless Chromium loads `/`,
-//! and the page must have drawn a chart per panel and a summary row per demo route from the API's
-//! real data.
+//! The dashboards as a person sees them: `tollgate up --demo` runs, headless Chromium loads the
+//! SRE page (`/`), the business page and the partner page (signed in with a partner's key), and
+//! each must have drawn its charts and rows from the API's real data; a screenshot of each page
+//! is written for a person to look at (`target/tmp/dashboards/`).
 
 mod common;
 use common::free_port;
@@ -21,7 +22,7 @@ fn get(url: &str) -> Option<String> {
 }
 
 #[test]
-fn dashboard_draws_charts_from_demo_traffic() {
+fn dashboards_draw_charts_from_demo_traffic() {
     assert!(
         std::path::Path::new(CHROMIUM).exists(),
         "{CHROMIUM} is missing: install it with `apt-get install -y chromium` (scripts/test.sh does)"
@@ -52,10 +53,7 @@ fn dashboard_draws_charts_from_demo_traffic() {
     loop {
         let body =
             get(&format!("http://127.0.0.1:{api}/v1/usage?group_by=route")).unwrap_or_default();
-        if ["orders-get", "orders-list", "search", "payments"]
-            .iter()
-            .all(|r| body.contains(r))
-        {
+        if DEMO_ROUTES.iter().all(|r| body.contains(r)) {
             break;
         }
         assert!(
@@ -65,39 +63,21 @@ fn dashboard_draws_charts_from_demo_traffic() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    let profile = tempfile::tempdir().unwrap();
-    let out = Command::new(CHROMIUM)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--window-size=1400,1400",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("http://127.0.0.1:{api}/"))
-        .output()
-        .expect("chromium runs");
-    let dom = String::from_utf8_lossy(&out.stdout);
+    // Each page as a person sees it, and a screenshot of it to look at.
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboards");
+    std::fs::create_dir_all(&shots).unwrap();
+    let base = format!("http://127.0.0.1:{api}");
+
+    let dom = page(&format!("{base}/"), &shots.join("sre.png"));
     for panel in ["p99", "p90", "p50", "rps", "eps"] {
-        let start = dom
-            .find(&format!("id=\"{panel}\""))
-            .unwrap_or_else(|| panic!("panel {panel} missing"));
-        let end = dom[start..].find("</section>").map(|e| start + e).unwrap();
         assert!(
-            dom[start..end].contains("<canvas"),
+            panel_of(&dom, panel).contains("<canvas"),
             "panel {panel} drew no chart:\n{}",
-            &dom[start..end]
+            panel_of(&dom, panel)
         );
     }
-    let summary = &dom[dom.find("id=\"summary\"").unwrap()..];
-    for route in ["orders-get", "orders-list", "search", "payments"] {
+    let summary = panel_of(&dom, "summary");
+    for route in DEMO_ROUTES {
         assert!(
             summary.contains(&format!("<td>{route}</td>")),
             "no summary row for {route}"
@@ -107,4 +87,108 @@ fn dashboard_draws_charts_from_demo_traffic() {
         dom.contains("updated "),
         "the page reported an error instead of data"
     );
+
+    // Business: the daily trend drawn, revenue per endpoint, plan and consumer from the demo's
+    // priced partners.
+    let dom = page(&format!("{base}/business"), &shots.join("business.png"));
+    assert!(
+        panel_of(&dom, "trend").contains("<canvas"),
+        "no revenue trend"
+    );
+    for route in DEMO_ROUTES {
+        assert!(
+            panel_of(&dom, "routes").contains(&format!("data-name=\"{route}\"")),
+            "no revenue bar for {route}:\n{}",
+            panel_of(&dom, "routes")
+        );
+    }
+    assert!(panel_of(&dom, "plans").contains("data-name=\"enterprise\""));
+    assert!(panel_of(&dom, "consumers").contains("data-name=\"acme\""));
+    assert!(
+        panel_of(&dom, "kpis").contains("revenue "),
+        "{}",
+        panel_of(&dom, "kpis")
+    );
+    assert!(
+        dom.contains("updated "),
+        "the business page reported an error"
+    );
+
+    // Partner: signed in with acme's own key (in the URL fragment), acme's data and no one
+    // else's.
+    let dom = page(
+        &format!("{base}/partner#key=demo-acme-key"),
+        &shots.join("partner.png"),
+    );
+    assert!(dom.contains("signed in as <b>acme</b>"), "not signed in");
+    for panel in ["trend", "latency"] {
+        assert!(
+            panel_of(&dom, panel).contains("<canvas"),
+            "partner panel {panel} drew no chart:\n{}",
+            panel_of(&dom, panel)
+        );
+    }
+    assert!(panel_of(&dom, "routes").contains("<td>orders-get</td>"));
+    for other in ["globex", "initech", "umbrella"] {
+        assert!(!dom.contains(other), "the partner page shows {other}");
+    }
+    assert!(
+        dom.contains("updated "),
+        "the partner page reported an error"
+    );
+    // Without a key the page asks for one instead of showing anything.
+    let dom = page(
+        &format!("{base}/partner"),
+        &shots.join("partner-signed-out.png"),
+    );
+    assert!(panel_of(&dom, "quota").contains("sign in with your API key"));
+    eprintln!("screenshots in {}", shots.display());
+}
+
+const DEMO_ROUTES: [&str; 4] = ["orders-get", "orders-list", "search", "payments"];
+
+/// The page's DOM after its scripts ran (headless Chromium, 10 s of virtual time), and a
+/// screenshot of it at `shot`.
+fn page(url: &str, shot: &std::path::Path) -> String {
+    let run = |extra: &[String]| {
+        let profile = tempfile::tempdir().unwrap();
+        let out = Command::new(CHROMIUM)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+                "--window-size=1400,1400",
+                "--virtual-time-budget=10000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg(url)
+            .output()
+            .expect("chromium runs");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    run(&[format!("--screenshot={}", shot.display())]);
+    assert!(
+        std::fs::metadata(shot).is_ok_and(|m| m.len() > 10_000),
+        "no screenshot of {url} at {}",
+        shot.display()
+    );
+    run(&["--dump-dom".to_string()])
+}
+
+/// The HTML of the element with id `id` up to the end of its section.
+fn panel_of<'a>(dom: &'a str, id: &str) -> &'a str {
+    let start = dom
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("element {id} missing"));
+    let end = dom[start..]
+        .find("</section>")
+        .map_or(dom.len(), |e| start + e);
+    &dom[start..end]
 }

@@ -180,6 +180,10 @@ impl AppState {
 
 const OPENAPI: &str = include_str!("../openapi.json");
 const DASHBOARD: &str = include_str!("../../dashboards/index.html");
+const BUSINESS: &str = include_str!("../../dashboards/business.html");
+const PARTNER: &str = include_str!("../../dashboards/partner.html");
+const COMMON_JS: &str = include_str!("../../dashboards/tollgate.js");
+const COMMON_CSS: &str = include_str!("../../dashboards/tollgate.css");
 const UPLOT_JS: &str = include_str!("../../dashboards/vendor/uPlot.iife.min.js");
 const UPLOT_CSS: &str = include_str!("../../dashboards/vendor/uPlot.min.css");
 
@@ -187,6 +191,16 @@ const UPLOT_CSS: &str = include_str!("../../dashboards/vendor/uPlot.min.css");
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(|| async { Html(DASHBOARD) }))
+        .route("/business", get(|| async { Html(BUSINESS) }))
+        .route("/partner", get(|| async { Html(PARTNER) }))
+        .route(
+            "/assets/tollgate.js",
+            get(|| async { asset(COMMON_JS, "text/javascript") }),
+        )
+        .route(
+            "/assets/tollgate.css",
+            get(|| async { asset(COMMON_CSS, "text/css") }),
+        )
         .route(
             "/assets/uPlot.iife.min.js",
             get(|| async { asset(UPLOT_JS, "text/javascript") }),

@@ -209,10 +209,20 @@ fn readyz() {}
 #[allow(dead_code)]
 fn metrics() {}
 
-#[utoipa::path(get, path = "/", summary = "Dashboards", security(()),
-    responses((status = 200, description = "The SRE dashboard", content_type = "text/html", body = String)))]
+#[utoipa::path(get, path = "/", summary = "SRE dashboard", security(()),
+    responses((status = 200, description = "Latency, traffic and errors per route", content_type = "text/html", body = String)))]
 #[allow(dead_code)]
 fn dashboards() {}
+
+#[utoipa::path(get, path = "/business", summary = "Business dashboard", security(()),
+    responses((status = 200, description = "Revenue per endpoint, consumer and plan; the month against the one before", content_type = "text/html", body = String)))]
+#[allow(dead_code)]
+fn business() {}
+
+#[utoipa::path(get, path = "/partner", summary = "Partner self-service dashboard", security(()),
+    responses((status = 200, description = "A partner's own usage, quota and latency, signed in with its API key", content_type = "text/html", body = String)))]
+#[allow(dead_code)]
+fn partner() {}
 
 /// The bearer scheme, and the error answers every `/v1` operation may give.
 struct Common;
@@ -275,7 +285,7 @@ impl Modify for Common {
         version = "1.0.0",
         description = "Usage, latency, revenue, billing exports and quota state of a Tollgate deployment. Authenticate with `Authorization: Bearer <token>`: an admin token sees everything, a consumer's API key sees only that consumer."
     ),
-    paths(latency, usage, revenue, billing_export, billing_exports, quota, openapi_json, healthz, readyz, metrics, dashboards),
+    paths(latency, usage, revenue, billing_export, billing_exports, quota, openapi_json, healthz, readyz, metrics, dashboards, business, partner),
     components(schemas(ErrorBody, ExportFormat, File, Preliminary)),
     modifiers(&Common),
     security(("bearer" = [])),

@@ -102,3 +102,16 @@ plans: { open: { rate_limit: { per_second: 10000000 }, quota: { requests: 100000
 query_api: { listen: 127.0.0.1:$3 }
 YAML
 }
+
+# seeded_store_setup: what the embedded-store benchmarks share. DuckDB for the baseline; the
+# release build with the scaled features (the same embedded code path; it shares its compiled
+# dependencies with bench-scaled.sh) and the bus seeder (examples/seed_bus.rs); sets BIN, and
+# WORK (a temp dir removed on exit, with every background job stopped).
+seeded_store_setup() {
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
+  python3 -c 'import duckdb' 2>/dev/null || python3 -m pip install -q duckdb >&2
+  cargo build --release --locked --features scaled --bin tollgate --example seed_bus >&2
+  BIN="$CARGO_TARGET_DIR/release/tollgate"
+  WORK="$(mktemp -d)"
+  trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
+}

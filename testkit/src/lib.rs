@@ -131,6 +131,13 @@ impl ClickHouse {
             .unwrap_or_else(|e| panic!("ClickHouse query `{sql}`: {e}"))
     }
 
+    /// Runs `sql` with `database` as the default database (what a client such as Grafana's
+    /// data source sets) and returns the body.
+    pub fn query_in(&self, database: &str, sql: &str) -> String {
+        http_post(self.http_port, &format!("/?database={database}"), sql)
+            .unwrap_or_else(|e| panic!("ClickHouse query `{sql}`: {e}"))
+    }
+
     /// Where the server's logs are.
     pub fn log_dir(&self) -> PathBuf {
         self.dir.path().join("log")
