@@ -14,8 +14,10 @@ use tollgate_query_api::QueryApiConfig;
 use tollgate_schemas::config::{Consumer, Plan, validate_consumers};
 use tollgate_store::StoreConfig;
 
+use crate::telemetry::TelemetryConfig;
+
 /// The whole configuration file.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The data plane.
@@ -39,6 +41,9 @@ pub struct Config {
     /// The query API and dashboards.
     #[serde(default)]
     pub query_api: QueryApiConfig,
+    /// Logs and request spans.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 /// A configuration error; the message names the key (and line) or the variable.
@@ -97,27 +102,38 @@ impl Config {
         self.bus.validate().map_err(e)?;
         self.store.validate().map_err(e)?;
         self.query_api.validate().map_err(e)?;
-        let route_ids: Vec<&str> = self.gateway.routes.iter().map(|r| r.id.as_str()).collect();
+        self.telemetry.validate().map_err(e)?;
         for (name, plan) in &self.plans {
-            if let Some(pricing) = &plan.pricing {
-                if pricing.currency.len() != 3
-                    || !pricing.currency.bytes().all(|b| b.is_ascii_uppercase())
-                {
-                    return Err(e(format!(
-                        "plans.{name}.pricing.currency: `{}` is not an ISO 4217 code like USD",
-                        pricing.currency
-                    )));
-                }
-                for route in pricing.charges.keys() {
-                    if route != "default" && !route_ids.contains(&route.as_str()) {
-                        tracing::warn!(
-                            "plans.{name}.pricing.charges.{route}: no route with id `{route}` in gateway.routes; this charge applies to nothing"
-                        );
-                    }
-                }
+            if let Some(pricing) = &plan.pricing
+                && (pricing.currency.len() != 3
+                    || !pricing.currency.bytes().all(|b| b.is_ascii_uppercase()))
+            {
+                return Err(e(format!(
+                    "plans.{name}.pricing.currency: `{}` is not an ISO 4217 code like USD",
+                    pricing.currency
+                )));
             }
         }
         Ok(())
+    }
+
+    /// What is valid but probably not meant (logged at start-up, printed by `check-config`).
+    pub fn warnings(&self) -> Vec<String> {
+        let route_ids: Vec<&str> = self.gateway.routes.iter().map(|r| r.id.as_str()).collect();
+        let mut out = Vec::new();
+        for (name, plan) in &self.plans {
+            let Some(pricing) = &plan.pricing else {
+                continue;
+            };
+            for route in pricing.charges.keys() {
+                if route != "default" && !route_ids.contains(&route.as_str()) {
+                    out.push(format!(
+                        "plans.{name}.pricing.charges.{route}: no route with id `{route}` in gateway.routes; this charge applies to nothing"
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// Puts every data folder the configuration leaves unset under `data_dir`.

@@ -5,6 +5,7 @@ mod admin;
 mod alloc;
 mod config;
 mod demo;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -84,15 +85,14 @@ fn main() -> ExitCode {
     ) {
         alloc::limit_arenas();
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    // Logging starts once the configuration (which says how to log) is read; errors before
+    // that are printed as they are.
     let result = match cli.command {
         Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(_) => {
+            Ok(config) => {
+                for w in config.warnings() {
+                    eprintln!("warning: {w}");
+                }
                 println!("{}: ok", file.display());
                 return ExitCode::SUCCESS;
             }
@@ -106,15 +106,30 @@ fn main() -> ExitCode {
             config,
             demo,
             data_dir,
-        } => run_process(up(config, demo, data_dir)),
+        } => config
+            .as_deref()
+            .map(Config::load)
+            .transpose()
+            .map_err(anyhow::Error::from)
+            .and_then(|loaded| {
+                start_logging(loaded.as_ref());
+                run_process(up(loaded, config, demo, data_dir))
+            }),
         Command::Gateway { config, data_dir } => load_part(&config, &data_dir, Part::Gateway)
-            .and_then(|c| run_process(gateway(c, config, data_dir))),
-        Command::Collector { config, data_dir } => {
-            load_part(&config, &data_dir, Part::Collector).and_then(|c| run_process(collector(c)))
-        }
-        Command::QueryApi { config, data_dir } => {
-            load_part(&config, &data_dir, Part::QueryApi).and_then(|c| run_process(query_api(c)))
-        }
+            .and_then(|c| {
+                start_logging(Some(&c));
+                run_process(gateway(c, config, data_dir))
+            }),
+        Command::Collector { config, data_dir } => load_part(&config, &data_dir, Part::Collector)
+            .and_then(|c| {
+                start_logging(Some(&c));
+                run_process(collector(c))
+            }),
+        Command::QueryApi { config, data_dir } => load_part(&config, &data_dir, Part::QueryApi)
+            .and_then(|c| {
+                start_logging(Some(&c));
+                run_process(query_api(c))
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -126,6 +141,15 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Starts logging as `config` says (the default without one), then logs its warnings.
+fn start_logging(config: Option<&Config>) {
+    let format = config.map_or(Default::default(), |c| c.telemetry.log_format);
+    telemetry::init_logging(format);
+    for w in config.map(Config::warnings).unwrap_or_default() {
+        tracing::warn!("{w}");
     }
 }
 
@@ -261,6 +285,7 @@ async fn gateway(
     )
     .await
     .map_err(gateway_error)?;
+    let (gateway, spans) = with_span_export(gateway, &config)?;
     // The gateway holds what it needs of the consumers (key digests, identities, limits); the
     // configuration's own list is not needed again (a reload reads the file anew). With 100,000
     // consumers it is tens of megabytes.
@@ -293,7 +318,22 @@ async fn gateway(
     stop.cancel();
     let _ = serving.await;
     let _ = admin.await;
+    if let Some(spans) = spans {
+        spans.shutdown();
+    }
     Ok(())
+}
+
+/// The gateway with its request spans exported, when `telemetry.otlp` asks for it.
+fn with_span_export(
+    gateway: tollgate_gateway::Gateway,
+    config: &Config,
+) -> anyhow::Result<(tollgate_gateway::Gateway, Option<telemetry::SpanExport>)> {
+    let Some(otlp) = &config.telemetry.otlp else {
+        return Ok((gateway, None));
+    };
+    let export = telemetry::export_spans(otlp, &config.gateway.instance_id())?;
+    Ok((gateway.with_tracer(export.tracer.clone()), Some(export)))
 }
 
 async fn collector(config: Config) -> anyhow::Result<()> {
@@ -469,10 +509,13 @@ fn demo_config(demo_upstream: Option<std::net::SocketAddr>) -> Result<Config, Co
     )
 }
 
-async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyhow::Result<()> {
+async fn up(
+    from_file: Option<Config>,
+    config_path: Option<PathBuf>,
+    demo: bool,
+    data_dir: PathBuf,
+) -> anyhow::Result<()> {
     let stop_traffic = CancellationToken::new();
-    // A configuration file is read and validated once, before anything starts.
-    let from_file = config_path.as_deref().map(Config::load).transpose()?;
     let demo_upstream = if demo {
         Some(
             demo::start_upstream(stop_traffic.clone())
@@ -513,6 +556,7 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
     )
     .await
     .map_err(gateway_error)?;
+    let (gateway, spans) = with_span_export(gateway, &config)?;
     let gateway_addr = gateway.local_addr();
 
     // The gateway is built: the consumers move to the query API (with 100,000 of them, a copy
@@ -585,6 +629,9 @@ async fn up(config_path: Option<PathBuf>, demo: bool, data_dir: PathBuf) -> anyh
     let _ = compactor.await;
     stop_api.cancel();
     let _ = api.await;
+    if let Some(spans) = spans {
+        spans.shutdown();
+    }
     match collected {
         Ok(r) => r.context("collector")?,
         Err(e) => anyhow::bail!("collector task failed: {e}"),

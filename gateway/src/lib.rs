@@ -30,6 +30,7 @@ mod reload;
 pub mod router;
 #[cfg(feature = "tls")]
 mod tls;
+pub mod trace;
 mod upstream;
 
 use std::collections::{BTreeMap, HashMap};
@@ -117,6 +118,8 @@ pub struct Gateway {
     metrics: GatewayMetrics,
     publisher: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     feed: Option<quota_feed::QuotaFeed>,
+    /// Makes request spans, when they are exported (`with_tracer`).
+    tracer: Option<trace::Tracer>,
 }
 
 /// How long a worker holds its first buffered event before handing the buffer on: bounds what
@@ -206,7 +209,14 @@ impl Gateway {
             metrics,
             publisher: Box::pin(publisher),
             feed,
+            tracer: None,
         })
+    }
+
+    /// Records a span per request and per phase with `tracer` (see `trace`).
+    pub fn with_tracer(mut self, tracer: trace::Tracer) -> Gateway {
+        self.tracer = Some(tracer);
+        self
     }
 
     /// The address actually bound (useful with port 0).
@@ -237,6 +247,7 @@ impl Gateway {
             metrics,
             publisher,
             feed,
+            tracer,
         } = self;
         let publisher = tokio::spawn(publisher);
         live.start(shutdown.clone());
@@ -251,6 +262,7 @@ impl Gateway {
                 live: live.clone(),
                 events: events::LocalSink::new(sink.clone(), worker_batch),
                 metrics: metrics.clone(),
+                tracer: tracer.clone(),
                 shutdown: shutdown.clone(),
             };
             let (done, finished) = tokio::sync::oneshot::channel::<()>();
@@ -286,6 +298,7 @@ struct WorkerStart {
     live: Arc<reload::Live>,
     events: events::LocalSink,
     metrics: GatewayMetrics,
+    tracer: Option<trace::Tracer>,
     shutdown: CancellationToken,
 }
 
@@ -303,6 +316,7 @@ async fn serve(listener: std::net::TcpListener, start: WorkerStart) {
         live,
         events,
         metrics,
+        tracer,
         shutdown,
     } = start;
     // This worker's own cancellation node: each connection waiting for its next request
@@ -314,7 +328,7 @@ async fn serve(listener: std::net::TcpListener, start: WorkerStart) {
             .clone()
             .run_flusher(WORKER_LINGER, stop_flusher.clone()),
     );
-    let slot = Arc::new(reload::WorkerSlot::new(live, events, metrics));
+    let slot = Arc::new(reload::WorkerSlot::new(live, events, metrics, tracer));
     let tracker = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {

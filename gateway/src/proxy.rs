@@ -15,13 +15,13 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::StatusCode;
+use opentelemetry::trace::{SpanContext, TraceContextExt};
 use tokio_util::sync::CancellationToken;
 use tollgate_schemas::Outcome;
-use tollgate_schemas::event::is_lower_hex;
 
 use crate::Shared;
 use crate::auth::Identity;
@@ -30,13 +30,13 @@ use crate::config::WhenStale;
 use crate::conn::{self, After, Broken, Pool, Side};
 use crate::h1::{self, Fields, Framing, Parsed, RequestHead, ResponseHead, put_field};
 use crate::limits::{Reservation, Staleness};
-use crate::recorder::{Draft, Measured, Recorder, TraceId};
+use crate::recorder::{Draft, Measured, Recorder};
+use crate::trace::{self, RequestSpans};
 use crate::upstream::{Target, Upstream};
 
 /// Identity header only the gateway may set.
 const CONSUMER_HEADER: &str = "x-tollgate-consumer";
 const REQUEST_ID: &str = "x-request-id";
-const TRACEPARENT: &str = "traceparent";
 const FORWARDED_FOR: &str = "x-forwarded-for";
 
 /// The longest client-sent `x-request-id` passed on; a longer one is replaced by the event id.
@@ -49,43 +49,6 @@ fn is(name: &[u8], wanted: &str) -> bool {
 /// Whether `v` can be sent as a header value as it is (visible ASCII, spaces and tabs).
 fn is_field_value(v: &[u8]) -> bool {
     v.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b))
-}
-
-/// A W3C `traceparent`'s trace id, when the header is well formed.
-fn trace_id_of(fields: &Fields) -> Option<TraceId> {
-    let v = std::str::from_utf8(fields.get(TRACEPARENT)?).ok()?;
-    let mut parts = v.split('-');
-    let (version, trace, span, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some()
-        || !is_lower_hex(version, 2)
-        || !is_lower_hex(span, 16)
-        || !is_lower_hex(flags, 2)
-    {
-        return None;
-    }
-    TraceId::parse(trace)
-}
-
-/// Writes `v` as `out.len()` lowercase hex digits (the low bits of `v`).
-fn write_hex(out: &mut [u8], mut v: u128) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in out.iter_mut().rev() {
-        *b = DIGITS[(v & 0xf) as usize];
-        v >>= 4;
-    }
-}
-
-/// A new W3C `traceparent` (sampled) and its trace id. Neither id is zero.
-fn new_traceparent() -> ([u8; 55], TraceId) {
-    let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
-    write_hex(&mut buf[3..35], rand::random::<u128>() | 1);
-    write_hex(&mut buf[36..52], u128::from(rand::random::<u64>() | 1));
-    let trace = std::str::from_utf8(&buf[3..35])
-        .ok()
-        .and_then(TraceId::parse)
-        .expect("a non-zero hex id");
-    (buf, trace)
 }
 
 /// Appends `x-forwarded-for` with `peer` after what the client sent.
@@ -229,8 +192,14 @@ pub struct Ctx<'w> {
     body: BodyRead,
     /// A body that arrived whole, kept until the answer in case the request is sent again.
     staged_body: Option<Bytes>,
-    /// The `traceparent` the gateway made for this request, sent again on a retry.
-    traceparent: Option<[u8; 55]>,
+    /// The request's spans, when the gateway records them (`telemetry.otlp`).
+    spans: Option<RequestSpans>,
+    /// Whether the caller sent a well-formed `traceparent` (passed on as it is when the
+    /// gateway records no spans).
+    caller_trace: bool,
+    /// The trace the gateway started for a caller without one (and no spans of its own), sent
+    /// again on a retry.
+    new_root: Option<SpanContext>,
     req_bytes: u64,
     resp_bytes: u64,
 }
@@ -247,11 +216,47 @@ impl Drop for Ctx<'_> {
             req_bytes: self.req_bytes,
             resp_bytes: self.resp_bytes,
         };
-        self.recorder.record(self.route, &self.event, measured);
+        self.recorder
+            .record(self.route, &self.event, measured, self.spans.take());
     }
 }
 
 impl Ctx<'_> {
+    /// When a phase starts, if its span is recorded.
+    fn phase_start(&self) -> Option<SystemTime> {
+        self.spans
+            .as_ref()
+            .filter(|s| s.recording())
+            .map(|_| SystemTime::now())
+    }
+
+    /// Records phase `name`, started at `start` (see `phase_start`).
+    fn phase_end(&self, name: &'static str, start: Option<SystemTime>) {
+        if let (Some(spans), Some(start)) = (&self.spans, start) {
+            spans.phase(name, start);
+        }
+    }
+
+    /// Writes the trace context the upstream receives: the gateway's upstream span as parent
+    /// when it records spans; else, for a caller that sent none, a trace the gateway starts
+    /// (the same on a retry). A caller's own `traceparent` is passed on with its other fields.
+    fn put_trace_context(&mut self, target: &Target, out: &mut Vec<u8>) {
+        if let Some(spans) = &mut self.spans {
+            let parent = spans.start_upstream(&target.authority);
+            trace::inject(&parent, out);
+        } else if !self.caller_trace {
+            let root = match &self.new_root {
+                Some(r) => r.clone(),
+                None => {
+                    let r = trace::new_root();
+                    self.event.trace_id = trace::trace_id(&r);
+                    self.new_root.insert(r).clone()
+                }
+            };
+            trace::inject(&root, out);
+        }
+    }
+
     /// Appends `x-request-id`: the client's, or the event id.
     fn put_request_id(&self, out: &mut Vec<u8>) {
         self.with_request_id(|id| put_field(out, REQUEST_ID.as_bytes(), id));
@@ -320,8 +325,15 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Result<After, Rejection> {
         let (index, route) = self.route(ctx, head)?;
-        let identity = self.authenticate(index, &head.fields).await?;
-        self.admit(ctx, identity)?;
+        let t = ctx.phase_start();
+        let identity = self.authenticate(index, &head.fields).await;
+        ctx.phase_end("auth", t);
+        let t = ctx.phase_start();
+        let admitted = identity.and_then(|identity| self.admit(ctx, identity));
+        if ctx.event.identity.is_some() {
+            ctx.phase_end("limits", t);
+        }
+        admitted?;
         if let Framing::Length(n) = head.framing
             && n > self.shared.timeouts.max_body
         {
@@ -362,10 +374,13 @@ impl Worker {
             let attempt = upstream
                 .try_timeout
                 .map_or(deadline, |t| deadline.min(tokio::time::Instant::now() + t));
-            match self
+            let answered = self
                 .forward(ctx, client, head, target, conn, out, started, attempt)
-                .await
-            {
+                .await;
+            if let Some(spans) = &mut ctx.spans {
+                spans.end_upstream(answered.as_ref().ok().map(|(r, _)| r.status.as_u16()));
+            }
+            match answered {
                 // An answer the upstream retries elsewhere: dropped unread (with its connection).
                 Ok((resp, _)) if upstream.retries_status(resp.status) && may_retry(ctx, avoid) => {
                     tracing::debug!(route = ?ctx.route, status = %resp.status, "retrying on another target");
@@ -401,6 +416,15 @@ impl Worker {
     /// The context of a request whose head just arrived (its first byte at `started`).
     fn begin(&self, head: &RequestHead, started: Instant) -> Ctx<'_> {
         let ts = chrono::Utc::now() - started.elapsed();
+        let caller = trace::extract(&head.fields);
+        let spans = self.recorder.tracer().map(|tracer| {
+            RequestSpans::start(tracer, caller.as_ref(), ts.into(), head.method.as_str())
+        });
+        let trace_id = match (&spans, &caller) {
+            (Some(s), _) => trace::trace_id(&s.server()),
+            (None, Some(cx)) => trace::trace_id(cx.span().span_context()),
+            (None, None) => None,
+        };
         Ctx {
             recorder: &self.recorder,
             start: started,
@@ -410,7 +434,7 @@ impl Worker {
                 method: head.method.clone(),
                 uri: head.uri.clone(),
                 identity: None,
-                trace_id: trace_id_of(&head.fields),
+                trace_id,
                 status: 0,
                 upstream_latency_us: None,
                 outcome: Outcome::Ok,
@@ -422,7 +446,9 @@ impl Worker {
             has_request_id: false,
             body: BodyRead::Untouched,
             staged_body: None,
-            traceparent: None,
+            spans,
+            caller_trace: caller.is_some(),
+            new_root: None,
             req_bytes: 0,
             resp_bytes: 0,
         }
@@ -545,7 +571,8 @@ impl Worker {
             .auth
             .api_key_header()
             .map(|h| h.as_str().as_bytes());
-        let new_trace = ctx.traceparent.is_some() || ctx.event.trace_id.is_none();
+        // The gateway writes the trace context itself unless it passes the caller's on.
+        let own_trace = ctx.spans.is_some() || !ctx.caller_trace;
         let mut forwarded_for = None;
         for (name, value) in head.fields.iter() {
             if head.fields.is_hop_by_hop(name)
@@ -553,7 +580,7 @@ impl Worker {
                 || is(name, CONSUMER_HEADER)
                 || is(name, REQUEST_ID)
                 || api_key.is_some_and(|k| name.eq_ignore_ascii_case(k))
-                || (new_trace && is(name, TRACEPARENT))
+                || (own_trace && (is(name, trace::TRACEPARENT) || is(name, trace::TRACESTATE)))
             {
                 continue;
             }
@@ -571,14 +598,7 @@ impl Worker {
             .filter(|v| v.len() <= MAX_REQUEST_ID);
         ctx.has_request_id = true;
         ctx.put_request_id(out);
-        if new_trace {
-            let header = *ctx.traceparent.get_or_insert_with(|| {
-                let (header, trace) = new_traceparent();
-                ctx.event.trace_id = Some(trace);
-                header
-            });
-            put_field(out, TRACEPARENT.as_bytes(), &header);
-        }
+        ctx.put_trace_context(target, out);
         if let Some(id) = &ctx.event.identity
             && is_field_value(id.consumer.as_bytes())
         {

@@ -17,6 +17,7 @@ use tollgate_schemas::{Outcome, RequestEventRef};
 use crate::auth::Identity;
 use crate::events::LocalSink;
 use crate::metrics::{GatewayMetrics, RouteMetrics};
+use crate::trace::{RequestSpans, Tracer};
 
 /// A W3C trace id: 32 lowercase hex digits, held inline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +28,20 @@ impl TraceId {
     pub fn parse(s: &str) -> Option<TraceId> {
         let bytes: [u8; 32] = s.as_bytes().try_into().ok()?;
         (is_lower_hex(s, 32) && bytes.iter().any(|b| *b != b'0')).then_some(TraceId(bytes))
+    }
+
+    /// The id `v` as 32 lowercase hex digits (`None` for zero, which W3C forbids).
+    pub fn from_u128(mut v: u128) -> Option<TraceId> {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        if v == 0 {
+            return None;
+        }
+        let mut out = [b'0'; 32];
+        for b in out.iter_mut().rev() {
+            *b = DIGITS[(v & 0xf) as usize];
+            v >>= 4;
+        }
+        Some(TraceId(out))
     }
 
     pub fn as_str(&self) -> &str {
@@ -65,6 +80,8 @@ pub struct Recorder {
     /// By route position; the last one is for requests no route matched.
     routes: Vec<RouteMetrics>,
     events: LocalSink,
+    /// Makes the requests' spans (`telemetry.otlp`).
+    tracer: Option<Tracer>,
 }
 
 impl Recorder {
@@ -74,6 +91,7 @@ impl Recorder {
         metrics: &GatewayMetrics,
         route_ids: impl Iterator<Item = &'a str>,
         events: LocalSink,
+        tracer: Option<Tracer>,
     ) -> Recorder {
         let route_ids: Vec<String> = route_ids.map(str::to_string).collect();
         let mut routes: Vec<RouteMetrics> = route_ids.iter().map(|id| metrics.route(id)).collect();
@@ -83,11 +101,30 @@ impl Recorder {
             route_ids,
             routes,
             events,
+            tracer,
         }
     }
 
-    /// Counts a finished request under its route (`None`: no route matched) and emits its event.
-    pub fn record(&self, route: Option<usize>, draft: &Draft, m: Measured) {
+    /// The tracer requests make their spans with, when spans are exported.
+    pub fn tracer(&self) -> Option<&Tracer> {
+        self.tracer.as_ref()
+    }
+
+    /// Counts a finished request under its route (`None`: no route matched), ends its spans
+    /// and emits its event.
+    pub fn record(
+        &self,
+        route: Option<usize>,
+        draft: &Draft,
+        m: Measured,
+        spans: Option<RequestSpans>,
+    ) {
+        let route_id = route
+            .and_then(|i| self.route_ids.get(i))
+            .map(String::as_str);
+        if let Some(spans) = spans {
+            spans.finish(route_id, draft);
+        }
         let none = self.routes.len() - 1;
         let metrics = &self.routes[route.unwrap_or(none).min(none)];
         metrics.observe(draft.outcome, m.elapsed.as_secs_f64());
@@ -96,9 +133,7 @@ impl Recorder {
             id: draft.id,
             ts: draft.ts,
             gateway: &self.gateway,
-            route: route
-                .and_then(|i| self.route_ids.get(i))
-                .map(String::as_str),
+            route: route_id,
             method: draft.method.as_str(),
             path: draft.uri.path(),
             status: draft.status,
@@ -127,5 +162,14 @@ mod tests {
         assert!(TraceId::parse(&id.to_uppercase()).is_none());
         assert!(TraceId::parse(&id[1..]).is_none());
         assert!(TraceId::parse(&format!("{id}0")).is_none());
+        assert_eq!(
+            TraceId::from_u128(0x0af7651916cd43dd8448eb211c80319c).unwrap(),
+            TraceId::parse(id).unwrap()
+        );
+        assert_eq!(
+            TraceId::from_u128(1).unwrap().as_str(),
+            format!("{:032x}", 1)
+        );
+        assert!(TraceId::from_u128(0).is_none());
     }
 }

@@ -249,6 +249,7 @@ pub(crate) struct WorkerSlot {
     current: Mutex<(u64, Arc<crate::proxy::Worker>)>,
     events: crate::events::LocalSink,
     metrics: GatewayMetrics,
+    tracer: Option<crate::trace::Tracer>,
 }
 
 impl WorkerSlot {
@@ -256,14 +257,16 @@ impl WorkerSlot {
         live: Arc<Live>,
         events: crate::events::LocalSink,
         metrics: GatewayMetrics,
+        tracer: Option<crate::trace::Tracer>,
     ) -> WorkerSlot {
         let (generation, shared) = live.current();
-        let worker = Self::build(shared, &events, &metrics);
+        let worker = Self::build(shared, &events, &metrics, &tracer);
         WorkerSlot {
             live,
             current: Mutex::new((generation, Arc::new(worker))),
             events,
             metrics,
+            tracer,
         }
     }
 
@@ -271,12 +274,14 @@ impl WorkerSlot {
         shared: Arc<Shared>,
         events: &crate::events::LocalSink,
         metrics: &GatewayMetrics,
+        tracer: &Option<crate::trace::Tracer>,
     ) -> crate::proxy::Worker {
         let recorder = crate::recorder::Recorder::new(
             &shared.gateway_id,
             metrics,
             shared.router.ids(),
             events.clone(),
+            tracer.clone(),
         );
         crate::proxy::Worker {
             pool: crate::conn::Pool::new(shared.targets),
@@ -299,7 +304,12 @@ impl WorkerSlot {
             let (generation, shared) = self.live.current();
             *current = (
                 generation,
-                Arc::new(Self::build(shared, &self.events, &self.metrics)),
+                Arc::new(Self::build(
+                    shared,
+                    &self.events,
+                    &self.metrics,
+                    &self.tracer,
+                )),
             );
         }
         current.1.clone()

@@ -1,4 +1,4 @@
-//! The phases' pure parts: ids, trace context, forwarding headers, outcomes, own answers.
+//! The phases' pure parts: ids, forwarding headers, outcomes, own answers.
 
 use super::answer::classify;
 use super::*;
@@ -14,44 +14,6 @@ fn event_ids_are_distinct_uuid_v7_carrying_the_request_time() {
     assert_eq!(
         secs as i64 * 1000 + i64::from(nanos / 1_000_000),
         ts.timestamp_millis()
-    );
-}
-
-fn fields(text: &str) -> Fields {
-    let mut buf =
-        bytes::BytesMut::from(format!("GET / HTTP/1.1\r\nHost: a\r\n{text}\r\n").as_bytes());
-    match h1::parse_request(&mut buf).unwrap() {
-        Parsed::Head(h) => h.fields,
-        Parsed::Partial => panic!("partial"),
-    }
-}
-
-#[test]
-fn traceparent_is_read_only_when_well_formed_and_new_ones_are_valid() {
-    let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    assert_eq!(
-        trace_id_of(&fields(&format!("traceparent: {good}\r\n")))
-            .as_ref()
-            .map(TraceId::as_str),
-        Some("0af7651916cd43dd8448eb211c80319c")
-    );
-    for bad in [
-        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
-        "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
-        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
-        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-ff",
-    ] {
-        assert_eq!(
-            trace_id_of(&fields(&format!("traceparent: {bad}\r\n"))),
-            None,
-            "{bad}"
-        );
-    }
-    let (header, trace) = new_traceparent();
-    let header = std::str::from_utf8(&header).unwrap();
-    assert_eq!(
-        trace_id_of(&fields(&format!("traceparent: {header}\r\n"))),
-        Some(trace)
     );
 }
 

@@ -1,18 +1,24 @@
-//! `UsageQuery` over the embedded store, with DataFusion SQL over one snapshot of the store:
+//! `UsageQuery` over the embedded store, with DataFusion plans over one snapshot of the store:
 //! `events` (the Parquet files overlapping the window plus the in-memory batches), `mem_events`
 //! (the in-memory batches alone) and one table per rollup kind (`usage_1m`, `usage_1h`,
 //! `usage_1d`, `latency_1m`, `route_sketch_1m`, `route_sketch_1h`). As with ClickHouse, a
 //! window is cut by `time::plan`: aligned days, hours and minutes are read from the coarsest
 //! rollup that has them (plus the not yet flushed events, which have no rollups yet), the partial
-//! minutes at its edges from raw events. Window bounds and filters are bound as typed
-//! parameters, never spliced into the SQL.
+//! minutes at its edges from raw events.
+//!
+//! The plans are built with DataFusion's `DataFrame` API (filter, then aggregate), not SQL
+//! text: the queries are a handful of fixed shapes, window bounds and filters are typed
+//! literals, and leaving out DataFusion's SQL front end (`sqlparser`, `datafusion-sql`) takes
+//! a long serial chain out of the demo's first build.
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, AsArray, Int64Array, RecordBatch, StringArray};
-use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::ScalarValue;
-use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+use datafusion::functions_aggregate::expr_fn::sum;
+use datafusion::prelude::{
+    Expr, ParquetReadOptions, SessionConfig, SessionContext, cast, col, lit,
+};
 
 use super::manifest::FileKind;
 use super::{ParquetStore, rollup};
@@ -36,10 +42,19 @@ enum Source {
 
 impl Source {
     /// The time column as microseconds.
-    fn time(self) -> &'static str {
+    fn time(self) -> Expr {
         match self {
-            Source::Rollup(kind) => kind.period().map_or("minute_us", |(t, _)| t),
-            _ => "CAST(ts AS BIGINT)",
+            Source::Rollup(kind) => col(kind.period().map_or("minute_us", |(t, _)| t)),
+            _ => rollup::ts_us(),
+        }
+    }
+
+    /// The table registered for this source.
+    fn table(self) -> &'static str {
+        match self {
+            Source::Rollup(kind) => kind.prefix(),
+            Source::Memory => "mem_events",
+            Source::Raw => "events",
         }
     }
 
@@ -48,14 +63,14 @@ impl Source {
     }
 }
 
-/// SQL expression of each group key.
-fn key_expr(k: GroupKey, source: Source) -> String {
+/// The expression of each group key.
+fn key_expr(k: GroupKey, source: Source) -> Expr {
     match k {
-        GroupKey::Consumer => "consumer".into(),
-        GroupKey::Route => "route".into(),
-        GroupKey::Plan => "plan".into(),
-        GroupKey::Status => "CAST(status AS BIGINT)".into(),
-        GroupKey::Day => format!("{} / {DAY_US}", source.time()),
+        GroupKey::Consumer => col("consumer"),
+        GroupKey::Route => col("route"),
+        GroupKey::Plan => col("plan"),
+        GroupKey::Status => cast(col("status"), DataType::Int64),
+        GroupKey::Day => source.time() / lit(DAY_US),
     }
 }
 
@@ -89,25 +104,26 @@ fn plan(
     out
 }
 
-/// `WHERE` clause and its parameters for a filter over `[from, to)` of `source`.
-fn where_clause(f: &Filter, source: Source, from: i64, to: i64) -> (String, Vec<ScalarValue>) {
-    let (mut params, mut sql) = if source.is_raw() {
-        let ts = |v| ScalarValue::TimestampMicrosecond(Some(v), Some("UTC".into()));
-        (vec![ts(from), ts(to)], "ts >= $1 AND ts < $2".to_string())
+/// The filter of `f` over `[from, to)` of `source`.
+fn where_clause(f: &Filter, source: Source, from: i64, to: i64) -> Expr {
+    let mut cond = if source.is_raw() {
+        let ts = |v| {
+            lit(ScalarValue::TimestampMicrosecond(
+                Some(v),
+                Some("UTC".into()),
+            ))
+        };
+        col("ts").gt_eq(ts(from)).and(col("ts").lt(ts(to)))
     } else {
         let t = source.time();
-        (
-            vec![ScalarValue::Int64(Some(from)), ScalarValue::Int64(Some(to))],
-            format!("{t} >= $1 AND {t} < $2"),
-        )
+        t.clone().gt_eq(lit(from)).and(t.lt(lit(to)))
     };
-    for (col, value) in [("consumer", &f.consumer), ("route", &f.route)] {
+    for (name, value) in [("consumer", &f.consumer), ("route", &f.route)] {
         if let Some(v) = value {
-            params.push(ScalarValue::Utf8(Some(v.clone())));
-            sql.push_str(&format!(" AND {col} = ${}", params.len()));
+            cond = cond.and(col(name).eq(lit(v.as_str())));
         }
     }
-    (sql, params)
+    cond
 }
 
 /// One consistent view of the store for a query.
@@ -118,13 +134,17 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    async fn run(
+    /// `source`'s rows that match `cond`, grouped by `group`: the group columns in order, then
+    /// `sums`.
+    async fn aggregate(
         &self,
-        sql: &str,
-        params: Vec<ScalarValue>,
+        source: Source,
+        cond: Expr,
+        group: Vec<Expr>,
+        sums: Vec<Expr>,
     ) -> Result<Vec<RecordBatch>, StoreError> {
-        let df = self.ctx.sql(sql).await?.with_param_values(params)?;
-        Ok(df.collect().await?)
+        let df = self.ctx.table(source.table()).await?.filter(cond)?;
+        Ok(df.aggregate(group, sums)?.collect().await?)
     }
 }
 
@@ -214,31 +234,48 @@ fn add_sketches(
     Ok(())
 }
 
-fn column_as(
+/// Column `i` of a query result, cast to `to`.
+fn column_at(
     batch: &RecordBatch,
-    name: &str,
+    i: usize,
     to: &DataType,
 ) -> Result<std::sync::Arc<dyn Array>, StoreError> {
-    let c = batch
-        .column_by_name(name)
-        .ok_or_else(|| StoreError::Corrupt(format!("query result has no column {name}")))?;
-    cast(c, to).map_err(|e| StoreError::Corrupt(e.to_string()))
+    if i >= batch.num_columns() {
+        return Err(StoreError::Corrupt(format!(
+            "query result has no column {i}"
+        )));
+    }
+    datafusion::arrow::compute::cast(batch.column(i), to)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+fn i64s_at(batch: &RecordBatch, i: usize) -> Result<Int64Array, StoreError> {
+    let a = column_at(batch, i, &DataType::Int64)?;
+    Ok(a.as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+        .clone())
+}
+
+fn strs_at(batch: &RecordBatch, i: usize) -> Result<StringArray, StoreError> {
+    let a = column_at(batch, i, &DataType::Utf8)?;
+    Ok(a.as_string::<i32>().clone())
+}
+
+/// Column `name` of a query result, as `i64s_at`.
 fn i64s(batch: &RecordBatch, name: &str) -> Result<Int64Array, StoreError> {
-    let a = column_as(batch, name, &DataType::Int64)?;
-    Ok(a.as_any()
-        .downcast_ref::<Int64Array>()
-        .expect("cast to Int64")
-        .clone())
+    let i = batch
+        .schema()
+        .index_of(name)
+        .map_err(|_| StoreError::Corrupt(format!("query result has no column {name}")))?;
+    i64s_at(batch, i)
 }
 
+/// Column `name` of a query result, as `strs_at`.
 fn strs(batch: &RecordBatch, name: &str) -> Result<StringArray, StoreError> {
-    let a = column_as(batch, name, &DataType::Utf8)?;
-    Ok(a.as_any()
-        .downcast_ref::<StringArray>()
-        .expect("cast to Utf8")
-        .clone())
+    let i = batch
+        .schema()
+        .index_of(name)
+        .map_err(|_| StoreError::Corrupt(format!("query result has no column {name}")))?;
+    strs_at(batch, i)
 }
 
 /// The group key value of row `i` of a key column.
@@ -288,46 +325,17 @@ impl UsageQuery for ParquetStore {
         let mut sums = UsageSums::default();
         let kinds = [FileKind::Usage1d, FileKind::Usage1h, FileKind::Usage1m];
         for (source, from, to) in plan(filter.from_us, filter.to_us, None, &kinds, &snap.complete) {
-            let (cond, params) = where_clause(filter, source, from, to);
-            let keys: Vec<String> = group_by
-                .iter()
-                .enumerate()
-                .map(|(i, k)| format!("{} AS k{i}", key_expr(*k, source)))
-                .collect();
-            let group: Vec<String> = group_by.iter().map(|k| key_expr(*k, source)).collect();
-            let mut select = keys.join(", ");
-            if !select.is_empty() {
-                select.push_str(", ");
-            }
-            let (table, sums_sql) = match source {
-                Source::Rollup(kind) => (
-                    kind.prefix(),
-                    "SUM(requests) AS requests, SUM(billable_requests) AS billable_requests, \
-                     SUM(req_bytes) AS req_bytes, SUM(resp_bytes) AS resp_bytes",
-                ),
-                raw => (
-                    if raw == Source::Memory {
-                        "mem_events"
-                    } else {
-                        "events"
-                    },
-                    "COUNT(*) AS requests, SUM(CASE WHEN billable THEN 1 ELSE 0 END) AS billable_requests, \
-                     SUM(CAST(req_bytes AS BIGINT)) AS req_bytes, SUM(CAST(resp_bytes AS BIGINT)) AS resp_bytes",
-                ),
+            let cond = where_clause(filter, source, from, to);
+            let group: Vec<Expr> = group_by.iter().map(|k| key_expr(*k, source)).collect();
+            let totals = match source {
+                Source::Rollup(_) => rollup::usage_sums_of_rollups(),
+                _ => rollup::usage_sums_of_events()?,
             };
-            let sql = format!(
-                "SELECT {select}{sums_sql} FROM {table} WHERE {cond}{}",
-                if group.is_empty() {
-                    String::new()
-                } else {
-                    format!(" GROUP BY {}", group.join(", "))
-                }
-            );
-            for b in snap.run(&sql, params).await? {
-                let requests = i64s(&b, "requests")?;
-                let billable = i64s(&b, "billable_requests")?;
-                let req = i64s(&b, "req_bytes")?;
-                let resp = i64s(&b, "resp_bytes")?;
+            let n = group_by.len();
+            for b in snap.aggregate(source, cond, group, totals).await? {
+                let [requests, billable, req, resp] =
+                    [n, n + 1, n + 2, n + 3].map(|i| i64s_at(&b, i));
+                let (requests, billable, req, resp) = (requests?, billable?, req?, resp?);
                 let key_cols: Vec<(GroupKey, std::sync::Arc<dyn Array>)> = group_by
                     .iter()
                     .enumerate()
@@ -337,12 +345,12 @@ impl UsageQuery for ParquetStore {
                         } else {
                             DataType::Utf8
                         };
-                        Ok((*k, column_as(&b, &format!("k{i}"), &ty)?))
+                        Ok((*k, column_at(&b, i, &ty)?))
                     })
                     .collect::<Result<_, StoreError>>()?;
                 for i in 0..b.num_rows() {
                     if nonneg(&requests, i) == 0 {
-                        continue; // an aggregate over no rows (no GROUP BY, empty window)
+                        continue; // an aggregate over no rows (no grouping, empty window)
                     }
                     let keys = key_cols
                         .iter()
@@ -377,56 +385,53 @@ impl UsageQuery for ParquetStore {
             ]
         };
         for (source, from, to) in plan(f.from_us, f.to_us, q.step_us, kinds, &snap.complete) {
-            let (cond, params) = where_clause(f, source, from, to);
+            let cond = where_clause(f, source, from, to);
             if let Source::Rollup(kind) = source
                 && rollup::is_sketch(kind)
             {
-                let sql = format!(
-                    "SELECT route, {} AS t, errors, sketch FROM {} WHERE {cond}",
-                    source.time(),
-                    kind.prefix()
-                );
-                for b in snap.run(&sql, params).await? {
+                let df = snap
+                    .ctx
+                    .table(source.table())
+                    .await?
+                    .filter(cond)?
+                    .select(vec![
+                        col("route"),
+                        source.time().alias("t"),
+                        col("errors"),
+                        col("sketch"),
+                    ])?;
+                for b in df.collect().await? {
                     add_sketches(&mut groups, &b, &bucket_t)?;
                 }
                 continue;
             }
-            let time = source.time();
             let t = match q.step_us {
-                Some(step) => format!("({time} / {step}) * {step}"),
-                None => format!("CAST({} AS BIGINT)", f.from_us),
+                Some(step) => rollup::period_of(source.time(), step),
+                None => lit(f.from_us),
             };
             let consumer = if q.by_consumer {
-                "consumer"
+                col("consumer")
             } else {
-                "CAST(NULL AS VARCHAR)"
+                lit(ScalarValue::Utf8(None))
             };
-            let sql = match source {
-                Source::Rollup(kind) => format!(
-                    "SELECT route, {consumer} AS consumer, {t} AS t, bucket, SUM(n) AS n, \
-                     SUM(errors) AS errors FROM {} WHERE {cond} GROUP BY 1, 2, 3, 4",
-                    kind.prefix()
+            let (cond, bucket, totals) = match source {
+                Source::Rollup(_) => (
+                    cond,
+                    col("bucket"),
+                    vec![sum(col("n")).alias("n"), sum(col("errors")).alias("errors")],
                 ),
-                raw => format!(
-                    "SELECT route, {consumer} AS consumer, {t} AS t, {} AS bucket, COUNT(*) AS n, \
-                     SUM(CASE WHEN status >= 500 THEN 1 ELSE 0 END) AS errors \
-                     FROM {} WHERE {cond} AND route IS NOT NULL AND upstream_latency_us IS NOT NULL \
-                     GROUP BY 1, 2, 3, 4",
-                    rollup::bucket_sql(),
-                    if raw == Source::Memory {
-                        "mem_events"
-                    } else {
-                        "events"
-                    },
+                _ => (
+                    cond.and(rollup::has_latency()),
+                    rollup::bucket_expr()?,
+                    rollup::latency_sums_of_events()?,
                 ),
             };
-            for b in snap.run(&sql, params).await? {
-                let route = strs(&b, "route")?;
-                let consumer = strs(&b, "consumer")?;
-                let t = i64s(&b, "t")?;
-                let bucket = i64s(&b, "bucket")?;
-                let n = i64s(&b, "n")?;
-                let errors = i64s(&b, "errors")?;
+            let group = vec![col("route"), consumer, t, bucket];
+            for b in snap.aggregate(source, cond, group, totals).await? {
+                let route = strs_at(&b, 0)?;
+                let consumer = strs_at(&b, 1)?;
+                let [t, bucket, n, errors] = [2, 3, 4, 5].map(|i| i64s_at(&b, i));
+                let (t, bucket, n, errors) = (t?, bucket?, n?, errors?);
                 for i in 0..b.num_rows() {
                     groups.add(
                         route.value(i),

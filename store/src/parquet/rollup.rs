@@ -23,7 +23,11 @@ use datafusion::arrow::array::{
 use datafusion::arrow::datatypes::{
     DataType, Field, Schema, SchemaRef, TimestampMicrosecondType, UInt16Type, UInt64Type,
 };
-use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::functions_aggregate::count::count_all;
+use datafusion::functions_aggregate::expr_fn::sum;
+use datafusion::prelude::{
+    DataFrame, Expr, SessionConfig, SessionContext, cast, ceil, col, lit, ln, when,
+};
 use futures::StreamExt;
 
 use super::manifest::FileKind;
@@ -170,52 +174,89 @@ impl RouteSketches {
     }
 }
 
-/// The sketch bucket of `latency_us` in DataFusion SQL (as `sketch::bucket_of`).
-pub fn bucket_sql() -> String {
-    format!(
-        "CAST(ceil(ln(CAST(CASE WHEN latency_us < 1 THEN 1 ELSE latency_us END AS DOUBLE)) / {:.17}) AS BIGINT)",
-        ln_gamma()
-    )
+/// The sketch bucket of `latency_us` as a DataFusion expression (as `sketch::bucket_of`):
+/// `ceil(ln(max(latency_us, 1)) / ln(gamma))`.
+pub fn bucket_expr() -> Result<Expr, StoreError> {
+    let latency = when(col("latency_us").lt(lit(1u64)), lit(1.0f64))
+        .otherwise(cast(col("latency_us"), DataType::Float64))?;
+    Ok(cast(ceil(ln(latency) / lit(ln_gamma())), DataType::Int64))
 }
 
-/// The SQL that rolls the `events` table up into `kind` (a usage kind or `Latency1m`).
-fn rollup_sql(kind: FileKind) -> String {
-    let (time, size) = kind.period().expect("a rollup kind");
-    let period = format!("(CAST(ts AS BIGINT) / {size}) * {size}");
-    match kind {
-        FileKind::Usage1m | FileKind::Usage1h | FileKind::Usage1d => format!(
-            "SELECT {period} AS {time}, consumer, route, plan, CAST(status AS BIGINT) AS status, \
-             COUNT(*) AS requests, SUM(CASE WHEN billable THEN 1 ELSE 0 END) AS billable_requests, \
-             SUM(CAST(req_bytes AS BIGINT)) AS req_bytes, SUM(CAST(resp_bytes AS BIGINT)) AS resp_bytes \
-             FROM events GROUP BY {period}, consumer, route, plan, CAST(status AS BIGINT)"
-        ),
-        FileKind::Latency1m => {
-            let bucket = bucket_sql();
-            format!(
-                "SELECT {period} AS {time}, route, consumer, {bucket} AS bucket, COUNT(*) AS n, \
-                 SUM(CASE WHEN status >= 500 THEN 1 ELSE 0 END) AS errors \
-                 FROM events WHERE route IS NOT NULL AND upstream_latency_us IS NOT NULL \
-                 GROUP BY {period}, route, consumer, {bucket}"
-            )
-        }
-        _ => unreachable!("not an SQL rollup: {kind:?}"),
-    }
+/// `(t / size) * size`: the start of the period of `size` holding `t` (microseconds).
+pub fn period_of(t: Expr, size: i64) -> Expr {
+    (t / lit(size)) * lit(size)
 }
 
-/// Rolls up the events registered as `events` in `ctx` into one batch of `kind` (with the
-/// kind's schema).
+/// The timestamp of raw events as microseconds.
+pub fn ts_us() -> Expr {
+    cast(col("ts"), DataType::Int64)
+}
+
+/// The usage sums over raw events, in the order of the usage rollups' columns: requests,
+/// billable requests, request bytes, response bytes.
+pub fn usage_sums_of_events() -> Result<Vec<Expr>, StoreError> {
+    Ok(vec![
+        count_all().alias("requests"),
+        sum(when(col("billable"), lit(1i64)).otherwise(lit(0i64))?).alias("billable_requests"),
+        sum(cast(col("req_bytes"), DataType::Int64)).alias("req_bytes"),
+        sum(cast(col("resp_bytes"), DataType::Int64)).alias("resp_bytes"),
+    ])
+}
+
+/// The same sums over usage rollup rows (sums of sums).
+pub fn usage_sums_of_rollups() -> Vec<Expr> {
+    ["requests", "billable_requests", "req_bytes", "resp_bytes"]
+        .into_iter()
+        .map(|c| sum(col(c)).alias(c))
+        .collect()
+}
+
+/// The events that have a latency to bucket: forwarded upstream on a route.
+pub fn has_latency() -> Expr {
+    col("route")
+        .is_not_null()
+        .and(col("upstream_latency_us").is_not_null())
+}
+
+/// The latency sums over raw events: count and server errors.
+pub fn latency_sums_of_events() -> Result<Vec<Expr>, StoreError> {
+    Ok(vec![
+        count_all().alias("n"),
+        sum(when(col("status").gt_eq(lit(500u16)), lit(1i64)).otherwise(lit(0i64))?)
+            .alias("errors"),
+    ])
+}
+
+/// Rolls up the events registered as `events` in `ctx` into one batch of `kind` (a usage kind
+/// or `Latency1m`, with the kind's schema).
 pub async fn roll_up(ctx: &SessionContext, kind: FileKind) -> Result<RecordBatch, StoreError> {
-    collect_as(ctx, &rollup_sql(kind), kind).await
+    let (_, size) = kind.period().expect("a rollup kind");
+    let period = period_of(ts_us(), size);
+    let events = ctx.table("events").await?;
+    let df = match kind {
+        FileKind::Usage1m | FileKind::Usage1h | FileKind::Usage1d => events.aggregate(
+            vec![
+                period,
+                col("consumer"),
+                col("route"),
+                col("plan"),
+                cast(col("status"), DataType::Int64),
+            ],
+            usage_sums_of_events()?,
+        )?,
+        FileKind::Latency1m => events.filter(has_latency())?.aggregate(
+            vec![period, col("route"), col("consumer"), bucket_expr()?],
+            latency_sums_of_events()?,
+        )?,
+        _ => unreachable!("not a grouped rollup: {kind:?}"),
+    };
+    collect_as(df, kind).await
 }
 
-/// Runs `sql` and returns its rows as one batch with `kind`'s schema.
-async fn collect_as(
-    ctx: &SessionContext,
-    sql: &str,
-    kind: FileKind,
-) -> Result<RecordBatch, StoreError> {
+/// Collects `df` (grouped columns, then sums) as one batch with `kind`'s schema.
+async fn collect_as(df: DataFrame, kind: FileKind) -> Result<RecordBatch, StoreError> {
     let schema = schema_of(kind);
-    let batches = ctx.sql(sql).await?.collect().await?;
+    let batches = df.collect().await?;
     let batches: Vec<RecordBatch> = batches
         .into_iter()
         .map(|b| {
@@ -257,15 +298,18 @@ pub async fn roll_up_batch(
 /// A coarser usage rollup (`Usage1h`, `Usage1d`) from the `Usage1m` rows registered as
 /// `usage_minutes` in `ctx`: sums of sums.
 async fn coarsen_usage(ctx: &SessionContext, kind: FileKind) -> Result<RecordBatch, StoreError> {
-    let (time, size) = kind.period().expect("a rollup kind");
-    let period = format!("(minute_us / {size}) * {size}");
-    let sql = format!(
-        "SELECT {period} AS {time}, consumer, route, plan, status, SUM(requests) AS requests, \
-         SUM(billable_requests) AS billable_requests, SUM(req_bytes) AS req_bytes, \
-         SUM(resp_bytes) AS resp_bytes FROM usage_minutes \
-         GROUP BY {period}, consumer, route, plan, status"
-    );
-    collect_as(ctx, &sql, kind).await
+    let (_, size) = kind.period().expect("a rollup kind");
+    let df = ctx.table("usage_minutes").await?.aggregate(
+        vec![
+            period_of(col("minute_us"), size),
+            col("consumer"),
+            col("route"),
+            col("plan"),
+            col("status"),
+        ],
+        usage_sums_of_rollups(),
+    )?;
+    collect_as(df, kind).await
 }
 
 /// The rollup of `kind` over the events registered as `events` in `ctx` (streamed).
