@@ -69,7 +69,7 @@ fn dashboards_draw_charts_from_demo_traffic() {
     let base = format!("http://127.0.0.1:{api}");
 
     let dom = page(&format!("{base}/"), &shots.join("sre.png"));
-    for panel in ["p99", "p90", "p50", "rps", "eps"] {
+    for panel in ["p999", "p99", "p90", "p50", "rps", "eps"] {
         assert!(
             panel_of(&dom, panel).contains("<canvas"),
             "panel {panel} drew no chart:\n{}",
@@ -86,6 +86,27 @@ fn dashboards_draw_charts_from_demo_traffic() {
     assert!(
         dom.contains("updated "),
         "the page reported an error instead of data"
+    );
+    // The health strip reads the process's metrics: every part runs here, so each of these
+    // has a value (the quota state arrived, the collector reported its lag).
+    let health = panel_of(&dom, "health");
+    for label in [
+        "quota state age",
+        "collector lag",
+        "store freshness",
+        "event queue",
+        "events dropped",
+    ] {
+        let value = kpi(health, label);
+        assert!(
+            !value.is_empty() && value != "–" && value != "never",
+            "{label}: `{value}` in {health}"
+        );
+    }
+    assert!(
+        panel_of(&dom, "classes").contains("data-name=\"2xx\""),
+        "{}",
+        panel_of(&dom, "classes")
     );
 
     // Business: the daily trend drawn, revenue per endpoint, plan and consumer from the demo's
@@ -143,6 +164,16 @@ fn dashboards_draw_charts_from_demo_traffic() {
     );
     assert!(panel_of(&dom, "quota").contains("sign in with your API key"));
     eprintln!("screenshots in {}", shots.display());
+}
+
+/// The value shown above `label` in a strip of KPIs.
+fn kpi(html: &str, label: &str) -> String {
+    let Some(at) = html.find(&format!("<div class=\"l\">{label}</div>")) else {
+        return String::new();
+    };
+    let before = &html[..at];
+    let start = before.rfind("<div class=\"v\">").map_or(at, |i| i + 15);
+    before[start..].trim_end_matches("</div>").to_string()
 }
 
 const DEMO_ROUTES: [&str; 4] = ["orders-get", "orders-list", "search", "payments"];

@@ -379,6 +379,30 @@ async fn meters_prices_and_survives_sigkill() {
         m.contains("tollgate_collector_events_appended_total 45"),
         "{m}"
     );
+    // By status class, next to the outcomes: 27 answered, 2 refused keys, 3 upstream 503s.
+    for line in [
+        "tollgate_gateway_responses_total{route=\"fast\",class=\"2xx\"} 27",
+        "tollgate_gateway_responses_total{route=\"fast\",class=\"4xx\"} 2",
+        "tollgate_gateway_responses_total{route=\"fail\",class=\"5xx\"} 3",
+        "tollgate_gateway_request_duration_seconds_count{route=\"fast\"} 29",
+        // Every event was published (the usage is complete), so none waits.
+        "tollgate_gateway_event_queue_depth 0",
+        // Batch sizes add up to the events appended.
+        "tollgate_collector_batch_events_sum 45.0",
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line}\n{m}");
+    }
+    let newest: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_collector_newest_event_timestamp_seconds "))
+        .expect("the newest event's time")
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - 120.0..=now).contains(&newest), "{newest} vs {now}");
     assert!(
         m.contains("tollgate_query_api_requests_total{endpoint=\"/v1/usage\",status=\"401\"} 1"),
         "{m}"

@@ -342,4 +342,26 @@ async fn two_gateways_two_collectors_survive_a_sigkill_and_a_frozen_broker() {
         text.contains("tollgate_collector_events_appended_total"),
         "{text}"
     );
+    // Everything is stored: the survivor reports no lag on any partition it owns (read at its
+    // flush interval, so polled).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = http
+            .get(
+                &format!("http://127.0.0.1:{}/metrics", collector_admin[1]),
+                &[],
+            )
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&body).to_string();
+        let lags: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("tollgate_collector_lag_events{"))
+            .collect();
+        if !lags.is_empty() && lags.iter().all(|l| l.ends_with(" 0")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "collector lag stays: {lags:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

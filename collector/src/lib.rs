@@ -196,6 +196,9 @@ pub async fn run(
                     for p in &parts {
                         resume.remove(p);
                         progress.revoked(*p);
+                        metrics
+                            .lag
+                            .remove(&metrics::PartitionLabels { partition: *p });
                     }
                     if appended_since_flush {
                         progress.stored(&flush(&*store, &mut *bus, &mut dead, &metrics).await?);
@@ -262,7 +265,7 @@ pub async fn run(
                 events_since_flush = 0;
             }
             let owned: HashSet<u32> = resume.keys().copied().collect();
-            progress.step(&owned, &mut *bus, &*store).await;
+            progress.step(&owned, &mut *bus, &*store, &metrics).await;
             next_flush = Instant::now() + flush_every;
         }
     }
@@ -271,7 +274,7 @@ pub async fn run(
     }
     progress.stored(&flush(&*store, &mut *bus, &mut dead, &metrics).await?);
     let owned: HashSet<u32> = resume.keys().copied().collect();
-    progress.step(&owned, &mut *bus, &*store).await;
+    progress.step(&owned, &mut *bus, &*store, &metrics).await;
     tracing::info!("collector stopped after a final flush");
     Ok(())
 }
@@ -305,13 +308,30 @@ async fn append(
     metrics: &CollectorMetrics,
 ) -> Result<(), CollectorError> {
     let started = std::time::Instant::now();
-    store.append(batch).await?;
+    if let Err(e) = store.append(batch).await {
+        count_store_error(metrics, "append");
+        return Err(e.into());
+    }
     metrics.appended.inc_by(batch.events.len() as u64);
     metrics.batches.inc();
     metrics
         .append_seconds
         .observe(started.elapsed().as_secs_f64());
+    metrics.batch_events.observe(batch.events.len() as f64);
+    if let Some(newest) = batch.events.iter().map(|e| e.ts).max() {
+        let seconds = newest.timestamp_micros() as f64 / 1e6;
+        if seconds > metrics.newest_event.get() {
+            metrics.newest_event.set(seconds);
+        }
+    }
     Ok(())
+}
+
+fn count_store_error(metrics: &CollectorMetrics, op: &'static str) {
+    metrics
+        .store_errors
+        .get_or_create(&metrics::OpLabels { op })
+        .inc();
 }
 
 /// Makes what was appended durable and commits it; returns the store's durable checkpoint.
@@ -323,7 +343,10 @@ async fn flush(
 ) -> Result<Checkpoint, CollectorError> {
     let started = std::time::Instant::now();
     dead.sync().await.map_err(CollectorError::DeadLetter)?;
-    let durable = store.flush().await?;
+    let durable = store
+        .flush()
+        .await
+        .inspect_err(|_| count_store_error(metrics, "flush"))?;
     bus.commit(&durable).await?;
     metrics
         .flush_seconds

@@ -1,8 +1,24 @@
 //! Collector metrics, registered next to the code that updates them.
 
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub partition: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    /// `append` or `flush`.
+    pub op: &'static str,
+}
 
 /// Counters and timings of one collector.
 #[derive(Clone, Debug)]
@@ -19,6 +35,16 @@ pub struct CollectorMetrics {
     pub rebalances: Counter,
     pub append_seconds: Histogram,
     pub flush_seconds: Histogram,
+    /// Events per appended batch.
+    pub batch_events: Histogram,
+    /// Store operations that failed, by operation.
+    pub store_errors: Family<OpLabels, Counter>,
+    /// Records of each owned partition not yet stored: the bus's end offset less what the
+    /// store holds durably, read at every flush interval.
+    pub lag: Family<PartitionLabels, Gauge>,
+    /// The time of the newest event appended (Unix seconds): now less this is how stale the
+    /// store is.
+    pub newest_event: Gauge<f64, AtomicU64>,
 }
 
 impl CollectorMetrics {
@@ -34,6 +60,10 @@ impl CollectorMetrics {
             rebalances: Counter::default(),
             append_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             flush_seconds: Histogram::new(exponential_buckets(0.001, 4.0, 10)),
+            batch_events: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
+            store_errors: Family::default(),
+            lag: Family::default(),
+            newest_event: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("tollgate_collector");
         r.register(
@@ -80,6 +110,26 @@ impl CollectorMetrics {
             "flush_seconds",
             "Time to make the store durable and commit offsets",
             m.flush_seconds.clone(),
+        );
+        r.register(
+            "batch_events",
+            "Events per batch appended to the store",
+            m.batch_events.clone(),
+        );
+        r.register(
+            "store_errors",
+            "Store operations that failed, by operation (the collector then restarts)",
+            m.store_errors.clone(),
+        );
+        r.register(
+            "lag_events",
+            "Records of each owned partition on the bus and not yet stored durably",
+            m.lag.clone(),
+        );
+        r.register(
+            "newest_event_timestamp_seconds",
+            "Time of the newest event appended to the store (Unix seconds)",
+            m.newest_event.clone(),
         );
         m
     }

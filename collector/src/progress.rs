@@ -1,13 +1,16 @@
 //! How far each owned partition is stored, probed for billing completeness (see
 //! `tollgate_store::ledger`): the collector notes the wall-clock time, reads the end offsets of
 //! its partitions, and once what it has stored reaches them, records that those partitions were
-//! caught up at that time. Then it starts the next probe.
+//! caught up at that time. Then it starts the next probe. The end offsets read at each step
+//! also give each partition's lag (`tollgate_collector_lag_events`).
 
 use std::collections::HashSet;
 
 use tollgate_bus::Subscriber;
 use tollgate_schemas::Checkpoint;
 use tollgate_store::{EventWriter, PartitionProgress};
+
+use crate::metrics::{CollectorMetrics, PartitionLabels};
 
 /// The open probe: when it started and the end offsets it read.
 struct Probe {
@@ -46,37 +49,39 @@ impl Progress {
     }
 
     /// Records the open probe once every partition it covers (and this collector still owns)
-    /// is stored to its end, then opens the next one. Failures to read the bus or to record
-    /// are logged and retried at the next step: completeness waits, nothing else does.
+    /// is stored to its end; then reads the end offsets of the owned partitions, which set
+    /// each one's lag and open the next probe if none is open. Failures to read the bus or to
+    /// record are logged and retried at the next step: completeness waits, nothing else does.
     pub(crate) async fn step(
         &mut self,
         owned: &HashSet<u32>,
         bus: &mut dyn Subscriber,
         store: &dyn EventWriter,
+        metrics: &CollectorMetrics,
     ) {
         if let Some(probe) = &self.probe {
             let caught_up = probe.ends.0.iter().all(|(p, end)| {
                 !owned.contains(p) || self.stored.0.get(p).copied().unwrap_or(0) >= *end
             });
-            if !caught_up {
-                return;
+            if caught_up {
+                let rows: Vec<PartitionProgress> = probe
+                    .ends
+                    .0
+                    .keys()
+                    .filter(|p| owned.contains(p))
+                    .map(|p| PartitionProgress {
+                        partition: *p,
+                        partitions: probe.partitions,
+                        caught_up_us: probe.started_us,
+                    })
+                    .collect();
+                match store.record_progress(&rows).await {
+                    Ok(()) => self.probe = None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not record how far partitions are stored; billing completeness waits");
+                    }
+                }
             }
-            let rows: Vec<PartitionProgress> = probe
-                .ends
-                .0
-                .keys()
-                .filter(|p| owned.contains(p))
-                .map(|p| PartitionProgress {
-                    partition: *p,
-                    partitions: probe.partitions,
-                    caught_up_us: probe.started_us,
-                })
-                .collect();
-            if let Err(e) = store.record_progress(&rows).await {
-                tracing::warn!(error = %e, "could not record how far partitions are stored; billing completeness waits");
-                return;
-            }
-            self.probe = None;
         }
         if owned.is_empty() {
             return;
@@ -85,11 +90,20 @@ impl Progress {
         match bus.end_offsets().await {
             Ok((mut ends, partitions)) => {
                 ends.0.retain(|p, _| owned.contains(p));
-                self.probe = Some(Probe {
-                    started_us,
-                    ends,
-                    partitions,
-                });
+                for (p, end) in &ends.0 {
+                    let stored = self.stored.0.get(p).copied().unwrap_or(0);
+                    metrics
+                        .lag
+                        .get_or_create(&PartitionLabels { partition: *p })
+                        .set(end.saturating_sub(stored) as i64);
+                }
+                if self.probe.is_none() {
+                    self.probe = Some(Probe {
+                        started_us,
+                        ends,
+                        partitions,
+                    });
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not read the bus's end offsets; billing completeness waits");

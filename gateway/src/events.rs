@@ -5,7 +5,6 @@
 //! does not fit is dropped and counted, so the request never waits.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
@@ -14,13 +13,15 @@ use tollgate_bus::{Publisher, Record};
 use tollgate_schemas::RequestEventRef;
 
 use crate::metrics::GatewayMetrics;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// The handle worker threads hand batches to: never blocks.
 #[derive(Clone)]
 pub struct EventSink {
     tx: mpsc::UnboundedSender<Vec<Record>>,
-    /// Events queued and not yet taken by the publisher; bounded by `capacity`.
-    queued: Arc<AtomicUsize>,
+    /// Events queued and not yet taken by the publisher; bounded by `capacity`. The metric is
+    /// the counter itself (`tollgate_gateway_event_queue_depth`).
+    queued: Gauge,
     capacity: usize,
     metrics: GatewayMetrics,
 }
@@ -33,10 +34,10 @@ impl EventSink {
             return;
         }
         let n = events.len();
-        let before = self.queued.fetch_add(n, Ordering::AcqRel);
+        let before = usize::try_from(self.queued.inc_by(n as i64)).unwrap_or(0);
         let room = self.capacity.saturating_sub(before);
         if room < n {
-            self.queued.fetch_sub(n - room, Ordering::AcqRel);
+            self.queued.dec_by((n - room) as i64);
             events.truncate(room);
             self.count_dropped("queue_full", (n - room) as u64);
         }
@@ -46,7 +47,7 @@ impl EventSink {
         let kept = events.len();
         if self.tx.send(events).is_err() {
             // The publisher is gone (shutting down after its last sender): nothing can send.
-            self.queued.fetch_sub(kept, Ordering::AcqRel);
+            self.queued.dec_by(kept as i64);
             self.count_dropped("queue_full", kept as u64);
         }
     }
@@ -214,7 +215,7 @@ pub fn channel(
     metrics: GatewayMetrics,
 ) -> (EventSink, impl std::future::Future<Output = ()>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Record>>();
-    let queued = Arc::new(AtomicUsize::new(0));
+    let queued = metrics.event_queue.clone();
     let sink = EventSink {
         tx,
         queued: queued.clone(),
@@ -227,7 +228,7 @@ pub fn channel(
         // `None` only once every sender is dropped and the queue is empty.
         while rx.recv_many(&mut batches, 64).await > 0 {
             for batch in batches.drain(..) {
-                queued.fetch_sub(batch.len(), Ordering::AcqRel);
+                queued.dec_by(batch.len() as i64);
                 for record in batch {
                     buf.push(record);
                     if buf.len() >= batch_max {

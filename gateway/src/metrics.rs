@@ -16,6 +16,16 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub route: String,
+    /// `1xx` ... `5xx`.
+    pub class: &'static str,
+}
+
+/// The status classes, by `status / 100 - 1`.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: String,
 }
@@ -30,20 +40,30 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
-/// One route's request counters (by outcome, in `Outcome::ALL` order) and latency histogram.
+/// One route's request counters (by outcome, in `Outcome::ALL` order; by status class),
+/// and latency histogram.
 #[derive(Clone, Debug)]
 pub struct RouteMetrics {
     pub requests: [Counter; tollgate_schemas::Outcome::ALL.len()],
+    pub responses: [Counter; CLASSES.len()],
     pub duration: Histogram,
 }
 
 impl RouteMetrics {
-    pub fn observe(&self, outcome: tollgate_schemas::Outcome, seconds: f64) {
+    /// Counts a request that ended with `outcome` and `status` (a status outside 100–599,
+    /// such as none at all, counts under no class) after `seconds`.
+    pub fn observe(&self, outcome: tollgate_schemas::Outcome, status: u16, seconds: f64) {
         let i = tollgate_schemas::Outcome::ALL
             .iter()
             .position(|o| *o == outcome)
             .expect("every outcome is in ALL");
         self.requests[i].inc();
+        if let Some(c) = usize::from(status / 100)
+            .checked_sub(1)
+            .and_then(|i| self.responses.get(i))
+        {
+            c.inc();
+        }
         self.duration.observe(seconds);
     }
 }
@@ -56,9 +76,13 @@ fn latency_histogram() -> Histogram {
 #[derive(Clone, Debug)]
 pub struct GatewayMetrics {
     pub requests: Family<RequestLabels, Counter>,
+    pub responses: Family<ClassLabels, Counter>,
     pub duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub events_published: Counter,
     pub events_dropped: Family<DropLabels, Counter>,
+    /// Events the workers handed on that the publisher has not taken yet (the queue's own
+    /// counter, bounded by `gateway.events.queue_capacity`).
+    pub event_queue: Gauge,
     /// Seconds since the quota state was last refreshed (-1: never).
     pub quota_state_age: Gauge,
     /// JWKS fetches by result (`ok`, `error`).
@@ -78,9 +102,11 @@ impl GatewayMetrics {
     pub fn register(registry: &mut Registry) -> GatewayMetrics {
         let m = GatewayMetrics {
             requests: Family::default(),
+            responses: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
             events_published: Counter::default(),
             events_dropped: Family::default(),
+            event_queue: Gauge::default(),
             quota_state_age: Gauge::default(),
             jwks_fetches: Family::default(),
             jwks_keys: Gauge::default(),
@@ -96,6 +122,11 @@ impl GatewayMetrics {
             m.requests.clone(),
         );
         r.register(
+            "responses",
+            "Requests by route and status class of the answer",
+            m.responses.clone(),
+        );
+        r.register(
             "request_duration_seconds",
             "Total request latency, first byte in to last byte out",
             m.duration.clone(),
@@ -109,6 +140,11 @@ impl GatewayMetrics {
             "events_dropped",
             "Request events dropped, by reason",
             m.events_dropped.clone(),
+        );
+        r.register(
+            "event_queue_depth",
+            "Events waiting between the worker threads and the bus publisher",
+            m.event_queue.clone(),
         );
         r.register(
             "quota_state_age_seconds",
@@ -152,6 +188,14 @@ impl GatewayMetrics {
                     .get_or_create(&RequestLabels {
                         route: route.to_string(),
                         outcome: outcome.as_str(),
+                    })
+                    .clone()
+            }),
+            responses: CLASSES.map(|class| {
+                self.responses
+                    .get_or_create(&ClassLabels {
+                        route: route.to_string(),
+                        class,
                     })
                     .clone()
             }),

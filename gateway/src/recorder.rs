@@ -127,7 +127,7 @@ impl Recorder {
         }
         let none = self.routes.len() - 1;
         let metrics = &self.routes[route.unwrap_or(none).min(none)];
-        metrics.observe(draft.outcome, m.elapsed.as_secs_f64());
+        metrics.observe(draft.outcome, draft.status, m.elapsed.as_secs_f64());
         self.events.emit(&RequestEventRef {
             v: 1,
             id: draft.id,
