@@ -103,6 +103,11 @@ fn dashboards_draw_charts_from_demo_traffic() {
             "{label}: `{value}` in {health}"
         );
     }
+    let overhead = panel_of(&dom, "overhead");
+    assert!(
+        overhead.contains("<td>orders-get</td>"),
+        "no gateway overhead for orders-get: {overhead}"
+    );
     assert!(
         panel_of(&dom, "classes").contains("data-name=\"2xx\""),
         "{}",

@@ -127,7 +127,12 @@ impl Recorder {
         }
         let none = self.routes.len() - 1;
         let metrics = &self.routes[route.unwrap_or(none).min(none)];
-        metrics.observe(draft.outcome, draft.status, m.elapsed.as_secs_f64());
+        metrics.observe(
+            draft.outcome,
+            draft.status,
+            m.elapsed.as_secs_f64(),
+            draft.upstream_latency_us.map(|us| us as f64 / 1e6),
+        );
         self.events.emit(&RequestEventRef {
             v: 1,
             id: draft.id,
