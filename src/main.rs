@@ -301,9 +301,10 @@ async fn gateway(
     )
     .await?;
     alloc::release_free_memory();
-    eprintln!(
-        "tollgate gateway listening on http://{}",
-        gateway.local_addr()
+    tracing::info!(
+        proxy = %format!("http://{}", gateway.local_addr()),
+        admin = %config.gateway.admin_listen,
+        "tollgate gateway started (admin listener: /metrics, /healthz, /readyz)"
     );
     let reloads = tokio::spawn(reload_on_change(
         gateway.reloader(),
@@ -372,9 +373,10 @@ async fn collector(config: Config) -> anyhow::Result<()> {
         metrics,
         stop.clone(),
     ));
-    eprintln!(
-        "tollgate collector running (group `{}`)",
-        config.collector.group
+    tracing::info!(
+        group = %config.collector.group,
+        admin = %config.collector.admin_listen,
+        "tollgate collector started (admin listener: /metrics, /healthz, /readyz)"
     );
     shutdown_signal().await;
     tracing::info!("shutting down: flushing the last batch and committing");
@@ -406,7 +408,7 @@ async fn query_api(mut config: Config) -> anyhow::Result<()> {
         Arc::new(state),
         stop.clone(),
     ));
-    eprintln!("tollgate query API and dashboards on http://{addr}/");
+    tracing::info!(url = %format!("http://{addr}/"), "tollgate query API and dashboards started");
     shutdown_signal().await;
     stop.cancel();
     serving.await.context("query API task")??;
@@ -605,16 +607,25 @@ async fn up(
     if demo {
         tokio::spawn(demo::run_traffic(gateway_addr, stop_traffic.clone()));
     }
-    eprintln!("\nTollgate is up.");
-    eprintln!("  gateway     http://{gateway_addr}");
-    eprintln!("  dashboards  http://{api_addr}/");
-    eprintln!("  query API   http://{api_addr}/v1/usage?group_by=consumer,route");
-    if demo {
-        eprintln!(
-            "  demo traffic from 4 partners is flowing; try: curl -H 'x-api-key: demo-acme-key' http://{gateway_addr}/v1/orders/42"
-        );
+    tracing::info!(
+        gateway = %format!("http://{gateway_addr}"),
+        dashboards = %format!("http://{api_addr}/"),
+        demo,
+        "tollgate is up"
+    );
+    // A person at a terminal also gets the addresses to try; logs read by machines do not.
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!("\nTollgate is up.");
+        eprintln!("  gateway     http://{gateway_addr}");
+        eprintln!("  dashboards  http://{api_addr}/");
+        eprintln!("  query API   http://{api_addr}/v1/usage?group_by=consumer,route");
+        if demo {
+            eprintln!(
+                "  demo traffic from 4 partners is flowing; try: curl -H 'x-api-key: demo-acme-key' http://{gateway_addr}/v1/orders/42"
+            );
+        }
+        eprintln!("Press Ctrl-C to stop.\n");
     }
-    eprintln!("Press Ctrl-C to stop.\n");
 
     shutdown_signal().await;
     tracing::info!("shutting down: draining the gateway, then flushing the collector");

@@ -57,3 +57,81 @@ fn bad_arguments_and_missing_files_exit_2() {
     assert_eq!(code, 2);
     assert!(err.contains("/nonexistent/tollgate.yaml"), "{err}");
 }
+
+/// Off a terminal, every log line is one JSON object, and a start and a stop log their
+/// decisions (the addresses, the shutdown) without a line per request.
+#[test]
+fn logs_are_json_lines_off_a_terminal() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, api) = (tollgate_testkit::free_port(), tollgate_testkit::free_port());
+    let config = dir.path().join("tollgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "gateway: {{ listen: 127.0.0.1:{gw} }}\nquery_api: {{ listen: 127.0.0.1:{api} }}\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["up", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !lines.iter().any(|l: &String| l.contains("tollgate is up")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => lines.push(l),
+            Err(_) => panic!("no start-up line within 60 s: {lines:?}"),
+        }
+    }
+    // SIGTERM: the shutdown is logged too.
+    let pid = child.id() as i32;
+    assert_eq!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .code(),
+        Some(0)
+    );
+    assert!(child.wait().unwrap().success());
+    lines.extend(rx.try_iter());
+    assert!(lines.len() >= 3, "{lines:?}");
+    let mut up = None;
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        for key in ["timestamp", "level", "message", "target"] {
+            assert!(v.get(key).is_some(), "no {key}: {line}");
+        }
+        if v["message"] == "tollgate is up" {
+            up = Some(v);
+        }
+    }
+    let up = up.unwrap();
+    assert_eq!(up["gateway"], format!("http://127.0.0.1:{gw}"));
+    assert_eq!(up["dashboards"], format!("http://127.0.0.1:{api}/"));
+    assert!(
+        lines.iter().any(|l| l.contains("shutting down")),
+        "{lines:?}"
+    );
+}
