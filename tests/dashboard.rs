@@ -171,6 +171,163 @@ fn dashboards_draw_charts_from_demo_traffic() {
     eprintln!("screenshots in {}", shots.display());
 }
 
+/// With 500 routes and 10,000 consumers the pages stay bounded: charts draw the busiest
+/// routes, tables and bar lists show the top ones and say how many more there are, and routes
+/// are found by typing instead of scrolling a legend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboards_stay_bounded_with_500_routes_and_10000_consumers() {
+    use futures::StreamExt;
+    const ROUTES: usize = 500;
+    const CONSUMERS: usize = 10_000;
+    assert!(
+        std::path::Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: install it with `apt-get install -y chromium` (scripts/test.sh does)"
+    );
+    // An upstream that answers every path at once.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, axum::Router::new().fallback(|| async { "ok" }))
+            .await
+            .unwrap()
+    });
+    let (gw, api) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = format!(
+        "gateway:\n  listen: 127.0.0.1:{gw}\n  upstreams: {{ app: {{ targets: [\"http://{upstream}\"] }} }}\n  auth: {{ api_key: {{ header: x-api-key }} }}\n  routes:\n"
+    );
+    for r in 0..ROUTES {
+        config.push_str(&format!(
+            "    - {{ id: r{r}, methods: [GET], path: /r{r}, upstream: app }}\n"
+        ));
+    }
+    config.push_str("consumers:\n");
+    for c in 0..CONSUMERS {
+        config.push_str(&format!(
+            "  - {{ id: c{c}, plan: std, api_keys: [\"{}\"] }}\n",
+            tollgate_schemas::keys::hash_key(&format!("key-{c}"))
+        ));
+    }
+    config.push_str(&format!(
+        "plans: {{ std: {{ pricing: {{ currency: USD, charges: {{ default: {{ unit_price: \"0.01\" }} }} }} }} }}\nquery_api: {{ listen: 127.0.0.1:{api} }}\n"
+    ));
+    let path = dir.path().join("tollgate.yaml");
+    std::fs::write(&path, config).unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["up", "--config"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let http = common::Http::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(("127.0.0.1", gw))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the gateway did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // One request per consumer, spread over every route.
+    let statuses: Vec<u16> = futures::stream::iter(0..CONSUMERS)
+        .map(|c| {
+            let http = &http;
+            async move {
+                let key = format!("key-{c}");
+                let url = format!("http://127.0.0.1:{gw}/r{}", c % ROUTES);
+                http.get(&url, &[("x-api-key", &key)])
+                    .await
+                    .unwrap()
+                    .0
+                    .as_u16()
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "not every request was answered"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = http
+            .ok_json(
+                &format!("http://127.0.0.1:{api}/v1/usage?group_by=consumer"),
+                None,
+            )
+            .await;
+        if v["rows"].as_array().unwrap().len() == CONSUMERS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every consumer's usage arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboards");
+    std::fs::create_dir_all(&shots).unwrap();
+    let base = format!("http://127.0.0.1:{api}");
+    let dom = tokio::task::block_in_place(|| {
+        page(&format!("{base}/"), &shots.join("sre-500-routes.png"))
+    });
+    assert!(dom.contains("updated "), "the SRE page reported an error");
+    let legend_entries = |panel: &str| panel.matches("u-series").count();
+    for panel in ["p99", "rps"] {
+        let html = panel_of(&dom, panel);
+        assert!(html.contains("<canvas"), "{panel} drew no chart");
+        // The time axis and the eight busiest routes, not 500 series.
+        assert_eq!(legend_entries(html), 9, "{panel}: {html}");
+    }
+    let summary = panel_of(&dom, "summary");
+    assert_eq!(summary.matches("data-route=").count(), 15, "{summary}");
+    assert!(summary.contains("and 485 more routes"), "{summary}");
+    assert_eq!(
+        dom.matches("<option value=\"r").count(),
+        ROUTES,
+        "every route can be searched"
+    );
+    let usage = panel_of(&dom, "usage");
+    assert_eq!(usage.matches("<tr>").count(), 21, "a header and the top 20");
+    assert!(usage.contains("and 9980 more consumers"), "{usage}");
+
+    let dom = tokio::task::block_in_place(|| {
+        page(
+            &format!("{base}/business"),
+            &shots.join("business-10000-consumers.png"),
+        )
+    });
+    assert!(
+        dom.contains("updated "),
+        "the business page reported an error"
+    );
+    let consumers = panel_of(&dom, "consumers");
+    assert_eq!(
+        consumers.matches("class=\"row\"").count(),
+        10,
+        "{consumers}"
+    );
+    assert!(consumers.contains("and 9990 more"), "{consumers}");
+    let routes = panel_of(&dom, "routes");
+    assert_eq!(routes.matches("class=\"row\"").count(), 15, "{routes}");
+    assert!(routes.contains("and 485 more"), "{routes}");
+}
+
 /// The value shown above `label` in a strip of KPIs.
 fn kpi(html: &str, label: &str) -> String {
     let Some(at) = html.find(&format!("<div class=\"l\">{label}</div>")) else {
