@@ -48,6 +48,12 @@ pub struct GroupKeys {
     /// HTTP status sent to the client.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<i64>,
+    /// Start of the hour, `YYYY-MM-DDTHH:00:00Z`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hour: Option<String>,
+    /// Start of the minute, `YYYY-MM-DDTHH:MM:00Z`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub minute: Option<String>,
 }
 
 impl GroupKeys {
@@ -65,6 +71,8 @@ impl GroupKeys {
                 GroupKey::Route => out.route = Some(text(v)),
                 GroupKey::Plan => out.plan = Some(text(v)),
                 GroupKey::Day => out.day = text(v),
+                GroupKey::Hour => out.hour = text(v),
+                GroupKey::Minute => out.minute = text(v),
                 GroupKey::Status => {
                     out.status = match v {
                         KeyValue::Int(i) => Some(*i),
@@ -97,6 +105,9 @@ pub struct UsageRow {
     req_bytes: u64,
     resp_bytes: u64,
 }
+
+/// Most periods of its finest time key a usage window may hold (a week of minutes).
+const MAX_PERIODS: i64 = 10_080;
 
 /// Most points one latency answer may hold.
 const MAX_POINTS: i64 = 10_000;
@@ -244,9 +255,21 @@ pub async fn usage(
             GroupKey::Day,
             GroupKey::Status,
             GroupKey::Plan,
+            GroupKey::Hour,
+            GroupKey::Minute,
         ],
         &[GroupKey::Consumer],
     )?;
+    if let Some(period) = GroupKey::finest_period(&group)
+        && (to_us - from_us) / period > MAX_PERIODS
+    {
+        return Err(ApiError::bad(
+            "group_by",
+            format!(
+                "the window holds more than {MAX_PERIODS} periods of the finest time key: shorten it or group by a coarser one (minute, hour, day)"
+            ),
+        ));
+    }
     let filter = Filter {
         from_us,
         to_us,

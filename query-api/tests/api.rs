@@ -734,6 +734,47 @@ async fn quota_and_access_rules_on(backend: Backend) {
     assert_eq!(s, StatusCode::OK);
     let v: Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(v["consumers"].as_array().unwrap().len(), 1);
+    // Hours and minutes: the periods that hold traffic, named by their start.
+    let v = json(
+        &app,
+        "/v1/usage?from=2026-11-01T00:00:00Z&to=2026-11-02T00:00:00Z&group_by=hour,consumer",
+    )
+    .await;
+    let hours: Vec<(&str, u64)> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["hour"].as_str().unwrap(), r["requests"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        hours,
+        [
+            ("2026-11-01T10:00:00Z", 1),
+            ("2026-11-01T11:00:00Z", 1),
+            ("2026-11-01T12:00:00Z", 1)
+        ],
+        "{v}"
+    );
+    let v = json(
+        &app,
+        "/v1/usage?from=2026-10-31T20:00:00Z&to=2026-10-31T20:03:00Z&group_by=minute",
+    )
+    .await;
+    let minutes: Vec<&str> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["minute"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        minutes,
+        [
+            "2026-10-31T20:00:00Z",
+            "2026-10-31T20:01:00Z",
+            "2026-10-31T20:02:00Z"
+        ],
+        "{v}"
+    );
     // Every `/v1` endpoint: another partner's id in the parameters is a 403, and without it a
     // partner's key sees its own rows only.
     let endpoints = [
@@ -793,6 +834,10 @@ async fn quota_and_access_rules_on(backend: Backend) {
             "from",
         ),
         ("/v1/revenue?group_by=status", "group_by"),
+        (
+            "/v1/usage?from=2026-10-01T00:00:00Z&to=2026-11-01T00:00:00Z&group_by=minute",
+            "group_by",
+        ),
         ("/v1/revenue?top=0", "top"),
         ("/v1/usage?frm=1", "query"),
         ("/v1/usage?to=", "to"),

@@ -176,6 +176,10 @@ pub enum GroupKey {
     Plan,
     Day,
     Status,
+    /// The hour, as `YYYY-MM-DDTHH:00:00Z`.
+    Hour,
+    /// The minute, as `YYYY-MM-DDTHH:MM:00Z`.
+    Minute,
 }
 
 impl GroupKey {
@@ -187,6 +191,8 @@ impl GroupKey {
             "plan" => GroupKey::Plan,
             "day" => GroupKey::Day,
             "status" => GroupKey::Status,
+            "hour" => GroupKey::Hour,
+            "minute" => GroupKey::Minute,
             _ => return None,
         })
     }
@@ -199,6 +205,34 @@ impl GroupKey {
             GroupKey::Plan => "plan",
             GroupKey::Day => "day",
             GroupKey::Status => "status",
+            GroupKey::Hour => "hour",
+            GroupKey::Minute => "minute",
+        }
+    }
+
+    /// The length of the period a time key groups by (`None` for the other keys).
+    pub fn period_us(self) -> Option<i64> {
+        match self {
+            GroupKey::Day => Some(time::DAY_US),
+            GroupKey::Hour => Some(time::HOUR_US),
+            GroupKey::Minute => Some(time::MINUTE_US),
+            _ => None,
+        }
+    }
+
+    /// The finest period of the time keys in `keys`: rollups coarser than it cannot answer.
+    pub fn finest_period(keys: &[GroupKey]) -> Option<i64> {
+        keys.iter().filter_map(|k| k.period_us()).min()
+    }
+
+    /// A time key's value for the period numbered `units` (of its length since the epoch).
+    pub fn period_value(self, units: i64) -> KeyValue {
+        match self {
+            GroupKey::Day => KeyValue::Text(day_string(units)),
+            k => KeyValue::Text(time::period_string(
+                units,
+                k.period_us().expect("a time key"),
+            )),
         }
     }
 }

@@ -79,6 +79,15 @@ pub fn day_string(day: i64) -> String {
     date.format("%Y-%m-%d").to_string()
 }
 
+/// Formats the start of an hour or a minute (`units` of `size_us` since the epoch) as RFC 3339
+/// in UTC: `YYYY-MM-DDTHH:MM:00Z`.
+pub fn period_string(units: i64, size_us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(units * size_us)
+        .expect("time in range")
+        .format("%Y-%m-%dT%H:%M:00Z")
+        .to_string()
+}
+
 /// `[from, to)` cut where whole minutes begin and end: `(head, body, tail)`, where `body` is
 /// the minute-aligned middle a rollup can answer and `head`/`tail` the partial minutes around it
 /// that only raw events can. Empty parts are `None`.

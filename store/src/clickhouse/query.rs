@@ -21,7 +21,6 @@ use crate::sketch::bucket_value;
 use crate::time::{DAY_US, Grain, HOUR_US, MINUTE_US, plan};
 use crate::{
     Filter, GroupKey, KeyValue, LatencyQuery, LatencyRow, StoreError, UsageQuery, UsageRow,
-    day_string,
 };
 
 /// Where a part of a window is read from: the raw table or one rollup table.
@@ -59,7 +58,10 @@ impl Source {
             (Source::Rollup { .. }, GroupKey::Route) => "route_key".into(),
             (Source::Rollup { .. }, GroupKey::Plan) => "plan_key".into(),
             (Source::Rollup { .. }, GroupKey::Status) => "toString(status_code)".into(),
-            (_, GroupKey::Day) => format!("toString(intDiv({t}, {DAY_US}))"),
+            (_, GroupKey::Day | GroupKey::Hour | GroupKey::Minute) => format!(
+                "toString(intDiv({t}, {}))",
+                k.period_us().expect("a time key")
+            ),
         }
     }
 
@@ -115,9 +117,9 @@ fn key_value(k: GroupKey, s: &str) -> KeyValue {
         return KeyValue::Null;
     }
     match k {
-        GroupKey::Day => s
+        GroupKey::Day | GroupKey::Hour | GroupKey::Minute => s
             .parse()
-            .map(|d| KeyValue::Text(day_string(d)))
+            .map(|units| k.period_value(units))
             .unwrap_or(KeyValue::Null),
         GroupKey::Status => s.parse().map(KeyValue::Int).unwrap_or(KeyValue::Null),
         _ => KeyValue::Text(s.to_string()),
@@ -299,7 +301,11 @@ impl UsageQuery for ClickHouseStore {
         group_by: &[GroupKey],
     ) -> Result<Vec<UsageRow>, StoreError> {
         let mut union = Union::default();
-        for (source, from, to) in parts(filter.from_us, filter.to_us, &self.usage_grains()) {
+        // A rollup coarser than the finest time key cannot be cut into its periods.
+        let step = GroupKey::finest_period(group_by);
+        let mut grains = self.usage_grains().to_vec();
+        grains.retain(|(_, g)| g.fits_step(step));
+        for (source, from, to) in parts(filter.from_us, filter.to_us, &grains) {
             let keys = if group_by.is_empty() {
                 "emptyArrayString()".to_string()
             } else {

@@ -23,10 +23,9 @@ use datafusion::prelude::{
 use super::manifest::FileKind;
 use super::{ParquetStore, rollup};
 use crate::merge::{LatencyGroups, UsageSums};
-use crate::time::{DAY_US, Grain};
+use crate::time::Grain;
 use crate::{
     Filter, GroupKey, KeyValue, LatencyQuery, LatencyRow, StoreError, UsageQuery, UsageRow,
-    day_string,
 };
 
 /// Which table a part of a window is read from.
@@ -70,7 +69,9 @@ fn key_expr(k: GroupKey, source: Source) -> Expr {
         GroupKey::Route => col("route"),
         GroupKey::Plan => col("plan"),
         GroupKey::Status => cast(col("status"), DataType::Int64),
-        GroupKey::Day => source.time() / lit(DAY_US),
+        GroupKey::Day | GroupKey::Hour | GroupKey::Minute => {
+            source.time() / lit(k.period_us().expect("a time key"))
+        }
     }
 }
 
@@ -284,12 +285,12 @@ fn key_value(k: GroupKey, col: &dyn Array, i: usize) -> KeyValue {
         return KeyValue::Null;
     }
     match k {
-        GroupKey::Day => KeyValue::Text(day_string(
+        GroupKey::Day | GroupKey::Hour | GroupKey::Minute => k.period_value(
             col.as_any()
                 .downcast_ref::<Int64Array>()
                 .expect("i64")
                 .value(i),
-        )),
+        ),
         GroupKey::Status => KeyValue::Int(
             col.as_any()
                 .downcast_ref::<Int64Array>()
@@ -324,7 +325,9 @@ impl UsageQuery for ParquetStore {
         let snap = self.snapshot(filter.from_us, filter.to_us).await?;
         let mut sums = UsageSums::default();
         let kinds = [FileKind::Usage1d, FileKind::Usage1h, FileKind::Usage1m];
-        for (source, from, to) in plan(filter.from_us, filter.to_us, None, &kinds, &snap.complete) {
+        // A rollup coarser than the finest time key cannot be cut into its periods.
+        let step = GroupKey::finest_period(group_by);
+        for (source, from, to) in plan(filter.from_us, filter.to_us, step, &kinds, &snap.complete) {
             let cond = where_clause(filter, source, from, to);
             let group: Vec<Expr> = group_by.iter().map(|k| key_expr(*k, source)).collect();
             let totals = match source {
@@ -340,7 +343,7 @@ impl UsageQuery for ParquetStore {
                     .iter()
                     .enumerate()
                     .map(|(i, k)| {
-                        let ty = if matches!(k, GroupKey::Day | GroupKey::Status) {
+                        let ty = if k.period_us().is_some() || *k == GroupKey::Status {
                             DataType::Int64
                         } else {
                             DataType::Utf8
@@ -482,7 +485,7 @@ impl UsageQuery for ParquetStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::time::{HOUR_US, MINUTE_US};
+    use crate::time::{DAY_US, HOUR_US, MINUTE_US};
 
     const USAGE: [FileKind; 3] = [FileKind::Usage1d, FileKind::Usage1h, FileKind::Usage1m];
 
