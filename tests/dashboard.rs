@@ -213,34 +213,9 @@ async fn dashboards_stay_bounded_with_500_routes_and_10000_consumers() {
     ));
     let path = dir.path().join("tollgate.yaml");
     std::fs::write(&path, config).unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _guard = Kill(
-        Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["up", "--config"])
-            .arg(&path)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _tollgate = common::Up::start(&path, &dir.path().join("data"), &[]);
     let http = common::Http::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while tokio::net::TcpStream::connect(("127.0.0.1", gw))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "the gateway did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_for_listener(gw).await;
     // One request per consumer, spread over every route.
     let statuses: Vec<u16> = futures::stream::iter(0..CONSUMERS)
         .map(|c| {

@@ -10,7 +10,6 @@ use common::free_port;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -87,15 +86,6 @@ async fn serve(app: axum::Router) -> SocketAddr {
     addr
 }
 
-struct Tollgate(Child);
-
-impl Drop for Tollgate {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -156,27 +146,12 @@ telemetry:
     );
     let path = dir.path().join("tollgate.yaml");
     std::fs::write(&path, config).unwrap();
-    let _tollgate = Tollgate(
-        Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["up", "--config"])
-            .arg(&path)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env("RUST_LOG", "warn")
-            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
+    let _tollgate = common::Up::start(
+        &path,
+        &dir.path().join("data"),
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while tokio::net::TcpStream::connect(("127.0.0.1", gw))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "the gateway did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_for_listener(gw).await;
 
     let caller = format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01");
     let refused_trace = "5bf92f3577b34da6a3ce929d0e0e4736";

@@ -330,14 +330,12 @@ async fn two_gateways_two_collectors_survive_a_sigkill_and_a_frozen_broker() {
             "{text}"
         );
     }
-    let (_, body) = http
-        .get(
-            &format!("http://127.0.0.1:{}/metrics", collector_admin[1]),
-            &[],
-        )
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&body);
+    let survivor_metrics = || async {
+        let url = format!("http://127.0.0.1:{}/metrics", collector_admin[1]);
+        let (_, body) = http.get(&url, &[]).await.unwrap();
+        String::from_utf8_lossy(&body).to_string()
+    };
+    let text = survivor_metrics().await;
     assert!(
         text.contains("tollgate_collector_events_appended_total"),
         "{text}"
@@ -346,14 +344,7 @@ async fn two_gateways_two_collectors_survive_a_sigkill_and_a_frozen_broker() {
     // flush interval, so polled).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (_, body) = http
-            .get(
-                &format!("http://127.0.0.1:{}/metrics", collector_admin[1]),
-                &[],
-            )
-            .await
-            .unwrap();
-        let text = String::from_utf8_lossy(&body).to_string();
+        let text = survivor_metrics().await;
         let lags: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("tollgate_collector_lag_events{"))

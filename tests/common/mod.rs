@@ -17,6 +17,48 @@ use serde_json::Value;
 
 pub use tollgate_testkit::free_port;
 
+/// `tollgate up --config CONFIG --data-dir DATA` with `env` (and `RUST_LOG=warn`), killed when
+/// dropped.
+pub struct Up(std::process::Child);
+
+impl Up {
+    pub fn start(config: &std::path::Path, data: &std::path::Path, env: &[(&str, &str)]) -> Up {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.args(["up", "--config"])
+            .arg(config)
+            .arg("--data-dir")
+            .arg(data)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit());
+        Up(cmd.spawn().expect("the tollgate binary starts"))
+    }
+}
+
+/// Waits (60 s at most) until something listens on `port`: a TCP connect, not a request (every
+/// request through a gateway is metered).
+pub async fn wait_for_listener(port: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing listens on port {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The upstream: `/fast` answers in 10 ms, `/slow/{id}` in 50 ms, `/fail` with a 503.
 pub async fn start_upstream() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
