@@ -137,7 +137,7 @@ pub fn init_logging(format: LogFormat) {
 
 /// The export of the gateway's request spans: the tracer the gateway makes them with.
 pub struct SpanExport {
-    pub tracer: tollgate_gateway::trace::Tracer,
+    pub tracer: tollgate_gateway::trace::Tracing,
     #[cfg(feature = "otel")]
     provider: opentelemetry_sdk::trace::SdkTracerProvider,
 }
@@ -183,14 +183,17 @@ pub fn export_spans(config: &OtlpConfig, instance: &str) -> anyhow::Result<SpanE
             KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
         ])
         .build();
+    // The gateway samples before it asks for a span (see `tollgate_gateway::trace::Tracing`):
+    // the provider records what it is asked to.
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            config.sample_ratio,
-        ))))
+        .with_sampler(Sampler::AlwaysOn)
         .with_resource(resource)
         .build();
-    let tracer = provider.tracer("tollgate-gateway");
+    let tracer = tollgate_gateway::trace::Tracing::new(
+        provider.tracer("tollgate-gateway"),
+        config.sample_ratio,
+    );
     tracing::info!(%url, sample_ratio = config.sample_ratio, "exporting request spans over OTLP/HTTP");
     Ok(SpanExport { tracer, provider })
 }

@@ -119,7 +119,7 @@ pub struct Gateway {
     publisher: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     feed: Option<quota_feed::QuotaFeed>,
     /// Makes request spans, when they are exported (`with_tracer`).
-    tracer: Option<trace::Tracer>,
+    tracer: Option<trace::Tracing>,
 }
 
 /// How long a worker holds its first buffered event before handing the buffer on: bounds what
@@ -214,7 +214,7 @@ impl Gateway {
     }
 
     /// Records a span per request and per phase with `tracer` (see `trace`).
-    pub fn with_tracer(mut self, tracer: trace::Tracer) -> Gateway {
+    pub fn with_tracer(mut self, tracer: trace::Tracing) -> Gateway {
         self.tracer = Some(tracer);
         self
     }
@@ -298,7 +298,7 @@ struct WorkerStart {
     live: Arc<reload::Live>,
     events: events::LocalSink,
     metrics: GatewayMetrics,
-    tracer: Option<trace::Tracer>,
+    tracer: Option<trace::Tracing>,
     shutdown: CancellationToken,
 }
 

@@ -193,7 +193,7 @@ pub struct Ctx<'w> {
     /// A body that arrived whole, kept until the answer in case the request is sent again.
     staged_body: Option<Bytes>,
     /// The request's spans, when the gateway records them (`telemetry.otlp`).
-    spans: Option<RequestSpans>,
+    spans: Option<RequestSpans<'w>>,
     /// Whether the caller sent a well-formed `traceparent` (passed on as it is when the
     /// gateway records no spans).
     caller_trace: bool,
@@ -417,11 +417,12 @@ impl Worker {
     fn begin(&self, head: &RequestHead, started: Instant) -> Ctx<'_> {
         let ts = chrono::Utc::now() - started.elapsed();
         let caller = trace::extract(&head.fields);
-        let spans = self.recorder.tracer().map(|tracer| {
-            RequestSpans::start(tracer, caller.as_ref(), ts.into(), head.method.as_str())
-        });
+        let spans = self
+            .recorder
+            .tracer()
+            .map(|tracing| RequestSpans::start(tracing, caller.as_ref(), ts.into()));
         let trace_id = match (&spans, &caller) {
-            (Some(s), _) => trace::trace_id(&s.server()),
+            (Some(s), _) => trace::trace_id(s.server()),
             (None, Some(cx)) => trace::trace_id(cx.span().span_context()),
             (None, None) => None,
         };

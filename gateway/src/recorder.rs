@@ -17,7 +17,7 @@ use tollgate_schemas::{Outcome, RequestEventRef};
 use crate::auth::Identity;
 use crate::events::LocalSink;
 use crate::metrics::{GatewayMetrics, RouteMetrics};
-use crate::trace::{RequestSpans, Tracer};
+use crate::trace::{RequestSpans, Tracing};
 
 /// A W3C trace id: 32 lowercase hex digits, held inline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +81,7 @@ pub struct Recorder {
     routes: Vec<RouteMetrics>,
     events: LocalSink,
     /// Makes the requests' spans (`telemetry.otlp`).
-    tracer: Option<Tracer>,
+    tracer: Option<Tracing>,
 }
 
 impl Recorder {
@@ -91,7 +91,7 @@ impl Recorder {
         metrics: &GatewayMetrics,
         route_ids: impl Iterator<Item = &'a str>,
         events: LocalSink,
-        tracer: Option<Tracer>,
+        tracer: Option<Tracing>,
     ) -> Recorder {
         let route_ids: Vec<String> = route_ids.map(str::to_string).collect();
         let mut routes: Vec<RouteMetrics> = route_ids.iter().map(|id| metrics.route(id)).collect();
@@ -106,7 +106,7 @@ impl Recorder {
     }
 
     /// The tracer requests make their spans with, when spans are exported.
-    pub fn tracer(&self) -> Option<&Tracer> {
+    pub fn tracer(&self) -> Option<&Tracing> {
         self.tracer.as_ref()
     }
 
@@ -117,7 +117,7 @@ impl Recorder {
         route: Option<usize>,
         draft: &Draft,
         m: Measured,
-        spans: Option<RequestSpans>,
+        spans: Option<RequestSpans<'_>>,
     ) {
         let route_id = route
             .and_then(|i| self.route_ids.get(i))

@@ -249,7 +249,7 @@ pub(crate) struct WorkerSlot {
     current: Mutex<(u64, Arc<crate::proxy::Worker>)>,
     events: crate::events::LocalSink,
     metrics: GatewayMetrics,
-    tracer: Option<crate::trace::Tracer>,
+    tracer: Option<crate::trace::Tracing>,
 }
 
 impl WorkerSlot {
@@ -257,7 +257,7 @@ impl WorkerSlot {
         live: Arc<Live>,
         events: crate::events::LocalSink,
         metrics: GatewayMetrics,
-        tracer: Option<crate::trace::Tracer>,
+        tracer: Option<crate::trace::Tracing>,
     ) -> WorkerSlot {
         let (generation, shared) = live.current();
         let worker = Self::build(shared, &events, &metrics, &tracer);
@@ -274,7 +274,7 @@ impl WorkerSlot {
         shared: Arc<Shared>,
         events: &crate::events::LocalSink,
         metrics: &GatewayMetrics,
-        tracer: &Option<crate::trace::Tracer>,
+        tracer: &Option<crate::trace::Tracing>,
     ) -> crate::proxy::Worker {
         let recorder = crate::recorder::Recorder::new(
             &shared.gateway_id,

@@ -24,6 +24,7 @@ use opentelemetry::trace::{
     SpanContext, SpanKind, Status, TraceContextExt, TraceFlags, TraceState, Tracer as _,
 };
 use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SamplingDecision, ShouldSample};
 
 use crate::h1::{Fields, put_field};
 use crate::recorder::{Draft, TraceId};
@@ -96,58 +97,116 @@ pub fn new_root() -> SpanContext {
     )
 }
 
-/// A request's spans while it is in flight.
-pub struct RequestSpans {
+/// What request spans are made with: the SDK's tracer, and the sampler the gateway asks first,
+/// so that a request that is not sampled costs no span object (the SDK's spans each hold a
+/// clone of the tracer: an atomic count shared by every worker thread). The tracer's own
+/// provider should sample everything it is asked to make (`Sampler::AlwaysOn`): the decision is
+/// made here.
+#[derive(Clone, Debug)]
+pub struct Tracing {
     tracer: Tracer,
-    /// The server span, as a context children are made in.
-    server: Context,
-    /// The upstream span of the attempt in flight.
+    sampler: Sampler,
+}
+
+impl Tracing {
+    /// Spans made with `tracer`, following the caller's sampling decision and sampling new
+    /// traces at `ratio`.
+    pub fn new(tracer: Tracer, ratio: f64) -> Tracing {
+        Tracing {
+            tracer,
+            sampler: Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))),
+        }
+    }
+}
+
+/// A span context under `parent` for a span that is not recorded: a new span id, the parent's
+/// trace, flags and state.
+fn unrecorded_child(parent: &SpanContext) -> SpanContext {
+    SpanContext::new(
+        parent.trace_id(),
+        opentelemetry::trace::SpanId::from(rand::random::<u64>() | 1),
+        parent.trace_flags(),
+        false,
+        parent.trace_state().clone(),
+    )
+}
+
+/// A request's spans while it is in flight.
+pub struct RequestSpans<'t> {
+    tracing: &'t Tracing,
+    /// The request's span context: its server span's, or a stand-in when it is not recorded.
+    context: SpanContext,
+    /// The server span, as a context children are made in (recorded requests only).
+    server: Option<Context>,
+    /// The upstream span of the attempt in flight (recorded requests only).
     upstream: Option<Context>,
 }
 
-impl RequestSpans {
-    /// Starts the server span of a request that began at `start`, under the caller's span
-    /// (`parent`) or as a new trace.
-    pub fn start(
-        tracer: &Tracer,
-        parent: Option<&Context>,
-        start: SystemTime,
-        method: &str,
-    ) -> RequestSpans {
+impl<'t> RequestSpans<'t> {
+    /// Starts the request's spans at `start`, under the caller's span (`parent`) or as a new
+    /// trace. Only a sampled request gets span objects.
+    pub fn start(tracing: &'t Tracing, parent: Option<&Context>, start: SystemTime) -> Self {
+        let trace_id = parent.map_or_else(
+            || opentelemetry::trace::TraceId::from(rand::random::<u128>() | 1),
+            |cx| cx.span().span_context().trace_id(),
+        );
+        let decision = tracing
+            .sampler
+            .should_sample(parent, trace_id, "request", &SpanKind::Server, &[], &[])
+            .decision;
+        if decision != SamplingDecision::RecordAndSample {
+            let state = parent.map_or(TraceState::NONE, |cx| {
+                cx.span().span_context().trace_state().clone()
+            });
+            let context = SpanContext::new(
+                trace_id,
+                opentelemetry::trace::SpanId::from(rand::random::<u64>() | 1),
+                TraceFlags::NOT_SAMPLED,
+                false,
+                state,
+            );
+            return RequestSpans {
+                tracing,
+                context,
+                server: None,
+                upstream: None,
+            };
+        }
         let root = Context::new();
-        let span = tracer
-            .span_builder(method.to_string())
+        let span = tracing
+            .tracer
+            .span_builder("request")
             .with_kind(SpanKind::Server)
             .with_start_time(start)
-            .start_with_context(tracer, parent.unwrap_or(&root));
+            .start_with_context(&tracing.tracer, parent.unwrap_or(&root));
+        let server = Context::new().with_span(span);
         RequestSpans {
-            tracer: tracer.clone(),
-            server: Context::new().with_span(span),
+            tracing,
+            context: server.span().span_context().clone(),
+            server: Some(server),
             upstream: None,
         }
     }
 
     /// Whether the spans are recorded (sampled).
     pub fn recording(&self) -> bool {
-        self.server.span().is_recording()
+        self.server.is_some()
     }
 
-    /// The server span's context.
-    pub fn server(&self) -> SpanContext {
-        self.server.span().span_context().clone()
+    /// The request's span context.
+    pub fn server(&self) -> &SpanContext {
+        &self.context
     }
 
     /// Records a phase that ran from `start` until now, as a child of the server span.
     pub fn phase(&self, name: &'static str, start: SystemTime) {
-        if !self.recording() {
-            return;
-        }
-        let mut span = self
-            .tracer
+        let Some(server) = &self.server else { return };
+        let tracer = &self.tracing.tracer;
+        let mut span = tracer
             .span_builder(name)
             .with_kind(SpanKind::Internal)
             .with_start_time(start)
-            .start_with_context(&self.tracer, &self.server);
+            .start_with_context(tracer, server);
         opentelemetry::trace::Span::end(&mut span);
     }
 
@@ -155,16 +214,17 @@ impl RequestSpans {
     /// request names as its parent. An attempt still open is ended first.
     pub fn start_upstream(&mut self, target: &[u8]) -> SpanContext {
         self.end_upstream(None);
-        let mut builder = self
-            .tracer
+        let Some(server) = &self.server else {
+            return unrecorded_child(&self.context);
+        };
+        let tracer = &self.tracing.tracer;
+        let address = String::from_utf8_lossy(target).into_owned();
+        let span = tracer
             .span_builder("upstream")
-            .with_kind(SpanKind::Client);
-        if self.recording() {
-            let address = String::from_utf8_lossy(target).into_owned();
-            builder = builder.with_attributes([KeyValue::new("server.address", address)]);
-        }
-        let span = builder.start_with_context(&self.tracer, &self.server);
-        let cx = self.server.with_span(span);
+            .with_kind(SpanKind::Client)
+            .with_attributes([KeyValue::new("server.address", address)])
+            .start_with_context(tracer, server);
+        let cx = server.with_span(span);
         let sc = cx.span().span_context().clone();
         self.upstream = Some(cx);
         sc
@@ -191,26 +251,28 @@ impl RequestSpans {
     /// id).
     pub fn finish(mut self, route: Option<&str>, draft: &Draft) {
         self.end_upstream(None);
-        let span = self.server.span();
-        if span.is_recording() {
-            let method = draft.method.as_str();
-            let mut attributes = vec![
-                KeyValue::new("http.request.method", method.to_string()),
-                KeyValue::new("url.path", draft.uri.path().to_string()),
-                KeyValue::new("http.response.status_code", i64::from(draft.status)),
-                KeyValue::new("tollgate.outcome", draft.outcome.as_str()),
-            ];
-            if let Some(route) = route {
+        let Some(server) = &self.server else { return };
+        let span = server.span();
+        let method = draft.method.as_str();
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", method.to_string()),
+            KeyValue::new("url.path", draft.uri.path().to_string()),
+            KeyValue::new("http.response.status_code", i64::from(draft.status)),
+            KeyValue::new("tollgate.outcome", draft.outcome.as_str()),
+        ];
+        match route {
+            Some(route) => {
                 attributes.push(KeyValue::new("http.route", route.to_string()));
                 span.update_name(format!("{method} {route}"));
             }
-            if let Some(id) = &draft.identity {
-                attributes.push(KeyValue::new("tollgate.consumer", id.consumer.to_string()));
-            }
-            span.set_attributes(attributes);
-            if draft.status >= 500 {
-                span.set_status(Status::error(draft.outcome.as_str()));
-            }
+            None => span.update_name(method.to_string()),
+        }
+        if let Some(id) = &draft.identity {
+            attributes.push(KeyValue::new("tollgate.consumer", id.consumer.to_string()));
+        }
+        span.set_attributes(attributes);
+        if draft.status >= 500 {
+            span.set_status(Status::error(draft.outcome.as_str()));
         }
         span.end();
     }
@@ -321,16 +383,13 @@ mod tests {
         }
     }
 
-    fn tracer(ratio: f64) -> (Tracer, Kept) {
-        use opentelemetry_sdk::trace::Sampler;
+    fn tracing(ratio: f64) -> (Tracing, Kept) {
         let kept = Kept::default();
         let provider = SdkTracerProvider::builder()
             .with_simple_exporter(kept.clone())
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                ratio,
-            ))))
+            .with_sampler(Sampler::AlwaysOn)
             .build();
-        (provider.tracer("test"), kept)
+        (Tracing::new(provider.tracer("test"), ratio), kept)
     }
 
     fn draft() -> Draft {
@@ -350,17 +409,17 @@ mod tests {
 
     #[test]
     fn phases_and_upstream_attempts_are_children_of_the_server_span_under_the_caller() {
-        let (tracer, kept) = tracer(0.0);
+        let (tracing, kept) = tracing(0.0);
         let caller = extract(&fields(
             "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\ntracestate: vendor=1\r\n",
         ))
         .unwrap();
-        let mut spans = RequestSpans::start(&tracer, Some(&caller), SystemTime::now(), "GET");
+        let mut spans = RequestSpans::start(&tracing, Some(&caller), SystemTime::now());
         assert!(
             spans.recording(),
             "a sampled caller is followed whatever the ratio"
         );
-        let server = spans.server();
+        let server = spans.server().clone();
         spans.phase("auth", SystemTime::now());
         let first = spans.start_upstream(b"127.0.0.1:1");
         let second = spans.start_upstream(b"127.0.0.1:2");
@@ -398,8 +457,8 @@ mod tests {
 
     #[test]
     fn unsampled_requests_record_nothing_but_still_carry_a_trace() {
-        let (tracer, kept) = tracer(0.0);
-        let mut spans = RequestSpans::start(&tracer, None, SystemTime::now(), "GET");
+        let (tracing, kept) = tracing(0.0);
+        let mut spans = RequestSpans::start(&tracing, None, SystemTime::now());
         assert!(!spans.recording());
         let upstream = spans.start_upstream(b"127.0.0.1:1");
         assert!(upstream.is_valid());
@@ -407,5 +466,26 @@ mod tests {
         assert_eq!(upstream.trace_id(), spans.server().trace_id());
         spans.finish(None, &draft());
         assert!(kept.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn new_traces_are_sampled_at_the_ratio_and_a_callers_no_is_followed() {
+        let (tracing, kept) = tracing(1.0);
+        let spans = RequestSpans::start(&tracing, None, SystemTime::now());
+        assert!(spans.recording() && spans.server().is_sampled());
+        spans.finish(Some("orders"), &draft());
+        let root = kept.0.lock().unwrap().pop().unwrap();
+        assert_eq!(root.name, "GET orders");
+        assert_eq!(root.parent_span_id, opentelemetry::trace::SpanId::INVALID);
+        let caller = extract(&fields(
+            "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00\r\n",
+        ))
+        .unwrap();
+        let spans = RequestSpans::start(&tracing, Some(&caller), SystemTime::now());
+        assert!(!spans.recording(), "the caller did not sample this trace");
+        assert_eq!(
+            spans.server().trace_id(),
+            caller.span().span_context().trace_id()
+        );
     }
 }
