@@ -50,6 +50,11 @@ pub fn release_free_memory() {
     }
 }
 
+/// A trim that holds the allocator longer than this is logged (at debug level:
+/// `RUST_LOG=tollgate::alloc=debug`). In a `tollgate up` that had stored over a million events
+/// at 40,000 requests/s, trims took 6–13 ms (BENCHMARKS.md).
+const SLOW_TRIM: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// How often [`trim_every`] hands free memory back.
 pub const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -59,7 +64,8 @@ pub const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 /// anything of the per-thread arenas: a gateway that served a burst on 64 connections kept two
 /// arenas of 16–21 MiB each after the load, most of it free (BENCHMARKS.md, "Many consumers").
 /// `malloc_trim` walks every arena and releases the free pages. Each call takes the arenas'
-/// locks in turn for the walk (well under a millisecond at these sizes), so a thread that
+/// locks in turn for the walk (well under a millisecond at these sizes; 6–13 ms in a
+/// `tollgate up` holding a million events, see `SLOW_TRIM`), so a thread that
 /// allocates at that moment waits that long, once per period; pages reused afterwards cost one
 /// page fault each. It runs on a blocking thread, never on a worker of the request path.
 pub async fn trim_every(period: std::time::Duration) {
@@ -68,11 +74,18 @@ pub async fn trim_every(period: std::time::Duration) {
     ticks.tick().await;
     loop {
         ticks.tick().await;
-        if tokio::task::spawn_blocking(release_free_memory)
-            .await
-            .is_err()
-        {
-            return;
+        let took = tokio::task::spawn_blocking(|| {
+            let started = std::time::Instant::now();
+            release_free_memory();
+            started.elapsed()
+        })
+        .await;
+        match took {
+            Err(_) => return,
+            Ok(t) if t > SLOW_TRIM => {
+                tracing::debug!(ms = t.as_millis() as u64, "handing free memory back held the allocator");
+            }
+            Ok(_) => {}
         }
     }
 }
