@@ -83,7 +83,10 @@ pub async fn trim_every(period: std::time::Duration) {
         match took {
             Err(_) => return,
             Ok(t) if t > SLOW_TRIM => {
-                tracing::debug!(ms = t.as_millis() as u64, "handing free memory back held the allocator");
+                tracing::debug!(
+                    ms = t.as_millis() as u64,
+                    "handing free memory back held the allocator"
+                );
             }
             Ok(_) => {}
         }
