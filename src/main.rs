@@ -301,6 +301,7 @@ async fn gateway(
     )
     .await?;
     alloc::release_free_memory();
+    let stopping = shutdown_signal();
     tracing::info!(
         proxy = %format!("http://{}", gateway.local_addr()),
         admin = %config.gateway.admin_listen,
@@ -313,7 +314,7 @@ async fn gateway(
         stop.clone(),
     ));
     let serving = tokio::spawn(gateway.run(stop.clone()));
-    shutdown_signal().await;
+    stopping.await;
     tracing::info!("shutting down: draining requests and delivering their events");
     reloads.abort();
     stop.cancel();
@@ -373,12 +374,13 @@ async fn collector(config: Config) -> anyhow::Result<()> {
         metrics,
         stop.clone(),
     ));
+    let stopping = shutdown_signal();
     tracing::info!(
         group = %config.collector.group,
         admin = %config.collector.admin_listen,
         "tollgate collector started (admin listener: /metrics, /healthz, /readyz)"
     );
-    shutdown_signal().await;
+    stopping.await;
     tracing::info!("shutting down: flushing the last batch and committing");
     stop.cancel();
     let result = running.await;
@@ -408,8 +410,9 @@ async fn query_api(mut config: Config) -> anyhow::Result<()> {
         Arc::new(state),
         stop.clone(),
     ));
+    let stopping = shutdown_signal();
     tracing::info!(url = %format!("http://{addr}/"), "tollgate query API and dashboards started");
-    shutdown_signal().await;
+    stopping.await;
     stop.cancel();
     serving.await.context("query API task")??;
     Ok(())
@@ -487,16 +490,22 @@ async fn reload_on_change(
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when the
+/// future is first awaited: a signal that arrives right after start-up is a clean shutdown too.
+fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        async move {
+            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// The built-in demo configuration, its upstream pointed at `demo_upstream`.
@@ -607,6 +616,7 @@ async fn up(
     if demo {
         tokio::spawn(demo::run_traffic(gateway_addr, stop_traffic.clone()));
     }
+    let stopping = shutdown_signal();
     tracing::info!(
         gateway = %format!("http://{gateway_addr}"),
         dashboards = %format!("http://{api_addr}/"),
@@ -627,7 +637,7 @@ async fn up(
         eprintln!("Press Ctrl-C to stop.\n");
     }
 
-    shutdown_signal().await;
+    stopping.await;
     tracing::info!("shutting down: draining the gateway, then flushing the collector");
     stop_traffic.cancel();
     if let Some(r) = reloads {
