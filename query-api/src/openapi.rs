@@ -81,7 +81,7 @@ fn latency() {}
     params(
         Window,
         Filters,
-        ("group_by" = Option<String>, Query, description = "Comma-separated from consumer, route, day, hour, minute, status, plan. Default consumer. A window may hold at most 10,080 periods of its finest time key (a week of minutes).", pattern = "^(consumer|route|day|hour|minute|status|plan)(,(consumer|route|day|hour|minute|status|plan))*$"),
+        ("group_by" = Option<String>, Query, description = "Comma-separated from consumer, route, day, hour, minute, status, plan. Default consumer. Grouped by hour or minute, a window may hold at most 10,080 of them (a week of minutes).", pattern = "^(consumer|route|day|hour|minute|status|plan)(,(consumer|route|day|hour|minute|status|plan))*$"),
     ),
     responses((status = 200, description = "One row per group", body = crate::reports::UsageAnswer)),
 )]

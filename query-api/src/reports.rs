@@ -106,7 +106,7 @@ pub struct UsageRow {
     resp_bytes: u64,
 }
 
-/// Most periods of its finest time key a usage window may hold (a week of minutes).
+/// Most hours or minutes a usage window grouped by them may hold (a week of minutes).
 const MAX_PERIODS: i64 = 10_080;
 
 /// Most points one latency answer may hold.
@@ -260,7 +260,10 @@ pub async fn usage(
         ],
         &[GroupKey::Consumer],
     )?;
+    // Days are never too many (`from=0&group_by=day` is a whole history); hours and minutes
+    // can be.
     if let Some(period) = GroupKey::finest_period(&group)
+        && period < tollgate_store::time::DAY_US
         && (to_us - from_us) / period > MAX_PERIODS
     {
         return Err(ApiError::bad(

@@ -734,7 +734,10 @@ async fn quota_and_access_rules_on(backend: Backend) {
     assert_eq!(s, StatusCode::OK);
     let v: Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(v["consumers"].as_array().unwrap().len(), 1);
-    // Hours and minutes: the periods that hold traffic, named by their start.
+    // Days over a whole history are fine; hours and minutes, the periods that hold traffic,
+    // named by their start.
+    let v = json(&app, "/v1/usage?from=0&group_by=day").await;
+    assert!(!v["rows"].as_array().unwrap().is_empty(), "{v}");
     let v = json(
         &app,
         "/v1/usage?from=2026-11-01T00:00:00Z&to=2026-11-02T00:00:00Z&group_by=hour,consumer",
