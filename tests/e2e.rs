@@ -3,12 +3,11 @@
 //! checked exactly — and again after a SIGKILL and restart on the same data.
 
 mod common;
-use common::{Http, free_port, start_upstream};
+use common::{Http, Up, free_port, start_upstream};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
@@ -51,38 +50,6 @@ query_api: {{ listen: 127.0.0.1:{api}, admin_tokens: ["{ADMIN}"] }}
     let path = dir.join("tollgate.yaml");
     std::fs::write(&path, text).unwrap();
     path
-}
-
-struct Tollgate {
-    child: Child,
-}
-
-impl Tollgate {
-    fn start(config: &Path, data: &Path) -> Tollgate {
-        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["up", "--config"])
-            .arg(config)
-            .arg("--data-dir")
-            .arg(data)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("tollgate binary starts");
-        Tollgate { child }
-    }
-
-    fn sigkill(mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Tollgate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn wait_ready(http: &Http, api: u16, gw: u16) {
@@ -192,7 +159,7 @@ async fn meters_prices_and_survives_sigkill() {
     let data = dir.path().join("data");
     let http = Http::new();
 
-    let tollgate = Tollgate::start(&config, &data);
+    let tollgate = Up::start(&config, &data, &[]);
     wait_ready(&http, api, gw).await;
 
     assert!(
@@ -410,7 +377,7 @@ async fn meters_prices_and_survives_sigkill() {
 
     // SIGKILL with nothing flushed to Parquet yet: after restart, every event is back once.
     tollgate.sigkill();
-    let _tollgate = Tollgate::start(&config, &data);
+    let _tollgate = Up::start(&config, &data, &[]);
     wait_ready(&http, api, gw).await;
     wait_for_usage(&http, api, &expected(0)).await;
     assert!(
@@ -462,7 +429,7 @@ query_api: {{ listen: 127.0.0.1:{api}, admin_tokens: ["{ADMIN}"] }}
     )
     .unwrap();
     let http = Http::new();
-    let _tollgate = Tollgate::start(&config, &dir.path().join("data"));
+    let _tollgate = Up::start(&config, &dir.path().join("data"), &[]);
     wait_ready(&http, api, gw).await;
     let quota = |query: String| {
         let url = format!("http://127.0.0.1:{api}/v1/quota{query}");

@@ -34,6 +34,12 @@ impl Up {
             .stderr(std::process::Stdio::inherit());
         Up(cmd.spawn().expect("the tollgate binary starts"))
     }
+
+    /// Kills the process with SIGKILL and waits for it.
+    pub fn sigkill(mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
 }
 
 /// Waits (60 s at most) until something listens on `port`: a TCP connect, not a request (every

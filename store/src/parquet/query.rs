@@ -216,9 +216,9 @@ fn add_sketches(
     b: &RecordBatch,
     bucket_t: &impl Fn(i64) -> i64,
 ) -> Result<(), StoreError> {
-    let route = strs(b, "route")?;
-    let minute = i64s(b, "t")?;
-    let errors = i64s(b, "errors")?;
+    let route = strs_at(b, index_of(b, "route")?)?;
+    let minute = i64s_at(b, index_of(b, "t")?)?;
+    let errors = i64s_at(b, index_of(b, "errors")?)?;
     let sketch = b
         .column_by_name("sketch")
         .and_then(|c| c.as_binary_opt::<i32>())
@@ -261,22 +261,12 @@ fn strs_at(batch: &RecordBatch, i: usize) -> Result<StringArray, StoreError> {
     Ok(a.as_string::<i32>().clone())
 }
 
-/// Column `name` of a query result, as `i64s_at`.
-fn i64s(batch: &RecordBatch, name: &str) -> Result<Int64Array, StoreError> {
-    let i = batch
+/// The position of column `name` in a query result.
+fn index_of(batch: &RecordBatch, name: &str) -> Result<usize, StoreError> {
+    batch
         .schema()
         .index_of(name)
-        .map_err(|_| StoreError::Corrupt(format!("query result has no column {name}")))?;
-    i64s_at(batch, i)
-}
-
-/// Column `name` of a query result, as `strs_at`.
-fn strs(batch: &RecordBatch, name: &str) -> Result<StringArray, StoreError> {
-    let i = batch
-        .schema()
-        .index_of(name)
-        .map_err(|_| StoreError::Corrupt(format!("query result has no column {name}")))?;
-    strs_at(batch, i)
+        .map_err(|_| StoreError::Corrupt(format!("query result has no column {name}")))
 }
 
 /// The group key value of row `i` of a key column.
