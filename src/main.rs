@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tollgate_bus::{Bus, BusError};
+use tollgate_gateway::Directory;
 use tollgate_store::{EventWriter, StoreError};
 
 use crate::config::{Config, ConfigError};
@@ -206,6 +207,16 @@ fn load_part(
 
 /// A backend compiled out of this build is a configuration error (exit 2) that names the
 /// feature; other failures to open are run-time errors.
+/// The configured consumers as the table every part shares, taking them out of `config`: the
+/// parsed list is not needed again (a reload reads the file anew), and with 100,000
+/// consumers it is tens of megabytes.
+fn take_consumers(config: &mut Config) -> Result<Arc<Directory>, ConfigError> {
+    let consumers = std::mem::take(&mut config.consumers);
+    Directory::new(&consumers)
+        .map(Arc::new)
+        .map_err(|e| ConfigError(format!("consumers: {e}")))
+}
+
 fn bus_error(e: BusError) -> anyhow::Error {
     match e {
         BusError::NotBuilt { .. } => ConfigError(e.to_string()).into(),
@@ -278,7 +289,7 @@ async fn gateway(
     let stop = CancellationToken::new();
     let gateway = tollgate_gateway::Gateway::bind(
         config.gateway.clone(),
-        &config.consumers,
+        take_consumers(&mut config)?,
         &config.plans,
         publisher,
         metrics,
@@ -286,10 +297,6 @@ async fn gateway(
     .await
     .map_err(gateway_error)?;
     let (gateway, spans) = with_span_export(gateway, &config)?;
-    // The gateway holds what it needs of the consumers (key digests, identities, limits); the
-    // configuration's own list is not needed again (a reload reads the file anew). With 100,000
-    // consumers it is tens of megabytes.
-    drop(std::mem::take(&mut config.consumers));
     let admin = admin::serve(
         "gateway.admin_listen",
         config.gateway.admin_listen,
@@ -395,14 +402,14 @@ async fn query_api(mut config: Config) -> anyhow::Result<()> {
         .await
         .map_err(ConfigError)?;
     let addr = listener.local_addr()?;
+    let consumers = take_consumers(&mut config)?;
     let state = tollgate_query_api::AppState::new(
         &config.query_api,
         store.query.clone(),
-        std::mem::take(&mut config.consumers),
+        consumers,
         config.plans.clone(),
         Registry::default(),
-    )
-    .map_err(ConfigError)?;
+    );
     alloc::release_free_memory();
     let stop = CancellationToken::new();
     let serving = tokio::spawn(tollgate_query_api::serve(
@@ -558,9 +565,11 @@ async fn up(
     default_quota_feed(&mut config, api_addr);
 
     let stop_gateway = CancellationToken::new();
+    // One consumer table for the gateway and the query API.
+    let consumers = take_consumers(&mut config)?;
     let gateway = tollgate_gateway::Gateway::bind(
         config.gateway.clone(),
-        &config.consumers,
+        consumers.clone(),
         &config.plans,
         publisher,
         gateway_metrics,
@@ -570,16 +579,13 @@ async fn up(
     let (gateway, spans) = with_span_export(gateway, &config)?;
     let gateway_addr = gateway.local_addr();
 
-    // The gateway is built: the consumers move to the query API (with 100,000 of them, a copy
-    // is tens of megabytes).
     let state = tollgate_query_api::AppState::new(
         &config.query_api,
         store.query.clone(),
-        std::mem::take(&mut config.consumers),
+        consumers,
         config.plans.clone(),
         registry,
-    )
-    .map_err(ConfigError)?;
+    );
     alloc::release_free_memory();
     let stop_api = CancellationToken::new();
     let api = tokio::spawn(tollgate_query_api::serve(

@@ -40,7 +40,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tollgate_bus::Publisher;
-use tollgate_schemas::config::{Consumer, Plan};
+use tollgate_schemas::config::Plan;
+pub use tollgate_schemas::directory::Directory;
 
 pub use config::GatewayConfig;
 pub use metrics::GatewayMetrics;
@@ -159,7 +160,7 @@ impl Gateway {
     /// Validates, binds the listener and builds the state (no traffic yet).
     pub async fn bind(
         config: GatewayConfig,
-        consumers: &[Consumer],
+        directory: Arc<Directory>,
         plans: &BTreeMap<String, Plan>,
         bus: Arc<dyn Publisher>,
         metrics: GatewayMetrics,
@@ -197,7 +198,7 @@ impl Gateway {
             metrics: metrics.clone(),
         });
         let shared = Arc::new(reload::build_shared(
-            &config, consumers, plans, &metrics, quota,
+            &config, directory, plans, &metrics, quota,
         )?);
         Ok(Gateway {
             listeners,

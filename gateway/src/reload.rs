@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use http::header::HeaderName;
 use tokio_util::sync::CancellationToken;
 use tollgate_schemas::config::{Consumer, Plan};
+use tollgate_schemas::directory::Directory;
 
 use crate::metrics::ResultLabels;
 use crate::{GatewayConfig, GatewayError, GatewayMetrics, Shared, auth, limits, router};
@@ -29,7 +30,7 @@ use crate::{GatewayConfig, GatewayError, GatewayMetrics, Shared, auth, limits, r
 /// Builds the state for `config` (validated already), sharing `quota` with the one before.
 pub(crate) fn build_shared(
     config: &GatewayConfig,
-    consumers: &[Consumer],
+    directory: Arc<Directory>,
     plans: &BTreeMap<String, Plan>,
     metrics: &GatewayMetrics,
     quota: Arc<limits::QuotaState>,
@@ -45,7 +46,7 @@ pub(crate) fn build_shared(
         ),
         // Consumers with keys but no `auth.api_key` section: keys are still checked, in the
         // default header, rather than letting every caller through anonymously.
-        None if consumers.iter().any(|c| !c.api_keys.is_empty()) => {
+        None if directory.has_keys() => {
             tracing::info!(
                 "gateway.auth.api_key is not set; checking API keys in the default header x-api-key"
             );
@@ -57,9 +58,9 @@ pub(crate) fn build_shared(
     Ok(Shared {
         gateway_id: config.instance_id(),
         router: router::Router::build(&config.routes).map_err(GatewayError::Config)?,
-        auth: auth::Authenticators::new(config, consumers, plans, api_key_header, metrics)
+        auth: auth::Authenticators::new(config, &directory, plans, api_key_header, metrics)
             .map_err(GatewayError::Config)?,
-        rate_limits: limits::RateLimits::new(consumers, plans),
+        rate_limits: limits::RateLimits::new(plans),
         route_limits: limits::RouteLimits::new(&config.routes),
         quota,
         route_upstreams,
@@ -232,7 +233,8 @@ impl Reloader {
             ));
         }
         let (_, old) = self.live.current();
-        let shared = build_shared(config, consumers, plans, &self.metrics, old.quota.clone())
+        let directory = Arc::new(Directory::new(consumers)?);
+        let shared = build_shared(config, directory, plans, &self.metrics, old.quota.clone())
             .map_err(|e| match e {
                 GatewayError::Config(m) => m,
                 other => other.to_string(),

@@ -552,7 +552,7 @@ mod tls {
         .unwrap();
         let err = tollgate_gateway::Gateway::bind(
             config,
-            &[],
+            Default::default(),
             &Default::default(),
             Arc::new(log),
             tollgate_gateway::GatewayMetrics::unregistered(),

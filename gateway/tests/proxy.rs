@@ -482,7 +482,7 @@ async fn a_taken_address_is_refused_even_with_several_workers() {
         async move {
             Gateway::bind(
                 config,
-                &[],
+                Default::default(),
                 &BTreeMap::new(),
                 Arc::new(log),
                 GatewayMetrics::unregistered(),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::extract::{FromRequestParts, Query};
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
-use tollgate_schemas::config::Consumer;
+use tollgate_schemas::directory::Directory;
 use tollgate_schemas::keys::KeyTable;
 
 use crate::AppState;
@@ -62,15 +62,16 @@ impl Caller {
 /// Checks bearer tokens in constant time against admin tokens and consumer key hashes.
 pub struct Authenticator {
     admin: KeyTable<()>,
-    keys: KeyTable<String>,
+    /// The consumers, whose API keys are also their bearer tokens here.
+    consumers: Arc<Directory>,
 }
 
 impl Authenticator {
-    pub fn new(admin_tokens: &[String], consumers: &[Consumer]) -> Result<Authenticator, String> {
-        Ok(Authenticator {
+    pub fn new(admin_tokens: &[String], consumers: Arc<Directory>) -> Authenticator {
+        Authenticator {
             admin: KeyTable::from_secrets(admin_tokens.iter().map(|t| (t.as_str(), ()))),
-            keys: KeyTable::for_consumers(consumers, |_, c| c.id.clone())?,
-        })
+            consumers,
+        }
     }
 
     /// The caller, or 401. With no admin token configured, any caller but a partner presenting
@@ -100,8 +101,8 @@ impl Authenticator {
         if self.admin.find(token.as_bytes()).is_some() {
             return Ok(Caller::Admin);
         }
-        match self.keys.find(token.as_bytes()) {
-            Some(consumer) => Ok(Caller::Consumer(consumer.clone())),
+        match self.consumers.find_key(token.as_bytes()) {
+            Some(i) => Ok(Caller::Consumer(self.consumers.id(i).to_string())),
             None if open => Ok(Caller::Admin),
             None => Err(ApiError::Unauthorized("unknown token")),
         }
@@ -123,18 +124,19 @@ mod tests {
         h
     }
 
-    fn consumers() -> Vec<Consumer> {
+    fn consumers() -> Arc<Directory> {
         let hash = tollgate_schemas::keys::hash_key("partner-key");
-        vec![Consumer {
+        let consumers = [tollgate_schemas::config::Consumer {
             id: "p".into(),
             plan: "x".into(),
             api_keys: vec![hash],
-        }]
+        }];
+        Arc::new(Directory::new(&consumers).unwrap())
     }
 
     #[test]
     fn admin_tokens_partner_keys_and_the_open_mode() {
-        let closed = Authenticator::new(&["admin-token-123456".into()], &consumers()).unwrap();
+        let closed = Authenticator::new(&["admin-token-123456".into()], consumers());
         assert_eq!(
             closed.caller(&headers(Some("admin-token-123456"))).unwrap(),
             Caller::Admin
@@ -152,7 +154,7 @@ mod tests {
             Err(ApiError::Unauthorized(_))
         ));
 
-        let open = Authenticator::new(&[], &consumers()).unwrap();
+        let open = Authenticator::new(&[], consumers());
         assert_eq!(open.caller(&headers(None)).unwrap(), Caller::Admin);
         assert_eq!(
             open.caller(&headers(Some("partner-key"))).unwrap(),

@@ -29,7 +29,8 @@ use axum::routing::get;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use tollgate_schemas::config::{Consumer, Plan};
+use tollgate_schemas::config::Plan;
+use tollgate_schemas::directory::Directory;
 use tollgate_store::UsageQuery;
 
 pub use error::ApiError;
@@ -112,7 +113,8 @@ impl QueryApiConfig {
 /// What every handler shares.
 pub struct AppState {
     pub store: Arc<dyn UsageQuery>,
-    pub consumers: Vec<Consumer>,
+    /// The configured consumers (shared with the gateway in a one-process deployment).
+    pub consumers: Arc<Directory>,
     pub plans: BTreeMap<String, Plan>,
     pub auth: auth::Authenticator,
     /// Every component's metrics, exposed at `/metrics`.
@@ -129,19 +131,13 @@ impl AppState {
     pub fn new(
         config: &QueryApiConfig,
         store: Arc<dyn UsageQuery>,
-        consumers: Vec<Consumer>,
+        consumers: Arc<Directory>,
         plans: BTreeMap<String, Plan>,
         mut registry: Registry,
-    ) -> Result<AppState, String> {
-        let auth = auth::Authenticator::new(&config.admin_tokens, &consumers)?;
-        // The key digests live in `auth` now; the consumer list keeps ids and plans (with
-        // 100,000 consumers the digests' text is 10 MB).
-        let mut consumers = consumers;
-        for c in &mut consumers {
-            c.api_keys = Vec::new();
-        }
+    ) -> AppState {
+        let auth = auth::Authenticator::new(&config.admin_tokens, consumers.clone());
         let metrics = Arc::new(metrics::ApiMetrics::register(&mut registry));
-        Ok(AppState {
+        AppState {
             store,
             consumers,
             plans,
@@ -150,7 +146,7 @@ impl AppState {
             metrics,
             billing: config.billing.clone(),
             quota: Default::default(),
-        })
+        }
     }
 
     /// The one currency every priced plan uses, if there is exactly one.
@@ -169,10 +165,8 @@ impl AppState {
     /// The plan named `plan`, falling back to the consumer's configured plan.
     pub(crate) fn plan(&self, plan: Option<&str>, consumer: Option<&str>) -> Option<(&str, &Plan)> {
         let name = plan.or_else(|| {
-            self.consumers
-                .iter()
-                .find(|c| Some(c.id.as_str()) == consumer)
-                .map(|c| c.plan.as_str())
+            let i = self.consumers.position(consumer?)?;
+            Some(&**self.consumers.plan(i))
         })?;
         self.plans.get_key_value(name).map(|(k, v)| (k.as_str(), v))
     }

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use crate::auth::Scope;
 use axum::Json;
 use axum::extract::{Query, State};
-use tollgate_schemas::config::{Consumer, Plan};
+use tollgate_schemas::config::Plan;
+use tollgate_schemas::directory::Directory;
 use tollgate_schemas::quota::{QuotaEntry, QuotaSnapshot};
 use tollgate_store::{Filter, GroupKey, KeyValue};
 
@@ -73,7 +74,7 @@ impl QuotaCache {
     /// The answer for a caller holding the state at `since` of `epoch`, scoped to `scope`.
     fn answer(
         &self,
-        consumers: &[Consumer],
+        consumers: &Directory,
         plans: &BTreeMap<String, Plan>,
         since: Option<(i64, u64)>,
         scope: Option<&str>,
@@ -85,18 +86,18 @@ impl QuotaCache {
         let consumers = consumers
             .iter()
             .zip(&self.counts)
-            .filter(|(c, n)| {
-                scope.is_none_or(|sc| sc == c.id)
+            .filter(|((id, _), n)| {
+                scope.is_none_or(|sc| sc == &***id)
                     && known.is_none_or(|(since, _)| n.changed > since)
             })
-            .map(|(c, n)| {
+            .map(|((id, plan), n)| {
                 let limit = plans
-                    .get(&c.plan)
+                    .get(&**plan)
                     .and_then(|p| p.quota.as_ref())
                     .map(|q| q.requests);
                 QuotaEntry::new(
-                    c.id.clone(),
-                    Some(c.plan.clone()),
+                    id.to_string(),
+                    Some(plan.to_string()),
                     period.clone(),
                     period_end.clone(),
                     limit,
@@ -175,7 +176,7 @@ async fn refresh(s: &AppState, cache: &mut QuotaCache) -> Result<(), ApiError> {
         (start, end),
         s.consumers
             .iter()
-            .map(|c| used.get(&c.id).copied().unwrap_or(0)),
+            .map(|(id, _)| used.get(&**id).copied().unwrap_or(0)),
     );
     Ok(())
 }
@@ -219,15 +220,16 @@ mod tests {
     use super::*;
     use tollgate_schemas::quota::QuotaLevel;
 
-    fn setup() -> (Vec<Consumer>, BTreeMap<String, Plan>) {
-        let consumers = ["a", "b", "c"]
+    fn setup() -> (Directory, BTreeMap<String, Plan>) {
+        let consumers: Vec<_> = ["a", "b", "c"]
             .iter()
-            .map(|id| Consumer {
+            .map(|id| tollgate_schemas::config::Consumer {
                 id: id.to_string(),
                 plan: "p".into(),
                 api_keys: vec![],
             })
             .collect();
+        let consumers = Directory::new(&consumers).unwrap();
         let plan: Plan = serde_json::from_value(serde_json::json!({"quota": {"requests": 10}}))
             .expect("a plan with a quota");
         (consumers, [("p".to_string(), plan)].into())

@@ -225,11 +225,10 @@ fn router_for(
     let state = AppState::new(
         &config,
         store.query.clone(),
-        consumers,
+        Arc::new(tollgate_schemas::directory::Directory::new(&consumers).unwrap()),
         plans,
         Registry::default(),
-    )
-    .unwrap();
+    );
     router(Arc::new(state))
 }
 

@@ -8,6 +8,7 @@
 pub mod arrow;
 pub mod checkpoint;
 pub mod config;
+pub mod directory;
 pub mod event;
 pub mod fsutil;
 pub mod keys;

@@ -31,6 +31,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use tokio_util::sync::CancellationToken;
+use tollgate_schemas::directory::Directory;
 
 use super::{Identity, Verdict};
 use crate::config::{JwtConfig, JwtKeyConfig};
@@ -53,7 +54,8 @@ struct Key {
 /// Verifies bearer tokens and maps them to consumers.
 pub struct JwtAuth {
     consumer_claim: String,
-    identities: HashMap<String, Identity>,
+    /// The consumers tokens may name.
+    directory: Arc<Directory>,
     /// `plan_claim`, and the configured plans it may name.
     plan_claim: Option<String>,
     plans: HashMap<String, Arc<str>>,
@@ -263,10 +265,10 @@ struct JwksKeys {
 }
 
 impl JwtAuth {
-    /// Parses the configured keys; `identities` are the consumers tokens may name.
+    /// Parses the configured keys; `directory` holds the consumers tokens may name.
     pub fn new(
         config: &JwtConfig,
-        identities: HashMap<String, Identity>,
+        directory: Arc<Directory>,
         metrics: crate::GatewayMetrics,
     ) -> Result<JwtAuth, String> {
         let configured = config
@@ -306,7 +308,7 @@ impl JwtAuth {
             consumer_claim: config.consumer_claim.clone(),
             plan_claim: config.plan_claim.clone(),
             plans: HashMap::new(),
-            identities,
+            directory,
             validations,
             configured,
             jwks,
@@ -380,9 +382,9 @@ impl JwtAuth {
             .and_then(|v| v.as_str())
             .ok_or_else(|| format!("no `{claim}` claim naming the consumer"))?;
         let mut id = self
-            .identities
-            .get(consumer)
-            .cloned()
+            .directory
+            .position(consumer)
+            .map(|i| Identity::configured(&self.directory, i))
             .ok_or_else(|| format!("`{claim}` names no known consumer"))?;
         if let Some(claim) = &self.plan_claim
             && let Some(value) = claims.get(claim)
@@ -635,8 +637,8 @@ mod tests {
     const ED1_PUB: &str = include_str!("../../tests/fixtures/jwt/ed1.pub");
     const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
 
-    fn identities() -> HashMap<String, Identity> {
-        super::super::identities(&[
+    fn identities() -> Arc<Directory> {
+        Arc::new(Directory::new(&[
             tollgate_schemas::config::Consumer {
                 id: "acme".into(),
                 plan: "pro".into(),
@@ -647,7 +649,7 @@ mod tests {
                 plan: "free".into(),
                 api_keys: vec![],
             },
-        ])
+        ]).unwrap())
     }
 
     fn config(keys: Vec<JwtKeyConfig>, jwks_url: Option<String>) -> JwtConfig {

@@ -1,14 +1,13 @@
 //! Authentication of the request path: a chain of authenticators per route
 //! ([`Authenticators`]), each of which finds no credential, grants an [`Identity`] or refuses.
-//! API keys are looked up in the consumer key table of `tollgate_schemas::keys` (by the key's
+//! API keys are looked up in the consumer table (`tollgate_schemas::directory`, by the key's
 //! sha256 digest); JWT bearer tokens are verified by `jwt` (the `jwt` cargo feature). A new
 //! method is a new module and one [`AuthMethod`] variant.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName};
-use tollgate_schemas::config::Consumer;
+use tollgate_schemas::directory::Directory;
 use tollgate_schemas::keys;
 
 use crate::config::{AuthMethod, GatewayConfig, RouteAuth};
@@ -50,20 +49,19 @@ impl Headers for crate::h1::Fields {
 
 /// Every consumer key, granting that consumer's identity.
 pub struct KeyTable {
-    keys: keys::KeyTable<Identity>,
+    directory: Arc<Directory>,
 }
 
 impl KeyTable {
-    /// Builds the table; consumers were validated with the configuration.
-    pub fn new(consumers: &[Consumer]) -> Result<KeyTable, String> {
-        let ids = identities(consumers);
-        let keys = keys::KeyTable::for_consumers(consumers, |_, c| ids[&c.id].clone())?;
-        Ok(KeyTable { keys })
+    pub fn new(directory: Arc<Directory>) -> KeyTable {
+        KeyTable { directory }
     }
 
     /// The consumer owning `key`, if any.
     pub fn authenticate(&self, key: &[u8]) -> Option<Identity> {
-        self.keys.find(key).cloned()
+        self.directory
+            .find_key(key)
+            .map(|i| Identity::configured(&self.directory, i))
     }
 }
 
@@ -88,26 +86,16 @@ pub struct Authenticators {
     chains: Vec<Vec<AuthMethod>>,
 }
 
-/// Each consumer's identity by id, plans shared.
-pub fn identities(consumers: &[Consumer]) -> HashMap<String, Identity> {
-    let mut plans: HashMap<&str, Arc<str>> = HashMap::new();
-    consumers
-        .iter()
-        .enumerate()
-        .map(|(index, c)| {
-            let plan = plans
-                .entry(&c.plan)
-                .or_insert_with(|| c.plan.as_str().into())
-                .clone();
-            let id = Identity {
-                consumer: c.id.as_str().into(),
-                plan,
-                index,
-                claimed_plan: false,
-            };
-            (c.id.clone(), id)
-        })
-        .collect()
+impl Identity {
+    /// The identity of the consumer at `position` with its configured plan.
+    pub fn configured(directory: &Directory, position: usize) -> Identity {
+        Identity {
+            consumer: directory.id(position).clone(),
+            plan: directory.plan(position).clone(),
+            index: position,
+            claimed_plan: false,
+        }
+    }
 }
 
 impl Authenticators {
@@ -115,19 +103,19 @@ impl Authenticators {
     /// when they are) and resolves each route's chain. Errors name the key.
     pub fn new(
         config: &GatewayConfig,
-        consumers: &[Consumer],
+        directory: &Arc<Directory>,
         plans: &std::collections::BTreeMap<String, tollgate_schemas::config::Plan>,
         api_key_header: Option<HeaderName>,
         metrics: &crate::GatewayMetrics,
     ) -> Result<Authenticators, String> {
         let api_key = match api_key_header {
-            Some(h) => Some((h, KeyTable::new(consumers)?)),
+            Some(h) => Some((h, KeyTable::new(directory.clone()))),
             None => None,
         };
         #[cfg(feature = "jwt")]
         let jwt = match &config.auth.jwt {
             Some(j) => Some(Arc::new(
-                jwt::JwtAuth::new(j, identities(consumers), metrics.clone())?
+                jwt::JwtAuth::new(j, directory.clone(), metrics.clone())?
                     .with_plans(plans.keys()),
             )),
             None => None,
@@ -264,6 +252,7 @@ impl Authenticators {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tollgate_schemas::config::Consumer;
 
     #[test]
     fn finds_the_owner_of_a_key_and_nobody_else() {
@@ -279,7 +268,7 @@ mod tests {
                 api_keys: vec![hash_key("k-zeta"), hash_key("k-zeta-2")],
             },
         ];
-        let t = KeyTable::new(&consumers).unwrap();
+        let t = KeyTable::new(Arc::new(Directory::new(&consumers).unwrap()));
         assert_eq!(&*t.authenticate(b"k-acme").unwrap().consumer, "acme");
         assert_eq!(&*t.authenticate(b"k-zeta-2").unwrap().plan, "free");
         assert_eq!(t.authenticate(b"k-zeta").unwrap().index, 1);

@@ -46,7 +46,7 @@ pub async fn start(
     let metrics = GatewayMetrics::unregistered();
     let gw = Gateway::bind(
         config.clone(),
-        consumers,
+        Arc::new(tollgate_gateway::Directory::new(consumers).unwrap()),
         plans,
         Arc::new(log.clone()),
         metrics.clone(),
