@@ -39,6 +39,8 @@ pub struct QuotaCache {
     base: Option<i64>,
     version: i64,
     computed_at: Option<Instant>,
+    /// The store's `data_version` the counts were computed at, when it tells one.
+    data_version: Option<u64>,
     /// The billing period the counts are of, `[start, end)` in microseconds.
     period: (i64, i64),
     /// Per configured consumer (same order as `AppState::consumers`).
@@ -59,6 +61,7 @@ impl Default for QuotaCache {
             base: None,
             version: 0,
             computed_at: None,
+            data_version: None,
             period: (0, 0),
             counts: Vec::new(),
         }
@@ -147,13 +150,22 @@ impl QuotaCache {
     }
 }
 
-/// Recomputes the state when it is older than [`REFRESH`].
+/// Recomputes the state when it is older than [`REFRESH`] and the store's data may have changed
+/// since (an idle deployment queries nothing: the gateways' polls are answered from the cache).
 async fn refresh(s: &AppState, cache: &mut QuotaCache) -> Result<(), ApiError> {
     if cache.computed_at.is_some_and(|t| t.elapsed() < REFRESH) {
         return Ok(());
     }
     let now = chrono::Utc::now().timestamp_micros();
     let (start, end) = period_of(now);
+    let data_version = s.store.data_version();
+    if cache.computed_at.is_some()
+        && data_version.is_some()
+        && data_version == cache.data_version
+        && cache.period == (start, end)
+    {
+        return Ok(());
+    }
     let filter = Filter {
         from_us: start,
         to_us: end,
@@ -171,6 +183,7 @@ async fn refresh(s: &AppState, cache: &mut QuotaCache) -> Result<(), ApiError> {
         })
         .collect();
     let version = (now / 1000).max(cache.version + 1);
+    cache.data_version = data_version;
     cache.update(
         version,
         (start, end),

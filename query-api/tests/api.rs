@@ -917,3 +917,126 @@ async fn plan_changes_minimums_and_included_units() {
 async fn plan_changes_minimums_and_included_units_on_clickhouse() {
     plan_changes_minimums_and_included_units_on(Backend::ClickHouse).await;
 }
+
+/// The store, counting the usage queries asked of it.
+struct Counting {
+    inner: Arc<dyn tollgate_store::UsageQuery>,
+    usage: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl tollgate_store::UsageQuery for Counting {
+    async fn usage(
+        &self,
+        filter: &tollgate_store::Filter,
+        group_by: &[tollgate_store::GroupKey],
+    ) -> Result<Vec<tollgate_store::UsageRow>, tollgate_store::StoreError> {
+        self.usage
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.usage(filter, group_by).await
+    }
+    async fn latency(
+        &self,
+        query: &tollgate_store::LatencyQuery,
+    ) -> Result<Vec<tollgate_store::LatencyRow>, tollgate_store::StoreError> {
+        self.inner.latency(query).await
+    }
+    async fn ready(&self) -> bool {
+        self.inner.ready().await
+    }
+    fn data_version(&self) -> Option<u64> {
+        self.inner.data_version()
+    }
+    async fn progress(
+        &self,
+    ) -> Result<Vec<tollgate_store::PartitionProgress>, tollgate_store::StoreError> {
+        self.inner.progress().await
+    }
+    async fn publish_export(
+        &self,
+        export: &tollgate_store::StoredExport,
+    ) -> Result<tollgate_store::StoredExport, tollgate_store::StoreError> {
+        self.inner.publish_export(export).await
+    }
+    async fn published_export(
+        &self,
+        period: &str,
+    ) -> Result<Option<tollgate_store::StoredExport>, tollgate_store::StoreError> {
+        self.inner.published_export(period).await
+    }
+    async fn published_exports(
+        &self,
+    ) -> Result<Vec<tollgate_store::StoredExport>, tollgate_store::StoreError> {
+        self.inner.published_exports().await
+    }
+}
+
+/// Gateways poll the quota state every second; while nothing new is stored, the answers come
+/// from the cache without a query (an idle deployment with 100,000 consumers used to count
+/// every consumer's month once a second), and a stored event is counted at the next refresh.
+#[tokio::test]
+async fn quota_state_is_queried_again_only_when_the_store_changes() {
+    let (store, _guard) = open(Backend::Parquet).await;
+    let now = || chrono::Utc::now().to_rfc3339();
+    let evs: Vec<RequestEvent> = (0..4).map(|_| event(&now(), "q", "small", true)).collect();
+    store
+        .writer
+        .append(&tollgate_store::EventBatch::consecutive(evs, 0, 4))
+        .await
+        .unwrap();
+    let counting = Arc::new(Counting {
+        inner: store.query.clone(),
+        usage: Default::default(),
+    });
+    let small = Plan {
+        quota: Some(Quota {
+            period: Default::default(),
+            requests: 5,
+        }),
+        ..Default::default()
+    };
+    let consumers = [Consumer {
+        id: "q".into(),
+        plan: "small".into(),
+        api_keys: vec![],
+    }];
+    let state = AppState::new(
+        &QueryApiConfig {
+            admin_tokens: vec![ADMIN.into()],
+            ..Default::default()
+        },
+        counting.clone(),
+        Arc::new(tollgate_schemas::directory::Directory::new(&consumers).unwrap()),
+        [("small".to_string(), small)].into(),
+        Registry::default(),
+    );
+    let app = router(Arc::new(state));
+    let queries = || counting.usage.load(std::sync::atomic::Ordering::SeqCst);
+    let used = |v: Value| v["consumers"][0]["used"].as_u64();
+    // Past the cache's own refresh interval (250 ms), so only the store's version decides.
+    let past_refresh = || tokio::time::sleep(std::time::Duration::from_millis(300));
+
+    assert_eq!(used(json(&app, "/v1/quota").await), Some(4));
+    assert_eq!(queries(), 1);
+    past_refresh().await;
+    assert_eq!(used(json(&app, "/v1/quota").await), Some(4));
+    assert_eq!(queries(), 1, "nothing stored since: answered from the cache");
+
+    store
+        .writer
+        .append(&tollgate_store::EventBatch::consecutive(
+            vec![event(&now(), "q", "small", true)],
+            0,
+            5,
+        ))
+        .await
+        .unwrap();
+    past_refresh().await;
+    assert_eq!(used(json(&app, "/v1/quota").await), Some(5));
+    assert_eq!(queries(), 2);
+    // A flush changes where the events are, not the answer; it is queried again all the same.
+    store.writer.flush().await.unwrap();
+    past_refresh().await;
+    assert_eq!(used(json(&app, "/v1/quota").await), Some(5));
+    assert_eq!(queries(), 3);
+}

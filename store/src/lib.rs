@@ -321,6 +321,12 @@ pub trait UsageQuery: Send + Sync {
     async fn latency(&self, query: &LatencyQuery) -> Result<Vec<LatencyRow>, StoreError>;
     /// True when the store can answer queries.
     async fn ready(&self) -> bool;
+    /// A number that changes whenever an answer may: callers that cache answers (the quota
+    /// state) skip a query while it stays the same. `None`: the store cannot tell (its data
+    /// changes outside this process), so every answer must be queried.
+    fn data_version(&self) -> Option<u64> {
+        None
+    }
     /// What the collectors recorded of each partition (see `ledger`).
     async fn progress(&self) -> Result<Vec<PartitionProgress>, StoreError>;
     /// Stores a published export and returns the period's export: this one, or one published

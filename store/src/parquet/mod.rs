@@ -83,6 +83,8 @@ struct Inner {
     retired: Mutex<Vec<PathBuf>>,
     /// What collectors recorded of each bus partition (`crate::ledger`), as in `progress.json`.
     progress: Mutex<Vec<crate::PartitionProgress>>,
+    /// Counts the changes to `state` (every write lock taken): see `UsageQuery::data_version`.
+    changes: std::sync::atomic::AtomicU64,
 }
 
 /// The Parquet + DataFusion store. Clones share it.
@@ -118,6 +120,7 @@ impl ParquetStore {
                 commit: tokio::sync::Mutex::new(()),
                 retired: Mutex::new(Vec::new()),
                 progress: Mutex::new(progress),
+                changes: Default::default(),
             }),
         })
     }
@@ -131,8 +134,21 @@ impl ParquetStore {
         self.inner.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The state, to change it. Counted once the lock is held, so a reader that sees the new
+    /// count queries after the change.
     fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.inner.state.write().unwrap_or_else(|p| p.into_inner())
+        let state = self.inner.state.write().unwrap_or_else(|p| p.into_inner());
+        self.inner
+            .changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        state
+    }
+
+    /// See `UsageQuery::data_version`.
+    pub(crate) fn changes(&self) -> u64 {
+        self.inner
+            .changes
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Merges small files of each day; returns how many files were merged away.

@@ -450,6 +450,12 @@ impl UsageQuery for ParquetStore {
         Ok(self.progress_now())
     }
 
+    /// Appends, flushes, compactions and resets change the state queries read; nothing else
+    /// writes it (one process owns the directory).
+    fn data_version(&self) -> Option<u64> {
+        Some(self.changes())
+    }
+
     async fn publish_export(
         &self,
         export: &crate::StoredExport,
