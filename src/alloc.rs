@@ -34,6 +34,35 @@ pub fn limit_arenas() {
     }
 }
 
+/// Fixes glibc's mmap threshold at [`MMAP_THRESHOLD`] (see below). Called first thing in
+/// every process; `MALLOC_MMAP_THRESHOLD_` in the environment still wins.
+///
+/// glibc serves an allocation above the threshold (128 KiB at start) with its own mapping,
+/// returned to the kernel whole when freed, but raises the threshold to the size of every such
+/// block freed, up to 32 MiB. Reading a configuration of 100,000 consumers frees large
+/// vectors and raises it, so the long-lived tables built next (key maps, consumer lists,
+/// quota state: megabytes each) land inside the heap among start-up garbage and pin it.
+/// With the threshold fixed, `tollgate up` with 100,000 consumers kept 39 MiB of anonymous
+/// memory after a load instead of 57 (`scripts/bench-consumers.sh`, BENCHMARKS.md).
+pub fn fix_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() {
+            return;
+        }
+        // SAFETY: `mallopt` only sets a tuning parameter of glibc's allocator; it is called
+        // before this process starts any thread, and the threshold takes any size up to
+        // 32 MiB.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
+        }
+    }
+}
+
+/// Blocks at least this large get a mapping of their own (see [`fix_mmap_threshold`]).
+pub const MMAP_THRESHOLD: usize = 256 * 1024;
+
 /// Hands memory freed during start-up back to the system. Reading a large configuration
 /// (100,000 consumers: a 12 MB YAML file, parsed into a tree of events first) frees tens of
 /// megabytes that glibc keeps in its arenas; without this, they stay in the process's RSS.
