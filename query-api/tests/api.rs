@@ -931,8 +931,7 @@ impl tollgate_store::UsageQuery for Counting {
         filter: &tollgate_store::Filter,
         group_by: &[tollgate_store::GroupKey],
     ) -> Result<Vec<tollgate_store::UsageRow>, tollgate_store::StoreError> {
-        self.usage
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.usage.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.usage(filter, group_by).await
     }
     async fn latency(
@@ -1020,7 +1019,11 @@ async fn quota_state_is_queried_again_only_when_the_store_changes() {
     assert_eq!(queries(), 1);
     past_refresh().await;
     assert_eq!(used(json(&app, "/v1/quota").await), Some(4));
-    assert_eq!(queries(), 1, "nothing stored since: answered from the cache");
+    assert_eq!(
+        queries(),
+        1,
+        "nothing stored since: answered from the cache"
+    );
 
     store
         .writer

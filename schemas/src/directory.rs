@@ -37,9 +37,8 @@ impl Directory {
     /// consumers (it would authenticate as whichever came last), an id listed twice.
     pub fn new(consumers: &[Consumer]) -> Result<Directory, String> {
         let n = consumers.len();
-        let position = |i: usize| {
-            u32::try_from(i).map_err(|_| format!("more than {} consumers", u32::MAX))
-        };
+        let position =
+            |i: usize| u32::try_from(i).map_err(|_| format!("more than {} consumers", u32::MAX));
         let mut plan_index: HashMap<&str, u32> = HashMap::new();
         let mut plans: Vec<Arc<str>> = Vec::new();
         let mut ids = Vec::with_capacity(n);
@@ -162,7 +161,11 @@ mod tests {
         assert_eq!(d.find_key(b""), None);
         let listed: Vec<(&str, &str)> = d.iter().map(|(i, p)| (&**i, &**p)).collect();
         assert_eq!(listed, [("zeta", "free"), ("acme", "pro"), ("mid", "free")]);
-        assert!(!Directory::new(&[consumer("a", "p", &[])]).unwrap().has_keys());
+        assert!(
+            !Directory::new(&[consumer("a", "p", &[])])
+                .unwrap()
+                .has_keys()
+        );
     }
 
     #[test]
@@ -170,8 +173,8 @@ mod tests {
         let err = Directory::new(&[consumer("acme", "p", &["k"]), consumer("zeta", "p", &["k"])])
             .unwrap_err();
         assert!(err.contains("`zeta`") && err.contains("`acme`"), "{err}");
-        let err = Directory::new(&[consumer("acme", "p", &[]), consumer("acme", "q", &[])])
-            .unwrap_err();
+        let err =
+            Directory::new(&[consumer("acme", "p", &[]), consumer("acme", "q", &[])]).unwrap_err();
         assert!(err.contains("`acme` is listed twice"), "{err}");
         let bad = Consumer {
             api_keys: vec!["md5:00".into()],

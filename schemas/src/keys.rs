@@ -61,6 +61,9 @@ mod tests {
         assert!(admin.find(b"admin-token").is_some() && admin.find(b"admin").is_none());
         assert!(admin.find(b"").is_none());
         assert!(KeyTable::<()>::from_secrets([]).is_empty());
-        assert_eq!(hash_key("k"), format!("sha256:{}", hex::encode(digest(b"k"))));
+        assert_eq!(
+            hash_key("k"),
+            format!("sha256:{}", hex::encode(digest(b"k")))
+        );
     }
 }

@@ -638,18 +638,21 @@ mod tests {
     const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
 
     fn identities() -> Arc<Directory> {
-        Arc::new(Directory::new(&[
-            tollgate_schemas::config::Consumer {
-                id: "acme".into(),
-                plan: "pro".into(),
-                api_keys: vec![],
-            },
-            tollgate_schemas::config::Consumer {
-                id: "zeta".into(),
-                plan: "free".into(),
-                api_keys: vec![],
-            },
-        ]).unwrap())
+        Arc::new(
+            Directory::new(&[
+                tollgate_schemas::config::Consumer {
+                    id: "acme".into(),
+                    plan: "pro".into(),
+                    api_keys: vec![],
+                },
+                tollgate_schemas::config::Consumer {
+                    id: "zeta".into(),
+                    plan: "free".into(),
+                    api_keys: vec![],
+                },
+            ])
+            .unwrap(),
+        )
     }
 
     fn config(keys: Vec<JwtKeyConfig>, jwks_url: Option<String>) -> JwtConfig {

@@ -108,15 +108,11 @@ impl Authenticators {
         api_key_header: Option<HeaderName>,
         metrics: &crate::GatewayMetrics,
     ) -> Result<Authenticators, String> {
-        let api_key = match api_key_header {
-            Some(h) => Some((h, KeyTable::new(directory.clone()))),
-            None => None,
-        };
+        let api_key = api_key_header.map(|h| (h, KeyTable::new(directory.clone())));
         #[cfg(feature = "jwt")]
         let jwt = match &config.auth.jwt {
             Some(j) => Some(Arc::new(
-                jwt::JwtAuth::new(j, directory.clone(), metrics.clone())?
-                    .with_plans(plans.keys()),
+                jwt::JwtAuth::new(j, directory.clone(), metrics.clone())?.with_plans(plans.keys()),
             )),
             None => None,
         };
