@@ -39,7 +39,8 @@ pub struct ParquetConfig {
     /// (default `./data`); a relative path is relative to the working directory.
     #[serde(default = "default_dir")]
     pub dir: PathBuf,
-    /// A day with at least this many files gets them merged into one.
+    /// Compaction merges files of one day and kind that are of a similar size (a tier, see
+    /// `merge_groups`) once there are at least this many of them.
     #[serde(default = "default_compact_min_files")]
     pub compact_min_files: usize,
     /// Files of at least this many rows are left alone by compaction.
@@ -167,20 +168,15 @@ impl ParquetStore {
             self.build_missing_rollups(&manifest, &missing).await?;
         }
         let manifest = self.read_state().manifest.clone();
-        let mut by_day: std::collections::BTreeMap<(i64, FileKind), Vec<FileEntry>> =
-            Default::default();
-        for f in manifest
-            .files
-            .iter()
-            .filter(|f| f.rows < self.inner.config.compact_max_rows)
-        {
-            by_day.entry((f.day, f.kind)).or_default().push(f.clone());
-        }
+        let groups = merge_groups(
+            &manifest.files,
+            self.inner.config.compact_min_files,
+            self.inner.config.compact_max_rows,
+        );
         let mut merged = 0;
-        for ((day, kind), group) in by_day {
-            if group.len() < self.inner.config.compact_min_files.max(2) {
-                continue;
-            }
+        for group in groups {
+            let (day, kind) = (group[0].day, group[0].kind);
+            let started = std::time::Instant::now();
             let dir = self.inner.dir.clone();
             let inputs = group.clone();
             let schema = rollup::schema_of(kind);
@@ -200,10 +196,47 @@ impl ParquetStore {
             let mut retired = self.inner.retired.lock().unwrap_or_else(|p| p.into_inner());
             retired.extend(group.iter().map(|g| self.inner.dir.join(&g.path)));
             merged += group.len();
-            tracing::info!(day = %crate::day_string(day), ?kind, files = group.len(), "compacted store files");
+            tracing::info!(
+                day = %crate::day_string(day),
+                ?kind,
+                files = group.len(),
+                rows = group.iter().map(|f| f.rows).sum::<u64>(),
+                ms = started.elapsed().as_millis() as u64,
+                "compacted store files"
+            );
         }
         Ok(merged)
     }
+}
+
+/// Each tier holds files up to this many times as large as the tier below.
+const TIER_FACTOR: u64 = 4;
+
+/// The files compaction merges, each group into one file: size-tiered, as log-structured
+/// stores do. Per day and kind, files under `max_rows` rows are put in tiers by size (tier
+/// `t` holds files of `TIER_FACTOR^t` rows up to the next tier), and a tier with at least
+/// `min_files` files is merged into one file, which lands in a higher tier.
+///
+/// Why tiers: merging every small file of a day each round (the first design) rewrote the
+/// whole day, up to `max_rows` rows, once a minute under steady ingest. That cost grew with
+/// the store: a long-lived `tollgate up` at 35,000 requests/s spent seconds of CPU a minute
+/// rewriting the same rows, on the two cores its gateway serves from (the long-lived tail in
+/// BENCHMARKS.md). With tiers a row is rewritten about once per tier it climbs, a handful of
+/// times in all. The price: a day keeps up to `min_files - 1` files per tier instead of one.
+fn merge_groups(files: &[FileEntry], min_files: usize, max_rows: u64) -> Vec<Vec<FileEntry>> {
+    let mut tiers: std::collections::BTreeMap<(i64, FileKind, u32), Vec<FileEntry>> =
+        Default::default();
+    for f in files.iter().filter(|f| f.rows < max_rows) {
+        let tier = f.rows.max(1).ilog(TIER_FACTOR);
+        tiers
+            .entry((f.day, f.kind, tier))
+            .or_default()
+            .push(f.clone());
+    }
+    tiers
+        .into_values()
+        .filter(|group| group.len() >= min_files.max(2))
+        .collect()
 }
 
 /// Deletes Parquet files the manifest does not name (left by a crash mid-flush or mid-compaction).
@@ -429,3 +462,87 @@ impl EventWriter for ParquetStore {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod tier_tests {
+    use super::*;
+
+    fn file(day: i64, kind: FileKind, rows: u64, n: usize) -> FileEntry {
+        FileEntry {
+            path: format!("day={day}/{kind:?}-{rows}-{n}.parquet"),
+            kind,
+            day,
+            rows,
+            bytes: rows * 10,
+            min_ts_us: 0,
+            max_ts_us: 0,
+        }
+    }
+
+    #[test]
+    fn merges_files_of_a_similar_size_of_one_day_and_kind() {
+        let mut files: Vec<FileEntry> = (0..8)
+            .map(|n| file(1, FileKind::Events, 70_000, n))
+            .collect();
+        files.push(file(1, FileKind::Events, 560_000, 0)); // a tier up: left alone
+        files.extend((0..7).map(|n| file(2, FileKind::Events, 70_000, n))); // too few
+        files.extend((0..8).map(|n| file(1, FileKind::default(), 5_000_000, n))); // too large
+        let groups = merge_groups(&files, 8, 4_000_000);
+        assert_eq!(groups.len(), 1);
+        assert!(groups[0].iter().all(|f| f.day == 1 && f.rows == 70_000));
+        assert_eq!(groups[0].len(), 8);
+    }
+
+    /// Rows rewritten per row ingested under steady ingest (a 10,000-row file every flush,
+    /// a compaction round every 30 flushes, 40 rounds) when `select` picks the merges.
+    fn rewrites_per_row(select: impl Fn(&[FileEntry]) -> Vec<Vec<FileEntry>>) -> f64 {
+        let mut files: Vec<FileEntry> = Vec::new();
+        let (mut ingested, mut rewritten, mut n) = (0u64, 0u64, 0usize);
+        for _ in 0..40 {
+            for _ in 0..30 {
+                files.push(file(1, FileKind::Events, 10_000, n));
+                n += 1;
+                ingested += 10_000;
+            }
+            loop {
+                let groups = select(&files);
+                if groups.is_empty() {
+                    break;
+                }
+                for g in groups {
+                    let rows: u64 = g.iter().map(|f| f.rows).sum();
+                    rewritten += rows;
+                    files.retain(|f| !g.iter().any(|x| x.path == f.path));
+                    files.push(file(1, FileKind::Events, rows, 1_000_000 + n));
+                    n += 1;
+                }
+            }
+            let small = files.iter().filter(|f| f.rows < 4_000_000).count();
+            assert!(small < 4 * 8, "{small} files left unmerged");
+        }
+        rewritten as f64 / ingested as f64
+    }
+
+    /// Each row is rewritten a few times in all; merging every small file of the day each
+    /// round rewrote the day's rows over and over until they reached the size limit.
+    #[test]
+    fn under_steady_ingest_a_row_is_rewritten_a_few_times() {
+        let tiered = rewrites_per_row(|f| merge_groups(f, 8, 4_000_000));
+        let whole_day = rewrites_per_row(|f| {
+            let small: Vec<FileEntry> = f.iter().filter(|f| f.rows < 4_000_000).cloned().collect();
+            if small.len() >= 8 {
+                vec![small]
+            } else {
+                vec![]
+            }
+        });
+        assert!(
+            tiered <= 3.5,
+            "tiered: each row rewritten {tiered:.2} times"
+        );
+        assert!(
+            whole_day > 2.0 * tiered,
+            "whole day: {whole_day:.2}, tiered: {tiered:.2}"
+        );
+    }
+}
