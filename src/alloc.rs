@@ -15,6 +15,13 @@
 //! kept ten million events' ingest and compaction at 216 MiB peak RSS (196 MiB with two).
 //! `MALLOC_ARENA_MAX` in the environment still wins (glibc reads it before `main`; this does
 //! not override a value set there).
+//!
+//! glibc's mmap threshold is left to adjust itself. Holding it at 256 KiB made `tollgate up`
+//! with 100,000 consumers keep 18 MiB less after start-up (the tables built after reading the
+//! configuration no longer landed among its garbage), but then every large Arrow buffer of the
+//! store's flushes and compactions was an `mmap` and a `munmap`: compactions took 1.7 times as
+//! long, and a long-lived `tollgate up` under steady load answered its slowest requests in 126
+//! ms to 2.2 s instead of 50–80 ms (`scripts/bench-open-loop.sh`, BENCHMARKS.md).
 
 /// Limits glibc's malloc arenas (see the module docs). A no-op on other C libraries.
 pub fn limit_arenas() {
@@ -33,35 +40,6 @@ pub fn limit_arenas() {
         }
     }
 }
-
-/// Fixes glibc's mmap threshold at [`MMAP_THRESHOLD`] (see below). Called first thing in
-/// every process; `MALLOC_MMAP_THRESHOLD_` in the environment still wins.
-///
-/// glibc serves an allocation above the threshold (128 KiB at start) with its own mapping,
-/// returned to the kernel whole when freed, but raises the threshold to the size of every such
-/// block freed, up to 32 MiB. Reading a configuration of 100,000 consumers frees large
-/// vectors and raises it, so the long-lived tables built next (key maps, consumer lists,
-/// quota state: megabytes each) land inside the heap among start-up garbage and pin it.
-/// With the threshold fixed, `tollgate up` with 100,000 consumers kept 39 MiB of anonymous
-/// memory after a load instead of 57 (`scripts/bench-consumers.sh`, BENCHMARKS.md).
-pub fn fix_mmap_threshold() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() {
-            return;
-        }
-        // SAFETY: `mallopt` only sets a tuning parameter of glibc's allocator; it is called
-        // before this process starts any thread, and the threshold takes any size up to
-        // 32 MiB.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
-        }
-    }
-}
-
-/// Blocks at least this large get a mapping of their own (see [`fix_mmap_threshold`]).
-pub const MMAP_THRESHOLD: usize = 256 * 1024;
 
 /// Hands memory freed during start-up back to the system. Reading a large configuration
 /// (100,000 consumers: a 12 MB YAML file, parsed into a tree of events first) frees tens of

@@ -78,7 +78,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    alloc::fix_mmap_threshold();
     // Processes that hold a store (see `alloc`); a standalone gateway keeps glibc's defaults,
     // its request path and librdkafka's threads allocate on many threads at once.
     if matches!(

@@ -187,7 +187,7 @@ impl Known {
         entry: QuotaEntry,
         previous: Option<&Known>,
         periods: &mut Vec<Arc<Period>>,
-    ) -> Option<Arc<Known>> {
+    ) -> Option<Known> {
         let limit = entry.limit?;
         let same = |p: &Period| {
             p.plan == entry.plan && p.name == entry.period && p.end_text == entry.period_end
@@ -223,12 +223,12 @@ impl Known {
             }
             _ => Arc::new(AtomicU64::new(0)),
         };
-        Some(Arc::new(Known {
+        Some(Known {
             limit,
             used: entry.used,
             admitted_since,
             period,
-        }))
+        })
     }
 
     /// The entry as received (what is kept on disk).
@@ -247,7 +247,9 @@ impl Known {
 /// The quota state this gateway enforces: the consumers with a limit.
 #[derive(Default)]
 pub struct QuotaState {
-    known: RwLock<HashMap<String, Arc<Known>>>,
+    /// By consumer id. The entries are held in the map itself, not each in an allocation of
+    /// its own: with 100,000 consumers that was 6 MB.
+    known: RwLock<HashMap<Box<str>, Known>>,
     /// `(version, epoch)` of the last answer applied, for the next poll's `since`.
     position: std::sync::Mutex<Option<(i64, u64)>>,
     /// Unix seconds of the last successful update (0: never).
@@ -298,23 +300,22 @@ impl QuotaState {
             // rebuild holds the lock.
             let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
             let old = std::mem::take(&mut *known);
-            *known = snap
-                .consumers
-                .into_iter()
-                .filter_map(|mut e| {
-                    let consumer = std::mem::take(&mut e.consumer);
-                    let previous = old.get(&consumer).map(|k| &**k);
-                    let k = Known::of(e, previous, &mut periods)?;
-                    Some((consumer, k))
-                })
-                .collect();
+            // Sized once: with 100,000 consumers, growing by doubling left 5 MB of freed
+            // tables behind.
+            known.reserve(snap.consumers.len());
+            for mut e in snap.consumers {
+                let consumer = std::mem::take(&mut e.consumer);
+                if let Some(k) = Known::of(e, old.get(consumer.as_str()), &mut periods) {
+                    known.insert(consumer.into_boxed_str(), k);
+                }
+            }
         } else if !snap.consumers.is_empty() {
             let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
             for mut e in snap.consumers {
                 let consumer = std::mem::take(&mut e.consumer);
-                match Known::of(e, known.get(&consumer).map(|k| &**k), &mut periods) {
-                    Some(k) => known.insert(consumer, k),
-                    None => known.remove(&consumer),
+                match Known::of(e, known.get(consumer.as_str()), &mut periods) {
+                    Some(k) => known.insert(consumer.into_boxed_str(), k),
+                    None => known.remove(consumer.as_str()),
                 };
             }
         }
@@ -344,7 +345,7 @@ impl QuotaState {
     /// entry by entry: with 100,000 consumers the entries are never all built at once.
     pub fn snapshot_json(&self) -> Vec<u8> {
         use serde::ser::{SerializeStruct, Serializer};
-        struct Entries<'a>(&'a HashMap<String, Arc<Known>>);
+        struct Entries<'a>(&'a HashMap<Box<str>, Known>);
         impl serde::Serialize for Entries<'_> {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 s.collect_seq(self.0.iter().map(|(c, k)| k.entry(c)))
