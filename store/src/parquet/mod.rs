@@ -209,6 +209,13 @@ impl ParquetStore {
     }
 }
 
+/// How often compaction looks for tiers to merge. Every 10 s was tried, to merge a few
+/// flushes' files at a time instead of a minute's: over 4 minutes at 19,000 requests/s it
+/// rewrote 7.3 M rows instead of 3.4 M (files climbed more tiers sooner) and its largest merge
+/// took 3.6 s instead of 1.3 s (BENCHMARKS.md). Files a round replaces are deleted by the next
+/// one, so a query may run this long on them.
+pub const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Each tier holds files up to this many times as large as the tier below.
 const TIER_FACTOR: u64 = 4;
 
@@ -348,12 +355,12 @@ impl ParquetStore {
         Ok(())
     }
 
-    /// Compacts once a minute until `shutdown` (the store's upkeep).
+    /// Compacts every [`COMPACT_EVERY`] until `shutdown` (the store's upkeep).
     pub async fn compact_every(&self, shutdown: tokio_util::sync::CancellationToken) {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+                _ = tokio::time::sleep(COMPACT_EVERY) => {}
             }
             if let Err(e) = self.compact().await {
                 tracing::warn!(error = %e, "compaction failed; will retry");
