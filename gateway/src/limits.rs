@@ -19,8 +19,8 @@ use tollgate_schemas::config::Plan;
 
 use crate::config::WhenStale;
 
-/// Token buckets per consumer, keyed by the consumer's position in the configuration (no
-/// name is hashed per consumer on the request path), one keyed limiter per plan. A bucket is
+/// Token buckets per consumer, keyed by the consumer's position in the configuration, one
+/// keyed limiter per plan (a request hashes its plan's name and its position). A bucket is
 /// made on a consumer's first request and dropped once full again ([`RateLimits::evict_idle`]),
 /// so memory follows the consumers active within a refill period, not every configured one
 /// (with 100,000 configured consumers, a bucket each held 8 MB whether they called or not).

@@ -235,7 +235,7 @@ pub fn validate_consumers(
         c.key_hashes()
             .map_err(|e| format!("consumers[{i}].api_keys: {e}"))?;
     }
-    crate::directory::Directory::new(consumers).map_err(|e| format!("consumers.api_keys: {e}"))?;
+    crate::directory::key_owners(consumers).map_err(|e| format!("consumers.api_keys: {e}"))?;
     for (name, plan) in plans {
         if let Some(rl) = &plan.rate_limit
             && rl.per_second == 0

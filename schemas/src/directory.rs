@@ -37,27 +37,19 @@ impl Directory {
     /// consumers (it would authenticate as whichever came last), an id listed twice.
     pub fn new(consumers: &[Consumer]) -> Result<Directory, String> {
         let n = consumers.len();
-        let position =
-            |i: usize| u32::try_from(i).map_err(|_| format!("more than {} consumers", u32::MAX));
+        if u32::try_from(n).is_err() {
+            return Err(format!("more than {} consumers", u32::MAX));
+        }
         let mut plan_index: HashMap<&str, u32> = HashMap::new();
         let mut plans: Vec<Arc<str>> = Vec::new();
+        let keys = key_owners(consumers)?;
         let mut ids = Vec::with_capacity(n);
         let mut plan_of = Vec::with_capacity(n);
-        let mut keys = HashMap::with_capacity(consumers.iter().map(|c| c.api_keys.len()).sum());
-        for (i, c) in consumers.iter().enumerate() {
-            let at = position(i)?;
+        for c in consumers {
             let plan = *plan_index.entry(&c.plan).or_insert_with(|| {
                 plans.push(c.plan.as_str().into());
                 (plans.len() - 1) as u32
             });
-            for h in c.key_hashes()? {
-                if let Some(first) = keys.insert(h, at) {
-                    return Err(format!(
-                        "consumer `{}` lists a key that consumer `{}` lists too",
-                        c.id, consumers[first as usize].id
-                    ));
-                }
-            }
             ids.push(Arc::<str>::from(c.id.as_str()));
             plan_of.push(plan);
         }
@@ -122,6 +114,24 @@ impl Directory {
             .zip(&self.plan_of)
             .map(|(id, p)| (id, &self.plans[*p as usize]))
     }
+}
+
+/// Every consumer's key digests, each to its owner's position. A key listed by two consumers
+/// is an error: it would authenticate as whichever came last. (The configuration's validation
+/// calls this alone.)
+pub fn key_owners(consumers: &[Consumer]) -> Result<HashMap<[u8; 32], u32>, String> {
+    let mut keys = HashMap::with_capacity(consumers.iter().map(|c| c.api_keys.len()).sum());
+    for (i, c) in consumers.iter().enumerate() {
+        for h in c.key_hashes()? {
+            if let Some(first) = keys.insert(h, i as u32) {
+                return Err(format!(
+                    "consumer `{}` lists a key that consumer `{}` lists too",
+                    c.id, consumers[first as usize].id
+                ));
+            }
+        }
+    }
+    Ok(keys)
 }
 
 #[cfg(test)]

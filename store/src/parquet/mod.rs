@@ -226,7 +226,7 @@ const TIER_FACTOR: u64 = 4;
 ///
 /// Why tiers: merging every small file of a day each round (the first design) rewrote the
 /// whole day, up to `max_rows` rows, once a minute under steady ingest. That cost grew with
-/// the store: a long-lived `tollgate up` at 35,000 requests/s spent seconds of CPU a minute
+/// the store: a long-lived `tollgate up` at 19,000 requests/s spent seconds of CPU a minute
 /// rewriting the same rows, on the two cores its gateway serves from (the long-lived tail in
 /// BENCHMARKS.md). With tiers a row is rewritten about once per tier it climbs, a handful of
 /// times in all. The price: a day keeps up to `min_files - 1` files per tier instead of one.
