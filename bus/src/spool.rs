@@ -68,7 +68,7 @@ impl SpoolingPublisher {
         let log = EmbeddedLog::open(EmbeddedConfig {
             dir: config.dir.clone(),
             segment_bytes: (config.max_bytes / 8).clamp(1 << 20, 64 << 20),
-            fsync: true,
+            ..Default::default()
         })?;
         let replay = log.subscribe(GROUP)?;
         let pending = log.end_offset() > replay.committed().0.get(&0).copied().unwrap_or(0);

@@ -7,7 +7,7 @@ fn cfg(dir: &Path, segment_bytes: u64) -> EmbeddedConfig {
     EmbeddedConfig {
         dir: dir.to_path_buf(),
         segment_bytes,
-        fsync: true,
+        ..Default::default()
     }
 }
 
@@ -141,4 +141,47 @@ async fn fully_consumed_segments_are_deleted() {
     let mut late = log.subscribe("late").unwrap();
     let got = drain(&mut late, 2).await;
     assert_eq!(got.iter().map(|m| m.offset).collect::<Vec<_>>(), [20, 21]);
+}
+
+#[tokio::test]
+async fn concurrent_publishes_share_a_sync_and_each_returns_once_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(EmbeddedConfig {
+        sync_interval_ms: 300,
+        ..cfg(dir.path(), 1 << 20)
+    })
+    .unwrap();
+    let publishes = (0..10u64).map(|i| {
+        let log = log.clone();
+        tokio::spawn(async move { log.publish(vec![rec(i)]).await })
+    });
+    for p in publishes.collect::<Vec<_>>() {
+        p.await.unwrap().unwrap();
+    }
+    // The first sync starts at once; every write that missed it waits for the next, which
+    // starts an interval later and covers them all.
+    assert!(log.syncs() <= 3, "{} syncs for 10 publishes", log.syncs());
+    assert_eq!(log.end_offset(), 10, "every returned publish is visible");
+    let mut keys: Vec<_> = drain(&mut log.subscribe("c").unwrap(), 10)
+        .await
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
+    keys.sort();
+    let mut want: Vec<_> = (0..10).map(|i| rec(i).key).collect();
+    want.sort();
+    assert_eq!(keys, want);
+}
+
+#[tokio::test]
+async fn without_fsync_a_write_is_visible_at_once_and_nothing_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(EmbeddedConfig {
+        fsync: false,
+        ..cfg(dir.path(), 1 << 20)
+    })
+    .unwrap();
+    log.publish(vec![rec(0), rec(1)]).await.unwrap();
+    assert_eq!(log.end_offset(), 2);
+    assert_eq!(log.syncs(), 0);
 }
