@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tollgate_bus::{AssignmentChange, BusError, Subscriber};
-use tollgate_schemas::{Checkpoint, RequestEvent};
+use tollgate_schemas::Checkpoint;
 use tollgate_store::{EventBatch, EventWriter, Resume, StoreError};
 
 pub use batcher::Batcher;
@@ -234,8 +234,8 @@ pub async fn run(
                 batcher.skip(msg.partition, msg.offset, now);
                 continue;
             }
-            match RequestEvent::from_json(&msg.payload) {
-                Ok(ev) => batcher.push(ev, msg.partition, msg.offset, now),
+            match batcher.push_json(&msg.payload, msg.partition, msg.offset, now) {
+                Ok(()) => {}
                 Err(e) => {
                     metrics.dead_lettered.inc();
                     tracing::warn!(partition = msg.partition, offset = msg.offset, error = %e, "invalid event sent to dead letter");

@@ -55,15 +55,16 @@ impl Outcome {
 }
 
 /// One request seen by a gateway. Field order and meaning: DESIGN.md, "RequestEvent v1".
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Decoded with [`RequestEvent::from_json`] (or [`RequestEvent::decode_into`]), which read the
+/// wire form (`Wire`) and validate it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RequestEvent {
     /// Schema version, always 1.
     pub v: u8,
     /// UUIDv7, unique per event.
     pub id: Uuid,
     /// Request start (UTC, microsecond precision on the wire).
-    #[serde(serialize_with = "ser_ts", deserialize_with = "de_ts")]
+    #[serde(serialize_with = "ser_ts")]
     pub ts: DateTime<Utc>,
     /// Gateway instance id.
     pub gateway: String,
@@ -119,6 +120,81 @@ impl RequestEventRef<'_> {
     /// The Kafka key: consumer id, or route id when anonymous, or empty.
     pub fn key(&self) -> &str {
         self.consumer.or(self.route).unwrap_or("")
+    }
+}
+
+/// The decoder's view of an event: the fields of [`RequestEvent`], every string borrowed from
+/// the input unless it had to be unescaped. Decoding into a [`RequestEvent`] whose strings are
+/// reused ([`RequestEvent::decode_into`]) then allocates nothing: the collector decodes every
+/// event it consumes, and the seven strings allocated and freed per event were most of its
+/// allocator's work under load (BENCHMARKS.md).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire<'a> {
+    v: u8,
+    id: Uuid,
+    #[serde(deserialize_with = "de_ts")]
+    ts: DateTime<Utc>,
+    #[serde(borrow)]
+    gateway: Text<'a>,
+    #[serde(borrow)]
+    route: Option<Text<'a>>,
+    #[serde(borrow)]
+    method: Text<'a>,
+    #[serde(borrow)]
+    path: Text<'a>,
+    status: u16,
+    latency_us: u64,
+    upstream_latency_us: Option<u64>,
+    req_bytes: u64,
+    resp_bytes: u64,
+    #[serde(borrow)]
+    consumer: Option<Text<'a>>,
+    #[serde(borrow)]
+    plan: Option<Text<'a>>,
+    outcome: Outcome,
+    billable: bool,
+    #[serde(borrow)]
+    trace_id: Option<Text<'a>>,
+}
+
+/// A JSON string, borrowed from the input when it has no escapes. (`Cow<str>` always decodes
+/// to an owned string inside an `Option`; this borrows there too.)
+struct Text<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(std::borrow::Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(std::borrow::Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(Visit)
+    }
+}
+
+/// Sets `slot` to `v`, reusing its allocation.
+fn set_text(slot: &mut String, v: &Text<'_>) {
+    slot.clear();
+    slot.push_str(&v.0);
+}
+
+/// Sets `slot` to `v`, reusing the string it holds, if any.
+fn set_opt_text(slot: &mut Option<String>, v: Option<Text<'_>>) {
+    match (slot.as_mut(), v) {
+        (Some(s), Some(v)) => set_text(s, &v),
+        (_, v) => *slot = v.map(|v| v.0.into_owned()),
     }
 }
 
@@ -223,9 +299,47 @@ impl RequestEvent {
 
     /// Decodes and validates one bus message.
     pub fn from_json(bytes: &[u8]) -> Result<RequestEvent, SchemaError> {
-        let ev: RequestEvent = serde_json::from_slice(bytes)?;
+        let w: Wire<'_> = serde_json::from_slice(bytes)?;
+        let ev = RequestEvent {
+            v: w.v,
+            id: w.id,
+            ts: w.ts,
+            gateway: w.gateway.0.into_owned(),
+            route: w.route.map(|t| t.0.into_owned()),
+            method: w.method.0.into_owned(),
+            path: w.path.0.into_owned(),
+            status: w.status,
+            latency_us: w.latency_us,
+            upstream_latency_us: w.upstream_latency_us,
+            req_bytes: w.req_bytes,
+            resp_bytes: w.resp_bytes,
+            consumer: w.consumer.map(|t| t.0.into_owned()),
+            plan: w.plan.map(|t| t.0.into_owned()),
+            outcome: w.outcome,
+            billable: w.billable,
+            trace_id: w.trace_id.map(|t| t.0.into_owned()),
+        };
         ev.validate()?;
         Ok(ev)
+    }
+
+    /// Decodes `bytes` into `self`, reusing its strings' allocations, as [`Self::from_json`]
+    /// decodes (same checks, same errors). On an error `self` holds no meaningful event: the
+    /// caller keeps it only to decode into again.
+    pub fn decode_into(&mut self, bytes: &[u8]) -> Result<(), SchemaError> {
+        let w: Wire<'_> = serde_json::from_slice(bytes)?;
+        (self.v, self.id, self.ts, self.status) = (w.v, w.id, w.ts, w.status);
+        (self.latency_us, self.upstream_latency_us) = (w.latency_us, w.upstream_latency_us);
+        (self.req_bytes, self.resp_bytes) = (w.req_bytes, w.resp_bytes);
+        (self.outcome, self.billable) = (w.outcome, w.billable);
+        set_text(&mut self.gateway, &w.gateway);
+        set_text(&mut self.method, &w.method);
+        set_text(&mut self.path, &w.path);
+        set_opt_text(&mut self.route, w.route);
+        set_opt_text(&mut self.consumer, w.consumer);
+        set_opt_text(&mut self.plan, w.plan);
+        set_opt_text(&mut self.trace_id, w.trace_id);
+        self.validate()
     }
 
     /// Checks the constraints of the JSON Schema that the Rust types do not carry.
@@ -364,6 +478,34 @@ mod tests {
         v["trace_id"] = "XYZ".into();
         assert!(RequestEvent::from_json(v.to_string().as_bytes()).is_err());
         assert!(RequestEvent::from_json(b"{not json").is_err());
+    }
+
+    #[test]
+    fn decoding_into_a_used_event_gives_what_decoding_afresh_gives() {
+        let mut anonymous = sample();
+        (anonymous.consumer, anonymous.plan, anonymous.trace_id) = (None, None, None);
+        anonymous.route = Some("a\"quoted\\route\u{e9}".into()); // escaped on the wire
+        anonymous.path = "/caf\u{e9}/\"x\"\n".into();
+        let mut slot = sample();
+        for ev in [anonymous.clone(), sample(), anonymous, sample()] {
+            let json = ev.to_json();
+            slot.decode_into(&json).unwrap();
+            assert_eq!(slot, ev);
+            assert_eq!(RequestEvent::from_json(&json).unwrap(), ev);
+        }
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["plan"] = "".into();
+        let (a, b) = (
+            RequestEvent::from_json(v.to_string().as_bytes()).unwrap_err(),
+            slot.decode_into(v.to_string().as_bytes()).unwrap_err(),
+        );
+        assert_eq!(a.to_string(), b.to_string());
+        assert!(a.to_string().contains("`plan`"), "{a}");
+        v["plan"] = 7.into();
+        assert!(slot.decode_into(v.to_string().as_bytes()).is_err());
+        v["plan"] = serde_json::Value::Null;
+        v["extra"] = 1.into();
+        assert!(slot.decode_into(v.to_string().as_bytes()).is_err());
     }
 
     #[test]

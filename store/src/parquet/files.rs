@@ -10,6 +10,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 use super::manifest::{FileEntry, FileKind, sync_dir};
 use crate::StoreError;
@@ -57,6 +58,10 @@ fn new_path(kind: FileKind, day: i64) -> String {
 }
 
 /// A Parquet file being written: its path relative to the store and its writer.
+/// Columns whose values are (nearly) unique per row: written without a dictionary. A name
+/// that a file's schema does not have (rollups) is ignored.
+const UNIQUE_COLUMNS: &[&str] = &["id", "trace_id"];
+
 struct NewFile {
     rel: String,
     path: std::path::PathBuf,
@@ -77,10 +82,16 @@ impl NewFile {
         let parent = path.parent().expect("has a parent");
         std::fs::create_dir_all(parent).map_err(StoreError::io(parent))?;
         let file = std::fs::File::create(&path).map_err(StoreError::io(&path))?;
-        let props = WriterProperties::builder()
+        let mut props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
-            .set_max_row_group_row_count(Some(row_group))
-            .build();
+            .set_max_row_group_row_count(Some(row_group));
+        // Values unique per event gain nothing from a dictionary: the writer hashed and
+        // compared every one into it, then fell back to plain pages once it filled (a tenth of
+        // the writes' CPU under load, BENCHMARKS.md).
+        for unique in UNIQUE_COLUMNS {
+            props = props.set_column_dictionary_enabled(ColumnPath::from(*unique), false);
+        }
+        let props = props.build();
         let writer = ArrowWriter::try_new(file, schema, Some(props))?;
         Ok(NewFile { rel, path, writer })
     }

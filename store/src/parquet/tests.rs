@@ -272,3 +272,31 @@ fn walk(dir: &std::path::Path) -> usize {
         .map(|d| std::fs::read_dir(d.path()).unwrap().count())
         .sum()
 }
+
+#[test]
+fn unique_columns_are_written_without_a_dictionary() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let dir = tempfile::tempdir().unwrap();
+    let events: Vec<RequestEvent> = (0..100)
+        .map(|i| RequestEvent {
+            trace_id: Some(format!("{i:032x}")),
+            ..event(1_764_000_000_000_000 + i, "acme", "orders", 5)
+        })
+        .collect();
+    let batch = tollgate_schemas::arrow::to_batch(&events);
+    let entry = files::write_file(dir.path(), 20_416, &batch).unwrap();
+    let file = std::fs::File::open(dir.path().join(&entry.path)).unwrap();
+    let reader = SerializedFileReader::new(file).unwrap();
+    let group = reader.metadata().row_group(0);
+    let dictionary = |name: &str| {
+        let column = (0..group.num_columns())
+            .map(|i| group.column(i))
+            .find(|c| c.column_path().string() == name)
+            .unwrap_or_else(|| panic!("no column {name}"));
+        column.dictionary_page_offset().is_some()
+    };
+    assert!(!dictionary("id"));
+    assert!(!dictionary("trace_id"));
+    assert!(dictionary("route"), "repeated values keep theirs");
+    assert!(dictionary("consumer"));
+}
