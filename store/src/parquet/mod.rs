@@ -46,6 +46,11 @@ pub struct ParquetConfig {
     /// Files of at least this many rows are left alone by compaction.
     #[serde(default = "default_compact_max_rows")]
     pub compact_max_rows: u64,
+    /// How much of one core a merge may use, in percent (1 to 100): merges work in short steps
+    /// and rest between them, so that background compaction leaves the cores to the request
+    /// path ([`files::Pace`]). 100 merges at full speed.
+    #[serde(default = "default_compact_cpu_percent")]
+    pub compact_cpu_percent: u8,
 }
 
 fn default_dir() -> PathBuf {
@@ -57,6 +62,22 @@ fn default_compact_min_files() -> usize {
 fn default_compact_max_rows() -> u64 {
     4_000_000
 }
+fn default_compact_cpu_percent() -> u8 {
+    25
+}
+
+impl ParquetConfig {
+    /// Checks what the types do not.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=100).contains(&self.compact_cpu_percent) {
+            return Err(format!(
+                "store.compact_cpu_percent: {} is not between 1 and 100",
+                self.compact_cpu_percent
+            ));
+        }
+        Ok(())
+    }
+}
 
 impl Default for ParquetConfig {
     fn default() -> Self {
@@ -64,6 +85,7 @@ impl Default for ParquetConfig {
             dir: default_dir(),
             compact_min_files: default_compact_min_files(),
             compact_max_rows: default_compact_max_rows(),
+            compact_cpu_percent: default_compact_cpu_percent(),
         }
     }
 }
@@ -78,8 +100,12 @@ struct Inner {
     dir: PathBuf,
     config: ParquetConfig,
     state: RwLock<State>,
-    /// Serializes flushes and compactions (the two writers of the manifest).
+    /// Serializes the writers of the manifest: flushes, and compaction's own updates.
     commit: tokio::sync::Mutex<()>,
+    /// Held for a whole compaction round: one at a time.
+    compacting: tokio::sync::Mutex<()>,
+    /// How much of a core a merge may use ([`files::Pace`]).
+    pace: files::Pace,
     /// Files replaced by compaction, deleted on the next round.
     retired: Mutex<Vec<PathBuf>>,
     /// What collectors recorded of each bus partition (`crate::ledger`), as in `progress.json`.
@@ -106,6 +132,9 @@ impl ParquetStore {
     /// Opens the store at `config.dir`, deleting files an interrupted write left behind.
     pub fn open(config: ParquetConfig) -> Result<ParquetStore, StoreError> {
         let dir = config.dir.clone();
+        let pace = files::Pace {
+            share: f64::from(config.compact_cpu_percent.clamp(1, 100)) / 100.0,
+        };
         std::fs::create_dir_all(&dir).map_err(StoreError::io(&dir))?;
         let manifest = manifest::load(&dir)?;
         remove_orphans(&dir, &manifest);
@@ -119,6 +148,8 @@ impl ParquetStore {
                     mem: Vec::new(),
                 }),
                 commit: tokio::sync::Mutex::new(()),
+                compacting: tokio::sync::Mutex::new(()),
+                pace,
                 retired: Mutex::new(Vec::new()),
                 progress: Mutex::new(progress),
                 changes: Default::default(),
@@ -153,8 +184,14 @@ impl ParquetStore {
     }
 
     /// Merges small files of each day; returns how many files were merged away.
+    ///
+    /// Merges run without the commit lock, so a flush never waits for one: only compaction
+    /// removes files from the manifest (one round at a time, `compacting`), so the files a
+    /// merge read are still there when its result replaces them, under the lock, in the
+    /// manifest as it is by then.
     pub async fn compact(&self) -> Result<usize, StoreError> {
-        let _commit = self.inner.commit.lock().await;
+        let _round = self.inner.compacting.lock().await;
+        let commit = self.inner.commit.lock().await;
         // Files retired by the previous round: no query from before that round is still running.
         let retired =
             std::mem::take(&mut *self.inner.retired.lock().unwrap_or_else(|p| p.into_inner()));
@@ -173,6 +210,7 @@ impl ParquetStore {
             self.inner.config.compact_min_files,
             self.inner.config.compact_max_rows,
         );
+        drop(commit);
         let mut merged = 0;
         for group in groups {
             let (day, kind) = (group[0].day, group[0].kind);
@@ -180,10 +218,13 @@ impl ParquetStore {
             let dir = self.inner.dir.clone();
             let inputs = group.clone();
             let schema = rollup::schema_of(kind);
-            let entry =
-                tokio::task::spawn_blocking(move || files::merge_files(&dir, day, &inputs, schema))
-                    .await
-                    .map_err(|e| StoreError::Corrupt(format!("compaction task failed: {e}")))??;
+            let pace = self.inner.pace;
+            let entry = tokio::task::spawn_blocking(move || {
+                files::merge_files(&dir, day, &inputs, schema, pace)
+            })
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("compaction task failed: {e}")))??;
+            let _commit = self.inner.commit.lock().await;
             let mut state = self.write_state();
             let mut next = state.manifest.clone();
             next.version += 1;

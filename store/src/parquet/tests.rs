@@ -31,6 +31,7 @@ fn cfg(dir: &std::path::Path) -> ParquetConfig {
         dir: dir.to_path_buf(),
         compact_min_files: 3,
         compact_max_rows: 1_000_000,
+        ..Default::default()
     }
 }
 
@@ -299,4 +300,78 @@ fn unique_columns_are_written_without_a_dictionary() {
     assert!(!dictionary("trace_id"));
     assert!(dictionary("route"), "repeated values keep theirs");
     assert!(dictionary("consumer"));
+}
+
+#[test]
+fn a_paced_merge_rests_so_that_its_work_is_its_share_of_the_time() {
+    let ms = std::time::Duration::from_millis;
+    assert_eq!(files::Pace { share: 0.25 }.rest(ms(10)), ms(30));
+    assert_eq!(files::Pace { share: 0.5 }.rest(ms(10)), ms(10));
+    assert_eq!(files::Pace { share: 1.0 }.rest(ms(10)), ms(0));
+    let mut config = cfg(std::path::Path::new("x"));
+    assert!(config.validate().is_ok());
+    config.compact_cpu_percent = 0;
+    let err = config.validate().unwrap_err();
+    assert!(err.contains("compact_cpu_percent"), "{err}");
+}
+
+/// Parquet files under `dir`, at any depth.
+fn parquet_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => parquet_files(&e.path()),
+                    _ => usize::from(e.path().extension().is_some_and(|x| x == "parquet")),
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_flush_does_not_wait_for_a_merge_in_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ParquetStore::open(ParquetConfig {
+        compact_cpu_percent: 5, // each step of a merge rests 19 times as long as it worked
+        ..cfg(dir.path())
+    })
+    .unwrap();
+    let mut offset = 0;
+    for f in 0..3i64 {
+        let evs: Vec<_> = (0..6_000)
+            .map(|i| event(T0 + f * 10_000 + i, "a", "r", 100))
+            .collect();
+        offset += evs.len() as u64;
+        store
+            .append(&crate::EventBatch::consecutive(evs, 0, offset))
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+    }
+    let before = parquet_files(dir.path());
+    let compaction = tokio::spawn({
+        let store = store.clone();
+        async move { store.compact().await }
+    });
+    // The first merge has written its output file: compaction is under way.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while parquet_files(dir.path()) <= before {
+        assert!(std::time::Instant::now() < deadline, "no merge started");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let more = vec![event(T0 + 50_000, "b", "r", 100)];
+    store
+        .append(&crate::EventBatch::consecutive(more, 0, offset + 1))
+        .await
+        .unwrap();
+    store.flush().await.unwrap();
+    assert!(
+        !compaction.is_finished(),
+        "the flush waited for the whole compaction"
+    );
+    assert!(compaction.await.unwrap().unwrap() > 0);
+    assert_eq!(total(&store).await, offset + 1);
+    assert_eq!(store.manifest().checkpoint, cp(offset + 1));
 }
