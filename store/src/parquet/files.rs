@@ -137,40 +137,8 @@ pub fn write_kind(
     })
 }
 
-/// Rows read and written per step of a merge: each step is a few milliseconds of work, after
-/// which [`Pace`] lets the other threads have the core.
-const MERGE_BATCH: usize = 8 * 1024;
-
-/// How much of one core a merge may use: after each step that took `d`, it sleeps long enough
-/// for the step to be `share` of the time spent.
-///
-/// Merging is background work that nothing waits on, but at full speed the first merge of a
-/// tier (a million rows, about 1.3 s of a core) ran against the gateway's worker on that core
-/// and was the largest source of `tollgate up`'s slowest answers under steady load
-/// (BENCHMARKS.md, "The long-lived tail"). In short steps at a quarter of a core (the default
-/// `compact_cpu_percent`) it takes about four times as long and leaves the rest of the core to
-/// the request path.
-#[derive(Debug, Clone, Copy)]
-pub struct Pace {
-    pub share: f64,
-}
-
-impl Pace {
-    /// The pause after a step that took `worked`.
-    pub fn rest(self, worked: std::time::Duration) -> std::time::Duration {
-        if self.share >= 1.0 || self.share <= 0.0 {
-            return std::time::Duration::ZERO;
-        }
-        worked.mul_f64((1.0 - self.share) / self.share)
-    }
-
-    fn rest_after(self, worked: std::time::Duration) {
-        let rest = self.rest(worked);
-        if !rest.is_zero() {
-            std::thread::sleep(rest);
-        }
-    }
-}
+/// Rows read and written per step of a merge.
+const MERGE_BATCH: usize = 16 * 1024;
 
 /// Rows per row group of a compacted file: what the writer buffers before it writes one, so
 /// compaction's memory stays bounded whatever the day holds.
@@ -185,7 +153,7 @@ pub fn merge_files(
     day: i64,
     files: &[FileEntry],
     schema: datafusion::arrow::datatypes::SchemaRef,
-    pace: Pace,
+    pause: std::time::Duration,
 ) -> Result<FileEntry, StoreError> {
     let kind = files.first().map(|f| f.kind).unwrap_or_default();
     let mut out = NewFile::create(dir, kind, day, schema, COMPACT_ROW_GROUP)?;
@@ -198,15 +166,15 @@ pub fn merge_files(
         let reader = ParquetRecordBatchReaderBuilder::try_new(file)?
             .with_batch_size(MERGE_BATCH)
             .build()?;
-        let mut step = std::time::Instant::now();
         for b in reader {
             let b = b.map_err(arrow_err)?;
             rows += b.num_rows() as u64;
             min = min.min(f.min_ts_us);
             max = max.max(f.max_ts_us);
             out.writer.write(&b)?;
-            pace.rest_after(step.elapsed());
-            step = std::time::Instant::now();
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
         }
     }
     let (rel, bytes) = out.finish()?;

@@ -46,11 +46,6 @@ pub struct ParquetConfig {
     /// Files of at least this many rows are left alone by compaction.
     #[serde(default = "default_compact_max_rows")]
     pub compact_max_rows: u64,
-    /// How much of one core a merge may use, in percent (1 to 100): merges work in short steps
-    /// and rest between them, so that background compaction leaves the cores to the request
-    /// path ([`files::Pace`]). 100 merges at full speed.
-    #[serde(default = "default_compact_cpu_percent")]
-    pub compact_cpu_percent: u8,
 }
 
 fn default_dir() -> PathBuf {
@@ -62,22 +57,6 @@ fn default_compact_min_files() -> usize {
 fn default_compact_max_rows() -> u64 {
     4_000_000
 }
-fn default_compact_cpu_percent() -> u8 {
-    25
-}
-
-impl ParquetConfig {
-    /// Checks what the types do not.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(1..=100).contains(&self.compact_cpu_percent) {
-            return Err(format!(
-                "store.compact_cpu_percent: {} is not between 1 and 100",
-                self.compact_cpu_percent
-            ));
-        }
-        Ok(())
-    }
-}
 
 impl Default for ParquetConfig {
     fn default() -> Self {
@@ -85,7 +64,6 @@ impl Default for ParquetConfig {
             dir: default_dir(),
             compact_min_files: default_compact_min_files(),
             compact_max_rows: default_compact_max_rows(),
-            compact_cpu_percent: default_compact_cpu_percent(),
         }
     }
 }
@@ -104,8 +82,8 @@ struct Inner {
     commit: tokio::sync::Mutex<()>,
     /// Held for a whole compaction round: one at a time.
     compacting: tokio::sync::Mutex<()>,
-    /// How much of a core a merge may use ([`files::Pace`]).
-    pace: files::Pace,
+    /// A pause after each step of a merge: zero, but tests slow merges down with it.
+    merge_pause: std::time::Duration,
     /// Files replaced by compaction, deleted on the next round.
     retired: Mutex<Vec<PathBuf>>,
     /// What collectors recorded of each bus partition (`crate::ledger`), as in `progress.json`.
@@ -132,9 +110,6 @@ impl ParquetStore {
     /// Opens the store at `config.dir`, deleting files an interrupted write left behind.
     pub fn open(config: ParquetConfig) -> Result<ParquetStore, StoreError> {
         let dir = config.dir.clone();
-        let pace = files::Pace {
-            share: f64::from(config.compact_cpu_percent.clamp(1, 100)) / 100.0,
-        };
         std::fs::create_dir_all(&dir).map_err(StoreError::io(&dir))?;
         let manifest = manifest::load(&dir)?;
         remove_orphans(&dir, &manifest);
@@ -149,7 +124,7 @@ impl ParquetStore {
                 }),
                 commit: tokio::sync::Mutex::new(()),
                 compacting: tokio::sync::Mutex::new(()),
-                pace,
+                merge_pause: std::time::Duration::ZERO,
                 retired: Mutex::new(Vec::new()),
                 progress: Mutex::new(progress),
                 changes: Default::default(),
@@ -181,6 +156,16 @@ impl ParquetStore {
         self.inner
             .changes
             .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The store with a pause after each step of its merges: a test's way to catch one under way.
+    #[cfg(test)]
+    fn with_merge_pause(self, pause: std::time::Duration) -> ParquetStore {
+        let mut inner = Arc::into_inner(self.inner).expect("not shared yet");
+        inner.merge_pause = pause;
+        ParquetStore {
+            inner: Arc::new(inner),
+        }
     }
 
     /// Merges small files of each day; returns how many files were merged away.
@@ -218,9 +203,9 @@ impl ParquetStore {
             let dir = self.inner.dir.clone();
             let inputs = group.clone();
             let schema = rollup::schema_of(kind);
-            let pace = self.inner.pace;
+            let pause = self.inner.merge_pause;
             let entry = tokio::task::spawn_blocking(move || {
-                files::merge_files(&dir, day, &inputs, schema, pace)
+                files::merge_files(&dir, day, &inputs, schema, pause)
             })
             .await
             .map_err(|e| StoreError::Corrupt(format!("compaction task failed: {e}")))??;

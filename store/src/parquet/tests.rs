@@ -302,19 +302,6 @@ fn unique_columns_are_written_without_a_dictionary() {
     assert!(dictionary("consumer"));
 }
 
-#[test]
-fn a_paced_merge_rests_so_that_its_work_is_its_share_of_the_time() {
-    let ms = std::time::Duration::from_millis;
-    assert_eq!(files::Pace { share: 0.25 }.rest(ms(10)), ms(30));
-    assert_eq!(files::Pace { share: 0.5 }.rest(ms(10)), ms(10));
-    assert_eq!(files::Pace { share: 1.0 }.rest(ms(10)), ms(0));
-    let mut config = cfg(std::path::Path::new("x"));
-    assert!(config.validate().is_ok());
-    config.compact_cpu_percent = 0;
-    let err = config.validate().unwrap_err();
-    assert!(err.contains("compact_cpu_percent"), "{err}");
-}
-
 /// Parquet files under `dir`, at any depth.
 fn parquet_files(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir)
@@ -333,11 +320,9 @@ fn parquet_files(dir: &std::path::Path) -> usize {
 #[tokio::test]
 async fn a_flush_does_not_wait_for_a_merge_in_progress() {
     let dir = tempfile::tempdir().unwrap();
-    let store = ParquetStore::open(ParquetConfig {
-        compact_cpu_percent: 5, // each step of a merge rests 19 times as long as it worked
-        ..cfg(dir.path())
-    })
-    .unwrap();
+    let store = ParquetStore::open(cfg(dir.path()))
+        .unwrap()
+        .with_merge_pause(std::time::Duration::from_millis(100));
     let mut offset = 0;
     for f in 0..3i64 {
         let evs: Vec<_> = (0..6_000)
