@@ -212,7 +212,6 @@ async fn parquet_store_passes_every_case() {
                 dir: dir.to_path_buf(),
                 compact_min_files: 2,
                 compact_max_rows: 1_000_000,
-                ..Default::default()
             })
             .unwrap()
         };

@@ -31,7 +31,6 @@ fn cfg(dir: &std::path::Path) -> ParquetConfig {
         dir: dir.to_path_buf(),
         compact_min_files: 3,
         compact_max_rows: 1_000_000,
-        ..Default::default()
     }
 }
 
