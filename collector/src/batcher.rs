@@ -197,8 +197,18 @@ mod tests {
         assert_eq!(latencies, [4, 5, 6]);
         assert_eq!(second.through.0[&0], 7);
         for e in &second.events {
-            assert_eq!(e, &RequestEvent { ts: e.ts, id: e.id, ..ev(e.latency_us) });
-            assert!(strings.contains(&e.path.as_ptr()), "a spare's string is reused");
+            assert_eq!(
+                e,
+                &RequestEvent {
+                    ts: e.ts,
+                    id: e.id,
+                    ..ev(e.latency_us)
+                }
+            );
+            assert!(
+                strings.contains(&e.path.as_ptr()),
+                "a spare's string is reused"
+            );
         }
         b.recycle(second);
         assert!(b.events.capacity() >= 3 && b.events.is_empty());

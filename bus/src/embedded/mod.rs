@@ -287,7 +287,9 @@ impl EmbeddedLog {
             (Arc::clone(&w.file), w.next, path)
         };
         synced.last = Some(tokio::time::Instant::now());
-        inner.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        inner
+            .syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::task::spawn_blocking(move || file.sync_data().map_err(io_err(&path)))
             .await
             .map_err(|_| BusError::Closed)??;
