@@ -9,9 +9,11 @@
 //! Why an interval: `tollgate up` under load synced after every publish, about 470 times a second
 //! at 40,000 requests/s, and the writes and syncs were the largest cost outside the gateway's own
 //! threads (about 6 % of the process's CPU, BENCHMARKS.md). A record waits at most one interval
-//! longer to become visible; nothing acknowledged is less durable. Consumer groups keep their committed offset in
-//! `offsets/<group>.json`, replaced atomically (write, fsync, rename). Segments whose records every
-//! known group has committed are deleted, except the active one.
+//! longer to become visible; nothing acknowledged is less durable.
+//!
+//! Consumer groups keep their committed offset in `offsets/<group>.json`, replaced atomically
+//! (write, fsync, rename). Segments whose records every known group has committed are deleted,
+//! except the active one.
 //!
 //! No existing crate gave us checksummed segments with torn-tail truncation and explicit offset
 //! commits without pulling in a whole database, so the format is kept small here: `segment.rs`.
