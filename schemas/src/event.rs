@@ -312,32 +312,32 @@ impl RequestEvent {
 
     /// Decodes and validates one bus message.
     pub fn from_json(bytes: &[u8]) -> Result<RequestEvent, SchemaError> {
-        let w: Wire<'_> = serde_json::from_slice(bytes)?;
-        let ev = RequestEvent {
-            v: w.v,
-            id: w.id,
-            ts: w.ts,
-            gateway: w.gateway.0.into_owned(),
-            route: w.route.map(|t| t.0.into_owned()),
-            method: w.method.0.into_owned(),
-            path: w.path.0.into_owned(),
-            status: w.status,
-            latency_us: w.latency_us,
-            upstream_latency_us: w.upstream_latency_us,
-            req_bytes: w.req_bytes,
-            resp_bytes: w.resp_bytes,
-            consumer: w.consumer.map(|t| t.0.into_owned()),
-            plan: w.plan.map(|t| t.0.into_owned()),
-            outcome: w.outcome,
-            billable: w.billable,
-            trace_id: w.trace_id.map(|t| t.0.into_owned()),
+        // Every field is set by the decoding; these are only its starting point.
+        let mut ev = RequestEvent {
+            v: 0,
+            id: Uuid::nil(),
+            ts: DateTime::UNIX_EPOCH,
+            gateway: String::new(),
+            route: None,
+            method: String::new(),
+            path: String::new(),
+            status: 0,
+            latency_us: 0,
+            upstream_latency_us: None,
+            req_bytes: 0,
+            resp_bytes: 0,
+            consumer: None,
+            plan: None,
+            outcome: Outcome::Ok,
+            billable: false,
+            trace_id: None,
         };
-        ev.validate()?;
+        ev.decode_into(bytes)?;
         Ok(ev)
     }
 
-    /// Decodes `bytes` into `self`, reusing its strings' allocations, as [`Self::from_json`]
-    /// decodes (same checks, same errors). On an error `self` holds no meaningful event: the
+    /// Decodes `bytes` into `self`, reusing its strings' allocations ([`Self::from_json`]
+    /// decodes into a fresh event through it: same checks, same errors). On an error `self` holds no meaningful event: the
     /// caller keeps it only to decode into again.
     pub fn decode_into(&mut self, bytes: &[u8]) -> Result<(), SchemaError> {
         let w: Wire<'_> = serde_json::from_slice(bytes)?;
