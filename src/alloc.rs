@@ -62,25 +62,79 @@ pub fn release_free_memory() {
 /// at 40,000 requests/s, trims took 6–13 ms (BENCHMARKS.md).
 const SLOW_TRIM: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// The process counts as quiet over a period when it used less than this share of one core.
+const QUIET_CPU: f64 = 0.05;
+
+/// Under load, a trim runs at most this often: each held the allocator for about 4 ms in a
+/// `tollgate up` at 19,000 requests/s, and a gateway worker that allocated meanwhile waited
+/// as long (`perf sched`, BENCHMARKS.md). Free chunks are reused within seconds under steady
+/// load anyway; after a burst the next quiet period hands them back.
+const TRIM_UNDER_LOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether a periodic trim runs, after a period in which the process used `busy` of a core,
+/// `since_last` after the last trim.
+fn trim_due(busy: f64, since_last: std::time::Duration) -> bool {
+    busy < QUIET_CPU || since_last >= TRIM_UNDER_LOAD_EVERY
+}
+
+/// CPU time (user and system) this process has used so far; `None` if unknown.
+fn cpu_time() -> Option<std::time::Duration> {
+    #[cfg(unix)]
+    {
+        // SAFETY: `getrusage` fills the struct it is given and nothing else; an all-zero
+        // `rusage` is a valid value of that plain C struct.
+        #[allow(unsafe_code)]
+        let usage = unsafe {
+            let mut usage: libc::rusage = std::mem::zeroed();
+            if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+                return None;
+            }
+            usage
+        };
+        let tv = |t: libc::timeval| {
+            std::time::Duration::from_secs(t.tv_sec as u64)
+                + std::time::Duration::from_micros(t.tv_usec as u64)
+        };
+        Some(tv(usage.ru_utime) + tv(usage.ru_stime))
+    }
+    #[cfg(not(unix))]
+    None
+}
+
 /// How often [`trim_every`] hands free memory back.
 pub const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Hands free memory back to the system every `period`, for as long as the runtime runs.
+/// Hands free memory back to the system after each `period` in which the process was quiet
+/// (under [`QUIET_CPU`] of a core), and at least every [`TRIM_UNDER_LOAD_EVERY`] when busy, for
+/// as long as the runtime runs.
 ///
 /// glibc returns the top of its main heap by itself, but not free pages inside its heaps nor
 /// anything of the per-thread arenas: a gateway that served a burst on 64 connections kept two
 /// arenas of 16–21 MiB each after the load, most of it free (BENCHMARKS.md, "Many consumers").
 /// `malloc_trim` walks every arena and releases the free pages. Each call takes the arenas'
-/// locks in turn for the walk (well under a millisecond at these sizes; 6–13 ms in a
-/// `tollgate up` holding a million events, see `SLOW_TRIM`), so a thread that
-/// allocates at that moment waits that long, once per period; pages reused afterwards cost one
-/// page fault each. It runs on a blocking thread, never on a worker of the request path.
+/// locks in turn for the walk (well under a millisecond at these sizes; 4–13 ms in a
+/// `tollgate up` under load, see `SLOW_TRIM`), so a thread that allocates at that moment waits
+/// that long; pages reused afterwards cost one page fault each. Hence trims wait for a quiet
+/// period unless memory has not been handed back for a minute. It runs on a blocking thread,
+/// never on a worker of the request path.
 pub async fn trim_every(period: std::time::Duration) {
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
+    let mut cpu_before = cpu_time();
+    let mut last_trim = std::time::Instant::now();
     loop {
         ticks.tick().await;
+        let cpu_now = cpu_time();
+        let busy = match (cpu_before, cpu_now) {
+            (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64() / period.as_secs_f64(),
+            _ => 0.0,
+        };
+        cpu_before = cpu_now;
+        if !trim_due(busy, last_trim.elapsed()) {
+            continue;
+        }
+        last_trim = std::time::Instant::now();
         let took = tokio::task::spawn_blocking(|| {
             let started = std::time::Instant::now();
             release_free_memory();
@@ -92,10 +146,43 @@ pub async fn trim_every(period: std::time::Duration) {
             Ok(t) if t > SLOW_TRIM => {
                 tracing::debug!(
                     ms = t.as_millis() as u64,
+                    busy,
                     "handing free memory back held the allocator"
                 );
             }
             Ok(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn trims_when_quiet_or_once_a_minute_under_load() {
+        assert!(trim_due(0.01, Duration::from_secs(10)), "quiet");
+        assert!(
+            !trim_due(0.6, Duration::from_secs(10)),
+            "busy, trimmed 10 s ago"
+        );
+        assert!(
+            trim_due(0.6, TRIM_UNDER_LOAD_EVERY),
+            "busy, but a minute has passed"
+        );
+    }
+
+    #[test]
+    fn the_process_cpu_time_advances_with_work() {
+        let before = cpu_time().expect("getrusage works here");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while cpu_time().unwrap() <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "10 s of spinning used no CPU time"
+            );
+            std::hint::spin_loop();
         }
     }
 }

@@ -40,12 +40,17 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tollgate_bus::{AssignmentChange, BusError, Subscriber};
 use tollgate_schemas::Checkpoint;
+use tollgate_store::cpu::Yielder;
 use tollgate_store::{EventBatch, EventWriter, Resume, StoreError};
 
 pub use batcher::Batcher;
 pub use dead_letter::DeadLetter;
 pub use metrics::CollectorMetrics;
 use progress::Progress;
+
+/// Messages decoded between two offers of the core (see `tollgate_store::cpu`): a poll
+/// returns up to a batch, which took up to 10 ms to decode in one go.
+const DECODE_STEP: usize = 256;
 
 /// The `collector:` section of the configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,7 +223,12 @@ pub async fn run(
             r = bus.poll(batcher.room(), wait) => r?,
         };
         let now = Instant::now();
-        for msg in messages {
+        let mut cpu = Yielder::new();
+        for (i, msg) in messages.into_iter().enumerate() {
+            // A poll returns up to a batch of messages: decode them a step at a time.
+            if i % DECODE_STEP == DECODE_STEP - 1 {
+                cpu.tick();
+            }
             metrics.consumed.inc();
             let r = match resume.get(&msg.partition) {
                 Some(r) => r,

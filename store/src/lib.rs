@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tollgate_schemas::RequestEvent;
 
 pub mod clickhouse;
+pub mod cpu;
 pub mod ledger;
 pub mod merge;
 pub mod parquet;

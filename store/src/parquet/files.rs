@@ -14,6 +14,7 @@ use parquet::schema::types::ColumnPath;
 
 use super::manifest::{FileEntry, FileKind, sync_dir};
 use crate::StoreError;
+use crate::cpu::{STEP_ROWS, Yielder};
 
 pub use crate::time::DAY_US;
 
@@ -96,6 +97,19 @@ impl NewFile {
         Ok(NewFile { rel, path, writer })
     }
 
+    /// Appends `batch` a few thousand rows at a time, offering the core between steps (the
+    /// writer encodes and compresses as rows arrive; see [`crate::cpu`]).
+    fn write(&mut self, batch: &RecordBatch, cpu: &mut Yielder) -> Result<(), StoreError> {
+        let mut at = 0;
+        while at < batch.num_rows() {
+            let len = STEP_ROWS.min(batch.num_rows() - at);
+            self.writer.write(&batch.slice(at, len))?;
+            at += len;
+            cpu.tick();
+        }
+        Ok(())
+    }
+
     /// Closes and fsyncs the file and its folder; returns its relative path and size.
     fn finish(self) -> Result<(String, u64), StoreError> {
         let file = self.writer.into_inner()?;
@@ -124,7 +138,7 @@ pub fn write_kind(
     max_ts_us: i64,
 ) -> Result<FileEntry, StoreError> {
     let mut out = NewFile::create(dir, kind, day, batch.schema(), 1 << 20)?;
-    out.writer.write(batch)?;
+    out.write(batch, &mut Yielder::new())?;
     let (rel, bytes) = out.finish()?;
     Ok(FileEntry {
         path: rel,
@@ -136,9 +150,6 @@ pub fn write_kind(
         max_ts_us,
     })
 }
-
-/// Rows read and written per step of a merge.
-const MERGE_BATCH: usize = 16 * 1024;
 
 /// Rows per row group of a compacted file: what the writer buffers before it writes one, so
 /// compaction's memory stays bounded whatever the day holds.
@@ -160,18 +171,19 @@ pub fn merge_files(
     let mut inputs: Vec<&FileEntry> = files.iter().collect();
     inputs.sort_by_key(|f| (f.min_ts_us, f.path.clone()));
     let (mut rows, mut min, mut max) = (0u64, i64::MAX, i64::MIN);
+    let mut cpu = Yielder::new();
     for f in inputs {
         let input = dir.join(&f.path);
         let file = std::fs::File::open(&input).map_err(StoreError::io(&input))?;
         let reader = ParquetRecordBatchReaderBuilder::try_new(file)?
-            .with_batch_size(MERGE_BATCH)
+            .with_batch_size(STEP_ROWS)
             .build()?;
         for b in reader {
             let b = b.map_err(arrow_err)?;
             rows += b.num_rows() as u64;
             min = min.min(f.min_ts_us);
             max = max.max(f.max_ts_us);
-            out.writer.write(&b)?;
+            out.write(&b, &mut cpu)?;
             if !pause.is_zero() {
                 std::thread::sleep(pause);
             }

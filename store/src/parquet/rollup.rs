@@ -30,8 +30,15 @@ use datafusion::prelude::{
 };
 use futures::StreamExt;
 
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::execution::TaskContext;
+use datafusion::physical_plan::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
+
 use super::manifest::FileKind;
 use crate::StoreError;
+use crate::cpu::{STEP_ROWS, Yielder};
 use crate::sketch::{bucket_of, ln_gamma};
 
 /// Schema of the usage files whose period column is `time`.
@@ -101,14 +108,18 @@ pub fn is_sketch(kind: FileKind) -> bool {
     matches!(kind, FileKind::RouteSketch1m | FileKind::RouteSketch1h)
 }
 
+/// One route's sketch of one period: server errors, and the count of each latency bucket.
+type RouteSketch = (i64, BTreeMap<i32, u64>);
+
 /// Builds per-route sketch rows (`route_sketch_1m` / `_1h`) from event batches: requests
 /// forwarded upstream (a route and an upstream latency), bucketed by
 /// `sketch::bucket_of(latency_us)` as the SQL rollups are.
 pub struct RouteSketches {
     kind: FileKind,
     period_us: i64,
-    /// (period, route) -> (errors, bucket -> count)
-    groups: HashMap<(i64, String), (i64, BTreeMap<i32, u64>)>,
+    /// period -> route -> sketch; by period first so that a row's route is looked up without
+    /// copying it.
+    groups: HashMap<i64, HashMap<String, RouteSketch>>,
 }
 
 impl RouteSketches {
@@ -137,13 +148,20 @@ impl RouteSketches {
         let latency = col("latency_us")?.as_primitive::<UInt64Type>();
         let upstream = col("upstream_latency_us")?;
         let status = col("status")?.as_primitive::<UInt16Type>();
+        let mut cpu = Yielder::new();
         for i in 0..events.num_rows() {
+            if i % STEP_ROWS == STEP_ROWS - 1 {
+                cpu.tick();
+            }
             if route.is_null(i) || upstream.is_null(i) {
                 continue;
             }
             let period = ts.value(i).div_euclid(self.period_us) * self.period_us;
-            let key = (period, route.value(i).to_string());
-            let (errors, buckets) = self.groups.entry(key).or_default();
+            let routes = self.groups.entry(period).or_default();
+            let (errors, buckets) = match routes.get_mut(route.value(i)) {
+                Some(group) => group,
+                None => routes.entry(route.value(i).to_owned()).or_default(),
+            };
             *errors += i64::from(status.value(i) >= 500);
             *buckets.entry(bucket_of(latency.value(i))).or_default() += 1;
         }
@@ -152,7 +170,11 @@ impl RouteSketches {
 
     /// The rows, sorted by period and route.
     pub fn finish(self) -> RecordBatch {
-        let mut groups: Vec<_> = self.groups.into_iter().collect();
+        let mut groups: Vec<_> = self
+            .groups
+            .into_iter()
+            .flat_map(|(period, routes)| routes.into_iter().map(move |(r, g)| ((period, r), g)))
+            .collect();
         groups.sort_by(|a, b| a.0.cmp(&b.0));
         let mut minute = Int64Builder::new();
         let mut route = StringBuilder::new();
@@ -268,12 +290,41 @@ async fn collect_as(df: DataFrame, kind: FileKind) -> Result<RecordBatch, StoreE
         .map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// An in-memory batch as a table DataFusion reads [`STEP_ROWS`] rows at a time, offering the
+/// core between steps: the rollups of a flush aggregate tens of thousands of events, which
+/// took about 25 ms in one go (see [`crate::cpu`]).
+#[derive(Debug)]
+struct SlicedBatch(RecordBatch);
+
+impl PartitionStream for SlicedBatch {
+    fn schema(&self) -> &SchemaRef {
+        self.0.schema_ref()
+    }
+
+    fn execute(&self, _: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let (batch, rows) = (self.0.clone(), self.0.num_rows());
+        let mut cpu = Yielder::new();
+        let steps = (0..rows).step_by(STEP_ROWS).map(move |at| {
+            cpu.tick();
+            Ok(batch.slice(at, STEP_ROWS.min(rows - at)))
+        });
+        Box::pin(RecordBatchStreamAdapter::new(
+            self.0.schema(),
+            futures::stream::iter(steps),
+        ))
+    }
+}
+
 /// Every rollup of an in-memory batch of events, in `FileKind::ROLLUPS` order.
 pub async fn roll_up_batch(
     events: &RecordBatch,
 ) -> Result<Vec<(FileKind, RecordBatch)>, StoreError> {
     let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
-    ctx.register_batch("events", events.clone())?;
+    let sliced = StreamingTable::try_new(
+        events.schema(),
+        vec![Arc::new(SlicedBatch(events.clone())) as Arc<dyn PartitionStream>],
+    )?;
+    ctx.register_table("events", Arc::new(sliced))?;
     let mut out: Vec<(FileKind, RecordBatch)> = Vec::new();
     for kind in FileKind::ROLLUPS {
         let rows = match kind {
