@@ -19,6 +19,8 @@
 # (default: half the last Tollgate target's median requests/s above) on a schedule, to nginx and
 # to every target, and measures from each request's scheduled time (no coordinated omission);
 # "added p99" is a target's p99 minus nginx's at the same rate.
+# While one target (or nginx) is measured, every other Tollgate process is paused (SIGSTOP), so
+# that none's background work lands in another's figures.
 #
 # Usage: ROUNDS=3 DURATION=10s scripts/bench-gateway.sh [BINARY...]
 set -euo pipefail
@@ -38,6 +40,7 @@ cargo build --release --locked --example open_loop >&2
 OPEN_LOOP="$CARGO_TARGET_DIR/release/examples/open_loop"
 WORK="$(mktemp -d)"
 cleanup() {
+  for pid in "${TG_PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; done
   [ -s "$WORK/gw.log" ] && { echo "tollgate gateway's log:" >&2; tail -5 "$WORK/gw.log" >&2; }
   kill $(jobs -p) 2>/dev/null || true
   for c in upstream proxy; do nginx -p "$WORK/$c" -c "$WORK/$c/nginx.conf" -s stop 2>/dev/null || true; done
@@ -88,6 +91,17 @@ if [ "${STANDALONE:-1}" = 1 ]; then
   wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$gw/v1/items/1" 60
 fi
 
+# focus I: only Tollgate target I (an index into TARGETS; -1 for none, when nginx is measured)
+# runs; the other Tollgate processes are paused (SIGSTOP) until their turn. Otherwise their
+# background work (flushes, rollups, compaction of what earlier runs stored) takes the cores
+# from whichever target is measured: the last target's open-loop tail was 2–8 times the
+# first's in every run before this. `focus all` resumes every one.
+focus() {
+  for j in "${!TG_PIDS[@]}"; do
+    if [ "$1" = all ] || [ "$j" = "$1" ]; then kill -CONT "${TG_PIDS[$j]}"; else kill -STOP "${TG_PIDS[$j]}"; fi
+  done
+}
+
 # run NAME URL PIDS CONNS [HEADER]: one wrk run with perf stat on PIDS; appends a result line
 # "name rps p50_ms p99_ms requests non2xx syscalls_per_req cs_per_req cpu_us_per_req" to
 # $WORK/results.
@@ -124,15 +138,19 @@ PY
 
 for r in $(seq 1 "$ROUNDS"); do
   echo "round $r of $ROUNDS" >&2
+  focus -1
   run nginx "http://127.0.0.1:$PROXY/v1/items/1" "$(proxy_pids)" "$CONNS"
   for i in "${!TARGETS[@]}"; do
+    focus "$i"
     run "${TARGETS[$i]}" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$CONNS" "x-api-key: bench-key"
   done
 done
 # Latency at a lighter load: a quarter of the connections.
 light=$((CONNS / 4 > 0 ? CONNS / 4 : 1))
+focus -1
 run nginx-light "http://127.0.0.1:$PROXY/v1/items/1" "$(proxy_pids)" "$light"
 for i in "${!TARGETS[@]}"; do
+  focus "$i"
   run "${TARGETS[$i]}-light" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$light" "x-api-key: bench-key"
 done
 
@@ -144,10 +162,13 @@ print(int(statistics.median(rps) / 2))
 PY
 )}"
 secs="${DURATION%s}"
+focus -1
 "$OPEN_LOOP" "http://127.0.0.1:$PROXY/v1/items/1" "$RATE" "$secs" "$CONNS" > "$WORK/open-nginx"
 for i in "${!TARGETS[@]}"; do
+  focus "$i"
   "$OPEN_LOOP" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "$RATE" "$secs" "$CONNS" "x-api-key: bench-key" > "$WORK/open-${TARGETS[$i]}"
 done
+focus all
 
 echo
 echo "wrk -t$THREADS -c$CONNS -d$DURATION, $BODY-byte responses, $ROUNDS alternating rounds (light load: -c$light)"

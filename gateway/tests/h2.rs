@@ -441,8 +441,12 @@ mod tls {
 
     use super::*;
 
+    /// The runner's CARGO_MANIFEST_DIR first: a test binary built in another checkout and
+    /// found fresh carries that checkout's path in `env!`.
     fn fixture(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
             .join("tests/fixtures")
             .join(name)
     }

@@ -4,15 +4,23 @@
 
 use tollgate_query_api::openapi;
 
-const SERVED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
+/// The document in this checkout. The runner's CARGO_MANIFEST_DIR first: a test binary built
+/// in another checkout and found fresh carries that checkout's path in `env!`.
+fn served_path() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+        .join("openapi.json")
+}
 
 #[test]
 fn the_served_document_is_the_generated_one() {
     let generated = openapi::document();
+    let served_path = served_path();
     if std::env::var_os("UPDATE_OPENAPI").is_some() {
-        std::fs::write(SERVED, &generated).unwrap();
+        std::fs::write(&served_path, &generated).unwrap();
     }
-    let served = std::fs::read_to_string(SERVED).unwrap();
+    let served = std::fs::read_to_string(&served_path).unwrap();
     assert!(
         served == generated,
         "query-api/openapi.json is not what the API's types generate; run scripts/openapi.sh \

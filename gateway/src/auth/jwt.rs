@@ -628,6 +628,15 @@ mod tests {
 
     use super::*;
 
+    /// `tests/fixtures` of this crate. The runner's CARGO_MANIFEST_DIR first: a test binary
+    /// built in another checkout and found fresh carries that checkout's path in `env!`.
+    fn fixtures_dir() -> std::path::PathBuf {
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+            .join("tests/fixtures")
+    }
+
     const RSA1: &str = include_str!("../../tests/fixtures/jwt/rsa1.key");
     const RSA1_PUB: &str = include_str!("../../tests/fixtures/jwt/rsa1.pub");
     const RSA2: &str = include_str!("../../tests/fixtures/jwt/rsa2.key");
@@ -914,7 +923,7 @@ mod tests {
         );
         #[cfg(feature = "tls")]
         let acceptor = tls.then(|| {
-            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+            let dir = fixtures_dir();
             Arc::new(
                 crate::tls::Acceptor::new(&crate::config::TlsConfig {
                     cert_path: dir.join("server.pem"),
@@ -988,7 +997,7 @@ mod tests {
     #[tokio::test]
     async fn a_jwks_over_https_is_trusted_only_through_the_configured_ca() {
         let server = jwks_server_on(json!({ "keys": [jwk(RSA1, "k1")] }), true).await;
-        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let fixtures = fixtures_dir();
         let token = sign(Algorithm::RS256, Some("k1"), &rsa(RSA1), &claims("acme"));
         let mut trusting = config(vec![], Some(server.url.clone()));
         trusting.jwks_ca_path = Some(fixtures.join("ca.pem"));
