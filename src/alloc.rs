@@ -68,13 +68,36 @@ const QUIET_CPU: f64 = 0.05;
 /// Under load, a trim runs at most this often: each held the allocator for about 4 ms in a
 /// `tollgate up` at 19,000 requests/s, and a gateway worker that allocated meanwhile waited
 /// as long (`perf sched`, BENCHMARKS.md). Free chunks are reused within seconds under steady
-/// load anyway; after a burst the next quiet period hands them back.
+/// load anyway; after a burst the first quiet period hands them back.
 const TRIM_UNDER_LOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Whether a periodic trim runs, after a period in which the process used `busy` of a core,
-/// `since_last` after the last trim.
-fn trim_due(busy: f64, since_last: std::time::Duration) -> bool {
-    busy < QUIET_CPU || since_last >= TRIM_UNDER_LOAD_EVERY
+/// When to trim, from the process's CPU use over each period: once when a busy spell ends
+/// (the first quiet period after one), and every [`TRIM_UNDER_LOAD_EVERY`] while it lasts. An
+/// idle process is not trimmed again and again: it allocated nothing to hand back.
+#[derive(Debug, Default)]
+struct TrimPolicy {
+    /// A period at or over [`QUIET_CPU`] since the last trim.
+    busy_since_trim: bool,
+    /// Time since the last trim or the start of the busy spell, summed over periods.
+    since_trim: std::time::Duration,
+}
+
+impl TrimPolicy {
+    /// After a `period` in which the process used `busy` of a core: whether to trim now.
+    fn after(&mut self, period: std::time::Duration, busy: f64) -> bool {
+        let quiet = busy < QUIET_CPU;
+        if !quiet && !self.busy_since_trim {
+            // A busy spell begins: its minute counts from here, not from an idle stretch.
+            self.busy_since_trim = true;
+            self.since_trim = std::time::Duration::ZERO;
+        }
+        self.since_trim += period;
+        let due = self.busy_since_trim && (quiet || self.since_trim >= TRIM_UNDER_LOAD_EVERY);
+        if due {
+            *self = TrimPolicy::default();
+        }
+        due
+    }
 }
 
 /// CPU time (user and system) this process has used so far; `None` if unknown.
@@ -101,12 +124,13 @@ fn cpu_time() -> Option<std::time::Duration> {
     None
 }
 
-/// How often [`trim_every`] hands free memory back.
-pub const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often [`trim_every`] looks at the process's CPU use: a trim follows the end of a burst
+/// within this much (the CPU use is one `getrusage` call).
+pub const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Hands free memory back to the system after each `period` in which the process was quiet
-/// (under [`QUIET_CPU`] of a core), and at least every [`TRIM_UNDER_LOAD_EVERY`] when busy, for
-/// as long as the runtime runs.
+/// Hands free memory back to the system once a busy spell is over (the first `period` under
+/// [`QUIET_CPU`] of a core after one), and every [`TRIM_UNDER_LOAD_EVERY`] while it lasts
+/// ([`TrimPolicy`]), for as long as the runtime runs.
 ///
 /// glibc returns the top of its main heap by itself, but not free pages inside its heaps nor
 /// anything of the per-thread arenas: a gateway that served a burst on 64 connections kept two
@@ -122,19 +146,18 @@ pub async fn trim_every(period: std::time::Duration) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
     let mut cpu_before = cpu_time();
-    let mut last_trim = std::time::Instant::now();
+    let mut policy = TrimPolicy::default();
     loop {
         ticks.tick().await;
         let cpu_now = cpu_time();
         let busy = match (cpu_before, cpu_now) {
             (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64() / period.as_secs_f64(),
-            _ => 0.0,
+            _ => 1.0, // unknown: counted busy, so trims still come once a minute
         };
         cpu_before = cpu_now;
-        if !trim_due(busy, last_trim.elapsed()) {
+        if !policy.after(period, busy) {
             continue;
         }
-        last_trim = std::time::Instant::now();
         let took = tokio::task::spawn_blocking(|| {
             let started = std::time::Instant::now();
             release_free_memory();
@@ -161,16 +184,25 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn trims_when_quiet_or_once_a_minute_under_load() {
-        assert!(trim_due(0.01, Duration::from_secs(10)), "quiet");
+    fn trims_once_a_burst_is_over_and_once_a_minute_during_one() {
+        let period = Duration::from_secs(2);
+        let mut p = TrimPolicy::default();
         assert!(
-            !trim_due(0.6, Duration::from_secs(10)),
-            "busy, trimmed 10 s ago"
+            !p.after(period, 0.0),
+            "idle from the start: nothing to hand back"
         );
+        assert!(!p.after(period, 0.9), "busy, after two idle minutes");
+        assert!(!p.after(period, 0.9), "still busy");
         assert!(
-            trim_due(0.6, TRIM_UNDER_LOAD_EVERY),
-            "busy, but a minute has passed"
+            p.after(period, 0.01),
+            "the first quiet period after a burst"
         );
+        assert!(!p.after(period, 0.01), "quiet again: trimmed already");
+        let mut trims = 0;
+        for _ in 0..(120 / 2) {
+            trims += u32::from(p.after(period, 0.9));
+        }
+        assert_eq!(trims, 2, "two minutes of steady load trim twice");
     }
 
     #[test]

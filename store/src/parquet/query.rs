@@ -181,11 +181,7 @@ impl ParquetStore {
             .with_information_schema(false);
         let ctx = SessionContext::new_with_config(config);
         let schema = tollgate_schemas::arrow::schema();
-        let memory = if mem.is_empty() {
-            ctx.read_batch(RecordBatch::new_empty(schema.clone()))?
-        } else {
-            ctx.read_batches(mem)?
-        };
+        let memory = ctx.read_table(rollup::stepped_table(schema.clone(), mem)?)?;
         ctx.register_table("mem_events", memory.clone().into_view())?;
         let mut events = memory;
         if !raw.is_empty() {

@@ -290,26 +290,49 @@ async fn collect_as(df: DataFrame, kind: FileKind) -> Result<RecordBatch, StoreE
         .map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-/// An in-memory batch as a table DataFusion reads [`STEP_ROWS`] rows at a time, offering the
+/// In-memory batches as a table DataFusion reads [`STEP_ROWS`] rows at a time, offering the
 /// core between steps: the rollups of a flush aggregate tens of thousands of events, which
-/// took about 25 ms in one go (see [`crate::cpu`]).
-#[derive(Debug)]
-struct SlicedBatch(RecordBatch);
+/// took about 25 ms in one go (see [`crate::cpu`]); queries read the events not yet flushed
+/// the same way.
+pub fn stepped_table(
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+) -> Result<Arc<StreamingTable>, StoreError> {
+    let steps = Arc::new(Stepped { schema, batches });
+    Ok(Arc::new(StreamingTable::try_new(
+        steps.schema.clone(),
+        vec![steps as Arc<dyn PartitionStream>],
+    )?))
+}
 
-impl PartitionStream for SlicedBatch {
+#[derive(Debug)]
+struct Stepped {
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+}
+
+impl PartitionStream for Stepped {
     fn schema(&self) -> &SchemaRef {
-        self.0.schema_ref()
+        &self.schema
     }
 
     fn execute(&self, _: Arc<TaskContext>) -> SendableRecordBatchStream {
-        let (batch, rows) = (self.0.clone(), self.0.num_rows());
         let mut cpu = Yielder::new();
-        let steps = (0..rows).step_by(STEP_ROWS).map(move |at| {
+        let steps: Vec<RecordBatch> = self
+            .batches
+            .iter()
+            .flat_map(|b| {
+                (0..b.num_rows())
+                    .step_by(STEP_ROWS)
+                    .map(|at| b.slice(at, STEP_ROWS.min(b.num_rows() - at)))
+            })
+            .collect();
+        let steps = steps.into_iter().map(move |step| {
             cpu.tick();
-            Ok(batch.slice(at, STEP_ROWS.min(rows - at)))
+            Ok(step)
         });
         Box::pin(RecordBatchStreamAdapter::new(
-            self.0.schema(),
+            self.schema.clone(),
             futures::stream::iter(steps),
         ))
     }
@@ -320,11 +343,10 @@ pub async fn roll_up_batch(
     events: &RecordBatch,
 ) -> Result<Vec<(FileKind, RecordBatch)>, StoreError> {
     let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
-    let sliced = StreamingTable::try_new(
-        events.schema(),
-        vec![Arc::new(SlicedBatch(events.clone())) as Arc<dyn PartitionStream>],
+    ctx.register_table(
+        "events",
+        stepped_table(events.schema(), vec![events.clone()])?,
     )?;
-    ctx.register_table("events", Arc::new(sliced))?;
     let mut out: Vec<(FileKind, RecordBatch)> = Vec::new();
     for kind in FileKind::ROLLUPS {
         let rows = match kind {
