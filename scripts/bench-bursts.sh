@@ -16,12 +16,8 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
 ROUNDS="${ROUNDS:-2}"; RATE="${RATE:-19000}"; DURATION="${DURATION:-20}"; BODY="${BODY:-1024}"
 BURST_MS="${BURST_MS:-8}"; REST_MS="${REST_MS:-50}"
-for tool in wrk nginx curl; do
-  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl >/dev/null; break; }
-done
-cargo build --release --locked --example open_loop >&2
-OPEN_LOOP="$CARGO_TARGET_DIR/release/examples/open_loop"
 . scripts/lib/services.sh
+open_loop_tools
 WORK="$(mktemp -d)"
 cleanup() {
   kill $(jobs -p) 2>/dev/null || true

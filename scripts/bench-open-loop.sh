@@ -13,12 +13,8 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
 ROUNDS="${ROUNDS:-3}"; RATE="${RATE:-18000}"; DURATION="${DURATION:-8}"; CONNS="${CONNS:-64}"; BODY="${BODY:-1024}"
 [ $# -gt 0 ] || { echo "usage: $0 BINARY..." >&2; exit 2; }
-for tool in wrk nginx curl; do
-  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl >/dev/null; break; }
-done
-cargo build --release --locked --example open_loop >&2
-OPEN_LOOP="$CARGO_TARGET_DIR/release/examples/open_loop"
 . scripts/lib/services.sh
+open_loop_tools
 WORK="$(mktemp -d)"
 cleanup() { kill $(jobs -p) 2>/dev/null || true; nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" -s stop 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT

@@ -78,6 +78,16 @@ bins_or_release() {
   fi
 }
 
+# open_loop_tools: wrk, nginx and curl (installed when missing) and the open-loop load
+# generator (examples/open_loop.rs, built now); sets OPEN_LOOP.
+open_loop_tools() {
+  for tool in wrk nginx curl; do
+    command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl >/dev/null; break; }
+  done
+  cargo build --release --locked --example open_loop >&2
+  OPEN_LOOP="$CARGO_TARGET_DIR/release/examples/open_loop"
+}
+
 # bench_config FILE GATEWAY_PORT API_PORT [ADMIN_PORT]: the configuration the gateway benchmarks
 # load `tollgate up` (or `tollgate gateway`, which also needs ADMIN_PORT) with: one route to the
 # upstream on $UP, API-key auth (key `bench-key`), a rate limit and a monthly quota too large to
