@@ -4,10 +4,13 @@
 //! decoding share the cores with the gateway's workers. Each is a burst of CPU: a flush every
 //! 2 s at 19,000 requests/s wrote a 40,000-row events file in about 33 ms and built its
 //! rollups in about 25 ms, each without a break. On two cores, requests that arrive during
-//! such a burst wait behind it, and the scheduler did not cut it short: running the same kind
-//! of burst at the lowest priority (`SCHED_IDLE`, or nice 19) left an nginx proxy's p99 where
-//! it was (4.9 → 5.2 ms), while the same work handing the core back every half millisecond
-//! (`sched_yield`) brought it to 2.1 ms (the measurement is in BENCHMARKS.md).
+//! such a burst wait behind it, and the scheduler did not cut it short. Beside an nginx proxy
+//! under a fixed request rate (`scripts/bench-bursts.sh`), 8 ms bursts every 50 ms took its p99
+//! from 1.2–2.5 ms to 4.8–5.5 ms; at the lowest priority (`SCHED_IDLE`, or nice 19) the same
+//! bursts still gave 4.4–7.4 ms, while the same work handing the core back every half
+//! millisecond (`sched_yield`) gave 2.1–2.8 ms in three runs of four (5.5 in the fourth;
+//! BENCHMARKS.md). Measured on `tollgate up` itself, the change is within the spread of its
+//! runs.
 //!
 //! So long background loops call [`Yielder::tick`] between small steps: once [`SLICE`] has
 //! passed since the last yield it calls `sched_yield`, which lets any thread waiting for this
