@@ -18,6 +18,8 @@
 
 use std::time::{Duration, Instant};
 
+use datafusion::arrow::array::RecordBatch;
+
 /// How long background work runs before it offers its core to waiting threads.
 pub const SLICE: Duration = Duration::from_micros(500);
 
@@ -54,6 +56,14 @@ impl Yielder {
         self.since = Instant::now();
         true
     }
+}
+
+/// `batch` as consecutive slices of at most [`STEP_ROWS`] rows (views, no copies).
+pub fn steps(batch: &RecordBatch) -> impl Iterator<Item = RecordBatch> + '_ {
+    let rows = batch.num_rows();
+    (0..rows)
+        .step_by(STEP_ROWS)
+        .map(move |at| batch.slice(at, STEP_ROWS.min(rows - at)))
 }
 
 #[cfg(test)]

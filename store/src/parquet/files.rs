@@ -14,7 +14,7 @@ use parquet::schema::types::ColumnPath;
 
 use super::manifest::{FileEntry, FileKind, sync_dir};
 use crate::StoreError;
-use crate::cpu::{STEP_ROWS, Yielder};
+use crate::cpu::{self, STEP_ROWS, Yielder};
 
 pub use crate::time::DAY_US;
 
@@ -58,11 +58,11 @@ fn new_path(kind: FileKind, day: i64) -> String {
     )
 }
 
-/// A Parquet file being written: its path relative to the store and its writer.
 /// Columns whose values are (nearly) unique per row: written without a dictionary. A name
 /// that a file's schema does not have (rollups) is ignored.
 const UNIQUE_COLUMNS: &[&str] = &["id", "trace_id"];
 
+/// A Parquet file being written: its path relative to the store and its writer.
 struct NewFile {
     rel: String,
     path: std::path::PathBuf,
@@ -100,11 +100,8 @@ impl NewFile {
     /// Appends `batch` a few thousand rows at a time, offering the core between steps (the
     /// writer encodes and compresses as rows arrive; see [`crate::cpu`]).
     fn write(&mut self, batch: &RecordBatch, cpu: &mut Yielder) -> Result<(), StoreError> {
-        let mut at = 0;
-        while at < batch.num_rows() {
-            let len = STEP_ROWS.min(batch.num_rows() - at);
-            self.writer.write(&batch.slice(at, len))?;
-            at += len;
+        for step in cpu::steps(batch) {
+            self.writer.write(&step)?;
             cpu.tick();
         }
         Ok(())

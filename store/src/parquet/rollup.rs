@@ -23,22 +23,21 @@ use datafusion::arrow::array::{
 use datafusion::arrow::datatypes::{
     DataType, Field, Schema, SchemaRef, TimestampMicrosecondType, UInt16Type, UInt64Type,
 };
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::execution::TaskContext;
 use datafusion::functions_aggregate::count::count_all;
 use datafusion::functions_aggregate::expr_fn::sum;
+use datafusion::physical_plan::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
 use datafusion::prelude::{
     DataFrame, Expr, SessionConfig, SessionContext, cast, ceil, col, lit, ln, when,
 };
 use futures::StreamExt;
 
-use datafusion::catalog::streaming::StreamingTable;
-use datafusion::execution::TaskContext;
-use datafusion::physical_plan::SendableRecordBatchStream;
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::streaming::PartitionStream;
-
 use super::manifest::FileKind;
 use crate::StoreError;
-use crate::cpu::{STEP_ROWS, Yielder};
+use crate::cpu::{self, STEP_ROWS, Yielder};
 use crate::sketch::{bucket_of, ln_gamma};
 
 /// Schema of the usage files whose period column is `time`.
@@ -318,15 +317,7 @@ impl PartitionStream for Stepped {
 
     fn execute(&self, _: Arc<TaskContext>) -> SendableRecordBatchStream {
         let mut cpu = Yielder::new();
-        let steps: Vec<RecordBatch> = self
-            .batches
-            .iter()
-            .flat_map(|b| {
-                (0..b.num_rows())
-                    .step_by(STEP_ROWS)
-                    .map(|at| b.slice(at, STEP_ROWS.min(b.num_rows() - at)))
-            })
-            .collect();
+        let steps: Vec<RecordBatch> = self.batches.iter().flat_map(cpu::steps).collect();
         let steps = steps.into_iter().map(move |step| {
             cpu.tick();
             Ok(step)
