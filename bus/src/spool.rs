@@ -68,6 +68,9 @@ impl SpoolingPublisher {
         let log = EmbeddedLog::open(EmbeddedConfig {
             dir: config.dir.clone(),
             segment_bytes: (config.max_bytes / 8).clamp(1 << 20, 64 << 20),
+            // Spooled publishes run one at a time (they keep the order of the records), so
+            // each waits for its own sync: a short interval keeps the spool's rate up.
+            sync_interval_ms: 10,
             ..Default::default()
         })?;
         let replay = log.subscribe(GROUP)?;

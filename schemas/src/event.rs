@@ -184,17 +184,23 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     }
 }
 
+impl Text<'_> {
+    fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Sets `slot` to `v`, reusing its allocation.
-fn set_text(slot: &mut String, v: &Text<'_>) {
+pub(crate) fn set_text(slot: &mut String, v: &str) {
     slot.clear();
-    slot.push_str(&v.0);
+    slot.push_str(v);
 }
 
 /// Sets `slot` to `v`, reusing the string it holds, if any.
-fn set_opt_text(slot: &mut Option<String>, v: Option<Text<'_>>) {
+pub(crate) fn set_opt_text(slot: &mut Option<String>, v: Option<&str>) {
     match (slot.as_mut(), v) {
-        (Some(s), Some(v)) => set_text(s, &v),
-        (_, v) => *slot = v.map(|v| v.0.into_owned()),
+        (Some(s), Some(v)) => set_text(s, v),
+        (_, v) => *slot = v.map(str::to_owned),
     }
 }
 
@@ -339,20 +345,37 @@ impl RequestEvent {
     /// Decodes `bytes` into `self`, reusing its strings' allocations ([`Self::from_json`]
     /// decodes into a fresh event through it: same checks, same errors). On an error `self` holds no meaningful event: the
     /// caller keeps it only to decode into again.
+    ///
+    /// Messages in the form the gateway writes are read field by field in their known order
+    /// (`canonical`); any other JSON goes through the generic decoder. Both fill the same event.
     pub fn decode_into(&mut self, bytes: &[u8]) -> Result<(), SchemaError> {
+        if crate::canonical::decode(self, bytes).is_none() {
+            self.decode_generic(bytes)?;
+        }
+        self.validate()
+    }
+
+    /// [`Self::decode_into`] without the canonical form's shortcut, and without validating.
+    fn decode_generic(&mut self, bytes: &[u8]) -> Result<(), SchemaError> {
         let w: Wire<'_> = serde_json::from_slice(bytes)?;
         (self.v, self.id, self.ts, self.status) = (w.v, w.id, w.ts, w.status);
         (self.latency_us, self.upstream_latency_us) = (w.latency_us, w.upstream_latency_us);
         (self.req_bytes, self.resp_bytes) = (w.req_bytes, w.resp_bytes);
         (self.outcome, self.billable) = (w.outcome, w.billable);
-        set_text(&mut self.gateway, &w.gateway);
-        set_text(&mut self.method, &w.method);
-        set_text(&mut self.path, &w.path);
-        set_opt_text(&mut self.route, w.route);
-        set_opt_text(&mut self.consumer, w.consumer);
-        set_opt_text(&mut self.plan, w.plan);
-        set_opt_text(&mut self.trace_id, w.trace_id);
-        self.validate()
+        set_text(&mut self.gateway, w.gateway.as_str());
+        set_text(&mut self.method, w.method.as_str());
+        set_text(&mut self.path, w.path.as_str());
+        set_opt_text(&mut self.route, w.route.as_ref().map(Text::as_str));
+        set_opt_text(&mut self.consumer, w.consumer.as_ref().map(Text::as_str));
+        set_opt_text(&mut self.plan, w.plan.as_ref().map(Text::as_str));
+        set_opt_text(&mut self.trace_id, w.trace_id.as_ref().map(Text::as_str));
+        Ok(())
+    }
+
+    /// The generic decoder alone, for the canonical decoder's tests.
+    #[cfg(test)]
+    pub(crate) fn decode_generic_for_tests(&mut self, bytes: &[u8]) -> Result<(), SchemaError> {
+        self.decode_generic(bytes)
     }
 
     /// Checks the constraints of the JSON Schema that the Rust types do not carry.
@@ -407,7 +430,7 @@ impl RequestEvent {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample() -> RequestEvent {

@@ -6,6 +6,7 @@
 //! fails when the Rust codec or the Arrow schema stops agreeing with it.
 
 pub mod arrow;
+mod canonical;
 pub mod checkpoint;
 pub mod config;
 pub mod directory;
