@@ -12,8 +12,9 @@
 #     the configuration). That binary must be built with `--features scaled`; STANDALONE=0
 #     leaves this target out.
 # The upstream is a separate nginx (one worker) answering BODY bytes. Runs alternate (baseline,
-# then each binary) for ROUNDS rounds. Each run also counts, with `perf stat`, the system calls
-# and context switches of the proxy's processes (nginx's workers, Tollgate's process) per request.
+# then each binary) for ROUNDS rounds, nothing attached to the processes. Then one more run per
+# target (`-counted`) with `perf stat` counting the system calls, context switches and CPU of the
+# proxy's processes (nginx's workers, Tollgate's process) per request.
 # Then one run per target with a quarter of the connections: latency under a lighter load.
 # Last, the latency each proxy adds at a fixed rate: examples/open_loop.rs sends RATE requests/s
 # (default: half the last Tollgate target's median requests/s above) on a schedule, to nginx and
@@ -102,22 +103,29 @@ focus() {
   done
 }
 
-# run NAME URL PIDS CONNS [HEADER]: one wrk run with perf stat on PIDS; appends a result line
+# run NAME URL PIDS CONNS [HEADER]: one wrk run; appends a result line
 # "name rps p50_ms p99_ms requests non2xx syscalls_per_req cs_per_req cpu_us_per_req" to
-# $WORK/results.
+# $WORK/results. With COUNT=1, `perf stat` counts PIDS' system calls, context switches and CPU
+# during the run; otherwise those three are "-". Counting slows what it counts (the syscall
+# tracepoint and a counter switched at every context switch): with it attached, one build
+# measured 3–8 % faster than another without it and the same with it, so requests/s come from
+# runs without it, and the counts from one run of their own per target.
 run() {
-  local name=$1 url=$2 pids=$3 conns=$4 header=${5:-}
-  perf stat -e raw_syscalls:sys_enter,context-switches,task-clock -x, -o "$WORK/perf.txt" -p "$pids" &
-  local perf=$!
-  sleep 0.2
+  local name=$1 url=$2 pids=$3 conns=$4 header=${5:-} perf=""
+  if [ "${COUNT:-0}" = 1 ]; then
+    perf stat -e raw_syscalls:sys_enter,context-switches,task-clock -x, -o "$WORK/perf.txt" -p "$pids" &
+    perf=$!
+    sleep 0.2
+  fi
   if [ -n "$header" ]; then
     wrk -t"$THREADS" -c"$conns" -d"$DURATION" --latency -H "$header" "$url" > "$WORK/wrk.txt"
   else
     wrk -t"$THREADS" -c"$conns" -d"$DURATION" --latency "$url" > "$WORK/wrk.txt"
   fi
-  kill -INT "$perf"; wait "$perf" 2>/dev/null || true
-  local summary per_request
+  local summary per_request="- - -"
   summary=$(python3 scripts/lib/wrk_summary.py "$WORK/wrk.txt")
+  if [ -n "$perf" ]; then
+  kill -INT "$perf"; wait "$perf" 2>/dev/null || true
   # System calls and context switches per request (the 4th field is the request count).
   per_request=$(python3 - "$(cut -d' ' -f4 <<<"$summary")" "$WORK/perf.txt" <<'PY'
 import sys
@@ -133,6 +141,7 @@ counts = dict(c for c in map(count, perf.splitlines()) if c)
 print(f"{counts.get('raw_syscalls:sys_enter', 0) / total:.2f} {counts.get('context-switches', 0) / total:.2f} {counts.get('task-clock', 0) * 1000 / total:.1f}")
 PY
 )
+  fi
   echo "$name $summary $per_request" >> "$WORK/results"
 }
 
@@ -144,6 +153,13 @@ for r in $(seq 1 "$ROUNDS"); do
     focus "$i"
     run "${TARGETS[$i]}" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$CONNS" "x-api-key: bench-key"
   done
+done
+# The counts: one run per target with `perf stat` attached (see `run`).
+focus -1
+COUNT=1 run nginx-counted "http://127.0.0.1:$PROXY/v1/items/1" "$(proxy_pids)" "$CONNS"
+for i in "${!TARGETS[@]}"; do
+  focus "$i"
+  COUNT=1 run "${TARGETS[$i]}-counted" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$CONNS" "x-api-key: bench-key"
 done
 # Latency at a lighter load: a quarter of the connections.
 light=$((CONNS / 4 > 0 ? CONNS / 4 : 1))
@@ -187,7 +203,8 @@ print("|---|---|---|---|---|---|---|---|---|---|")
 for name, rs in by.items():
     med = statistics.median(float(r[1]) for r in rs)
     mid = sorted(rs, key=lambda r: float(r[1]))[len(rs) // 2]
-    base = nginx if not name.endswith("light") else statistics.median(float(r[1]) for r in by["nginx-light"])
+    kind = next((k for k in ("light", "counted") if name.endswith(k)), None)
+    base = nginx if kind is None else statistics.median(float(r[1]) for r in by[f"nginx-{kind}"])
     print(f"| {name} | {med:.0f} | {', '.join(r[1] for r in rs)} | {med / base:.2f} | {mid[2]} | {mid[3]} | {mid[6]} | {mid[7]} | {mid[8]} | {sum(int(r[5]) for r in rs)} |")
 PY
 
