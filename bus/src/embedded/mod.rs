@@ -1,16 +1,10 @@
 //! The embedded bus: a durable append-only log on local disk for the one-process deployment.
 //!
-//! One partition (0). A `publish` encodes its records into memory under a mutex (offsets are
-//! given there) and returns once they are durable. Group commits make them so: at most one runs
-//! at a time, at most one starts per `sync_interval_ms`, and each writes every record encoded
-//! before it began in one `write` and then syncs it with one `fdatasync`, so publishes that
-//! arrive meanwhile share it (the gateway's batching task also publishes many events per call).
-//! A record becomes visible to subscribers only after it is durable. Without `fsync`, a publish
-//! writes its records at once and they are visible at once.
-//!
-//! Why one write per group commit: the log wrote each publish as it came, on a blocking thread
-//! woken for it, while the last sync was still running; those writes took 3.6 % of
-//! `tollgate up`'s samples under load, most of it copying into pages being written back.
+//! One partition (0). Appends are serialized by a mutex and written at once; a `publish` returns
+//! once its records are durable. Syncs are group commits: at most one `fdatasync` runs at a time,
+//! at most one starts per `sync_interval_ms`, and each covers every record written before it
+//! began, so publishes that arrive meanwhile share it (the gateway's batching task also publishes
+//! many events per call). A record becomes visible to subscribers only after it is durable.
 //!
 //! Why an interval: `tollgate up` under load synced after every publish, about 470 times a second
 //! at 40,000 requests/s, and the writes and syncs were the largest cost outside the gateway's own
@@ -19,12 +13,17 @@
 //!
 //! Why 50 ms by default: every sync makes new records visible, and the collector wakes, reads
 //! and decodes them: the pipeline behind the gateway ran 100 times a second at 10 ms, on the
-//! cores serving requests. At 50 ms, `tollgate up` served 4-7 % more requests per second against
-//! nginx in the same run (BENCHMARKS.md, "Publishes that overlap"). What it costs: an event
-//! reaches the store's queries up to 40 ms later, and a machine that loses power (not a
-//! process that crashes: the records are already written) loses up to 50 ms more of events.
+//! cores serving requests. At 50 ms, `tollgate up` served 0.76–0.87 of nginx's requests per
+//! second, against 0.70–0.81 at 10 ms, in the same three rounds (BENCHMARKS.md, "Publishes that
+//! overlap"). What it costs: an event reaches the store's queries up to 40 ms later, and a
+//! machine that loses power loses up to 50 ms more of events. A process that crashes loses
+//! nothing more: each publish is written (to the page cache) as it comes, before its sync.
 //! Publishes overlap (`tollgate_gateway::events::channel`), so the interval does not bound how
 //! many events a second the log takes.
+//!
+//! Tried and not kept: writing the records of a group commit in one `write` just before its
+//! sync. It saved about 1.5 % of the process's samples under load, but records waited in memory
+//! until then, so a process crash lost up to one more interval of events.
 //!
 //! Consumer groups keep their committed offset in `offsets/<group>.json`, replaced atomically
 //! (write, fsync, rename). Segments whose records every known group has committed are deleted,
@@ -107,16 +106,9 @@ struct Writer {
     /// Shared with a sync in flight, which runs without the writer's lock.
     file: Arc<File>,
     base: u64,
-    /// Bytes written to the active segment.
     len: u64,
-    /// Offset of the next record to append (records in `pending` included).
     next: u64,
-    /// Offset after the last record written to a segment: where `pending` starts.
-    written: u64,
-    /// Records encoded and not yet written (with `fsync`, the next group commit writes them).
-    pending: Vec<u8>,
-    /// The buffer the last group commit wrote, kept to encode into again.
-    spare: Vec<u8>,
+    buf: Vec<u8>,
 }
 
 struct Inner {
@@ -185,9 +177,7 @@ impl EmbeddedLog {
             base,
             len: rec.valid_len,
             next: rec.next_offset,
-            written: rec.next_offset,
-            pending: Vec::new(),
-            spare: Vec::new(),
+            buf: Vec::new(),
         };
         let (high_water, _) = watch::channel(rec.next_offset);
         Ok(EmbeddedLog {
@@ -263,68 +253,38 @@ impl EmbeddedLog {
         })
     }
 
-    /// Encodes `records` after those already pending and returns the offset after the last of
-    /// them (written to a segment by the next group commit, or at once by `write_pending`).
-    fn encode(&self, records: &[Record]) -> u64 {
+    /// Writes `records` (not yet durable unless `fsync` is off) and returns the offset after
+    /// the last of them.
+    fn write_blocking(&self, records: &[Record]) -> Result<u64, BusError> {
+        let inner = &self.inner;
         let mut w = self.writer();
-        let mut next = w.next;
-        for r in records {
-            segment::encode(&mut w.pending, next, &r.key, &r.payload);
-            next += 1;
-        }
-        w.next = next;
-        next
-    }
-
-    /// Without `fsync`: writes what is pending to the active segment (rolling it over first if
-    /// full); the records are readable at once.
-    fn write_pending(&self) -> Result<(), BusError> {
-        let mut w = self.writer();
-        if w.len >= self.inner.config.segment_bytes {
+        if w.len >= inner.config.segment_bytes {
             self.roll(&mut w)?;
         }
-        let path = segment::segment_path(&self.inner.dir, w.base);
-        (&*w.file).write_all(&w.pending).map_err(io_err(&path))?;
-        w.len += w.pending.len() as u64;
-        w.pending.clear();
-        w.written = w.next;
-        self.inner.high_water.send_replace(w.next);
-        Ok(())
-    }
-
-    /// With `fsync`, one group commit: rolls the active segment over if it is full, writes every
-    /// pending record to it in one call and makes them durable. Returns the offset they reach.
-    /// Publishes keep encoding meanwhile: the writer's lock is held only to take the pending
-    /// records (and to roll a segment over).
-    fn commit_blocking(&self) -> Result<u64, BusError> {
-        let (file, bytes, through, path) = {
-            let mut w = self.writer();
-            if w.len >= self.inner.config.segment_bytes {
-                self.roll(&mut w)?;
-            }
-            let spare = std::mem::take(&mut w.spare);
-            let bytes = std::mem::replace(&mut w.pending, spare);
-            w.len += bytes.len() as u64;
-            w.written = w.next;
-            let path = segment::segment_path(&self.inner.dir, w.base);
-            (Arc::clone(&w.file), bytes, w.next, path)
-        };
-        (&*file).write_all(&bytes).map_err(io_err(&path))?;
-        file.sync_data().map_err(io_err(&path))?;
-        let mut w = self.writer();
-        if w.spare.capacity() < bytes.capacity() {
-            w.spare = bytes;
-            w.spare.clear();
+        let mut buf = std::mem::take(&mut w.buf);
+        buf.clear();
+        let mut next = w.next;
+        for r in records {
+            segment::encode(&mut buf, next, &r.key, &r.payload);
+            next += 1;
         }
-        Ok(through)
+        let path = segment::segment_path(&inner.dir, w.base);
+        (&*w.file).write_all(&buf).map_err(io_err(&path))?;
+        w.len += buf.len() as u64;
+        w.next = next;
+        w.buf = buf;
+        if !inner.config.fsync {
+            inner.high_water.send_replace(next);
+        }
+        Ok(next)
     }
 
     fn writer(&self) -> std::sync::MutexGuard<'_, Writer> {
         self.inner.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Returns once every record below `end` is durable and visible: joins the group commit in
-    /// flight or starts the next one (at most one per `sync_interval_ms`).
+    /// Returns once every record below `end` is durable and visible: joins the sync in flight
+    /// or starts the next one (at most one per `sync_interval_ms`).
     async fn sync_through(&self, end: u64) -> Result<(), BusError> {
         let inner = &self.inner;
         let mut synced = inner.sync.lock().await;
@@ -335,14 +295,18 @@ impl EmbeddedLog {
             let interval = Duration::from_millis(inner.config.sync_interval_ms);
             tokio::time::sleep_until(last + interval).await;
         }
-        // Every record encoded so far, ours included: earlier segments were synced when they
-        // rolled over, so writing and syncing the active one makes all below `through` durable.
+        // Everything written so far: records of segments rolled over since were synced by the
+        // roll, so syncing the active segment makes every record below `through` durable.
+        let (file, through, path) = {
+            let w = self.writer();
+            let path = segment::segment_path(&inner.dir, w.base);
+            (Arc::clone(&w.file), w.next, path)
+        };
         synced.last = Some(tokio::time::Instant::now());
         inner
             .syncs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let log = self.clone();
-        let through = tokio::task::spawn_blocking(move || log.commit_blocking())
+        tokio::task::spawn_blocking(move || file.sync_data().map_err(io_err(&path)))
             .await
             .map_err(|_| BusError::Closed)??;
         synced.through = through;
@@ -353,8 +317,7 @@ impl EmbeddedLog {
     fn roll(&self, w: &mut Writer) -> Result<(), BusError> {
         let old = segment::segment_path(&self.inner.dir, w.base);
         w.file.sync_all().map_err(io_err(&old))?;
-        // Records still pending (encoded during a group commit) go to the new segment.
-        let path = segment::segment_path(&self.inner.dir, w.written);
+        let path = segment::segment_path(&self.inner.dir, w.next);
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -366,12 +329,10 @@ impl EmbeddedLog {
             .map_err(io_err(&self.inner.dir))?;
         *w = Writer {
             file,
-            base: w.written,
+            base: w.next,
             len: 0,
             next: w.next,
-            written: w.written,
-            pending: std::mem::take(&mut w.pending),
-            spare: std::mem::take(&mut w.spare),
+            buf: std::mem::take(&mut w.buf),
         };
         self.delete_consumed_segments();
         Ok(())
@@ -404,17 +365,14 @@ impl Publisher for EmbeddedLog {
         if records.is_empty() {
             return Ok(());
         }
-        // Encoding is a copy into memory: done here, no thread hand-off. With `fsync` the next
-        // group commit writes and syncs it; without, it is written at once.
-        let end = self.encode(&records);
+        let log = self.clone();
+        let end = tokio::task::spawn_blocking(move || log.write_blocking(&records))
+            .await
+            .map_err(|_| BusError::Closed)??;
         if self.inner.config.fsync {
-            self.sync_through(end).await
-        } else {
-            let log = self.clone();
-            tokio::task::spawn_blocking(move || log.write_pending())
-                .await
-                .map_err(|_| BusError::Closed)?
+            self.sync_through(end).await?;
         }
+        Ok(())
     }
 }
 
