@@ -113,6 +113,6 @@ for bin in "${BINS[@]}"; do
     echo "| \`$bin\` | $CONSUMERS | $rn | $pn ms | $bn | $mn MiB ($xn) | $in_ % | $ratio | $an |"
   done
   if [ "${#ratios[@]}" -gt 1 ]; then
-    echo "| \`$bin\` | median of ${#ratios[@]} rounds | | | | | | **$(python3 -c "import statistics, sys; print(statistics.median(map(float, sys.argv[1:])))" "${ratios[@]}")** ($(IFS=,; echo "${ratios[*]}")) | |"
+    echo "| \`$bin\` | median of ${#ratios[@]} rounds | | | | | | **$(python3 -c "import statistics, sys; print(f'{statistics.median(map(float, sys.argv[1:])):.3f}')" "${ratios[@]}")** ($(IFS=,; echo "${ratios[*]}")) | |"
   fi
 done
