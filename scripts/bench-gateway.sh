@@ -103,6 +103,13 @@ focus() {
   done
 }
 
+# warm I: 2 s of load on Tollgate target I, just resumed, before it is measured. A process
+# resumed from SIGSTOP first runs the background work that fell due while it was paused
+# (flushes, the quota state, compaction); the warm-up lets that pass outside the measurement.
+warm() {
+  wrk -t"$THREADS" -c"$CONNS" -d2s -H "x-api-key: bench-key" "http://127.0.0.1:${TG_PORTS[$1]}/v1/items/1" >/dev/null
+}
+
 # run NAME URL PIDS CONNS [HEADER]: one wrk run; appends a result line
 # "name rps p50_ms p99_ms requests non2xx syscalls_per_req cs_per_req cpu_us_per_req" to
 # $WORK/results. With COUNT=1, `perf stat` counts PIDS' system calls, context switches and CPU
@@ -150,7 +157,7 @@ for r in $(seq 1 "$ROUNDS"); do
   focus -1
   run nginx "http://127.0.0.1:$PROXY/v1/items/1" "$(proxy_pids)" "$CONNS"
   for i in "${!TARGETS[@]}"; do
-    focus "$i"
+    focus "$i"; warm "$i"
     run "${TARGETS[$i]}" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$CONNS" "x-api-key: bench-key"
   done
 done
@@ -158,7 +165,7 @@ done
 focus -1
 COUNT=1 run nginx-counted "http://127.0.0.1:$PROXY/v1/items/1" "$(proxy_pids)" "$CONNS"
 for i in "${!TARGETS[@]}"; do
-  focus "$i"
+  focus "$i"; warm "$i"
   COUNT=1 run "${TARGETS[$i]}-counted" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$CONNS" "x-api-key: bench-key"
 done
 # Latency at a lighter load: a quarter of the connections.
@@ -166,7 +173,7 @@ light=$((CONNS / 4 > 0 ? CONNS / 4 : 1))
 focus -1
 run nginx-light "http://127.0.0.1:$PROXY/v1/items/1" "$(proxy_pids)" "$light"
 for i in "${!TARGETS[@]}"; do
-  focus "$i"
+  focus "$i"; warm "$i"
   run "${TARGETS[$i]}-light" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$light" "x-api-key: bench-key"
 done
 
@@ -181,7 +188,7 @@ secs="${DURATION%s}"
 focus -1
 "$OPEN_LOOP" "http://127.0.0.1:$PROXY/v1/items/1" "$RATE" "$secs" "$CONNS" > "$WORK/open-nginx"
 for i in "${!TARGETS[@]}"; do
-  focus "$i"
+  focus "$i"; warm "$i"
   "$OPEN_LOOP" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "$RATE" "$secs" "$CONNS" "x-api-key: bench-key" > "$WORK/open-${TARGETS[$i]}"
 done
 focus all
