@@ -42,7 +42,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -417,8 +416,8 @@ impl EmbeddedSubscriber {
                     out.push(Message {
                         partition: 0,
                         offset: f.offset,
-                        key: Bytes::from(f.key),
-                        payload: Bytes::from(f.payload),
+                        key: f.key,
+                        payload: f.payload,
                     });
                     self.position += 1;
                     fresh = false;

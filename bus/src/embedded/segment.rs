@@ -42,8 +42,9 @@ pub fn encode(out: &mut Vec<u8>, offset: u64, key: &[u8], payload: &[u8]) {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub offset: u64,
-    pub key: Vec<u8>,
-    pub payload: Vec<u8>,
+    /// The key and the payload share the frame's one buffer.
+    pub key: bytes::Bytes,
+    pub payload: bytes::Bytes,
     /// Bytes the frame occupies on disk.
     pub size: u64,
 }
@@ -68,8 +69,11 @@ pub fn read_frame<R: Read>(r: &mut R) -> io::Result<Option<Frame>> {
     if BODY_FIXED + key_len > len {
         return Ok(None);
     }
-    let payload = body.split_off(BODY_FIXED + key_len);
-    let key = body[BODY_FIXED..].to_vec();
+    // One allocation per frame: the key and the payload are views of the body (the collector
+    // reads every record of the log, each of them once).
+    let body = bytes::Bytes::from(body);
+    let payload = body.slice(BODY_FIXED + key_len..);
+    let key = body.slice(BODY_FIXED..BODY_FIXED + key_len);
     Ok(Some(Frame {
         offset,
         key,
@@ -253,7 +257,7 @@ mod tests {
             let mut f = File::open(&path).unwrap();
             let mut count = 0;
             while let Some(fr) = read_frame(&mut f).unwrap() {
-                prop_assert_eq!(fr.payload, format!("payload-{count}").into_bytes());
+                prop_assert_eq!(fr.payload, bytes::Bytes::from(format!("payload-{count}")));
                 count += 1;
             }
             prop_assert_eq!(count, rec.next_offset);

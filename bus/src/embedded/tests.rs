@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::{Publisher, Subscriber};
+use bytes::Bytes;
 
 fn cfg(dir: &Path, segment_bytes: u64) -> EmbeddedConfig {
     EmbeddedConfig {
