@@ -218,9 +218,9 @@ impl LocalSink {
 /// hand-off at once would be about a thousand publishes a second at half the gateway's maximum
 /// rate, two workers each handing over every 2 ms, each publish waking a thread.) An event counts
 /// against `capacity` until its publish has ended, so events in flight are bounded by the
-/// queue's capacity too. Batches in flight together may reach the bus
-/// in either order: every event is counted on its own, by its id, so nothing downstream relies
-/// on the order of events across batches.
+/// queue's capacity too. Batches in flight together may reach the bus in either order: every
+/// event is counted on its own, by its id, so nothing downstream relies on the order of events
+/// across batches.
 pub fn channel(
     capacity: usize,
     batch_max: usize,
@@ -238,12 +238,12 @@ pub fn channel(
     let task = async move {
         let mut buf = Vec::with_capacity(batch_max);
         let mut batches = Vec::new();
-        let mut in_flight = futures::stream::FuturesUnordered::new();
+        let mut in_flight = tokio::task::JoinSet::new();
         let publish = |records: Vec<Record>| {
-            let (bus, metrics, queued) = (&bus, &metrics, &queued);
+            let (bus, metrics, queued) = (bus.clone(), metrics.clone(), queued.clone());
             async move {
                 let n = records.len();
-                publish_with_retry(&**bus, records, metrics).await;
+                publish_with_retry(&*bus, records, &metrics).await;
                 queued.dec_by(n as i64);
             }
         };
@@ -256,18 +256,22 @@ pub fn channel(
                     for record in batches.drain(..).flatten() {
                         buf.push(record);
                         if buf.len() >= batch_max {
-                            in_flight.push(publish(std::mem::take(&mut buf)));
+                            in_flight.spawn(publish(std::mem::take(&mut buf)));
                         }
                     }
                 }
-                Some(()) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {}
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    if let Err(e) = done {
+                        tracing::error!(error = %e, "an event publish task failed");
+                    }
+                }
                 else => {}
             }
             // A partial batch waits for the publishes in flight (their sync), gathering what
             // comes meanwhile: at a moderate rate, one publish per sync instead of one per
             // worker hand-off.
             if in_flight.is_empty() && !buf.is_empty() {
-                in_flight.push(publish(std::mem::take(&mut buf)));
+                in_flight.spawn(publish(std::mem::take(&mut buf)));
             }
         }
         // Backends that deliver in the background (Kafka) get a bounded time to finish.

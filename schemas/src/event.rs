@@ -356,7 +356,7 @@ impl RequestEvent {
     }
 
     /// [`Self::decode_into`] without the canonical form's shortcut, and without validating.
-    fn decode_generic(&mut self, bytes: &[u8]) -> Result<(), SchemaError> {
+    pub(crate) fn decode_generic(&mut self, bytes: &[u8]) -> Result<(), SchemaError> {
         let w: Wire<'_> = serde_json::from_slice(bytes)?;
         (self.v, self.id, self.ts, self.status) = (w.v, w.id, w.ts, w.status);
         (self.latency_us, self.upstream_latency_us) = (w.latency_us, w.upstream_latency_us);
@@ -370,12 +370,6 @@ impl RequestEvent {
         set_opt_text(&mut self.plan, w.plan.as_ref().map(Text::as_str));
         set_opt_text(&mut self.trace_id, w.trace_id.as_ref().map(Text::as_str));
         Ok(())
-    }
-
-    /// The generic decoder alone, for the canonical decoder's tests.
-    #[cfg(test)]
-    pub(crate) fn decode_generic_for_tests(&mut self, bytes: &[u8]) -> Result<(), SchemaError> {
-        self.decode_generic(bytes)
     }
 
     /// Checks the constraints of the JSON Schema that the Rust types do not carry.
