@@ -8,7 +8,7 @@ use datafusion::arrow::array::{BooleanArray, RecordBatch, TimestampMicrosecondAr
 use datafusion::arrow::compute::filter_record_batch;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::basic::Compression;
+use parquet::basic::{Compression, Encoding};
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 
@@ -62,6 +62,14 @@ fn new_path(kind: FileKind, day: i64) -> String {
 /// that a file's schema does not have (rollups) is ignored.
 const UNIQUE_COLUMNS: &[&str] = &["id", "trace_id"];
 
+/// Integer columns of the events whose values are (nearly) unique per row and close to their
+/// neighbours': written without a dictionary, as deltas (`DELTA_BINARY_PACKED`, which every
+/// Parquet reader of the last years reads, DuckDB included). With a dictionary the writer
+/// hashed every timestamp and latency into it (each distinct, so the dictionary grew to its
+/// page limit before the writer gave up on it), the largest part of a flush's time. See
+/// `store/examples/flush_encoding.rs` and BENCHMARKS.md.
+const DELTA_COLUMNS: &[&str] = &["ts", "latency_us", "upstream_latency_us"];
+
 /// A Parquet file being written: its path relative to the store and its writer.
 struct NewFile {
     rel: String,
@@ -89,8 +97,12 @@ impl NewFile {
         // Values unique per event gain nothing from a dictionary: the writer hashed and
         // compared every one into it (its interner was among the largest entries of the
         // flushes' profile under load), then fell back to plain pages once it filled.
-        for unique in UNIQUE_COLUMNS {
+        for unique in UNIQUE_COLUMNS.iter().chain(DELTA_COLUMNS) {
             props = props.set_column_dictionary_enabled(ColumnPath::from(*unique), false);
+        }
+        for delta in DELTA_COLUMNS {
+            props =
+                props.set_column_encoding(ColumnPath::from(*delta), Encoding::DELTA_BINARY_PACKED);
         }
         let props = props.build();
         let writer = ArrowWriter::try_new(file, schema, Some(props))?;

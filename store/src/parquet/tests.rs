@@ -436,3 +436,32 @@ fn a_file_written_in_steps_reads_back_whole() {
     let read = concat_batches(&batch.schema(), &read).unwrap();
     assert_eq!(read, batch);
 }
+
+/// Timestamps and latencies are written as deltas, without a dictionary (distinct per row, they
+/// only cost the writer its hashing); the rest of the low-cardinality columns keep theirs.
+#[test]
+fn timestamps_and_latencies_are_written_as_deltas_without_a_dictionary() {
+    use parquet::basic::Encoding;
+    let dir = tempfile::tempdir().unwrap();
+    let batch = tollgate_schemas::arrow::to_batch(&varied_events(3_000));
+    let entry = files::write_file(dir.path(), T0 / DAY, &batch).unwrap();
+    let file = std::fs::File::open(dir.path().join(&entry.path)).unwrap();
+    let meta = parquet::file::reader::SerializedFileReader::new(file).unwrap();
+    let meta = parquet::file::reader::FileReader::metadata(&meta);
+    let columns = meta.row_group(0).columns();
+    let encodings = |name: &str| {
+        let c = columns
+            .iter()
+            .find(|c| c.column_path().string() == name)
+            .unwrap_or_else(|| panic!("no column {name}"));
+        (c.encodings().collect::<Vec<_>>(), c.dictionary_page_offset().is_some())
+    };
+    for name in ["ts", "latency_us", "upstream_latency_us"] {
+        let (encodings, dictionary) = encodings(name);
+        assert!(encodings.contains(&Encoding::DELTA_BINARY_PACKED), "{name}: {encodings:?}");
+        assert!(!dictionary, "{name} has a dictionary page");
+    }
+    for name in ["consumer", "route", "status"] {
+        assert!(encodings(name).1, "{name} has no dictionary page");
+    }
+}
