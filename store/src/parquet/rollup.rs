@@ -167,6 +167,26 @@ impl RouteSketches {
         Ok(())
     }
 
+    /// The same sketches over the periods of `kind`, a sketch kind whose period is a multiple
+    /// of this one's: errors and bucket counts summed, which is exactly what adding the events
+    /// to a builder of `kind` gives (a test checks it), for a few rows per period and route
+    /// instead of every event again.
+    pub fn coarsened(&self, kind: FileKind) -> RouteSketches {
+        let mut out = RouteSketches::new(kind);
+        for (period, routes) in &self.groups {
+            let coarse = period.div_euclid(out.period_us) * out.period_us;
+            let into = out.groups.entry(coarse).or_default();
+            for (route, (errors, buckets)) in routes {
+                let (e, b) = into.entry(route.clone()).or_default();
+                *e += errors;
+                for (bucket, n) in buckets {
+                    *b.entry(*bucket).or_default() += n;
+                }
+            }
+        }
+        out
+    }
+
     /// The rows, sorted by period and route.
     pub fn finish(self) -> RecordBatch {
         let mut groups: Vec<_> = self
@@ -339,11 +359,20 @@ pub async fn roll_up_batch(
         stepped_table(events.schema(), vec![events.clone()])?,
     )?;
     let mut out: Vec<(FileKind, RecordBatch)> = Vec::new();
+    // Per-hour sketches from the per-minute ones (`ROLLUPS` lists the minutes first).
+    let mut hour_sketches = None;
     for kind in FileKind::ROLLUPS {
         let rows = match kind {
+            FileKind::RouteSketch1h if hour_sketches.is_some() => hour_sketches
+                .take()
+                .map(RouteSketches::finish)
+                .expect("checked"),
             _ if is_sketch(kind) => {
                 let mut sketches = RouteSketches::new(kind);
                 sketches.add(events)?;
+                if kind == FileKind::RouteSketch1m {
+                    hour_sketches = Some(sketches.coarsened(FileKind::RouteSketch1h));
+                }
                 sketches.finish()
             }
             // Hours and days from the minutes computed just before (`ROLLUPS` lists `Usage1m`

@@ -395,6 +395,31 @@ fn sorted_rows(batch: &RecordBatch) -> Vec<String> {
     rows
 }
 
+/// A flush builds the per-hour sketches from its per-minute ones: they must equal the sketches
+/// built from every event, over events spanning several hours and routes.
+#[tokio::test]
+async fn hourly_sketches_from_the_minutes_equal_those_from_the_events() {
+    let mut events = varied_events(4_000);
+    for (i, e) in events.iter_mut().enumerate() {
+        e.ts = chrono::DateTime::from_timestamp_micros(T0 + i as i64 * 3_100_000).unwrap();
+    }
+    let batch = tollgate_schemas::arrow::to_batch(&events);
+    let rollups = rollup::roll_up_batch(&batch).await.unwrap();
+    let hours = |kind| {
+        rollups
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, rows)| rows.clone())
+            .unwrap()
+    };
+    let mut direct = rollup::RouteSketches::new(FileKind::RouteSketch1h);
+    direct.add(&batch).unwrap();
+    let direct = direct.finish();
+    assert!(direct.num_rows() >= 6, "{} rows", direct.num_rows());
+    assert_eq!(hours(FileKind::RouteSketch1h), direct);
+    assert!(hours(FileKind::RouteSketch1m).num_rows() > direct.num_rows());
+}
+
 #[tokio::test]
 async fn rollups_read_in_steps_equal_those_of_the_whole_batch() {
     let events = varied_events(3 * crate::cpu::STEP_ROWS + 5);
@@ -454,11 +479,17 @@ fn timestamps_and_latencies_are_written_as_deltas_without_a_dictionary() {
             .iter()
             .find(|c| c.column_path().string() == name)
             .unwrap_or_else(|| panic!("no column {name}"));
-        (c.encodings().collect::<Vec<_>>(), c.dictionary_page_offset().is_some())
+        (
+            c.encodings().collect::<Vec<_>>(),
+            c.dictionary_page_offset().is_some(),
+        )
     };
     for name in ["ts", "latency_us", "upstream_latency_us"] {
         let (encodings, dictionary) = encodings(name);
-        assert!(encodings.contains(&Encoding::DELTA_BINARY_PACKED), "{name}: {encodings:?}");
+        assert!(
+            encodings.contains(&Encoding::DELTA_BINARY_PACKED),
+            "{name}: {encodings:?}"
+        );
         assert!(!dictionary, "{name} has a dictionary page");
     }
     for name in ["consumer", "route", "status"] {
