@@ -82,7 +82,7 @@ impl Batch {
 
     /// Room for a fresh buffer: what the last batch held plus a quarter, at least
     /// `MIN_RESERVE_EVENTS` events and at most a full batch. Reserving a full batch (256 events,
-    /// 128 KiB) for every 2 ms of a worker's traffic kept tens of megabytes of buffers in flight
+    /// 128 KiB) for every few milliseconds of a worker's traffic kept tens of megabytes of buffers in flight
     /// to the publisher and in the workers' malloc arenas, most of it never written.
     fn capacity_after(last_bytes: usize, events: usize) -> usize {
         (last_bytes + last_bytes / 4).clamp(
@@ -216,7 +216,7 @@ impl LocalSink {
 /// as it is full, beside those still waiting for their sync, and they all share the next one; a
 /// partial batch goes once nothing is in flight, with what gathered meanwhile. (Publishing every
 /// hand-off at once would be about a thousand publishes a second at half the gateway's maximum
-/// rate, two workers each handing over every 2 ms, each publish waking a thread.) An event counts
+/// rate, two workers each handing over every 10 ms, each publish waking a thread.) An event counts
 /// against `capacity` until its publish has ended, so events in flight are bounded by the
 /// queue's capacity too. Batches in flight together may reach the bus in either order: every
 /// event is counted on its own, by its id, so nothing downstream relies on the order of events
