@@ -3,6 +3,9 @@
 //! `scripts/bench-export.sh`, which then let `tollgate up` ingest them and measure memory and
 //! query times. 1,000 consumers (`c0`..`c999`) on plan `p`, four routes, one request in 50 a 503.
 //!
+//! With `SEED_SPAN_S` set, the events are spread over that many seconds from the day's start
+//! instead, as a gateway's would be during a burst (`scripts/bench-ingest.sh`).
+//!
 //! Usage: `cargo run --release --example seed_bus -- BUS_DIR EVENTS DAY_START_UNIX_SECONDS [DAYS]`
 
 use bytes::Bytes;
@@ -25,7 +28,11 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     })?;
     let routes = ["orders-list", "orders-get", "search", "checkout"];
-    let step_us = days * 86_400_000_000 / n as i64;
+    let span_us = match std::env::var("SEED_SPAN_S") {
+        Ok(s) => s.parse::<i64>()? * 1_000_000,
+        Err(_) => days * 86_400_000_000,
+    };
+    let step_us = (span_us / n as i64).max(1);
     let mut batch = Vec::with_capacity(10_000);
     for i in 0..n {
         let status = if i % 50 == 0 { 503 } else { 200 };
