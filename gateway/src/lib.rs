@@ -127,10 +127,10 @@ pub struct Gateway {
 /// buffering adds to freshness.
 ///
 /// Each hand-over wakes the publisher's thread (a futex or eventfd wake-up and a context
-/// switch, sometimes a sleeping core's too). At 2 ms, a worker under load handed over about
-/// 500 times a second whatever its batch held, and those wake-ups were most of the context
-/// switches `tollgate up` made beyond the request path's own. At 10 ms a loaded worker hands over
-/// a full batch (`events.batch_max`, at most 256) or every 10 ms. An event waits at most 10 ms
+/// switch, sometimes a sleeping core's too). At 2 ms, the two workers of a loaded `tollgate up`
+/// woke the runtime's threads about 500 times a second whatever their batches held; at 10 ms,
+/// about 280 (`perf record -e sched:sched_wakeup`, BENCHMARKS.md). A loaded worker now hands
+/// over a full batch (`events.batch_max`, at most 256) or every 10 ms. An event waits at most 10 ms
 /// more here, and usually less in all: the publisher holds a partial batch until the publish in
 /// flight is durable (the embedded log syncs every 50 ms), gathering what comes meanwhile.
 const WORKER_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
