@@ -48,6 +48,11 @@ impl Batcher {
             Some(spare) => *spare = ev,
             None => self.events.push(ev),
         }
+        self.placed(partition, offset, now);
+    }
+
+    /// Accounts for the event just placed at `events[filled]`.
+    fn placed(&mut self, partition: u32, offset: u64, now: Instant) {
         self.filled += 1;
         self.positions.push(Position { partition, offset });
         self.skip(partition, offset, now);
@@ -73,9 +78,7 @@ impl Batcher {
             Some(spare) => spare.decode_into(json)?,
             None => self.events.push(RequestEvent::from_json(json)?),
         }
-        self.filled += 1;
-        self.positions.push(Position { partition, offset });
-        self.skip(partition, offset, now);
+        self.placed(partition, offset, now);
         Ok(())
     }
 

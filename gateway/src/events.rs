@@ -82,8 +82,9 @@ impl Batch {
 
     /// Room for a fresh buffer: what the last batch held plus a quarter, at least
     /// `MIN_RESERVE_EVENTS` events and at most a full batch. Reserving a full batch (256 events,
-    /// 128 KiB) for every few milliseconds of a worker's traffic kept tens of megabytes of buffers in flight
-    /// to the publisher and in the workers' malloc arenas, most of it never written.
+    /// 128 KiB) for every few milliseconds of a worker's traffic kept tens of megabytes of
+    /// buffers in flight to the publisher and in the workers' malloc arenas, most of it never
+    /// written.
     fn capacity_after(last_bytes: usize, events: usize) -> usize {
         (last_bytes + last_bytes / 4).clamp(
             Self::first_capacity(events),

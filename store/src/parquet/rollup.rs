@@ -363,13 +363,15 @@ pub async fn roll_up_batch(
     let mut hour_sketches = None;
     for kind in FileKind::ROLLUPS {
         let rows = match kind {
-            FileKind::RouteSketch1h if hour_sketches.is_some() => hour_sketches
-                .take()
-                .map(RouteSketches::finish)
-                .expect("checked"),
             _ if is_sketch(kind) => {
-                let mut sketches = RouteSketches::new(kind);
-                sketches.add(events)?;
+                let sketches = match hour_sketches.take() {
+                    Some(hours) if kind == FileKind::RouteSketch1h => hours,
+                    _ => {
+                        let mut sketches = RouteSketches::new(kind);
+                        sketches.add(events)?;
+                        sketches
+                    }
+                };
                 if kind == FileKind::RouteSketch1m {
                     hour_sketches = Some(sketches.coarsened(FileKind::RouteSketch1h));
                 }
