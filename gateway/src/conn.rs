@@ -203,7 +203,30 @@ impl Side {
 }
 
 /// Writes all of `data` and flushes it (a no-op on TCP; TLS may hold the last record back).
-async fn write(stream: &mut Stream, data: &[u8], within: Duration) -> io::Result<()> {
+///
+/// On TCP the write is tried first without a timer: it nearly always fits the socket's buffer
+/// at once, and a timeout costs a clock read and a timer of its own even when it never fires
+/// (two of the dozen clock reads a proxied request made, BENCHMARKS.md). Only what is left
+/// after the socket's buffer filled waits, within `within`.
+async fn write(stream: &mut Stream, mut data: &[u8], within: Duration) -> io::Result<()> {
+    let tcp = match stream {
+        Stream::Tcp(tcp) => Some(tcp),
+        #[cfg(feature = "tls")]
+        Stream::Tls(_) => None,
+    };
+    if let Some(tcp) = tcp {
+        while !data.is_empty() {
+            match tcp.try_write(data) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+    }
     let all = async {
         stream.write_all(data).await?;
         stream.flush().await
@@ -479,25 +502,28 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection to `target`, if one is fresh enough.
-    pub fn take(&self, target: usize) -> Option<Side> {
+    /// The most recently used idle connection to `target`, if one has been idle less than
+    /// [`POOL_IDLE`] at `now` (the request path's own reading of the clock, a moment ago).
+    pub fn take(&self, target: usize, now: Instant) -> Option<Side> {
         let mut idle = self.idle[target].lock().unwrap_or_else(|e| e.into_inner());
         while let Some((side, since)) = idle.pop() {
-            if since.elapsed() < POOL_IDLE {
+            if now.saturating_duration_since(since) < POOL_IDLE {
                 return Some(side);
             }
         }
         None
     }
 
-    /// Keeps a connection whose last exchange ended cleanly.
-    pub fn put(&self, target: usize, side: Side) {
+    /// Keeps a connection whose last exchange ended cleanly, counted idle from `since`: the
+    /// start of the request it served, not a clock read of its own (earlier than the truth,
+    /// so a connection is given up sooner, never later).
+    pub fn put(&self, target: usize, side: Side, since: Instant) {
         if !side.buf.is_empty() {
             return; // the upstream sent more than its answer: not to be trusted again
         }
         let mut idle = self.idle[target].lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < POOL_MAX {
-            idle.push((side, Instant::now()));
+            idle.push((side, since));
         }
     }
 }

@@ -372,13 +372,18 @@ impl QuotaState {
     /// concurrent requests cannot all pass the last unit) and returns the count's handle,
     /// which gives the unit back when dropped unless the request turned out billable
     /// ([`Reservation::keep`]). `Err(retry_after)` when the quota for the period is used up;
-    /// `Ok(None)` for a consumer without a known limit.
-    pub fn reserve(&self, consumer: &str) -> Result<Option<Reservation>, OverLimit> {
+    /// `Ok(None)` for a consumer without a known limit. `now` is the request's start (its
+    /// event's `ts`): the period a request counts in is the one its event is counted in by
+    /// the store, and the request path reads no clock of its own for it.
+    pub fn reserve(
+        &self,
+        consumer: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<Reservation>, OverLimit> {
         let known = self.known.read().unwrap_or_else(|p| p.into_inner());
         let Some(k) = known.get(consumer) else {
             return Ok(None);
         };
-        let now = chrono::Utc::now();
         if k.period.end.is_some_and(|end| now >= end) {
             return Ok(None); // a new period began since the last poll
         }
@@ -549,9 +554,9 @@ mod tests {
             consumers: vec![entry(5, 3, &end)],
             ..Default::default()
         });
-        q.reserve("a").unwrap().unwrap().keep();
-        q.reserve("a").unwrap().unwrap().keep();
-        let over = q.reserve("a").unwrap_err();
+        q.reserve("a", chrono::Utc::now()).unwrap().unwrap().keep();
+        q.reserve("a", chrono::Utc::now()).unwrap().unwrap().keep();
+        let over = q.reserve("a", chrono::Utc::now()).unwrap_err();
         assert!(over.wait > Duration::from_secs(2 * 86_400));
         assert_eq!(over.limit, 5);
         q.update(QuotaSnapshot {
@@ -559,7 +564,7 @@ mod tests {
             consumers: vec![entry(10, 5, &end)],
             ..Default::default()
         });
-        assert!(q.reserve("a").unwrap().is_some());
+        assert!(q.reserve("a", chrono::Utc::now()).unwrap().is_some());
     }
 
     #[test]
@@ -573,18 +578,21 @@ mod tests {
             ..Default::default()
         };
         q.update(snap(1, 0, &end));
-        (0..6).for_each(|_| q.reserve("a").unwrap().unwrap().keep());
+        (0..6).for_each(|_| q.reserve("a", chrono::Utc::now()).unwrap().unwrap().keep());
         // The store has counted 4 of the 6: 2 are still on their way.
         q.update(snap(2, 4, &end));
-        (0..3).for_each(|_| q.reserve("a").unwrap().unwrap().keep());
+        (0..3).for_each(|_| q.reserve("a", chrono::Utc::now()).unwrap().unwrap().keep());
         // A request that was not billable gives its unit back.
-        drop(q.reserve("a").unwrap().unwrap());
-        q.reserve("a").unwrap().unwrap().keep();
-        assert!(q.reserve("a").is_err(), "4 counted + 6 in flight = 10");
+        drop(q.reserve("a", chrono::Utc::now()).unwrap().unwrap());
+        q.reserve("a", chrono::Utc::now()).unwrap().unwrap().keep();
+        assert!(
+            q.reserve("a", chrono::Utc::now()).is_err(),
+            "4 counted + 6 in flight = 10"
+        );
         // A new period starts the local count afresh.
         let next = (chrono::Utc::now() + chrono::Duration::days(33)).to_rfc3339();
         q.update(snap(3, 0, &next));
-        assert!(q.reserve("a").unwrap().is_some());
+        assert!(q.reserve("a", chrono::Utc::now()).unwrap().is_some());
     }
 
     #[test]
@@ -602,15 +610,24 @@ mod tests {
             full: true,
             consumers: vec![named("a", Some(5), 5), named("b", Some(5), 5)],
         });
-        assert!(q.reserve("a").is_err() && q.reserve("b").is_err());
+        assert!(
+            q.reserve("a", chrono::Utc::now()).is_err()
+                && q.reserve("b", chrono::Utc::now()).is_err()
+        );
         q.update(QuotaSnapshot {
             version: 2,
             epoch: 9,
             full: false,
             consumers: vec![named("a", Some(10), 5)],
         });
-        assert!(q.reserve("a").is_ok(), "a's new limit applies");
-        assert!(q.reserve("b").is_err(), "b is unchanged");
+        assert!(
+            q.reserve("a", chrono::Utc::now()).is_ok(),
+            "a's new limit applies"
+        );
+        assert!(
+            q.reserve("b", chrono::Utc::now()).is_err(),
+            "b is unchanged"
+        );
         assert_eq!(q.position(), Some((2, 9)));
         q.update(QuotaSnapshot {
             version: 3,
@@ -618,7 +635,10 @@ mod tests {
             full: false,
             consumers: vec![named("b", None, 5)],
         });
-        assert!(q.reserve("b").is_ok(), "an entry without a limit removes b");
+        assert!(
+            q.reserve("b", chrono::Utc::now()).is_ok(),
+            "an entry without a limit removes b"
+        );
         let kept = q.snapshot();
         assert!(kept.full && kept.version == 3 && kept.consumers.len() == 1);
         // A full answer replaces everything.
@@ -628,7 +648,7 @@ mod tests {
             full: true,
             consumers: vec![],
         });
-        assert!(q.reserve("a").is_ok() && q.snapshot().consumers.is_empty());
+        assert!(q.reserve("a", chrono::Utc::now()).is_ok() && q.snapshot().consumers.is_empty());
     }
 
     #[test]

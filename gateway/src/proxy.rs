@@ -67,6 +67,36 @@ fn put_forwarded_for(out: &mut Vec<u8>, prev: Option<&[u8]>, peer: SocketAddr) {
 /// A UUIDv7 for an event starting at `ts`, its random bits from the thread's userspace
 /// generator: `Uuid::now_v7` asks the kernel (`getrandom`) for every id, one system call per
 /// request.
+/// The wall-clock time of `at`, an instant of this thread's recent past (a request's start):
+/// from a pair of readings of both clocks taken on this thread at most a second before, so
+/// that a request reads the monotonic clock only. (Reading both per request was two of the
+/// dozen clock reads a proxied request made, BENCHMARKS.md.) A step of the system clock shows
+/// within a second; a slew (at most 0.05 %) moves a timestamp by half a millisecond at most.
+fn wall_clock(at: Instant) -> chrono::DateTime<chrono::Utc> {
+    use std::cell::Cell;
+    thread_local! {
+        static ANCHOR: Cell<Option<(Instant, chrono::DateTime<chrono::Utc>)>> =
+            const { Cell::new(None) };
+    }
+    const FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+    ANCHOR.with(|anchor| {
+        let (mono, wall) = match anchor.get() {
+            Some((mono, wall)) if at >= mono && at - mono < FRESH => (mono, wall),
+            _ => {
+                let now = (Instant::now(), chrono::Utc::now());
+                anchor.set(Some(now));
+                now
+            }
+        };
+        let since = |d: std::time::Duration| chrono::TimeDelta::from_std(d).unwrap_or_default();
+        if at >= mono {
+            wall + since(at - mono)
+        } else {
+            wall - since(mono - at)
+        }
+    })
+}
+
 fn event_id(ts: &chrono::DateTime<chrono::Utc>) -> uuid::Uuid {
     let ms = u64::try_from(ts.timestamp_millis()).unwrap_or(0);
     uuid::Builder::from_unix_timestamp_millis(ms, &rand::random::<[u8; 10]>()).into_uuid()
@@ -363,7 +393,8 @@ impl Worker {
         };
         loop {
             let connected =
-                tokio::time::timeout_at(deadline, self.connect(ctx, upstream, avoid)).await;
+                tokio::time::timeout_at(deadline, self.connect(ctx, upstream, avoid, started))
+                    .await;
             let (target, conn) = match connected {
                 Ok(Ok(c)) => c,
                 Ok(Err(rejection)) => return Err(rejection),
@@ -415,7 +446,7 @@ impl Worker {
 
     /// The context of a request whose head just arrived (its first byte at `started`).
     fn begin(&self, head: &RequestHead, started: Instant) -> Ctx<'_> {
-        let ts = chrono::Utc::now() - started.elapsed();
+        let ts = wall_clock(started);
         let caller = trace::extract(&head.fields);
         let spans = self
             .recorder
@@ -536,14 +567,18 @@ impl Worker {
                     .over_limit(over)
                 })?;
         }
-        ctx.reservation = self.shared.quota.reserve(&id.consumer).map_err(|over| {
-            Rejection::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                Outcome::QuotaExceeded,
-                "quota for this period is used up",
-            )
-            .over_limit(over)
-        })?;
+        ctx.reservation = self
+            .shared
+            .quota
+            .reserve(&id.consumer, ctx.event.ts)
+            .map_err(|over| {
+                Rejection::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Outcome::QuotaExceeded,
+                    "quota for this period is used up",
+                )
+                .over_limit(over)
+            })?;
         Ok(())
     }
 
@@ -634,10 +669,11 @@ impl Worker {
         ctx: &Ctx<'_>,
         upstream: &'u Upstream,
         avoid: Option<usize>,
+        now: Instant,
     ) -> Result<(&'u Target, Conn), Rejection> {
         let mut target = upstream.pick(avoid);
         for attempt in 0..2 {
-            if let Some(side) = self.pool.take(target.id) {
+            if let Some(side) = self.pool.take(target.id, now) {
                 return Ok((target, Conn { side, reused: true }));
             }
             match target.connect(self.shared.timeouts.io).await {

@@ -112,9 +112,10 @@ pub struct RequestEventRef<'a> {
 }
 
 impl RequestEventRef<'_> {
-    /// Appends the event as one JSON object (one bus message) to `out`.
+    /// Appends the event as one JSON object (one bus message) to `out`: the bytes
+    /// `serde_json` writes for it ([`crate::canonical::encode`]).
     pub fn write_json(&self, out: &mut impl std::io::Write) {
-        serde_json::to_writer(out, self).expect("RequestEvent serializes");
+        crate::canonical::encode(self, out).expect("RequestEvent serializes");
     }
 
     /// The Kafka key: consumer id, or route id when anonymous, or empty.
@@ -246,31 +247,38 @@ impl std::fmt::Display for WireTs<'_> {
     /// Digits written in place: `write!` with padded fields was about a percent of a gateway
     /// worker's CPU under load, once per event.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let t = self.0;
-        let micros = t.timestamp_subsec_micros();
-        if micros < 1_000_000 && (0..=9999).contains(&t.year()) {
-            let mut b = *b"0000-00-00T00:00:00.000000Z";
-            for (range, v) in [
-                (0..4, t.year() as u32),
-                (5..7, t.month()),
-                (8..10, t.day()),
-                (11..13, t.hour()),
-                (14..16, t.minute()),
-                (17..19, t.second()),
-                (20..26, micros),
-            ] {
-                let mut v = v;
-                for d in b[range].iter_mut().rev() {
-                    *d = b'0' + (v % 10) as u8;
-                    v /= 10;
-                }
-            }
-            return f.write_str(std::str::from_utf8(&b).expect("ASCII digits"));
+        match wire_ts_digits(self.0) {
+            Some(b) => f.write_str(std::str::from_utf8(&b).expect("ASCII digits")),
+            None => f.write_str(&format_ts(self.0)),
         }
-        // A leap second (chrono carries it as a second fraction past one) or a year out of
-        // four digits: as chrono writes it.
-        f.write_str(&format_ts(t))
     }
+}
+
+/// `format_ts(t)` as 27 bytes, written digit by digit, for years 0 to 9999; `None` for a leap
+/// second (chrono carries it as a second fraction past one) or a year out of four digits,
+/// which are left to chrono's formatting.
+pub(crate) fn wire_ts_digits(t: &DateTime<Utc>) -> Option<[u8; 27]> {
+    let micros = t.timestamp_subsec_micros();
+    if micros >= 1_000_000 || !(0..=9999).contains(&t.year()) {
+        return None;
+    }
+    let mut b = *b"0000-00-00T00:00:00.000000Z";
+    for (range, v) in [
+        (0..4, t.year() as u32),
+        (5..7, t.month()),
+        (8..10, t.day()),
+        (11..13, t.hour()),
+        (14..16, t.minute()),
+        (17..19, t.second()),
+        (20..26, micros),
+    ] {
+        let mut v = v;
+        for d in b[range].iter_mut().rev() {
+            *d = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    }
+    Some(b)
 }
 
 fn de_ts<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {

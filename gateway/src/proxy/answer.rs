@@ -171,7 +171,7 @@ impl Worker {
         match copied {
             Ok(()) => {
                 if resp.keep_alive {
-                    self.pool.put(target.id, up);
+                    self.pool.put(target.id, up, ctx.start);
                 }
                 if keep { After::KeepAlive } else { After::Close }
             }

@@ -171,7 +171,7 @@ impl Worker {
         };
         if end {
             if resp.keep_alive {
-                self.pool.put(target.id, up);
+                self.pool.put(target.id, up, ctx.start);
             }
             return After::KeepAlive;
         }
@@ -196,7 +196,7 @@ impl Worker {
                     answer.conduct.abandoned();
                 }
                 if resp.keep_alive {
-                    self.pool.put(target.id, up);
+                    self.pool.put(target.id, up, ctx.start);
                 }
             }
             Err(conn::Broken::Write) => answer.conduct.abandoned(),

@@ -84,3 +84,18 @@ fn field_values_with_control_bytes_are_not_written() {
     assert!(is_field_value(b"acme corp\t1"));
     assert!(!is_field_value(b"evil\r\nx-injected: 1"));
 }
+
+#[test]
+fn a_recent_instant_has_the_wall_clock_time_of_its_moment() {
+    let now = Instant::now();
+    // Before and after the thread's anchor is set, and from well before it.
+    for back_ms in [0u64, 10, 900, 1_500, 30_000, 5] {
+        let at = now - std::time::Duration::from_millis(back_ms);
+        let expected = chrono::Utc::now()
+            - chrono::TimeDelta::milliseconds(back_ms as i64)
+            - chrono::TimeDelta::from_std(now.elapsed()).unwrap();
+        let got = super::wall_clock(at);
+        let off = (got - expected).num_milliseconds().abs();
+        assert!(off <= 5, "{back_ms} ms ago: {got} against {expected}");
+    }
+}
