@@ -25,9 +25,9 @@ DURATION="${DURATION:-6}"
 . scripts/lib/services.sh
 open_loop_tools
 WORK="$(mktemp -d)"
-PIDS=()
+TG_PIDS=(); TG_PORTS=()
 cleanup() {
-  for pid in "${PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; done
+  for pid in "${TG_PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; done
   kill $(jobs -p) 2>/dev/null || true
   nginx -p "$WORK" -c "$WORK/nginx.conf" -s stop 2>/dev/null || true
   wait 2>/dev/null || true
@@ -40,14 +40,7 @@ sed -i "s|return 200 '{\"ok\":true}'|return 200 '$(printf 'x%.0s' $(seq 1024))'|
 nginx -p "$WORK" -c "$WORK/nginx.conf" -s reload
 wait_for "[ \"\$(curl -s http://127.0.0.1:$UP/ | wc -c)\" = 1024 ]" 10
 
-PORTS=()
-for bin in "$@"; do
-  gw=$(port); api=$(port)
-  bench_config "$WORK/$gw.yaml" "$gw" "$api"
-  RUST_LOG=warn "$bin" up --config "$WORK/$gw.yaml" --data-dir "$WORK/data-$gw" 2>"$WORK/$gw.log" &
-  PIDS+=($!); PORTS+=("$gw")
-  wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$gw/v1/items/1" 60
-done
+start_ups "$@"
 
 # cpu PID -> "gateway_ns other_ns": CPU time so far of the gateway's workers and of the rest.
 cpu() {
@@ -72,27 +65,27 @@ PY
 echo
 echo "## CPU per request at $RATE requests/s (\`ROUNDS=$ROUNDS RATE=$RATE DURATION=$DURATION scripts/bench-cpu-per-request.sh\`)"
 echo
-for i in "${!PIDS[@]}"; do echo "- tollgate-$i = \`${@:$((i + 1)):1}\`"; done
+for i in "${!TG_PIDS[@]}"; do echo "- tollgate-$i = \`${@:$((i + 1)):1}\`"; done
 echo
 echo "| binary | round | gateway workers µs/req | other threads µs/req | p99 ms |"
 echo "|---|---|---|---|---|"
 declare -A GW OTHER
 for r in $(seq 1 "$ROUNDS"); do
-  for i in "${!PIDS[@]}"; do
-    for pid in "${PIDS[@]}"; do kill -STOP "$pid"; done
-    kill -CONT "${PIDS[$i]}"
-    url="http://127.0.0.1:${PORTS[$i]}/v1/items/1"
+  for i in "${!TG_PIDS[@]}"; do
+    for pid in "${TG_PIDS[@]}"; do kill -STOP "$pid"; done
+    kill -CONT "${TG_PIDS[$i]}"
+    url="http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1"
     "$OPEN_LOOP" "$url" "$RATE" 2 64 'x-api-key: bench-key' >/dev/null
-    read -r g0 o0 < <(cpu "${PIDS[$i]}")
+    read -r g0 o0 < <(cpu "${TG_PIDS[$i]}")
     # open_loop prints: sent ok errors non2xx achieved p50 p90 p99 p99.9 max
     read -r _ ok _ _ _ _ _ p99 _ < <("$OPEN_LOOP" "$url" "$RATE" "$DURATION" 64 'x-api-key: bench-key')
-    read -r g1 o1 < <(cpu "${PIDS[$i]}")
+    read -r g1 o1 < <(cpu "${TG_PIDS[$i]}")
     read -r g o < <(python3 -c "print(f'{($g1 - $g0) / $ok / 1000:.2f} {($o1 - $o0) / $ok / 1000:.2f}')")
     GW[$i]="${GW[$i]:-} $g"; OTHER[$i]="${OTHER[$i]:-} $o"
     echo "| tollgate-$i | $r | $g | $o | $p99 |"
   done
 done
-for i in "${!PIDS[@]}"; do
+for i in "${!TG_PIDS[@]}"; do
   read -r gm om < <(python3 -c "import statistics as s, sys; g, o = sys.argv[1].split(), sys.argv[2].split(); print(f'{s.median(map(float, g)):.2f} {s.median(map(float, o)):.2f}')" "${GW[$i]}" "${OTHER[$i]}")
   echo "| tollgate-$i | median | **$gm** | **$om** | |"
 done

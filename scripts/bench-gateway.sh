@@ -74,13 +74,7 @@ proxy_pids() { pgrep -d, -P "$(cat "$WORK/proxy/nginx.pid")"; }
 
 # One `tollgate up` per binary, each on its own ports and data directory.
 TG_PORTS=(); TG_PIDS=()
-for i in "${!BINS[@]}"; do
-  gw=$(port); api=$(port)
-  bench_config "$WORK/tg$i.yaml" "$gw" "$api"
-  RUST_LOG=warn "${BINS[$i]}" up --config "$WORK/tg$i.yaml" --data-dir "$WORK/data$i" 2>"$WORK/tg$i.log" &
-  TG_PIDS+=($!); TG_PORTS+=("$gw")
-  wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$gw/v1/items/1" 60
-done
+start_ups "${BINS[@]}"
 TARGETS=(); for i in "${!BINS[@]}"; do TARGETS+=("tollgate-$i"); done
 if [ "${STANDALONE:-1}" = 1 ]; then
   start_tansu

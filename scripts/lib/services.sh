@@ -125,3 +125,19 @@ seeded_store_setup() {
   WORK="$(mktemp -d)"
   trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
 }
+
+# start_ups BINARY...: one `tollgate up` per binary with the benchmark configuration
+# (bench_config), each on its own ports, configuration, log and data directory under $WORK
+# (tg<i>.yaml, tg<i>.log, data<i>); waits until each proxies a request. Appends their pids to
+# TG_PIDS and their gateway ports to TG_PORTS.
+start_ups() {
+  local i=0 bin gw api
+  for bin in "$@"; do
+    gw=$(port); api=$(port)
+    bench_config "$WORK/tg$i.yaml" "$gw" "$api"
+    RUST_LOG=warn "$bin" up --config "$WORK/tg$i.yaml" --data-dir "$WORK/data$i" 2>"$WORK/tg$i.log" &
+    TG_PIDS+=($!); TG_PORTS+=("$gw")
+    wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$gw/v1/items/1" 60
+    i=$((i + 1))
+  done
+}
