@@ -621,18 +621,7 @@ impl ChunkedDecoder {
 
 /// Appends `n` in decimal.
 pub fn put_decimal(out: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut v = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(tollgate_schemas::decimal(n, &mut [0; 20]));
 }
 
 /// Appends one chunk of the chunked coding holding `data` (nothing for empty data).

@@ -103,8 +103,14 @@ fn opt_string(out: &mut impl std::io::Write, s: Option<&str>) -> std::io::Result
 }
 
 /// An unsigned integer in decimal.
-fn uint(out: &mut impl std::io::Write, mut v: u64) -> std::io::Result<()> {
-    let mut digits = [0u8; 20];
+fn uint(out: &mut impl std::io::Write, v: u64) -> std::io::Result<()> {
+    out.write_all(decimal(v, &mut [0; 20]))
+}
+
+/// `v` in decimal digits, written into the end of `digits` (20 hold any `u64`): what the
+/// event encoder and the gateway's HTTP/1.1 writer (`Content-Length`, chunk sizes) put out,
+/// without `fmt`.
+pub fn decimal(mut v: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut at = digits.len();
     loop {
         at -= 1;
@@ -114,7 +120,7 @@ fn uint(out: &mut impl std::io::Write, mut v: u64) -> std::io::Result<()> {
             break;
         }
     }
-    out.write_all(&digits[at..])
+    &digits[at..]
 }
 
 /// Fills `ev` from `bytes` if they are in the canonical form; `None` (with `ev` partly

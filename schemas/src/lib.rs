@@ -16,6 +16,7 @@ pub mod keys;
 pub mod quota;
 pub mod sketch;
 
+pub use canonical::decimal;
 pub use checkpoint::Checkpoint;
 pub use event::{Outcome, RequestEvent, RequestEventRef, SchemaError};
 
