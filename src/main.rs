@@ -5,6 +5,7 @@ mod admin;
 mod alloc;
 mod config;
 mod demo;
+mod sched;
 mod telemetry;
 
 use std::path::PathBuf;
@@ -114,22 +115,22 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|loaded| {
                 start_logging(loaded.as_ref());
-                run_process(up(loaded, config, demo, data_dir))
+                run_process(up(loaded, config, demo, data_dir), true)
             }),
         Command::Gateway { config, data_dir } => load_part(&config, &data_dir, Part::Gateway)
             .and_then(|c| {
                 start_logging(Some(&c));
-                run_process(gateway(c, config, data_dir))
+                run_process(gateway(c, config, data_dir), true)
             }),
         Command::Collector { config, data_dir } => load_part(&config, &data_dir, Part::Collector)
             .and_then(|c| {
                 start_logging(Some(&c));
-                run_process(collector(c))
+                run_process(collector(c), false)
             }),
         Command::QueryApi { config, data_dir } => load_part(&config, &data_dir, Part::QueryApi)
             .and_then(|c| {
                 start_logging(Some(&c));
-                run_process(query_api(c))
+                run_process(query_api(c), false)
             }),
     };
     match result {
@@ -155,12 +156,18 @@ fn start_logging(config: Option<&Config>) {
 }
 
 /// Runs a long-lived part to its end on a new runtime, handing free memory back to the system
-/// every few seconds meanwhile (`alloc::trim_every`).
-fn run_process(part: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+/// every few seconds meanwhile (`alloc::trim_every`). In a process with a request path
+/// (`with_gateway`), the runtime's threads are background work (`sched`).
+fn run_process(
+    part: impl Future<Output = anyhow::Result<()>>,
+    with_gateway: bool,
+) -> anyhow::Result<()> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if with_gateway {
+        runtime.on_thread_start(sched::background);
+    }
+    let runtime = runtime.build().expect("tokio runtime");
     runtime.block_on(async {
         let trimmer = tokio::spawn(alloc::trim_every(alloc::TRIM_PERIOD));
         let result = part.await;
@@ -296,6 +303,7 @@ async fn gateway(
     )
     .await
     .map_err(gateway_error)?;
+    let gateway = gateway.with_worker_start(sched::request_path);
     let (gateway, spans) = with_span_export(gateway, &config)?;
     let admin = admin::serve(
         "gateway.admin_listen",
@@ -576,6 +584,7 @@ async fn up(
     )
     .await
     .map_err(gateway_error)?;
+    let gateway = gateway.with_worker_start(sched::request_path);
     let (gateway, spans) = with_span_export(gateway, &config)?;
     let gateway_addr = gateway.local_addr();
 

@@ -536,3 +536,78 @@ query_api: {{ listen: 127.0.0.1:{api}, admin_tokens: ["{ADMIN}"] }}
         [StatusCode::OK]
     );
 }
+
+/// The scheduling class (`policy`, field 41 of `/proc/PID/task/TID/stat`) of each thread of
+/// `pid`, with the thread's name.
+#[cfg(target_os = "linux")]
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(task.path().join("comm")),
+            std::fs::read_to_string(task.path().join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        // The fields after the name (which may hold spaces) start at field 3.
+        let after_name = &stat[stat.rfind(')').expect("stat has the name in parentheses") + 2..];
+        let policy = after_name
+            .split(' ')
+            .nth(41 - 3)
+            .and_then(|p| p.parse().ok())
+            .expect("stat has a policy field");
+        out.push((comm.trim().to_string(), policy));
+    }
+    out
+}
+
+/// In `tollgate up`, the gateway's workers keep the normal scheduling class and the threads
+/// beside them (the runtime's: publisher, log, collector, store, query API) run as batch work,
+/// whose wake-ups do not preempt the request path.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_request_path_keeps_the_normal_class_and_the_rest_runs_as_batch() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, api) = (free_port(), free_port());
+    let config = dir.path().join("tollgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "gateway: {{ listen: 127.0.0.1:{gw}, workers: 2 }}\nquery_api: {{ listen: 127.0.0.1:{api} }}\n"
+        ),
+    )
+    .unwrap();
+    let tollgate = Up::start(&config, &dir.path().join("data"), &[]);
+    common::wait_for_listener(api).await;
+    common::wait_for_listener(gw).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let threads = loop {
+        let threads = thread_policies(tollgate.id());
+        let workers = threads
+            .iter()
+            .filter(|(n, _)| n.starts_with("tollgate-gw-"));
+        let settled = workers.clone().count() == 2
+            && workers.clone().all(|(_, p)| *p == SCHED_OTHER)
+            && threads.iter().any(|(n, _)| n == "tokio-rt-worker");
+        if settled || Instant::now() > deadline {
+            break threads;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let of = |name: &str| -> Vec<u32> {
+        threads
+            .iter()
+            .filter(|(n, _)| n.starts_with(name))
+            .map(|(_, p)| *p)
+            .collect()
+    };
+    assert_eq!(of("tollgate-gw-"), [SCHED_OTHER; 2], "{threads:?}");
+    let runtime = of("tokio-rt-worker");
+    assert!(!runtime.is_empty(), "{threads:?}");
+    assert!(runtime.iter().all(|p| *p == SCHED_BATCH), "{threads:?}");
+}

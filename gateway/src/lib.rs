@@ -121,6 +121,8 @@ pub struct Gateway {
     feed: Option<quota_feed::QuotaFeed>,
     /// Makes request spans, when they are exported (`with_tracer`).
     tracer: Option<trace::Tracing>,
+    /// Runs first on each worker thread (`with_worker_start`).
+    worker_start: Option<fn()>,
 }
 
 /// How long a worker holds its first buffered event before handing the buffer on: bounds what
@@ -219,12 +221,21 @@ impl Gateway {
             publisher: Box::pin(publisher),
             feed,
             tracer: None,
+            worker_start: None,
         })
     }
 
     /// Records a span per request and per phase with `tracer` (see `trace`).
     pub fn with_tracer(mut self, tracer: trace::Tracing) -> Gateway {
         self.tracer = Some(tracer);
+        self
+    }
+
+    /// Runs `start` first on each worker thread, before its runtime is built. The binary sets
+    /// the thread's scheduling class with it: the workers are spawned from a runtime thread of
+    /// the background class and would otherwise inherit it (this crate holds no `unsafe`).
+    pub fn with_worker_start(mut self, start: fn()) -> Gateway {
+        self.worker_start = Some(start);
         self
     }
 
@@ -257,6 +268,7 @@ impl Gateway {
             publisher,
             feed,
             tracer,
+            worker_start,
         } = self;
         let publisher = tokio::spawn(publisher);
         live.start(shutdown.clone());
@@ -278,6 +290,9 @@ impl Gateway {
             let spawned = std::thread::Builder::new()
                 .name(format!("tollgate-gw-{i}"))
                 .spawn(move || {
+                    if let Some(start) = worker_start {
+                        start();
+                    }
                     match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()

@@ -35,6 +35,11 @@ impl Up {
         Up(cmd.spawn().expect("the tollgate binary starts"))
     }
 
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
     /// Kills the process with SIGKILL and waits for it.
     pub fn sigkill(mut self) {
         self.0.kill().unwrap();
