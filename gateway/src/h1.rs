@@ -77,8 +77,8 @@ thread_local! {
     /// Field lists of heads this thread has dropped, emptied, for the next heads it parses.
     /// Parsing allocated a list for every request and every answer, the request path's only
     /// allocations per request; a worker now reuses a handful. (Holding the fields inline in
-    /// the head instead made every head 256 bytes larger and the workers' CPU per request 6 %
-    /// higher, BENCHMARKS.md.)
+    /// the head instead made every head 256 bytes larger and the workers' CPU per request 6 to
+    /// 11 % higher, BENCHMARKS.md.)
     static SPARE_FIELDS: std::cell::RefCell<Vec<Vec<Field>>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }

@@ -147,8 +147,7 @@ async fn a_warm_connection_allocates_nothing_per_request() {
     .await
     .unwrap();
     // Before heads reused their field lists, parsing alone allocated twice per request (2.14
-    // here). What is left is per batch of events (handed to the bus every 256 requests or
-    // 10 ms), not per request: about 0.14.
+    // here); with them, about 0.14 for the whole process.
     assert!(
         per_request < 0.5,
         "{per_request:.3} allocations per request through a warm connection"
