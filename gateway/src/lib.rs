@@ -24,6 +24,7 @@ mod http2;
 pub mod limits;
 pub mod metrics;
 mod proxy;
+pub mod quota;
 mod quota_feed;
 mod recorder;
 mod reload;
@@ -67,7 +68,7 @@ pub struct Shared {
     rate_limits: limits::RateLimits,
     /// `routes[].rate_limit`, by route position.
     route_limits: limits::RouteLimits,
-    quota: Arc<limits::QuotaState>,
+    quota: Arc<quota::QuotaState>,
     /// Each route's upstream, by the route's position in the configuration.
     route_upstreams: Vec<Arc<upstream::Upstream>>,
     /// Plans with a quota: whose consumers a stale quota state refuses under `when_stale:
@@ -194,7 +195,8 @@ impl Gateway {
             bus,
             metrics.clone(),
         );
-        let quota = Arc::new(limits::QuotaState::with_staleness(
+        let quota = Arc::new(quota::QuotaState::new(
+            directory.clone(),
             config.quota.stale_after_s,
             config.quota.when_stale,
         ));

@@ -29,7 +29,7 @@ use crate::config::RouteConfig;
 use crate::config::WhenStale;
 use crate::conn::{self, After, Broken, Pool, Side};
 use crate::h1::{self, Fields, Framing, Parsed, RequestHead, ResponseHead, put_field};
-use crate::limits::{Reservation, Staleness};
+use crate::quota::{Reservation, Staleness};
 use crate::recorder::{Draft, Measured, Recorder};
 use crate::trace::{self, RequestSpans};
 use crate::upstream::{Target, Upstream};
@@ -570,7 +570,7 @@ impl Worker {
         ctx.reservation = self
             .shared
             .quota
-            .reserve(&id.consumer, ctx.event.ts)
+            .reserve(id, ctx.event.ts)
             .map_err(|over| {
                 Rejection::new(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -636,9 +636,9 @@ impl Worker {
         ctx.put_request_id(out);
         ctx.put_trace_context(target, out);
         if let Some(id) = &ctx.event.identity
-            && is_field_value(id.consumer.as_bytes())
+            && is_field_value(id.consumer().as_bytes())
         {
-            put_field(out, CONSUMER_HEADER.as_bytes(), id.consumer.as_bytes());
+            put_field(out, CONSUMER_HEADER.as_bytes(), id.consumer().as_bytes());
         }
         put_forwarded_for(out, forwarded_for, peer);
         if head.websocket {

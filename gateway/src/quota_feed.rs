@@ -15,8 +15,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 
-use crate::limits::{QuotaSnapshot, QuotaState};
 use crate::metrics::GatewayMetrics;
+use crate::quota::QuotaState;
 
 /// How often at most a changed state is written to disk (the whole state: with 100,000
 /// consumers, megabytes).
@@ -39,11 +39,13 @@ impl QuotaFeed {
         let Ok(bytes) = std::fs::read(path) else {
             return;
         };
-        match serde_json::from_slice::<QuotaSnapshot>(&bytes) {
-            Ok(snap) => {
-                let at = snap.version / 1000;
-                tracing::info!(file = %path.display(), consumers = snap.consumers.len(), "starting from the last known quota state");
-                self.state.update(snap);
+        match self.state.update_json(&bytes) {
+            Ok(_) => {
+                let at = self
+                    .state
+                    .position()
+                    .map_or(0, |(version, _)| version / 1000);
+                tracing::info!(file = %path.display(), "starting from the last known quota state");
                 self.state
                     .updated_at
                     .store(at.max(0) as u64, Ordering::Relaxed);
@@ -60,7 +62,9 @@ impl QuotaFeed {
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
             .and_then(|()| {
-                tollgate_schemas::fsutil::write_atomic(path, &self.state.snapshot_json())
+                tollgate_schemas::fsutil::write_atomic_with(path, |out| {
+                    self.state.write_snapshot(out)
+                })
             });
         if let Err(e) = written {
             tracing::warn!(file = %path.display(), error = %e, "cannot keep the quota state on disk");
@@ -73,13 +77,12 @@ impl QuotaFeed {
         let (mut dirty, mut persisted_at) = (false, None::<std::time::Instant>);
         loop {
             match self.fetch(&client).await {
-                Ok(snap) => {
+                Ok(changed) => {
                     if failing {
                         tracing::info!(url = %self.url, "quota state reachable again");
                         failing = false;
                     }
-                    dirty |= snap.full || !snap.consumers.is_empty();
-                    self.state.update(snap);
+                    dirty |= changed;
                 }
                 Err(e) if !failing => {
                     tracing::warn!(url = %self.url, error = %e, "cannot refresh quota state; enforcing the last known state");
@@ -121,10 +124,11 @@ impl QuotaFeed {
         }
     }
 
+    /// Polls once and applies the answer; `Ok(true)` when it changed the state held.
     async fn fetch(
         &self,
         client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
-    ) -> Result<QuotaSnapshot, String> {
+    ) -> Result<bool, String> {
         let mut req = http::Request::get(self.poll_url());
         if let Some(t) = &self.token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
@@ -147,6 +151,8 @@ impl QuotaFeed {
                 String::from_utf8_lossy(&body)
             ));
         }
-        serde_json::from_slice(&body).map_err(|e| format!("not a quota answer: {e}"))
+        self.state
+            .update_json(&body)
+            .map_err(|e| format!("not a quota answer: {e}"))
     }
 }

@@ -146,7 +146,7 @@ impl Recorder {
             upstream_latency_us: draft.upstream_latency_us,
             req_bytes: m.req_bytes,
             resp_bytes: m.resp_bytes,
-            consumer: draft.identity.as_ref().map(|i| &*i.consumer),
+            consumer: draft.identity.as_ref().map(|i| i.consumer()),
             plan: draft.identity.as_ref().map(|i| &*i.plan),
             outcome: draft.outcome,
             billable: draft.billable,

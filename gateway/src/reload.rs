@@ -33,7 +33,7 @@ pub(crate) fn build_shared(
     directory: Arc<Directory>,
     plans: &BTreeMap<String, Plan>,
     metrics: &GatewayMetrics,
-    quota: Arc<limits::QuotaState>,
+    quota: Arc<crate::quota::QuotaState>,
 ) -> Result<Shared, GatewayError> {
     let api_key_header = match &config.auth.api_key {
         Some(k) => Some(
@@ -234,11 +234,20 @@ impl Reloader {
         }
         let (_, old) = self.live.current();
         let directory = Arc::new(Directory::new(consumers)?);
-        let shared = build_shared(config, directory, plans, &self.metrics, old.quota.clone())
-            .map_err(|e| match e {
-                GatewayError::Config(m) => m,
-                other => other.to_string(),
-            })?;
+        let shared = build_shared(
+            config,
+            directory.clone(),
+            plans,
+            &self.metrics,
+            old.quota.clone(),
+        )
+        .map_err(|e| match e {
+            GatewayError::Config(m) => m,
+            other => other.to_string(),
+        })?;
+        // Requests authenticated against the old consumers until the swap find their quota
+        // entry by id.
+        old.quota.rebind(directory);
         self.live.swap(Arc::new(shared));
         Ok(())
     }

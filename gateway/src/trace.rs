@@ -278,7 +278,10 @@ impl<'t> RequestSpans<'t> {
             None => span.update_name(method.to_string()),
         }
         if let Some(id) = &draft.identity {
-            attributes.push(KeyValue::new("tollgate.consumer", id.consumer.to_string()));
+            attributes.push(KeyValue::new(
+                "tollgate.consumer",
+                id.consumer().to_string(),
+            ));
         }
         span.set_attributes(attributes);
         if draft.status >= 500 {

@@ -102,7 +102,7 @@ impl Authenticator {
             return Ok(Caller::Admin);
         }
         match self.consumers.find_key(token.as_bytes()) {
-            Some(i) => Ok(Caller::Consumer(self.consumers.id(i).to_string())),
+            Some(i) => Ok(Caller::Consumer(self.consumers.id(i).to_owned())),
             None if open => Ok(Caller::Admin),
             None => Err(ApiError::Unauthorized("unknown token")),
         }

@@ -13,11 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::auth::Scope;
-use axum::Json;
 use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::IntoResponse;
 use tollgate_schemas::config::Plan;
 use tollgate_schemas::directory::Directory;
-use tollgate_schemas::quota::{QuotaEntry, QuotaSnapshot};
+use tollgate_schemas::quota::{QuotaEntryRef, snapshot_json};
 use tollgate_store::{Filter, GroupKey, KeyValue};
 
 use crate::AppState;
@@ -74,46 +75,39 @@ fn rand_epoch() -> u64 {
 }
 
 impl QuotaCache {
-    /// The answer for a caller holding the state at `since` of `epoch`, scoped to `scope`.
+    /// The answer (its JSON) for a caller holding the state at `since` of `epoch`, scoped to
+    /// `scope`. Written entry by entry from the counts: a full answer for 100,000 consumers
+    /// builds no entries (and their 400,000 strings) first.
     fn answer(
         &self,
         consumers: &Directory,
         plans: &BTreeMap<String, Plan>,
         since: Option<(i64, u64)>,
         scope: Option<&str>,
-    ) -> QuotaSnapshot {
+    ) -> Vec<u8> {
         let known = since.filter(|(v, e)| {
             *e == self.epoch && scope.is_none() && self.base.is_some_and(|b| *v >= b)
         });
         let (period, period_end) = (period_name(self.period.0), rfc3339(self.period.1));
-        let consumers = consumers
+        let entries = consumers
             .iter()
             .zip(&self.counts)
             .filter(|((id, _), n)| {
-                scope.is_none_or(|sc| sc == &***id)
-                    && known.is_none_or(|(since, _)| n.changed > since)
+                scope.is_none_or(|sc| sc == *id) && known.is_none_or(|(since, _)| n.changed > since)
             })
             .map(|((id, plan), n)| {
                 let limit = plans
                     .get(&**plan)
                     .and_then(|p| p.quota.as_ref())
                     .map(|q| q.requests);
-                QuotaEntry::new(
-                    id.to_string(),
-                    Some(plan.to_string()),
-                    period.clone(),
-                    period_end.clone(),
-                    limit,
-                    n.used,
-                )
-            })
-            .collect();
-        QuotaSnapshot {
-            version: self.version,
-            epoch: self.epoch,
-            full: known.is_none(),
-            consumers,
-        }
+                QuotaEntryRef::new(id, Some(plan), &period, &period_end, limit, n.used)
+            });
+        // A full answer holds every consumer (or the one of `scope`); a partial one, few.
+        let expected = match (known, scope) {
+            (None, None) => self.counts.len(),
+            _ => 1,
+        };
+        snapshot_json(self.version, self.epoch, known.is_none(), entries, expected)
     }
 
     /// Takes the counts of `period` (`used` gives each consumer's, in configuration order) at
@@ -189,7 +183,7 @@ async fn refresh(s: &AppState, cache: &mut QuotaCache) -> Result<(), ApiError> {
         (start, end),
         s.consumers
             .iter()
-            .map(|(id, _)| used.get(&**id).copied().unwrap_or(0)),
+            .map(|(id, _)| used.get(id).copied().unwrap_or(0)),
     );
     Ok(())
 }
@@ -201,7 +195,7 @@ pub async fn quota(
     State(s): State<Arc<AppState>>,
     Scope(scope): Scope,
     Query(raw): Query<HashMap<String, String>>,
-) -> Result<Json<QuotaSnapshot>, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let p = Params::new(raw, QUOTA_PARAMS)?;
     let since: Option<i64> = integer(&p, "since")?;
     let epoch: Option<u64> = integer(&p, "epoch")?;
@@ -210,12 +204,8 @@ pub async fn quota(
     }
     let mut cache = s.quota.lock().await;
     refresh(&s, &mut cache).await?;
-    Ok(Json(cache.answer(
-        &s.consumers,
-        &s.plans,
-        since.zip(epoch),
-        scope.as_deref(),
-    )))
+    let body = cache.answer(&s.consumers, &s.plans, since.zip(epoch), scope.as_deref());
+    Ok(([(header::CONTENT_TYPE, "application/json")], body))
 }
 
 /// An optional integer parameter.
@@ -231,7 +221,7 @@ fn integer<T: std::str::FromStr>(p: &Params, name: &'static str) -> Result<Optio
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tollgate_schemas::quota::QuotaLevel;
+    use tollgate_schemas::quota::{QuotaLevel, QuotaSnapshot};
 
     fn setup() -> (Directory, BTreeMap<String, Plan>) {
         let consumers: Vec<_> = ["a", "b", "c"]
@@ -260,7 +250,9 @@ mod tests {
         cache.update(100, NOV, [1, 2, 3].into_iter());
         cache.update(200, NOV, [1, 4, 3].into_iter());
         cache.update(300, NOV, [1, 4, 5].into_iter());
-        let answer = |since, scope| cache.answer(&consumers, &plans, since, scope);
+        let answer = |since, scope| -> QuotaSnapshot {
+            serde_json::from_slice(&cache.answer(&consumers, &plans, since, scope)).unwrap()
+        };
         let names = |s: &QuotaSnapshot| -> Vec<String> {
             s.consumers.iter().map(|e| e.consumer.clone()).collect()
         };
@@ -299,7 +291,9 @@ mod tests {
         let epoch = cache.epoch;
         cache.update(100, NOV, [1, 2, 3].into_iter());
         cache.update(200, (NOV.1, NOV.1 + 1), [0, 0, 0].into_iter());
-        let delta = cache.answer(&consumers, &plans, Some((100, epoch)), None);
+        let delta: QuotaSnapshot =
+            serde_json::from_slice(&cache.answer(&consumers, &plans, Some((100, epoch)), None))
+                .unwrap();
         assert_eq!(delta.consumers.len(), 3);
         assert!(
             delta

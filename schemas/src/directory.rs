@@ -6,8 +6,13 @@
 //! Why one table: with 100,000 consumers, each part used to keep its own copy (the parsed list
 //! of ids, plans and key hashes as text; a key map per part holding a whole identity per key).
 //! Those copies were about 40 MB of a one-process deployment's heap. Here a consumer costs
-//! its id (shared, since every request's identity and event carries it), a plan number, a
-//! position in the by-id index, and one key-map slot per key: about 100 bytes.
+//! its id's bytes, a plan number, a position in the by-id index, and one key-map slot per key:
+//! about 70 bytes.
+//!
+//! The ids are one string, not one allocation each. The table is built right after the
+//! configuration is read, when the heap is full of that reading's garbage: 100,000 small
+//! allocations landed all over it, and once the garbage was freed they kept most of those
+//! pages from being handed back to the system (a few live bytes per page).
 //!
 //! A consumer is known by its position in the configuration, which is what per-consumer
 //! state elsewhere (rate-limit buckets, quota counts) is indexed by.
@@ -21,7 +26,10 @@ use crate::keys::digest;
 /// Consumers by position, by id and by key digest.
 #[derive(Debug, Default)]
 pub struct Directory {
-    ids: Vec<Arc<str>>,
+    /// Every id, one after the other.
+    ids: String,
+    /// Where each id ends in `ids`.
+    ends: Vec<u32>,
     /// Each consumer's plan, as a position in `plans`.
     plan_of: Vec<u32>,
     plans: Vec<Arc<str>>,
@@ -43,40 +51,55 @@ impl Directory {
         let mut plan_index: HashMap<&str, u32> = HashMap::new();
         let mut plans: Vec<Arc<str>> = Vec::new();
         let keys = key_owners(consumers)?;
-        let mut ids = Vec::with_capacity(n);
+        let bytes: usize = consumers.iter().map(|c| c.id.len()).sum();
+        if u32::try_from(bytes).is_err() {
+            return Err(format!(
+                "the consumers' ids add up to more than {} bytes",
+                u32::MAX
+            ));
+        }
+        let mut ids = String::with_capacity(bytes);
+        let mut ends = Vec::with_capacity(n);
         let mut plan_of = Vec::with_capacity(n);
         for c in consumers {
             let plan = *plan_index.entry(&c.plan).or_insert_with(|| {
                 plans.push(c.plan.as_str().into());
                 (plans.len() - 1) as u32
             });
-            ids.push(Arc::<str>::from(c.id.as_str()));
+            ids.push_str(&c.id);
+            ends.push(ids.len() as u32);
             plan_of.push(plan);
         }
-        let mut by_id: Vec<u32> = (0..n as u32).collect();
-        by_id.sort_unstable_by(|a, b| ids[*a as usize].cmp(&ids[*b as usize]));
-        if let Some(w) = by_id
-            .windows(2)
-            .find(|w| ids[w[0] as usize] == ids[w[1] as usize])
-        {
-            return Err(format!("consumer `{}` is listed twice", ids[w[0] as usize]));
-        }
-        Ok(Directory {
+        let mut d = Directory {
             ids,
+            ends,
             plan_of,
             plans,
-            by_id,
+            by_id: (0..n as u32).collect(),
             keys,
-        })
+        };
+        let mut by_id = std::mem::take(&mut d.by_id);
+        by_id.sort_unstable_by(|a, b| d.id(*a as usize).cmp(d.id(*b as usize)));
+        if let Some(w) = by_id
+            .windows(2)
+            .find(|w| d.id(w[0] as usize) == d.id(w[1] as usize))
+        {
+            return Err(format!(
+                "consumer `{}` is listed twice",
+                d.id(w[0] as usize)
+            ));
+        }
+        d.by_id = by_id;
+        Ok(d)
     }
 
     /// How many consumers.
     pub fn len(&self) -> usize {
-        self.ids.len()
+        self.ends.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.ends.is_empty()
     }
 
     /// Whether any consumer has an API key.
@@ -85,8 +108,17 @@ impl Directory {
     }
 
     /// The id of the consumer at `position` (panics past the end, like indexing).
-    pub fn id(&self, position: usize) -> &Arc<str> {
-        &self.ids[position]
+    pub fn id(&self, position: usize) -> &str {
+        let start = match position {
+            0 => 0,
+            p => self.ends[p - 1] as usize,
+        };
+        &self.ids[start..self.ends[position] as usize]
+    }
+
+    /// The id of the consumer at `position`, if there is one.
+    pub fn get(&self, position: usize) -> Option<&str> {
+        (position < self.len()).then(|| self.id(position))
     }
 
     /// The plan of the consumer at `position`.
@@ -97,7 +129,7 @@ impl Directory {
     /// The position of consumer `id`.
     pub fn position(&self, id: &str) -> Option<usize> {
         self.by_id
-            .binary_search_by(|p| (*self.ids[*p as usize]).cmp(id))
+            .binary_search_by(|p| self.id(*p as usize).cmp(id))
             .ok()
             .map(|i| self.by_id[i] as usize)
     }
@@ -108,11 +140,8 @@ impl Directory {
     }
 
     /// Every consumer's id and plan, in configuration order.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&Arc<str>, &Arc<str>)> {
-        self.ids
-            .iter()
-            .zip(&self.plan_of)
-            .map(|(id, p)| (id, &self.plans[*p as usize]))
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &Arc<str>)> {
+        (0..self.len()).map(|i| (self.id(i), self.plan(i)))
     }
 }
 
@@ -157,8 +186,8 @@ mod tests {
         .unwrap();
         assert_eq!(d.len(), 3);
         assert!(d.has_keys());
-        assert_eq!((&**d.id(0), &**d.plan(0)), ("zeta", "free"));
-        assert_eq!((&**d.id(1), &**d.plan(1)), ("acme", "pro"));
+        assert_eq!((d.id(0), &**d.plan(0)), ("zeta", "free"));
+        assert_eq!((d.id(1), &**d.plan(1)), ("acme", "pro"));
         // Consumers of one plan share its name.
         assert!(Arc::ptr_eq(d.plan(0), d.plan(2)));
         assert_eq!(d.position("acme"), Some(1));
@@ -169,7 +198,7 @@ mod tests {
         assert_eq!(d.find_key(b"k-acme"), Some(1));
         assert_eq!(d.find_key(b"k-nobody"), None);
         assert_eq!(d.find_key(b""), None);
-        let listed: Vec<(&str, &str)> = d.iter().map(|(i, p)| (&**i, &**p)).collect();
+        let listed: Vec<(&str, &str)> = d.iter().map(|(i, p)| (i, &**p)).collect();
         assert_eq!(listed, [("zeta", "free"), ("acme", "pro"), ("mid", "free")]);
         assert!(
             !Directory::new(&[consumer("a", "p", &[])])

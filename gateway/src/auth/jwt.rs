@@ -753,7 +753,7 @@ mod tests {
             sign(Algorithm::ES256, None, &ec, &claims("acme")),
         ] {
             let id = auth.verify(&token).await.unwrap();
-            assert_eq!((&*id.consumer, &*id.plan, id.index), ("acme", "pro", 0));
+            assert_eq!((id.consumer(), &*id.plan, id.index), ("acme", "pro", 0));
         }
         let id = auth
             .verify(&sign(
@@ -764,7 +764,7 @@ mod tests {
             ))
             .await
             .unwrap();
-        assert_eq!((&*id.consumer, id.index), ("zeta", 1));
+        assert_eq!((id.consumer(), id.index), ("zeta", 1));
     }
 
     #[tokio::test]
@@ -1003,7 +1003,7 @@ mod tests {
         trusting.jwks_ca_path = Some(fixtures.join("ca.pem"));
         let metrics = crate::GatewayMetrics::unregistered();
         let auth = JwtAuth::new(&trusting, identities(), metrics.clone()).unwrap();
-        assert_eq!(&*auth.verify(&token).await.unwrap().consumer, "acme");
+        assert_eq!(auth.verify(&token).await.unwrap().consumer(), "acme");
         assert_eq!(server.fetches.load(Ordering::SeqCst), 1);
 
         // Trusting only another CA (the server's own certificate is not one), the handshake
@@ -1102,7 +1102,7 @@ mod tests {
     async fn verified_tokens_are_cached_until_they_expire() {
         let auth = all_keys();
         let t = sign(Algorithm::RS256, Some("rsa1"), &rsa(RSA1), &claims("acme"));
-        assert_eq!(&*auth.verify(&t).await.unwrap().consumer, "acme");
+        assert_eq!(auth.verify(&t).await.unwrap().consumer(), "acme");
         assert_eq!(auth.verified.get(&t).map(|id| id.index), Some(0));
         // A token past its `exp` but within the leeway is admitted, and checked every time.
         let mut c = claims("zeta");

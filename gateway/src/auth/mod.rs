@@ -15,10 +15,11 @@ use crate::config::{AuthMethod, GatewayConfig, RouteAuth};
 #[cfg(feature = "jwt")]
 pub mod jwt;
 
-/// An authenticated consumer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An authenticated consumer: a position in the consumer table it was found in (whose id
+/// it reads from there; a request's identity costs no allocation).
+#[derive(Clone)]
 pub struct Identity {
-    pub consumer: Arc<str>,
+    pub directory: Arc<Directory>,
     /// Shared by every consumer of the plan.
     pub plan: Arc<str>,
     /// The consumer's position in the configuration: what per-consumer state is indexed by.
@@ -88,13 +89,40 @@ pub struct Authenticators {
 
 impl Identity {
     /// The identity of the consumer at `position` with its configured plan.
-    pub fn configured(directory: &Directory, position: usize) -> Identity {
+    pub fn configured(directory: &Arc<Directory>, position: usize) -> Identity {
         Identity {
-            consumer: directory.id(position).clone(),
+            directory: directory.clone(),
             plan: directory.plan(position).clone(),
             index: position,
             claimed_plan: false,
         }
+    }
+
+    /// The consumer's id.
+    pub fn consumer(&self) -> &str {
+        self.directory.id(self.index)
+    }
+}
+
+impl PartialEq for Identity {
+    fn eq(&self, other: &Identity) -> bool {
+        self.consumer() == other.consumer()
+            && self.plan == other.plan
+            && self.index == other.index
+            && self.claimed_plan == other.claimed_plan
+    }
+}
+
+impl Eq for Identity {}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("consumer", &self.directory.get(self.index))
+            .field("plan", &self.plan)
+            .field("index", &self.index)
+            .field("claimed_plan", &self.claimed_plan)
+            .finish()
     }
 }
 
@@ -265,7 +293,7 @@ mod tests {
             },
         ];
         let t = KeyTable::new(Arc::new(Directory::new(&consumers).unwrap()));
-        assert_eq!(&*t.authenticate(b"k-acme").unwrap().consumer, "acme");
+        assert_eq!(t.authenticate(b"k-acme").unwrap().consumer(), "acme");
         assert_eq!(&*t.authenticate(b"k-zeta-2").unwrap().plan, "free");
         assert_eq!(t.authenticate(b"k-zeta").unwrap().index, 1);
         assert!(t.authenticate(b"k-nobody").is_none());

@@ -1,0 +1,887 @@
+//! The quota state this gateway enforces: the last answer of the query API's `/v1/quota`,
+//! plus what this gateway admitted since (see the `limits` module docs for what that
+//! guarantees).
+//!
+//! The state is a table by consumer position in the [`Directory`], the order every
+//! per-consumer structure of the gateway uses: one slot of 24 bytes per configured consumer
+//! and one counter of 8, each in a single allocation, and the periods the entries share
+//! (one per plan, usually). A request finds its slot by its identity's position, without
+//! hashing the consumer's id. With 100,000 consumers the whole state is 3.2 MB in two
+//! allocations; keyed by id, with a counter of its own per entry, it was 11 MB in 300,000
+//! small allocations, made while the first answer's garbage was around them, which kept
+//! the pages they landed on from being handed back.
+//!
+//! Answers are read without building their entries: ids, plans and periods are borrowed from
+//! the answer's bytes and looked up (the id in the directory, the period among the few
+//! held), so a full answer for 100,000 consumers allocates one vector of rows, not 400,000
+//! strings.
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tollgate_schemas::directory::Directory;
+
+use crate::auth::Identity;
+use crate::config::WhenStale;
+use crate::limits::OverLimit;
+
+pub use tollgate_schemas::quota::{QuotaEntry, QuotaEntryRef, QuotaSnapshot};
+
+/// What the entries of one period share (every consumer of a plan, usually).
+#[derive(Debug, PartialEq, Eq)]
+struct Period {
+    plan: Option<String>,
+    name: String,
+    /// As received (RFC 3339), for the state kept on disk.
+    end_text: String,
+    end: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Period {
+    fn is(&self, e: &Row<'_>) -> bool {
+        self.plan.as_deref() == e.plan && self.name == e.period && self.end_text == e.period_end
+    }
+}
+
+/// A slot's `period` when the consumer has no known limit (nothing to enforce).
+const UNLIMITED: u32 = u32::MAX;
+
+/// One consumer's entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    limit: u64,
+    /// Billable requests the store had counted at the last update.
+    used: u64,
+    /// The entry's period, in `Table::periods`; [`UNLIMITED`]: no entry.
+    period: u32,
+}
+
+const EMPTY: Slot = Slot {
+    limit: 0,
+    used: 0,
+    period: UNLIMITED,
+};
+
+/// The state, by consumer position.
+struct Table {
+    directory: Arc<Directory>,
+    slots: Vec<Slot>,
+    /// Per position: billable requests this gateway admitted that the store had not counted
+    /// at the last update. A reservation holds the array and gives its unit back here.
+    admitted: Arc<[AtomicU64]>,
+    periods: Vec<Period>,
+    /// Counters of a table this one replaced (a reload with other consumers), kept until no
+    /// reservation holds them: what those reservations give back is then taken off here.
+    retired: Vec<Retired>,
+}
+
+struct Retired {
+    admitted: Arc<[AtomicU64]>,
+    /// (position there, position here, the count when it was carried over).
+    carried: Vec<(u32, u32, u64)>,
+}
+
+fn counters(n: usize) -> Arc<[AtomicU64]> {
+    (0..n).map(|_| AtomicU64::new(0)).collect()
+}
+
+impl Table {
+    fn new(directory: Arc<Directory>) -> Table {
+        let n = directory.len();
+        Table {
+            slots: vec![EMPTY; n],
+            admitted: counters(n),
+            periods: Vec::new(),
+            retired: Vec::new(),
+            directory,
+        }
+    }
+
+    /// The position of `who` here: its own, unless it was authenticated against other
+    /// consumers (a request that began before a reload), then looked up by id.
+    fn position(&self, who: &Identity) -> Option<usize> {
+        let at = who.index;
+        if Arc::ptr_eq(&who.directory, &self.directory) && at < self.directory.len() {
+            return Some(at);
+        }
+        self.directory.position(who.consumer())
+    }
+
+    /// The period `row` names, added when new.
+    fn period(&mut self, row: &Row<'_>) -> u32 {
+        if let Some(i) = self.periods.iter().position(|p| p.is(row)) {
+            return i as u32;
+        }
+        self.periods.push(Period {
+            plan: row.plan.map(str::to_owned),
+            name: row.period.to_owned(),
+            end_text: row.period_end.to_owned(),
+            end: chrono::DateTime::parse_from_rfc3339(row.period_end)
+                .ok()
+                .map(|t| t.with_timezone(&chrono::Utc)),
+        });
+        (self.periods.len() - 1) as u32
+    }
+
+    /// Sets the entry at `at` from `row`. Within the same period the local count carries
+    /// over, less what the store counted since (`used` grew by it), so requests still on
+    /// their way through the bus stay counted. Taking the growth off this gateway's count is
+    /// exact with one gateway; with several, the others' requests are taken off too, which
+    /// can only let a consumer overshoot by what is in flight, never stop it early. A new
+    /// entry, or one of a new period, starts the count afresh.
+    fn set(&mut self, at: usize, row: &Row<'_>, previous: Slot, previous_end: Option<EndOf>) {
+        let Some(limit) = row.limit else {
+            self.slots[at] = EMPTY;
+            return;
+        };
+        let period = self.period(row);
+        let admitted = &self.admitted[at];
+        match previous_end {
+            Some(end)
+                if previous.period != UNLIMITED && end == self.periods[period as usize].end =>
+            {
+                let counted = row.used.saturating_sub(previous.used);
+                let _ = admitted.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
+                    Some(a.saturating_sub(counted))
+                });
+            }
+            _ => admitted.store(0, Ordering::Relaxed),
+        }
+        self.slots[at] = Slot {
+            limit,
+            used: row.used,
+            period,
+        };
+    }
+
+    /// The end of the period of `slot`, if it has an entry.
+    fn end_of(&self, slot: Slot) -> Option<EndOf> {
+        (slot.period != UNLIMITED).then(|| self.periods[slot.period as usize].end)
+    }
+
+    /// Drops the periods no entry uses any more (they pile up over the months when no full
+    /// answer comes).
+    fn drop_unused_periods(&mut self) {
+        let mut used = vec![false; self.periods.len()];
+        for s in &self.slots {
+            if s.period != UNLIMITED {
+                used[s.period as usize] = true;
+            }
+        }
+        if used.iter().all(|u| *u) {
+            return;
+        }
+        let mut renumber = vec![UNLIMITED; self.periods.len()];
+        let mut next = 0;
+        for (i, keep) in used.iter().enumerate() {
+            if *keep {
+                renumber[i] = next;
+                next += 1;
+            }
+        }
+        let mut i = 0;
+        self.periods.retain(|_| {
+            i += 1;
+            used[i - 1]
+        });
+        for s in &mut self.slots {
+            if s.period != UNLIMITED {
+                s.period = renumber[s.period as usize];
+            }
+        }
+    }
+
+    /// Takes off what reservations of replaced tables gave back since, once none is held.
+    fn settle_retired(&mut self) {
+        let admitted = self.admitted.clone();
+        self.retired.retain(|r| {
+            if Arc::strong_count(&r.admitted) > 1 {
+                return true;
+            }
+            for &(there, here, carried) in &r.carried {
+                let given_back =
+                    carried.saturating_sub(r.admitted[there as usize].load(Ordering::Relaxed));
+                let _ = admitted[here as usize].fetch_update(
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                    |a| Some(a.saturating_sub(given_back)),
+                );
+            }
+            false
+        });
+    }
+
+    /// The entries held, by position, as received.
+    fn entry_refs(&self) -> impl Iterator<Item = QuotaEntryRef<'_>> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.period != UNLIMITED)
+            .map(|(at, s)| {
+                let p = &self.periods[s.period as usize];
+                QuotaEntryRef::new(
+                    self.directory.id(at),
+                    p.plan.as_deref(),
+                    &p.name,
+                    &p.end_text,
+                    Some(s.limit),
+                    s.used,
+                )
+            })
+    }
+}
+
+type EndOf = Option<chrono::DateTime<chrono::Utc>>;
+
+/// One entry of an answer, as read: text borrowed from the answer where it has no escapes.
+#[derive(Debug)]
+struct Row<'a> {
+    consumer: &'a str,
+    plan: Option<&'a str>,
+    period: &'a str,
+    period_end: &'a str,
+    limit: Option<u64>,
+    used: u64,
+}
+
+/// Text of an answer: borrowed unless it holds escapes.
+#[derive(Debug)]
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V(std::marker::PhantomData))
+    }
+}
+
+/// `QuotaEntry` as read (`remaining` and `state` follow from the rest and are not read).
+#[derive(Debug, Deserialize)]
+struct WireEntry<'a> {
+    #[serde(borrow)]
+    consumer: Text<'a>,
+    #[serde(default, borrow)]
+    plan: Option<Text<'a>>,
+    #[serde(borrow)]
+    period: Text<'a>,
+    #[serde(borrow)]
+    period_end: Text<'a>,
+    limit: Option<u64>,
+    used: u64,
+}
+
+impl WireEntry<'_> {
+    fn row(&self) -> Row<'_> {
+        Row {
+            consumer: &self.consumer.0,
+            plan: self.plan.as_ref().map(|p| &*p.0),
+            period: &self.period.0,
+            period_end: &self.period_end.0,
+            limit: self.limit,
+            used: self.used,
+        }
+    }
+}
+
+/// `QuotaSnapshot` as read.
+#[derive(Debug, Deserialize)]
+struct WireSnapshot<'a> {
+    version: i64,
+    #[serde(default)]
+    epoch: u64,
+    #[serde(default = "full_by_default")]
+    full: bool,
+    #[serde(borrow)]
+    consumers: Vec<WireEntry<'a>>,
+}
+
+fn full_by_default() -> bool {
+    true
+}
+
+/// The quota state this gateway enforces: the consumers with a limit.
+pub struct QuotaState {
+    table: RwLock<Table>,
+    /// `(version, epoch)` of the last answer applied, for the next poll's `since`.
+    position: Mutex<Option<(i64, u64)>>,
+    /// Unix seconds of the last successful update (0: never).
+    pub updated_at: AtomicU64,
+    /// `gateway.quota.stale_after_s` and `when_stale`.
+    stale: Option<(u64, WhenStale)>,
+}
+
+impl Default for QuotaState {
+    fn default() -> Self {
+        QuotaState::new(Arc::default(), None, WhenStale::default())
+    }
+}
+
+/// Whether the quota state can be enforced as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staleness {
+    Fresh,
+    /// Older than `stale_after_s`: the policy says what to do.
+    Stale(WhenStale),
+}
+
+impl QuotaState {
+    /// An empty state for `directory`'s consumers that turns stale `stale_after_s` seconds
+    /// after its last update.
+    pub fn new(
+        directory: Arc<Directory>,
+        stale_after_s: Option<u64>,
+        when: WhenStale,
+    ) -> QuotaState {
+        QuotaState {
+            table: RwLock::new(Table::new(directory)),
+            position: Mutex::new(None),
+            updated_at: AtomicU64::new(0),
+            stale: stale_after_s.map(|s| (s, when)),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the state is older than `stale_after_s` (never, when that is unset).
+    pub fn staleness(&self) -> Staleness {
+        let Some((after, when)) = self.stale else {
+            return Staleness::Fresh;
+        };
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        let updated = self.updated_at.load(Ordering::Relaxed);
+        if updated == 0 || now.saturating_sub(updated) > after {
+            Staleness::Stale(when)
+        } else {
+            Staleness::Fresh
+        }
+    }
+
+    /// Moves the state to another set of consumers (a reload): each entry and its local count
+    /// go to the same consumer's position there; entries of consumers no longer configured
+    /// are dropped.
+    pub fn rebind(&self, directory: Arc<Directory>) {
+        let mut t = self.write();
+        if Arc::ptr_eq(&t.directory, &directory) {
+            return;
+        }
+        let mut next = Table::new(directory);
+        next.periods = std::mem::take(&mut t.periods);
+        let mut carried = Vec::new();
+        for (there, slot) in t.slots.iter().enumerate() {
+            if slot.period == UNLIMITED {
+                continue;
+            }
+            let Some(here) = next.directory.position(t.directory.id(there)) else {
+                continue;
+            };
+            next.slots[here] = *slot;
+            let count = t.admitted[there].load(Ordering::Relaxed);
+            next.admitted[here].store(count, Ordering::Relaxed);
+            if count > 0 {
+                carried.push((there as u32, here as u32, count));
+            }
+        }
+        next.retired = std::mem::take(&mut t.retired);
+        next.retired.push(Retired {
+            admitted: t.admitted.clone(),
+            carried,
+        });
+        next.drop_unused_periods();
+        *t = next;
+    }
+
+    /// Applies an answer of `/v1/quota` given as its JSON (what the feed receives and what is
+    /// kept on disk); see [`QuotaState::update`]. `Ok(true)` when the answer changed anything
+    /// (a full answer, or a partial one with entries).
+    pub fn update_json(&self, json: &[u8]) -> Result<bool, serde_json::Error> {
+        let snap: WireSnapshot<'_> = serde_json::from_slice(json)?;
+        let changed = snap.full || !snap.consumers.is_empty();
+        self.apply(
+            snap.version,
+            snap.epoch,
+            snap.full,
+            snap.consumers.iter().map(WireEntry::row),
+        );
+        Ok(changed)
+    }
+
+    /// Applies an answer of `/v1/quota`: a full one replaces the state, a partial one
+    /// (`full: false`, the entries that changed) is merged into it. A consumer's local count
+    /// carries over, less what the store counted meanwhile (see `Table::set`). Entries of
+    /// consumers this gateway does not know are left out.
+    pub fn update(&self, snap: QuotaSnapshot) {
+        self.apply(
+            snap.version,
+            snap.epoch,
+            snap.full,
+            snap.consumers.iter().map(|e| Row {
+                consumer: &e.consumer,
+                plan: e.plan.as_deref(),
+                period: &e.period,
+                period_end: &e.period_end,
+                limit: e.limit,
+                used: e.used,
+            }),
+        );
+    }
+
+    fn apply<'a>(&self, version: i64, epoch: u64, full: bool, rows: impl Iterator<Item = Row<'a>>) {
+        let mut t = self.write();
+        t.settle_retired();
+        let (mut unknown, mut example) = (0usize, None);
+        if full {
+            // The entries before this answer, to carry each consumer's count over.
+            let n = t.directory.len();
+            let before = std::mem::replace(&mut t.slots, vec![EMPTY; n]);
+            let periods_before = std::mem::take(&mut t.periods);
+            for row in rows {
+                let Some(at) = t.directory.position(row.consumer) else {
+                    unknown += 1;
+                    example.get_or_insert_with(|| row.consumer.to_owned());
+                    continue;
+                };
+                let previous = before[at];
+                let end = (previous.period != UNLIMITED)
+                    .then(|| periods_before[previous.period as usize].end);
+                t.set(at, &row, previous, end);
+            }
+        } else {
+            for row in rows {
+                let Some(at) = t.directory.position(row.consumer) else {
+                    unknown += 1;
+                    example.get_or_insert_with(|| row.consumer.to_owned());
+                    continue;
+                };
+                let previous = t.slots[at];
+                let end = t.end_of(previous);
+                t.set(at, &row, previous, end);
+            }
+            if t.periods.len() > 64 {
+                t.drop_unused_periods();
+            }
+        }
+        drop(t);
+        if let Some(example) = example {
+            tracing::debug!(
+                unknown,
+                example,
+                "quota entries of consumers this gateway does not know were left out"
+            );
+        }
+        *self.position.lock().unwrap_or_else(|p| p.into_inner()) = Some((version, epoch));
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        self.updated_at.store(now, Ordering::Relaxed);
+    }
+
+    /// `(version, epoch)` of the state held, if any.
+    pub fn position(&self) -> Option<(i64, u64)> {
+        *self.position.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The whole state held, as a full answer (what is kept on disk).
+    pub fn snapshot(&self) -> QuotaSnapshot {
+        let (version, epoch) = self.position().unwrap_or_default();
+        QuotaSnapshot {
+            version,
+            epoch,
+            full: true,
+            consumers: self.read().entry_refs().map(QuotaEntry::from).collect(),
+        }
+    }
+
+    /// Writes the whole state held as the JSON of a full answer (what is kept on disk) to
+    /// `out`, entry by entry: with 100,000 consumers neither the entries nor their JSON
+    /// (17 MB) are ever all in memory.
+    pub fn write_snapshot(&self, out: impl std::io::Write) -> std::io::Result<()> {
+        let (version, epoch) = self.position().unwrap_or_default();
+        let t = self.read();
+        tollgate_schemas::quota::write_snapshot(out, version, epoch, true, t.entry_refs())
+    }
+
+    /// Admits one request of `who` against its quota: counts it locally at once (so
+    /// concurrent requests cannot all pass the last unit) and returns the count's handle,
+    /// which gives the unit back when dropped unless the request turned out billable
+    /// ([`Reservation::keep`]). `Err(retry_after)` when the quota for the period is used up;
+    /// `Ok(None)` for a consumer without a known limit. `now` is the request's start (its
+    /// event's `ts`): the period a request counts in is the one its event is counted in by
+    /// the store, and the request path reads no clock of its own for it.
+    pub fn reserve(
+        &self,
+        who: &Identity,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<Reservation>, OverLimit> {
+        let t = self.read();
+        let Some(at) = t.position(who) else {
+            return Ok(None);
+        };
+        let slot = t.slots[at];
+        if slot.period == UNLIMITED {
+            return Ok(None);
+        }
+        let end = t.periods[slot.period as usize].end;
+        if end.is_some_and(|end| now >= end) {
+            return Ok(None); // a new period began since the last poll
+        }
+        let free = |a: u64| (slot.used.saturating_add(a) < slot.limit).then_some(a + 1);
+        match t.admitted[at].fetch_update(Ordering::AcqRel, Ordering::Acquire, free) {
+            Ok(_) => Ok(Some(Reservation {
+                count: Some((t.admitted.clone(), at as u32)),
+            })),
+            Err(_) => Err(OverLimit {
+                wait: end
+                    .map(|end| (end - now).to_std().unwrap_or_default())
+                    .unwrap_or(Duration::from_secs(60)),
+                limit: slot.limit,
+            }),
+        }
+    }
+}
+
+/// One request counted against a quota before it is forwarded; see [`QuotaState::reserve`].
+#[derive(Debug)]
+pub struct Reservation {
+    count: Option<(Arc<[AtomicU64]>, u32)>,
+}
+
+impl Reservation {
+    /// The request was billable: it stays counted until the store counts it.
+    pub fn keep(mut self) {
+        self.count = None;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some((counts, at)) = self.count.take() {
+            let _ = counts[at as usize].fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                Some(a.saturating_sub(1))
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_schemas::config::Consumer;
+    use tollgate_schemas::quota::QuotaLevel;
+
+    fn directory(ids: &[&str]) -> Arc<Directory> {
+        let consumers: Vec<Consumer> = ids
+            .iter()
+            .map(|id| Consumer {
+                id: id.to_string(),
+                plan: "p".into(),
+                api_keys: vec![],
+            })
+            .collect();
+        Arc::new(Directory::new(&consumers).unwrap())
+    }
+
+    fn state(ids: &[&str]) -> QuotaState {
+        QuotaState::new(directory(ids), None, WhenStale::Open)
+    }
+
+    /// The identity of consumer `id` as the gateway's authentication gives it.
+    fn who(q: &QuotaState, id: &str) -> Identity {
+        let d = q.read().directory.clone();
+        Identity::configured(&d, d.position(id).expect("a configured consumer"))
+    }
+
+    fn reserve(q: &QuotaState, id: &str) -> Result<Option<Reservation>, OverLimit> {
+        q.reserve(&who(q, id), chrono::Utc::now())
+    }
+
+    fn entry(limit: u64, used: u64, period_end: &str) -> QuotaEntry {
+        QuotaEntry {
+            consumer: "a".into(),
+            plan: None,
+            period: "2026-11".into(),
+            period_end: period_end.into(),
+            limit: Some(limit),
+            used,
+            remaining: Some(limit.saturating_sub(used)),
+            state: QuotaLevel::of(Some(limit), used),
+        }
+    }
+
+    fn later(days: i64) -> String {
+        (chrono::Utc::now() + chrono::Duration::days(days)).to_rfc3339()
+    }
+
+    #[test]
+    fn the_state_kept_on_disk_is_what_was_received_and_entries_share_their_period() {
+        let q = state(&["c0", "c1", "c2", "free", "other"]);
+        let end = "2026-12-01T00:00:00.000Z";
+        let mut sent: Vec<QuotaEntry> = (0..3)
+            .map(|i| QuotaEntry {
+                consumer: format!("c{i}"),
+                plan: Some("pro".into()),
+                ..entry(10, i, end)
+            })
+            .collect();
+        sent.push(QuotaEntry {
+            consumer: "free".into(),
+            plan: Some("free".into()),
+            ..entry(5, 5, end)
+        });
+        q.update(QuotaSnapshot {
+            version: 1,
+            epoch: 2,
+            full: true,
+            consumers: sent.clone(),
+        });
+        let mut kept = q.snapshot().consumers;
+        let mut json = Vec::new();
+        q.write_snapshot(&mut json).unwrap();
+        let from_json: QuotaSnapshot = serde_json::from_slice(&json).unwrap();
+        assert_eq!(
+            from_json,
+            q.snapshot(),
+            "the file says what the state holds"
+        );
+        kept.sort_by(|a, b| a.consumer.cmp(&b.consumer));
+        sent.sort_by(|a, b| a.consumer.cmp(&b.consumer));
+        assert_eq!(kept, sent);
+        assert_eq!(q.read().periods.len(), 2, "one period per plan");
+        // Read back from its JSON, the state is the same.
+        let again = state(&["c0", "c1", "c2", "free", "other"]);
+        again.update_json(&json).unwrap();
+        assert_eq!(again.snapshot(), q.snapshot());
+    }
+
+    #[test]
+    fn answers_are_read_without_copying_their_text_unless_it_is_escaped() {
+        let json = br#"{"version":3,"epoch":4,"full":false,"consumers":[
+            {"consumer":"a\u00e9","plan":"pro","period":"2026-11","period_end":"2026-12-01T00:00:00Z","limit":5,"used":5,"remaining":0,"state":"exceeded"},
+            {"consumer":"b","period":"2026-11","period_end":"2026-12-01T00:00:00Z","limit":null,"used":0}]}"#;
+        let snap: WireSnapshot<'_> = serde_json::from_slice(json).unwrap();
+        assert!(matches!(snap.consumers[0].consumer.0, Cow::Owned(_)));
+        assert!(matches!(snap.consumers[1].consumer.0, Cow::Borrowed(_)));
+        assert!(matches!(
+            snap.consumers[0].plan.as_ref().unwrap().0,
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(snap.consumers[0].consumer.0, "aé");
+        let q = state(&["aé", "b"]);
+        assert!(q.update_json(json).unwrap());
+        assert_eq!(q.position(), Some((3, 4)));
+        assert!(reserve(&q, "aé").is_err() && reserve(&q, "b").unwrap().is_none());
+        assert!(
+            q.update_json(br#"{"version":1,"consumers":[{"consumer":"a"}]}"#)
+                .is_err(),
+            "an entry without its fields is refused"
+        );
+    }
+
+    #[test]
+    fn quota_counts_local_admissions_until_the_next_poll() {
+        let q = state(&["a"]);
+        let end = later(3);
+        q.update(QuotaSnapshot {
+            version: 1,
+            consumers: vec![entry(5, 3, &end)],
+            ..Default::default()
+        });
+        reserve(&q, "a").unwrap().unwrap().keep();
+        reserve(&q, "a").unwrap().unwrap().keep();
+        let over = reserve(&q, "a").unwrap_err();
+        assert!(over.wait > Duration::from_secs(2 * 86_400));
+        assert_eq!(over.limit, 5);
+        q.update(QuotaSnapshot {
+            version: 2,
+            consumers: vec![entry(10, 5, &end)],
+            ..Default::default()
+        });
+        assert!(reserve(&q, "a").unwrap().is_some());
+    }
+
+    #[test]
+    fn requests_not_yet_counted_by_the_store_stay_counted_across_updates() {
+        let q = state(&["a"]);
+        let end = later(3);
+        let snap = |version, used, period_end: &str| QuotaSnapshot {
+            version,
+            full: version == 1,
+            consumers: vec![entry(10, used, period_end)],
+            ..Default::default()
+        };
+        q.update(snap(1, 0, &end));
+        (0..6).for_each(|_| reserve(&q, "a").unwrap().unwrap().keep());
+        // The store has counted 4 of the 6: 2 are still on their way.
+        q.update(snap(2, 4, &end));
+        (0..3).for_each(|_| reserve(&q, "a").unwrap().unwrap().keep());
+        // A request that was not billable gives its unit back.
+        drop(reserve(&q, "a").unwrap().unwrap());
+        reserve(&q, "a").unwrap().unwrap().keep();
+        assert!(reserve(&q, "a").is_err(), "4 counted + 6 in flight = 10");
+        // A new period starts the local count afresh.
+        q.update(snap(3, 0, &later(33)));
+        assert!(reserve(&q, "a").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_partial_answer_changes_only_the_consumers_it_names() {
+        let q = state(&["a", "b"]);
+        let end = later(3);
+        let named = |consumer: &str, limit: Option<u64>, used: u64| QuotaEntry {
+            consumer: consumer.into(),
+            limit,
+            ..entry(limit.unwrap_or(0), used, &end)
+        };
+        q.update(QuotaSnapshot {
+            version: 1,
+            epoch: 9,
+            full: true,
+            consumers: vec![named("a", Some(5), 5), named("b", Some(5), 5)],
+        });
+        assert!(reserve(&q, "a").is_err() && reserve(&q, "b").is_err());
+        q.update(QuotaSnapshot {
+            version: 2,
+            epoch: 9,
+            full: false,
+            consumers: vec![named("a", Some(10), 5)],
+        });
+        assert!(reserve(&q, "a").is_ok(), "a's new limit applies");
+        assert!(reserve(&q, "b").is_err(), "b is unchanged");
+        assert_eq!(q.position(), Some((2, 9)));
+        q.update(QuotaSnapshot {
+            version: 3,
+            epoch: 9,
+            full: false,
+            consumers: vec![named("b", None, 5)],
+        });
+        assert!(
+            reserve(&q, "b").is_ok(),
+            "an entry without a limit removes b"
+        );
+        let kept = q.snapshot();
+        assert!(kept.full && kept.version == 3 && kept.consumers.len() == 1);
+        // A full answer replaces everything.
+        q.update(QuotaSnapshot {
+            version: 1,
+            epoch: 10,
+            full: true,
+            consumers: vec![],
+        });
+        assert!(reserve(&q, "a").is_ok() && q.snapshot().consumers.is_empty());
+    }
+
+    #[test]
+    fn entries_of_unknown_consumers_are_left_out_and_old_periods_dropped() {
+        let q = state(&["a"]);
+        q.update(QuotaSnapshot {
+            version: 1,
+            consumers: vec![
+                QuotaEntry {
+                    consumer: "stranger".into(),
+                    ..entry(1, 1, &later(3))
+                },
+                entry(1, 0, &later(3)),
+            ],
+            ..Default::default()
+        });
+        assert_eq!(q.snapshot().consumers.len(), 1);
+        // Partial answers, each of another period: the periods no entry uses go.
+        for v in 2..100 {
+            q.update(QuotaSnapshot {
+                version: v,
+                full: false,
+                consumers: vec![entry(1, 0, &later(3 + v))],
+                ..Default::default()
+            });
+        }
+        assert!(q.read().periods.len() <= 65, "{}", q.read().periods.len());
+        assert!(reserve(&q, "a").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_reload_moves_entries_and_counts_to_the_consumers_new_positions() {
+        let q = state(&["a", "b", "gone"]);
+        let end = later(3);
+        q.update(QuotaSnapshot {
+            version: 1,
+            consumers: ["a", "b", "gone"]
+                .iter()
+                .map(|c| QuotaEntry {
+                    consumer: c.to_string(),
+                    ..entry(3, 0, &end)
+                })
+                .collect(),
+            ..Default::default()
+        });
+        let before_reload = who(&q, "b");
+        reserve(&q, "b").unwrap().unwrap().keep();
+        let in_flight = reserve(&q, "b").unwrap().unwrap();
+        // b moves from position 1 to 2; a new consumer takes position 0.
+        q.rebind(directory(&["new", "a", "b"]));
+        assert_eq!(q.snapshot().consumers.len(), 2, "gone's entry is dropped");
+        assert!(reserve(&q, "new").unwrap().is_none(), "no entry yet");
+        // A request authenticated before the reload finds b by id.
+        reserve(&q, "b").unwrap().unwrap().keep();
+        assert!(
+            q.reserve(&before_reload, chrono::Utc::now()).is_err(),
+            "3 of 3"
+        );
+        // The request in flight was not billable: its unit comes back at the next update.
+        drop(in_flight);
+        assert!(reserve(&q, "b").is_err(), "not settled yet");
+        q.update(QuotaSnapshot {
+            version: 2,
+            full: false,
+            consumers: vec![],
+            ..Default::default()
+        });
+        // Settled: 2 of 3 counted.
+        reserve(&q, "b").unwrap().unwrap().keep();
+        assert!(reserve(&q, "b").is_err());
+    }
+
+    #[test]
+    fn the_state_turns_stale_past_its_age_limit_and_fresh_on_update() {
+        let now = chrono::Utc::now().timestamp() as u64;
+        assert_eq!(
+            QuotaState::default().staleness(),
+            Staleness::Fresh,
+            "no limit: never stale"
+        );
+        let q = QuotaState::new(Arc::default(), Some(30), WhenStale::Closed);
+        assert_eq!(
+            q.staleness(),
+            Staleness::Stale(WhenStale::Closed),
+            "never fetched"
+        );
+        q.updated_at.store(now - 10, Ordering::Relaxed);
+        assert_eq!(q.staleness(), Staleness::Fresh);
+        q.updated_at.store(now - 31, Ordering::Relaxed);
+        assert_eq!(q.staleness(), Staleness::Stale(WhenStale::Closed));
+        q.update(QuotaSnapshot {
+            version: 1,
+            epoch: 1,
+            full: true,
+            consumers: vec![],
+        });
+        assert_eq!(q.staleness(), Staleness::Fresh, "a poll makes it fresh");
+    }
+}
