@@ -237,15 +237,7 @@ impl Table {
 type EndOf = Option<chrono::DateTime<chrono::Utc>>;
 
 /// One entry of an answer, as read: text borrowed from the answer where it has no escapes.
-#[derive(Debug)]
-struct Row<'a> {
-    consumer: &'a str,
-    plan: Option<&'a str>,
-    period: &'a str,
-    period_end: &'a str,
-    limit: Option<u64>,
-    used: u64,
-}
+type Row<'a> = QuotaEntryRef<'a>;
 
 /// Text of an answer: borrowed unless it holds escapes.
 #[derive(Debug)]
@@ -287,14 +279,14 @@ struct WireEntry<'a> {
 
 impl WireEntry<'_> {
     fn row(&self) -> Row<'_> {
-        Row {
-            consumer: &self.consumer.0,
-            plan: self.plan.as_ref().map(|p| &*p.0),
-            period: &self.period.0,
-            period_end: &self.period_end.0,
-            limit: self.limit,
-            used: self.used,
-        }
+        Row::new(
+            &self.consumer.0,
+            self.plan.as_ref().map(|p| &*p.0),
+            &self.period.0,
+            &self.period_end.0,
+            self.limit,
+            self.used,
+        )
     }
 }
 
@@ -435,14 +427,7 @@ impl QuotaState {
             snap.version,
             snap.epoch,
             snap.full,
-            snap.consumers.iter().map(|e| Row {
-                consumer: &e.consumer,
-                plan: e.plan.as_deref(),
-                period: &e.period,
-                period_end: &e.period_end,
-                limit: e.limit,
-                used: e.used,
-            }),
+            snap.consumers.iter().map(Row::from),
         );
     }
 

@@ -90,14 +90,15 @@ impl QuotaEntry {
 /// A [`QuotaEntry`] over borrowed text, written as the same JSON: what whole states are
 /// written from (the query API's full answers, the state a gateway keeps on disk), one entry
 /// at a time, without building 100,000 entries of four strings each first.
+/// Also how a gateway reads an answer's entries (text borrowed from the answer).
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct QuotaEntryRef<'a> {
-    consumer: &'a str,
-    plan: Option<&'a str>,
-    period: &'a str,
-    period_end: &'a str,
-    limit: Option<u64>,
-    used: u64,
+    pub consumer: &'a str,
+    pub plan: Option<&'a str>,
+    pub period: &'a str,
+    pub period_end: &'a str,
+    pub limit: Option<u64>,
+    pub used: u64,
     remaining: Option<u64>,
     state: QuotaLevel,
 }
@@ -122,6 +123,19 @@ impl<'a> QuotaEntryRef<'a> {
             remaining: limit.map(|l| l.saturating_sub(used)),
             state: QuotaLevel::of(limit, used),
         }
+    }
+}
+
+impl<'a> From<&'a QuotaEntry> for QuotaEntryRef<'a> {
+    fn from(e: &'a QuotaEntry) -> QuotaEntryRef<'a> {
+        QuotaEntryRef::new(
+            &e.consumer,
+            e.plan.as_deref(),
+            &e.period,
+            &e.period_end,
+            e.limit,
+            e.used,
+        )
     }
 }
 
@@ -247,16 +261,7 @@ mod tests {
             12,
             u64::MAX,
             false,
-            entries.iter().map(|e| {
-                QuotaEntryRef::new(
-                    &e.consumer,
-                    e.plan.as_deref(),
-                    &e.period,
-                    &e.period_end,
-                    e.limit,
-                    e.used,
-                )
-            }),
+            entries.iter().map(QuotaEntryRef::from),
             2,
         );
         assert_eq!(
