@@ -7,9 +7,10 @@
 //! and one counter of 8, each in a single allocation, and the periods the entries share
 //! (one per plan, usually). A request finds its slot by its identity's position, without
 //! hashing the consumer's id. With 100,000 consumers the whole state is 3.2 MB in two
-//! allocations; keyed by id, with a counter of its own per entry, it was 11 MB in 300,000
-//! small allocations, made while the first answer's garbage was around them, which kept
-//! the pages they landed on from being handed back.
+//! allocations; keyed by id, with a counter of its own per entry, it was 9.4 MB, 200,000
+//! small allocations among it, made while the first answer's garbage was around them,
+//! which kept the pages they landed on from being handed back (BENCHMARKS.md, "Many
+//! consumers").
 //!
 //! Answers are read without building their entries: ids, plans and periods are borrowed from
 //! the answer's bytes and looked up (the id in the directory, the period among the few
