@@ -325,7 +325,7 @@ async fn gateway(
     let reloads = tokio::spawn(reload_on_change(
         gateway.reloader(),
         (path, data_dir, Part::Gateway),
-        api_addr,
+        (api_addr, None),
         stop.clone(),
     ));
     let serving = tokio::spawn(gateway.run(stop.clone()));
@@ -440,7 +440,10 @@ async fn query_api(mut config: Config) -> anyhow::Result<()> {
 async fn reload_on_change(
     reloader: tollgate_gateway::Reloader,
     (path, data_dir, part): (std::path::PathBuf, std::path::PathBuf, Part),
-    api_addr: std::net::SocketAddr,
+    (api_addr, api): (
+        std::net::SocketAddr,
+        Option<Arc<tollgate_query_api::AppState>>,
+    ),
     stop: CancellationToken,
 ) {
     let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
@@ -484,6 +487,13 @@ async fn reload_on_change(
                 default_quota_feed(&mut c, api_addr);
                 reloader
                     .reload(&c.gateway, &c.consumers, &c.plans)
+                    .map(|consumers| {
+                        // One consumer table: the query API computes the quota state the
+                        // gateway enforces for the consumers the gateway now knows.
+                        if let Some(api) = &api {
+                            api.set_consumers(consumers);
+                        }
+                    })
                     .map_err(|e| anyhow::anyhow!(e))
             }
             Err(e) => {
@@ -596,10 +606,11 @@ async fn up(
         registry,
     );
     alloc::release_free_memory();
+    let state = Arc::new(state);
     let stop_api = CancellationToken::new();
     let api = tokio::spawn(tollgate_query_api::serve(
         api_listener,
-        Arc::new(state),
+        state.clone(),
         stop_api.clone(),
     ));
 
@@ -615,14 +626,14 @@ async fn up(
         let stop = stop_collector.clone();
         tokio::spawn(async move { store.upkeep(stop).await })
     };
-    // With a configuration file, the gateway reloads as `tollgate gateway` does. The other
-    // parts keep what they started with: the query API's consumers and plans (reports, quota
-    // state) change on a restart.
+    // With a configuration file, the gateway reloads as `tollgate gateway` does, and the
+    // query API takes the gateway's new consumer table (quota state, consumer keys). The other
+    // parts keep what they started with: the plans (prices, quotas) change on a restart.
     let reloads = config_path.map(|path| {
         tokio::spawn(reload_on_change(
             gateway.reloader(),
             (path, data_dir.clone(), Part::All),
-            api_addr,
+            (api_addr, Some(state.clone())),
             stop_gateway.clone(),
         ))
     });

@@ -1,7 +1,8 @@
 //! The gateway reloads its configuration, as a process: `tollgate gateway` against a real
 //! broker, where SIGHUP puts a new route in force and a broken file written over it is refused
 //! on the next file check, with the metric set and the running routes still answering; and
-//! `tollgate up --config`, whose gateway follows its file the same way.
+//! `tollgate up --config`, whose gateway follows its file the same way, and whose query API
+//! takes the new consumers (a consumer added by a reload is held to its quota).
 
 mod common;
 use common::{Http, free_port, start_upstream};
@@ -170,6 +171,72 @@ async fn tollgate_up_with_a_file_reloads_its_gateway_when_the_file_changes() {
     )
     .await;
     broken_file_changes_nothing(&http, &config, api, port).await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A consumer added by a reload of `tollgate up` is held to its plan's quota: the query API
+/// takes the gateway's new consumer table, so the quota state the gateway polls includes it.
+/// (Before, the query API kept the consumers it started with, and the new one was unlimited
+/// until a restart.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tollgate_up_holds_a_consumer_added_by_a_reload_to_its_quota() {
+    let upstream = start_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tollgate.yaml");
+    // An authenticated route (the upstream answers `/slow/…` with 200: billable).
+    let paid = "    - { id: paid, methods: [GET], path: \"/slow/{id}\", upstream: app }";
+    let consumers = |ids: &[&str]| {
+        let mut rest = String::from("plans: { capped: { quota: { requests: 3 } } }\nconsumers:\n");
+        for id in ids {
+            rest += &format!(
+                "  - {{ id: {id}, plan: capped, api_keys: [\"{}\"] }}\n",
+                tollgate_schemas::keys::hash_key(&format!("key-{id}"))
+            );
+        }
+        rest
+    };
+    write_config(&config, upstream, &consumers(&["a"]), paid);
+    let (port, api) = (free_port(), free_port());
+    let mut child = spawn("up", &config, dir.path(), port, ("QUERY_API__LISTEN", api));
+    let http = Http::new();
+    let as_b = || async {
+        http.get(
+            &format!("http://127.0.0.1:{port}/slow/1"),
+            &[("x-api-key", "key-b")],
+        )
+        .await
+        .map(|(s, _)| s)
+        .ok()
+    };
+    eventually("tollgate up did not start", || async {
+        status(&http, port, "/fast").await == Some(StatusCode::OK)
+    })
+    .await;
+    assert_eq!(
+        as_b().await,
+        Some(StatusCode::UNAUTHORIZED),
+        "b is not configured yet"
+    );
+    write_config(&config, upstream, &consumers(&["a", "b"]), paid);
+    eventually("the reload did not add consumer b", || async {
+        as_b().await == Some(StatusCode::OK)
+    })
+    .await;
+    let admitted = std::cell::Cell::new(1);
+    eventually("b was never held to its quota of 3", || async {
+        match as_b().await {
+            Some(StatusCode::OK) => {
+                admitted.set(admitted.get() + 1);
+                false
+            }
+            other => other == Some(StatusCode::TOO_MANY_REQUESTS),
+        }
+    })
+    .await;
+    // The gateway learns b's entry within a poll (1 s) of the reload; what b sent before that
+    // went through unchecked, and is counted against it since.
+    assert!(admitted.get() >= 3, "{} admitted", admitted.get());
     let _ = child.kill();
     let _ = child.wait();
 }

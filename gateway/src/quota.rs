@@ -370,6 +370,11 @@ impl QuotaState {
         }
     }
 
+    /// The consumer table the state is kept for.
+    pub fn directory(&self) -> Arc<Directory> {
+        self.read().directory.clone()
+    }
+
     /// Moves the state to another set of consumers (a reload): each entry and its local count
     /// go to the same consumer's position there; entries of consumers no longer configured
     /// are dropped.

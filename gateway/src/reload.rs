@@ -184,13 +184,14 @@ pub struct Reloader {
 impl Reloader {
     /// Validates `config`, builds its state and puts it in force; on any error the state in
     /// force stays, and the error names the key. Counted in
-    /// `tollgate_gateway_config_reloads_total{result}`.
+    /// `tollgate_gateway_config_reloads_total{result}`. Returns the consumer table now in
+    /// force, for the parts of the process that share it (`tollgate up`'s query API).
     pub fn reload(
         &self,
         config: &GatewayConfig,
         consumers: &[Consumer],
         plans: &BTreeMap<String, Plan>,
-    ) -> Result<(), String> {
+    ) -> Result<Arc<Directory>, String> {
         let result = self.try_reload(config, consumers, plans);
         let label = ResultLabels {
             result: if result.is_ok() { "ok" } else { "error" },
@@ -215,7 +216,7 @@ impl Reloader {
         config: &GatewayConfig,
         consumers: &[Consumer],
         plans: &BTreeMap<String, Plan>,
-    ) -> Result<(), String> {
+    ) -> Result<Arc<Directory>, String> {
         config.validate()?;
         let s = &self.started;
         let fixed = [
@@ -233,7 +234,12 @@ impl Reloader {
             ));
         }
         let (_, old) = self.live.current();
-        let directory = Arc::new(Directory::new(consumers)?);
+        // The same consumers keep their table, so that a reload of routes alone changes no
+        // quota state (a new table makes the query API send every consumer's entry again).
+        let directory = match (Directory::new(consumers)?, old.quota.directory()) {
+            (new, current) if new == *current => current,
+            (new, _) => Arc::new(new),
+        };
         let shared = build_shared(
             config,
             directory.clone(),
@@ -247,9 +253,9 @@ impl Reloader {
         })?;
         // Requests authenticated against the old consumers until the swap find their quota
         // entry by id.
-        old.quota.rebind(directory);
+        old.quota.rebind(directory.clone());
         self.live.swap(Arc::new(shared));
-        Ok(())
+        Ok(directory)
     }
 }
 

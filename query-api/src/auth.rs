@@ -7,7 +7,6 @@ use std::sync::Arc;
 use axum::extract::{FromRequestParts, Query};
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
-use tollgate_schemas::directory::Directory;
 use tollgate_schemas::keys::KeyTable;
 
 use crate::AppState;
@@ -63,11 +62,11 @@ impl Caller {
 pub struct Authenticator {
     admin: KeyTable<()>,
     /// The consumers, whose API keys are also their bearer tokens here.
-    consumers: Arc<Directory>,
+    consumers: Arc<crate::Consumers>,
 }
 
 impl Authenticator {
-    pub fn new(admin_tokens: &[String], consumers: Arc<Directory>) -> Authenticator {
+    pub fn new(admin_tokens: &[String], consumers: Arc<crate::Consumers>) -> Authenticator {
         Authenticator {
             admin: KeyTable::from_secrets(admin_tokens.iter().map(|t| (t.as_str(), ()))),
             consumers,
@@ -101,8 +100,9 @@ impl Authenticator {
         if self.admin.find(token.as_bytes()).is_some() {
             return Ok(Caller::Admin);
         }
-        match self.consumers.find_key(token.as_bytes()) {
-            Some(i) => Ok(Caller::Consumer(self.consumers.id(i).to_owned())),
+        let consumers = self.consumers.get();
+        match consumers.find_key(token.as_bytes()) {
+            Some(i) => Ok(Caller::Consumer(consumers.id(i).to_owned())),
             None if open => Ok(Caller::Admin),
             None => Err(ApiError::Unauthorized("unknown token")),
         }
@@ -112,6 +112,7 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tollgate_schemas::directory::Directory;
 
     fn headers(token: Option<&str>) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -124,14 +125,16 @@ mod tests {
         h
     }
 
-    fn consumers() -> Arc<Directory> {
+    fn consumers() -> Arc<crate::Consumers> {
         let hash = tollgate_schemas::keys::hash_key("partner-key");
         let consumers = [tollgate_schemas::config::Consumer {
             id: "p".into(),
             plan: "x".into(),
             api_keys: vec![hash],
         }];
-        Arc::new(Directory::new(&consumers).unwrap())
+        Arc::new(crate::Consumers::new(Arc::new(
+            Directory::new(&consumers).unwrap(),
+        )))
     }
 
     #[test]

@@ -110,11 +110,34 @@ impl QueryApiConfig {
     }
 }
 
+/// The consumer table in force. `tollgate up` replaces it when a reload changes the consumers
+/// (with the gateway's, so that a consumer added by a reload is in the quota state the gateway
+/// enforces); a query-API process keeps the one it started with.
+#[derive(Debug)]
+pub struct Consumers(std::sync::RwLock<Arc<Directory>>);
+
+impl Consumers {
+    pub fn new(directory: Arc<Directory>) -> Consumers {
+        Consumers(std::sync::RwLock::new(directory))
+    }
+
+    /// The table in force.
+    pub fn get(&self) -> Arc<Directory> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, directory: Arc<Directory>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = directory;
+    }
+}
+
 /// What every handler shares.
 pub struct AppState {
     pub store: Arc<dyn UsageQuery>,
     /// The configured consumers (shared with the gateway in a one-process deployment).
-    pub consumers: Arc<Directory>,
+    consumers: Arc<Consumers>,
+    /// The plans it started with: prices and quotas change on a restart (a report over a
+    /// past window is priced as it was when the process started, not by a half-applied edit).
     pub plans: BTreeMap<String, Plan>,
     pub auth: auth::Authenticator,
     /// Every component's metrics, exposed at `/metrics`.
@@ -135,6 +158,7 @@ impl AppState {
         plans: BTreeMap<String, Plan>,
         mut registry: Registry,
     ) -> AppState {
+        let consumers = Arc::new(Consumers::new(consumers));
         let auth = auth::Authenticator::new(&config.admin_tokens, consumers.clone());
         let metrics = Arc::new(metrics::ApiMetrics::register(&mut registry));
         AppState {
@@ -147,6 +171,17 @@ impl AppState {
             billing: config.billing.clone(),
             quota: Default::default(),
         }
+    }
+
+    /// The consumer table in force.
+    pub fn consumers(&self) -> Arc<Directory> {
+        self.consumers.get()
+    }
+
+    /// Puts `directory` in force (a reload of `tollgate up` that changed the consumers): the
+    /// next quota state is computed for its consumers, and their keys sign in.
+    pub fn set_consumers(&self, directory: Arc<Directory>) {
+        self.consumers.set(directory);
     }
 
     /// The one currency every priced plan uses, if there is exactly one.
@@ -164,10 +199,14 @@ impl AppState {
 
     /// The plan named `plan`, falling back to the consumer's configured plan.
     pub(crate) fn plan(&self, plan: Option<&str>, consumer: Option<&str>) -> Option<(&str, &Plan)> {
-        let name = plan.or_else(|| {
-            let i = self.consumers.position(consumer?)?;
-            Some(&**self.consumers.plan(i))
-        })?;
+        let consumers;
+        let name = match plan {
+            Some(p) => p,
+            None => {
+                consumers = self.consumers.get();
+                &**consumers.plan(consumers.position(consumer?)?)
+            }
+        };
         self.plans.get_key_value(name).map(|(k, v)| (k.as_str(), v))
     }
 }

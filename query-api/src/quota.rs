@@ -44,7 +44,9 @@ pub struct QuotaCache {
     data_version: Option<u64>,
     /// The billing period the counts are of, `[start, end)` in microseconds.
     period: (i64, i64),
-    /// Per configured consumer (same order as `AppState::consumers`).
+    /// The consumers the counts are of (a reload of `tollgate up` can replace them).
+    consumers: Arc<Directory>,
+    /// Per consumer of `consumers`, in its order.
     counts: Vec<Count>,
 }
 
@@ -64,6 +66,7 @@ impl Default for QuotaCache {
             computed_at: None,
             data_version: None,
             period: (0, 0),
+            consumers: Arc::default(),
             counts: Vec::new(),
         }
     }
@@ -80,7 +83,6 @@ impl QuotaCache {
     /// builds no entries (and their 400,000 strings) first.
     fn answer(
         &self,
-        consumers: &Directory,
         plans: &BTreeMap<String, Plan>,
         since: Option<(i64, u64)>,
         scope: Option<&str>,
@@ -89,7 +91,8 @@ impl QuotaCache {
             *e == self.epoch && scope.is_none() && self.base.is_some_and(|b| *v >= b)
         });
         let (period, period_end) = (period_name(self.period.0), rfc3339(self.period.1));
-        let entries = consumers
+        let entries = self
+            .consumers
             .iter()
             .zip(&self.counts)
             .filter(|((id, _), n)| {
@@ -110,15 +113,20 @@ impl QuotaCache {
         snapshot_json(self.version, self.epoch, known.is_none(), entries, expected)
     }
 
-    /// Takes the counts of `period` (`used` gives each consumer's, in configuration order) at
-    /// `version`: an entry changes when its count does, every entry when the period does.
+    /// Takes the counts of `period` (`used` gives each consumer's of `consumers`, in their
+    /// order) at `version`: an entry changes when its count does, every entry when the period
+    /// or the consumers do.
     fn update(
         &mut self,
         version: i64,
         period: (i64, i64),
+        consumers: &Arc<Directory>,
         used: impl ExactSizeIterator<Item = u64>,
     ) {
-        let same_period = self.period == period && self.counts.len() == used.len();
+        let same_period = self.period == period
+            && Arc::ptr_eq(&self.consumers, consumers)
+            && self.counts.len() == used.len();
+        self.consumers = consumers.clone();
         if !same_period {
             self.counts.clear();
         }
@@ -153,10 +161,12 @@ async fn refresh(s: &AppState, cache: &mut QuotaCache) -> Result<(), ApiError> {
     let now = chrono::Utc::now().timestamp_micros();
     let (start, end) = period_of(now);
     let data_version = s.store.data_version();
+    let consumers = s.consumers();
     if cache.computed_at.is_some()
         && data_version.is_some()
         && data_version == cache.data_version
         && cache.period == (start, end)
+        && Arc::ptr_eq(&cache.consumers, &consumers)
     {
         return Ok(());
     }
@@ -181,7 +191,8 @@ async fn refresh(s: &AppState, cache: &mut QuotaCache) -> Result<(), ApiError> {
     cache.update(
         version,
         (start, end),
-        s.consumers
+        &consumers,
+        consumers
             .iter()
             .map(|(id, _)| used.get(id).copied().unwrap_or(0)),
     );
@@ -204,7 +215,7 @@ pub async fn quota(
     }
     let mut cache = s.quota.lock().await;
     refresh(&s, &mut cache).await?;
-    let body = cache.answer(&s.consumers, &s.plans, since.zip(epoch), scope.as_deref());
+    let body = cache.answer(&s.plans, since.zip(epoch), scope.as_deref());
     Ok(([(header::CONTENT_TYPE, "application/json")], body))
 }
 
@@ -223,8 +234,8 @@ mod tests {
     use super::*;
     use tollgate_schemas::quota::{QuotaLevel, QuotaSnapshot};
 
-    fn setup() -> (Directory, BTreeMap<String, Plan>) {
-        let consumers: Vec<_> = ["a", "b", "c"]
+    fn directory(ids: &[&str]) -> Arc<Directory> {
+        let consumers: Vec<_> = ids
             .iter()
             .map(|id| tollgate_schemas::config::Consumer {
                 id: id.to_string(),
@@ -232,7 +243,11 @@ mod tests {
                 api_keys: vec![],
             })
             .collect();
-        let consumers = Directory::new(&consumers).unwrap();
+        Arc::new(Directory::new(&consumers).unwrap())
+    }
+
+    fn setup() -> (Arc<Directory>, BTreeMap<String, Plan>) {
+        let consumers = directory(&["a", "b", "c"]);
         let plan: Plan = serde_json::from_value(serde_json::json!({"quota": {"requests": 10}}))
             .expect("a plan with a quota");
         (consumers, [("p".to_string(), plan)].into())
@@ -247,11 +262,11 @@ mod tests {
             epoch: 7,
             ..Default::default()
         };
-        cache.update(100, NOV, [1, 2, 3].into_iter());
-        cache.update(200, NOV, [1, 4, 3].into_iter());
-        cache.update(300, NOV, [1, 4, 5].into_iter());
+        cache.update(100, NOV, &consumers, [1, 2, 3].into_iter());
+        cache.update(200, NOV, &consumers, [1, 4, 3].into_iter());
+        cache.update(300, NOV, &consumers, [1, 4, 5].into_iter());
         let answer = |since, scope| -> QuotaSnapshot {
-            serde_json::from_slice(&cache.answer(&consumers, &plans, since, scope)).unwrap()
+            serde_json::from_slice(&cache.answer(&plans, since, scope)).unwrap()
         };
         let names = |s: &QuotaSnapshot| -> Vec<String> {
             s.consumers.iter().map(|e| e.consumer.clone()).collect()
@@ -289,11 +304,10 @@ mod tests {
         let (consumers, plans) = setup();
         let mut cache = QuotaCache::default();
         let epoch = cache.epoch;
-        cache.update(100, NOV, [1, 2, 3].into_iter());
-        cache.update(200, (NOV.1, NOV.1 + 1), [0, 0, 0].into_iter());
+        cache.update(100, NOV, &consumers, [1, 2, 3].into_iter());
+        cache.update(200, (NOV.1, NOV.1 + 1), &consumers, [0, 0, 0].into_iter());
         let delta: QuotaSnapshot =
-            serde_json::from_slice(&cache.answer(&consumers, &plans, Some((100, epoch)), None))
-                .unwrap();
+            serde_json::from_slice(&cache.answer(&plans, Some((100, epoch)), None)).unwrap();
         assert_eq!(delta.consumers.len(), 3);
         assert!(
             delta
@@ -301,5 +315,21 @@ mod tests {
                 .iter()
                 .all(|e| e.used == 0 && e.period == "2025-12")
         );
+    }
+
+    #[test]
+    fn other_consumers_change_every_entry() {
+        let (consumers, plans) = setup();
+        let mut cache = QuotaCache::default();
+        let epoch = cache.epoch;
+        cache.update(100, NOV, &consumers, [1, 2, 3].into_iter());
+        // As many consumers, in other positions: b left, d came.
+        let reloaded = directory(&["a", "d", "c"]);
+        cache.update(200, NOV, &reloaded, [1, 0, 3].into_iter());
+        let delta: QuotaSnapshot =
+            serde_json::from_slice(&cache.answer(&plans, Some((100, epoch)), None)).unwrap();
+        let names: Vec<&str> = delta.consumers.iter().map(|e| &*e.consumer).collect();
+        assert_eq!(names, ["a", "d", "c"]);
+        assert!(!delta.full);
     }
 }

@@ -24,7 +24,7 @@ use crate::config::Consumer;
 use crate::keys::digest;
 
 /// Consumers by position, by id and by key digest.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Directory {
     /// Every id, one after the other.
     ids: String,
