@@ -32,6 +32,22 @@ gateway:
     std::fs::write(path, text).unwrap();
 }
 
+/// A started `tollgate` process, killed when dropped (also when a test fails before its end).
+struct Running(std::process::Child);
+
+impl Running {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `tollgate COMMAND --config CONFIG` with its data in `dir`, its gateway on `port`, and one
 /// more listener: `(key, port)`, the key as in `TOLLGATE_<key>`.
 fn spawn(
@@ -40,8 +56,8 @@ fn spawn(
     dir: &Path,
     port: u16,
     (key, other): (&str, u16),
-) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+) -> Running {
+    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .arg(command)
         .arg("--config")
         .arg(config)
@@ -53,7 +69,8 @@ fn spawn(
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("tollgate binary starts")
+        .expect("tollgate binary starts");
+    Running(child)
 }
 
 /// The status of `GET path` on the gateway at `port`, if it answered.
@@ -105,7 +122,7 @@ async fn sighup_reloads_the_gateway_and_a_broken_file_changes_nothing() {
     let config = dir.path().join("tollgate.yaml");
     write_config(&config, upstream, &bus, "");
     let (port, admin) = (free_port(), free_port());
-    let mut child = spawn(
+    let child = spawn(
         "gateway",
         &config,
         dir.path(),
@@ -145,8 +162,6 @@ async fn sighup_reloads_the_gateway_and_a_broken_file_changes_nothing() {
 
     broken_file_changes_nothing(&http, &config, admin, port).await;
     assert_eq!(status("/fast").await, Some(StatusCode::OK));
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,7 +171,7 @@ async fn tollgate_up_with_a_file_reloads_its_gateway_when_the_file_changes() {
     let config = dir.path().join("tollgate.yaml");
     write_config(&config, upstream, "", "");
     let (port, api) = (free_port(), free_port());
-    let mut child = spawn("up", &config, dir.path(), port, ("QUERY_API__LISTEN", api));
+    let _up = spawn("up", &config, dir.path(), port, ("QUERY_API__LISTEN", api));
     let http = Http::new();
     let status = |path: &'static str| status(&http, port, path);
     eventually("tollgate up did not start", || async {
@@ -171,8 +186,6 @@ async fn tollgate_up_with_a_file_reloads_its_gateway_when_the_file_changes() {
     )
     .await;
     broken_file_changes_nothing(&http, &config, api, port).await;
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// A consumer added by a reload of `tollgate up` is held to its plan's quota: the query API
@@ -198,7 +211,7 @@ async fn tollgate_up_holds_a_consumer_added_by_a_reload_to_its_quota() {
     };
     write_config(&config, upstream, &consumers(&["a"]), paid);
     let (port, api) = (free_port(), free_port());
-    let mut child = spawn("up", &config, dir.path(), port, ("QUERY_API__LISTEN", api));
+    let _up = spawn("up", &config, dir.path(), port, ("QUERY_API__LISTEN", api));
     let http = Http::new();
     let as_b = || async {
         http.get(
@@ -237,6 +250,4 @@ async fn tollgate_up_holds_a_consumer_added_by_a_reload_to_its_quota() {
     // The gateway learns b's entry within a poll (1 s) of the reload; what b sent before that
     // went through unchecked, and is counted against it since.
     assert!(admitted.get() >= 3, "{} admitted", admitted.get());
-    let _ = child.kill();
-    let _ = child.wait();
 }
