@@ -158,11 +158,6 @@ impl Table {
         };
     }
 
-    /// The end of the period of `slot`, if it has an entry.
-    fn end_of(&self, slot: Slot) -> Option<EndOf> {
-        (slot.period != UNLIMITED).then(|| self.periods[slot.period as usize].end)
-    }
-
     /// Drops the periods no entry uses any more (they pile up over the months when no full
     /// answer comes).
     fn drop_unused_periods(&mut self) {
@@ -236,6 +231,11 @@ impl Table {
 }
 
 type EndOf = Option<chrono::DateTime<chrono::Utc>>;
+
+/// The end of the period of `slot` among `periods`, if it has an entry.
+fn end_of(periods: &[Period], slot: Slot) -> Option<EndOf> {
+    (slot.period != UNLIMITED).then(|| periods[slot.period as usize].end)
+}
 
 /// One entry of an answer, as read: text borrowed from the answer where it has no escapes.
 type Row<'a> = QuotaEntryRef<'a>;
@@ -441,36 +441,30 @@ impl QuotaState {
         let mut t = self.write();
         t.settle_retired();
         let (mut unknown, mut example) = (0usize, None);
-        if full {
-            // The entries before this answer, to carry each consumer's count over.
+        // A full answer replaces every entry: the ones before it only carry counts over.
+        let (before, periods_before) = if full {
             let n = t.directory.len();
-            let before = std::mem::replace(&mut t.slots, vec![EMPTY; n]);
-            let periods_before = std::mem::take(&mut t.periods);
-            for row in rows {
-                let Some(at) = t.directory.position(row.consumer) else {
-                    unknown += 1;
-                    example.get_or_insert_with(|| row.consumer.to_owned());
-                    continue;
-                };
-                let previous = before[at];
-                let end = (previous.period != UNLIMITED)
-                    .then(|| periods_before[previous.period as usize].end);
-                t.set(at, &row, previous, end);
-            }
+            (
+                Some(std::mem::replace(&mut t.slots, vec![EMPTY; n])),
+                std::mem::take(&mut t.periods),
+            )
         } else {
-            for row in rows {
-                let Some(at) = t.directory.position(row.consumer) else {
-                    unknown += 1;
-                    example.get_or_insert_with(|| row.consumer.to_owned());
-                    continue;
-                };
-                let previous = t.slots[at];
-                let end = t.end_of(previous);
-                t.set(at, &row, previous, end);
-            }
-            if t.periods.len() > 64 {
-                t.drop_unused_periods();
-            }
+            (None, Vec::new())
+        };
+        for row in rows {
+            let Some(at) = t.directory.position(row.consumer) else {
+                unknown += 1;
+                example.get_or_insert_with(|| row.consumer.to_owned());
+                continue;
+            };
+            let (previous, end) = match &before {
+                Some(before) => (before[at], end_of(&periods_before, before[at])),
+                None => (t.slots[at], end_of(&t.periods, t.slots[at])),
+            };
+            t.set(at, &row, previous, end);
+        }
+        if !full && t.periods.len() > 64 {
+            t.drop_unused_periods();
         }
         drop(t);
         if let Some(example) = example {
