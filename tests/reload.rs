@@ -35,12 +35,6 @@ gateway:
 /// A started `tollgate` process, killed when dropped (also when a test fails before its end).
 struct Running(std::process::Child);
 
-impl Running {
-    fn id(&self) -> u32 {
-        self.0.id()
-    }
-}
-
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -154,7 +148,7 @@ async fn sighup_reloads_the_gateway_and_a_broken_file_changes_nothing() {
         Some(StatusCode::NOT_FOUND),
         "no reload without a trigger"
     );
-    signal(child.id(), "HUP");
+    signal(child.0.id(), "HUP");
     eventually("SIGHUP did not put the new route in force", || async {
         status("/slow/1").await == Some(StatusCode::OK)
     })
