@@ -19,7 +19,6 @@ use axum::response::IntoResponse;
 use tollgate_schemas::config::Plan;
 use tollgate_schemas::directory::Directory;
 use tollgate_schemas::quota::{QuotaEntryRef, snapshot_json};
-use tollgate_store::{Filter, GroupKey, KeyValue};
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -170,22 +169,7 @@ async fn refresh(s: &AppState, cache: &mut QuotaCache) -> Result<(), ApiError> {
     {
         return Ok(());
     }
-    let filter = Filter {
-        from_us: start,
-        to_us: end,
-        consumer: None,
-        route: None,
-    };
-    let used: HashMap<String, u64> = s
-        .store
-        .usage(&filter, &[GroupKey::Consumer])
-        .await?
-        .into_iter()
-        .filter_map(|r| match &r.keys[0] {
-            KeyValue::Text(c) => Some((c.clone(), r.billable_requests)),
-            _ => None,
-        })
-        .collect();
+    let used = s.store.billable_by_consumer(start, end).await?;
     let version = (now / 1000).max(cache.version + 1);
     cache.data_version = data_version;
     cache.update(

@@ -328,6 +328,30 @@ pub trait UsageQuery: Send + Sync {
     fn data_version(&self) -> Option<u64> {
         None
     }
+    /// Billable requests per consumer in `[from_us, to_us)`, anonymous requests left out: the
+    /// counts of the quota state, the same as `usage` grouped by consumer, which is what this
+    /// default asks. A store may answer it more cheaply (the embedded one reads three columns
+    /// without planning a query).
+    async fn billable_by_consumer(
+        &self,
+        from_us: i64,
+        to_us: i64,
+    ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+        let filter = Filter {
+            from_us,
+            to_us,
+            consumer: None,
+            route: None,
+        };
+        let rows = self.usage(&filter, &[GroupKey::Consumer]).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| match r.keys.into_iter().next() {
+                Some(KeyValue::Text(c)) => Some((c, r.billable_requests)),
+                _ => None,
+            })
+            .collect())
+    }
     /// What the collectors recorded of each partition (see `ledger`).
     async fn progress(&self) -> Result<Vec<PartitionProgress>, StoreError>;
     /// Stores a published export and returns the period's export: this one, or one published

@@ -145,6 +145,27 @@ async fn check(name: &str, store: &dyn UsageQuery, case: &Case) {
             })
             .collect();
         assert_eq!(got, u.rows, "{name}: usage query #{i}");
+        // The quota's tally of the same window: `usage` by consumer, anonymous left out.
+        let (from_us, to_us) = (f.from_us, f.to_us);
+        let window = Filter {
+            from_us,
+            to_us,
+            consumer: None,
+            route: None,
+        };
+        let by_consumer = store.usage(&window, &[GroupKey::Consumer]).await.unwrap();
+        let want: std::collections::HashMap<String, u64> = by_consumer
+            .into_iter()
+            .filter_map(|r| match &r.keys[0] {
+                KeyValue::Text(c) => Some((c.clone(), r.billable_requests)),
+                _ => None,
+            })
+            .collect();
+        let tally = store.billable_by_consumer(from_us, to_us).await.unwrap();
+        assert_eq!(
+            tally, want,
+            "{name}: billable by consumer, usage query #{i}"
+        );
     }
     for (i, l) in case.latency.iter().enumerate() {
         let q = LatencyQuery {

@@ -18,6 +18,7 @@ mod ledger;
 mod manifest;
 mod query;
 mod rollup;
+mod tally;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -423,7 +424,7 @@ impl EventWriter for ParquetStore {
         let mut days = Vec::new();
         if all.num_rows() > 0 {
             for (day, events) in files::split_by_day(&all)? {
-                let rollups = rollup::roll_up_batch(&events).await?;
+                let rollups = rollup::roll_up_batch(&events)?;
                 days.push((day, events, rollups));
             }
         }

@@ -30,7 +30,7 @@ use crate::{
 
 /// Which table a part of a window is read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
+pub(super) enum Source {
     /// `events`: raw rows, files and memory.
     Raw,
     /// A rollup table, for flushed rows.
@@ -78,7 +78,7 @@ fn key_expr(k: GroupKey, source: Source) -> Expr {
 /// The parts of `[from, to)` and where each is read from: aligned spans from the coarsest of
 /// `kinds` (ordered coarse to fine) that the store has complete and whose periods `step` does
 /// not cut, each with the in-memory events of the same span; the rest raw.
-fn plan(
+pub(super) fn plan(
     from: i64,
     to: i64,
     step: Option<i64>,
@@ -450,6 +450,14 @@ impl UsageQuery for ParquetStore {
     /// writes it (one process owns the directory).
     fn data_version(&self) -> Option<u64> {
         Some(self.changes())
+    }
+
+    async fn billable_by_consumer(
+        &self,
+        from_us: i64,
+        to_us: i64,
+    ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+        self.tally_billable(from_us, to_us).await
     }
 
     async fn publish_export(

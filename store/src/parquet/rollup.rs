@@ -18,7 +18,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BinaryBuilder, Int64Builder, RecordBatch, StringBuilder,
+    Array, ArrayRef, AsArray, BinaryBuilder, BooleanArray, Int64Builder, PrimitiveArray,
+    RecordBatch, StringArray, StringBuilder,
 };
 use datafusion::arrow::datatypes::{
     DataType, Field, Schema, SchemaRef, TimestampMicrosecondType, UInt16Type, UInt64Type,
@@ -30,9 +31,7 @@ use datafusion::functions_aggregate::expr_fn::sum;
 use datafusion::physical_plan::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::PartitionStream;
-use datafusion::prelude::{
-    DataFrame, Expr, SessionConfig, SessionContext, cast, ceil, col, lit, ln, when,
-};
+use datafusion::prelude::{DataFrame, Expr, SessionContext, cast, ceil, col, lit, ln, when};
 use futures::StreamExt;
 
 use super::manifest::FileKind;
@@ -350,14 +349,17 @@ impl PartitionStream for Stepped {
 }
 
 /// Every rollup of an in-memory batch of events, in `FileKind::ROLLUPS` order.
-pub async fn roll_up_batch(
-    events: &RecordBatch,
-) -> Result<Vec<(FileKind, RecordBatch)>, StoreError> {
-    let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
-    ctx.register_table(
-        "events",
-        stepped_table(events.schema(), vec![events.clone()])?,
-    )?;
+///
+/// Built by hand, not by DataFusion: a flush every two seconds set up a session (every
+/// built-in function registered) and planned and ran four grouped queries. With the quota's
+/// usage query (now `tally`), that kept most of the query engine's code resident in a
+/// `tollgate up` that no one asked an analytics question: it idled at 61–67 MiB RSS with one
+/// consumer, 42–43 MiB without (BENCHMARKS.md, "Many consumers"). The rows equal those of the
+/// SQL rollups ([`roll_up`], which rebuilds missing rollups; a test compares the two), sorted
+/// by their keys.
+pub fn roll_up_batch(events: &RecordBatch) -> Result<Vec<(FileKind, RecordBatch)>, StoreError> {
+    let columns = EventColumns::of(events)?;
+    let minutes = UsageRollup::of_events(FileKind::Usage1m, &columns);
     let mut out: Vec<(FileKind, RecordBatch)> = Vec::new();
     // Per-hour sketches from the per-minute ones (`ROLLUPS` lists the minutes first).
     let mut hour_sketches = None;
@@ -377,34 +379,222 @@ pub async fn roll_up_batch(
                 }
                 sketches.finish()
             }
-            // Hours and days from the minutes computed just before (`ROLLUPS` lists `Usage1m`
-            // first): a few rows per minute, not every event again.
-            FileKind::Usage1h | FileKind::Usage1d => coarsen_usage(&ctx, kind).await?,
-            _ => roll_up(&ctx, kind).await?,
+            FileKind::Usage1m => minutes.finish(kind),
+            // Hours and days from the minutes: a few rows per minute, not every event again.
+            FileKind::Usage1h | FileKind::Usage1d => minutes.coarsened(kind).finish(kind),
+            FileKind::Latency1m => latency_minutes(&columns).finish(),
+            _ => unreachable!("not a rollup kind: {kind:?}"),
         };
-        if kind == FileKind::Usage1m {
-            ctx.register_batch("usage_minutes", rows.clone())?;
-        }
         out.push((kind, rows));
     }
     Ok(out)
 }
 
-/// A coarser usage rollup (`Usage1h`, `Usage1d`) from the `Usage1m` rows registered as
-/// `usage_minutes` in `ctx`: sums of sums.
-async fn coarsen_usage(ctx: &SessionContext, kind: FileKind) -> Result<RecordBatch, StoreError> {
-    let (_, size) = kind.period().expect("a rollup kind");
-    let df = ctx.table("usage_minutes").await?.aggregate(
-        vec![
-            period_of(col("minute_us"), size),
-            col("consumer"),
-            col("route"),
-            col("plan"),
-            col("status"),
-        ],
-        usage_sums_of_rollups(),
-    )?;
-    collect_as(df, kind).await
+/// The columns of an events batch the usage and latency rollups read.
+struct EventColumns<'a> {
+    rows: usize,
+    ts: &'a PrimitiveArray<TimestampMicrosecondType>,
+    consumer: &'a StringArray,
+    route: &'a StringArray,
+    plan: &'a StringArray,
+    status: &'a PrimitiveArray<UInt16Type>,
+    billable: &'a BooleanArray,
+    req_bytes: &'a PrimitiveArray<UInt64Type>,
+    resp_bytes: &'a PrimitiveArray<UInt64Type>,
+    latency: &'a PrimitiveArray<UInt64Type>,
+    upstream: &'a PrimitiveArray<UInt64Type>,
+}
+
+impl<'a> EventColumns<'a> {
+    /// The columns of `events` (the events schema, text as `Utf8`), or what is missing.
+    fn of(events: &'a RecordBatch) -> Result<EventColumns<'a>, StoreError> {
+        fn get<'a, T: 'static>(events: &'a RecordBatch, name: &str) -> Result<&'a T, StoreError> {
+            events
+                .column_by_name(name)
+                .and_then(|c| c.as_any().downcast_ref::<T>())
+                .ok_or_else(|| StoreError::Corrupt(format!("events batch: bad column {name}")))
+        }
+        Ok(EventColumns {
+            rows: events.num_rows(),
+            ts: get(events, "ts")?,
+            consumer: get(events, "consumer")?,
+            route: get(events, "route")?,
+            plan: get(events, "plan")?,
+            status: get(events, "status")?,
+            billable: get(events, "billable")?,
+            req_bytes: get(events, "req_bytes")?,
+            resp_bytes: get(events, "resp_bytes")?,
+            latency: get(events, "latency_us")?,
+            upstream: get(events, "upstream_latency_us")?,
+        })
+    }
+}
+
+/// A text value of row `i`, `None` when null.
+fn text(a: &StringArray, i: usize) -> Option<&str> {
+    a.is_valid(i).then(|| a.value(i))
+}
+
+/// A usage group: period start, consumer, route, plan, status.
+type UsageKey<'a> = (i64, Option<&'a str>, Option<&'a str>, Option<&'a str>, i64);
+
+/// A usage group's sums in the rollups' column order: requests, billable requests, request
+/// bytes, response bytes (wrapping, as SQL's `sum` over `Int64` does).
+type UsageSums = [i64; 4];
+
+/// Usage rows of one grain, keyed by text borrowed from the events batch.
+struct UsageRollup<'a> {
+    period_us: i64,
+    groups: HashMap<UsageKey<'a>, UsageSums>,
+}
+
+impl<'a> UsageRollup<'a> {
+    /// The usage of the events of `columns` by periods of `kind` (a usage kind).
+    fn of_events(kind: FileKind, columns: &EventColumns<'a>) -> UsageRollup<'a> {
+        let (_, period_us) = kind.period().expect("a rollup kind");
+        let mut groups: HashMap<UsageKey<'a>, UsageSums> = HashMap::new();
+        let c = columns;
+        let mut cpu = Yielder::new();
+        for i in 0..c.rows {
+            if i % STEP_ROWS == STEP_ROWS - 1 {
+                cpu.tick();
+            }
+            let key = (
+                c.ts.value(i).div_euclid(period_us) * period_us,
+                text(c.consumer, i),
+                text(c.route, i),
+                text(c.plan, i),
+                i64::from(c.status.value(i)),
+            );
+            let sums = groups.entry(key).or_default();
+            sums[0] += 1;
+            sums[1] += i64::from(c.billable.value(i));
+            sums[2] = sums[2].wrapping_add(c.req_bytes.value(i) as i64);
+            sums[3] = sums[3].wrapping_add(c.resp_bytes.value(i) as i64);
+        }
+        UsageRollup { period_us, groups }
+    }
+
+    /// The same usage by the periods of `kind`, a usage kind whose period is a multiple of
+    /// this one's: sums of sums, as a query over the rollups adds them.
+    fn coarsened(&self, kind: FileKind) -> UsageRollup<'a> {
+        let (_, period_us) = kind.period().expect("a rollup kind");
+        let mut groups: HashMap<UsageKey<'a>, UsageSums> = HashMap::new();
+        for (&(t, consumer, route, plan, status), sums) in &self.groups {
+            let t = t.div_euclid(period_us) * period_us;
+            let into = groups
+                .entry((t, consumer, route, plan, status))
+                .or_default();
+            for (into, n) in into.iter_mut().zip(sums) {
+                *into = into.wrapping_add(*n);
+            }
+        }
+        debug_assert!(period_us % self.period_us == 0);
+        UsageRollup { period_us, groups }
+    }
+
+    /// The rows with `kind`'s schema, sorted by their keys.
+    fn finish(&self, kind: FileKind) -> RecordBatch {
+        let mut rows: Vec<_> = self.groups.iter().collect();
+        rows.sort_unstable_by_key(|(k, _)| **k);
+        let mut cols: [Int64Builder; 6] = Default::default();
+        let mut texts: [StringBuilder; 3] = Default::default();
+        for ((t, consumer, route, plan, status), sums) in rows {
+            cols[0].append_value(*t);
+            for (b, v) in texts.iter_mut().zip([consumer, route, plan]) {
+                b.append_option(*v);
+            }
+            cols[1].append_value(*status);
+            for (b, n) in cols[2..].iter_mut().zip(sums) {
+                b.append_value(*n);
+            }
+        }
+        let [
+            mut t,
+            mut status,
+            mut requests,
+            mut billable,
+            mut req,
+            mut resp,
+        ] = cols;
+        let [mut consumer, mut route, mut plan] = texts;
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(t.finish()),
+            Arc::new(consumer.finish()),
+            Arc::new(route.finish()),
+            Arc::new(plan.finish()),
+            Arc::new(status.finish()),
+            Arc::new(requests.finish()),
+            Arc::new(billable.finish()),
+            Arc::new(req.finish()),
+            Arc::new(resp.finish()),
+        ];
+        RecordBatch::try_new(schema_of(kind), columns).expect("columns match the schema")
+    }
+}
+
+/// A `latency_1m` group: minute, route, consumer, sketch bucket.
+type LatencyKey<'a> = (i64, &'a str, Option<&'a str>, i64);
+
+/// The `latency_1m` rows of events forwarded upstream on a route: count and server errors by
+/// minute, route, consumer and bucket of `latency_us`.
+struct LatencyMinutes<'a> {
+    groups: HashMap<LatencyKey<'a>, [i64; 2]>,
+}
+
+fn latency_minutes<'a>(c: &EventColumns<'a>) -> LatencyMinutes<'a> {
+    let (_, minute_us) = FileKind::Latency1m.period().expect("a rollup kind");
+    let mut groups: HashMap<LatencyKey<'a>, [i64; 2]> = HashMap::new();
+    let mut cpu = Yielder::new();
+    for i in 0..c.rows {
+        if i % STEP_ROWS == STEP_ROWS - 1 {
+            cpu.tick();
+        }
+        let Some(route) = text(c.route, i) else {
+            continue;
+        };
+        if c.upstream.is_null(i) {
+            continue;
+        }
+        let key = (
+            c.ts.value(i).div_euclid(minute_us) * minute_us,
+            route,
+            text(c.consumer, i),
+            i64::from(bucket_of(c.latency.value(i))),
+        );
+        let group = groups.entry(key).or_default();
+        group[0] += 1;
+        group[1] += i64::from(c.status.value(i) >= 500);
+    }
+    LatencyMinutes { groups }
+}
+
+impl LatencyMinutes<'_> {
+    /// The rows with the `latency_1m` schema, sorted by their keys.
+    fn finish(&self) -> RecordBatch {
+        let mut rows: Vec<_> = self.groups.iter().collect();
+        rows.sort_unstable_by_key(|(k, _)| **k);
+        let [mut minute, mut bucket, mut n, mut errors]: [Int64Builder; 4] = Default::default();
+        let [mut route, mut consumer]: [StringBuilder; 2] = Default::default();
+        for ((m, r, c, b), [count, errs]) in rows {
+            minute.append_value(*m);
+            route.append_value(r);
+            consumer.append_option(*c);
+            bucket.append_value(*b);
+            n.append_value(*count);
+            errors.append_value(*errs);
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(minute.finish()),
+            Arc::new(route.finish()),
+            Arc::new(consumer.finish()),
+            Arc::new(bucket.finish()),
+            Arc::new(n.finish()),
+            Arc::new(errors.finish()),
+        ];
+        RecordBatch::try_new(schema_of(FileKind::Latency1m), columns)
+            .expect("columns match the schema")
+    }
 }
 
 /// The rollup of `kind` over the events registered as `events` in `ctx` (streamed).

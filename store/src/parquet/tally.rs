@@ -1,0 +1,187 @@
+//! Billable requests per consumer over a window, read straight from the store's Parquet files
+//! and in-memory batches: the count the quota state is made of, asked every second while
+//! events arrive.
+//!
+//! The window is cut as `usage` cuts it (`query::plan`: the coarsest complete usage rollup for
+//! aligned spans, with the in-memory events beside it, raw events at ragged edges), and the
+//! answer is the same as `usage` grouped by consumer (a test compares them). It is read without
+//! a DataFusion session: planning a query every second kept the whole query engine's code and
+//! its session's allocations in the RSS of a `tollgate up` that no one asked an analytics
+//! question (BENCHMARKS.md, "Many consumers"). Each source needs three columns, summed into
+//! one map keyed by consumer.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{Int64Type, TimestampMicrosecondType};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use super::ParquetStore;
+use super::manifest::{FileEntry, FileKind};
+use super::query::{Source, plan};
+use crate::StoreError;
+use crate::cpu::{STEP_ROWS, Yielder};
+
+/// The usage rollups a tally may read, coarse to fine.
+const USAGE: [FileKind; 3] = [FileKind::Usage1d, FileKind::Usage1h, FileKind::Usage1m];
+
+impl ParquetStore {
+    /// Billable requests per consumer (anonymous requests left out) in `[from_us, to_us)`,
+    /// over one consistent view of the store (files and in-memory batches under one lock).
+    pub(super) async fn tally_billable(
+        &self,
+        from_us: i64,
+        to_us: i64,
+    ) -> Result<HashMap<String, u64>, StoreError> {
+        let (files, mem, complete) = {
+            let state = self.read_state();
+            let files: Vec<FileEntry> = state
+                .manifest
+                .files
+                .iter()
+                .filter(|f| f.kind == FileKind::Events || USAGE.contains(&f.kind))
+                .filter(|f| f.max_ts_us >= from_us && f.min_ts_us < to_us)
+                .cloned()
+                .collect();
+            let mem: Vec<RecordBatch> = state.mem.iter().map(|(b, _)| b.clone()).collect();
+            (files, mem, state.manifest.complete_rollups())
+        };
+        let dir = self.inner.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut tally = Tally::new(dir);
+            for (source, from, to) in plan(from_us, to_us, None, &USAGE, &complete) {
+                let kind = match source {
+                    Source::Rollup(kind) => kind,
+                    Source::Raw | Source::Memory => FileKind::Events,
+                };
+                if source != Source::Memory {
+                    let overlapping = files
+                        .iter()
+                        .filter(|f| f.kind == kind && f.max_ts_us >= from && f.min_ts_us < to);
+                    for f in overlapping {
+                        tally.file(f, (from, to))?;
+                    }
+                }
+                if matches!(source, Source::Raw | Source::Memory) {
+                    for b in &mem {
+                        tally.batch(FileKind::Events, b, (from, to))?;
+                    }
+                }
+            }
+            Ok(tally.counts)
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("tally task failed: {e}")))?
+    }
+}
+
+/// The columns a tally reads from a source of `kind`: its time, the consumer and the billable
+/// count (a flag per event, a sum per rollup row).
+fn columns(kind: FileKind) -> [&'static str; 3] {
+    match kind.period() {
+        Some((time, _)) => [time, "consumer", "billable_requests"],
+        None => ["ts", "consumer", "billable"],
+    }
+}
+
+struct Tally {
+    dir: PathBuf,
+    counts: HashMap<String, u64>,
+    cpu: Yielder,
+}
+
+impl Tally {
+    fn new(dir: PathBuf) -> Tally {
+        Tally {
+            dir,
+            counts: HashMap::new(),
+            cpu: Yielder::new(),
+        }
+    }
+
+    /// Adds the rows of file `f` whose time is in `window`, reading only the columns summed.
+    fn file(&mut self, f: &FileEntry, window: (i64, i64)) -> Result<(), StoreError> {
+        let path = self.dir.join(&f.path);
+        for b in read_columns(&path, &columns(f.kind))? {
+            self.batch(f.kind, &b?, window)?;
+        }
+        Ok(())
+    }
+
+    /// Adds the rows of `b` (a batch of `kind`, whole or projected) whose time is in `window`.
+    fn batch(
+        &mut self,
+        kind: FileKind,
+        b: &RecordBatch,
+        (from, to): (i64, i64),
+    ) -> Result<(), StoreError> {
+        let [time, consumer, billable] = columns(kind).map(|name| {
+            b.column_by_name(name)
+                .ok_or_else(|| StoreError::Corrupt(format!("{kind:?} batch has no {name}")))
+        });
+        let (time, consumer, billable) = (time?, consumer?, billable?);
+        let corrupt = |name: &str| StoreError::Corrupt(format!("{kind:?}: bad column {name}"));
+        let consumer = consumer
+            .as_string_opt::<i32>()
+            .ok_or_else(|| corrupt("consumer"))?;
+        let time: &[i64] = match kind {
+            FileKind::Events => time
+                .as_primitive_opt::<TimestampMicrosecondType>()
+                .ok_or_else(|| corrupt("ts"))?
+                .values(),
+            _ => time
+                .as_primitive_opt::<Int64Type>()
+                .ok_or_else(|| corrupt("period"))?
+                .values(),
+        };
+        let flags = billable.as_boolean_opt();
+        let sums = billable.as_primitive_opt::<Int64Type>();
+        if flags.is_none() && sums.is_none() {
+            return Err(corrupt("billable"));
+        }
+        let count = |i: usize| match (flags, sums) {
+            (Some(flags), _) => u64::from(flags.value(i)),
+            (_, Some(sums)) => sums.value(i).max(0) as u64,
+            _ => 0,
+        };
+        for (i, t) in time.iter().enumerate() {
+            if i % STEP_ROWS == STEP_ROWS - 1 {
+                self.cpu.tick();
+            }
+            if !(from..to).contains(t) || consumer.is_null(i) || billable.is_null(i) {
+                continue;
+            }
+            let n = count(i);
+            match self.counts.get_mut(consumer.value(i)) {
+                Some(total) => *total += n,
+                None => {
+                    self.counts.insert(consumer.value(i).to_owned(), n);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The batches of the Parquet file at `path`, with only the named top-level columns.
+fn read_columns(
+    path: &Path,
+    names: &[&str],
+) -> Result<impl Iterator<Item = Result<RecordBatch, StoreError>>, StoreError> {
+    let file = std::fs::File::open(path).map_err(StoreError::io(path))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)?.with_batch_size(STEP_ROWS);
+    let schema = builder.schema().clone();
+    let roots = names
+        .iter()
+        .map(|n| {
+            schema
+                .index_of(n)
+                .map_err(|_| StoreError::Corrupt(format!("{} has no column {n}", path.display())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+    let reader = builder.with_projection(mask).build()?;
+    Ok(reader.map(|b| b.map_err(|e| StoreError::Corrupt(e.to_string()))))
+}
