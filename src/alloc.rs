@@ -71,15 +71,24 @@ const QUIET_CPU: f64 = 0.05;
 /// load anyway; after a burst the first quiet period hands them back.
 const TRIM_UNDER_LOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Quiet periods after the trim that ends a busy spell until a second one. Work winds down
+/// after the load: the collector releases its spare events after a flush interval (2 s by
+/// default) without events, which can come after the first quiet period. Their pages are free
+/// only then; without this second trim an idle `tollgate up` kept them (BENCHMARKS.md).
+const FOLLOW_UP_PERIODS: u32 = 2;
+
 /// When to trim, from the process's CPU use over each period: once when a busy spell ends
-/// (the first quiet period after one), and every [`TRIM_UNDER_LOAD_EVERY`] while it lasts. An
-/// idle process is not trimmed again and again: it allocated nothing to hand back.
+/// (the first quiet period after one) and again [`FOLLOW_UP_PERIODS`] quiet periods later,
+/// and every [`TRIM_UNDER_LOAD_EVERY`] while it lasts. An idle process is not trimmed again
+/// and again: it allocated nothing to hand back.
 #[derive(Debug, Default)]
 struct TrimPolicy {
     /// A period at or over [`QUIET_CPU`] since the last trim.
     busy_since_trim: bool,
     /// Time since the last trim or the start of the busy spell, summed over periods.
     since_trim: std::time::Duration,
+    /// Quiet periods left until the follow-up trim of a spell that ended.
+    follow_up: Option<u32>,
 }
 
 impl TrimPolicy {
@@ -94,9 +103,23 @@ impl TrimPolicy {
         self.since_trim += period;
         let due = self.busy_since_trim && (quiet || self.since_trim >= TRIM_UNDER_LOAD_EVERY);
         if due {
-            *self = TrimPolicy::default();
+            *self = TrimPolicy {
+                follow_up: quiet.then_some(FOLLOW_UP_PERIODS),
+                ..TrimPolicy::default()
+            };
+            return true;
         }
-        due
+        match self.follow_up.as_mut() {
+            Some(left) if quiet => {
+                *left -= 1;
+                let now = *left == 0;
+                if now {
+                    self.follow_up = None;
+                }
+                now
+            }
+            _ => false,
+        }
     }
 }
 
@@ -198,6 +221,13 @@ mod tests {
             "the first quiet period after a burst"
         );
         assert!(!p.after(period, 0.01), "quiet again: trimmed already");
+        assert!(
+            p.after(period, 0.01),
+            "the follow-up, two quiet periods after the first trim"
+        );
+        for _ in 0..10 {
+            assert!(!p.after(period, 0.01), "idle: nothing more to hand back");
+        }
         let mut trims = 0;
         for _ in 0..(120 / 2) {
             trims += u32::from(p.after(period, 0.9));

@@ -133,6 +133,17 @@ impl Batcher {
         }
     }
 
+    /// Frees the spares and the vectors' spare room, once the collector has had nothing to
+    /// store for a while. A batch's worth of spares is megabytes, and their strings lie among
+    /// the allocator's pages of everything else freed since: kept through an idle stretch,
+    /// they hold those pages, which `malloc_trim` can hand back only when wholly free. The
+    /// next busy stretch grows fresh vectors once.
+    pub fn release_spares(&mut self) {
+        self.events.truncate(self.filled);
+        self.events.shrink_to_fit();
+        self.positions.shrink_to_fit();
+    }
+
     /// Forgets everything taken in from `partitions` (revoked: their new owner reads it again).
     pub fn drop_partitions(&mut self, partitions: &[u32]) {
         self.events.truncate(self.filled);
@@ -228,6 +239,27 @@ mod tests {
         assert_eq!(third.events.len(), 1);
         assert_eq!(third.events[0].latency_us, 7);
         assert_eq!(third.through.0[&0], 8);
+    }
+
+    #[test]
+    fn released_spares_free_their_room_and_batching_goes_on() {
+        let now = Instant::now();
+        let mut b = Batcher::new(4, Duration::from_millis(10));
+        for o in 0..4 {
+            b.push(ev(o), 0, o, now);
+        }
+        let batch = b.take_if_due(now).expect("full");
+        b.recycle(batch);
+        b.push(ev(4), 0, 4, now);
+        assert_eq!(b.events.len(), 4, "one event and three spares");
+        b.release_spares();
+        assert_eq!((b.events.len(), b.events.capacity()), (1, 1));
+        assert_eq!(b.positions.capacity(), 1);
+        b.push(ev(5), 0, 5, now);
+        let batch = b.take().expect("two events");
+        let latencies: Vec<u64> = batch.events.iter().map(|e| e.latency_us).collect();
+        assert_eq!(latencies, [4, 5]);
+        assert_eq!(batch.through.0[&0], 6);
     }
 
     proptest! {

@@ -181,6 +181,9 @@ pub async fn run(
     let mut batcher = Batcher::new(batch_max, linger);
     let mut next_flush = Instant::now() + flush_every;
     let mut appended_since_flush = false;
+    // Whether a batch was appended since the last flush interval began: one with none
+    // releases the batcher's spares (`Batcher::release_spares`).
+    let mut appended_this_interval = false;
     let mut events_since_flush = 0usize;
     let mut progress = Progress::default();
     loop {
@@ -258,6 +261,7 @@ pub async fn run(
         if let Some(batch) = batcher.take_if_due(Instant::now()) {
             append(&*store, &batch, &metrics).await?;
             appended_since_flush = true;
+            appended_this_interval = true;
             events_since_flush += batch.events.len();
             batcher.recycle(batch);
             if store.durable_on_append() || events_since_flush >= config.flush_max_events {
@@ -276,6 +280,9 @@ pub async fn run(
             }
             let owned: HashSet<u32> = resume.keys().copied().collect();
             progress.step(&owned, &mut *bus, &*store, &metrics).await;
+            if !std::mem::take(&mut appended_this_interval) {
+                batcher.release_spares();
+            }
             next_flush = Instant::now() + flush_every;
         }
     }
