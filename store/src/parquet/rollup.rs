@@ -14,7 +14,9 @@
 //! file's first column is the start of its rows' period (`minute_us`, `hour_us`, `day_us`); a
 //! query cuts its window with `time::plan` and reads each aligned span from the coarsest kind.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -127,7 +129,7 @@ impl RouteSketches {
         RouteSketches {
             kind,
             period_us,
-            groups: HashMap::new(),
+            groups: HashMap::default(),
         }
     }
 
@@ -452,7 +454,7 @@ impl<'a> UsageRollup<'a> {
     /// The usage of the events of `columns` by periods of `kind` (a usage kind).
     fn of_events(kind: FileKind, columns: &EventColumns<'a>) -> UsageRollup<'a> {
         let (_, period_us) = kind.period().expect("a rollup kind");
-        let mut groups: HashMap<UsageKey<'a>, UsageSums> = HashMap::new();
+        let mut groups: HashMap<UsageKey<'a>, UsageSums> = HashMap::default();
         let c = columns;
         let mut cpu = Yielder::new();
         for i in 0..c.rows {
@@ -479,7 +481,7 @@ impl<'a> UsageRollup<'a> {
     /// this one's: sums of sums, as a query over the rollups adds them.
     fn coarsened(&self, kind: FileKind) -> UsageRollup<'a> {
         let (_, period_us) = kind.period().expect("a rollup kind");
-        let mut groups: HashMap<UsageKey<'a>, UsageSums> = HashMap::new();
+        let mut groups: HashMap<UsageKey<'a>, UsageSums> = HashMap::default();
         for (&(t, consumer, route, plan, status), sums) in &self.groups {
             let t = t.div_euclid(period_us) * period_us;
             let into = groups
@@ -493,10 +495,12 @@ impl<'a> UsageRollup<'a> {
         UsageRollup { period_us, groups }
     }
 
-    /// The rows with `kind`'s schema, sorted by their keys.
+    /// The rows with `kind`'s schema, in no particular order (as the SQL rollups' were).
+    /// Sorting them cost more than grouping: with 1,000 consumers, `latency_1m` has hundreds
+    /// of thousands of rows a minute, and comparing their text was a fifth of an ingest's
+    /// CPU (BENCHMARKS.md).
     fn finish(&self, kind: FileKind) -> RecordBatch {
-        let mut rows: Vec<_> = self.groups.iter().collect();
-        rows.sort_unstable_by_key(|(k, _)| **k);
+        let rows = self.groups.iter();
         let mut cols: [Int64Builder; 6] = Default::default();
         let mut texts: [StringBuilder; 3] = Default::default();
         for ((t, consumer, route, plan, status), sums) in rows {
@@ -544,7 +548,7 @@ struct LatencyMinutes<'a> {
 
 fn latency_minutes<'a>(c: &EventColumns<'a>) -> LatencyMinutes<'a> {
     let (_, minute_us) = FileKind::Latency1m.period().expect("a rollup kind");
-    let mut groups: HashMap<LatencyKey<'a>, [i64; 2]> = HashMap::new();
+    let mut groups: HashMap<LatencyKey<'a>, [i64; 2]> = HashMap::default();
     let mut cpu = Yielder::new();
     for i in 0..c.rows {
         if i % STEP_ROWS == STEP_ROWS - 1 {
@@ -570,10 +574,10 @@ fn latency_minutes<'a>(c: &EventColumns<'a>) -> LatencyMinutes<'a> {
 }
 
 impl LatencyMinutes<'_> {
-    /// The rows with the `latency_1m` schema, sorted by their keys.
+    /// The rows with the `latency_1m` schema, in no particular order (see
+    /// [`UsageRollup::finish`]).
     fn finish(&self) -> RecordBatch {
-        let mut rows: Vec<_> = self.groups.iter().collect();
-        rows.sort_unstable_by_key(|(k, _)| **k);
+        let rows = self.groups.iter();
         let [mut minute, mut bucket, mut n, mut errors]: [Int64Builder; 4] = Default::default();
         let [mut route, mut consumer]: [StringBuilder; 2] = Default::default();
         for ((m, r, c, b), [count, errs]) in rows {

@@ -70,7 +70,7 @@ impl ParquetStore {
                     }
                 }
             }
-            Ok(tally.counts)
+            Ok(tally.counts.into_iter().collect())
         })
         .await
         .map_err(|e| StoreError::Corrupt(format!("tally task failed: {e}")))?
@@ -88,7 +88,7 @@ fn columns(kind: FileKind) -> [&'static str; 3] {
 
 struct Tally {
     dir: PathBuf,
-    counts: HashMap<String, u64>,
+    counts: foldhash::HashMap<String, u64>,
     cpu: Yielder,
 }
 
@@ -96,7 +96,7 @@ impl Tally {
     fn new(dir: PathBuf) -> Tally {
         Tally {
             dir,
-            counts: HashMap::new(),
+            counts: foldhash::HashMap::default(),
             cpu: Yielder::new(),
         }
     }
