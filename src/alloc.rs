@@ -16,12 +16,25 @@
 //! `MALLOC_ARENA_MAX` in the environment still wins (glibc reads it before `main`; this does
 //! not override a value set there).
 //!
-//! glibc's mmap threshold is left to adjust itself. Holding it at 256 KiB made `tollgate up`
-//! with 100,000 consumers keep 18 MiB less after start-up (the tables built after reading the
-//! configuration no longer landed among its garbage), but then every large Arrow buffer of the
-//! store's flushes and compactions was an `mmap` and a `munmap`: compactions took 1.7 times as
-//! long, and a long-lived `tollgate up` under steady load answered its slowest requests in 126
-//! ms to 2.2 s instead of 50–80 ms (`scripts/bench-open-loop.sh`, BENCHMARKS.md).
+//! glibc's mmap threshold and trim threshold are fixed at 4 MiB and 8 MiB, in every long-lived
+//! process ([`fix_thresholds`]). Left to glibc, the mmap threshold rises to the size of the
+//! largest mapped block freed so far (up to 32 MiB) and the trim threshold to twice that. With
+//! 100,000 consumers, start-up frees blocks of 12–17 MB (the configuration file, the first
+//! full quota answer), after which every block under that size came from the heaps, and a
+//! thread arena kept up to 40 MB of free memory at its top: glibc hands an arena's top back
+//! only on a `free` that leaves more than the trim threshold there, and `malloc_trim` does
+//! not touch the top of any arena but the main one. `tollgate up` with 100,001 consumers held
+//! 20–57 MiB of anonymous memory 15 s after `/readyz`; with the thresholds fixed, 15–17 MiB
+//! (BENCHMARKS.md, "Many consumers").
+//!
+//! Why 4 MiB and not lower: held at 256 KiB, every large Arrow buffer of the store's flushes
+//! and compactions was an `mmap` and a `munmap`: compactions took 1.7 times as long, and a
+//! long-lived `tollgate up` under steady load answered its slowest requests in 126 ms to
+//! 2.2 s instead of 50–80 ms (`scripts/bench-open-loop.sh`, BENCHMARKS.md). Held at 32 MiB
+//! with glibc's default trim threshold (128 KiB), the heaps' tops were handed back and taken
+//! again at every flush, and the tail was as bad. Buffers under 4 MiB (a flush's columns, a
+//! compaction's pages) come from the heaps as they did, and tops up to 8 MiB stay, as glibc's
+//! own rule (trim at twice the mmap threshold) has it.
 
 /// Limits glibc's malloc arenas (see the module docs). A no-op on other C libraries.
 pub fn limit_arenas() {
@@ -37,6 +50,35 @@ pub fn limit_arenas() {
         #[allow(unsafe_code)]
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, arenas);
+        }
+    }
+}
+
+/// Blocks of at least this size are mapped on their own, and unmapped when freed.
+const MMAP_THRESHOLD: libc::c_int = 4 << 20;
+
+/// An arena's free top is handed back once it exceeds this.
+const TRIM_THRESHOLD: libc::c_int = 2 * MMAP_THRESHOLD;
+
+/// Fixes glibc's mmap and trim thresholds (see the module docs), unless the environment sets
+/// them (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `GLIBC_TUNABLES`). A no-op on
+/// other C libraries.
+pub fn fix_thresholds() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let tuned = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some())
+            || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("threshold"));
+        if tuned {
+            return;
+        }
+        // SAFETY: `mallopt` only sets tuning parameters of glibc's allocator; it is called
+        // before this process starts any thread, and both take any positive size.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
         }
     }
 }

@@ -87,6 +87,12 @@ fn main() -> ExitCode {
     ) {
         alloc::limit_arenas();
     }
+    if !matches!(
+        cli.command,
+        Command::CheckConfig { .. } | Command::HashKey { .. }
+    ) {
+        alloc::fix_thresholds();
+    }
     // Logging starts once the configuration (which says how to log) is read; errors before
     // that are printed as they are.
     let result = match cli.command {
