@@ -336,7 +336,7 @@ pub trait UsageQuery: Send + Sync {
         &self,
         from_us: i64,
         to_us: i64,
-    ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+    ) -> Result<std::sync::Arc<std::collections::HashMap<String, u64>>, StoreError> {
         let filter = Filter {
             from_us,
             to_us,
@@ -344,13 +344,14 @@ pub trait UsageQuery: Send + Sync {
             route: None,
         };
         let rows = self.usage(&filter, &[GroupKey::Consumer]).await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|r| match r.keys.into_iter().next() {
-                Some(KeyValue::Text(c)) => Some((c, r.billable_requests)),
-                _ => None,
-            })
-            .collect())
+        Ok(std::sync::Arc::new(
+            rows.into_iter()
+                .filter_map(|r| match r.keys.into_iter().next() {
+                    Some(KeyValue::Text(c)) => Some((c, r.billable_requests)),
+                    _ => None,
+                })
+                .collect(),
+        ))
     }
     /// What the collectors recorded of each partition (see `ledger`).
     async fn progress(&self) -> Result<Vec<PartitionProgress>, StoreError>;

@@ -163,7 +163,7 @@ async fn check(name: &str, store: &dyn UsageQuery, case: &Case) {
             .collect();
         let tally = store.billable_by_consumer(from_us, to_us).await.unwrap();
         assert_eq!(
-            tally, want,
+            *tally, want,
             "{name}: billable by consumer, usage query #{i}"
         );
     }

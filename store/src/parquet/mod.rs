@@ -91,6 +91,8 @@ struct Inner {
     progress: Mutex<Vec<crate::PartitionProgress>>,
     /// Counts the changes to `state` (every write lock taken): see `UsageQuery::data_version`.
     changes: std::sync::atomic::AtomicU64,
+    /// The quota's running tally (`tally::Running`). Taken before `state` when both are.
+    running: Mutex<Option<tally::Running>>,
 }
 
 /// The Parquet + DataFusion store. Clones share it.
@@ -129,6 +131,7 @@ impl ParquetStore {
                 retired: Mutex::new(Vec::new()),
                 progress: Mutex::new(progress),
                 changes: Default::default(),
+                running: Mutex::new(None),
             }),
         })
     }
@@ -144,6 +147,10 @@ impl ParquetStore {
 
     /// The state, to change it. Counted once the lock is held, so a reader that sees the new
     /// count queries after the change.
+    fn running(&self) -> std::sync::MutexGuard<'_, Option<tally::Running>> {
+        self.inner.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         let state = self.inner.state.write().unwrap_or_else(|p| p.into_inner());
         self.inner
@@ -400,6 +407,15 @@ impl ParquetStore {
 impl EventWriter for ParquetStore {
     async fn append(&self, batch: &EventBatch) -> Result<(), StoreError> {
         let rows = tollgate_schemas::arrow::to_batch(&batch.events);
+        // The running tally's share, counted before taking the locks (it is the same window
+        // almost always; `add_to_running` counts again under them if not).
+        let window = self.running().as_ref().map(|r| r.window());
+        let counted = match window {
+            Some(w) => Some((w, self.tally_batch(&rows, w)?)),
+            None => None,
+        };
+        let mut running = self.running();
+        tally::add_to_running(self, &mut running, &rows, counted)?;
         self.write_state().mem.push((rows, batch.through.clone()));
         Ok(())
     }
@@ -481,6 +497,7 @@ impl EventWriter for ParquetStore {
     async fn reset(&self) -> Result<(), StoreError> {
         // Wait out a flush in progress, so that what it commits is counted as durable.
         let _commit = self.inner.commit.lock().await;
+        let mut running = self.running();
         let mut state = self.write_state();
         let dropped: usize = state.mem.iter().map(|(b, _)| b.num_rows()).sum();
         if dropped > 0 {
@@ -490,6 +507,8 @@ impl EventWriter for ParquetStore {
             );
         }
         state.mem.clear();
+        // Its counts held the dropped events, which the collector appends again.
+        *running = None;
         Ok(())
     }
 }

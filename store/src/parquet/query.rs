@@ -456,7 +456,7 @@ impl UsageQuery for ParquetStore {
         &self,
         from_us: i64,
         to_us: i64,
-    ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+    ) -> Result<std::sync::Arc<std::collections::HashMap<String, u64>>, StoreError> {
         self.tally_billable(from_us, to_us).await
     }
 

@@ -1,7 +1,7 @@
 //! Crash-safety tests of the Parquet store's write path.
 
 use super::*;
-use crate::{Filter, UsageQuery};
+use crate::{Filter, GroupKey, KeyValue, UsageQuery};
 use tollgate_schemas::{Outcome, RequestEvent};
 
 pub(crate) fn event(ts_us: i64, consumer: &str, route: &str, latency_us: u64) -> RequestEvent {
@@ -511,4 +511,87 @@ fn timestamps_and_latencies_are_written_as_deltas_without_a_dictionary() {
     for name in ["consumer", "route", "status"] {
         assert!(encodings(name).1, "{name} has no dictionary page");
     }
+}
+
+/// The quota's running tally, kept by appends, must always equal the window's billable
+/// requests by consumer as `usage` reads them from the store: through appends before and after
+/// it starts, flushes, compactions, a reset (unflushed events dropped and appended again) and
+/// a change of window.
+#[tokio::test]
+async fn the_running_tally_equals_the_usage_through_flushes_compactions_and_resets() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ParquetStore::open(cfg(dir.path())).unwrap();
+    let window = (T0 - DAY, T0 + 3 * DAY);
+    let by_usage = |store: ParquetStore, (from_us, to_us): (i64, i64)| async move {
+        let filter = Filter {
+            from_us,
+            to_us,
+            consumer: None,
+            route: None,
+        };
+        let rows = store.usage(&filter, &[GroupKey::Consumer]).await.unwrap();
+        let counts: std::collections::HashMap<String, u64> = rows
+            .into_iter()
+            .filter_map(|r| match &r.keys[0] {
+                KeyValue::Text(c) => Some((c.clone(), r.billable_requests)),
+                _ => None,
+            })
+            .collect();
+        counts
+    };
+    let mut offset = 0u64;
+    let mut append = |n: usize, first: i64| {
+        let mut events = varied_events(n);
+        for (i, e) in events.iter_mut().enumerate() {
+            // Inside the window and on both sides of it; some anonymous.
+            let t = first + (i as i64 * 7_919 % 500) * 1_000_000_000;
+            e.ts = chrono::DateTime::from_timestamp_micros(t).unwrap();
+            if i % 13 == 0 {
+                e.consumer = None;
+            }
+        }
+        offset += n as u64;
+        crate::EventBatch::consecutive(events, 0, offset)
+    };
+    let check = |store: &ParquetStore, what: &'static str| {
+        let store = store.clone();
+        async move {
+            let running = store
+                .billable_by_consumer(window.0, window.1)
+                .await
+                .unwrap();
+            let want = by_usage(store.clone(), window).await;
+            assert!(!want.is_empty(), "{what}: nothing counted");
+            assert_eq!(*running, want, "{what}");
+        }
+    };
+    store.append(&append(500, T0 - 2 * DAY)).await.unwrap();
+    store.flush().await.unwrap();
+    store.append(&append(300, T0)).await.unwrap();
+    check(&store, "read from files and memory").await;
+    store.append(&append(400, T0 + DAY)).await.unwrap();
+    check(&store, "appends after the read").await;
+    store.flush().await.unwrap();
+    store.append(&append(200, T0 + 2 * DAY)).await.unwrap();
+    check(&store, "after a flush").await;
+    for _ in 0..3 {
+        store.append(&append(100, T0)).await.unwrap();
+        store.flush().await.unwrap();
+    }
+    assert!(store.compact().await.unwrap() > 0, "nothing merged");
+    check(&store, "after a compaction").await;
+    store.append(&append(250, T0)).await.unwrap();
+    store.reset().await.unwrap();
+    check(&store, "after a reset dropped unflushed events").await;
+    store.append(&append(250, T0)).await.unwrap();
+    check(&store, "the dropped events appended again").await;
+    let other = (T0, T0 + DAY);
+    let running = store.billable_by_consumer(other.0, other.1).await.unwrap();
+    assert_eq!(
+        *running,
+        by_usage(store.clone(), other).await,
+        "another window"
+    );
+    store.append(&append(100, T0)).await.unwrap();
+    check(&store, "back to the first window").await;
 }
