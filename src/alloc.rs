@@ -16,8 +16,8 @@
 //! `MALLOC_ARENA_MAX` in the environment still wins (glibc reads it before `main`; this does
 //! not override a value set there).
 //!
-//! glibc's mmap threshold and trim threshold are fixed at 4 MiB and 8 MiB, in every long-lived
-//! process ([`fix_thresholds`]). Left to glibc, the mmap threshold rises to the size of the
+//! glibc's mmap threshold and trim threshold are fixed at 4 MiB and 8 MiB in the same
+//! processes ([`fix_thresholds`]). Left to glibc, the mmap threshold rises to the size of the
 //! largest mapped block freed so far (up to 32 MiB) and the trim threshold to twice that. With
 //! 100,000 consumers, start-up frees blocks of 12–17 MB (the configuration file, the first
 //! full quota answer), after which every block under that size came from the heaps, and a

@@ -80,17 +80,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Processes that hold a store (see `alloc`); a standalone gateway keeps glibc's defaults,
-    // its request path and librdkafka's threads allocate on many threads at once.
+    // its request path and librdkafka's threads allocate on many threads at once (with up to
+    // eight arenas per core, a fixed 8 MiB trim threshold would let each keep that much).
     if matches!(
         cli.command,
         Command::Up { .. } | Command::Collector { .. } | Command::QueryApi { .. }
     ) {
         alloc::limit_arenas();
-    }
-    if !matches!(
-        cli.command,
-        Command::CheckConfig { .. } | Command::HashKey { .. }
-    ) {
         alloc::fix_thresholds();
     }
     // Logging starts once the configuration (which says how to log) is read; errors before
