@@ -308,6 +308,17 @@ impl LatencyQuery {
     }
 }
 
+/// The billable requests of each consumer from `usage` rows grouped by consumer alone
+/// (anonymous requests left out): what `UsageQuery::billable_by_consumer` answers.
+pub fn billable_of_consumers(rows: Vec<UsageRow>) -> std::collections::HashMap<String, u64> {
+    rows.into_iter()
+        .filter_map(|r| match r.keys.into_iter().next() {
+            Some(KeyValue::Text(c)) => Some((c, r.billable_requests)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The query API's side of the store.
 #[async_trait]
 pub trait UsageQuery: Send + Sync {
@@ -344,14 +355,7 @@ pub trait UsageQuery: Send + Sync {
             route: None,
         };
         let rows = self.usage(&filter, &[GroupKey::Consumer]).await?;
-        Ok(std::sync::Arc::new(
-            rows.into_iter()
-                .filter_map(|r| match r.keys.into_iter().next() {
-                    Some(KeyValue::Text(c)) => Some((c, r.billable_requests)),
-                    _ => None,
-                })
-                .collect(),
-        ))
+        Ok(std::sync::Arc::new(billable_of_consumers(rows)))
     }
     /// What the collectors recorded of each partition (see `ledger`).
     async fn progress(&self) -> Result<Vec<PartitionProgress>, StoreError>;

@@ -154,13 +154,7 @@ async fn check(name: &str, store: &dyn UsageQuery, case: &Case) {
             route: None,
         };
         let by_consumer = store.usage(&window, &[GroupKey::Consumer]).await.unwrap();
-        let want: std::collections::HashMap<String, u64> = by_consumer
-            .into_iter()
-            .filter_map(|r| match &r.keys[0] {
-                KeyValue::Text(c) => Some((c.clone(), r.billable_requests)),
-                _ => None,
-            })
-            .collect();
+        let want = tollgate_store::billable_of_consumers(by_consumer);
         let tally = store.billable_by_consumer(from_us, to_us).await.unwrap();
         assert_eq!(
             *tally, want,

@@ -408,14 +408,18 @@ impl EventWriter for ParquetStore {
     async fn append(&self, batch: &EventBatch) -> Result<(), StoreError> {
         let rows = tollgate_schemas::arrow::to_batch(&batch.events);
         // The running tally's share, counted before taking the locks (it is the same window
-        // almost always; `add_to_running` counts again under them if not).
+        // almost always; `Running::add` counts again under them if not).
         let window = self.running().as_ref().map(|r| r.window());
         let counted = match window {
-            Some(w) => Some((w, self.tally_batch(&rows, w)?)),
+            Some(w) => Some((w, tally::batch_counts(&rows, w)?)),
             None => None,
         };
+        // Held until the batch is in memory: a read of the window in between would count it
+        // neither in its snapshot nor in the delta it starts.
         let mut running = self.running();
-        tally::add_to_running(self, &mut running, &rows, counted)?;
+        if let Some(r) = running.as_mut() {
+            r.add(&rows, counted)?;
+        }
         self.write_state().mem.push((rows, batch.through.clone()));
         Ok(())
     }

@@ -14,7 +14,7 @@
 //! costs what arrived since the one before, whatever the window holds.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
@@ -57,13 +57,6 @@ pub(super) struct Running {
     delta: Counts,
 }
 
-impl Running {
-    /// The window `[from, to)` this tally counts.
-    pub(super) fn window(&self) -> (i64, i64) {
-        self.window
-    }
-}
-
 impl ParquetStore {
     /// Billable requests per consumer (anonymous requests left out) in `[from_us, to_us)`:
     /// the running tally of that window (see [`Running`]), read from the store the first time
@@ -80,10 +73,7 @@ impl ParquetStore {
                 && let Some(base) = r.base.as_mut()
             {
                 if !r.delta.is_empty() {
-                    let counts = Arc::make_mut(base);
-                    for (consumer, n) in r.delta.drain() {
-                        *counts.entry(consumer).or_default() += n;
-                    }
+                    add_all(Arc::make_mut(base), r.delta.drain());
                 }
                 return Ok(base.clone());
             }
@@ -108,7 +98,7 @@ impl ParquetStore {
         };
         let dir = self.inner.dir.clone();
         let mut counts = tokio::task::spawn_blocking(move || {
-            let mut tally = Tally::new(dir);
+            let mut tally = Tally::new();
             for (source, from, to) in plan(from_us, to_us, None, &USAGE, &complete) {
                 let kind = match source {
                     Source::Rollup(kind) => kind,
@@ -119,7 +109,7 @@ impl ParquetStore {
                         .iter()
                         .filter(|f| f.kind == kind && f.max_ts_us >= from && f.min_ts_us < to);
                     for f in overlapping {
-                        tally.file(f, (from, to))?;
+                        tally.file(&dir, f, (from, to))?;
                     }
                 }
                 if matches!(source, Source::Raw | Source::Memory) {
@@ -135,9 +125,7 @@ impl ParquetStore {
         let mut running = self.running();
         match running.as_mut() {
             Some(r) if r.generation == generation && r.base.is_none() => {
-                for (consumer, n) in r.delta.drain() {
-                    *counts.entry(consumer).or_default() += n;
-                }
+                add_all(&mut counts, r.delta.drain());
                 let counts = Arc::new(counts);
                 r.base = Some(counts.clone());
                 Ok(counts)
@@ -147,40 +135,43 @@ impl ParquetStore {
             _ => Ok(Arc::new(counts)),
         }
     }
+}
 
-    /// The billable requests per consumer of `events` (the events schema) that fall in
-    /// `window`, for the running tally.
-    pub(super) fn tally_batch(
-        &self,
-        events: &RecordBatch,
-        window: (i64, i64),
-    ) -> Result<Counts, StoreError> {
-        let mut tally = Tally::new(PathBuf::new());
-        tally.batch(FileKind::Events, events, window)?;
-        Ok(tally.counts)
+/// The billable requests per consumer of `events` (the events schema) in `window`: an
+/// append's share of the running tally.
+pub(super) fn batch_counts(events: &RecordBatch, window: (i64, i64)) -> Result<Counts, StoreError> {
+    let mut tally = Tally::new();
+    tally.batch(FileKind::Events, events, window)?;
+    Ok(tally.counts)
+}
+
+/// Adds `from`'s counts to `into`'s.
+fn add_all(into: &mut Counts, from: impl IntoIterator<Item = (String, u64)>) {
+    for (consumer, n) in from {
+        *into.entry(consumer).or_default() += n;
     }
 }
 
-/// Appends `batch`'s counts to `running`'s delta, `counted` being the batch's counts for the
-/// window they were taken for (or `None`): counted again under the lock if that window is no
-/// longer the running one.
-pub(super) fn add_to_running(
-    store: &ParquetStore,
-    running: &mut Option<Running>,
-    rows: &RecordBatch,
-    counted: Option<((i64, i64), Counts)>,
-) -> Result<(), StoreError> {
-    let Some(r) = running.as_mut() else {
-        return Ok(());
-    };
-    let counts = match counted {
-        Some((window, counts)) if window == r.window => counts,
-        _ => store.tally_batch(rows, r.window)?,
-    };
-    for (consumer, n) in counts {
-        *r.delta.entry(consumer).or_default() += n;
+impl Running {
+    /// The window `[from, to)` this tally counts.
+    pub(super) fn window(&self) -> (i64, i64) {
+        self.window
     }
-    Ok(())
+
+    /// Takes in an appended batch, `counted` being its counts for the window they were taken
+    /// for: counted again (under the caller's lock) if that is no longer this tally's window.
+    pub(super) fn add(
+        &mut self,
+        rows: &RecordBatch,
+        counted: Option<((i64, i64), Counts)>,
+    ) -> Result<(), StoreError> {
+        let counts = match counted {
+            Some((window, counts)) if window == self.window => counts,
+            _ => batch_counts(rows, self.window)?,
+        };
+        add_all(&mut self.delta, counts);
+        Ok(())
+    }
 }
 
 /// The columns a tally reads from a source of `kind`: its time, the consumer and the billable
@@ -193,23 +184,22 @@ fn columns(kind: FileKind) -> [&'static str; 3] {
 }
 
 struct Tally {
-    dir: PathBuf,
     counts: Counts,
     cpu: Yielder,
 }
 
 impl Tally {
-    fn new(dir: PathBuf) -> Tally {
+    fn new() -> Tally {
         Tally {
-            dir,
             counts: Counts::new(),
             cpu: Yielder::new(),
         }
     }
 
-    /// Adds the rows of file `f` whose time is in `window`, reading only the columns summed.
-    fn file(&mut self, f: &FileEntry, window: (i64, i64)) -> Result<(), StoreError> {
-        let path = self.dir.join(&f.path);
+    /// Adds the rows of file `f` (in the store at `dir`) whose time is in `window`, reading
+    /// only the columns summed.
+    fn file(&mut self, dir: &Path, f: &FileEntry, window: (i64, i64)) -> Result<(), StoreError> {
+        let path = dir.join(&f.path);
         for b in read_columns(&path, &columns(f.kind))? {
             self.batch(f.kind, &b?, window)?;
         }

@@ -1,7 +1,7 @@
 //! Crash-safety tests of the Parquet store's write path.
 
 use super::*;
-use crate::{Filter, GroupKey, KeyValue, UsageQuery};
+use crate::{Filter, GroupKey, UsageQuery};
 use tollgate_schemas::{Outcome, RequestEvent};
 
 pub(crate) fn event(ts_us: i64, consumer: &str, route: &str, latency_us: u64) -> RequestEvent {
@@ -530,14 +530,7 @@ async fn the_running_tally_equals_the_usage_through_flushes_compactions_and_rese
             route: None,
         };
         let rows = store.usage(&filter, &[GroupKey::Consumer]).await.unwrap();
-        let counts: std::collections::HashMap<String, u64> = rows
-            .into_iter()
-            .filter_map(|r| match &r.keys[0] {
-                KeyValue::Text(c) => Some((c.clone(), r.billable_requests)),
-                _ => None,
-            })
-            .collect();
-        counts
+        crate::billable_of_consumers(rows)
     };
     let mut offset = 0u64;
     let mut append = |n: usize, first: i64| {
