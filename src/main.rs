@@ -616,8 +616,17 @@ async fn up(
         stop_api.clone(),
     ));
 
+    // The collector and the store's upkeep on threads of their own, on idle cores while the
+    // collector keeps up (`sched::CatchUp`). Not with a Kafka bus: its client's threads, which
+    // the consumer starts, would stay in the class they started in.
+    let bound = Duration::from_millis(config.collector.yield_until_lag_ms);
+    let embedded = matches!(config.bus, tollgate_bus::BusConfig::Embedded(_));
+    let ingest = sched::CatchUp::start(embedded && !bound.is_zero())
+        .context("starting the ingest thread")?;
     let stop_collector = CancellationToken::new();
-    let collector = tokio::spawn(supervise_collector(
+    let caught_up = collector_metrics.caught_up.clone();
+    tokio::spawn(ingest.governor(move || caught_up.get(), bound, stop_collector.clone()));
+    let collector = ingest.spawn(supervise_collector(
         config.collector.clone(),
         bus.clone(),
         store.writer.clone(),
@@ -626,7 +635,7 @@ async fn up(
     ));
     let compactor = {
         let stop = stop_collector.clone();
-        tokio::spawn(async move { store.upkeep(stop).await })
+        ingest.spawn(async move { store.upkeep(stop).await })
     };
     // With a configuration file, the gateway reloads as `tollgate gateway` does, and the
     // query API takes the gateway's new consumer table (quota state, consumer keys). The other
@@ -676,6 +685,7 @@ async fn up(
     stop_collector.cancel();
     let collected = collector.await;
     let _ = compactor.await;
+    drop(ingest);
     stop_api.cancel();
     let _ = api.await;
     if let Some(spans) = spans {

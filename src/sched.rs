@@ -25,6 +25,43 @@
 //! the next tick (a few milliseconds) on a saturated machine before it runs, instead of
 //! preempting the request path. The collector and the query API as processes of their own keep
 //! the default class: they have no request path beside them to yield to.
+//!
+//! ## Ingest on idle cores, within a bound ([`CatchUp`])
+//!
+//! In `tollgate up` the collector and the store's upkeep (decoding, Arrow batches, rollups,
+//! Parquet files, merges) run on threads of their own, `tollgate-ingest`, in `SCHED_IDLE`: they
+//! get a core only when no other thread wants it, and a request path that wakes takes the core
+//! back at once. Events wait in the durable log meanwhile, and the gateway's quota counts what
+//! it admitted until the store has counted it (`tollgate_gateway::quota`), so nothing is lost
+//! or enforced late; only the store's freshness waits. The bound is
+//! `collector.yield_until_lag_ms` (default 5 s): once the collector has not reached the end of
+//! the bus for that long (`tollgate_collector_caught_up_timestamp_seconds`), its threads go to
+//! `SCHED_BATCH`, their fair share, until it has caught up; then back to idle cores. So under a
+//! load that leaves no core idle for long the store trails by about the bound at most, and a
+//! load that leaves some idle time is stored in it without taking any from requests.
+//!
+//! The event publisher and the log's writes stay batch work: they must keep up with the
+//! gateway, whose queue drops what does not fit. With a Kafka bus, ingest stays batch work
+//! too: the Kafka client's own threads, which the consumer starts, would keep the class they
+//! started in and could not be moved with the others.
+//!
+//! What an idle-class thread holds it can hold for long on a saturated machine. Ingest takes
+//! the store's state lock, which queries read under, for short steps: an append's push, and a
+//! flush's swap of the manifest (one small file written and synced). A query that arrives
+//! during one waits for the next slice the scheduler gives the ingest thread, milliseconds to
+//! a few hundred on a saturated machine; the files themselves are written without the lock.
+//!
+//! Leaving `SCHED_IDLE` needs a nice value of 0 to be allowed: root, `CAP_SYS_NICE`, or an
+//! `RLIMIT_NICE` of at least 20 (systemd: `LimitNICE=+0`). A process without it runs ingest as
+//! batch work from the start and says so in its log; it never puts a thread in a class it could
+//! not take it out of.
+//!
+//! Measured on the reference machine (`tollgate up`, wrk with 64 connections, 1 KiB answers,
+//! BENCHMARKS.md "Ingest on idle cores"): see there for the figures against nginx and the store's
+//! lag under a load that saturates both cores.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Puts the calling thread in `SCHED_BATCH`: the threads of the process's tokio runtime
 /// (workers and blocking threads), from `on_thread_start`. Threads they spawn inherit it.
@@ -38,37 +75,372 @@ pub fn request_path() {
     set_policy(Policy::Other);
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Policy {
     Other,
     Batch,
+    Idle,
 }
 
-/// Sets the calling thread's policy at priority 0 (the only one these policies take). A failure
-/// (a seccomp filter, another kernel) is logged and otherwise ignored: the class is a tuning,
-/// not a condition for serving.
+/// Sets the calling thread's policy; see [`set_policy_of`].
 fn set_policy(policy: Policy) {
+    if let Err(error) = set_policy_of(0, policy) {
+        tracing::debug!(%error, ?policy, "cannot set this thread's scheduling class; it keeps the one it has");
+    }
+}
+
+/// Sets the policy of thread `tid` of this process (0: the calling thread) at priority 0, the
+/// only one these policies take. A failure (a seccomp filter, another kernel, no right to leave
+/// `SCHED_IDLE`) leaves the class as it was: the class is a tuning, not a condition for serving.
+fn set_policy_of(tid: i32, policy: Policy) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         let policy = match policy {
             Policy::Other => libc::SCHED_OTHER,
             Policy::Batch => libc::SCHED_BATCH,
+            Policy::Idle => libc::SCHED_IDLE,
         };
         let param = libc::sched_param { sched_priority: 0 };
         // SAFETY: `sched_setscheduler` reads `param` (a valid, initialized struct on this
-        // stack) and changes only the scheduling class of the thread given; pid 0 is the
-        // calling thread on Linux. Priority 0 is the one SCHED_OTHER and SCHED_BATCH take, and
-        // moving between them needs no privilege.
+        // stack) and changes only the scheduling class of the thread given (pid 0 is the
+        // calling thread on Linux; any other id is a thread of this process that registered
+        // itself, or one that ended, which the call reports as ESRCH). Priority 0 is the one
+        // these three policies take.
         #[allow(unsafe_code)]
-        let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
+        let rc = unsafe { libc::sched_setscheduler(tid, policy, &param) };
         if rc != 0 {
-            tracing::debug!(
-                error = %std::io::Error::last_os_error(),
-                policy,
-                "cannot set this thread's scheduling class; it keeps the one it has"
-            );
+            return Err(std::io::Error::last_os_error());
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = policy;
+    let _ = (tid, policy);
+    Ok(())
+}
+
+/// The calling thread's id, for [`set_policy_of`] from another thread.
+fn thread_id() -> i32 {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: `gettid` takes no argument and cannot fail.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::gettid()
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    0
+}
+
+/// Whether a thread of this process may go to `SCHED_IDLE` and come back: tried on a thread
+/// made for the purpose, so no thread that does work is left in a class it cannot leave.
+fn can_leave_idle() -> bool {
+    if !cfg!(target_os = "linux") {
+        return false;
+    }
+    std::thread::Builder::new()
+        .name("tollgate-probe".into())
+        .spawn(|| set_policy_of(0, Policy::Idle).is_ok() && set_policy_of(0, Policy::Batch).is_ok())
+        .ok()
+        .and_then(|t| t.join().ok())
+        .unwrap_or(false)
+}
+
+/// The threads of the ingest runtime and the class they share.
+struct Threads {
+    /// Thread ids, each added by the thread itself as it starts and removed as it stops.
+    tids: Mutex<Vec<i32>>,
+    /// The class now: `Idle` while the collector keeps up, `Batch` while it is behind.
+    policy: Mutex<Policy>,
+    /// Whether the threads may go to idle cores at all (see the module docs).
+    can_idle: bool,
+}
+
+impl Threads {
+    fn lock_tids(&self) -> std::sync::MutexGuard<'_, Vec<i32>> {
+        self.tids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_policy(&self) -> std::sync::MutexGuard<'_, Policy> {
+        self.policy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by each thread as it starts: joins the list in the class of the moment.
+    fn join(&self) {
+        let policy = self.lock_policy();
+        let tid = thread_id();
+        self.lock_tids().push(tid);
+        set_policy(*policy);
+    }
+
+    fn leave(&self) {
+        let tid = thread_id();
+        self.lock_tids().retain(|t| *t != tid);
+    }
+
+    /// Moves every thread to `policy` (if it may: see `can_idle`). Returns whether the class
+    /// changed.
+    fn set(&self, policy: Policy) -> bool {
+        if policy == Policy::Idle && !self.can_idle {
+            return false;
+        }
+        let mut now = self.lock_policy();
+        if *now == policy {
+            return false;
+        }
+        *now = policy;
+        for tid in self.lock_tids().iter() {
+            if let Err(error) = set_policy_of(*tid, policy) {
+                tracing::debug!(%error, tid, ?policy, "cannot move an ingest thread");
+            }
+        }
+        true
+    }
+}
+
+/// The runtime the collector and the store's upkeep run on in `tollgate up`: one thread for
+/// their tasks and the blocking threads of their flushes and merges, all named
+/// `tollgate-ingest`, in `SCHED_IDLE` while the collector keeps up (see the module docs).
+pub struct CatchUp {
+    handle: tokio::runtime::Handle,
+    threads: Arc<Threads>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The name of the ingest runtime's threads (at most 15 bytes, the kernel's limit).
+pub const INGEST_THREAD: &str = "tollgate-ingest";
+
+impl CatchUp {
+    /// Starts the runtime. With `yield_to_requests` false, or without the right to leave
+    /// `SCHED_IDLE`, its threads are batch work throughout.
+    pub fn start(yield_to_requests: bool) -> std::io::Result<CatchUp> {
+        let can_idle = yield_to_requests && can_leave_idle();
+        if yield_to_requests && !can_idle {
+            tracing::info!(
+                "ingest runs as batch work beside the gateway: this process may not take a thread back out of SCHED_IDLE (needs root, CAP_SYS_NICE or RLIMIT_NICE >= 20, e.g. systemd's LimitNICE=+0)"
+            );
+        }
+        let threads = Arc::new(Threads {
+            tids: Mutex::new(Vec::new()),
+            policy: Mutex::new(if can_idle { Policy::Idle } else { Policy::Batch }),
+            can_idle,
+        });
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let on_start = threads.clone();
+        let on_stop = threads.clone();
+        let main = threads.clone();
+        let thread = std::thread::Builder::new()
+            .name(INGEST_THREAD.into())
+            .spawn(move || {
+                main.join();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .thread_name(INGEST_THREAD)
+                    .on_thread_start(move || on_start.join())
+                    .on_thread_stop(move || on_stop.leave())
+                    .build();
+                let runtime = match runtime {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(Ok(runtime.handle().clone()));
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+                main.leave();
+            })?;
+        let handle = handle_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the ingest thread ended before its runtime started"))??;
+        Ok(CatchUp {
+            handle,
+            threads,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `task` on the ingest runtime.
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle.spawn(task)
+    }
+
+    /// A task that keeps the ingest threads on idle cores while the collector keeps up, and at
+    /// their fair share while it is `bound` or more behind, until `stop`. `caught_up` gives
+    /// when the collector last reached the end of the bus (Unix seconds; before it first does,
+    /// the time the task started counts instead). To be spawned on the
+    /// main runtime (batch work, which idle threads cannot hold up); it checks ten times per
+    /// `bound`, at most once per 100 ms and at least once a second, and ends at once where the
+    /// threads may not use idle cores.
+    pub fn governor(
+        &self,
+        caught_up: impl Fn() -> f64 + Send + 'static,
+        bound: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let threads = self.threads.clone();
+        async move {
+            if !threads.can_idle {
+                return;
+            }
+            // A collector that has not caught up yet is behind since ingest started.
+            let started = unix_seconds(std::time::SystemTime::now());
+            let every = (bound / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => return,
+                }
+                let behind = behind(caught_up().max(started), std::time::SystemTime::now());
+                let now = *threads.lock_policy();
+                if let Some(policy) = next_policy(now, behind, bound)
+                    && threads.set(policy)
+                {
+                    tracing::debug!(?policy, behind_s = behind.as_secs_f64(), "ingest threads moved");
+                }
+            }
+        }
+    }
+
+    /// Whether the ingest threads are on idle cores now (false where they may never be).
+    #[cfg(test)]
+    fn on_idle_cores(&self) -> bool {
+        *self.threads.lock_policy() == Policy::Idle
+    }
+}
+
+impl Drop for CatchUp {
+    /// Stops the runtime and waits for its thread: whatever was spawned on it is dropped.
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `t` as Unix seconds (0 before the epoch), the unit of the collector's gauge.
+fn unix_seconds(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// How long before `now` the collector last caught up (`caught_up` in Unix seconds; zero
+/// when `caught_up` is in the future).
+fn behind(caught_up: f64, now: std::time::SystemTime) -> Duration {
+    Duration::try_from_secs_f64(unix_seconds(now) - caught_up).unwrap_or(Duration::ZERO)
+}
+
+/// The class the ingest threads should move to, if any: batch once `behind` reaches `bound`,
+/// idle again once it is under half of it (so a collector near the bound does not flip back
+/// and forth at every check).
+fn next_policy(now: Policy, behind: Duration, bound: Duration) -> Option<Policy> {
+    match now {
+        Policy::Idle if behind >= bound => Some(Policy::Batch),
+        Policy::Batch if behind < bound / 2 => Some(Policy::Idle),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingest_leaves_idle_cores_at_the_bound_and_returns_under_half_of_it() {
+        let bound = Duration::from_secs(5);
+        let s = Duration::from_secs;
+        assert_eq!(next_policy(Policy::Idle, s(4), bound), None);
+        assert_eq!(next_policy(Policy::Idle, s(5), bound), Some(Policy::Batch));
+        assert_eq!(next_policy(Policy::Batch, s(3), bound), None);
+        assert_eq!(
+            next_policy(Policy::Batch, Duration::from_millis(2_400), bound),
+            Some(Policy::Idle)
+        );
+    }
+
+    #[test]
+    fn behind_is_the_time_since_the_collector_caught_up() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_000);
+        assert_eq!(behind(990.0, now), Duration::from_secs(10));
+        assert_eq!(behind(1_001.0, now), Duration::ZERO, "a clock step back");
+        assert_eq!(behind(0.0, now), Duration::from_secs(1_000), "never caught up");
+    }
+
+    /// The class of thread `tid` of this process, from `/proc` (field 41 of its `stat`).
+    #[cfg(target_os = "linux")]
+    fn policy_of(tid: i32) -> i32 {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        after_name.split(' ').nth(41 - 3).unwrap().parse().unwrap()
+    }
+
+    /// Tasks on the ingest runtime, its blocking threads among them, run in `SCHED_IDLE` while
+    /// the collector is caught up and in `SCHED_BATCH` once it is behind by the bound; where
+    /// the process may not leave `SCHED_IDLE`, in `SCHED_BATCH` throughout.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_ingest_threads_follow_the_collector_s_lag() {
+        let catch_up = CatchUp::start(true).unwrap();
+        let may_idle = can_leave_idle();
+        let expected = |idle: bool| if idle && may_idle { libc::SCHED_IDLE } else { libc::SCHED_BATCH };
+        // Each thread's class, as the thread itself and a blocking thread of it read it.
+        let classes = |catch_up: &CatchUp| {
+            catch_up.spawn(async {
+                let own = policy_of(thread_id());
+                let blocking = tokio::task::spawn_blocking(|| policy_of(thread_id()))
+                    .await
+                    .unwrap();
+                (own, blocking)
+            })
+        };
+        let (own, blocking) = classes(&catch_up).await.unwrap();
+        assert_eq!((own, blocking), (expected(true), expected(true)));
+
+        let caught_up = Arc::new(Mutex::new(now_seconds()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let bound = Duration::from_millis(500);
+        let governed = {
+            let caught_up = caught_up.clone();
+            catch_up.governor(move || *caught_up.lock().unwrap(), bound, stop.clone())
+        };
+        let check = async {
+            // Behind: the collector last caught up a minute ago.
+            *caught_up.lock().unwrap() = now_seconds() - 60.0;
+            wait_until(|| !catch_up.on_idle_cores()).await;
+            assert_eq!(classes(&catch_up).await.unwrap(), (expected(false), expected(false)));
+            // Caught up again.
+            *caught_up.lock().unwrap() = now_seconds();
+            if may_idle {
+                wait_until(|| catch_up.on_idle_cores()).await;
+            }
+            assert_eq!(classes(&catch_up).await.unwrap(), (expected(true), expected(true)));
+            stop.cancel();
+        };
+        tokio::join!(governed, check);
+    }
+
+    fn now_seconds() -> f64 {
+        unix_seconds(std::time::SystemTime::now())
+    }
+
+    async fn wait_until(condition: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(std::time::Instant::now() < deadline, "timed out");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }

@@ -564,14 +564,34 @@ fn thread_policies(pid: u32) -> Vec<(String, u32)> {
     out
 }
 
-/// In `tollgate up`, the gateway's workers keep the normal scheduling class and the threads
-/// beside them (the runtime's: publisher, log, collector, store, query API) run as batch work,
-/// whose wake-ups do not preempt the request path.
+/// Whether a thread of this process may go to `SCHED_IDLE` and come back (root,
+/// `CAP_SYS_NICE`, `RLIMIT_NICE` of 20 or more), tried on a thread of its own.
+#[cfg(target_os = "linux")]
+fn may_leave_sched_idle() -> bool {
+    std::thread::spawn(|| {
+        let set = |policy| {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: sets the calling thread's class; `param` is a valid struct on the stack.
+            #[allow(unsafe_code)]
+            let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
+            rc == 0
+        };
+        set(libc::SCHED_IDLE) && set(libc::SCHED_BATCH)
+    })
+    .join()
+    .unwrap()
+}
+
+/// In `tollgate up`, the gateway's workers keep the normal scheduling class, the threads
+/// beside them (the runtime's: publisher, log, quota feed, query API) run as batch work, whose
+/// wake-ups do not preempt the request path, and the ingest threads (collector, store) run on
+/// idle cores while the collector keeps up, where the process may take them back out of it.
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn the_request_path_keeps_the_normal_class_and_the_rest_runs_as_batch() {
     const SCHED_OTHER: u32 = 0;
     const SCHED_BATCH: u32 = 3;
+    const SCHED_IDLE: u32 = 5;
     let dir = tempfile::tempdir().unwrap();
     let (gw, api) = (free_port(), free_port());
     let config = dir.path().join("tollgate.yaml");
@@ -585,6 +605,11 @@ async fn the_request_path_keeps_the_normal_class_and_the_rest_runs_as_batch() {
     let tollgate = Up::start(&config, &dir.path().join("data"), &[]);
     common::wait_for_listener(api).await;
     common::wait_for_listener(gw).await;
+    let expected_ingest = if may_leave_sched_idle() {
+        SCHED_IDLE
+    } else {
+        SCHED_BATCH
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     let threads = loop {
         let threads = thread_policies(tollgate.id());
@@ -593,7 +618,10 @@ async fn the_request_path_keeps_the_normal_class_and_the_rest_runs_as_batch() {
             .filter(|(n, _)| n.starts_with("tollgate-gw-"));
         let settled = workers.clone().count() == 2
             && workers.clone().all(|(_, p)| *p == SCHED_OTHER)
-            && threads.iter().any(|(n, _)| n == "tokio-rt-worker");
+            && threads.iter().any(|(n, _)| n == "tokio-rt-worker")
+            && threads
+                .iter()
+                .any(|(n, p)| n == "tollgate-ingest" && *p == expected_ingest);
         if settled || Instant::now() > deadline {
             break threads;
         }
@@ -610,4 +638,8 @@ async fn the_request_path_keeps_the_normal_class_and_the_rest_runs_as_batch() {
     let runtime = of("tokio-rt-worker");
     assert!(!runtime.is_empty(), "{threads:?}");
     assert!(runtime.iter().all(|p| *p == SCHED_BATCH), "{threads:?}");
+    // Nothing is sent: the collector is caught up from its first poll.
+    let ingest = of("tollgate-ingest");
+    assert!(!ingest.is_empty(), "{threads:?}");
+    assert!(ingest.iter().all(|p| *p == expected_ingest), "{threads:?}");
 }

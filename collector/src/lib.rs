@@ -81,6 +81,17 @@ pub struct CollectorConfig {
     /// process (`tollgate collector`).
     #[serde(default = "default_admin_listen")]
     pub admin_listen: std::net::SocketAddr,
+    /// In `tollgate up` on the embedded bus, where the collector shares the cores with the
+    /// gateway: it runs on cores the request path leaves idle until it has been this long
+    /// (milliseconds) without reaching the end of the bus, then at its fair share until it
+    /// has caught up. 0: always at its fair share. Events wait in the bus meanwhile; nothing
+    /// is dropped. Not used by a collector running as its own process, nor with Kafka.
+    #[serde(default = "default_yield_until_lag_ms")]
+    pub yield_until_lag_ms: u64,
+}
+
+fn default_yield_until_lag_ms() -> u64 {
+    5_000
 }
 
 fn default_admin_listen() -> std::net::SocketAddr {
@@ -113,6 +124,7 @@ impl Default for CollectorConfig {
             flush_max_events: default_flush_max_events(),
             dead_letter_dir: default_dead_letter(),
             admin_listen: default_admin_listen(),
+            yield_until_lag_ms: default_yield_until_lag_ms(),
         }
     }
 }
@@ -221,10 +233,14 @@ pub async fn run(
             .time_left(now)
             .unwrap_or(linger.max(Duration::from_millis(50)))
             .min(next_flush.saturating_duration_since(now));
+        let room = batcher.room();
         let messages = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = bus.poll(batcher.room(), wait) => r?,
+            r = bus.poll(room, wait) => r?,
         };
+        if messages.len() < room {
+            metrics.caught_up.set(unix_seconds(std::time::SystemTime::now()));
+        }
         let now = Instant::now();
         let mut cpu = Yielder::new();
         for (i, msg) in messages.into_iter().enumerate() {
@@ -294,6 +310,12 @@ pub async fn run(
     progress.step(&owned, &mut *bus, &*store, &metrics).await;
     tracing::info!("collector stopped after a final flush");
     Ok(())
+}
+
+/// `t` as Unix seconds (0 before the epoch), the unit of the collector's timestamp gauges.
+fn unix_seconds(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Resumes a newly assigned partition after what the store holds of it.

@@ -45,6 +45,11 @@ pub struct CollectorMetrics {
     /// The time of the newest event appended (Unix seconds): now less this is how stale the
     /// store is.
     pub newest_event: Gauge<f64, AtomicU64>,
+    /// When a poll of the bus last came back with less than it asked for, that is, when the
+    /// collector last reached the end of what the bus held (Unix seconds). A collector that is
+    /// behind, or not running, leaves it in the past: `tollgate up` reads it to decide whether
+    /// the collector may keep to idle cores (`sched::CatchUp`).
+    pub caught_up: Gauge<f64, AtomicU64>,
 }
 
 impl CollectorMetrics {
@@ -64,6 +69,7 @@ impl CollectorMetrics {
             store_errors: Family::default(),
             lag: Family::default(),
             newest_event: Gauge::default(),
+            caught_up: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("tollgate_collector");
         r.register(
@@ -130,6 +136,11 @@ impl CollectorMetrics {
             "newest_event_timestamp_seconds",
             "Time of the newest event appended to the store (Unix seconds)",
             m.newest_event.clone(),
+        );
+        r.register(
+            "caught_up_timestamp_seconds",
+            "When the collector last reached the end of what the bus held (Unix seconds)",
+            m.caught_up.clone(),
         );
         m
     }

@@ -139,6 +139,59 @@ fn start_with(
     (shutdown, handle)
 }
 
+/// The collector notes when it reaches the end of the bus, and keeps noting it while it waits
+/// there: what `tollgate up` reads to tell a collector that is behind from one with nothing
+/// to do.
+#[tokio::test]
+async fn notes_when_it_reaches_the_end_of_the_bus_and_while_it_waits_there() {
+    let env = Env::new();
+    let log = env.log();
+    let store = env.store();
+    // Polls of ten: a thousand of them before the end.
+    const EVENTS: u64 = 10_000;
+    publish(&log, 0..EVENTS).await;
+    let before = unix_seconds(std::time::SystemTime::now());
+    let metrics = CollectorMetrics::unregistered();
+    let shutdown = CancellationToken::new();
+    let config = CollectorConfig {
+        batch_max_events: Some(10),
+        ..env.config(3_600_000)
+    };
+    let handle = tokio::spawn(run(
+        config.clone(),
+        Box::new(log.subscribe(&config.group).unwrap()),
+        Arc::new(store.clone()),
+        DeadLetter::open(&config.dead_letter_dir).unwrap(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let caught_up = metrics.caught_up.get() >= before;
+        let consumed = metrics.consumed.get();
+        // Reaching the end means having read everything before it.
+        assert!(
+            !caught_up || consumed == EVENTS,
+            "noted as caught up with {consumed} of {EVENTS} read"
+        );
+        if caught_up {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never caught up");
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let first = metrics.caught_up.get();
+    while metrics.caught_up.get() <= first {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "an idle collector stopped noting that it is caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn stores_valid_events_and_dead_letters_the_rest() {
     let env = Env::new();
