@@ -222,7 +222,11 @@ impl CatchUp {
         }
         let threads = Arc::new(Threads {
             tids: Mutex::new(Vec::new()),
-            policy: Mutex::new(if can_idle { Policy::Idle } else { Policy::Batch }),
+            policy: Mutex::new(if can_idle {
+                Policy::Idle
+            } else {
+                Policy::Batch
+            }),
             can_idle,
         });
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
@@ -253,9 +257,9 @@ impl CatchUp {
                 });
                 main.leave();
             })?;
-        let handle = handle_rx
-            .recv()
-            .map_err(|_| std::io::Error::other("the ingest thread ended before its runtime started"))??;
+        let handle = handle_rx.recv().map_err(|_| {
+            std::io::Error::other("the ingest thread ended before its runtime started")
+        })??;
         Ok(CatchUp {
             handle,
             threads,
@@ -306,7 +310,11 @@ impl CatchUp {
                 if let Some(policy) = next_policy(now, behind, bound)
                     && threads.set(policy)
                 {
-                    tracing::debug!(?policy, behind_s = behind.as_secs_f64(), "ingest threads moved");
+                    tracing::debug!(
+                        ?policy,
+                        behind_s = behind.as_secs_f64(),
+                        "ingest threads moved"
+                    );
                 }
             }
         }
@@ -376,7 +384,11 @@ mod tests {
         let now = std::time::UNIX_EPOCH + Duration::from_secs(1_000);
         assert_eq!(behind(990.0, now), Duration::from_secs(10));
         assert_eq!(behind(1_001.0, now), Duration::ZERO, "a clock step back");
-        assert_eq!(behind(0.0, now), Duration::from_secs(1_000), "never caught up");
+        assert_eq!(
+            behind(0.0, now),
+            Duration::from_secs(1_000),
+            "never caught up"
+        );
     }
 
     /// The class of thread `tid` of this process, from `/proc` (field 41 of its `stat`).
@@ -395,7 +407,13 @@ mod tests {
     async fn the_ingest_threads_follow_the_collector_s_lag() {
         let catch_up = CatchUp::start(true).unwrap();
         let may_idle = can_leave_idle();
-        let expected = |idle: bool| if idle && may_idle { libc::SCHED_IDLE } else { libc::SCHED_BATCH };
+        let expected = |idle: bool| {
+            if idle && may_idle {
+                libc::SCHED_IDLE
+            } else {
+                libc::SCHED_BATCH
+            }
+        };
         // Each thread's class, as the thread itself and a blocking thread of it read it.
         let classes = |catch_up: &CatchUp| {
             catch_up.spawn(async {
@@ -420,13 +438,19 @@ mod tests {
             // Behind: the collector last caught up a minute ago.
             *caught_up.lock().unwrap() = now_seconds() - 60.0;
             wait_until(|| !catch_up.on_idle_cores()).await;
-            assert_eq!(classes(&catch_up).await.unwrap(), (expected(false), expected(false)));
+            assert_eq!(
+                classes(&catch_up).await.unwrap(),
+                (expected(false), expected(false))
+            );
             // Caught up again.
             *caught_up.lock().unwrap() = now_seconds();
             if may_idle {
                 wait_until(|| catch_up.on_idle_cores()).await;
             }
-            assert_eq!(classes(&catch_up).await.unwrap(), (expected(true), expected(true)));
+            assert_eq!(
+                classes(&catch_up).await.unwrap(),
+                (expected(true), expected(true))
+            );
             stop.cancel();
         };
         tokio::join!(governed, check);

@@ -239,7 +239,9 @@ pub async fn run(
             r = bus.poll(room, wait) => r?,
         };
         if messages.len() < room {
-            metrics.caught_up.set(unix_seconds(std::time::SystemTime::now()));
+            metrics
+                .caught_up
+                .set(unix_seconds(std::time::SystemTime::now()));
         }
         let now = Instant::now();
         let mut cpu = Yielder::new();
