@@ -25,6 +25,23 @@
 //! sync. It saved about 1.5 % of the process's samples under load, but records waited in memory
 //! until then, so a process crash lost up to one more interval of events.
 //!
+//! ## Failed writes and syncs
+//!
+//! A publish that fails is sent again (the gateway's publisher retries, then spools), so a
+//! failed publish must leave none of its records in the log: each would be counted twice.
+//! - A write that fails (a full disk) may have put part of its batch in the file. The active
+//!   segment is truncated back to where the write started before anything else is written;
+//!   the next write truncates first if that failed too.
+//! - A sync that fails leaves unknown what reached the disk, and the records written since the
+//!   last successful sync (this publish's and those of publishes waiting for the next sync)
+//!   would otherwise become visible with the next sync that succeeds. So the active segment is
+//!   truncated back to the last durable record (the last successful sync's end, or the start of
+//!   a segment rolled over since: a roll syncs the segment it closes), and every publish whose
+//!   records were cut fails. The writes before the cut form a generation; a publish of an
+//!   ended generation learns from where records were discarded (`Synced::discarded_from`).
+//! - Subscribers read ahead (a 256 KiB buffer) past the durable end; after a truncation they
+//!   drop that buffer and read again from the file.
+//!
 //! Consumer groups keep their committed offset in `offsets/<group>.json`, replaced atomically
 //! (write, fsync, rename). Segments whose records every known group has committed are deleted,
 //! except the active one.
@@ -38,6 +55,7 @@ pub mod segment;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -108,6 +126,9 @@ struct Writer {
     len: u64,
     next: u64,
     buf: Vec<u8>,
+    /// The file may hold bytes past `len` that a failed write or sync left and a truncation
+    /// could not remove yet: the next write truncates first (see "Failed writes and syncs").
+    torn: bool,
 }
 
 struct Inner {
@@ -121,14 +142,49 @@ struct Inner {
     high_water: watch::Sender<u64>,
     /// Syncs started by publishes.
     syncs: std::sync::atomic::AtomicU64,
+    /// Records discarded after a failed sync so far (each one ends a generation of writes);
+    /// changed under the writer's lock.
+    rollbacks: AtomicU64,
+    /// Truncations of the active segment so far (after failed syncs or failed writes):
+    /// subscribers drop what they read ahead when it changes.
+    rewinds: AtomicU64,
+    #[cfg(test)]
+    faults: tests::Faults,
 }
 
 /// What the syncs have made durable so far.
 struct Synced {
     /// Every record below this offset is durable.
     through: u64,
+    /// Where `through` lies: the segment and its length in bytes then.
+    base: u64,
+    len: u64,
     /// When the last sync started.
     last: Option<tokio::time::Instant>,
+    /// Per rollback, in order: the offset from which it discarded records. Writes of
+    /// generation `g` (made before rollback `g`) are durable up to `discarded_from[g]` and
+    /// lost from there.
+    discarded_from: Vec<u64>,
+}
+
+/// Where a write ended, and the generation it belongs to (rollbacks so far when it was made).
+#[derive(Debug, Clone, Copy)]
+struct Written {
+    end: u64,
+    generation: u64,
+}
+
+/// Cuts the active segment back to `w.len` if it may hold more (`w.torn`), and tells
+/// subscribers to drop what they read ahead. On failure `w.torn` stays set and the next write
+/// tries again before writing.
+fn truncate(w: &mut Writer, rewinds: &AtomicU64) -> std::io::Result<()> {
+    if !w.torn {
+        return Ok(());
+    }
+    w.file.set_len(w.len)?;
+    w.torn = false;
+    rewinds.fetch_add(1, Ordering::Relaxed);
+    Ok(())
 }
 
 /// A handle to the log; clones share it.
@@ -177,6 +233,7 @@ impl EmbeddedLog {
             len: rec.valid_len,
             next: rec.next_offset,
             buf: Vec::new(),
+            torn: false,
         };
         let (high_water, _) = watch::channel(rec.next_offset);
         Ok(EmbeddedLog {
@@ -187,10 +244,17 @@ impl EmbeddedLog {
                 writer: Mutex::new(writer),
                 sync: tokio::sync::Mutex::new(Synced {
                     through: rec.next_offset,
+                    base,
+                    len: rec.valid_len,
                     last: None,
+                    discarded_from: Vec::new(),
                 }),
                 high_water,
                 syncs: Default::default(),
+                rollbacks: Default::default(),
+                rewinds: Default::default(),
+                #[cfg(test)]
+                faults: Default::default(),
             }),
         })
     }
@@ -203,7 +267,7 @@ impl EmbeddedLog {
     /// How many syncs publishes have started (with `fsync`; each covers every record written
     /// before it).
     pub fn syncs(&self) -> u64 {
-        self.inner.syncs.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner.syncs.load(Ordering::Relaxed)
     }
 
     /// Bytes of the log's segments on disk.
@@ -248,15 +312,20 @@ impl EmbeddedLog {
             committed,
             position: committed,
             reader: None,
+            rewinds: self.inner.rewinds.load(Ordering::Relaxed),
             changes: vec![AssignmentChange::Assigned(vec![(0, committed)])],
         })
     }
 
     /// Writes `records` (not yet durable unless `fsync` is off) and returns the offset after
-    /// the last of them.
-    fn write_blocking(&self, records: &[Record]) -> Result<u64, BusError> {
+    /// the last of them, with the generation of the write (see "Failed writes and syncs").
+    fn write_blocking(&self, records: &[Record]) -> Result<Written, BusError> {
         let inner = &self.inner;
         let mut w = self.writer();
+        let path = segment::segment_path(&inner.dir, w.base);
+        if w.torn {
+            truncate(&mut w, &inner.rewinds).map_err(io_err(&path))?;
+        }
         if w.len >= inner.config.segment_bytes {
             self.roll(&mut w)?;
         }
@@ -268,26 +337,69 @@ impl EmbeddedLog {
             next += 1;
         }
         let path = segment::segment_path(&inner.dir, w.base);
-        (&*w.file).write_all(&buf).map_err(io_err(&path))?;
-        w.len += buf.len() as u64;
-        w.next = next;
+        let written = self.write_all(&w.file, &buf);
         w.buf = buf;
+        if let Err(e) = written {
+            // Part of the batch may be in the file: take it out, so that the next write
+            // starts where this one did and nothing reads or recovers a half-written batch.
+            w.torn = true;
+            let _ = truncate(&mut w, &inner.rewinds);
+            return Err(io_err(&path)(e));
+        }
+        w.len += w.buf.len() as u64;
+        w.next = next;
         if !inner.config.fsync {
             inner.high_water.send_replace(next);
         }
-        Ok(next)
+        Ok(Written {
+            end: next,
+            generation: inner.rollbacks.load(Ordering::Relaxed),
+        })
+    }
+
+    /// `buf` to the end of `file` (tests can make it fail half-way).
+    fn write_all(&self, file: &File, buf: &[u8]) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.inner.faults.fail_write.swap(false, Ordering::Relaxed) {
+            (&*file).write_all(&buf[..buf.len() / 2])?;
+            return Err(std::io::Error::other("injected write failure"));
+        }
+        (&*file).write_all(buf)
+    }
+
+    /// Syncs the active segment's data (tests can make it fail).
+    fn sync_data(&self, file: &File) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.inner.faults.fail_sync.swap(false, Ordering::Relaxed) {
+            return Err(std::io::Error::other("injected sync failure"));
+        }
+        file.sync_data()
     }
 
     fn writer(&self) -> std::sync::MutexGuard<'_, Writer> {
         self.inner.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Returns once every record below `end` is durable and visible: joins the sync in flight
-    /// or starts the next one (at most one per `sync_interval_ms`).
-    async fn sync_through(&self, end: u64) -> Result<(), BusError> {
+    /// Returns once every record below `written.end` is durable and visible: joins the sync in
+    /// flight or starts the next one (at most one per `sync_interval_ms`). Fails if the sync
+    /// fails, or if a failed sync discarded these records meanwhile: then none of them is
+    /// visible, ever, and the caller publishes them again.
+    async fn sync_through(&self, written: Written) -> Result<(), BusError> {
         let inner = &self.inner;
         let mut synced = inner.sync.lock().await;
-        if synced.through >= end {
+        if let Some(from) = synced.discarded_from.get(written.generation as usize) {
+            return if written.end <= *from {
+                Ok(()) // made durable before the sync that failed
+            } else {
+                Err(BusError::Io {
+                    path: inner.dir.display().to_string(),
+                    source: std::io::Error::other(
+                        "a sync of the log failed and these records were taken out of it; publish them again",
+                    ),
+                })
+            };
+        }
+        if synced.through >= written.end {
             return Ok(()); // a sync that started after our write covered it
         }
         if let Some(last) = synced.last {
@@ -296,21 +408,50 @@ impl EmbeddedLog {
         }
         // Everything written so far: records of segments rolled over since were synced by the
         // roll, so syncing the active segment makes every record below `through` durable.
-        let (file, through, path) = {
+        let (file, through, base, len, path) = {
             let w = self.writer();
             let path = segment::segment_path(&inner.dir, w.base);
-            (Arc::clone(&w.file), w.next, path)
+            (Arc::clone(&w.file), w.next, w.base, w.len, path)
         };
         synced.last = Some(tokio::time::Instant::now());
-        inner
-            .syncs
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tokio::task::spawn_blocking(move || file.sync_data().map_err(io_err(&path)))
+        inner.syncs.fetch_add(1, Ordering::Relaxed);
+        let log = self.clone();
+        let result = tokio::task::spawn_blocking(move || log.sync_data(&file))
             .await
-            .map_err(|_| BusError::Closed)??;
-        synced.through = through;
+            .map_err(|_| BusError::Closed)?;
+        if let Err(e) = result {
+            self.roll_back(&mut synced);
+            return Err(io_err(&path)(e));
+        }
+        (synced.through, synced.base, synced.len) = (through, base, len);
         inner.high_water.send_replace(through);
         Ok(())
+    }
+
+    /// After a failed sync: takes every record not known to be durable out of the active
+    /// segment, so that none of them becomes visible through a later sync while its publish
+    /// failed (the publisher sends it again: it would be counted twice). Durable are the
+    /// records of the last successful sync and those of segments rolled over since (a roll
+    /// syncs the segment it closes). Ends the writes' generation: publishes of it that wait
+    /// for a sync learn what was discarded (`sync_through`).
+    fn roll_back(&self, synced: &mut Synced) {
+        let mut w = self.writer();
+        let (through, len) = if w.base == synced.base {
+            (synced.through, synced.len)
+        } else {
+            (w.base, 0)
+        };
+        tracing::error!(
+            dir = %self.inner.dir.display(),
+            discarded = w.next - through,
+            "a sync of the bus log failed; records not yet durable were taken out and their publishes fail (they are sent again)"
+        );
+        (w.next, w.len, w.torn) = (through, len, true);
+        let _ = truncate(&mut w, &self.inner.rewinds);
+        synced.discarded_from.push(through);
+        self.inner.rollbacks.fetch_add(1, Ordering::Relaxed);
+        (synced.through, synced.base, synced.len) = (through, w.base, len);
+        self.inner.high_water.send_replace(through);
     }
 
     fn roll(&self, w: &mut Writer) -> Result<(), BusError> {
@@ -332,6 +473,7 @@ impl EmbeddedLog {
             len: 0,
             next: w.next,
             buf: std::mem::take(&mut w.buf),
+            torn: false,
         };
         self.delete_consumed_segments();
         Ok(())
@@ -365,11 +507,11 @@ impl Publisher for EmbeddedLog {
             return Ok(());
         }
         let log = self.clone();
-        let end = tokio::task::spawn_blocking(move || log.write_blocking(&records))
+        let written = tokio::task::spawn_blocking(move || log.write_blocking(&records))
             .await
             .map_err(|_| BusError::Closed)??;
         if self.inner.config.fsync {
-            self.sync_through(end).await?;
+            self.sync_through(written).await?;
         }
         Ok(())
     }
@@ -382,6 +524,9 @@ pub struct EmbeddedSubscriber {
     committed: u64,
     position: u64,
     reader: Option<SegmentReader>,
+    /// The log's truncations when `reader` was last checked: after one, what the reader read
+    /// ahead past the durable end may be gone or rewritten.
+    rewinds: u64,
     /// The one assignment (partition 0), reported once.
     changes: Vec<AssignmentChange>,
 }
@@ -389,6 +534,13 @@ pub struct EmbeddedSubscriber {
 impl EmbeddedSubscriber {
     fn read_blocking(&mut self, max: usize, high_water: u64) -> Result<Vec<Message>, BusError> {
         let dir = self.log.inner.dir.clone();
+        let rewinds = self.log.inner.rewinds.load(Ordering::Relaxed);
+        if rewinds != self.rewinds {
+            // Records below `high_water` are never truncated; bytes the buffer holds past it
+            // may have been. Read again from the file.
+            self.reader = None;
+            self.rewinds = rewinds;
+        }
         let mut out = Vec::new();
         let mut fresh = false;
         while out.len() < max && self.position < high_water {

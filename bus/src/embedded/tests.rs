@@ -240,3 +240,126 @@ async fn publishes_during_group_commits_and_segment_rolls_keep_every_record_once
     log.publish(vec![rec(100)]).await.unwrap();
     assert_eq!(log.end_offset(), 101);
 }
+
+/// Failures the tests can inject into the log's writes and syncs.
+#[derive(Default)]
+pub(super) struct Faults {
+    /// The next sync fails.
+    pub fail_sync: std::sync::atomic::AtomicBool,
+    /// The next write puts half its batch in the file, then fails.
+    pub fail_write: std::sync::atomic::AtomicBool,
+}
+
+fn no_interval(dir: &Path, segment_bytes: u64) -> EmbeddedConfig {
+    EmbeddedConfig {
+        sync_interval_ms: 0,
+        ..cfg(dir, segment_bytes)
+    }
+}
+
+fn records(range: std::ops::Range<u64>) -> Vec<Record> {
+    range.map(rec).collect()
+}
+
+/// Every record a new group reads, as payloads.
+async fn all_payloads(log: &EmbeddedLog, group: &str) -> Vec<String> {
+    let mut sub = log.subscribe(group).unwrap();
+    let n = (log.end_offset() - sub.position) as usize;
+    let got = drain(&mut sub, n).await;
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m.offset, i as u64, "offsets run on without a gap");
+    }
+    got.iter()
+        .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+        .collect()
+}
+
+fn events(ids: impl IntoIterator<Item = u64>) -> Vec<String> {
+    ids.into_iter().map(|i| format!("event-{i}")).collect()
+}
+
+/// Two publishes wait for the same sync, which fails: both fail, and none of their records is
+/// ever read, not after the next successful sync, nor after a restart. What they publish again
+/// is read once.
+#[tokio::test]
+async fn a_failed_sync_takes_out_what_was_not_durable_and_each_publish_it_covered_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(no_interval(dir.path(), 1 << 20)).unwrap();
+    log.publish(records(0..5)).await.unwrap();
+    // Told apart from what is published after the failure by their numbers.
+    let a = log.write_blocking(&records(100..103)).unwrap();
+    let b = log.write_blocking(&records(103..105)).unwrap();
+    log.inner.faults.fail_sync.store(true, Ordering::Relaxed);
+    assert!(log.sync_through(a).await.is_err());
+    assert!(
+        log.sync_through(b).await.is_err(),
+        "a publish whose records the failed sync discarded must fail too"
+    );
+    // What is published next is all that is read after the first five.
+    log.publish(records(5..10)).await.unwrap();
+    log.publish(records(10..12)).await.unwrap();
+    let expected = events(0..12);
+    assert_eq!(all_payloads(&log, "g1").await, expected);
+    drop(log);
+    let reopened = EmbeddedLog::open(no_interval(dir.path(), 1 << 20)).unwrap();
+    assert_eq!(all_payloads(&reopened, "g2").await, expected);
+}
+
+/// A publish whose records a segment roll already made durable succeeds though the sync it
+/// waits for fails; the publish written after the roll fails and is taken out.
+#[tokio::test]
+async fn a_failed_sync_keeps_what_a_roll_made_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(no_interval(dir.path(), 100)).unwrap();
+    let a = log.write_blocking(&records(0..8)).unwrap();
+    // Over 100 bytes: this write rolls the segment (syncing the first) before writing.
+    let b = log.write_blocking(&records(8..10)).unwrap();
+    assert!(
+        segment::list_segments(&dir.path().join("segments"))
+            .unwrap()
+            .len()
+            > 1
+    );
+    log.inner.faults.fail_sync.store(true, Ordering::Relaxed);
+    assert!(log.sync_through(b).await.is_err());
+    log.sync_through(a).await.unwrap();
+    assert_eq!(all_payloads(&log, "g").await, events(0..8));
+}
+
+/// A write that fails half-way leaves nothing of its batch: its retry is read once, and a
+/// restart recovers no half-written record either.
+#[tokio::test]
+async fn a_failed_write_leaves_nothing_of_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(no_interval(dir.path(), 1 << 20)).unwrap();
+    log.publish(records(0..5)).await.unwrap();
+    log.inner.faults.fail_write.store(true, Ordering::Relaxed);
+    assert!(log.publish(records(5..10)).await.is_err());
+    log.publish(records(5..10)).await.unwrap();
+    assert_eq!(all_payloads(&log, "g1").await, events(0..10));
+    drop(log);
+    let reopened = EmbeddedLog::open(no_interval(dir.path(), 1 << 20)).unwrap();
+    assert_eq!(all_payloads(&reopened, "g2").await, events(0..10));
+}
+
+/// A subscriber that read ahead over records a failed sync then took out reads what was
+/// written in their place, not what it had buffered.
+#[tokio::test]
+async fn a_subscriber_drops_what_it_read_ahead_when_the_log_is_cut_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(no_interval(dir.path(), 1 << 20)).unwrap();
+    log.publish(records(0..5)).await.unwrap();
+    let discarded = log.write_blocking(&records(100..103)).unwrap();
+    let mut sub = log.subscribe("g").unwrap();
+    // Its buffer now holds the unsynced records too (one read of the whole file).
+    assert_eq!(drain(&mut sub, 5).await.len(), 5);
+    log.inner.faults.fail_sync.store(true, Ordering::Relaxed);
+    assert!(log.sync_through(discarded).await.is_err());
+    log.publish(records(5..8)).await.unwrap();
+    let got = drain(&mut sub, 3).await;
+    let payloads: Vec<String> = got
+        .iter()
+        .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+        .collect();
+    assert_eq!(payloads, events(5..8));
+}
