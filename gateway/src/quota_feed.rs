@@ -56,17 +56,27 @@ impl QuotaFeed {
         }
     }
 
-    fn persist(&self) {
-        let Some(path) = &self.persist else { return };
-        let written = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| {
-                tollgate_schemas::fsutil::write_atomic_with(path, |out| {
-                    self.state.write_snapshot(out)
-                })
-            });
-        if let Err(e) = written {
+    /// Writes the state to its file on a blocking thread: with 100,000 consumers it is
+    /// megabytes of JSON and a sync, which would otherwise hold a runtime thread (the event
+    /// publisher's, say) for as long.
+    async fn persist(&self) {
+        let Some(path) = self.persist.clone() else {
+            return;
+        };
+        let state = self.state.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let written = path
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| {
+                    tollgate_schemas::fsutil::write_atomic_with(&path, |out| {
+                        state.write_snapshot(out)
+                    })
+                });
+            (path, written)
+        })
+        .await;
+        if let Ok((path, Err(e))) = written {
             tracing::warn!(file = %path.display(), error = %e, "cannot keep the quota state on disk");
         }
     }
@@ -91,7 +101,7 @@ impl QuotaFeed {
                 Err(_) => {}
             }
             if dirty && persisted_at.is_none_or(|t| t.elapsed() >= PERSIST_EVERY) {
-                self.persist();
+                self.persist().await;
                 (dirty, persisted_at) = (false, Some(std::time::Instant::now()));
             }
             let updated = self.state.updated_at.load(Ordering::Relaxed);
@@ -104,7 +114,7 @@ impl QuotaFeed {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     if dirty {
-                        self.persist();
+                        self.persist().await;
                     }
                     return;
                 }

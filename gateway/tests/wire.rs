@@ -483,6 +483,92 @@ async fn a_stale_quota_state_fails_open_or_closed_as_configured() {
     }
 }
 
+/// A stand-in for the query API's `/v1/quota`: every request gets `body` (JSON).
+async fn quota_answering(body: String) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if sock.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The gateway keeps the last quota state it received in its state directory, and a gateway
+/// started while the query API is unreachable enforces what that file holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_enforces_the_quota_state_it_kept_on_disk() {
+    let end = (chrono::Utc::now() + chrono::Duration::days(2)).to_rfc3339();
+    let exhausted = serde_json::json!({
+        "version": 1, "epoch": 1, "full": true,
+        "consumers": [{
+            "consumer": "metered", "plan": "metered", "period": "2026-11", "period_end": end,
+            "limit": 10, "used": 10, "remaining": 0, "state": "exceeded"
+        }]
+    });
+    let quota = quota_answering(exhausted.to_string()).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let metered = |gw: &common::Running| {
+        let addr = gw.addr;
+        async move { get(addr, "/keyed/x", "x-api-key: k-metered\r\n").await.0 }
+    };
+
+    let first = gateway_with(|c| {
+        c.quota.url = Some(format!("http://{quota}/v1/quota"));
+        c.quota.poll_ms = Some(20);
+        c.state_dir = state.path().to_path_buf();
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metered(&first).await != 429 || !state.path().join("quota-state.json").exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the quota state was never enforced and kept"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.shutdown.cancel();
+    first.running.await.unwrap();
+
+    let restarted = gateway_with(|c| {
+        c.quota.url = Some(format!("http://{dead}/v1/quota"));
+        c.state_dir = state.path().to_path_buf();
+    })
+    .await;
+    assert_eq!(metered(&restarted).await, 429, "the kept state is enforced");
+    assert_eq!(
+        get(restarted.addr, "/keyed/x", "x-api-key: k-acme\r\n")
+            .await
+            .0,
+        200,
+        "a consumer without a quota is not refused"
+    );
+    restarted.shutdown.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_failing_its_health_checks_gets_no_requests_until_it_passes() {
     let a_ok = Arc::new(AtomicBool::new(true));
