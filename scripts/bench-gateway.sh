@@ -44,26 +44,11 @@ cleanup() {
   for pid in "${TG_PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; done
   [ -s "$WORK/gw.log" ] && { echo "tollgate gateway's log:" >&2; tail -5 "$WORK/gw.log" >&2; }
   kill $(jobs -p) 2>/dev/null || true
-  for c in upstream proxy; do nginx -p "$WORK/$c" -c "$WORK/$c/nginx.conf" -s stop 2>/dev/null || true; done
+  stop_nginx_instances upstream proxy
   wait 2>/dev/null || true; rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-# nginx_instance NAME WORKERS HTTP-BLOCK: an nginx of its own (pid file, logs) under $WORK/NAME.
-nginx_instance() {
-  mkdir -p "$WORK/$1/logs"
-  cat > "$WORK/$1/nginx.conf" <<NGINX
-worker_processes $2;
-pid $WORK/$1/nginx.pid;
-error_log $WORK/$1/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-$3
-}
-NGINX
-  nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf"
-}
 UP=$(port); PROXY=$(port)
 nginx_instance upstream 1 "  server { listen 127.0.0.1:$UP; location / { return 200 '$(printf 'x%.0s' $(seq "$BODY"))'; } }"
 nginx_instance proxy auto "  upstream app { server 127.0.0.1:$UP; keepalive 256; }

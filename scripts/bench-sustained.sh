@@ -25,26 +25,18 @@ open_loop_tools
 WORK="$(mktemp -d)"
 cleanup() {
   kill $(jobs -p) 2>/dev/null || true
-  for c in up px; do nginx -p "$WORK/$c" -c "$WORK/$c/nginx.conf" -s stop 2>/dev/null || true; done
+  stop_nginx_instances up px
   wait 2>/dev/null || true; rm -rf "$WORK"
 }
 trap cleanup EXIT
-nginx_conf() {
-  mkdir -p "$WORK/$1/logs"
-  cat > "$WORK/$1/nginx.conf" <<NGINX
-worker_processes $2; pid $WORK/$1/nginx.pid; error_log $WORK/$1/logs/error.log warn;
-events { worker_connections 4096; }
-http { access_log off; $3 }
-NGINX
-  nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf"
-}
 UP=$(port); PX=$(port)
-nginx_conf up 1 "server { listen 127.0.0.1:$UP; location / { return 200 '$(printf 'x%.0s' $(seq 1024))'; } }"
-nginx_conf px auto "upstream app { server 127.0.0.1:$UP; keepalive 256; } server { listen 127.0.0.1:$PX; location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+nginx_instance up 1 "  server { listen 127.0.0.1:$UP; location / { return 200 '$(printf 'x%.0s' $(seq 1024))'; } }"
+nginx_instance px auto "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
+  server { listen 127.0.0.1:$PX;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
 wait_for "curl -sf http://127.0.0.1:$PX/v1/items/1" 10
 
-# load URL: DURATION s of wrk, its requests/s on stdout; "half" (requests/s of the second half)
-# read from the sampler's file when there is one.
+# rps: the requests/s of wrk's report on stdin.
 rps() { awk '/Requests\/sec/{print $2}'; }
 wrk -t1 -c64 -d2s "http://127.0.0.1:$PX/v1/items/1" >/dev/null
 nginx_rps=$(wrk -t1 -c64 -d"${DURATION}s" "http://127.0.0.1:$PX/v1/items/1" | rps)
@@ -70,12 +62,14 @@ for bin in "$@"; do
   wrk -t1 -c64 -d"${DURATION}s" -H 'x-api-key: bench-key' "http://127.0.0.1:$gw/v1/items/1" > "$WORK/wrk.txt" &
   load=$!
   start=$(date +%s.%N); : > "$WORK/samples"
-  while kill -0 "$load" 2>/dev/null; do
-    sleep 2
-    echo "$(echo "$(date +%s.%N) - $start" | bc) $(sample)" >> "$WORK/samples"
+  # A sample every 2 s; the end of the load noticed within 0.2 s.
+  for ((i = 1; ; i++)); do
+    sleep 0.2
+    kill -0 "$load" 2>/dev/null || break
+    ((i % 10 == 0)) && echo "$(echo "$(date +%s.%N) - $start" | bc) $(sample)" >> "$WORK/samples"
   done
-  wait "$load"
   ended=$(date +%s.%N)
+  wait "$load"
   total=$(rps < "$WORK/wrk.txt")
   # Requests/s over the second half, from the samples around its start and the run's end.
   half=$(awk -v d="$DURATION" '$1 >= d / 2 && !s {s = 1; t0 = $1; r0 = $2} {t1 = $1; r1 = $2} END {if (t1 > t0) printf "%.0f", (r1 - r0) / (t1 - t0)}' "$WORK/samples")

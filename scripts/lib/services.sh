@@ -48,6 +48,27 @@ start_tansu() {
   wait_for "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", $KAFKA), 1)'" 30
 }
 
+# nginx_instance NAME WORKERS HTTP-BLOCK: an nginx of its own (pid file, logs) under $WORK/NAME,
+# started; the caller's cleanup stops it with stop_nginx_instances NAME...
+nginx_instance() {
+  mkdir -p "$WORK/$1/logs"
+  cat > "$WORK/$1/nginx.conf" <<NGINX
+worker_processes $2;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+$3
+}
+NGINX
+  nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf"
+}
+
+stop_nginx_instances() {
+  for c in "$@"; do nginx -p "$WORK/$c" -c "$WORK/$c/nginx.conf" -s stop 2>/dev/null || true; done
+}
+
 # Starts nginx as a trivial upstream answering {"ok":true} on port $UP (a free one when UP is
 # unset; sets UP); $1, if given, is more of the http block (a proxy in front of it, say). The
 # caller's cleanup stops it: nginx -p "$WORK" -c "$WORK/nginx.conf" -s stop.
