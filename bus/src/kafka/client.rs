@@ -14,10 +14,10 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::KafkaConfig;
+use super::producer::{Delivery, PolledProducer};
 use crate::metrics::DeliveryStats;
 use crate::{AssignmentChange, Bus, BusError, Checkpoint, Message, Publisher, Record, Subscriber};
 
@@ -78,7 +78,7 @@ impl KafkaBus {
         } else {
             self.config.compression.clone()
         };
-        let producer: FutureProducer = client_config(
+        let config = client_config(
             &self.config,
             &[
                 ("enable.idempotence", "true".into()),
@@ -91,9 +91,8 @@ impl KafkaBus {
                 ("message.timeout.ms", "120000".into()),
                 ("queue.buffering.max.messages", "2000000".into()),
             ],
-        )
-        .create()
-        .map_err(broker_err)?;
+        );
+        let producer = PolledProducer::create(&config).map_err(broker_err)?;
         Ok(Arc::new(KafkaPublisher::new(producer, topic)))
     }
 }
@@ -160,14 +159,9 @@ impl Bus for KafkaBus {
             return false;
         };
         let topic = self.config.topic.clone();
-        tokio::task::spawn_blocking(move || {
-            p.producer
-                .client()
-                .fetch_metadata(Some(&topic), Duration::from_secs(2))
-                .is_ok()
-        })
-        .await
-        .unwrap_or(false)
+        tokio::task::spawn_blocking(move || p.producer.reaches(&topic, Duration::from_secs(2)))
+            .await
+            .unwrap_or(false)
     }
 }
 
@@ -180,7 +174,7 @@ impl Bus for KafkaBus {
 /// costs memory, not events; a full librdkafka queue makes `publish` wait, and the gateway's own
 /// bounded queue then drops and counts. `flush` waits until every queued record is delivered.
 pub struct KafkaPublisher {
-    producer: FutureProducer,
+    producer: PolledProducer,
     topic: String,
     /// Records queued and not yet delivered.
     in_flight: Arc<tokio::sync::watch::Sender<u64>>,
@@ -188,7 +182,7 @@ pub struct KafkaPublisher {
 }
 
 impl KafkaPublisher {
-    fn new(producer: FutureProducer, topic: String) -> KafkaPublisher {
+    fn new(producer: PolledProducer, topic: String) -> KafkaPublisher {
         KafkaPublisher {
             producer,
             topic,
@@ -198,18 +192,14 @@ impl KafkaPublisher {
     }
 
     /// Queues one record in librdkafka, waiting while its queue is full.
-    async fn enqueue(&self, r: &Record) -> Result<rdkafka::producer::DeliveryFuture, BusError> {
-        let mut record = FutureRecord::to(&self.topic)
-            .key(&r.key[..])
-            .payload(&r.payload[..]);
+    async fn enqueue(&self, r: &Record) -> Result<Delivery, BusError> {
         loop {
-            match self.producer.send_result(record) {
+            match self.producer.send(&self.topic, &r.key, &r.payload) {
                 Ok(delivery) => return Ok(delivery),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err((e, _)) => return Err(broker_err(e)),
+                Err(e) => return Err(broker_err(e)),
             }
         }
     }
@@ -232,19 +222,18 @@ impl Publisher for KafkaPublisher {
             stats: self.stats.clone(),
         };
         tokio::spawn(async move {
-            let mut todo: Vec<(Record, rdkafka::producer::DeliveryFuture)> =
-                records.into_iter().zip(pending).collect();
+            let mut todo: Vec<(Record, Delivery)> = records.into_iter().zip(pending).collect();
             let mut backoff = Duration::from_millis(100);
             while !todo.is_empty() {
                 let mut failed = Vec::new();
                 for (record, delivery) in todo {
                     match delivery.await {
-                        Ok(Ok(_)) => {
+                        Ok(Ok(())) => {
                             retry.stats.delivered.fetch_add(1, Ordering::Relaxed);
                             retry.stats.backlog.fetch_sub(1, Ordering::Relaxed);
                             retry.in_flight.send_modify(|v| *v -= 1);
                         }
-                        Ok(Err((e, _))) => failed.push((record, e.to_string())),
+                        Ok(Err(e)) => failed.push((record, e)),
                         Err(_) => failed.push((record, "producer closed".into())),
                     }
                 }

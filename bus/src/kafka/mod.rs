@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "kafka")]
 mod client;
+#[cfg(feature = "kafka")]
+mod producer;
 
 /// The `bus:` section for `kind: kafka`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

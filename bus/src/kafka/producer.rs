@@ -1,0 +1,202 @@
+//! The Kafka producer, served by the gateway's runtime when librdkafka has something for it.
+//!
+//! librdkafka hands delivery reports (and its logs and errors) to the application through a
+//! queue that someone must poll. rdkafka's `FutureProducer` polls it from a thread of its own
+//! with `poll(100 ms)` in a loop, and rdkafka 0.39 passes what is left of that deadline to
+//! librdkafka in whole milliseconds: once less than one is left it polls with a zero timeout
+//! until the deadline has passed. An idle `tollgate gateway` spent 0.9 % of a core there
+//! (BENCHMARKS.md, "The gateway on its own again").
+//!
+//! So the queue is polled only when librdkafka says it has an event: it writes a byte to a
+//! socket (`rd_kafka_queue_io_event_enable`) when an event arrives on the queue after it was
+//! last served, and a task of the runtime waits for that byte, then serves every event queued.
+//! An idle producer costs nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use tokio::sync::oneshot;
+
+/// What becomes of a record: `Ok` once delivered, `Err` with librdkafka's reason. A dropped
+/// sender (the producer went away first) reads as an error of the receiver.
+pub(super) type Delivery = oneshot::Receiver<Result<(), String>>;
+
+/// Sends each record's delivery report to the receiver the record was sent with.
+struct Deliveries;
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = Box<oneshot::Sender<Result<(), String>>>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, report: Self::DeliveryOpaque) {
+        let _ = report.send(result.as_ref().map(|_| ()).map_err(|(e, _)| e.to_string()));
+    }
+}
+
+/// A handle on librdkafka's main queue of a client (the one `BaseProducer::poll` serves).
+struct MainQueue(*mut rdkafka::bindings::rd_kafka_queue_t);
+
+// SAFETY: librdkafka's queue handles may be used from any thread; this one is only read for its
+// length and given to `rd_kafka_queue_io_event_enable`, both thread-safe calls.
+#[allow(unsafe_code)]
+unsafe impl Send for MainQueue {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl Sync for MainQueue {}
+
+impl MainQueue {
+    fn len(&self) -> usize {
+        // SAFETY: `self.0` is a live handle until `drop`.
+        #[allow(unsafe_code)]
+        unsafe {
+            rdkafka::bindings::rd_kafka_queue_length(self.0)
+        }
+    }
+}
+
+impl Drop for MainQueue {
+    fn drop(&mut self) {
+        // SAFETY: the handle was obtained with `rd_kafka_queue_get_main` and is destroyed once.
+        #[allow(unsafe_code)]
+        unsafe {
+            rdkafka::bindings::rd_kafka_queue_destroy(self.0)
+        }
+    }
+}
+
+struct Inner {
+    /// Declared first: dropped before the producer's client, whose queues must be gone first.
+    queue: MainQueue,
+    producer: BaseProducer<Deliveries>,
+    /// The end librdkafka writes to; open for as long as it may write (see `Drop`).
+    _wake: std::os::unix::net::UnixStream,
+}
+
+impl Drop for Inner {
+    /// Tells librdkafka to stop writing to the socket before it is closed (fields drop after
+    /// this), so it never writes to a descriptor number reused meanwhile.
+    fn drop(&mut self) {
+        // SAFETY: `queue` is live; a descriptor of -1 disables the event.
+        #[allow(unsafe_code)]
+        unsafe {
+            rdkafka::bindings::rd_kafka_queue_io_event_enable(self.queue.0, -1, std::ptr::null(), 0)
+        }
+    }
+}
+
+/// Stops the serving task once the last handle of the producer is gone.
+struct StopServing(tokio::task::AbortHandle);
+
+impl Drop for StopServing {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A Kafka producer whose queue is served by a task of the current tokio runtime. Clones share
+/// it.
+#[derive(Clone)]
+pub(super) struct PolledProducer {
+    inner: Arc<Inner>,
+    _serving: Arc<StopServing>,
+}
+
+impl PolledProducer {
+    /// Creates the producer; must be called within a tokio runtime, which serves its queue.
+    pub(super) fn create(config: &ClientConfig) -> Result<PolledProducer, KafkaError> {
+        let producer: BaseProducer<Deliveries> = config.create_with_context(Deliveries)?;
+        let (wake, woken) = std::os::unix::net::UnixStream::pair()
+            .and_then(|(a, b)| {
+                a.set_nonblocking(true)?;
+                b.set_nonblocking(true)?;
+                Ok((a, b))
+            })
+            .map_err(|e| KafkaError::ClientCreation(format!("event socket: {e}")))?;
+        let woken = tokio::net::UnixStream::from_std(woken)
+            .map_err(|e| KafkaError::ClientCreation(format!("event socket: {e}")))?;
+        // SAFETY: the client pointer is live (owned by `producer`); the returned handle is
+        // destroyed by `MainQueue::drop`. The payload is a static byte, copied by librdkafka;
+        // the descriptor stays open until the event is disabled again (`Inner::drop`).
+        #[allow(unsafe_code)]
+        let queue = unsafe {
+            let queue = MainQueue(rdkafka::bindings::rd_kafka_queue_get_main(
+                producer.client().native_ptr(),
+            ));
+            rdkafka::bindings::rd_kafka_queue_io_event_enable(
+                queue.0,
+                std::os::fd::AsRawFd::as_raw_fd(&wake),
+                b"1".as_ptr().cast(),
+                1,
+            );
+            queue
+        };
+        let inner = Arc::new(Inner {
+            queue,
+            producer,
+            _wake: wake,
+        });
+        let task = tokio::spawn(serve(inner.clone(), woken));
+        Ok(PolledProducer {
+            inner,
+            _serving: Arc::new(StopServing(task.abort_handle())),
+        })
+    }
+
+    /// Queues a record; its delivery report arrives on the returned receiver. `Err` with the
+    /// record not queued (a full queue among the reasons: try again later).
+    pub(super) fn send(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+    ) -> Result<Delivery, KafkaError> {
+        let (report, delivery) = oneshot::channel();
+        let record = BaseRecord::with_opaque_to(topic, Box::new(report))
+            .key(key)
+            .payload(payload);
+        self.inner
+            .producer
+            .send(record)
+            .map(|()| delivery)
+            .map_err(|(e, _)| e)
+    }
+}
+
+impl PolledProducer {
+    /// Whether the brokers answer for `topic`'s metadata within `timeout` (blocks).
+    pub(super) fn reaches(&self, topic: &str, timeout: Duration) -> bool {
+        self.inner
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), timeout)
+            .is_ok()
+    }
+}
+
+/// Serves the queue whenever librdkafka says it has events, until the socket closes or the
+/// task is aborted. librdkafka writes again only for an event that arrives after the queue was
+/// last served, so each wake-up serves until the queue is empty.
+async fn serve(inner: Arc<Inner>, woken: tokio::net::UnixStream) {
+    let mut bytes = [0u8; 64];
+    loop {
+        while inner.queue.len() > 0 {
+            inner.producer.poll(Duration::ZERO);
+        }
+        if woken.readable().await.is_err() {
+            return;
+        }
+        loop {
+            match woken.try_read(&mut bytes) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return,
+            }
+        }
+    }
+}
