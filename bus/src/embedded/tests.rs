@@ -257,6 +257,13 @@ fn no_interval(dir: &Path, segment_bytes: u64) -> EmbeddedConfig {
     }
 }
 
+/// A log (one large segment, no sync interval) holding records 0 to 4, durable.
+async fn log_of_five(dir: &Path) -> EmbeddedLog {
+    let log = EmbeddedLog::open(no_interval(dir, 1 << 20)).unwrap();
+    log.publish(records(0..5)).await.unwrap();
+    log
+}
+
 fn records(range: std::ops::Range<u64>) -> Vec<Record> {
     range.map(rec).collect()
 }
@@ -284,8 +291,7 @@ fn events(ids: impl IntoIterator<Item = u64>) -> Vec<String> {
 #[tokio::test]
 async fn a_failed_sync_takes_out_what_was_not_durable_and_each_publish_it_covered_fails() {
     let dir = tempfile::tempdir().unwrap();
-    let log = EmbeddedLog::open(no_interval(dir.path(), 1 << 20)).unwrap();
-    log.publish(records(0..5)).await.unwrap();
+    let log = log_of_five(dir.path()).await;
     // Told apart from what is published after the failure by their numbers.
     let a = log.write_blocking(&records(100..103)).unwrap();
     let b = log.write_blocking(&records(103..105)).unwrap();
@@ -331,8 +337,7 @@ async fn a_failed_sync_keeps_what_a_roll_made_durable() {
 #[tokio::test]
 async fn a_failed_write_leaves_nothing_of_its_batch() {
     let dir = tempfile::tempdir().unwrap();
-    let log = EmbeddedLog::open(no_interval(dir.path(), 1 << 20)).unwrap();
-    log.publish(records(0..5)).await.unwrap();
+    let log = log_of_five(dir.path()).await;
     log.inner.faults.fail_write.store(true, Ordering::Relaxed);
     assert!(log.publish(records(5..10)).await.is_err());
     log.publish(records(5..10)).await.unwrap();
@@ -347,8 +352,7 @@ async fn a_failed_write_leaves_nothing_of_its_batch() {
 #[tokio::test]
 async fn a_subscriber_drops_what_it_read_ahead_when_the_log_is_cut_back() {
     let dir = tempfile::tempdir().unwrap();
-    let log = EmbeddedLog::open(no_interval(dir.path(), 1 << 20)).unwrap();
-    log.publish(records(0..5)).await.unwrap();
+    let log = log_of_five(dir.path()).await;
     let discarded = log.write_blocking(&records(100..103)).unwrap();
     let mut sub = log.subscribe("g").unwrap();
     // Its buffer now holds the unsynced records too (one read of the whole file).
