@@ -173,7 +173,10 @@ async fn replay_loop(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         }
-        let msgs = match sub.poll(5_000, Duration::from_millis(100)).await {
+        // Not held while waiting: the publisher may go meanwhile. A poll returns as soon as
+        // something is spooled; the wait only sets how often an idle gateway wakes here.
+        drop(s);
+        let msgs = match sub.poll(5_000, Duration::from_secs(1)).await {
             Ok(m) => m,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the event spool");
@@ -181,6 +184,7 @@ async fn replay_loop(
                 continue;
             }
         };
+        let Some(s) = spool.upgrade() else { return };
         if msgs.is_empty() {
             let mut spooling = s.spooling.lock().await;
             if *spooling && position >= s.log.end_offset() {
