@@ -322,10 +322,9 @@ impl EmbeddedLog {
     fn write_blocking(&self, records: &[Record]) -> Result<Written, BusError> {
         let inner = &self.inner;
         let mut w = self.writer();
-        let path = segment::segment_path(&inner.dir, w.base);
-        if w.torn {
-            truncate(&mut w, &inner.rewinds).map_err(io_err(&path))?;
-        }
+        // What a failed write or sync left behind goes first (nothing when the file is whole).
+        truncate(&mut w, &inner.rewinds)
+            .map_err(io_err(&segment::segment_path(&inner.dir, w.base)))?;
         if w.len >= inner.config.segment_bytes {
             self.roll(&mut w)?;
         }

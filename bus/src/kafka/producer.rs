@@ -165,9 +165,7 @@ impl PolledProducer {
             .map(|()| delivery)
             .map_err(|(e, _)| e)
     }
-}
 
-impl PolledProducer {
     /// Whether the brokers answer for `topic`'s metadata within `timeout` (blocks).
     pub(super) fn reaches(&self, topic: &str, timeout: Duration) -> bool {
         self.inner
