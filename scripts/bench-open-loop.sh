@@ -1,46 +1,110 @@
 #!/usr/bin/env bash
-# The latency `tollgate up` adds at a fixed request rate, binaries side by side: for each round
-# and each binary given, a fresh `tollgate up` (API key, rate limit, quota, one event per
-# request) in front of an nginx upstream (one worker, BODY-byte answers), 3 s of wrk to warm
-# it, then examples/open_loop.rs at RATE requests/s for DURATION seconds over CONNS
-# connections, latency measured from each request's scheduled time (no coordinated omission).
-# A fresh process per run keeps one binary's background work (flushes, compaction of what
-# earlier runs stored) out of another's measurement, which `bench-gateway.sh` (one long-lived
-# process per binary) does not.
-# Usage: ROUNDS=3 RATE=18000 DURATION=8 scripts/bench-open-loop.sh BINARY...
+# The latency `tollgate up` adds at a fixed request rate, against baselines measured in the same
+# rounds. One nginx upstream (one worker, BODY-byte answers) serves every target; per round, in
+# turn, examples/open_loop.rs sends RATE requests/s for DURATION seconds over CONNS keep-alive
+# connections (latency from each request's scheduled time: no coordinated omission) to:
+#   - `direct`: the upstream itself, the floor every proxy adds to;
+#   - `nginx`: nginx as a plain reverse proxy (auto workers, keep-alive upstream pool);
+#   - each binary given, as a fresh `tollgate up` (API key, rate limit, quota, one event per
+#     request) after 3 s of wrk to warm it.
+# "added p99" is a target's p99 minus `direct`'s p99 of the same round: what the proxy adds at
+# the tail, on the same two cores, with the same generator. For tollgate the script also reads
+# the run's own events once they are stored (Parquet, through DuckDB) and reports the p99 and
+# p99.9 of `latency_us - upstream_latency_us`: the time the request spent in the gateway itself
+# (parsing, auth, limits, rewriting, writing), without the upstream leg and without the time
+# the kernel took to hand the request to the gateway or the answer to the client.
+#
+# Without RATE, the rate is half of the first binary's maximum: wrk -t1 -c$CONNS for 8 s against
+# a fresh `tollgate up` (the issue's "half of the gateway's own maximum rate").
+# A fresh process per run keeps one binary's background work (flushes, compaction) out of
+# another's measurement.
+# Usage: ROUNDS=3 [RATE=25000] DURATION=15 scripts/bench-open-loop.sh BINARY...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
-ROUNDS="${ROUNDS:-3}"; RATE="${RATE:-18000}"; DURATION="${DURATION:-8}"; CONNS="${CONNS:-64}"; BODY="${BODY:-1024}"
+ROUNDS="${ROUNDS:-3}"; DURATION="${DURATION:-15}"; CONNS="${CONNS:-64}"; BODY="${BODY:-1024}"
 [ $# -gt 0 ] || { echo "usage: $0 BINARY..." >&2; exit 2; }
 . scripts/lib/services.sh
 open_loop_tools
+python3 -c 'import duckdb' 2>/dev/null || python3 -m pip install -q duckdb >&2
 WORK="$(mktemp -d)"
-cleanup() { kill $(jobs -p) 2>/dev/null || true; nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" -s stop 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
+cleanup() { kill $(jobs -p) 2>/dev/null || true; stop_nginx_instances up px; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-UP=$(port)
-mkdir -p "$WORK/up/logs"
-cat > "$WORK/up/nginx.conf" <<NGINX
-worker_processes 1; pid $WORK/up/nginx.pid; error_log $WORK/up/logs/error.log;
-events {} http { access_log off; server { listen 127.0.0.1:$UP; location / { return 200 '$(printf 'x%.0s' $(seq "$BODY"))'; } } }
-NGINX
-nginx -p "$WORK/up" -c "$WORK/up/nginx.conf"
-echo "open loop at $RATE requests/s for $DURATION s over $CONNS connections, a fresh \`tollgate up\` per run"
+UP=$(port); PX=$(port)
+nginx_instance up 1 "  server { listen 127.0.0.1:$UP; location / { return 200 '$(printf 'x%.0s' $(seq "$BODY"))'; } }"
+nginx_instance px auto "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
+  server { listen 127.0.0.1:$PX;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+wait_for "curl -sf http://127.0.0.1:$PX/v1/items/1" 10
+
+# start_up BINARY: a fresh `tollgate up` on new ports and an empty data dir; sets TG, GW, API.
+start_up() {
+  GW=$(port); API=$(port)
+  bench_config "$WORK/tg.yaml" "$GW" "$API"
+  rm -rf "$WORK/data"
+  RUST_LOG=warn "$1" up --config "$WORK/tg.yaml" --data-dir "$WORK/data" 2>"$WORK/tg.log" &
+  TG=$!
+  wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$GW/v1/items/1" 30
+}
+stop_up() { kill "$TG"; wait "$TG" 2>/dev/null || true; }
+
+if [ -z "${RATE:-}" ]; then
+  start_up "$1"
+  wrk -t1 -c"$CONNS" -d2s -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" >/dev/null
+  max=$(wrk -t1 -c"$CONNS" -d8s -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" | awk '/Requests\/sec/{printf "%d", $2}')
+  stop_up
+  RATE=$((max / 2))
+  echo "maximum of $1: $max requests/s (wrk -t1 -c$CONNS, 8 s); half of it: $RATE"
+fi
+
+# open_loop NAME URL [HEADER]: one run; prints its row and keeps its p99 in P99.
+open_loop() {
+  local name=$1 url=$2 header=${3:-"x-bench: 1"} sent ok non2xx errors achieved p50 p90 p999 max
+  read -r sent ok non2xx errors achieved p50 p90 P99 p999 max < <("$OPEN_LOOP" "$url" "$RATE" "$DURATION" "$CONNS" "$header")
+  ROW="| $name | $round | $p50 | $p90 | $P99 | $p999 | $max | $((non2xx + errors))"
+}
+
+# gateway_share: p99 and p99.9 (ms) of latency_us - upstream_latency_us over the events stored
+# since $SINCE_US, once every request the gateway counted is in the store.
+gateway_share() {
+  local deadline=$((SECONDS + 120)) r a
+  while :; do
+    read -r r a < <(curl -s "http://127.0.0.1:$API/metrics" | awk '
+      /^tollgate_collector_events_appended_total/ {a = $2}
+      /^tollgate_gateway_requests_total/ {r += $2}
+      END {printf "%d %d\n", r, a}')
+    [ "$a" -ge "$r" ] && [ "$r" -gt 0 ] && break
+    [ $SECONDS -lt $deadline ] || { echo "events not stored within 120 s ($a of $r)" >&2; exit 1; }
+    sleep 0.2
+  done
+  stop_up
+  python3 - "$WORK/data" "$SINCE_US" <<'PY'
+import duckdb, glob, sys
+files = [f for f in glob.glob(sys.argv[1] + "/store/**/part-*.parquet", recursive=True)]
+q = f"""select quantile_cont(latency_us - upstream_latency_us, [0.99, 0.999]) from read_parquet({files!r})
+        where epoch_us(ts) >= {sys.argv[2]} and upstream_latency_us is not null"""
+p99, p999 = duckdb.connect().execute(q).fetchall()[0][0]
+print(f"{p99 / 1000:.3f} {p999 / 1000:.3f}")
+PY
+}
+
+echo "open loop at $RATE requests/s for $DURATION s over $CONNS connections, $BODY-byte answers; a fresh \`tollgate up\` per run"
 echo
-echo "| binary | round | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | non-2xx + errors |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| target | round | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | non-2xx + errors | added p99 ms | in the gateway p99 / p99.9 ms |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for round in $(seq "$ROUNDS"); do
+  wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$UP/v1/items/1" >/dev/null
+  open_loop direct "http://127.0.0.1:$UP/v1/items/1"; floor=$P99
+  echo "$ROW | | |"
+  wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$PX/v1/items/1" >/dev/null
+  open_loop nginx "http://127.0.0.1:$PX/v1/items/1"
+  echo "$ROW | $(echo "$P99 - $floor" | bc -l | xargs printf %.3f) | |"
   for bin in "$@"; do
-    gw=$(port); api=$(port)
-    bench_config "$WORK/tg.yaml" "$gw" "$api"
-    RUST_LOG=warn "$bin" up --config "$WORK/tg.yaml" --data-dir "$WORK/data-$round" 2>"$WORK/tg.log" &
-    pid=$!
-    for _ in $(seq 200); do curl -sf -H 'x-api-key: bench-key' "http://127.0.0.1:$gw/v1/items/1" >/dev/null && break; sleep 0.05; done
-    wrk -t1 -c"$CONNS" -d3s -H 'x-api-key: bench-key' "http://127.0.0.1:$gw/v1/items/1" >/dev/null
-    # sent received non-2xx errors achieved p50 p90 p99 p99.9 max
-    read -r _ _ non2xx errors _ p50 p90 p99 p999 max < <("$OPEN_LOOP" "http://127.0.0.1:$gw/v1/items/1" "$RATE" "$DURATION" "$CONNS" "x-api-key: bench-key")
-    echo "| $bin | $round | $p50 | $p90 | $p99 | $p999 | $max | $((non2xx + errors)) |"
-    kill "$pid"; wait "$pid" 2>/dev/null || true
-    rm -rf "$WORK/data-$round"
+    start_up "$bin"
+    wrk -t1 -c"$CONNS" -d3s -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" >/dev/null
+    SINCE_US=$(date +%s%6N)
+    open_loop "$bin" "http://127.0.0.1:$GW/v1/items/1" "x-api-key: bench-key"
+    read -r own99 own999 < <(gateway_share)
+    echo "$ROW | $(echo "$P99 - $floor" | bc -l | xargs printf %.3f) | $own99 / $own999 |"
   done
 done
