@@ -83,8 +83,8 @@ import duckdb, glob, sys
 files = [f for f in glob.glob(sys.argv[1] + "/store/**/part-*.parquet", recursive=True)]
 q = f"""select quantile_cont(latency_us - upstream_latency_us, [0.99, 0.999]) from read_parquet({files!r})
         where epoch_us(ts) >= {sys.argv[2]} and upstream_latency_us is not null"""
-p99, p999 = duckdb.connect().execute(q).fetchall()[0][0]
-print(f"{p99 / 1000:.3f} {p999 / 1000:.3f}")
+share = duckdb.connect().execute(q).fetchall()[0][0] if files else None
+print(" ".join(f"{v / 1000:.3f}" for v in share) if share else "none none")
 PY
 }
 
