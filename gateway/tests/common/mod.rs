@@ -80,7 +80,10 @@ pub fn consumer(id: &str, plan: &str, key: &str) -> Consumer {
     }
 }
 
-/// The next `n` events on the bus (waits for them with a deadline).
+/// The next `n` events on the bus (waits for them with a deadline), in the order their
+/// requests began. The bus holds them in the order the worker threads handed their batches
+/// over: a test's sequential requests on connections that landed on different workers can
+/// reach it in another order (the order across workers is not a promise; `ts` is).
 pub async fn events(sub: &mut dyn Subscriber, n: usize) -> Vec<RequestEvent> {
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -98,5 +101,7 @@ pub async fn events(sub: &mut dyn Subscriber, n: usize) -> Vec<RequestEvent> {
             out.push(RequestEvent::from_json(&m.payload).unwrap());
         }
     }
+    // Stable: events of one instant keep the bus's order.
+    out.sort_by_key(|e| e.ts);
     out
 }
