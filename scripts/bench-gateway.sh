@@ -44,18 +44,13 @@ cleanup() {
   for pid in "${TG_PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; done
   [ -s "$WORK/gw.log" ] && { echo "tollgate gateway's log:" >&2; tail -5 "$WORK/gw.log" >&2; }
   kill $(jobs -p) 2>/dev/null || true
-  stop_nginx_instances upstream proxy
+  stop_nginx_instances up px
   wait 2>/dev/null || true; rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-UP=$(port); PROXY=$(port)
-nginx_instance upstream 1 "  server { listen 127.0.0.1:$UP; location / { return 200 '$(printf 'x%.0s' $(seq "$BODY"))'; } }"
-nginx_instance proxy auto "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
-  server { listen 127.0.0.1:$PROXY;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
-wait_for "curl -sf http://127.0.0.1:$PROXY/v1/items/1" 10
-proxy_pids() { pgrep -d, -P "$(cat "$WORK/proxy/nginx.pid")"; }
+nginx_upstream_and_proxy "$BODY"
+proxy_pids() { pgrep -d, -P "$(cat "$WORK/px/nginx.pid")"; }
 
 # One `tollgate up` per binary, each on its own ports and data directory.
 TG_PORTS=(); TG_PIDS=()
@@ -134,7 +129,7 @@ PY
 for r in $(seq 1 "$ROUNDS"); do
   echo "round $r of $ROUNDS" >&2
   focus -1
-  run nginx "http://127.0.0.1:$PROXY/v1/items/1" "$(proxy_pids)" "$CONNS"
+  run nginx "http://127.0.0.1:$PX/v1/items/1" "$(proxy_pids)" "$CONNS"
   for i in "${!TARGETS[@]}"; do
     focus "$i"; warm "$i"
     run "${TARGETS[$i]}" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$CONNS" "x-api-key: bench-key"
@@ -142,7 +137,7 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 # The counts: one run per target with `perf stat` attached (see `run`).
 focus -1
-COUNT=1 run nginx-counted "http://127.0.0.1:$PROXY/v1/items/1" "$(proxy_pids)" "$CONNS"
+COUNT=1 run nginx-counted "http://127.0.0.1:$PX/v1/items/1" "$(proxy_pids)" "$CONNS"
 for i in "${!TARGETS[@]}"; do
   focus "$i"; warm "$i"
   COUNT=1 run "${TARGETS[$i]}-counted" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$CONNS" "x-api-key: bench-key"
@@ -150,7 +145,7 @@ done
 # Latency at a lighter load: a quarter of the connections.
 light=$((CONNS / 4 > 0 ? CONNS / 4 : 1))
 focus -1
-run nginx-light "http://127.0.0.1:$PROXY/v1/items/1" "$(proxy_pids)" "$light"
+run nginx-light "http://127.0.0.1:$PX/v1/items/1" "$(proxy_pids)" "$light"
 for i in "${!TARGETS[@]}"; do
   focus "$i"; warm "$i"
   run "${TARGETS[$i]}-light" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$light" "x-api-key: bench-key"
@@ -165,7 +160,7 @@ PY
 )}"
 secs="${DURATION%s}"
 focus -1
-"$OPEN_LOOP" "http://127.0.0.1:$PROXY/v1/items/1" "$RATE" "$secs" "$CONNS" > "$WORK/open-nginx"
+"$OPEN_LOOP" "http://127.0.0.1:$PX/v1/items/1" "$RATE" "$secs" "$CONNS" > "$WORK/open-nginx"
 for i in "${!TARGETS[@]}"; do
   focus "$i"; warm "$i"
   "$OPEN_LOOP" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "$RATE" "$secs" "$CONNS" "x-api-key: bench-key" > "$WORK/open-${TARGETS[$i]}"

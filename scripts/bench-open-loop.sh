@@ -30,22 +30,8 @@ python3 -c 'import duckdb' 2>/dev/null || python3 -m pip install -q duckdb >&2
 WORK="$(mktemp -d)"
 cleanup() { kill $(jobs -p) 2>/dev/null || true; stop_nginx_instances up px; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-UP=$(port); PX=$(port)
-nginx_instance up 1 "  server { listen 127.0.0.1:$UP; location / { return 200 '$(printf 'x%.0s' $(seq "$BODY"))'; } }"
-nginx_instance px auto "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
-  server { listen 127.0.0.1:$PX;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
-wait_for "curl -sf http://127.0.0.1:$PX/v1/items/1" 10
+nginx_upstream_and_proxy "$BODY"
 
-# start_up BINARY: a fresh `tollgate up` on new ports and an empty data dir; sets TG, GW, API.
-start_up() {
-  GW=$(port); API=$(port)
-  bench_config "$WORK/tg.yaml" "$GW" "$API"
-  rm -rf "$WORK/data"
-  RUST_LOG=warn "$1" up --config "$WORK/tg.yaml" --data-dir "$WORK/data" 2>"$WORK/tg.log" &
-  TG=$!
-  wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$GW/v1/items/1" 30
-}
 stop_up() { kill "$TG"; wait "$TG" 2>/dev/null || true; }
 
 if [ -z "${RATE:-}" ]; then
@@ -69,10 +55,7 @@ open_loop() {
 gateway_share() {
   local deadline=$((SECONDS + 120)) r a
   while :; do
-    read -r r a < <(curl -s "http://127.0.0.1:$API/metrics" | awk '
-      /^tollgate_collector_events_appended_total/ {a = $2}
-      /^tollgate_gateway_requests_total/ {r += $2}
-      END {printf "%d %d\n", r, a}')
+    read -r r a < <(served_and_appended "$API")
     [ "$a" -ge "$r" ] && [ "$r" -gt 0 ] && break
     [ $SECONDS -lt $deadline ] || { echo "events not stored within 120 s ($a of $r)" >&2; exit 1; }
     sleep 0.2

@@ -29,12 +29,7 @@ cleanup() {
   wait 2>/dev/null || true; rm -rf "$WORK"
 }
 trap cleanup EXIT
-UP=$(port); PX=$(port)
-nginx_instance up 1 "  server { listen 127.0.0.1:$UP; location / { return 200 '$(printf 'x%.0s' $(seq 1024))'; } }"
-nginx_instance px auto "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
-  server { listen 127.0.0.1:$PX;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
-wait_for "curl -sf http://127.0.0.1:$PX/v1/items/1" 10
+nginx_upstream_and_proxy 1024
 
 # rps: the requests/s of wrk's report on stdin.
 rps() { awk '/Requests\/sec/{print $2}'; }
@@ -45,19 +40,9 @@ echo
 echo "| binary | requests/s | ratio to nginx | second half requests/s | most events not yet stored | store complete after the load |"
 echo "|---|---|---|---|---|---|"
 for bin in "$@"; do
-  gw=$(port); api=$(port)
-  bench_config "$WORK/tg.yaml" "$gw" "$api"
-  rm -rf "$WORK/data"
-  RUST_LOG=warn "$bin" up --config "$WORK/tg.yaml" --data-dir "$WORK/data" 2>"$WORK/tg.log" &
-  pid=$!
-  wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$gw/v1/items/1" 30
+  start_up "$bin"; gw=$GW; api=$API; pid=$TG
   # requests appended: the gateway's requests and the collector's stored events.
-  sample() {
-    curl -s "http://127.0.0.1:$api/metrics" | awk '
-      /^tollgate_collector_events_appended_total/ {a = $2}
-      /^tollgate_gateway_requests_total/ {r += $2}
-      END {printf "%d %d\n", r, a}'
-  }
+  sample() { served_and_appended "$api"; }
   wrk -t1 -c64 -d2s -H 'x-api-key: bench-key' "http://127.0.0.1:$gw/v1/items/1" >/dev/null
   wrk -t1 -c64 -d"${DURATION}s" -H 'x-api-key: bench-key' "http://127.0.0.1:$gw/v1/items/1" > "$WORK/wrk.txt" &
   load=$!

@@ -69,6 +69,19 @@ stop_nginx_instances() {
   for c in "$@"; do nginx -p "$WORK/$c" -c "$WORK/$c/nginx.conf" -s stop 2>/dev/null || true; done
 }
 
+# nginx_upstream_and_proxy BODY: the gateway benchmarks' baseline pair, started and answering.
+# `up` (one worker) answers every path with BODY bytes on $UP; `px` is nginx as a plain reverse
+# proxy in front of it on $PX (a worker per core, a keep-alive pool of upstream connections).
+# Sets UP and PX; the caller's cleanup runs `stop_nginx_instances up px`.
+nginx_upstream_and_proxy() {
+  UP=$(port); PX=$(port)
+  nginx_instance up 1 "  server { listen 127.0.0.1:$UP; location / { return 200 '$(printf 'x%.0s' $(seq "$1"))'; } }"
+  nginx_instance px auto "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
+  server { listen 127.0.0.1:$PX;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+  wait_for "curl -sf http://127.0.0.1:$PX/v1/items/1" 10
+}
+
 # Starts nginx as a trivial upstream answering {"ok":true} on port $UP (a free one when UP is
 # unset; sets UP); $1, if given, is more of the http block (a proxy in front of it, say). The
 # caller's cleanup stops it: nginx -p "$WORK" -c "$WORK/nginx.conf" -s stop.
@@ -132,6 +145,26 @@ plans: { open: { rate_limit: { per_second: 10000000 }, quota: { requests: 100000
                  pricing: { currency: USD, charges: { default: { unit_price: "0.0001" } } } } }
 query_api: { listen: 127.0.0.1:$3 }
 YAML
+}
+
+# start_up BINARY: a fresh `tollgate up` with the benchmark configuration (bench_config) on new
+# ports and an empty $WORK/data, answering; sets TG (its pid), GW and API (its ports).
+start_up() {
+  GW=$(port); API=$(port)
+  bench_config "$WORK/tg.yaml" "$GW" "$API"
+  rm -rf "$WORK/data"
+  RUST_LOG=warn "$1" up --config "$WORK/tg.yaml" --data-dir "$WORK/data" 2>"$WORK/tg.log" &
+  TG=$!
+  wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$GW/v1/items/1" 30
+}
+
+# served_and_appended API_PORT: the gateway's requests and the collector's appended events so
+# far, from the query API's /metrics ("REQUESTS APPENDED").
+served_and_appended() {
+  curl -s "http://127.0.0.1:$1/metrics" | awk '
+    /^tollgate_collector_events_appended_total/ {a = $2}
+    /^tollgate_gateway_requests_total/ {r += $2}
+    END {printf "%d %d\n", r, a}'
 }
 
 # seeded_store_setup: what the embedded-store benchmarks share. DuckDB for the baseline; the
