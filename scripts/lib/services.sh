@@ -167,6 +167,18 @@ served_and_appended() {
     END {printf "%d %d\n", r, a}'
 }
 
+# wait_stored API_PORT: waits until the collector has stored every request the gateway counted
+# (at least one), failing after 120 s.
+wait_stored() {
+  local deadline=$((SECONDS + 120)) r a
+  while :; do
+    read -r r a < <(served_and_appended "$1")
+    [ "$a" -ge "$r" ] && [ "$r" -gt 0 ] && return
+    [ $SECONDS -lt $deadline ] || { echo "events not stored within 120 s ($a of $r)" >&2; exit 1; }
+    sleep 0.2
+  done
+}
+
 # seeded_store_setup: what the embedded-store benchmarks share. DuckDB for the baseline; the
 # release build with the scaled features (the same embedded code path; it shares its compiled
 # dependencies with bench-scaled.sh) and the bus seeder (examples/seed_bus.rs); sets BIN, and
@@ -183,14 +195,14 @@ seeded_store_setup() {
 # start_ups BINARY...: one `tollgate up` per binary with the benchmark configuration
 # (bench_config), each on its own ports, configuration, log and data directory under $WORK
 # (tg<i>.yaml, tg<i>.log, data<i>); waits until each proxies a request. Appends their pids to
-# TG_PIDS and their gateway ports to TG_PORTS.
+# TG_PIDS, their gateway ports to TG_PORTS and their query API ports to TG_APIS.
 start_ups() {
   local i=0 bin gw api
   for bin in "$@"; do
     gw=$(port); api=$(port)
     bench_config "$WORK/tg$i.yaml" "$gw" "$api"
     RUST_LOG=warn "$bin" up --config "$WORK/tg$i.yaml" --data-dir "$WORK/data$i" 2>"$WORK/tg$i.log" &
-    TG_PIDS+=($!); TG_PORTS+=("$gw")
+    TG_PIDS+=($!); TG_PORTS+=("$gw"); TG_APIS+=("$api")
     wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$gw/v1/items/1" 60
     i=$((i + 1))
   done
