@@ -40,6 +40,12 @@
 //! load that leaves no core idle for long the store trails by about the bound at most, and a
 //! load that leaves some idle time is stored in it without taking any from requests.
 //!
+//! An idle-class thread still holds up the other core's threads: a core that runs it is not
+//! idle, so it does not take work queued on the other core until the periodic balancing
+//! does. So while the ingest threads are in the idle class, the store's and the collector's
+//! long loops offer their core by leaving it idle for a moment instead of `sched_yield`
+//! (`tollgate_store::cpu`, with the measurements).
+//!
 //! The event publisher and the log's writes stay batch work: they must keep up with the
 //! gateway, whose queue drops what does not fit. With a Kafka bus, ingest stays batch work
 //! too: the Kafka client's own threads, which the consumer starts, would keep the class they
@@ -188,6 +194,7 @@ impl Threads {
             return false;
         }
         *now = policy;
+        tollgate_store::cpu::offer_by_pausing(policy == Policy::Idle);
         for tid in self.lock_tids().iter() {
             if let Err(error) = set_policy_of(*tid, policy) {
                 tracing::debug!(%error, tid, ?policy, "cannot move an ingest thread");
@@ -220,6 +227,10 @@ impl CatchUp {
                 "ingest runs as batch work beside the gateway: this process may not take a thread back out of SCHED_IDLE (needs root, CAP_SYS_NICE or RLIMIT_NICE >= 20, e.g. systemd's LimitNICE=+0)"
             );
         }
+        // Background loops leave the core idle when they offer it while in the idle class
+        // (`tollgate_store::cpu`): a core running an idle-class thread does not take work
+        // waiting on the other core.
+        tollgate_store::cpu::offer_by_pausing(can_idle);
         let threads = Arc::new(Threads {
             tids: Mutex::new(Vec::new()),
             policy: Mutex::new(if can_idle {
@@ -426,6 +437,8 @@ mod tests {
         };
         let (own, blocking) = classes(&catch_up).await.unwrap();
         assert_eq!((own, blocking), (expected(true), expected(true)));
+        // Their loops leave the core idle when they offer it only while in the idle class.
+        assert_eq!(tollgate_store::cpu::offers_by_pausing(), may_idle);
 
         let caught_up = Arc::new(Mutex::new(now_seconds()));
         let stop = tokio_util::sync::CancellationToken::new();
@@ -442,6 +455,7 @@ mod tests {
                 classes(&catch_up).await.unwrap(),
                 (expected(false), expected(false))
             );
+            assert!(!tollgate_store::cpu::offers_by_pausing());
             // Caught up again.
             *caught_up.lock().unwrap() = now_seconds();
             if may_idle {
@@ -451,6 +465,7 @@ mod tests {
                 classes(&catch_up).await.unwrap(),
                 (expected(true), expected(true))
             );
+            assert_eq!(tollgate_store::cpu::offers_by_pausing(), may_idle);
             stop.cancel();
         };
         tokio::join!(governed, check);

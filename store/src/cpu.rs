@@ -15,13 +15,52 @@
 //! So long background loops call [`Yielder::tick`] between small steps: once [`SLICE`] has
 //! passed since the last yield it calls `sched_yield`, which lets any thread waiting for this
 //! core run first and costs about a microsecond when none is.
+//!
+//! ## In the idle class: leave the core idle for a moment ([`offer_by_pausing`])
+//!
+//! `sched_yield` only lets the threads queued on this core run. A thread in `SCHED_IDLE`
+//! (where `tollgate up` runs ingest while it keeps up, `src/sched.rs`) costs the others more
+//! than that: a core that runs it is not idle, so it never pulls work queued on the other
+//! core, which is what a core does the moment it goes idle; only the periodic balancing moves
+//! it, milliseconds later. Beside nginx as a proxy under a fixed rate (35,000 requests/s, the
+//! open-loop generator of `scripts/bench-open-loop.sh`, three rounds each), one
+//! `SCHED_IDLE` thread that never sleeps took nginx's p99 from 2.0–2.7 ms to 12–40 ms;
+//! calling `sched_yield` every half millisecond, to 7.1–9.0 ms; sleeping about 70 µs every
+//! half millisecond, to 3.3–3.5 ms (16 in one round). Two such threads that never sleep gave
+//! 48–58 ms (BENCHMARKS.md, "Work in the idle class holds up the other core").
+//!
+//! So while the ingest threads are in the idle class, [`Yielder::tick`] sleeps for [`PAUSE`]
+//! instead: the core goes idle, takes whatever waits elsewhere, and the loop goes on when the
+//! core is free again. That costs ingest up to a sixth of its speed where no other thread
+//! wants the core, which is exactly when it has the machine to itself and speed matters
+//! least. At its fair share (batch class, or a collector of its own) it yields as before.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::RecordBatch;
 
 /// How long background work runs before it offers its core to waiting threads.
 pub const SLICE: Duration = Duration::from_micros(500);
+
+/// How long [`Yielder::tick`] leaves the core idle while [`offer_by_pausing`] is on (the
+/// kernel's timer slack, 50 µs by default, comes on top).
+pub const PAUSE: Duration = Duration::from_micros(50);
+
+/// Whether [`Yielder::tick`] sleeps for [`PAUSE`] instead of calling `sched_yield`.
+static PAUSING: AtomicBool = AtomicBool::new(false);
+
+/// Makes background loops offer their core by leaving it idle for [`PAUSE`] (`true`), or by
+/// `sched_yield` (`false`, the default): set by the process as it moves the threads that run
+/// them into the idle scheduling class and out of it (see the module docs).
+pub fn offer_by_pausing(on: bool) {
+    PAUSING.store(on, Ordering::Relaxed);
+}
+
+/// Whether background loops offer their core by pausing now (see [`offer_by_pausing`]).
+pub fn offers_by_pausing() -> bool {
+    PAUSING.load(Ordering::Relaxed)
+}
 
 /// Rows a background loop handles between two [`Yielder::tick`]s: well under a [`SLICE`] of
 /// encoding, aggregating or decoding.
@@ -46,13 +85,17 @@ impl Yielder {
         }
     }
 
-    /// Yields the thread if a [`SLICE`] has passed since the last yield (or since `new`).
-    /// Returns whether it did.
+    /// Offers the core if a [`SLICE`] has passed since the last offer (or since `new`): a
+    /// [`PAUSE`] or a `sched_yield` (see [`offer_by_pausing`]). Returns whether it did.
     pub fn tick(&mut self) -> bool {
         if self.since.elapsed() < SLICE {
             return false;
         }
-        std::thread::yield_now();
+        if offers_by_pausing() {
+            std::thread::sleep(PAUSE);
+        } else {
+            std::thread::yield_now();
+        }
         self.since = Instant::now();
         true
     }
@@ -81,5 +124,22 @@ mod tests {
         let slices = (started.elapsed().as_micros() / SLICE.as_micros()) as u32;
         assert!(yields >= 1, "five slices of work never yielded");
         assert!(yields <= slices, "{yields} yields in {slices} slices");
+    }
+
+    /// Pausing is process-wide; the test runner gives each test a process of its own.
+    #[test]
+    fn a_pausing_offer_leaves_the_core_for_at_least_the_pause() {
+        offer_by_pausing(true);
+        let mut y = Yielder::new();
+        std::thread::sleep(SLICE);
+        let before = Instant::now();
+        assert!(y.tick());
+        assert!(
+            before.elapsed() >= PAUSE,
+            "offered for {:?}",
+            before.elapsed()
+        );
+        offer_by_pausing(false);
+        assert!(!offers_by_pausing());
     }
 }
