@@ -125,8 +125,7 @@ open_loop_tools() {
 # bench_config FILE GATEWAY_PORT API_PORT [ADMIN_PORT]: the configuration the gateway benchmarks
 # load `tollgate up` (or `tollgate gateway`, which also needs ADMIN_PORT) with: one route to the
 # upstream on $UP, API-key auth (key `bench-key`), a rate limit and a monthly quota too large to
-# reach (so both are checked on every request), a price. With BENCH_CONFIG_EXTRA set, its
-# YAML is appended (top-level sections the above does not set, e.g. `collector: {...}`).
+# reach (so both are checked on every request), a price.
 bench_config() {
   # With JWT_PUB set (a PEM public key file), bearer tokens of issuer and audience `bench`
   # signed by its private key (kid `bench`) authenticate too.
@@ -146,7 +145,6 @@ plans: { open: { rate_limit: { per_second: 10000000 }, quota: { requests: 100000
                  pricing: { currency: USD, charges: { default: { unit_price: "0.0001" } } } } }
 query_api: { listen: 127.0.0.1:$3 }
 YAML
-  if [ -n "${BENCH_CONFIG_EXTRA:-}" ]; then printf '%s\n' "$BENCH_CONFIG_EXTRA" >> "$1"; fi
 }
 
 # start_up BINARY: a fresh `tollgate up` with the benchmark configuration (bench_config) on new
