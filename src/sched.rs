@@ -307,7 +307,7 @@ impl CatchUp {
                 return;
             }
             // A collector that has not caught up yet is behind since ingest started.
-            let started = unix_seconds(std::time::SystemTime::now());
+            let started = tollgate_collector::unix_seconds(std::time::SystemTime::now());
             let every = (bound / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -350,16 +350,11 @@ impl Drop for CatchUp {
     }
 }
 
-/// `t` as Unix seconds (0 before the epoch), the unit of the collector's gauge.
-fn unix_seconds(t: std::time::SystemTime) -> f64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 /// How long before `now` the collector last caught up (`caught_up` in Unix seconds; zero
 /// when `caught_up` is in the future).
 fn behind(caught_up: f64, now: std::time::SystemTime) -> Duration {
-    Duration::try_from_secs_f64(unix_seconds(now) - caught_up).unwrap_or(Duration::ZERO)
+    Duration::try_from_secs_f64(tollgate_collector::unix_seconds(now) - caught_up)
+        .unwrap_or(Duration::ZERO)
 }
 
 /// The class the ingest threads should move to, if any: batch once `behind` reaches `bound`,
@@ -472,7 +467,7 @@ mod tests {
     }
 
     fn now_seconds() -> f64 {
-        unix_seconds(std::time::SystemTime::now())
+        tollgate_collector::unix_seconds(std::time::SystemTime::now())
     }
 
     async fn wait_until(condition: impl Fn() -> bool) {

@@ -320,8 +320,9 @@ pub async fn run(
     Ok(())
 }
 
-/// `t` as Unix seconds (0 before the epoch), the unit of the collector's timestamp gauges.
-fn unix_seconds(t: std::time::SystemTime) -> f64 {
+/// `t` as Unix seconds (0 before the epoch), the unit of the collector's timestamp gauges
+/// (`tollgate_collector_caught_up_timestamp_seconds`, which `tollgate up` compares with now).
+pub fn unix_seconds(t: std::time::SystemTime) -> f64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
 }
