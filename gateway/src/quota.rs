@@ -658,9 +658,14 @@ mod tests {
 
     #[test]
     fn answers_are_read_without_copying_their_text_unless_it_is_escaped() {
-        let json = br#"{"version":3,"epoch":4,"full":false,"consumers":[
-            {"consumer":"a\u00e9","plan":"pro","period":"2026-11","period_end":"2026-12-01T00:00:00Z","limit":5,"used":5,"remaining":0,"state":"exceeded"},
-            {"consumer":"b","period":"2026-11","period_end":"2026-12-01T00:00:00Z","limit":null,"used":0}]}"#;
+        // The period ends after now, so its limit is still enforced when the test runs.
+        let end = later(3);
+        let json = format!(
+            r#"{{"version":3,"epoch":4,"full":false,"consumers":[
+            {{"consumer":"a\u00e9","plan":"pro","period":"2026-11","period_end":"{end}","limit":5,"used":5,"remaining":0,"state":"exceeded"}},
+            {{"consumer":"b","period":"2026-11","period_end":"{end}","limit":null,"used":0}}]}}"#
+        );
+        let json = json.as_bytes();
         let snap: WireSnapshot<'_> = serde_json::from_slice(json).unwrap();
         assert!(matches!(snap.consumers[0].consumer.0, Cow::Owned(_)));
         assert!(matches!(snap.consumers[1].consumer.0, Cow::Borrowed(_)));
