@@ -33,8 +33,6 @@ cleanup() { kill $(jobs -p) 2>/dev/null || true; stop_nginx_instances up px; wai
 trap cleanup EXIT
 nginx_upstream_and_proxy "$BODY"
 
-stop_up() { kill "$TG"; wait "$TG" 2>/dev/null || true; }
-
 if [ -z "${RATE:-}" ]; then
   start_up "$1"
   wrk -t1 -c"$CONNS" -d2s -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" >/dev/null

@@ -40,18 +40,16 @@ echo
 echo "| binary | requests/s | ratio to nginx | second half requests/s | most events not yet stored | store complete after the load |"
 echo "|---|---|---|---|---|---|"
 for bin in "$@"; do
-  start_up "$bin"; gw=$GW; api=$API; pid=$TG
-  # requests appended: the gateway's requests and the collector's stored events.
-  sample() { served_and_appended "$api"; }
-  wrk -t1 -c64 -d2s -H 'x-api-key: bench-key' "http://127.0.0.1:$gw/v1/items/1" >/dev/null
-  wrk -t1 -c64 -d"${DURATION}s" -H 'x-api-key: bench-key' "http://127.0.0.1:$gw/v1/items/1" > "$WORK/wrk.txt" &
+  start_up "$bin"
+  wrk -t1 -c64 -d2s -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" >/dev/null
+  wrk -t1 -c64 -d"${DURATION}s" -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" > "$WORK/wrk.txt" &
   load=$!
   start=$(date +%s.%N); : > "$WORK/samples"
   # A sample every 2 s; the end of the load noticed within 0.2 s.
   for ((i = 1; ; i++)); do
     sleep 0.2
     kill -0 "$load" 2>/dev/null || break
-    ((i % 10 == 0)) && echo "$(echo "$(date +%s.%N) - $start" | bc) $(sample)" >> "$WORK/samples"
+    ((i % 10 == 0)) && echo "$(echo "$(date +%s.%N) - $start" | bc) $(served_and_appended "$API")" >> "$WORK/samples"
   done
   ended=$(date +%s.%N)
   wait "$load"
@@ -61,11 +59,11 @@ for bin in "$@"; do
   behind=$(awk '{b = $2 - $3; if (b > m) m = b} END {print m + 0}' "$WORK/samples")
   complete="more than 60 s"
   for _ in $(seq 600); do
-    read -r r a < <(sample)
+    read -r r a < <(served_and_appended "$API")
     if [ "$a" -ge "$r" ]; then complete="$(printf %.1f "$(echo "$(date +%s.%N) - $ended" | bc)") s"; break; fi
     sleep 0.1
   done
   ratio=$(echo "scale=2; $total / $nginx_rps" | bc)
   echo "| $bin | $total | $ratio | $half | $behind | $complete |"
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  stop_up
 done

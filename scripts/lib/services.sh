@@ -158,6 +158,9 @@ start_up() {
   wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$GW/v1/items/1" 30
 }
 
+# stop_up: stops the `tollgate up` start_up started and waits for it.
+stop_up() { kill "$TG"; wait "$TG" 2>/dev/null || true; }
+
 # served_and_appended API_PORT: the gateway's requests and the collector's appended events so
 # far, from the query API's /metrics ("REQUESTS APPENDED").
 served_and_appended() {
