@@ -19,7 +19,8 @@
 # a fresh `tollgate up` (the issue's "half of the gateway's own maximum rate").
 # A fresh process per run keeps one binary's background work (flushes, compaction) out of
 # another's measurement.
-# Usage: ROUNDS=3 [RATE=25000] DURATION=15 scripts/bench-open-loop.sh BINARY...
+# TG_SESSION=own starts each `tollgate up` in a session of its own (scripts/lib/services.sh).
+# Usage: ROUNDS=3 [RATE=25000] DURATION=15 [TG_SESSION=own] scripts/bench-open-loop.sh BINARY...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
@@ -65,6 +66,7 @@ PY
 }
 
 echo "open loop at $RATE requests/s for $DURATION s over $CONNS connections, $BODY-byte answers; a fresh \`tollgate up\` per run"
+echo "\`tollgate up\` runs $([ "${TG_SESSION:-}" = own ] && echo "in a session of its own (TG_SESSION=own)" || echo "in the load generator's session (TG_SESSION=own: its own)")"
 echo
 echo "| target | round | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | non-2xx + errors | added p99 ms | in the gateway p99 / p99.9 ms |"
 echo "|---|---|---|---|---|---|---|---|---|---|"

@@ -149,11 +149,20 @@ YAML
 
 # start_up BINARY: a fresh `tollgate up` with the benchmark configuration (bench_config) on new
 # ports and an empty $WORK/data, answering; sets TG (its pid), GW and API (its ports).
+# By default it runs in the script's session, as a process started from a shell does, and so in
+# the load generator's autogroup (Linux schedules each session's processes as one group). With
+# TG_SESSION=own it runs in a session of its own (setsid), as nginx puts itself when it
+# daemonizes and as a service manager starts it: a group apart from the load generator's. The
+# two place wake-ups differently (BENCHMARKS.md, "Scheduling groups").
 start_up() {
   GW=$(port); API=$(port)
   bench_config "$WORK/tg.yaml" "$GW" "$API"
   rm -rf "$WORK/data"
-  RUST_LOG=warn "$1" up --config "$WORK/tg.yaml" --data-dir "$WORK/data" 2>"$WORK/tg.log" &
+  local session=()
+  [ "${TG_SESSION:-}" = own ] && session=(setsid)
+  # A background job of a script without job control is no process group leader, so setsid
+  # makes the session in place (no fork): $! stays tollgate's pid.
+  RUST_LOG=warn "${session[@]}" "$1" up --config "$WORK/tg.yaml" --data-dir "$WORK/data" 2>"$WORK/tg.log" &
   TG=$!
   wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$GW/v1/items/1" 30
 }
