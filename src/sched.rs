@@ -62,6 +62,17 @@
 //! batch work from the start and says so in its log; it never puts a thread in a class it could
 //! not take it out of.
 //!
+//! The same holds for a lock that is not ours: glibc's malloc arenas, which the process limits
+//! to two per core (`src/alloc.rs`), so ingest threads share them with the gateway's workers
+//! and the publisher. A thread that needs an arena an ingest thread holds waits until that
+//! thread runs again: at once if a core goes idle, after the idle class's next turn if none
+//! does. Stopping the ingest threads with ptrace (5 s of every 6, under saturation) made a
+//! gateway worker and two runtime threads wait on one arena's lock (their futex lay in the
+//! arena's header), and the gateway dropped 247,650 events (`queue_full`) while the publisher
+//! waited. Without such stops, 15 s of the workers' and runtime threads' switches under
+//! saturation show no wait on any futex of the allocator (BENCHMARKS.md, twelfth round). An
+//! allocator without shared arena locks would remove the dependency; not done yet.
+//!
 //! Measured on the reference machine (`tollgate up`, wrk with 64 connections, 1 KiB answers,
 //! BENCHMARKS.md "Ingest on idle cores"): see there for the figures against nginx and the store's
 //! lag under a load that saturates both cores.
