@@ -57,11 +57,6 @@
 //! during one waits for the next slice the scheduler gives the ingest thread, milliseconds to
 //! a few hundred on a saturated machine; the files themselves are written without the lock.
 //!
-//! Leaving `SCHED_IDLE` needs a nice value of 0 to be allowed: root, `CAP_SYS_NICE`, or an
-//! `RLIMIT_NICE` of at least 20 (systemd: `LimitNICE=+0`). A process without it runs ingest as
-//! batch work from the start and says so in its log; it never puts a thread in a class it could
-//! not take it out of.
-//!
 //! The same holds for a lock that is not ours: glibc's malloc arenas, which the process limits
 //! to two per core (`src/alloc.rs`), so ingest threads share them with the gateway's workers
 //! and the publisher. A thread that needs an arena an ingest thread holds waits until that
@@ -72,6 +67,11 @@
 //! waited. Without such stops, 15 s of the workers' and runtime threads' switches under
 //! saturation show no wait on any futex of the allocator (BENCHMARKS.md, twelfth round). An
 //! allocator without shared arena locks would remove the dependency; not done yet.
+//!
+//! Leaving `SCHED_IDLE` needs a nice value of 0 to be allowed: root, `CAP_SYS_NICE`, or an
+//! `RLIMIT_NICE` of at least 20 (systemd: `LimitNICE=+0`). A process without it runs ingest as
+//! batch work from the start and says so in its log; it never puts a thread in a class it could
+//! not take it out of.
 //!
 //! Measured on the reference machine (`tollgate up`, wrk with 64 connections, 1 KiB answers,
 //! BENCHMARKS.md "Ingest on idle cores"): see there for the figures against nginx and the store's

@@ -147,23 +147,29 @@ query_api: { listen: 127.0.0.1:$3 }
 YAML
 }
 
-# start_up BINARY: a fresh `tollgate up` with the benchmark configuration (bench_config) on new
-# ports and an empty $WORK/data, answering; sets TG (its pid), GW and API (its ports).
+# launch_up BINARY CONFIG DATA_DIR LOG: starts `tollgate up` in the background; sets TG (its pid).
 # By default it runs in the script's session, as a process started from a shell does, and so in
 # the load generator's autogroup (Linux schedules each session's processes as one group). With
 # TG_SESSION=own it runs in a session of its own (setsid), as nginx puts itself when it
 # daemonizes and as a service manager starts it: a group apart from the load generator's. The
 # two place wake-ups differently (BENCHMARKS.md, "Scheduling groups").
-start_up() {
-  GW=$(port); API=$(port)
-  bench_config "$WORK/tg.yaml" "$GW" "$API"
-  rm -rf "$WORK/data"
+launch_up() {
   local session=()
   [ "${TG_SESSION:-}" = own ] && session=(setsid)
   # A background job of a script without job control is no process group leader, so setsid
   # makes the session in place (no fork): $! stays tollgate's pid.
-  RUST_LOG=warn "${session[@]}" "$1" up --config "$WORK/tg.yaml" --data-dir "$WORK/data" 2>"$WORK/tg.log" &
+  RUST_LOG=warn "${session[@]}" "$1" up --config "$2" --data-dir "$3" 2>"$4" &
   TG=$!
+}
+
+# start_up BINARY: a fresh `tollgate up` (launch_up) with the benchmark configuration
+# (bench_config) on new ports and an empty $WORK/data, answering; sets TG (its pid), GW and API
+# (its ports).
+start_up() {
+  GW=$(port); API=$(port)
+  bench_config "$WORK/tg.yaml" "$GW" "$API"
+  rm -rf "$WORK/data"
+  launch_up "$1" "$WORK/tg.yaml" "$WORK/data" "$WORK/tg.log"
   wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$GW/v1/items/1" 30
 }
 
@@ -204,7 +210,7 @@ seeded_store_setup() {
   trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
 }
 
-# start_ups BINARY...: one `tollgate up` per binary with the benchmark configuration
+# start_ups BINARY...: one `tollgate up` (launch_up) per binary with the benchmark configuration
 # (bench_config), each on its own ports, configuration, log and data directory under $WORK
 # (tg<i>.yaml, tg<i>.log, data<i>); waits until each proxies a request. Appends their pids to
 # TG_PIDS, their gateway ports to TG_PORTS and their query API ports to TG_APIS.
@@ -213,8 +219,8 @@ start_ups() {
   for bin in "$@"; do
     gw=$(port); api=$(port)
     bench_config "$WORK/tg$i.yaml" "$gw" "$api"
-    RUST_LOG=warn "$bin" up --config "$WORK/tg$i.yaml" --data-dir "$WORK/data$i" 2>"$WORK/tg$i.log" &
-    TG_PIDS+=($!); TG_PORTS+=("$gw"); TG_APIS+=("$api")
+    launch_up "$bin" "$WORK/tg$i.yaml" "$WORK/data$i" "$WORK/tg$i.log"
+    TG_PIDS+=("$TG"); TG_PORTS+=("$gw"); TG_APIS+=("$api")
     wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$gw/v1/items/1" 60
     i=$((i + 1))
   done
