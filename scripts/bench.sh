@@ -12,16 +12,24 @@
 #  4. Queries over those events once in Parquet: the query API's /v1/latency and /v1/usage
 #     (HTTP, DataFusion, JSON) against DuckDB running the same aggregations in-process on the
 #     same Parquet files (the baseline).
+#  5. The gateway against nginx as a plain reverse proxy with requests/s, p50/p99, and system
+#     calls and context switches per request (`perf stat`), for `tollgate up` and for the
+#     gateway as its own process (`scripts/bench-gateway.sh`, ROUNDS=1, on a build with the
+#     `scaled` feature). GATEWAY=0 leaves it out.
+#  6. The same load with CONSUMERS consumers configured (default 100,000, one key each)
+#     against one consumer: requests/s, RSS after the load, idle CPU, and a 1,000-request
+#     quota under the burst (`scripts/bench-consumers.sh`, ROUNDS=1). CONSUMERS=0 leaves it out.
 #
-# Needs: wrk, nginx, curl, python3 (installed with apt-get if missing), duckdb (pip).
+# Needs: wrk, nginx, curl, perf, python3 (installed with apt-get if missing), duckdb (pip);
+# step 5 also a Kafka-protocol broker (`scripts/install-test-services.sh`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
 DURATION="${DURATION:-15s}"
 CONNS="${CONNS:-32}"
 
-for tool in wrk nginx curl; do
-  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl >/dev/null; break; }
+for tool in wrk nginx curl perf; do
+  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl linux-perf >/dev/null; break; }
 done
 python3 -c 'import duckdb' 2>/dev/null || pip install -q duckdb >&2
 cargo build --release --locked --features jwt >&2
@@ -170,3 +178,18 @@ print("|---|---|---|---|")
 print(f"| latency p50/p90/p99 per route per minute | {tl} ms | {dl} ms | {float(tl)/float(dl):.1f} |")
 print(f"| usage by consumer, route, day | {tu} ms | {du} ms | {float(tu)/float(du):.1f} |")
 PY
+
+# 5 and 6: the scripts that measure them, each against its own baseline from the same run.
+if [ "${GATEWAY:-1}" != 0 ]; then
+  kill "$TG_PID" 2>/dev/null || true; wait "$TG_PID" 2>/dev/null || true
+  [ -x "$TANSU" ] || scripts/install-test-services.sh >&2
+  cargo build --release --locked --features scaled >&2
+  cp "$CARGO_TARGET_DIR/release/tollgate" "$WORK/tollgate-scaled"
+  echo
+  ROUNDS=1 scripts/bench-gateway.sh "$WORK/tollgate-scaled"
+fi
+if [ "${CONSUMERS:-100000}" != 0 ]; then
+  kill "$TG_PID" 2>/dev/null || true; wait "$TG_PID" 2>/dev/null || true
+  echo
+  CONSUMERS="${CONSUMERS:-100000}" ROUNDS=1 scripts/bench-consumers.sh "$BIN"
+fi

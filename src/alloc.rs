@@ -27,7 +27,11 @@
 //! `tollgate up` held 141 MiB after a load with one consumer and 189 MiB with 100,001 (37 and
 //! 48 MiB with glibc), and the embedded store's ten million events peaked at 1,001 MiB
 //! against 196 MiB (BENCHMARKS.md). The request path's memory is small and short-lived
-//! (connection buffers, event batches), so its heaps stay small.
+//! (connection buffers, event batches): with the request path on its own heaps (and the
+//! options of [`configure_heaps`]), `tollgate up` held 46–48 MiB after the load with one
+//! consumer and 59–61 MiB with 100,001, 12–14 MiB more than with glibc alone (29–33 and 47–52
+//! MiB), under the 64 MiB goal for 100,000 consumers. Throughput did not move measurably (20
+//! alternating rounds against nginx, BENCHMARKS.md, thirteenth round).
 //!
 //! ## glibc's settings
 //!
@@ -215,8 +219,8 @@ const HEAP_OPTIONS: [(libmimalloc_sys::mi_option_t, std::ffi::c_long, &str); 3] 
 
 /// Sets mimalloc's options for small heaps that hand memory back (see [`HEAP_OPTIONS`]),
 /// except those the environment sets. With mimalloc's defaults, `tollgate up` held 99 MiB
-/// after a load with one consumer and 123 MiB with 100,001; with these, 46 and 61 MiB
-/// (BENCHMARKS.md). Called first thing in `main`, before any thread allocates from mimalloc.
+/// after a load with one consumer and 123 MiB with 100,001; with these, 46–48 and 59–61 MiB
+/// (BENCHMARKS.md, thirteenth round). Called first thing in `main`, before any thread allocates from mimalloc.
 pub fn configure_heaps() {
     for (option, value, env) in HEAP_OPTIONS {
         if std::env::var_os(env).is_none() {
