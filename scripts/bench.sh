@@ -33,9 +33,10 @@ for tool in wrk nginx curl perf; do
 done
 python3 -c 'import duckdb' 2>/dev/null || pip install -q duckdb >&2
 cargo build --release --locked --features jwt >&2
-BIN="$CARGO_TARGET_DIR/release/tollgate"
-
 WORK="$(mktemp -d)"
+# A copy: step 5 builds other features into the same path.
+cp "$CARGO_TARGET_DIR/release/tollgate" "$WORK/tollgate"
+BIN="$WORK/tollgate"
 cleanup() { kill "${TG_PID:-}" 2>/dev/null || true; nginx -p "$WORK" -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 

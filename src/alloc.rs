@@ -1,39 +1,4 @@
-//! The process's allocator and its settings, applied first thing in `main`.
-//!
-//! ## Two allocators: the request path's own heaps, glibc for the rest
-//!
-//! The threads of a process with a request path (`tollgate up`, `tollgate gateway`) allocate
-//! from mimalloc: the gateway's workers and the runtime's threads (the event publisher, the
-//! embedded log's writes and syncs, the quota feed, the query API), each from a heap of its own
-//! ([`own_heap`], called as each starts). Every other thread allocates from glibc's malloc: the
-//! main thread, and in `tollgate up` the ingest threads (the collector and the store's
-//! flushes and merges, `src/sched.rs`). A block goes back to whichever allocator it came from,
-//! whichever thread frees it: mimalloc's page map says whether it owns an address
-//! (`mi_is_in_heap_region`, a lookup in two levels), and glibc gets every other block.
-//!
-//! Why: glibc's arenas are shared between threads, each behind a lock with no priority
-//! inheritance, and the ingest threads run in `SCHED_IDLE`, so on a saturated machine one of
-//! them can lose its core while it holds an arena a gateway worker or the publisher then
-//! needs. With the ingest threads stopped 5 s of every 6 under saturating load, a worker and
-//! two runtime threads waited more than 3 s on one arena's lock, and the gateway dropped
-//! 247,650 events (`queue_full`) while the publisher waited (BENCHMARKS.md, twelfth round).
-//! mimalloc's heaps belong to one thread each, and a block freed by another thread goes onto
-//! a list of its page without a lock, so the request path and the publisher never wait on a
-//! thread of the store's. The same holds for [`release_free_memory`]: `malloc_trim` takes
-//! glibc's arena locks in turn, which the request path no longer takes.
-//!
-//! Why not mimalloc everywhere: the store holds most of the process's memory and allocates
-//! Arrow and Parquet buffers of every size at once; with mimalloc for the whole process,
-//! `tollgate up` held 141 MiB after a load with one consumer and 189 MiB with 100,001 (37 and
-//! 48 MiB with glibc), and the embedded store's ten million events peaked at 1,001 MiB
-//! against 196 MiB (BENCHMARKS.md). The request path's memory is small and short-lived
-//! (connection buffers, event batches): with the request path on its own heaps (and the
-//! options of [`configure_heaps`]), `tollgate up` held 46–48 MiB after the load with one
-//! consumer and 59–61 MiB with 100,001, 12–14 MiB more than with glibc alone (29–33 and 47–52
-//! MiB), under the 64 MiB goal for 100,000 consumers. Throughput did not move measurably (20
-//! alternating rounds against nginx, BENCHMARKS.md, thirteenth round).
-//!
-//! ## glibc's settings
+//! The process's allocator settings, applied first thing in `main`.
 //!
 //! glibc's malloc gives each thread that meets contention its own arena, up to eight per core,
 //! and memory freed into one arena is not reused by another. The store's work runs on tokio's
@@ -48,8 +13,6 @@
 //! the gateway's threads in `tollgate up` waited on arena locks: 6.4 system calls per proxied
 //! request instead of 4.5, and 9–13 % fewer requests/s. On the two-core machine, four arenas
 //! kept ten million events' ingest and compaction at 216 MiB peak RSS (196 MiB with two).
-//! (Those figures predate the request path's own heaps, above: in `tollgate up` and `tollgate
-//! gateway` the workers no longer take glibc's arenas. The limit stays as measured.)
 //! `MALLOC_ARENA_MAX` in the environment still wins (glibc reads it before `main`; this does
 //! not override a value set there).
 //!
@@ -116,120 +79,6 @@ pub fn fix_thresholds() {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
             libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
-        }
-    }
-}
-
-/// The process's global allocator: mimalloc for the threads that called [`own_heap`], glibc's
-/// malloc for the others; a block is freed or grown by the allocator that gave it (see the
-/// module docs).
-pub struct Allocator;
-
-thread_local! {
-    /// Whether the thread allocates from mimalloc. A constant initializer and no destructor: the
-    /// allocator reads it without allocating, also while the thread is ending.
-    static OWN_HEAP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Makes the calling thread allocate from a mimalloc heap of its own from now on (see the
-/// module docs). What it allocated before stays where it is and is freed there.
-pub fn own_heap() {
-    OWN_HEAP.with(|h| h.set(true));
-}
-
-fn on_own_heap() -> bool {
-    OWN_HEAP.try_with(std::cell::Cell::get).unwrap_or(false)
-}
-
-/// Whether mimalloc gave the block at `ptr`.
-fn mimalloc_owns(ptr: *mut u8) -> bool {
-    // SAFETY: `mi_is_in_heap_region` only looks the address up in mimalloc's page map; it takes
-    // any pointer, its own or not, and dereferences none.
-    #[allow(unsafe_code)]
-    unsafe {
-        libmimalloc_sys::mi_is_in_heap_region(ptr.cast())
-    }
-}
-
-// SAFETY: every block is returned to the allocator that gave it: `dealloc` and `realloc` ask
-// mimalloc whether it owns the block and otherwise pass it to glibc (`System`), which gave it.
-// mimalloc's aligned calls honour the layout's alignment as `GlobalAlloc` requires, and
-// `mi_realloc_aligned` keeps it; `System` does the same for its blocks.
-#[allow(unsafe_code)]
-unsafe impl std::alloc::GlobalAlloc for Allocator {
-    #[inline]
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        if on_own_heap() {
-            // SAFETY: see the impl.
-            unsafe { libmimalloc_sys::mi_malloc_aligned(layout.size(), layout.align()).cast() }
-        } else {
-            // SAFETY: the caller's layout is passed on as given.
-            unsafe { std::alloc::System.alloc(layout) }
-        }
-    }
-
-    #[inline]
-    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        if on_own_heap() {
-            // SAFETY: see the impl.
-            unsafe { libmimalloc_sys::mi_zalloc_aligned(layout.size(), layout.align()).cast() }
-        } else {
-            // SAFETY: the caller's layout is passed on as given.
-            unsafe { std::alloc::System.alloc_zeroed(layout) }
-        }
-    }
-
-    #[inline]
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        if mimalloc_owns(ptr) {
-            // SAFETY: mimalloc gave this block; mimalloc frees blocks from any thread.
-            unsafe { libmimalloc_sys::mi_free(ptr.cast()) }
-        } else {
-            // SAFETY: glibc gave this block with this layout.
-            unsafe { std::alloc::System.dealloc(ptr, layout) }
-        }
-    }
-
-    #[inline]
-    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
-        if mimalloc_owns(ptr) {
-            // SAFETY: mimalloc gave this block; the new block keeps the layout's alignment.
-            unsafe {
-                libmimalloc_sys::mi_realloc_aligned(ptr.cast(), new_size, layout.align()).cast()
-            }
-        } else {
-            // SAFETY: glibc gave this block with this layout.
-            unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
-        }
-    }
-}
-
-/// mimalloc's options that [`configure_heaps`] sets, each with the value it sets and the
-/// environment variable that overrides it (mimalloc reads those as the process starts). The
-/// numbers are the options' places in mimalloc 3's `mi_option_t`.
-const HEAP_OPTIONS: [(libmimalloc_sys::mi_option_t, std::ffi::c_long, &str); 3] = [
-    // Freed pages go back to the system at once instead of a second later: a thread that then
-    // idles (a worker after a burst) would keep them, since a heap purges only when it is used.
-    (15, 0, "MIMALLOC_PURGE_DELAY"),
-    // Memory is committed as pages are used, not an arena's worth at a time.
-    (4, 0, "MIMALLOC_ARENA_EAGER_COMMIT"),
-    // No transparent huge pages: a 2 MiB page for a heap that uses a few kilobytes of it.
-    (43, 0, "MIMALLOC_ALLOW_THP"),
-];
-
-/// Sets mimalloc's options for small heaps that hand memory back (see [`HEAP_OPTIONS`]),
-/// except those the environment sets. With mimalloc's defaults, `tollgate up` held 99 MiB
-/// after a load with one consumer and 123 MiB with 100,001; with these, 46–48 and 59–61 MiB
-/// (BENCHMARKS.md, thirteenth round). Called first thing in `main`, before any thread allocates from mimalloc.
-pub fn configure_heaps() {
-    for (option, value, env) in HEAP_OPTIONS {
-        if std::env::var_os(env).is_none() {
-            // SAFETY: `mi_option_set` stores a value in mimalloc's table of options; every
-            // option takes any integer, and none of these is in use before the first heap.
-            #[allow(unsafe_code)]
-            unsafe {
-                libmimalloc_sys::mi_option_set(option, value);
-            }
         }
     }
 }
@@ -398,49 +247,6 @@ pub async fn trim_every(period: std::time::Duration) {
 mod tests {
     use super::*;
     use std::time::Duration;
-
-    #[test]
-    fn every_block_goes_back_to_the_allocator_that_gave_it() {
-        // Allocated on a thread with its own heap, grown and freed on a thread without.
-        let mut block = std::thread::spawn(|| {
-            own_heap();
-            vec![1u8; 1000]
-        })
-        .join()
-        .unwrap();
-        assert!(mimalloc_owns(block.as_mut_ptr()), "a heap thread's block");
-        block.extend(std::iter::repeat_n(2u8, 100_000));
-        assert!(
-            mimalloc_owns(block.as_mut_ptr()),
-            "grown by mimalloc, whichever thread grows it"
-        );
-        assert_eq!((block[999], block[1000], block.len()), (1, 2, 101_000));
-        drop(block);
-        // Allocated by glibc, freed and grown on a thread with its own heap.
-        let mut plain = vec![3u8; 1000];
-        assert!(!mimalloc_owns(plain.as_mut_ptr()), "this thread uses glibc");
-        let aligned = std::alloc::Layout::from_size_align(256, 4096).unwrap();
-        std::thread::spawn(move || {
-            own_heap();
-            plain.extend(std::iter::repeat_n(4u8, 100_000));
-            assert!(
-                !mimalloc_owns(plain.as_mut_ptr()),
-                "grown by glibc, which gave it"
-            );
-            assert_eq!((plain[999], plain[1000]), (3, 4));
-            drop(plain);
-            // SAFETY: a layout of non-zero size; the block is checked and freed with it.
-            #[allow(unsafe_code)]
-            unsafe {
-                let p = std::alloc::alloc(aligned);
-                assert!(!p.is_null() && mimalloc_owns(p));
-                assert_eq!(p as usize % 4096, 0, "the layout's alignment is kept");
-                std::alloc::dealloc(p, aligned);
-            }
-        })
-        .join()
-        .unwrap();
-    }
 
     #[test]
     fn trims_once_a_burst_is_over_and_once_a_minute_during_one() {

@@ -8,9 +8,6 @@ mod demo;
 mod sched;
 mod telemetry;
 
-#[global_allocator]
-static ALLOCATOR: alloc::Allocator = alloc::Allocator;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -81,7 +78,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    alloc::configure_heaps();
     let cli = Cli::parse();
     // Processes that hold a store (see `alloc`); a standalone gateway keeps glibc's defaults,
     // its request path and librdkafka's threads allocate on many threads at once (with up to
@@ -171,10 +167,7 @@ fn run_process(
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if with_gateway {
-        runtime.on_thread_start(|| {
-            alloc::own_heap();
-            sched::background();
-        });
+        runtime.on_thread_start(sched::background);
     }
     let runtime = runtime.build().expect("tokio runtime");
     runtime.block_on(async {
@@ -183,13 +176,6 @@ fn run_process(
         trimmer.abort();
         result
     })
-}
-
-/// What each gateway worker thread does first: its own heap (`alloc`), then the default
-/// scheduling class (`sched`).
-fn request_path_thread() {
-    alloc::own_heap();
-    sched::request_path();
 }
 
 /// The parts that run as their own process.
@@ -319,7 +305,7 @@ async fn gateway(
     )
     .await
     .map_err(gateway_error)?;
-    let gateway = gateway.with_worker_start(request_path_thread);
+    let gateway = gateway.with_worker_start(sched::request_path);
     let (gateway, spans) = with_span_export(gateway, &config)?;
     let admin = admin::serve(
         "gateway.admin_listen",
@@ -610,7 +596,7 @@ async fn up(
     )
     .await
     .map_err(gateway_error)?;
-    let gateway = gateway.with_worker_start(request_path_thread);
+    let gateway = gateway.with_worker_start(sched::request_path);
     let (gateway, spans) = with_span_export(gateway, &config)?;
     let gateway_addr = gateway.local_addr();
 

@@ -57,18 +57,23 @@
 //! during one waits for the next slice the scheduler gives the ingest thread, milliseconds to
 //! a few hundred on a saturated machine; the files themselves are written without the lock.
 //!
-//! The same held for a lock that is not ours: glibc's malloc arenas, which the process limits
-//! to two per core (`src/alloc.rs`), so ingest threads shared them with the gateway's workers
-//! and the publisher. A thread that needed an arena an ingest thread held waited until that
-//! thread ran again: at once if a core went idle, after the idle class's next turn if none
-//! did. Stopping the ingest threads with ptrace (5 s of every 6, under saturation) made a
+//! The same holds for a lock that is not ours: glibc's malloc arenas, which the process limits
+//! to two per core (`src/alloc.rs`), so ingest threads share them with the gateway's workers
+//! and the publisher. A thread that needs an arena an ingest thread holds waits until that
+//! thread runs again: at once if a core goes idle, after the idle class's next turn if none
+//! does. Stopping the ingest threads with ptrace (5 s of every 6, under saturation) made a
 //! gateway worker and two runtime threads wait on one arena's lock (their futex lay in the
 //! arena's header), and the gateway dropped 247,650 events (`queue_full`) while the publisher
-//! waited (BENCHMARKS.md, twelfth round). So the workers and the runtime's threads now
-//! allocate from mimalloc, a heap per thread, and only the main thread and the ingest threads
-//! from glibc (`src/alloc.rs`): nothing on the request path or the publisher's takes a lock
-//! an ingest thread can hold. The same stops, eight 30 s cycles, dropped no event
-//! (BENCHMARKS.md, thirteenth round).
+//! waited. Without such stops, 15 s of the workers' and runtime threads' switches under
+//! saturation show no wait on any futex of the allocator (BENCHMARKS.md, twelfth round). An
+//! allocator without shared arena locks would remove the dependency; not done yet. Tried
+//! (BENCHMARKS.md, thirteenth round): mimalloc for every thread but the main thread and the
+//! ingest threads removed the drops under the same stops, but held the query API's and the
+//! runtime's memory in its heaps (peak RSS 270 MiB against 144 MiB for ten million events,
+//! over the store's 256 MiB goal). mimalloc for the workers and the publisher alone did not
+//! remove them: while events were dropped, the publisher waited on a futex in memory the main
+//! thread had allocated at start-up (a lock it shares with the runtime's threads) and a
+//! runtime thread waited on an arena's lock.
 //!
 //! Leaving `SCHED_IDLE` needs a nice value of 0 to be allowed: root, `CAP_SYS_NICE`, or an
 //! `RLIMIT_NICE` of at least 20 (systemd: `LimitNICE=+0`). A process without it runs ingest as
