@@ -168,12 +168,15 @@ async fn meters_prices_and_survives_sigkill() {
             .iter()
             .all(|s| *s == StatusCode::OK)
     );
-    assert!(
-        send(&http, gw, "/slow/42", Some("key-alpha"), 10)
-            .await
-            .iter()
-            .all(|s| *s == StatusCode::OK)
-    );
+    // Each slow request timed as the client saw it: the gateway's own latency of a request
+    // (first byte in to last byte out) lies within it.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        let sent = Instant::now();
+        let status = send(&http, gw, "/slow/42", Some("key-alpha"), 1).await;
+        slowest = slowest.max(sent.elapsed());
+        assert_eq!(status, [StatusCode::OK]);
+    }
     assert!(
         send(&http, gw, "/fail", Some("key-alpha"), 3)
             .await
@@ -273,7 +276,9 @@ async fn meters_prices_and_survives_sigkill() {
     assert_eq!(v["error"]["code"], "period_incomplete");
     assert!(v["error"]["complete_through"].is_null(), "{v}");
 
-    // Latency: the slow route's p50 and p99 are its 50 ms, plus the gateway's own overhead.
+    // Latency: the slow route's p50 and p99 are its 50 ms plus the gateway's own time, so at
+    // least 50 ms and at most the slowest answer the client saw, within the sketch's 1 %. (A
+    // fixed allowance for the gateway's time failed once when parallel tests held the cores.)
     let (_, lat) = http
         .json(
             &format!("http://127.0.0.1:{api}/v1/latency?from=0&route=slow&quantiles=0.5,0.99"),
@@ -284,9 +289,10 @@ async fn meters_prices_and_survives_sigkill() {
     assert_eq!(point["count"], 10);
     for q in ["0.5", "0.99"] {
         let ms = point["quantiles_ms"][q].as_f64().unwrap();
+        let most = slowest.as_secs_f64() * 1000.0 * 1.01;
         assert!(
-            (50.0 * 0.995..50.0 * 1.01 + 25.0).contains(&ms),
-            "p{q} of slow = {ms} ms"
+            (50.0 * 0.995..=most).contains(&ms),
+            "p{q} of slow = {ms} ms, outside 49.75..={most:.3} ms"
         );
     }
     let (_, lat) = http
