@@ -180,17 +180,18 @@ print(f"| latency p50/p90/p99 per route per minute | {tl} ms | {dl} ms | {float(
 print(f"| usage by consumer, route, day | {tu} ms | {du} ms | {float(tu)/float(du):.1f} |")
 PY
 
-# 5 and 6: the scripts that measure them, each against its own baseline from the same run.
+# 5 and 6: the scripts that measure them, each against its own baseline from the same run,
+# with this script's `tollgate up` stopped so that it takes nothing from theirs.
+kill "$TG_PID" 2>/dev/null || true; wait "$TG_PID" 2>/dev/null || true
 if [ "${GATEWAY:-1}" != 0 ]; then
-  kill "$TG_PID" 2>/dev/null || true; wait "$TG_PID" 2>/dev/null || true
   [ -x "$TANSU" ] || scripts/install-test-services.sh >&2
   cargo build --release --locked --features scaled >&2
   cp "$CARGO_TARGET_DIR/release/tollgate" "$WORK/tollgate-scaled"
   echo
   ROUNDS=1 scripts/bench-gateway.sh "$WORK/tollgate-scaled"
 fi
-if [ "${CONSUMERS:-100000}" != 0 ]; then
-  kill "$TG_PID" 2>/dev/null || true; wait "$TG_PID" 2>/dev/null || true
+CONSUMERS="${CONSUMERS:-100000}"
+if [ "$CONSUMERS" != 0 ]; then
   echo
-  CONSUMERS="${CONSUMERS:-100000}" ROUNDS=1 scripts/bench-consumers.sh "$BIN"
+  CONSUMERS="$CONSUMERS" ROUNDS=1 scripts/bench-consumers.sh "$BIN"
 fi

@@ -65,9 +65,9 @@
 //! gateway worker and two runtime threads wait on one arena's lock (their futex lay in the
 //! arena's header), and the gateway dropped 247,650 events (`queue_full`) while the publisher
 //! waited. Without such stops, 15 s of the workers' and runtime threads' switches under
-//! saturation show no wait on any futex of the allocator (BENCHMARKS.md, twelfth round). An
-//! allocator without shared arena locks would remove the dependency; not done yet. Tried
-//! (BENCHMARKS.md, thirteenth round): mimalloc for every thread but the main thread and the
+//! saturation show no wait on any futex of the allocator (BENCHMARKS.md, twelfth round). The
+//! dependency is still there. Tried and taken out again (BENCHMARKS.md, thirteenth round):
+//! mimalloc for every thread but the main thread and the
 //! ingest threads removed the drops under the same stops, but held the query API's and the
 //! runtime's memory in its heaps (peak RSS 270 MiB against 144 MiB for ten million events,
 //! over the store's 256 MiB goal). mimalloc for the workers and the publisher alone did not
