@@ -86,11 +86,7 @@ impl NewFile {
         schema: datafusion::arrow::datatypes::SchemaRef,
         row_group: usize,
     ) -> Result<NewFile, StoreError> {
-        let rel = new_path(kind, day);
-        let path = dir.join(&rel);
-        let parent = path.parent().expect("has a parent");
-        std::fs::create_dir_all(parent).map_err(StoreError::io(parent))?;
-        let file = std::fs::File::create(&path).map_err(StoreError::io(&path))?;
+        let (rel, path, file) = create_file(dir, kind, day)?;
         let mut props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(row_group));
@@ -122,11 +118,31 @@ impl NewFile {
     /// Closes and fsyncs the file and its folder; returns its relative path and size.
     fn finish(self) -> Result<(String, u64), StoreError> {
         let file = self.writer.into_inner()?;
-        file.sync_all().map_err(StoreError::io(&self.path))?;
-        sync_dir(self.path.parent().expect("has a parent"))?;
-        let bytes = file.metadata().map_err(StoreError::io(&self.path))?.len();
+        let bytes = sync_file(&self.path, &file)?;
         Ok((self.rel, bytes))
     }
+}
+
+/// Creates a new file of `kind` for `day` under `dir`: its path relative to `dir`, its path and
+/// the file.
+fn create_file(
+    dir: &Path,
+    kind: FileKind,
+    day: i64,
+) -> Result<(String, std::path::PathBuf, std::fs::File), StoreError> {
+    let rel = new_path(kind, day);
+    let path = dir.join(&rel);
+    let parent = path.parent().expect("has a parent");
+    std::fs::create_dir_all(parent).map_err(StoreError::io(parent))?;
+    let file = std::fs::File::create(&path).map_err(StoreError::io(&path))?;
+    Ok((rel, path, file))
+}
+
+/// Fsyncs a written file and its folder; returns its size.
+fn sync_file(path: &Path, file: &std::fs::File) -> Result<u64, StoreError> {
+    file.sync_all().map_err(StoreError::io(path))?;
+    sync_dir(path.parent().expect("has a parent"))?;
+    Ok(file.metadata().map_err(StoreError::io(path))?.len())
 }
 
 /// Writes `batch` (events, all of one day) as a new Parquet file under `dir`, fsynced.
@@ -160,38 +176,144 @@ pub fn write_kind(
     })
 }
 
-/// Rows per row group of a compacted file: what the writer buffers before it writes one, so
-/// compaction's memory stays bounded whatever the day holds.
+/// Rows per row group of a compacted file that is encoded anew: what the writer buffers before
+/// it writes one, so compaction's memory stays bounded whatever the day holds.
 const COMPACT_ROW_GROUP: usize = 128 * 1024;
 
+/// Row groups of at least this many rows are copied into a merged file as they are (their
+/// column chunks' bytes, statistics and page indexes), never decoded and encoded again.
+///
+/// Why: decoding a file and encoding it again cost about 1.1 µs of CPU per row (BENCHMARKS.md,
+/// "The long-lived tail: compaction"), as much as storing the event in the first place, and
+/// size-tiered compaction rewrites a row once per tier it climbs. Under load, when that CPU is
+/// taken from the gateway on the same cores, the flushes' files are large (a flush is due at
+/// `collector.flush_max_events`, 100,000 events, or every 2 s): their row groups are copied,
+/// which costs a read and a write of the compressed bytes. Small row groups (a quiet gateway's
+/// flushes) are still encoded anew into large ones, or a day would end up as thousands of
+/// tiny row groups; that is cheap because there are few rows. A merged file whose inputs were
+/// copied keeps their row groups (at least this many rows each); one encoded anew has row
+/// groups of equal size (`balanced_row_group`), so it can be copied by the next tier up.
+pub const COPY_MIN_ROWS: usize = 32 * 1024;
+
+/// The row group size that splits `rows` into groups of at most [`COMPACT_ROW_GROUP`] rows and
+/// equal size: 140,000 rows become two groups of 70,000, not 131,072 and 8,928, whose small
+/// remainder would make the file too fine-grained to be copied by a later merge.
+pub(super) fn balanced_row_group(rows: u64) -> usize {
+    let max = COMPACT_ROW_GROUP as u64;
+    let groups = rows.div_ceil(max).max(1);
+    rows.div_ceil(groups).clamp(1, max) as usize
+}
+
+/// An input of a merge: its open file and its footer, page indexes included when it has them.
+struct MergeInput<'a> {
+    entry: &'a FileEntry,
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    meta: parquet::file::metadata::ParquetMetaData,
+}
+
+impl MergeInput<'_> {
+    fn open<'a>(dir: &Path, entry: &'a FileEntry) -> Result<MergeInput<'a>, StoreError> {
+        use parquet::file::metadata::{PageIndexPolicy, ParquetMetaDataReader};
+        let path = dir.join(&entry.path);
+        let file = std::fs::File::open(&path).map_err(StoreError::io(&path))?;
+        let meta = ParquetMetaDataReader::new()
+            .with_page_index_policy(PageIndexPolicy::Optional)
+            .parse_and_finish(&file)?;
+        Ok(MergeInput {
+            entry,
+            path,
+            file,
+            meta,
+        })
+    }
+}
+
 /// Merges `files` (all of day `day`, all of one kind with the schema `schema`) into one new
-/// file under `dir`, fsynced, streaming: one batch read and one row group buffered at a time,
-/// never the whole day. Inputs are taken in order of their earliest row, so a day's rows stay
-/// roughly in time order. Rollup rows are not re-aggregated: queries sum them anyway.
+/// file under `dir`, fsynced. Inputs are taken in order of their earliest row, so a day's rows
+/// stay roughly in time order. Rollup rows are not re-aggregated: queries sum them anyway.
+///
+/// When every input has `schema` and row groups of at least `copy_min_rows` rows, their row
+/// groups are copied as they are ([`COPY_MIN_ROWS`] says why); otherwise every row is decoded
+/// and encoded again, streaming: one batch read and one row group buffered at a time, never
+/// the whole day. `pause` is slept after each batch or row group (tests slow a merge with it).
 pub fn merge_files(
     dir: &Path,
     day: i64,
     files: &[FileEntry],
     schema: datafusion::arrow::datatypes::SchemaRef,
     pause: std::time::Duration,
+    copy_min_rows: usize,
 ) -> Result<FileEntry, StoreError> {
     let kind = files.first().map(|f| f.kind).unwrap_or_default();
-    let mut out = NewFile::create(dir, kind, day, schema, COMPACT_ROW_GROUP)?;
-    let mut inputs: Vec<&FileEntry> = files.iter().collect();
-    inputs.sort_by_key(|f| (f.min_ts_us, f.path.clone()));
-    let (mut rows, mut min, mut max) = (0u64, i64::MAX, i64::MIN);
+    let mut inputs = files
+        .iter()
+        .map(|f| MergeInput::open(dir, f))
+        .collect::<Result<Vec<_>, _>>()?;
+    inputs.sort_by(|a, b| {
+        (a.entry.min_ts_us, &a.entry.path).cmp(&(b.entry.min_ts_us, &b.entry.path))
+    });
+    let parquet_schema = parquet::arrow::ArrowSchemaConverter::new().convert(&schema)?;
+    let copyable = inputs.iter().all(|i| {
+        i.meta.file_metadata().schema_descr().root_schema() == parquet_schema.root_schema()
+            && i.meta
+                .row_groups()
+                .iter()
+                .all(|rg| rg.num_rows() >= copy_min_rows as i64)
+    });
+    let (rel, bytes, rows) = if copyable {
+        copy_row_groups(dir, kind, day, &inputs, pause)?
+    } else {
+        encode_anew(dir, kind, day, &inputs, schema, pause)?
+    };
+    let min = inputs.iter().map(|i| i.entry.min_ts_us).min();
+    let max = inputs.iter().map(|i| i.entry.max_ts_us).max();
+    Ok(FileEntry {
+        path: rel,
+        kind,
+        day,
+        rows,
+        bytes,
+        min_ts_us: if rows == 0 {
+            day * DAY_US
+        } else {
+            min.unwrap_or(day * DAY_US)
+        },
+        max_ts_us: if rows == 0 {
+            day * DAY_US
+        } else {
+            max.unwrap_or(day * DAY_US)
+        },
+    })
+}
+
+/// The merge that decodes every row and encodes it again, in row groups of equal size.
+fn encode_anew(
+    dir: &Path,
+    kind: FileKind,
+    day: i64,
+    inputs: &[MergeInput<'_>],
+    schema: datafusion::arrow::datatypes::SchemaRef,
+    pause: std::time::Duration,
+) -> Result<(String, u64, u64), StoreError> {
+    let total: u64 = inputs
+        .iter()
+        .map(|i| i.meta.file_metadata().num_rows() as u64)
+        .sum();
+    let mut out = NewFile::create(dir, kind, day, schema, balanced_row_group(total))?;
+    let mut rows = 0u64;
     let mut cpu = Yielder::new();
-    for f in inputs {
-        let input = dir.join(&f.path);
-        let file = std::fs::File::open(&input).map_err(StoreError::io(&input))?;
+    for input in inputs {
+        let file = input
+            .file
+            .try_clone()
+            .map_err(StoreError::io(&input.path))?;
         let reader = ParquetRecordBatchReaderBuilder::try_new(file)?
             .with_batch_size(STEP_ROWS)
             .build()?;
         for b in reader {
             let b = b.map_err(arrow_err)?;
             rows += b.num_rows() as u64;
-            min = min.min(f.min_ts_us);
-            max = max.max(f.max_ts_us);
             out.write(&b, &mut cpu)?;
             if !pause.is_zero() {
                 std::thread::sleep(pause);
@@ -199,13 +321,59 @@ pub fn merge_files(
         }
     }
     let (rel, bytes) = out.finish()?;
-    Ok(FileEntry {
-        path: rel,
-        kind,
-        day,
-        rows,
-        bytes,
-        min_ts_us: if rows == 0 { day * DAY_US } else { min },
-        max_ts_us: if rows == 0 { day * DAY_US } else { max },
-    })
+    Ok((rel, bytes, rows))
+}
+
+/// The merge that copies the inputs' row groups: each column chunk's bytes spliced into the new
+/// file with its statistics and page indexes, offsets moved to where it now lies. The footer's
+/// key-value metadata (the Arrow schema) is the first input's; every input has the same schema.
+fn copy_row_groups(
+    dir: &Path,
+    kind: FileKind,
+    day: i64,
+    inputs: &[MergeInput<'_>],
+    pause: std::time::Duration,
+) -> Result<(String, u64, u64), StoreError> {
+    use parquet::column::writer::ColumnCloseResult;
+    use parquet::file::writer::SerializedFileWriter;
+    let Some(first) = inputs.first() else {
+        return Err(StoreError::Corrupt("a merge without inputs".into()));
+    };
+    let (rel, path, file) = create_file(dir, kind, day)?;
+    let props = WriterProperties::builder()
+        .set_key_value_metadata(first.meta.file_metadata().key_value_metadata().cloned())
+        .build();
+    let root = first.meta.file_metadata().schema_descr().root_schema_ptr();
+    let mut writer = SerializedFileWriter::new(file, root, std::sync::Arc::new(props))?;
+    let mut rows = 0u64;
+    let mut cpu = Yielder::new();
+    for input in inputs {
+        let column_indexes = input.meta.column_index();
+        let offset_indexes = input.meta.offset_index();
+        for (g, rg) in input.meta.row_groups().iter().enumerate() {
+            let mut out = writer.next_row_group()?;
+            for (c, column) in rg.columns().iter().enumerate() {
+                out.append_column(
+                    &input.file,
+                    ColumnCloseResult {
+                        bytes_written: column.compressed_size() as u64,
+                        rows_written: rg.num_rows() as u64,
+                        metadata: column.clone(),
+                        bloom_filter: None,
+                        column_index: column_indexes.and_then(|i| i.get(g)?.get(c).cloned()),
+                        offset_index: offset_indexes.and_then(|i| i.get(g)?.get(c).cloned()),
+                    },
+                )?;
+            }
+            out.close()?;
+            rows += rg.num_rows() as u64;
+            cpu.tick();
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
+        }
+    }
+    let file = writer.into_inner()?;
+    let bytes = sync_file(&path, &file)?;
+    Ok((rel, bytes, rows))
 }

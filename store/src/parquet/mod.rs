@@ -5,9 +5,11 @@
 //! - `flush` writes the in-memory batches as Parquet files (one per day touched), fsyncs them,
 //!   then commits a new manifest naming the files *and the bus checkpoint they reach*. Only then
 //!   does it return that checkpoint, which the collector commits to the bus.
-//! - `compact` merges a day's small files into one, streaming (one batch and one row group in
-//!   memory at a time, whatever the day holds), committed the same way; the replaced files are
-//!   deleted on the next compaction round (so queries that started before still read them).
+//! - `compact` merges a day's small files into one, committed the same way; the replaced files
+//!   are deleted on the next compaction round (so queries that started before still read them).
+//!   Large row groups are copied as they are, bytes and page indexes; small ones are decoded and
+//!   encoded anew, streaming (one batch and one row group in memory at a time, whatever the day
+//!   holds). `files::COPY_MIN_ROWS` says why.
 //!
 //! A crash loses only in-memory batches, whose bus offsets were never committed: the collector
 //! reads them again from `durable_checkpoint`. Nothing is written twice, because every file the
@@ -213,7 +215,7 @@ impl ParquetStore {
             let schema = rollup::schema_of(kind);
             let pause = self.inner.merge_pause;
             let entry = tokio::task::spawn_blocking(move || {
-                files::merge_files(&dir, day, &inputs, schema, pause)
+                files::merge_files(&dir, day, &inputs, schema, pause, files::COPY_MIN_ROWS)
             })
             .await
             .map_err(|e| StoreError::Corrupt(format!("compaction task failed: {e}")))??;

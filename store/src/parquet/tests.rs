@@ -588,3 +588,127 @@ async fn the_running_tally_equals_the_usage_through_flushes_compactions_and_rese
     store.append(&append(100, T0)).await.unwrap();
     check(&store, "back to the first window").await;
 }
+
+/// `events` as files of `per_file` rows each (one row group each), in reverse time order.
+fn files_of(dir: &std::path::Path, events: &[RequestEvent], per_file: usize) -> Vec<FileEntry> {
+    let mut entries: Vec<FileEntry> = events
+        .chunks(per_file)
+        .map(|chunk| {
+            let batch = tollgate_schemas::arrow::to_batch(chunk);
+            files::write_file(dir, T0 / DAY, &batch).unwrap()
+        })
+        .collect();
+    entries.reverse();
+    entries
+}
+
+fn read_file(path: &std::path::Path) -> RecordBatch {
+    let file = std::fs::File::open(path).unwrap();
+    let builder =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    let schema = builder.schema().clone();
+    let batches: Vec<RecordBatch> = builder.build().unwrap().collect::<Result<_, _>>().unwrap();
+    concat_batches(&schema, &batches).unwrap()
+}
+
+fn row_groups(path: &std::path::Path) -> Vec<i64> {
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::file::reader::SerializedFileReader::new(file).unwrap();
+    parquet::file::reader::FileReader::metadata(&reader)
+        .row_groups()
+        .iter()
+        .map(|rg| rg.num_rows())
+        .collect()
+}
+
+/// Large row groups are copied into a merged file as they are (no decoding, `COPY_MIN_ROWS`),
+/// in time order, with statistics and page indexes that still point at their pages: a reader
+/// that skips pages by the offset index reads the right rows.
+#[test]
+fn merges_of_large_row_groups_copy_them_with_their_page_indexes() {
+    use parquet::arrow::arrow_reader::{
+        ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let events = varied_events(3_000);
+    let inputs = files_of(dir.path(), &events, 1_000);
+    let schema = tollgate_schemas::arrow::schema();
+    let merged = files::merge_files(
+        dir.path(),
+        T0 / DAY,
+        &inputs,
+        schema,
+        Default::default(),
+        1_000,
+    )
+    .unwrap();
+    let path = dir.path().join(&merged.path);
+    assert_eq!(
+        row_groups(&path),
+        vec![1_000; 3],
+        "the row groups were not copied"
+    );
+    assert_eq!(merged.rows, 3_000);
+    assert_eq!(merged.min_ts_us, T0);
+    assert_eq!(merged.max_ts_us, T0 + 2_999 * 97_000);
+    let whole = tollgate_schemas::arrow::to_batch(&events);
+    assert_eq!(read_file(&path), whole);
+
+    // The second row group's `ts` statistics are its own rows'.
+    let file = std::fs::File::open(&path).unwrap();
+    let options = ArrowReaderOptions::new()
+        .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Required);
+    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options).unwrap();
+    let meta = builder.metadata().clone();
+    let ts = meta
+        .row_group(1)
+        .columns()
+        .iter()
+        .position(|c| c.column_path().string() == "ts");
+    let stats = meta.row_group(1).column(ts.unwrap()).statistics().unwrap();
+    let min = T0 + 1_000 * 97_000;
+    assert_eq!(stats.min_bytes_opt().unwrap(), min.to_le_bytes());
+    assert_eq!(
+        meta.offset_index().map(|o| o.len()),
+        Some(3),
+        "no offset index"
+    );
+    assert!(meta.column_index().is_some(), "no column index");
+
+    // Rows 1,500..1,600 read through the offset index (whole pages skipped).
+    let selection = RowSelection::from(vec![RowSelector::skip(1_500), RowSelector::select(100)]);
+    let read: Vec<RecordBatch> = builder
+        .with_row_selection(selection)
+        .build()
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let read = concat_batches(&whole.schema(), &read).unwrap();
+    assert_eq!(read, whole.slice(1_500, 100));
+}
+
+/// Small row groups are decoded and encoded anew, into row groups of equal size that a later
+/// merge can copy.
+#[test]
+fn merges_of_small_row_groups_are_encoded_anew_in_equal_row_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = varied_events(3_000);
+    let inputs = files_of(dir.path(), &events, 1_000);
+    let schema = tollgate_schemas::arrow::schema();
+    let merged = files::merge_files(
+        dir.path(),
+        T0 / DAY,
+        &inputs,
+        schema,
+        Default::default(),
+        1_001,
+    )
+    .unwrap();
+    let path = dir.path().join(&merged.path);
+    assert_eq!(row_groups(&path), vec![3_000]);
+    assert_eq!(read_file(&path), tollgate_schemas::arrow::to_batch(&events));
+    assert_eq!(files::balanced_row_group(140_000), 70_000);
+    assert_eq!(files::balanced_row_group(128 * 1024), 128 * 1024);
+    assert_eq!(files::balanced_row_group(3 * 128 * 1024 + 1), 98_305);
+    assert_eq!(files::balanced_row_group(0), 1);
+}
