@@ -9,7 +9,7 @@ use datafusion::arrow::compute::filter_record_batch;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, Encoding};
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
 use super::manifest::{FileEntry, FileKind, sync_dir};
@@ -70,6 +70,15 @@ const UNIQUE_COLUMNS: &[&str] = &["id", "trace_id"];
 /// `store/examples/flush_encoding.rs` and BENCHMARKS.md.
 const DELTA_COLUMNS: &[&str] = &["ts", "latency_us", "upstream_latency_us"];
 
+/// Text columns no query filters on (queries filter on `ts`, `route` and `consumer`): written
+/// without statistics. Their minimum and maximum, per page and per row group, prune nothing
+/// (an id's or a path's range covers every value a filter could ask for), and computing them
+/// (comparing every string, building the page index) was a sixth of the Parquet encoding's
+/// time (`store/examples/flush_encoding.rs`: 0.34 against 0.28 µs per event).
+const UNFILTERED_TEXT_COLUMNS: &[&str] = &[
+    "id", "trace_id", "path", "gateway", "method", "plan", "outcome",
+];
+
 /// A Parquet file being written: its path relative to the store and its writer.
 struct NewFile {
     rel: String,
@@ -95,6 +104,10 @@ impl NewFile {
         // flushes' profile under load), then fell back to plain pages once it filled.
         for unique in UNIQUE_COLUMNS.iter().chain(DELTA_COLUMNS) {
             props = props.set_column_dictionary_enabled(ColumnPath::from(*unique), false);
+        }
+        for text in UNFILTERED_TEXT_COLUMNS {
+            props = props
+                .set_column_statistics_enabled(ColumnPath::from(*text), EnabledStatistics::None);
         }
         for delta in DELTA_COLUMNS {
             props =

@@ -712,3 +712,30 @@ fn merges_of_small_row_groups_are_encoded_anew_in_equal_row_groups() {
     assert_eq!(files::balanced_row_group(3 * 128 * 1024 + 1), 98_305);
     assert_eq!(files::balanced_row_group(0), 1);
 }
+
+/// Statistics are kept on the columns queries filter on (`ts`, `route`, `consumer`) and left
+/// out of text columns no query filters on, where computing them only cost the flush.
+#[test]
+fn statistics_are_written_only_where_queries_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = tollgate_schemas::arrow::to_batch(&varied_events(1_000));
+    let entry = files::write_file(dir.path(), T0 / DAY, &batch).unwrap();
+    let file = std::fs::File::open(dir.path().join(&entry.path)).unwrap();
+    let reader = parquet::file::reader::SerializedFileReader::new(file).unwrap();
+    let meta = parquet::file::reader::FileReader::metadata(&reader);
+    let has_statistics = |name: &str| {
+        meta.row_group(0)
+            .columns()
+            .iter()
+            .find(|c| c.column_path().string() == name)
+            .unwrap_or_else(|| panic!("no column {name}"))
+            .statistics()
+            .is_some_and(|s| s.min_bytes_opt().is_some())
+    };
+    for name in ["ts", "route", "consumer", "status"] {
+        assert!(has_statistics(name), "{name} has no statistics");
+    }
+    for name in ["id", "path", "trace_id", "outcome"] {
+        assert!(!has_statistics(name), "{name} has statistics");
+    }
+}
