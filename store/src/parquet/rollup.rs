@@ -361,7 +361,8 @@ impl PartitionStream for Stepped {
 /// by their keys.
 pub fn roll_up_batch(events: &RecordBatch) -> Result<Vec<(FileKind, RecordBatch)>, StoreError> {
     let columns = EventColumns::of(events)?;
-    let minutes = UsageRollup::of_events(FileKind::Usage1m, &columns);
+    let callers = Callers::of(&columns);
+    let minutes = UsageRollup::of_events(FileKind::Usage1m, &columns, &callers);
     let mut out: Vec<(FileKind, RecordBatch)> = Vec::new();
     // Per-hour sketches from the per-minute ones (`ROLLUPS` lists the minutes first).
     let mut hour_sketches = None;
@@ -381,10 +382,10 @@ pub fn roll_up_batch(events: &RecordBatch) -> Result<Vec<(FileKind, RecordBatch)
                 }
                 sketches.finish()
             }
-            FileKind::Usage1m => minutes.finish(kind),
+            FileKind::Usage1m => minutes.finish(kind, &callers),
             // Hours and days from the minutes: a few rows per minute, not every event again.
-            FileKind::Usage1h | FileKind::Usage1d => minutes.coarsened(kind).finish(kind),
-            FileKind::Latency1m => latency_minutes(&columns).finish(),
+            FileKind::Usage1h | FileKind::Usage1d => minutes.coarsened(kind).finish(kind, &callers),
+            FileKind::Latency1m => latency_minutes(&columns, &callers).finish(&callers),
             _ => unreachable!("not a rollup kind: {kind:?}"),
         };
         out.push((kind, rows));
@@ -437,35 +438,83 @@ fn text(a: &StringArray, i: usize) -> Option<&str> {
     a.is_valid(i).then(|| a.value(i))
 }
 
-/// A usage group: period start, consumer, route, plan, status.
-type UsageKey<'a> = (i64, Option<&'a str>, Option<&'a str>, Option<&'a str>, i64);
+/// Who made each row's request: its (consumer, route, plan) as a small number, and its
+/// (route, consumer) as another. The usage and latency rollups group by these numbers, so a
+/// row's text is hashed once (here) instead of once per rollup: grouping by text was most of
+/// the rollups' time, and they were a quarter of ingest's CPU with a thousand consumers
+/// (BENCHMARKS.md, fourteenth round).
+struct Callers<'a> {
+    /// Per row, an index into `keys`.
+    of_row: Vec<u32>,
+    /// (consumer, route, plan), each distinct triple once.
+    keys: Vec<(Option<&'a str>, Option<&'a str>, Option<&'a str>)>,
+    /// Per entry of `keys`, an index into `pairs`.
+    pair_of: Vec<u32>,
+    /// (route, consumer), each distinct pair once.
+    pairs: Vec<(Option<&'a str>, Option<&'a str>)>,
+}
+
+impl<'a> Callers<'a> {
+    fn of(c: &EventColumns<'a>) -> Callers<'a> {
+        type Triple<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>);
+        let mut index: HashMap<Triple<'a>, u32> = HashMap::default();
+        let mut pair_index: HashMap<(Option<&'a str>, Option<&'a str>), u32> = HashMap::default();
+        let mut callers = Callers {
+            of_row: Vec::with_capacity(c.rows),
+            keys: Vec::new(),
+            pair_of: Vec::new(),
+            pairs: Vec::new(),
+        };
+        let mut last: Option<(Triple<'a>, u32)> = None;
+        for i in 0..c.rows {
+            let key = (text(c.consumer, i), text(c.route, i), text(c.plan, i));
+            // Runs of one caller (one client's connection) skip the hash.
+            let id = match last {
+                Some((k, id)) if k == key => id,
+                _ => *index.entry(key).or_insert_with(|| {
+                    let pair = (key.1, key.0);
+                    let p = *pair_index.entry(pair).or_insert_with(|| {
+                        callers.pairs.push(pair);
+                        callers.pairs.len() as u32 - 1
+                    });
+                    callers.keys.push(key);
+                    callers.pair_of.push(p);
+                    callers.keys.len() as u32 - 1
+                }),
+            };
+            last = Some((key, id));
+            callers.of_row.push(id);
+        }
+        callers
+    }
+}
+
+/// A usage group: period start, caller (an index into [`Callers::keys`]), status.
+type UsageKey = (i64, u32, i64);
 
 /// A usage group's sums in the rollups' column order: requests, billable requests, request
 /// bytes, response bytes (wrapping, as SQL's `sum` over `Int64` does).
 type UsageSums = [i64; 4];
 
-/// Usage rows of one grain, keyed by text borrowed from the events batch.
-struct UsageRollup<'a> {
+/// Usage rows of one grain, keyed by caller number.
+struct UsageRollup {
     period_us: i64,
-    groups: HashMap<UsageKey<'a>, UsageSums>,
+    groups: HashMap<UsageKey, UsageSums>,
 }
 
-impl<'a> UsageRollup<'a> {
+impl UsageRollup {
     /// The usage of the events of `columns` by periods of `kind` (a usage kind).
-    fn of_events(kind: FileKind, columns: &EventColumns<'a>) -> UsageRollup<'a> {
+    fn of_events(kind: FileKind, c: &EventColumns<'_>, callers: &Callers<'_>) -> UsageRollup {
         let (_, period_us) = kind.period().expect("a rollup kind");
-        let mut groups: HashMap<UsageKey<'a>, UsageSums> = HashMap::default();
-        let c = columns;
+        let mut groups: HashMap<UsageKey, UsageSums> = HashMap::default();
         let mut cpu = Yielder::new();
-        for i in 0..c.rows {
+        for (i, &caller) in callers.of_row.iter().enumerate() {
             if i % STEP_ROWS == STEP_ROWS - 1 {
                 cpu.tick();
             }
             let key = (
                 c.ts.value(i).div_euclid(period_us) * period_us,
-                text(c.consumer, i),
-                text(c.route, i),
-                text(c.plan, i),
+                caller,
                 i64::from(c.status.value(i)),
             );
             let sums = groups.entry(key).or_default();
@@ -479,14 +528,12 @@ impl<'a> UsageRollup<'a> {
 
     /// The same usage by the periods of `kind`, a usage kind whose period is a multiple of
     /// this one's: sums of sums, as a query over the rollups adds them.
-    fn coarsened(&self, kind: FileKind) -> UsageRollup<'a> {
+    fn coarsened(&self, kind: FileKind) -> UsageRollup {
         let (_, period_us) = kind.period().expect("a rollup kind");
-        let mut groups: HashMap<UsageKey<'a>, UsageSums> = HashMap::default();
-        for (&(t, consumer, route, plan, status), sums) in &self.groups {
+        let mut groups: HashMap<UsageKey, UsageSums> = HashMap::default();
+        for (&(t, caller, status), sums) in &self.groups {
             let t = t.div_euclid(period_us) * period_us;
-            let into = groups
-                .entry((t, consumer, route, plan, status))
-                .or_default();
+            let into = groups.entry((t, caller, status)).or_default();
             for (into, n) in into.iter_mut().zip(sums) {
                 *into = into.wrapping_add(*n);
             }
@@ -499,14 +546,15 @@ impl<'a> UsageRollup<'a> {
     /// Sorting them cost more than grouping: with 1,000 consumers, `latency_1m` has hundreds
     /// of thousands of rows a minute, and comparing their text was a fifth of an ingest's
     /// CPU (BENCHMARKS.md).
-    fn finish(&self, kind: FileKind) -> RecordBatch {
+    fn finish(&self, kind: FileKind, callers: &Callers<'_>) -> RecordBatch {
         let rows = self.groups.iter();
         let mut cols: [Int64Builder; 6] = Default::default();
         let mut texts: [StringBuilder; 3] = Default::default();
-        for ((t, consumer, route, plan, status), sums) in rows {
+        for ((t, caller, status), sums) in rows {
+            let (consumer, route, plan) = callers.keys[*caller as usize];
             cols[0].append_value(*t);
             for (b, v) in texts.iter_mut().zip([consumer, route, plan]) {
-                b.append_option(*v);
+                b.append_option(v);
             }
             cols[1].append_value(*status);
             for (b, n) in cols[2..].iter_mut().zip(sums) {
@@ -537,33 +585,31 @@ impl<'a> UsageRollup<'a> {
     }
 }
 
-/// A `latency_1m` group: minute, route, consumer, sketch bucket.
-type LatencyKey<'a> = (i64, &'a str, Option<&'a str>, i64);
+/// A `latency_1m` group: minute, (route, consumer) (an index into [`Callers::pairs`]), sketch
+/// bucket.
+type LatencyKey = (i64, u32, i64);
 
 /// The `latency_1m` rows of events forwarded upstream on a route: count and server errors by
 /// minute, route, consumer and bucket of `latency_us`.
-struct LatencyMinutes<'a> {
-    groups: HashMap<LatencyKey<'a>, [i64; 2]>,
+struct LatencyMinutes {
+    groups: HashMap<LatencyKey, [i64; 2]>,
 }
 
-fn latency_minutes<'a>(c: &EventColumns<'a>) -> LatencyMinutes<'a> {
+fn latency_minutes(c: &EventColumns<'_>, callers: &Callers<'_>) -> LatencyMinutes {
     let (_, minute_us) = FileKind::Latency1m.period().expect("a rollup kind");
-    let mut groups: HashMap<LatencyKey<'a>, [i64; 2]> = HashMap::default();
+    let mut groups: HashMap<LatencyKey, [i64; 2]> = HashMap::default();
     let mut cpu = Yielder::new();
-    for i in 0..c.rows {
+    for (i, &caller) in callers.of_row.iter().enumerate() {
         if i % STEP_ROWS == STEP_ROWS - 1 {
             cpu.tick();
         }
-        let Some(route) = text(c.route, i) else {
-            continue;
-        };
-        if c.upstream.is_null(i) {
+        let pair = callers.pair_of[caller as usize];
+        if callers.pairs[pair as usize].0.is_none() || c.upstream.is_null(i) {
             continue;
         }
         let key = (
             c.ts.value(i).div_euclid(minute_us) * minute_us,
-            route,
-            text(c.consumer, i),
+            pair,
             i64::from(bucket_of(c.latency.value(i))),
         );
         let group = groups.entry(key).or_default();
@@ -573,17 +619,18 @@ fn latency_minutes<'a>(c: &EventColumns<'a>) -> LatencyMinutes<'a> {
     LatencyMinutes { groups }
 }
 
-impl LatencyMinutes<'_> {
+impl LatencyMinutes {
     /// The rows with the `latency_1m` schema, in no particular order (see
     /// [`UsageRollup::finish`]).
-    fn finish(&self) -> RecordBatch {
+    fn finish(&self, callers: &Callers<'_>) -> RecordBatch {
         let rows = self.groups.iter();
         let [mut minute, mut bucket, mut n, mut errors]: [Int64Builder; 4] = Default::default();
         let [mut route, mut consumer]: [StringBuilder; 2] = Default::default();
-        for ((m, r, c, b), [count, errs]) in rows {
+        for ((m, pair, b), [count, errs]) in rows {
+            let (r, c) = callers.pairs[*pair as usize];
             minute.append_value(*m);
-            route.append_value(r);
-            consumer.append_option(*c);
+            route.append_option(r);
+            consumer.append_option(c);
             bucket.append_value(*b);
             n.append_value(*count);
             errors.append_value(*errs);

@@ -433,6 +433,10 @@ async fn rollups_built_by_hand_equal_the_sql_rollups() {
             chrono::DateTime::from_timestamp_micros(T0 + (i as i64 * 7_919 % 400) * step).unwrap();
         e.req_bytes = i as u64 * 13;
         e.resp_bytes = i as u64 * 1_000_003;
+        if i % 5 == 0 {
+            // A consumer on two plans in one minute: one latency row, two usage rows.
+            e.plan = Some("basic".into());
+        }
         if i % 13 == 0 {
             (e.consumer, e.plan) = (None, None);
         }
