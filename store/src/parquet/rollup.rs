@@ -168,6 +168,40 @@ impl RouteSketches {
         Ok(())
     }
 
+    /// Adds the events of one flush's batch, grouped by route number ([`Callers`]) first and
+    /// by route name once per period and route: what [`RouteSketches::add`] gives (a test
+    /// checks it), without hashing each row's route as text.
+    fn add_numbered(&mut self, c: &EventColumns<'_>, callers: &Callers<'_>) {
+        let mut by_number: HashMap<(i64, u32), RouteSketch> = HashMap::default();
+        let mut cpu = Yielder::new();
+        for (i, &caller) in callers.of_row.iter().enumerate() {
+            if i % STEP_ROWS == STEP_ROWS - 1 {
+                cpu.tick();
+            }
+            let route = callers.route_of[caller as usize];
+            if callers.routes[route as usize].is_none() || c.upstream.is_null(i) {
+                continue;
+            }
+            let period = c.ts.value(i).div_euclid(self.period_us) * self.period_us;
+            let (errors, buckets) = by_number.entry((period, route)).or_default();
+            *errors += i64::from(c.status.value(i) >= 500);
+            *buckets.entry(bucket_of(c.latency.value(i))).or_default() += 1;
+        }
+        for ((period, route), (errors, buckets)) in by_number {
+            let name = callers.routes[route as usize].expect("rows without a route were skipped");
+            let (e, b) = self
+                .groups
+                .entry(period)
+                .or_default()
+                .entry(name.to_owned())
+                .or_default();
+            *e += errors;
+            for (bucket, n) in buckets {
+                *b.entry(bucket).or_default() += n;
+            }
+        }
+    }
+
     /// The same sketches over the periods of `kind`, a sketch kind whose period is a multiple
     /// of this one's: errors and bucket counts summed, which is exactly what adding the events
     /// to a builder of `kind` gives (a test checks it), for a few rows per period and route
@@ -373,7 +407,7 @@ pub fn roll_up_batch(events: &RecordBatch) -> Result<Vec<(FileKind, RecordBatch)
                     Some(hours) if kind == FileKind::RouteSketch1h => hours,
                     _ => {
                         let mut sketches = RouteSketches::new(kind);
-                        sketches.add(events)?;
+                        sketches.add_numbered(&columns, &callers);
                         sketches
                     }
                 };
@@ -452,6 +486,10 @@ struct Callers<'a> {
     pair_of: Vec<u32>,
     /// (route, consumer), each distinct pair once.
     pairs: Vec<(Option<&'a str>, Option<&'a str>)>,
+    /// Per entry of `keys`, an index into `routes`.
+    route_of: Vec<u32>,
+    /// The routes, each once.
+    routes: Vec<Option<&'a str>>,
 }
 
 impl<'a> Callers<'a> {
@@ -459,11 +497,14 @@ impl<'a> Callers<'a> {
         type Triple<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>);
         let mut index: HashMap<Triple<'a>, u32> = HashMap::default();
         let mut pair_index: HashMap<(Option<&'a str>, Option<&'a str>), u32> = HashMap::default();
+        let mut route_index: HashMap<Option<&'a str>, u32> = HashMap::default();
         let mut callers = Callers {
             of_row: Vec::with_capacity(c.rows),
             keys: Vec::new(),
             pair_of: Vec::new(),
             pairs: Vec::new(),
+            route_of: Vec::new(),
+            routes: Vec::new(),
         };
         let mut last: Option<(Triple<'a>, u32)> = None;
         for i in 0..c.rows {
@@ -477,8 +518,13 @@ impl<'a> Callers<'a> {
                         callers.pairs.push(pair);
                         callers.pairs.len() as u32 - 1
                     });
+                    let r = *route_index.entry(key.1).or_insert_with(|| {
+                        callers.routes.push(key.1);
+                        callers.routes.len() as u32 - 1
+                    });
                     callers.keys.push(key);
                     callers.pair_of.push(p);
+                    callers.route_of.push(r);
                     callers.keys.len() as u32 - 1
                 }),
             };

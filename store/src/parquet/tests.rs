@@ -395,13 +395,17 @@ fn sorted_rows(batch: &RecordBatch) -> Vec<String> {
     rows
 }
 
-/// A flush builds the per-hour sketches from its per-minute ones: they must equal the sketches
-/// built from every event, over events spanning several hours and routes.
+/// A flush builds the per-hour sketches from its per-minute ones, and those by route number:
+/// both must equal the sketches built from every event by route name, over events spanning
+/// several hours and routes, some without a route or an upstream latency.
 #[tokio::test]
 async fn hourly_sketches_from_the_minutes_equal_those_from_the_events() {
     let mut events = varied_events(4_000);
     for (i, e) in events.iter_mut().enumerate() {
         e.ts = chrono::DateTime::from_timestamp_micros(T0 + i as i64 * 3_100_000).unwrap();
+        if i % 17 == 0 {
+            e.route = None;
+        }
     }
     let batch = tollgate_schemas::arrow::to_batch(&events);
     let rollups = rollup::roll_up_batch(&batch).unwrap();
@@ -418,6 +422,10 @@ async fn hourly_sketches_from_the_minutes_equal_those_from_the_events() {
     assert!(direct.num_rows() >= 6, "{} rows", direct.num_rows());
     assert_eq!(hours(FileKind::RouteSketch1h), direct);
     assert!(hours(FileKind::RouteSketch1m).num_rows() > direct.num_rows());
+    // The flush groups minutes by route number; the same as from the events by name.
+    let mut minutes = rollup::RouteSketches::new(FileKind::RouteSketch1m);
+    minutes.add(&batch).unwrap();
+    assert_eq!(hours(FileKind::RouteSketch1m), minutes.finish());
 }
 
 /// The flush's rollups are aggregated by hand; they must hold the rows of the SQL rollups over
