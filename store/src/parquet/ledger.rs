@@ -46,23 +46,32 @@ fn read_export(path: &Path) -> Result<Option<StoredExport>, StoreError> {
 }
 
 impl ParquetStore {
+    /// Merges `progress` into what is recorded: written to `progress.json` (fsynced) first,
+    /// then made visible to readers, who never wait for the write.
     pub(super) fn record_progress_now(
         &self,
         progress: &[PartitionProgress],
     ) -> Result<(), StoreError> {
-        let mut known = self
+        let _writer = self
             .inner
-            .progress
+            .progress_writer
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let before = known.clone();
+        let before = self.progress_now();
+        let mut known = before.clone();
         merge_progress(&mut known, progress);
-        if *known == before {
+        if known == before {
             return Ok(());
         }
         let path = self.inner.dir.join(PROGRESS_FILE);
-        let bytes = serde_json::to_vec(&*known).expect("progress serializes");
-        tollgate_schemas::fsutil::write_atomic(&path, &bytes).map_err(StoreError::io(&path))
+        let bytes = serde_json::to_vec(&known).expect("progress serializes");
+        tollgate_schemas::fsutil::write_atomic(&path, &bytes).map_err(StoreError::io(&path))?;
+        *self
+            .inner
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = known;
+        Ok(())
     }
 
     pub(super) fn progress_now(&self) -> Vec<PartitionProgress> {

@@ -90,7 +90,12 @@ struct Inner {
     /// Files replaced by compaction, deleted on the next round.
     retired: Mutex<Vec<PathBuf>>,
     /// What collectors recorded of each bus partition (`crate::ledger`), as in `progress.json`.
+    /// Held only to read or replace it, never across the file's write: readers (`/metrics`,
+    /// the billing watermark) run on the request path's runtime, and the writer on ingest's
+    /// idle-class threads, which may wait long for a core.
     progress: Mutex<Vec<crate::PartitionProgress>>,
+    /// Serializes the writers of `progress.json`, so the file only moves forward.
+    progress_writer: Mutex<()>,
     /// Counts the changes to `state` (every write lock taken): see `UsageQuery::data_version`.
     changes: std::sync::atomic::AtomicU64,
     /// The quota's running tally (`tally::Running`). Taken before `state` when both are.
@@ -132,6 +137,7 @@ impl ParquetStore {
                 merge_pause: std::time::Duration::ZERO,
                 retired: Mutex::new(Vec::new()),
                 progress: Mutex::new(progress),
+                progress_writer: Mutex::new(()),
                 changes: Default::default(),
                 running: Mutex::new(None),
             }),

@@ -751,3 +751,30 @@ fn statistics_are_written_only_where_queries_filter() {
         assert!(!has_statistics(name), "{name} has statistics");
     }
 }
+
+/// Recorded progress is in `progress.json` before readers see it, survives a reopen, and only
+/// moves forward.
+#[tokio::test]
+async fn recorded_progress_persists_and_only_moves_forward() {
+    use crate::{EventWriter, PartitionProgress, UsageQuery};
+    let dir = tempfile::tempdir().unwrap();
+    let store = ParquetStore::open(cfg(dir.path())).unwrap();
+    let at = |partition, caught_up_us| PartitionProgress {
+        partition,
+        partitions: 2,
+        caught_up_us,
+    };
+    store
+        .record_progress(&[at(0, 100), at(1, 50)])
+        .await
+        .unwrap();
+    store.record_progress(&[at(0, 90)]).await.unwrap();
+    let mut seen = store.progress().await.unwrap();
+    seen.sort_by_key(|p| p.partition);
+    assert_eq!(seen, vec![at(0, 100), at(1, 50)]);
+    drop(store);
+    let store = ParquetStore::open(cfg(dir.path())).unwrap();
+    let mut reopened = store.progress().await.unwrap();
+    reopened.sort_by_key(|p| p.partition);
+    assert_eq!(reopened, seen);
+}
