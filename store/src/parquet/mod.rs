@@ -167,6 +167,26 @@ impl ParquetStore {
         state
     }
 
+    /// Makes `next` the manifest: written to disk (fsynced) first, then swapped in, together
+    /// with dropping the first `flushed` in-memory batches (the files `next` adds hold them),
+    /// so a reader sees either the old manifest and those batches or the new one without them.
+    /// The state's write lock is held only for the swap, never across the write: readers
+    /// (queries, the quota feed) run on the request path's runtime, and flushes and merges on
+    /// ingest's idle-class threads, which may wait long for a core. The caller holds `commit`,
+    /// so no other writer changes the manifest meanwhile.
+    fn commit_manifest(&self, next: Manifest, flushed: usize) -> Result<(), StoreError> {
+        manifest::store(&self.inner.dir, &next)?;
+        let mut state = self.write_state();
+        debug_assert_eq!(
+            state.manifest.version + 1,
+            next.version,
+            "a concurrent manifest writer"
+        );
+        state.manifest = next;
+        state.mem.drain(..flushed);
+        Ok(())
+    }
+
     /// See `UsageQuery::data_version`.
     pub(crate) fn changes(&self) -> u64 {
         self.inner
@@ -226,15 +246,12 @@ impl ParquetStore {
             .await
             .map_err(|e| StoreError::Corrupt(format!("compaction task failed: {e}")))??;
             let _commit = self.inner.commit.lock().await;
-            let mut state = self.write_state();
-            let mut next = state.manifest.clone();
+            let mut next = self.read_state().manifest.clone();
             next.version += 1;
             next.files
                 .retain(|f| !group.iter().any(|g| g.path == f.path));
             next.files.push(entry);
-            manifest::store(&self.inner.dir, &next)?;
-            state.manifest = next;
-            drop(state);
+            self.commit_manifest(next, 0)?;
             let mut retired = self.inner.retired.lock().unwrap_or_else(|p| p.into_inner());
             retired.extend(group.iter().map(|g| self.inner.dir.join(&g.path)));
             merged += group.len();
@@ -471,15 +488,13 @@ impl EventWriter for ParquetStore {
             })
             .await
             .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
-        let mut state = self.write_state();
-        let mut next = state.manifest.clone();
+        let mut next = self.read_state().manifest.clone();
         next.version += 1;
         next.checkpoint = next.checkpoint.max(&checkpoint);
         next.files.extend(new_files);
-        manifest::store(&self.inner.dir, &next)?;
-        state.manifest = next;
-        state.mem.drain(..taken);
-        Ok(state.manifest.checkpoint.clone())
+        let checkpoint = next.checkpoint.clone();
+        self.commit_manifest(next, taken)?;
+        Ok(checkpoint)
     }
 
     async fn record_progress(
