@@ -490,18 +490,23 @@ fn a_file_written_in_steps_reads_back_whole() {
     assert_eq!(read, batch);
 }
 
+/// The column chunks of the first row group of a flushed file of `n` varied events.
+fn flushed_columns(n: usize) -> Vec<parquet::file::metadata::ColumnChunkMetaData> {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = tollgate_schemas::arrow::to_batch(&varied_events(n));
+    let entry = files::write_file(dir.path(), T0 / DAY, &batch).unwrap();
+    let file = std::fs::File::open(dir.path().join(&entry.path)).unwrap();
+    let reader = parquet::file::reader::SerializedFileReader::new(file).unwrap();
+    let meta = parquet::file::reader::FileReader::metadata(&reader);
+    meta.row_group(0).columns().to_vec()
+}
+
 /// Timestamps and latencies are written as deltas, without a dictionary (distinct per row, they
 /// only cost the writer its hashing); the rest of the low-cardinality columns keep theirs.
 #[test]
 fn timestamps_and_latencies_are_written_as_deltas_without_a_dictionary() {
     use parquet::basic::Encoding;
-    let dir = tempfile::tempdir().unwrap();
-    let batch = tollgate_schemas::arrow::to_batch(&varied_events(3_000));
-    let entry = files::write_file(dir.path(), T0 / DAY, &batch).unwrap();
-    let file = std::fs::File::open(dir.path().join(&entry.path)).unwrap();
-    let meta = parquet::file::reader::SerializedFileReader::new(file).unwrap();
-    let meta = parquet::file::reader::FileReader::metadata(&meta);
-    let columns = meta.row_group(0).columns();
+    let columns = flushed_columns(3_000);
     let encodings = |name: &str| {
         let c = columns
             .iter()
@@ -633,6 +638,28 @@ fn row_groups(path: &std::path::Path) -> Vec<i64> {
         .collect()
 }
 
+/// 3,000 varied events written as three files of 1,000 rows (one row group each), merged with
+/// `copy_min_rows`: the events, the merged file's entry and the path of the merged file.
+fn merged_three_files(
+    dir: &std::path::Path,
+    copy_min_rows: usize,
+) -> (Vec<RequestEvent>, FileEntry, std::path::PathBuf) {
+    let events = varied_events(3_000);
+    let inputs = files_of(dir, &events, 1_000);
+    let schema = tollgate_schemas::arrow::schema();
+    let merged = files::merge_files(
+        dir,
+        T0 / DAY,
+        &inputs,
+        schema,
+        Default::default(),
+        copy_min_rows,
+    )
+    .unwrap();
+    let path = dir.join(&merged.path);
+    (events, merged, path)
+}
+
 /// Large row groups are copied into a merged file as they are (no decoding, `COPY_MIN_ROWS`),
 /// in time order, with statistics and page indexes that still point at their pages: a reader
 /// that skips pages by the offset index reads the right rows.
@@ -642,19 +669,7 @@ fn merges_of_large_row_groups_copy_them_with_their_page_indexes() {
         ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
     };
     let dir = tempfile::tempdir().unwrap();
-    let events = varied_events(3_000);
-    let inputs = files_of(dir.path(), &events, 1_000);
-    let schema = tollgate_schemas::arrow::schema();
-    let merged = files::merge_files(
-        dir.path(),
-        T0 / DAY,
-        &inputs,
-        schema,
-        Default::default(),
-        1_000,
-    )
-    .unwrap();
-    let path = dir.path().join(&merged.path);
+    let (events, merged, path) = merged_three_files(dir.path(), 1_000);
     assert_eq!(
         row_groups(&path),
         vec![1_000; 3],
@@ -704,19 +719,7 @@ fn merges_of_large_row_groups_copy_them_with_their_page_indexes() {
 #[test]
 fn merges_of_small_row_groups_are_encoded_anew_in_equal_row_groups() {
     let dir = tempfile::tempdir().unwrap();
-    let events = varied_events(3_000);
-    let inputs = files_of(dir.path(), &events, 1_000);
-    let schema = tollgate_schemas::arrow::schema();
-    let merged = files::merge_files(
-        dir.path(),
-        T0 / DAY,
-        &inputs,
-        schema,
-        Default::default(),
-        1_001,
-    )
-    .unwrap();
-    let path = dir.path().join(&merged.path);
+    let (events, _, path) = merged_three_files(dir.path(), 1_001);
     assert_eq!(row_groups(&path), vec![3_000]);
     assert_eq!(read_file(&path), tollgate_schemas::arrow::to_batch(&events));
     assert_eq!(files::balanced_row_group(140_000), 70_000);
@@ -729,15 +732,9 @@ fn merges_of_small_row_groups_are_encoded_anew_in_equal_row_groups() {
 /// out of text columns no query filters on, where computing them only cost the flush.
 #[test]
 fn statistics_are_written_only_where_queries_filter() {
-    let dir = tempfile::tempdir().unwrap();
-    let batch = tollgate_schemas::arrow::to_batch(&varied_events(1_000));
-    let entry = files::write_file(dir.path(), T0 / DAY, &batch).unwrap();
-    let file = std::fs::File::open(dir.path().join(&entry.path)).unwrap();
-    let reader = parquet::file::reader::SerializedFileReader::new(file).unwrap();
-    let meta = parquet::file::reader::FileReader::metadata(&reader);
+    let columns = flushed_columns(1_000);
     let has_statistics = |name: &str| {
-        meta.row_group(0)
-            .columns()
+        columns
             .iter()
             .find(|c| c.column_path().string() == name)
             .unwrap_or_else(|| panic!("no column {name}"))
