@@ -18,7 +18,9 @@
 #     `scaled` feature). GATEWAY=0 leaves it out.
 #  6. The same load with CONSUMERS consumers configured (default 100,000, one key each)
 #     against one consumer: requests/s, RSS after the load, idle CPU, and a 1,000-request
-#     quota under the burst (`scripts/bench-consumers.sh`, ROUNDS=1). CONSUMERS=0 leaves it out.
+#     quota under the burst (`scripts/bench-consumers.sh`, CONSUMER_ROUNDS rounds, default 3,
+#     with their median: one 10 s round spreads by 15 % on two shared cores). CONSUMERS=0
+#     leaves it out.
 #
 # Needs: wrk, nginx, curl, perf, python3 (installed with apt-get if missing), duckdb (pip);
 # step 5 also a Kafka-protocol broker (`scripts/install-test-services.sh`).
@@ -193,5 +195,5 @@ fi
 CONSUMERS="${CONSUMERS:-100000}"
 if [ "$CONSUMERS" != 0 ]; then
   echo
-  CONSUMERS="$CONSUMERS" ROUNDS=1 scripts/bench-consumers.sh "$BIN"
+  CONSUMERS="$CONSUMERS" ROUNDS="${CONSUMER_ROUNDS:-3}" scripts/bench-consumers.sh "$BIN"
 fi
