@@ -337,9 +337,8 @@ impl ParquetStore {
     /// Takes the files of retired kinds (`FileKind::is_retired`) out of the manifest; they are
     /// deleted with the next round's retired files. Queries never read them.
     fn drop_retired_kinds(&self) -> Result<(), StoreError> {
-        let mut state = self.write_state();
-        let (gone, kept): (Vec<FileEntry>, Vec<FileEntry>) = state
-            .manifest
+        let mut next = self.read_state().manifest.clone();
+        let (gone, kept): (Vec<FileEntry>, Vec<FileEntry>) = next
             .files
             .iter()
             .cloned()
@@ -347,13 +346,10 @@ impl ParquetStore {
         if gone.is_empty() {
             return Ok(());
         }
-        let mut next = state.manifest.clone();
         next.version += 1;
         next.files = kept;
         next.rollup_kinds.retain(|k| !k.is_retired());
-        manifest::store(&self.inner.dir, &next)?;
-        state.manifest = next;
-        drop(state);
+        self.commit_manifest(next, 0)?;
         let mut retired = self.inner.retired.lock().unwrap_or_else(|p| p.into_inner());
         retired.extend(gone.iter().map(|g| self.inner.dir.join(&g.path)));
         tracing::info!(
@@ -402,14 +398,12 @@ impl ParquetStore {
                 }
             }
         }
-        let mut state = self.write_state();
-        let mut next = state.manifest.clone();
+        let mut next = self.read_state().manifest.clone();
         next.version += 1;
         next.files.extend(new_files);
         next.rollups = true;
         next.rollup_kinds = FileKind::ROLLUPS.to_vec();
-        manifest::store(&self.inner.dir, &next)?;
-        state.manifest = next;
+        self.commit_manifest(next, 0)?;
         tracing::info!(?kinds, "built rollups of the existing store files");
         Ok(())
     }
