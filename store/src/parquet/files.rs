@@ -267,37 +267,37 @@ pub fn merge_files(
         (a.entry.min_ts_us, &a.entry.path).cmp(&(b.entry.min_ts_us, &b.entry.path))
     });
     let parquet_schema = parquet::arrow::ArrowSchemaConverter::new().convert(&schema)?;
-    let copyable = inputs.iter().all(|i| {
-        i.meta.file_metadata().schema_descr().root_schema() == parquet_schema.root_schema()
-            && i.meta
-                .row_groups()
-                .iter()
-                .all(|rg| rg.num_rows() >= copy_min_rows as i64)
-    });
+    let copyable = !inputs.is_empty()
+        && inputs.iter().all(|i| {
+            i.meta.file_metadata().schema_descr().root_schema() == parquet_schema.root_schema()
+                && i.meta
+                    .row_groups()
+                    .iter()
+                    .all(|rg| rg.num_rows() >= copy_min_rows as i64)
+        });
     let (rel, bytes, rows) = if copyable {
         copy_row_groups(dir, kind, day, &inputs, pause)?
     } else {
         encode_anew(dir, kind, day, &inputs, schema, pause)?
     };
-    let min = inputs.iter().map(|i| i.entry.min_ts_us).min();
-    let max = inputs.iter().map(|i| i.entry.max_ts_us).max();
+    // An empty merge's file spans the day's first instant, as an empty flush's does.
+    let span = |ts: Option<i64>| ts.filter(|_| rows > 0).unwrap_or(day * DAY_US);
     Ok(FileEntry {
         path: rel,
         kind,
         day,
         rows,
         bytes,
-        min_ts_us: if rows == 0 {
-            day * DAY_US
-        } else {
-            min.unwrap_or(day * DAY_US)
-        },
-        max_ts_us: if rows == 0 {
-            day * DAY_US
-        } else {
-            max.unwrap_or(day * DAY_US)
-        },
+        min_ts_us: span(inputs.iter().map(|i| i.entry.min_ts_us).min()),
+        max_ts_us: span(inputs.iter().map(|i| i.entry.max_ts_us).max()),
     })
+}
+
+/// Sleeps `pause` between a merge's steps (tests slow a merge with it).
+fn rest(pause: std::time::Duration) {
+    if !pause.is_zero() {
+        std::thread::sleep(pause);
+    }
 }
 
 /// The merge that decodes every row and encodes it again, in row groups of equal size.
@@ -328,9 +328,7 @@ fn encode_anew(
             let b = b.map_err(arrow_err)?;
             rows += b.num_rows() as u64;
             out.write(&b, &mut cpu)?;
-            if !pause.is_zero() {
-                std::thread::sleep(pause);
-            }
+            rest(pause);
         }
     }
     let (rel, bytes) = out.finish()?;
@@ -381,9 +379,7 @@ fn copy_row_groups(
             out.close()?;
             rows += rg.num_rows() as u64;
             cpu.tick();
-            if !pause.is_zero() {
-                std::thread::sleep(pause);
-            }
+            rest(pause);
         }
     }
     let file = writer.into_inner()?;

@@ -167,24 +167,29 @@ impl ParquetStore {
         state
     }
 
-    /// Makes `next` the manifest: written to disk (fsynced) first, then swapped in, together
-    /// with dropping the first `flushed` in-memory batches (the files `next` adds hold them),
-    /// so a reader sees either the old manifest and those batches or the new one without them.
+    /// Commits the next manifest version, the current one as `change` leaves it: written to
+    /// disk (fsynced) first, then swapped in, together with dropping the first `flushed`
+    /// in-memory batches (the files it adds hold them), so a reader sees either the old manifest
+    /// and those batches or the new one without them. Returns the checkpoint it reaches.
+    ///
     /// The state's write lock is held only for the swap, never across the write: readers
     /// (queries, the quota feed) run on the request path's runtime, and flushes and merges on
     /// ingest's idle-class threads, which may wait long for a core. The caller holds `commit`,
     /// so no other writer changes the manifest meanwhile.
-    fn commit_manifest(&self, next: Manifest, flushed: usize) -> Result<(), StoreError> {
+    fn commit_manifest(
+        &self,
+        flushed: usize,
+        change: impl FnOnce(&mut Manifest),
+    ) -> Result<Checkpoint, StoreError> {
+        let mut next = self.read_state().manifest.clone();
+        next.version += 1;
+        change(&mut next);
         manifest::store(&self.inner.dir, &next)?;
+        let checkpoint = next.checkpoint.clone();
         let mut state = self.write_state();
-        debug_assert_eq!(
-            state.manifest.version + 1,
-            next.version,
-            "a concurrent manifest writer"
-        );
         state.manifest = next;
         state.mem.drain(..flushed);
-        Ok(())
+        Ok(checkpoint)
     }
 
     /// See `UsageQuery::data_version`.
@@ -246,12 +251,11 @@ impl ParquetStore {
             .await
             .map_err(|e| StoreError::Corrupt(format!("compaction task failed: {e}")))??;
             let _commit = self.inner.commit.lock().await;
-            let mut next = self.read_state().manifest.clone();
-            next.version += 1;
-            next.files
-                .retain(|f| !group.iter().any(|g| g.path == f.path));
-            next.files.push(entry);
-            self.commit_manifest(next, 0)?;
+            self.commit_manifest(0, |next| {
+                next.files
+                    .retain(|f| !group.iter().any(|g| g.path == f.path));
+                next.files.push(entry);
+            })?;
             let mut retired = self.inner.retired.lock().unwrap_or_else(|p| p.into_inner());
             retired.extend(group.iter().map(|g| self.inner.dir.join(&g.path)));
             merged += group.len();
@@ -337,8 +341,9 @@ impl ParquetStore {
     /// Takes the files of retired kinds (`FileKind::is_retired`) out of the manifest; they are
     /// deleted with the next round's retired files. Queries never read them.
     fn drop_retired_kinds(&self) -> Result<(), StoreError> {
-        let mut next = self.read_state().manifest.clone();
-        let (gone, kept): (Vec<FileEntry>, Vec<FileEntry>) = next
+        let (gone, kept): (Vec<FileEntry>, Vec<FileEntry>) = self
+            .read_state()
+            .manifest
             .files
             .iter()
             .cloned()
@@ -346,10 +351,10 @@ impl ParquetStore {
         if gone.is_empty() {
             return Ok(());
         }
-        next.version += 1;
-        next.files = kept;
-        next.rollup_kinds.retain(|k| !k.is_retired());
-        self.commit_manifest(next, 0)?;
+        self.commit_manifest(0, |next| {
+            next.files = kept;
+            next.rollup_kinds.retain(|k| !k.is_retired());
+        })?;
         let mut retired = self.inner.retired.lock().unwrap_or_else(|p| p.into_inner());
         retired.extend(gone.iter().map(|g| self.inner.dir.join(&g.path)));
         tracing::info!(
@@ -398,12 +403,11 @@ impl ParquetStore {
                 }
             }
         }
-        let mut next = self.read_state().manifest.clone();
-        next.version += 1;
-        next.files.extend(new_files);
-        next.rollups = true;
-        next.rollup_kinds = FileKind::ROLLUPS.to_vec();
-        self.commit_manifest(next, 0)?;
+        self.commit_manifest(0, |next| {
+            next.files.extend(new_files);
+            next.rollups = true;
+            next.rollup_kinds = FileKind::ROLLUPS.to_vec();
+        })?;
         tracing::info!(?kinds, "built rollups of the existing store files");
         Ok(())
     }
@@ -482,13 +486,10 @@ impl EventWriter for ParquetStore {
             })
             .await
             .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
-        let mut next = self.read_state().manifest.clone();
-        next.version += 1;
-        next.checkpoint = next.checkpoint.max(&checkpoint);
-        next.files.extend(new_files);
-        let checkpoint = next.checkpoint.clone();
-        self.commit_manifest(next, taken)?;
-        Ok(checkpoint)
+        self.commit_manifest(taken, |next| {
+            next.checkpoint = next.checkpoint.max(&checkpoint);
+            next.files.extend(new_files);
+        })
     }
 
     async fn record_progress(

@@ -512,27 +512,35 @@ impl<'a> Callers<'a> {
             // Runs of one caller (one client's connection) skip the hash.
             let id = match last {
                 Some((k, id)) if k == key => id,
-                _ => *index.entry(key).or_insert_with(|| {
-                    let pair = (key.1, key.0);
-                    let p = *pair_index.entry(pair).or_insert_with(|| {
-                        callers.pairs.push(pair);
-                        callers.pairs.len() as u32 - 1
-                    });
-                    let r = *route_index.entry(key.1).or_insert_with(|| {
-                        callers.routes.push(key.1);
-                        callers.routes.len() as u32 - 1
-                    });
-                    callers.keys.push(key);
-                    callers.pair_of.push(p);
-                    callers.route_of.push(r);
-                    callers.keys.len() as u32 - 1
-                }),
+                _ => {
+                    let known = callers.keys.len();
+                    let id = number(&mut index, &mut callers.keys, key);
+                    if id as usize == known {
+                        let pair = number(&mut pair_index, &mut callers.pairs, (key.1, key.0));
+                        callers.pair_of.push(pair);
+                        let route = number(&mut route_index, &mut callers.routes, key.1);
+                        callers.route_of.push(route);
+                    }
+                    id
+                }
             };
             last = Some((key, id));
             callers.of_row.push(id);
         }
         callers
     }
+}
+
+/// The number of `key` in `list`: its index, `key` appended first when `index` does not have it.
+fn number<K: std::hash::Hash + Eq + Copy>(
+    index: &mut HashMap<K, u32>,
+    list: &mut Vec<K>,
+    key: K,
+) -> u32 {
+    *index.entry(key).or_insert_with(|| {
+        list.push(key);
+        list.len() as u32 - 1
+    })
 }
 
 /// A usage group: period start, caller (an index into [`Callers::keys`]), status.
