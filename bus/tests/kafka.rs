@@ -250,3 +250,90 @@ async fn broker_outage_and_leader_loss_lose_nothing() {
     );
     drop(Arc::clone(&spool));
 }
+
+/// Deliveries that fail (every broker down for longer than `message.timeout.ms`) are queued
+/// again by the publisher itself, and land once the brokers are back: every record exactly once,
+/// the counters agree, and `flush` waits for the last of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_deliveries_are_queued_again_until_they_land() {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic("requeue", 4, 1).unwrap();
+    let config = BusConfig::Kafka(KafkaConfig {
+        brokers: cluster.bootstrap_servers(),
+        topic: "requeue".into(),
+        partitions: 4,
+        replication_factor: 1,
+        create_topics: false,
+        compression: "lz4".into(),
+        linger_ms: 5,
+        properties: [("message.timeout.ms".to_string(), "500".to_string())].into(),
+    });
+    let bus = config.open().await.unwrap();
+    let publisher = bus.publisher().unwrap();
+    let stats = bus
+        .delivery_stats()
+        .expect("the Kafka publisher counts deliveries");
+    publisher.publish(records(100)).await.unwrap();
+    publisher.flush(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(stats.delivered.load(Relaxed), 100);
+
+    cluster.broker_down(1).unwrap();
+    let batch = |from: u64| -> Vec<Record> {
+        (from..from + 250)
+            .map(|i| Record {
+                key: Bytes::from(format!("consumer-{}", i % 7)),
+                payload: Bytes::from(format!("{i}")),
+            })
+            .collect()
+    };
+    for i in 0..4 {
+        publisher.publish(batch(100 + i * 250)).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats.requeued.load(Relaxed) < 1000 {
+        assert!(
+            Instant::now() < deadline,
+            "deliveries to a downed cluster never failed ({} requeued)",
+            stats.requeued.load(Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        publisher.backlog(),
+        1000,
+        "failed records stay in the backlog"
+    );
+    assert!(
+        publisher.flush(Duration::from_millis(200)).await.is_err(),
+        "flush cannot succeed while records are undelivered"
+    );
+    cluster.broker_up(1).unwrap();
+    publisher.flush(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(publisher.backlog(), 0);
+    assert_eq!(stats.delivered.load(Relaxed), 1100);
+    assert_eq!(stats.backlog.load(Relaxed), 0);
+
+    let mut sub = bus.subscribe("requeue-check").await.unwrap();
+    let mut changes = Vec::new();
+    let got = drain(&mut *sub, 1100, &mut changes).await;
+    let mut seen: Vec<u64> = got
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).parse().unwrap())
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (0..1100).collect::<Vec<u64>>(),
+        "every record exactly once"
+    );
+    for m in &got {
+        let i: u64 = String::from_utf8_lossy(&m.payload).parse().unwrap();
+        assert_eq!(
+            m.key,
+            format!("consumer-{}", i % 7),
+            "a requeued record keeps its key"
+        );
+    }
+}

@@ -17,7 +17,7 @@ use rdkafka::message::Message as _;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::KafkaConfig;
-use super::producer::{Delivery, PolledProducer};
+use super::producer::{Batch, PolledProducer};
 use crate::metrics::DeliveryStats;
 use crate::{AssignmentChange, Bus, BusError, Checkpoint, Message, Publisher, Record, Subscriber};
 
@@ -191,75 +191,93 @@ impl KafkaPublisher {
         }
     }
 
-    /// Queues one record in librdkafka, waiting while its queue is full.
-    async fn enqueue(&self, r: &Record) -> Result<Delivery, BusError> {
-        loop {
-            match self.producer.send(&self.topic, &r.key, &r.payload) {
-                Ok(delivery) => return Ok(delivery),
-                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+    /// Queues `records` in librdkafka in order, their reports counted by `batch` (not yet
+    /// sealed), waiting while its queue is full. Stops at the first record librdkafka refuses
+    /// and returns how many were queued before it, with the refusal.
+    async fn enqueue(&self, batch: &Arc<Batch>, records: &[Record]) -> (usize, Option<BusError>) {
+        for (i, r) in records.iter().enumerate() {
+            loop {
+                match self.producer.send(&self.topic, r, batch) {
+                    Ok(()) => break,
+                    Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(e) => return (i, Some(broker_err(e))),
                 }
-                Err(e) => return Err(broker_err(e)),
             }
+        }
+        (records.len(), None)
+    }
+
+    /// `n` records left the backlog: delivered, or dropped.
+    fn settle(&self, n: u64, delivered: bool) {
+        if n == 0 {
+            return;
+        }
+        if delivered {
+            self.stats.delivered.fetch_add(n, Ordering::Relaxed);
+        }
+        self.stats.backlog.fetch_sub(n, Ordering::Relaxed);
+        self.in_flight.send_modify(|v| *v -= n);
+    }
+
+    /// Waits for a batch's reports and queues its failed records again (with a growing pause
+    /// between rounds) until every record is delivered or refused by librdkafka itself.
+    async fn deliver(self, mut batch: Arc<Batch>, mut queued: usize) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let failed = batch.settled().await;
+            self.settle((queued - failed.len()) as u64, true);
+            let Some((_, e)) = failed.first() else {
+                return;
+            };
+            tracing::warn!(records = failed.len(), error = %e, "Kafka delivery failed; queueing the records again");
+            self.stats
+                .requeued
+                .fetch_add(failed.len() as u64, Ordering::Relaxed);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            let records: Vec<Record> = failed.into_iter().map(|(r, _)| r).collect();
+            batch = Batch::new();
+            queued = 0;
+            let mut rest = &records[..];
+            while !rest.is_empty() {
+                let (n, refused) = self.enqueue(&batch, rest).await;
+                queued += n;
+                rest = &rest[n..];
+                if let Some(e) = refused {
+                    tracing::error!(error = %e, "Kafka record cannot be queued; dropped");
+                    self.settle(1, false);
+                    rest = &rest[1..];
+                }
+            }
+            batch.seal();
         }
     }
 }
 
 #[async_trait]
 impl Publisher for KafkaPublisher {
+    /// Queues the batch and returns; a task awaits its delivery (`deliver`). A record
+    /// librdkafka refuses fails the call; the records queued before it are delivered all the
+    /// same.
     async fn publish(&self, records: Vec<Record>) -> Result<(), BusError> {
-        let mut pending = Vec::with_capacity(records.len());
-        for r in &records {
-            pending.push(self.enqueue(r).await?);
+        let batch = Batch::new();
+        let (queued, refused) = self.enqueue(&batch, &records).await;
+        batch.seal();
+        if queued > 0 {
+            let n = queued as u64;
+            self.in_flight.send_modify(|v| *v += n);
+            self.stats.backlog.fetch_add(n, Ordering::Relaxed);
+            let publisher = KafkaPublisher {
+                producer: self.producer.clone(),
+                topic: self.topic.clone(),
+                in_flight: self.in_flight.clone(),
+                stats: self.stats.clone(),
+            };
+            tokio::spawn(publisher.deliver(batch, queued));
         }
-        let n = records.len() as u64;
-        self.in_flight.send_modify(|v| *v += n);
-        self.stats.backlog.fetch_add(n, Ordering::Relaxed);
-        let retry = KafkaPublisher {
-            producer: self.producer.clone(),
-            topic: self.topic.clone(),
-            in_flight: self.in_flight.clone(),
-            stats: self.stats.clone(),
-        };
-        tokio::spawn(async move {
-            let mut todo: Vec<(Record, Delivery)> = records.into_iter().zip(pending).collect();
-            let mut backoff = Duration::from_millis(100);
-            while !todo.is_empty() {
-                let mut failed = Vec::new();
-                for (record, delivery) in todo {
-                    match delivery.await {
-                        Ok(Ok(())) => {
-                            retry.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                            retry.stats.backlog.fetch_sub(1, Ordering::Relaxed);
-                            retry.in_flight.send_modify(|v| *v -= 1);
-                        }
-                        Ok(Err(e)) => failed.push((record, e)),
-                        Err(_) => failed.push((record, "producer closed".into())),
-                    }
-                }
-                if let Some((_, e)) = failed.first() {
-                    tracing::warn!(records = failed.len(), error = %e, "Kafka delivery failed; queueing the records again");
-                    retry
-                        .stats
-                        .requeued
-                        .fetch_add(failed.len() as u64, Ordering::Relaxed);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                todo = Vec::with_capacity(failed.len());
-                for (record, _) in failed {
-                    match retry.enqueue(&record).await {
-                        Ok(d) => todo.push((record, d)),
-                        Err(e) => {
-                            tracing::error!(error = %e, "Kafka record cannot be queued; dropped");
-                            retry.stats.backlog.fetch_sub(1, Ordering::Relaxed);
-                            retry.in_flight.send_modify(|v| *v -= 1);
-                        }
-                    }
-                }
-            }
-        });
-        Ok(())
+        refused.map_or(Ok(()), Err)
     }
 
     fn backlog(&self) -> u64 {
