@@ -92,8 +92,8 @@ impl KafkaBus {
                 ("queue.buffering.max.messages", "2000000".into()),
             ],
         );
-        let producer = PolledProducer::create(&config).map_err(broker_err)?;
-        Ok(Arc::new(KafkaPublisher::new(producer, topic)))
+        let producer = PolledProducer::create(&config, &topic).map_err(broker_err)?;
+        Ok(Arc::new(KafkaPublisher::new(producer)))
     }
 }
 
@@ -169,44 +169,52 @@ impl Bus for KafkaBus {
 /// compressed.
 ///
 /// `publish` returns once the records are queued in librdkafka (in order, so per-key order is
-/// kept); deliveries are awaited by a background task. A record whose delivery fails (the
-/// brokers were unreachable for longer than `message.timeout.ms`) is queued again, so an outage
-/// costs memory, not events; a full librdkafka queue makes `publish` wait, and the gateway's own
-/// bounded queue then drops and counts. `flush` waits until every queued record is delivered.
+/// kept); deliveries are awaited by a background task, one per batch. A record whose delivery
+/// fails (the brokers were unreachable for longer than `message.timeout.ms`) is queued again,
+/// so an outage costs memory, not events; a full librdkafka queue makes `publish` wait, and the
+/// gateway's own bounded queue then drops and counts. `flush` waits until every queued record is delivered.
 pub struct KafkaPublisher {
     producer: PolledProducer,
-    topic: String,
     /// Records queued and not yet delivered.
     in_flight: Arc<tokio::sync::watch::Sender<u64>>,
     stats: Arc<DeliveryStats>,
 }
 
 impl KafkaPublisher {
-    fn new(producer: PolledProducer, topic: String) -> KafkaPublisher {
+    fn new(producer: PolledProducer) -> KafkaPublisher {
         KafkaPublisher {
             producer,
-            topic,
             in_flight: Arc::new(tokio::sync::watch::channel(0).0),
             stats: Arc::new(DeliveryStats::default()),
         }
     }
 
     /// Queues `records` in librdkafka in order, their reports counted by `batch` (not yet
-    /// sealed), waiting while its queue is full. Stops at the first record librdkafka refuses
-    /// and returns how many were queued before it, with the refusal.
-    async fn enqueue(&self, batch: &Arc<Batch>, records: &[Record]) -> (usize, Option<BusError>) {
-        for (i, r) in records.iter().enumerate() {
-            loop {
-                match self.producer.send(&self.topic, r, batch) {
-                    Ok(()) => break,
-                    Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err(e) => return (i, Some(broker_err(e))),
+    /// sealed), waiting while its queue is full. Returns the records refused for any other
+    /// reason (their index and the error); every other record is queued.
+    async fn enqueue(&self, batch: &Arc<Batch>, records: &[Record]) -> Vec<(usize, BusError)> {
+        let mut refused = Vec::new();
+        let mut from = 0;
+        while from < records.len() {
+            let mut full_at = None;
+            for (i, code) in self.producer.send_batch(&records[from..], batch) {
+                if code == RDKafkaErrorCode::QueueFull {
+                    // This record and every one after it: librdkafka refuses the rest of a
+                    // batch once its queue is full.
+                    full_at = Some(from + i);
+                    break;
                 }
+                refused.push((from + i, broker_err(KafkaError::MessageProduction(code))));
+            }
+            match full_at {
+                Some(at) => {
+                    from = at;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                None => break,
             }
         }
-        (records.len(), None)
+        refused
     }
 
     /// `n` records left the backlog: delivered, or dropped.
@@ -239,45 +247,43 @@ impl KafkaPublisher {
             backoff = (backoff * 2).min(Duration::from_secs(5));
             let records: Vec<Record> = failed.into_iter().map(|(r, _)| r).collect();
             batch = Batch::new();
-            queued = 0;
-            let mut rest = &records[..];
-            while !rest.is_empty() {
-                let (n, refused) = self.enqueue(&batch, rest).await;
-                queued += n;
-                rest = &rest[n..];
-                if let Some(e) = refused {
-                    tracing::error!(error = %e, "Kafka record cannot be queued; dropped");
-                    self.settle(1, false);
-                    rest = &rest[1..];
-                }
-            }
+            let refused = self.enqueue(&batch, &records).await;
             batch.seal();
+            if let Some((_, e)) = refused.first() {
+                tracing::error!(records = refused.len(), error = %e, "Kafka records cannot be queued; dropped");
+                self.settle(refused.len() as u64, false);
+            }
+            queued = records.len() - refused.len();
         }
     }
 }
 
 #[async_trait]
 impl Publisher for KafkaPublisher {
-    /// Queues the batch and returns; a task awaits its delivery (`deliver`). A record
-    /// librdkafka refuses fails the call; the records queued before it are delivered all the
-    /// same.
+    /// Queues the batch and returns; a task awaits its delivery (`deliver`). When librdkafka
+    /// refuses every record the call fails (and may be retried without doubling any); records
+    /// it refuses beside others that it queues are queued again with the failed deliveries.
     async fn publish(&self, records: Vec<Record>) -> Result<(), BusError> {
         let batch = Batch::new();
-        let (queued, refused) = self.enqueue(&batch, &records).await;
-        batch.seal();
-        if queued > 0 {
-            let n = queued as u64;
-            self.in_flight.send_modify(|v| *v += n);
-            self.stats.backlog.fetch_add(n, Ordering::Relaxed);
-            let publisher = KafkaPublisher {
-                producer: self.producer.clone(),
-                topic: self.topic.clone(),
-                in_flight: self.in_flight.clone(),
-                stats: self.stats.clone(),
-            };
-            tokio::spawn(publisher.deliver(batch, queued));
+        let mut refused = self.enqueue(&batch, &records).await;
+        if refused.len() == records.len() {
+            batch.seal();
+            return refused.drain(..).next().map_or(Ok(()), |(_, e)| Err(e));
         }
-        refused.map_or(Ok(()), Err)
+        for (i, e) in refused {
+            batch.fail(records[i].clone(), e.to_string());
+        }
+        batch.seal();
+        let n = records.len() as u64;
+        self.in_flight.send_modify(|v| *v += n);
+        self.stats.backlog.fetch_add(n, Ordering::Relaxed);
+        let publisher = KafkaPublisher {
+            producer: self.producer.clone(),
+            in_flight: self.in_flight.clone(),
+            stats: self.stats.clone(),
+        };
+        tokio::spawn(publisher.deliver(batch, records.len()));
+        Ok(())
     }
 
     fn backlog(&self) -> u64 {

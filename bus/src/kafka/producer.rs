@@ -19,9 +19,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
+use rdkafka::util::IntoOpaque;
 use tokio::sync::Notify;
 
 use crate::Record;
@@ -65,6 +66,17 @@ impl Batch {
             self.settled.notified().await;
         }
         std::mem::take(&mut *self.failed.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Counts a record librdkafka refused to queue as one whose delivery failed, so that it
+    /// is queued again with the others (the record counts in `left` until then).
+    pub(super) fn fail(&self, record: Record, reason: String) {
+        self.left.fetch_add(1, Ordering::Relaxed);
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((record, reason));
+        self.count_off();
     }
 
     fn count_off(&self) {
@@ -129,9 +141,34 @@ impl Drop for MainQueue {
     }
 }
 
+/// librdkafka's handle on the one topic a producer writes to, taken once: producing by name
+/// looks the topic up (a lock and a string comparison) for every record.
+struct TopicHandle(*mut rdkafka::bindings::rd_kafka_topic_t);
+
+// SAFETY: librdkafka's topic handles may be used from any thread (`rd_kafka_produce_batch`
+// takes the topic's own lock).
+#[allow(unsafe_code)]
+unsafe impl Send for TopicHandle {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl Sync for TopicHandle {}
+
+impl Drop for TopicHandle {
+    fn drop(&mut self) {
+        // SAFETY: the handle was obtained with `rd_kafka_topic_new` and is destroyed once,
+        // before the client it belongs to (`Inner`'s field order).
+        #[allow(unsafe_code)]
+        unsafe {
+            rdkafka::bindings::rd_kafka_topic_destroy(self.0)
+        }
+    }
+}
+
 struct Inner {
     /// Declared first: dropped before the producer's client, whose queues must be gone first.
     queue: MainQueue,
+    /// Dropped before the producer's client too.
+    topic: TopicHandle,
     producer: BaseProducer<Deliveries>,
     /// The end librdkafka writes to; open for as long as it may write (see `Drop`).
     _wake: std::os::unix::net::UnixStream,
@@ -167,9 +204,28 @@ pub(super) struct PolledProducer {
 }
 
 impl PolledProducer {
-    /// Creates the producer; must be called within a tokio runtime, which serves its queue.
-    pub(super) fn create(config: &ClientConfig) -> Result<PolledProducer, KafkaError> {
+    /// Creates the producer of `topic`; must be called within a tokio runtime, which serves
+    /// its queue.
+    pub(super) fn create(config: &ClientConfig, topic: &str) -> Result<PolledProducer, KafkaError> {
         let producer: BaseProducer<Deliveries> = config.create_with_context(Deliveries)?;
+        let name = std::ffi::CString::new(topic)
+            .map_err(|_| KafkaError::ClientCreation(format!("topic name `{topic}`")))?;
+        // SAFETY: the client pointer is live (owned by `producer`); a null configuration takes
+        // the defaults; the handle is destroyed by `TopicHandle::drop`.
+        #[allow(unsafe_code)]
+        let topic = TopicHandle(unsafe {
+            rdkafka::bindings::rd_kafka_topic_new(
+                producer.client().native_ptr(),
+                name.as_ptr(),
+                std::ptr::null_mut(),
+            )
+        });
+        if topic.0.is_null() {
+            return Err(KafkaError::ClientCreation(format!(
+                "cannot open topic `{}`",
+                name.to_string_lossy()
+            )));
+        }
         let (wake, woken) = std::os::unix::net::UnixStream::pair()
             .and_then(|(a, b)| {
                 a.set_nonblocking(true)?;
@@ -197,6 +253,7 @@ impl PolledProducer {
         };
         let inner = Arc::new(Inner {
             queue,
+            topic,
             producer,
             _wake: wake,
         });
@@ -207,22 +264,81 @@ impl PolledProducer {
         })
     }
 
-    /// Queues a record whose delivery report `batch` counts (a batch not yet sealed). `Err`
-    /// with the record not queued (a full queue among the reasons: try again later).
-    pub(super) fn send(
+    /// Queues `records` in order, each record's delivery report counted by `batch` (not yet
+    /// sealed), with one `rd_kafka_produce_batch` call: one lock of the topic and one clock
+    /// read for all of them, where producing record by record took both per record. Returns
+    /// the records librdkafka refused (index and reason), in order; once its queue is full it
+    /// refuses every record after (`QueueFull`: try those again later).
+    pub(super) fn send_batch(
         &self,
-        topic: &str,
-        record: &Record,
+        records: &[Record],
         batch: &Arc<Batch>,
-    ) -> Result<(), KafkaError> {
-        batch.left.fetch_add(1, Ordering::Relaxed);
-        let queued = BaseRecord::with_opaque_to(topic, batch.clone())
-            .key(&record.key[..])
-            .payload(&record.payload[..]);
-        self.inner.producer.send(queued).map_err(|(e, _)| {
-            batch.count_off();
-            e
-        })
+    ) -> Vec<(usize, RDKafkaErrorCode)> {
+        use rdkafka::bindings as rd;
+        fn bytes(b: &[u8]) -> (*mut std::ffi::c_void, usize) {
+            match b.is_empty() {
+                true => (std::ptr::null_mut(), 0),
+                false => (b.as_ptr().cast_mut().cast(), b.len()),
+            }
+        }
+        if records.is_empty() {
+            return Vec::new();
+        }
+        batch.left.fetch_add(records.len(), Ordering::Relaxed);
+        let mut messages: Vec<rd::rd_kafka_message_t> = records
+            .iter()
+            .map(|r| {
+                let (payload, len) = bytes(&r.payload);
+                let (key, key_len) = bytes(&r.key);
+                rd::rd_kafka_message_t {
+                    err: rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR,
+                    rkt: std::ptr::null_mut(),
+                    partition: -1, // RD_KAFKA_PARTITION_UA: the partitioner picks by key
+                    payload,
+                    len,
+                    key,
+                    key_len,
+                    offset: 0,
+                    _private: IntoOpaque::into_ptr(batch.clone()),
+                }
+            })
+            .collect();
+        let count = std::ffi::c_int::try_from(messages.len()).unwrap_or(std::ffi::c_int::MAX);
+        // SAFETY: the topic handle is live (owned by `self.inner`); `messages` holds `count`
+        // initialised entries whose key and payload point into `records`, alive for the call;
+        // with `RD_KAFKA_MSG_F_COPY` librdkafka copies them before returning. Each entry's
+        // `_private` is an `Arc` reference that librdkafka hands back with the record's
+        // delivery report (`Deliveries::delivery`) or, for a refused record, is released below.
+        #[allow(unsafe_code)]
+        let queued = unsafe {
+            rd::rd_kafka_produce_batch(
+                self.inner.topic.0,
+                -1,
+                rd::RD_KAFKA_MSG_F_COPY,
+                messages.as_mut_ptr(),
+                count,
+            )
+        };
+        let mut refused = Vec::new();
+        if usize::try_from(queued).ok() != Some(messages.len()) {
+            for (i, m) in messages.iter().enumerate() {
+                if i >= count as usize
+                    || m.err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                {
+                    // SAFETY: librdkafka did not take this record, so it holds no reference
+                    // to `_private`, made by `into_ptr` above and released once here.
+                    #[allow(unsafe_code)]
+                    drop(unsafe { <Arc<Batch> as IntoOpaque>::from_ptr(m._private) });
+                    batch.count_off();
+                    let code = match i >= count as usize {
+                        true => RDKafkaErrorCode::QueueFull,
+                        false => RDKafkaErrorCode::from(m.err),
+                    };
+                    refused.push((i, code));
+                }
+            }
+        }
+        refused
     }
 
     /// Whether the brokers answer for `topic`'s metadata within `timeout` (blocks).
