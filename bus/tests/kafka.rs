@@ -383,3 +383,52 @@ async fn a_full_producer_queue_delays_the_rest_of_a_batch_in_order() {
         "every record exactly once"
     );
 }
+
+/// A record librdkafka refuses to queue (larger than `message.max.bytes`) among others: the
+/// others are delivered, the refused one is tried once more and then dropped and counted out
+/// of the backlog, and the publish succeeds (a retry of it would queue the others twice). A
+/// batch refused whole fails the publish, with nothing queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_record_neither_fails_its_batch_nor_stays_in_the_backlog() {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic("refusals", 2, 1).unwrap();
+    let config = BusConfig::Kafka(KafkaConfig {
+        brokers: cluster.bootstrap_servers(),
+        topic: "refusals".into(),
+        partitions: 2,
+        replication_factor: 1,
+        create_topics: false,
+        compression: "none".into(),
+        linger_ms: 5,
+        properties: [("message.max.bytes".to_string(), "1000".to_string())].into(),
+    });
+    let bus = config.open().await.unwrap();
+    let publisher = bus.publisher().unwrap();
+    let stats = bus.delivery_stats().unwrap();
+    let mut batch = records(10);
+    batch[4].payload = Bytes::from(vec![b'x'; 4000]);
+    publisher.publish(batch).await.unwrap();
+    publisher.flush(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(stats.delivered.load(Relaxed), 9);
+    assert_eq!(stats.requeued.load(Relaxed), 1);
+    assert_eq!(stats.backlog.load(Relaxed), 0);
+    assert_eq!(publisher.backlog(), 0);
+
+    let whole = vec![Record {
+        key: Bytes::from_static(b"consumer-0"),
+        payload: Bytes::from(vec![b'x'; 4000]),
+    }];
+    assert!(publisher.publish(whole).await.is_err());
+    assert_eq!(publisher.backlog(), 0);
+
+    let mut sub = bus.subscribe("refusals-check").await.unwrap();
+    let got = drain(&mut *sub, 9, &mut Vec::new()).await;
+    let mut seen: Vec<u64> = got
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).parse().unwrap())
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, vec![0, 1, 2, 3, 5, 6, 7, 8, 9]);
+}

@@ -34,7 +34,8 @@ use crate::Record;
 /// back out of the report (librdkafka keeps its own copy of every record until its report, so
 /// the batch holds none). One wake-up per batch, when its last report arrives: a record of its
 /// own channel, task wake-up and backlog update cost the gateway's runtime thread 0.8–0.9 µs
-/// per event, counting by batch 0.55 (BENCHMARKS.md, "The gateway's Kafka producer").
+/// per event, counting by batch 0.55, and queueing the batch in one call 0.39 (BENCHMARKS.md,
+/// "The gateway's Kafka producer").
 #[derive(Default)]
 pub(super) struct Batch {
     /// Records queued whose report has not arrived, plus one while records are still being
@@ -68,15 +69,13 @@ impl Batch {
         std::mem::take(&mut *self.failed.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Counts a record librdkafka refused to queue as one whose delivery failed, so that it
-    /// is queued again with the others (the record counts in `left` until then).
+    /// Adds a record librdkafka refused to queue to the failed ones, so that it is queued
+    /// again with them. Only before the batch is sealed: `settled` takes the list after.
     pub(super) fn fail(&self, record: Record, reason: String) {
-        self.left.fetch_add(1, Ordering::Relaxed);
         self.failed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((record, reason));
-        self.count_off();
     }
 
     fn count_off(&self) {
