@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tollgate_bus::{
-    AssignmentChange, BusConfig, Checkpoint, KafkaConfig, Message, Record, Subscriber,
+    AssignmentChange, Bus, BusConfig, Checkpoint, KafkaConfig, Message, Record, Subscriber,
 };
 
 fn config(broker: &tollgate_testkit::Broker, topic: &str) -> BusConfig {
@@ -29,12 +29,47 @@ fn config(broker: &tollgate_testkit::Broker, topic: &str) -> BusConfig {
 }
 
 fn records(n: usize) -> Vec<Record> {
-    (0..n)
+    records_from(0, n)
+}
+
+/// Records numbered `from` to `from + n - 1` (the payload), keyed by one of seven consumers.
+fn records_from(from: usize, n: usize) -> Vec<Record> {
+    (from..from + n)
         .map(|i| Record {
             key: Bytes::from(format!("consumer-{}", i % 7)),
             payload: Bytes::from(format!("{i}")),
         })
         .collect()
+}
+
+/// librdkafka's in-process mock cluster of `brokers` brokers holding `topic` (`partitions`,
+/// each on every broker), and a bus on it with librdkafka `properties` of the test's own. The
+/// cluster must outlive the bus.
+fn mock_cluster(
+    brokers: i32,
+    topic: &str,
+    partitions: i32,
+    properties: &[(&str, &str)],
+) -> (
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    BusConfig,
+) {
+    let cluster = rdkafka::mocking::MockCluster::new(brokers).unwrap();
+    cluster.create_topic(topic, partitions, brokers).unwrap();
+    let config = BusConfig::Kafka(KafkaConfig {
+        brokers: cluster.bootstrap_servers(),
+        topic: topic.into(),
+        partitions,
+        replication_factor: brokers,
+        create_topics: false,
+        compression: "lz4".into(),
+        linger_ms: 5,
+        properties: properties
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    });
+    (cluster, config)
 }
 
 /// Polls until `n` messages arrived (assignment changes are collected too).
@@ -56,6 +91,19 @@ async fn drain(
     }
     changes.extend(sub.take_changes());
     out
+}
+
+/// Reads `n` records as a new consumer group `group`: the messages, and their payloads'
+/// numbers in ascending order.
+async fn read_numbers(bus: &dyn Bus, group: &str, n: usize) -> (Vec<Message>, Vec<u64>) {
+    let mut sub = bus.subscribe(group).await.unwrap();
+    let got = drain(&mut *sub, n, &mut Vec::new()).await;
+    let mut numbers: Vec<u64> = got
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).parse().unwrap())
+        .collect();
+    numbers.sort_unstable();
+    (got, numbers)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,18 +221,7 @@ async fn broker_outage_and_leader_loss_lose_nothing() {
     use tollgate_bus::Publisher;
     use tollgate_bus::spool::{SpoolConfig, SpoolingPublisher};
 
-    let cluster = rdkafka::mocking::MockCluster::new(3).unwrap();
-    cluster.create_topic("faults", 4, 3).unwrap();
-    let config = BusConfig::Kafka(KafkaConfig {
-        brokers: cluster.bootstrap_servers(),
-        topic: "faults".into(),
-        partitions: 4,
-        replication_factor: 3,
-        create_topics: false,
-        compression: "lz4".into(),
-        linger_ms: 5,
-        properties: [("message.timeout.ms".to_string(), "3000".to_string())].into(),
-    });
+    let (cluster, config) = mock_cluster(3, "faults", 4, &[("message.timeout.ms", "3000")]);
     let bus = config.open().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spool = SpoolingPublisher::open(
@@ -197,14 +234,7 @@ async fn broker_outage_and_leader_loss_lose_nothing() {
     )
     .unwrap();
     let stats = spool.stats();
-    let batch = |from: usize| -> Vec<Record> {
-        (from..from + 100)
-            .map(|i| Record {
-                key: Bytes::from(format!("consumer-{}", i % 7)),
-                payload: Bytes::from(format!("{i}")),
-            })
-            .collect()
-    };
+    let batch = |from: usize| records_from(from, 100);
     spool.publish(batch(0)).await.unwrap();
     spool.flush(Duration::from_secs(30)).await.unwrap();
 
@@ -235,14 +265,7 @@ async fn broker_outage_and_leader_loss_lose_nothing() {
         stats.replayed.load(std::sync::atomic::Ordering::Relaxed)
     );
 
-    let mut sub = bus.subscribe("faults-check").await.unwrap();
-    let mut changes = Vec::new();
-    let got = drain(&mut *sub, 1500, &mut changes).await;
-    let mut seen: Vec<u64> = got
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.payload).parse().unwrap())
-        .collect();
-    seen.sort_unstable();
+    let (_, seen) = read_numbers(&*bus, "faults-check", 1500).await;
     assert_eq!(
         seen,
         (0..1500).collect::<Vec<u64>>(),
@@ -258,18 +281,7 @@ async fn broker_outage_and_leader_loss_lose_nothing() {
 async fn failed_deliveries_are_queued_again_until_they_land() {
     use std::sync::atomic::Ordering::Relaxed;
 
-    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-    cluster.create_topic("requeue", 4, 1).unwrap();
-    let config = BusConfig::Kafka(KafkaConfig {
-        brokers: cluster.bootstrap_servers(),
-        topic: "requeue".into(),
-        partitions: 4,
-        replication_factor: 1,
-        create_topics: false,
-        compression: "lz4".into(),
-        linger_ms: 5,
-        properties: [("message.timeout.ms".to_string(), "500".to_string())].into(),
-    });
+    let (cluster, config) = mock_cluster(1, "requeue", 4, &[("message.timeout.ms", "500")]);
     let bus = config.open().await.unwrap();
     let publisher = bus.publisher().unwrap();
     let stats = bus
@@ -280,14 +292,7 @@ async fn failed_deliveries_are_queued_again_until_they_land() {
     assert_eq!(stats.delivered.load(Relaxed), 100);
 
     cluster.broker_down(1).unwrap();
-    let batch = |from: u64| -> Vec<Record> {
-        (from..from + 250)
-            .map(|i| Record {
-                key: Bytes::from(format!("consumer-{}", i % 7)),
-                payload: Bytes::from(format!("{i}")),
-            })
-            .collect()
-    };
+    let batch = |from: usize| records_from(from, 250);
     for i in 0..4 {
         publisher.publish(batch(100 + i * 250)).await.unwrap();
     }
@@ -315,14 +320,7 @@ async fn failed_deliveries_are_queued_again_until_they_land() {
     assert_eq!(stats.delivered.load(Relaxed), 1100);
     assert_eq!(stats.backlog.load(Relaxed), 0);
 
-    let mut sub = bus.subscribe("requeue-check").await.unwrap();
-    let mut changes = Vec::new();
-    let got = drain(&mut *sub, 1100, &mut changes).await;
-    let mut seen: Vec<u64> = got
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.payload).parse().unwrap())
-        .collect();
-    seen.sort_unstable();
+    let (got, seen) = read_numbers(&*bus, "requeue-check", 1100).await;
     assert_eq!(
         seen,
         (0..1100).collect::<Vec<u64>>(),
@@ -343,18 +341,12 @@ async fn failed_deliveries_are_queued_again_until_they_land() {
 /// key's records stay in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_producer_queue_delays_the_rest_of_a_batch_in_order() {
-    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-    cluster.create_topic("small-queue", 4, 1).unwrap();
-    let config = BusConfig::Kafka(KafkaConfig {
-        brokers: cluster.bootstrap_servers(),
-        topic: "small-queue".into(),
-        partitions: 4,
-        replication_factor: 1,
-        create_topics: false,
-        compression: "lz4".into(),
-        linger_ms: 5,
-        properties: [("queue.buffering.max.messages".to_string(), "64".to_string())].into(),
-    });
+    let (_cluster, config) = mock_cluster(
+        1,
+        "small-queue",
+        4,
+        &[("queue.buffering.max.messages", "64")],
+    );
     let bus = config.open().await.unwrap();
     let publisher = bus.publisher().unwrap();
     publisher.publish(records(3000)).await.unwrap();
@@ -365,8 +357,7 @@ async fn a_full_producer_queue_delays_the_rest_of_a_batch_in_order() {
         3000
     );
 
-    let mut sub = bus.subscribe("small-queue-check").await.unwrap();
-    let got = drain(&mut *sub, 3000, &mut Vec::new()).await;
+    let (got, seen) = read_numbers(&*bus, "small-queue-check", 3000).await;
     let mut by_key: BTreeMap<Bytes, Vec<u64>> = BTreeMap::new();
     for m in &got {
         let i: u64 = String::from_utf8_lossy(&m.payload).parse().unwrap();
@@ -375,8 +366,6 @@ async fn a_full_producer_queue_delays_the_rest_of_a_batch_in_order() {
     for (key, seq) in &by_key {
         assert!(seq.windows(2).all(|w| w[0] < w[1]), "{key:?} out of order");
     }
-    let mut seen: Vec<u64> = by_key.into_values().flatten().collect();
-    seen.sort_unstable();
     assert_eq!(
         seen,
         (0..3000).collect::<Vec<u64>>(),
@@ -392,18 +381,7 @@ async fn a_full_producer_queue_delays_the_rest_of_a_batch_in_order() {
 async fn a_refused_record_neither_fails_its_batch_nor_stays_in_the_backlog() {
     use std::sync::atomic::Ordering::Relaxed;
 
-    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-    cluster.create_topic("refusals", 2, 1).unwrap();
-    let config = BusConfig::Kafka(KafkaConfig {
-        brokers: cluster.bootstrap_servers(),
-        topic: "refusals".into(),
-        partitions: 2,
-        replication_factor: 1,
-        create_topics: false,
-        compression: "none".into(),
-        linger_ms: 5,
-        properties: [("message.max.bytes".to_string(), "1000".to_string())].into(),
-    });
+    let (_cluster, config) = mock_cluster(1, "refusals", 2, &[("message.max.bytes", "1000")]);
     let bus = config.open().await.unwrap();
     let publisher = bus.publisher().unwrap();
     let stats = bus.delivery_stats().unwrap();
@@ -423,12 +401,6 @@ async fn a_refused_record_neither_fails_its_batch_nor_stays_in_the_backlog() {
     assert!(publisher.publish(whole).await.is_err());
     assert_eq!(publisher.backlog(), 0);
 
-    let mut sub = bus.subscribe("refusals-check").await.unwrap();
-    let got = drain(&mut *sub, 9, &mut Vec::new()).await;
-    let mut seen: Vec<u64> = got
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.payload).parse().unwrap())
-        .collect();
-    seen.sort_unstable();
+    let (_, seen) = read_numbers(&*bus, "refusals-check", 9).await;
     assert_eq!(seen, vec![0, 1, 2, 3, 5, 6, 7, 8, 9]);
 }
