@@ -153,12 +153,13 @@ impl ParquetStore {
         self.inner.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The state, to change it. Counted once the lock is held, so a reader that sees the new
-    /// count queries after the change.
+    /// The quota's running tally, locked (taken before `state` when both are).
     fn running(&self) -> std::sync::MutexGuard<'_, Option<tally::Running>> {
         self.inner.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The state, to change it. Counted once the lock is held, so a reader that sees the new
+    /// count queries after the change.
     fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         let state = self.inner.state.write().unwrap_or_else(|p| p.into_inner());
         self.inner
