@@ -172,7 +172,8 @@ impl Bus for KafkaBus {
 /// kept); deliveries are awaited by a background task, one per batch. A record whose delivery
 /// fails (the brokers were unreachable for longer than `message.timeout.ms`) is queued again,
 /// so an outage costs memory, not events; a full librdkafka queue makes `publish` wait, and the
-/// gateway's own bounded queue then drops and counts. `flush` waits until every queued record is delivered.
+/// gateway's own bounded queue then drops and counts. `flush` waits until every queued record
+/// is delivered.
 pub struct KafkaPublisher {
     producer: PolledProducer,
     /// Records queued and not yet delivered.
