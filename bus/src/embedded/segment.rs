@@ -157,7 +157,7 @@ pub fn recover(path: &Path, base: u64) -> io::Result<Recovered> {
 /// them: the kernel copies the bytes once, into the chunk, and a frame's key and payload share
 /// the chunk's one allocation. Reading each frame into a buffer of its own (through a
 /// `BufReader`) cost a zeroed allocation, a second copy and a reference count made on first
-/// clone per frame: about a tenth of ingest's CPU (BENCHMARKS.md, fifteenth round).
+/// clone per frame: 15 % of ingest's CPU per event (BENCHMARKS.md, fifteenth round).
 pub struct SegmentReader {
     pub base: u64,
     file: File,
