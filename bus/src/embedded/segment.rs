@@ -55,31 +55,48 @@ pub fn read_frame<R: Read>(r: &mut R) -> io::Result<Option<Frame>> {
     if !read_full(r, &mut header)? {
         return Ok(None);
     }
+    let Some(len) = body_len(&header) else {
+        return Ok(None);
+    };
+    // One allocation per frame: the key and the payload are views of it.
+    let mut frame = vec![0u8; HEADER + len];
+    frame[..HEADER].copy_from_slice(&header);
+    if !read_full(r, &mut frame[HEADER..])? || !intact(&frame) {
+        return Ok(None);
+    }
+    Ok(Some(view(bytes::Bytes::from(frame))))
+}
+
+/// The body length a frame's header announces, when a frame may have it.
+fn body_len(header: &[u8]) -> Option<usize> {
     let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
-    let crc = u32::from_le_bytes(header[4..].try_into().unwrap());
-    if !(BODY_FIXED..=MAX_FRAME).contains(&len) {
-        return Ok(None);
-    }
-    let mut body = vec![0u8; len];
-    if !read_full(r, &mut body)? || crc32fast::hash(&body) != crc {
-        return Ok(None);
-    }
-    let offset = u64::from_le_bytes(body[..8].try_into().unwrap());
+    (BODY_FIXED..=MAX_FRAME).contains(&len).then_some(len)
+}
+
+/// Whether a whole frame (header and the body it announces) checks out: its checksum, and a
+/// key that fits its body.
+fn intact(frame: &[u8]) -> bool {
+    let crc = u32::from_le_bytes(frame[4..HEADER].try_into().unwrap());
+    let body = &frame[HEADER..];
     let key_len = u16::from_le_bytes(body[8..10].try_into().unwrap()) as usize;
-    if BODY_FIXED + key_len > len {
-        return Ok(None);
+    crc32fast::hash(body) == crc && BODY_FIXED + key_len <= body.len()
+}
+
+/// A whole frame's parts, as views of its bytes (`intact` said it checks out).
+fn view(frame: bytes::Bytes) -> Frame {
+    let key_len = u16::from_le_bytes(frame[HEADER + 8..HEADER + 10].try_into().unwrap());
+    let key_end = HEADER + BODY_FIXED + key_len as usize;
+    Frame {
+        offset: offset_of(&frame),
+        key: frame.slice(HEADER + BODY_FIXED..key_end),
+        payload: frame.slice(key_end..),
+        size: frame.len() as u64,
     }
-    // One allocation per frame: the key and the payload are views of the body (the collector
-    // reads every record of the log, each of them once).
-    let body = bytes::Bytes::from(body);
-    let payload = body.slice(BODY_FIXED + key_len..);
-    let key = body.slice(BODY_FIXED..BODY_FIXED + key_len);
-    Ok(Some(Frame {
-        offset,
-        key,
-        payload,
-        size: (HEADER + len) as u64,
-    }))
+}
+
+/// The offset in a frame's bytes (header included).
+fn offset_of(frame: &[u8]) -> u64 {
+    u64::from_le_bytes(frame[HEADER..HEADER + 8].try_into().unwrap())
 }
 
 /// Fills `buf`; false when the input ended first (a short read is a torn frame, not an error).
@@ -161,10 +178,8 @@ pub fn recover(path: &Path, base: u64) -> io::Result<Recovered> {
 pub struct SegmentReader {
     pub base: u64,
     file: File,
-    /// Bytes read from the file and not yet handed out; its first byte is at file position
-    /// `pos`, the next frame's.
+    /// Bytes read from the file and not yet handed out, from the next frame's first byte on.
     buf: bytes::BytesMut,
-    pos: u64,
 }
 
 /// Bytes of a segment's chunk (more when one frame is larger).
@@ -173,11 +188,6 @@ const READ_CHUNK: usize = 256 * 1024;
 /// with the log reads a few frames per call.
 const READ_AT_ONCE: usize = 64 * 1024;
 
-/// The offset in a frame's bytes (header included).
-fn offset_of(frame: &[u8]) -> u64 {
-    u64::from_le_bytes(frame[HEADER..HEADER + 8].try_into().unwrap())
-}
-
 impl SegmentReader {
     /// Opens the segment at `base` and skips to the frame holding `offset`.
     pub fn open_at(dir: &Path, base: u64, offset: u64) -> io::Result<SegmentReader> {
@@ -185,14 +195,12 @@ impl SegmentReader {
             base,
             file: File::open(segment_path(dir, base))?,
             buf: bytes::BytesMut::new(),
-            pos: 0,
         };
         while let Some(size) = r.complete_frame()? {
-            if r.front_offset() >= offset {
+            if offset_of(&r.buf) >= offset {
                 break;
             }
             bytes::Buf::advance(&mut r.buf, size);
-            r.pos += size as u64;
         }
         Ok(r)
     }
@@ -203,21 +211,7 @@ impl SegmentReader {
         let Some(size) = self.complete_frame()? else {
             return Ok(None);
         };
-        let frame = self.buf.split_to(size).freeze();
-        self.pos += size as u64;
-        let key_len = u16::from_le_bytes(frame[HEADER + 8..HEADER + 10].try_into().unwrap());
-        let key_end = HEADER + BODY_FIXED + key_len as usize;
-        Ok(Some(Frame {
-            offset: offset_of(&frame),
-            key: frame.slice(HEADER + BODY_FIXED..key_end),
-            payload: frame.slice(key_end..),
-            size: size as u64,
-        }))
-    }
-
-    /// The offset of the frame at the front of the buffer (`complete_frame` said there is one).
-    fn front_offset(&self) -> u64 {
-        offset_of(&self.buf)
+        Ok(Some(view(self.buf.split_to(size).freeze())))
     }
 
     /// Reads until the buffer starts with a whole frame that checks out, and returns its size;
@@ -226,22 +220,13 @@ impl SegmentReader {
         loop {
             let need = match self.buf.len() >= HEADER {
                 false => HEADER,
-                true => {
-                    let len = u32::from_le_bytes(self.buf[..4].try_into().unwrap()) as usize;
-                    if !(BODY_FIXED..=MAX_FRAME).contains(&len) {
-                        return Ok(None);
-                    }
-                    HEADER + len
-                }
+                true => match body_len(&self.buf) {
+                    Some(len) => HEADER + len,
+                    None => return Ok(None),
+                },
             };
             if self.buf.len() >= need && need > HEADER {
-                let crc = u32::from_le_bytes(self.buf[4..HEADER].try_into().unwrap());
-                let body = &self.buf[HEADER..need];
-                let key_len = u16::from_le_bytes(body[8..10].try_into().unwrap()) as usize;
-                if crc32fast::hash(body) != crc || BODY_FIXED + key_len > body.len() {
-                    return Ok(None);
-                }
-                return Ok(Some(need));
+                return Ok(intact(&self.buf[..need]).then_some(need));
             }
             if !self.read_more(need)? {
                 return Ok(None);

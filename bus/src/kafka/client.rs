@@ -173,7 +173,8 @@ impl Bus for KafkaBus {
 /// fails (the brokers were unreachable for longer than `message.timeout.ms`) is queued again,
 /// so an outage costs memory, not events; a full librdkafka queue makes `publish` wait, and the
 /// gateway's own bounded queue then drops and counts. `flush` waits until every queued record
-/// is delivered.
+/// is delivered. Clones share the producer and the counts.
+#[derive(Clone)]
 pub struct KafkaPublisher {
     producer: PolledProducer,
     /// Records queued and not yet delivered.
@@ -266,10 +267,10 @@ impl Publisher for KafkaPublisher {
     /// it refuses beside others that it queues are queued again with the failed deliveries.
     async fn publish(&self, records: Vec<Record>) -> Result<(), BusError> {
         let batch = Batch::new();
-        let mut refused = self.enqueue(&batch, &records).await;
+        let refused = self.enqueue(&batch, &records).await;
         if refused.len() == records.len() {
             batch.seal();
-            return refused.drain(..).next().map_or(Ok(()), |(_, e)| Err(e));
+            return refused.into_iter().next().map_or(Ok(()), |(_, e)| Err(e));
         }
         for (i, e) in refused {
             batch.fail(records[i].clone(), e.to_string());
@@ -278,12 +279,7 @@ impl Publisher for KafkaPublisher {
         let n = records.len() as u64;
         self.in_flight.send_modify(|v| *v += n);
         self.stats.backlog.fetch_add(n, Ordering::Relaxed);
-        let publisher = KafkaPublisher {
-            producer: self.producer.clone(),
-            in_flight: self.in_flight.clone(),
-            stats: self.stats.clone(),
-        };
-        tokio::spawn(publisher.deliver(batch, records.len()));
+        tokio::spawn(self.clone().deliver(batch, records.len()));
         Ok(())
     }
 
