@@ -1,6 +1,7 @@
 //! The Kafka bus against a real Kafka-protocol broker (tansu, started by the test): keyed
 //! publishing, consumer-group assignment with committed offsets, and two members sharing the
-//! partitions of one topic.
+//! partitions of one topic; a full producer queue and refused records. Faults a real broker
+//! cannot be told to have (brokers down cleanly, a leader moving) use librdkafka's mock cluster.
 #![cfg(feature = "kafka")]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,6 +13,20 @@ use tollgate_bus::{
 };
 
 fn config(broker: &tollgate_testkit::Broker, topic: &str) -> BusConfig {
+    config_with(broker, topic, &[])
+}
+
+/// `config` with librdkafka `properties` of the test's own besides.
+fn config_with(
+    broker: &tollgate_testkit::Broker,
+    topic: &str,
+    properties: &[(&str, &str)],
+) -> BusConfig {
+    let mut all = vec![
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "500"),
+    ];
+    all.extend_from_slice(properties);
     BusConfig::Kafka(KafkaConfig {
         brokers: broker.addr(),
         topic: topic.into(),
@@ -20,11 +35,10 @@ fn config(broker: &tollgate_testkit::Broker, topic: &str) -> BusConfig {
         create_topics: true,
         compression: "lz4".into(),
         linger_ms: 5,
-        properties: [
-            ("session.timeout.ms".to_string(), "6000".to_string()),
-            ("heartbeat.interval.ms".to_string(), "500".to_string()),
-        ]
-        .into(),
+        properties: all
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     })
 }
 
@@ -42,34 +56,28 @@ fn records_from(from: usize, n: usize) -> Vec<Record> {
         .collect()
 }
 
-/// librdkafka's in-process mock cluster of `brokers` brokers holding `topic` (`partitions`,
-/// each on every broker), and a bus on it with librdkafka `properties` of the test's own. The
-/// cluster must outlive the bus.
-fn mock_cluster(
-    brokers: i32,
+/// A bus on librdkafka's mock cluster `cluster`, whose topic `topic` it already holds.
+fn mock_config(
+    cluster: &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
     topic: &str,
     partitions: i32,
-    properties: &[(&str, &str)],
-) -> (
-    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    BusConfig,
-) {
-    let cluster = rdkafka::mocking::MockCluster::new(brokers).unwrap();
-    cluster.create_topic(topic, partitions, brokers).unwrap();
-    let config = BusConfig::Kafka(KafkaConfig {
+    replication_factor: i32,
+    message_timeout_ms: u32,
+) -> BusConfig {
+    BusConfig::Kafka(KafkaConfig {
         brokers: cluster.bootstrap_servers(),
         topic: topic.into(),
         partitions,
-        replication_factor: brokers,
+        replication_factor,
         create_topics: false,
         compression: "lz4".into(),
         linger_ms: 5,
-        properties: properties
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    });
-    (cluster, config)
+        properties: [(
+            "message.timeout.ms".to_string(),
+            message_timeout_ms.to_string(),
+        )]
+        .into(),
+    })
 }
 
 /// Polls until `n` messages arrived (assignment changes are collected too).
@@ -221,7 +229,9 @@ async fn broker_outage_and_leader_loss_lose_nothing() {
     use tollgate_bus::Publisher;
     use tollgate_bus::spool::{SpoolConfig, SpoolingPublisher};
 
-    let (cluster, config) = mock_cluster(3, "faults", 4, &[("message.timeout.ms", "3000")]);
+    let cluster = rdkafka::mocking::MockCluster::new(3).unwrap();
+    cluster.create_topic("faults", 4, 3).unwrap();
+    let config = mock_config(&cluster, "faults", 4, 3, 3000);
     let bus = config.open().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spool = SpoolingPublisher::open(
@@ -274,14 +284,17 @@ async fn broker_outage_and_leader_loss_lose_nothing() {
     drop(Arc::clone(&spool));
 }
 
-/// Deliveries that fail (every broker down for longer than `message.timeout.ms`) are queued
-/// again by the publisher itself, and land once the brokers are back: every record exactly once,
-/// the counters agree, and `flush` waits for the last of them.
+/// Deliveries that fail (every broker down for longer than `message.timeout.ms`; librdkafka's
+/// mock cluster, whose brokers can be taken down cleanly) are queued again by the publisher
+/// itself, and land once the brokers are back: every record exactly once, the counters agree,
+/// and `flush` waits for the last of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_deliveries_are_queued_again_until_they_land() {
     use std::sync::atomic::Ordering::Relaxed;
 
-    let (cluster, config) = mock_cluster(1, "requeue", 4, &[("message.timeout.ms", "500")]);
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic("requeue", 4, 1).unwrap();
+    let config = mock_config(&cluster, "requeue", 4, 1, 500);
     let bus = config.open().await.unwrap();
     let publisher = bus.publisher().unwrap();
     let stats = bus
@@ -341,10 +354,10 @@ async fn failed_deliveries_are_queued_again_until_they_land() {
 /// key's records stay in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_producer_queue_delays_the_rest_of_a_batch_in_order() {
-    let (_cluster, config) = mock_cluster(
-        1,
+    let broker = tollgate_testkit::Broker::start();
+    let config = config_with(
+        &broker,
         "small-queue",
-        4,
         &[("queue.buffering.max.messages", "64")],
     );
     let bus = config.open().await.unwrap();
@@ -381,7 +394,8 @@ async fn a_full_producer_queue_delays_the_rest_of_a_batch_in_order() {
 async fn a_refused_record_neither_fails_its_batch_nor_stays_in_the_backlog() {
     use std::sync::atomic::Ordering::Relaxed;
 
-    let (_cluster, config) = mock_cluster(1, "refusals", 2, &[("message.max.bytes", "1000")]);
+    let broker = tollgate_testkit::Broker::start();
+    let config = config_with(&broker, "refusals", &[("message.max.bytes", "1000")]);
     let bus = config.open().await.unwrap();
     let publisher = bus.publisher().unwrap();
     let stats = bus.delivery_stats().unwrap();
