@@ -1,6 +1,7 @@
 //! The Kafka bus against a real Kafka-protocol broker (tansu, started by the test): keyed
 //! publishing, consumer-group assignment with committed offsets, and two members sharing the
-//! partitions of one topic; a full producer queue and refused records. Faults a real broker
+//! partitions of one topic; a full producer queue and refused records; a broker frozen (SIGSTOP)
+//! briefly and past the delivery timeout. Faults a real broker
 //! cannot be told to have (brokers down cleanly, a leader moving) use librdkafka's mock cluster.
 #![cfg(feature = "kafka")]
 
@@ -417,4 +418,122 @@ async fn a_refused_record_neither_fails_its_batch_nor_stays_in_the_backlog() {
 
     let (_, seen) = read_numbers(&*bus, "refusals-check", 9).await;
     assert_eq!(seen, vec![0, 1, 2, 3, 5, 6, 7, 8, 9]);
+}
+
+/// Reads records as a new consumer group `group` until each of `0..n` arrived at least once;
+/// returns the numbers of every record read, duplicates included, in ascending order.
+async fn read_all_of(bus: &dyn Bus, group: &str, n: u64) -> Vec<u64> {
+    let mut sub = bus.subscribe(group).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut numbers = Vec::new();
+    let mut distinct = BTreeSet::new();
+    while (distinct.len() as u64) < n {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} records arrived",
+            distinct.len()
+        );
+        for m in sub.poll(1000, Duration::from_millis(200)).await.unwrap() {
+            let i: u64 = String::from_utf8_lossy(&m.payload).parse().unwrap();
+            distinct.insert(i);
+            numbers.push(i);
+        }
+    }
+    // Whatever else is already there (duplicates written after the last number needed).
+    for _ in 0..3 {
+        for m in sub.poll(1000, Duration::from_millis(200)).await.unwrap() {
+            numbers.push(String::from_utf8_lossy(&m.payload).parse().unwrap());
+        }
+    }
+    numbers.sort_unstable();
+    numbers
+}
+
+/// Publishes 100 records, freezes the broker (SIGSTOP), publishes 1,000 more, waits until
+/// `frozen` says enough happened, thaws the broker, and waits for every record's delivery.
+async fn publish_across_a_freeze(
+    broker: &tollgate_testkit::Broker,
+    publisher: &dyn tollgate_bus::Publisher,
+    frozen: impl AsyncFn() -> bool,
+) {
+    publisher.publish(records(100)).await.unwrap();
+    publisher.flush(Duration::from_secs(30)).await.unwrap();
+    broker.freeze();
+    for i in 0..4 {
+        publisher
+            .publish(records_from(100 + i * 250, 250))
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !frozen().await {
+        assert!(Instant::now() < deadline, "the freeze did not take effect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker.thaw();
+    publisher.flush(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(publisher.backlog(), 0);
+}
+
+/// A real broker frozen for longer than a request may take: with the production settings no
+/// delivery times out (no `message.timeout.ms`), so nothing is queued again by the publisher;
+/// librdkafka sends the timed-out requests again itself, idempotently, and every record lands
+/// exactly once. (With a two-second delivery timeout, 2,000 deliveries fail here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_broker_gets_every_record_once_after_it_thaws() {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let broker = tollgate_testkit::Broker::start();
+    // Requests time out (and are sent again) after a second, well within the freeze.
+    let config = config_with(&broker, "frozen", &[("request.timeout.ms", "1000")]);
+    let bus = config.open().await.unwrap();
+    let publisher = bus.publisher().unwrap();
+    let stats = bus.delivery_stats().unwrap();
+    let started = Instant::now();
+    publish_across_a_freeze(&broker, &*publisher, async || {
+        started.elapsed() > Duration::from_secs(4)
+    })
+    .await;
+    assert_eq!(stats.requeued.load(Relaxed), 0, "no delivery failed");
+    assert_eq!(stats.delivered.load(Relaxed), 1100);
+    let numbers = read_all_of(&*bus, "frozen-check", 1100).await;
+    assert_eq!(
+        numbers,
+        (0..1100).collect::<Vec<u64>>(),
+        "every record exactly once"
+    );
+}
+
+/// A real broker frozen past `message.timeout.ms`: librdkafka fails the deliveries and bumps
+/// its producer's epoch on its own, which the broker (tansu) then fences. The publisher
+/// replaces the fenced producer and queues the records again on the new one, so every record
+/// lands (at least once: a request in flight at the freeze may be written after the thaw as
+/// well as queued again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_fenced_after_a_long_freeze_is_replaced_and_every_record_lands() {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let broker = tollgate_testkit::Broker::start();
+    let config = config_with(&broker, "fenced", &[("message.timeout.ms", "2000")]);
+    let bus = config.open().await.unwrap();
+    let publisher = bus.publisher().unwrap();
+    let stats = bus.delivery_stats().unwrap();
+    publish_across_a_freeze(&broker, &*publisher, async || {
+        stats.requeued.load(Relaxed) >= 1000
+    })
+    .await;
+    assert_eq!(stats.delivered.load(Relaxed), 1100);
+    let numbers = read_all_of(&*bus, "fenced-check", 1100).await;
+    let mut distinct = numbers.clone();
+    distinct.dedup();
+    assert_eq!(
+        distinct,
+        (0..1100).collect::<Vec<u64>>(),
+        "every record at least once"
+    );
+    assert!(
+        numbers.len() - distinct.len() <= 1000,
+        "only records that were in flight at the freeze are written twice ({} duplicates)",
+        numbers.len() - distinct.len()
+    );
 }

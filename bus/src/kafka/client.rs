@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
@@ -17,7 +16,8 @@ use rdkafka::message::Message as _;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::KafkaConfig;
-use super::producer::{Batch, PolledProducer};
+use super::logs::Logged;
+use super::producer::{Batch, PolledProducer, ends_producer};
 use crate::metrics::DeliveryStats;
 use crate::{AssignmentChange, Bus, BusError, Checkpoint, Message, Publisher, Record, Subscriber};
 
@@ -35,6 +35,7 @@ fn broker_err(e: KafkaError) -> BusError {
 /// librdkafka settings common to producers and consumers, then the user's passthrough.
 fn client_config(config: &KafkaConfig, own: &[(&str, String)]) -> ClientConfig {
     let mut c = ClientConfig::new();
+    c.set_log_level(super::logs::level());
     c.set("bootstrap.servers", &config.brokers);
     for (k, v) in own {
         c.set(*k, v);
@@ -86,20 +87,24 @@ impl KafkaBus {
                 ("compression.type", compression),
                 ("linger.ms", self.config.linger_ms.to_string()),
                 ("batch.num.messages", "10000".into()),
-                // A broker outage is ridden out in memory for this long before a delivery
-                // fails (the gateway then retries the batch).
-                ("message.timeout.ms", "120000".into()),
+                // No record times out in librdkafka: one that timed out while in flight may
+                // have been written anyway, and queueing it again would write it twice (the
+                // collector counts by bus position, not by event id). Without a timeout,
+                // librdkafka sends timed-out requests again with their sequence numbers, which
+                // the broker deduplicates. An outage piles records up in librdkafka's queue,
+                // and the gateway's disk spool takes new ones past its high-water mark.
+                ("message.timeout.ms", "0".into()),
                 ("queue.buffering.max.messages", "2000000".into()),
             ],
         );
-        let producer = PolledProducer::create(&config, &topic).map_err(broker_err)?;
-        Ok(Arc::new(KafkaPublisher::new(producer)))
+        Ok(Arc::new(KafkaPublisher::new(config, topic)?))
     }
 }
 
 async fn create_topics(config: &KafkaConfig) -> Result<(), BusError> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(config, &[]).create().map_err(broker_err)?;
+    let admin: AdminClient<Logged> = client_config(config, &[])
+        .create_with_context(Logged)
+        .map_err(broker_err)?;
     let dead = config.dead_letter_topic();
     let topics = [
         NewTopic::new(
@@ -159,7 +164,8 @@ impl Bus for KafkaBus {
             return false;
         };
         let topic = self.config.topic.clone();
-        tokio::task::spawn_blocking(move || p.producer.reaches(&topic, Duration::from_secs(2)))
+        let (producer, _) = p.producers.current();
+        tokio::task::spawn_blocking(move || producer.reaches(&topic, Duration::from_secs(2)))
             .await
             .unwrap_or(false)
     }
@@ -170,53 +176,120 @@ impl Bus for KafkaBus {
 ///
 /// `publish` returns once the records are queued in librdkafka (in order, so per-key order is
 /// kept); deliveries are awaited by a background task, one per batch. A record whose delivery
-/// fails (the brokers were unreachable for longer than `message.timeout.ms`) is queued again,
-/// so an outage costs memory, not events; a full librdkafka queue makes `publish` wait, and the
+/// fails (past a `message.timeout.ms` set in `bus.properties`, or purged from a replaced
+/// producer) is queued again, so an outage costs memory, not events; a full librdkafka queue makes `publish` wait, and the
 /// gateway's own bounded queue then drops and counts. `flush` waits until every queued record
 /// is delivered. Clones share the producer and the counts.
+///
+/// A producer that can deliver nothing more (fenced by the broker, or failed fatally; see
+/// [`ends_producer`]) is replaced by a new one, which gets a producer id of its own; the old
+/// one's records fail as purged and are queued again on the new one.
 #[derive(Clone)]
 pub struct KafkaPublisher {
-    producer: PolledProducer,
+    producers: Arc<Producers>,
     /// Records queued and not yet delivered.
     in_flight: Arc<tokio::sync::watch::Sender<u64>>,
     stats: Arc<DeliveryStats>,
 }
 
+/// The producer in use, and what makes a new one.
+struct Producers {
+    config: ClientConfig,
+    topic: String,
+    /// The producer and its generation (how many producers it replaced).
+    current: Mutex<(PolledProducer, u64)>,
+}
+
+impl Producers {
+    fn current(&self) -> (PolledProducer, u64) {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the producer of generation `stale` (unless another task already did) and
+    /// retires the old one off the runtime. When no new producer can be made, the old one
+    /// stays and the next failure tries again.
+    fn renew(&self, stale: u64) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.1 != stale {
+            return;
+        }
+        match PolledProducer::create(&self.config, &self.topic) {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut current.0, fresh);
+                current.1 += 1;
+                tracing::warn!(
+                    generation = current.1,
+                    "the Kafka producer can deliver nothing more (fenced or failed); replaced by a new one"
+                );
+                tokio::task::spawn_blocking(move || old.retire());
+            }
+            Err(e) => tracing::error!(error = %e, "cannot replace the Kafka producer"),
+        }
+    }
+}
+
 impl KafkaPublisher {
-    fn new(producer: PolledProducer) -> KafkaPublisher {
-        KafkaPublisher {
-            producer,
+    fn new(config: ClientConfig, topic: String) -> Result<KafkaPublisher, BusError> {
+        let producer = PolledProducer::create(&config, &topic).map_err(broker_err)?;
+        Ok(KafkaPublisher {
+            producers: Arc::new(Producers {
+                config,
+                topic,
+                current: Mutex::new((producer, 0)),
+            }),
             in_flight: Arc::new(tokio::sync::watch::channel(0).0),
             stats: Arc::new(DeliveryStats::default()),
-        }
+        })
     }
 
     /// Queues `records` in librdkafka in order, their reports counted by `batch` (not yet
     /// sealed), waiting while its queue is full. Returns the records refused for any other
-    /// reason (their index and the error); every other record is queued.
-    async fn enqueue(&self, batch: &Arc<Batch>, records: &[Record]) -> Vec<(usize, BusError)> {
+    /// reason (their index and the error), and the generation of the producer that queued the
+    /// last of them; every other record is queued. A producer that refuses because it failed
+    /// fatally is replaced, once per call, and the rest go to the new one.
+    async fn enqueue(
+        &self,
+        batch: &Arc<Batch>,
+        records: &[Record],
+    ) -> (Vec<(usize, BusError)>, u64) {
         let mut refused = Vec::new();
         let mut from = 0;
-        while from < records.len() {
-            let mut full_at = None;
-            for (i, code) in self.producer.send_batch(&records[from..], batch) {
+        let mut renewed = false;
+        loop {
+            let (producer, generation) = self.producers.current();
+            if from >= records.len() {
+                return (refused, generation);
+            }
+            let mut resume_at = None;
+            for (i, code) in producer.send_batch(&records[from..], batch) {
                 if code == RDKafkaErrorCode::QueueFull {
                     // This record and every one after it: librdkafka refuses the rest of a
                     // batch once its queue is full.
-                    full_at = Some(from + i);
+                    resume_at = Some((from + i, Duration::from_millis(5)));
+                    break;
+                }
+                if ends_producer(code) && !renewed {
+                    // So will every record after it, from this producer.
+                    self.producers.renew(generation);
+                    renewed = true;
+                    resume_at = Some((from + i, Duration::ZERO));
                     break;
                 }
                 refused.push((from + i, broker_err(KafkaError::MessageProduction(code))));
             }
-            match full_at {
-                Some(at) => {
+            match resume_at {
+                Some((at, pause)) => {
                     from = at;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
                 }
-                None => break,
+                None => return (refused, generation),
             }
         }
-        refused
     }
 
     /// `n` records left the backlog: delivered, or dropped.
@@ -233,7 +306,7 @@ impl KafkaPublisher {
 
     /// Waits for a batch's reports and queues its failed records again (with a growing pause
     /// between rounds) until every record is delivered or refused by librdkafka itself.
-    async fn deliver(self, mut batch: Arc<Batch>, mut queued: usize) {
+    async fn deliver(self, mut batch: Arc<Batch>, mut queued: usize, mut generation: u64) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let failed = batch.settled().await;
@@ -241,6 +314,9 @@ impl KafkaPublisher {
             let Some((_, e)) = failed.first() else {
                 return;
             };
+            if batch.stale() {
+                self.producers.renew(generation);
+            }
             tracing::warn!(records = failed.len(), error = %e, "Kafka delivery failed; queueing the records again");
             self.stats
                 .requeued
@@ -249,7 +325,8 @@ impl KafkaPublisher {
             backoff = (backoff * 2).min(Duration::from_secs(5));
             let records: Vec<Record> = failed.into_iter().map(|(r, _)| r).collect();
             batch = Batch::new();
-            let refused = self.enqueue(&batch, &records).await;
+            let refused;
+            (refused, generation) = self.enqueue(&batch, &records).await;
             batch.seal();
             if let Some((_, e)) = refused.first() {
                 tracing::error!(records = refused.len(), error = %e, "Kafka records cannot be queued; dropped");
@@ -267,7 +344,7 @@ impl Publisher for KafkaPublisher {
     /// it refuses beside others that it queues are queued again with the failed deliveries.
     async fn publish(&self, records: Vec<Record>) -> Result<(), BusError> {
         let batch = Batch::new();
-        let refused = self.enqueue(&batch, &records).await;
+        let (refused, generation) = self.enqueue(&batch, &records).await;
         if refused.len() == records.len() {
             batch.seal();
             return refused.into_iter().next().map_or(Ok(()), |(_, e)| Err(e));
@@ -279,7 +356,7 @@ impl Publisher for KafkaPublisher {
         let n = records.len() as u64;
         self.in_flight.send_modify(|v| *v += n);
         self.stats.backlog.fetch_add(n, Ordering::Relaxed);
-        tokio::spawn(self.clone().deliver(batch, records.len()));
+        tokio::spawn(self.clone().deliver(batch, records.len(), generation));
         Ok(())
     }
 
@@ -316,7 +393,15 @@ struct GroupContext {
     events: Arc<GroupEvents>,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        super::logs::line(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        super::logs::error(error, reason);
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -22,6 +22,8 @@ use serde::{Deserialize, Serialize};
 #[cfg(feature = "kafka")]
 mod client;
 #[cfg(feature = "kafka")]
+mod logs;
+#[cfg(feature = "kafka")]
 mod producer;
 
 /// The `bus:` section for `kind: kafka`.

@@ -12,7 +12,7 @@
 //! last served, and a task of the runtime waits for that byte, then serves every event queued.
 //! An idle producer costs nothing.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,7 +43,29 @@ pub(super) struct Batch {
     left: AtomicUsize,
     /// The records whose delivery failed, with librdkafka's reason.
     failed: Mutex<Vec<(Record, String)>>,
+    /// A report said the producer that queued them can deliver nothing more
+    /// ([`ends_producer`]).
+    stale: AtomicBool,
     settled: Notify,
+}
+
+/// Whether a delivery failed with `code` because its producer can deliver nothing more: the
+/// broker fenced its producer id (`ProducerFenced`, `InvalidProducerEpoch`), or librdkafka
+/// raised a fatal error (`Fatal`). Only a new producer, with a producer id of its own, gets
+/// records through again.
+///
+/// A broker frozen past a `message.timeout.ms` (set in `bus.properties`; none by default)
+/// causes the first: librdkafka then bumps the idempotent producer's epoch on its own
+/// (KIP-360), which Kafka accepts and some Kafka-protocol brokers (tansu) answer with
+/// `ProducerFenced` for every request after, so the records queued again failed until the
+/// gateway restarted (`bus/tests/kafka.rs`).
+pub(super) fn ends_producer(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::Fatal
+    )
 }
 
 impl Batch {
@@ -69,6 +91,11 @@ impl Batch {
         std::mem::take(&mut *self.failed.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// Whether a report said the producer can deliver nothing more ([`ends_producer`]).
+    pub(super) fn stale(&self) -> bool {
+        self.stale.load(Ordering::Relaxed)
+    }
+
     /// Adds a record librdkafka refused to queue to the failed ones, so that it is queued
     /// again with them. Only before the batch is sealed: `settled` takes the list after.
     pub(super) fn fail(&self, record: Record, reason: String) {
@@ -88,13 +115,24 @@ impl Batch {
 /// Counts each record's delivery report off its batch.
 struct Deliveries;
 
-impl ClientContext for Deliveries {}
+impl ClientContext for Deliveries {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        super::logs::line(level, facility, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        super::logs::error(error, reason);
+    }
+}
 
 impl ProducerContext for Deliveries {
     type DeliveryOpaque = Arc<Batch>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, batch: Self::DeliveryOpaque) {
         if let Err((e, message)) = result {
+            if e.rdkafka_error_code().is_some_and(ends_producer) {
+                batch.stale.store(true, Ordering::Relaxed);
+            }
             let record = Record {
                 key: Bytes::copy_from_slice(message.key().unwrap_or_default()),
                 payload: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
@@ -338,6 +376,18 @@ impl PolledProducer {
             }
         }
         refused
+    }
+
+    /// Takes every record back out of this producer, queued or in flight, and waits (at most
+    /// a second) for their reports: they fail as purged and are queued again by whoever
+    /// awaits their batch. Blocks; the producer is then dropped.
+    pub(super) fn retire(self) {
+        use rdkafka::producer::PurgeConfig;
+        let producer = &self.inner.producer;
+        producer.purge(PurgeConfig::default().queue().inflight());
+        if let Err(e) = producer.flush(Duration::from_secs(1)) {
+            tracing::warn!(error = %e, "a retired Kafka producer still held records");
+        }
     }
 
     /// Whether the brokers answer for `topic`'s metadata within `timeout` (blocks).
