@@ -1,6 +1,6 @@
 //! How long the store's Parquet encoding takes per event, and how many bytes it writes, for a
 //! flush-sized batch (80,000 events of 1,000 consumers, four routes, distinct timestamps and
-//! latencies), under the writer settings the store used before and uses now
+//! latencies, random trace ids), under the writer settings the store used before and uses now
 //! (`parquet/files.rs`). Best of seven encodings into memory each.
 //!
 //! Usage: `cargo run --release -p tollgate-store --example flush_encoding`
@@ -42,10 +42,8 @@ fn events(n: u64) -> RecordBatch {
                     Outcome::UpstreamError
                 },
                 billable: status < 500,
-                trace_id: Some(format!(
-                    "{:032x}",
-                    u128::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                )),
+                // Random, as the gateway's own trace ids are.
+                trace_id: Some(uuid::Uuid::new_v4().simple().to_string()),
             }
         })
         .collect();
@@ -120,9 +118,21 @@ fn main() {
         p
     };
     time(
-        "now: and statistics only on the columns queries filter on",
+        "then: statistics only on the columns queries filter on",
         &batch,
         now(),
+    );
+    time(
+        "now: and trace ids (random) uncompressed",
+        &batch,
+        now().set_column_compression(ColumnPath::from("trace_id"), Compression::UNCOMPRESSED),
+    );
+    time(
+        "(id uncompressed too)",
+        &batch,
+        now()
+            .set_column_compression(ColumnPath::from("trace_id"), Compression::UNCOMPRESSED)
+            .set_column_compression(ColumnPath::from("id"), Compression::UNCOMPRESSED),
     );
     time(
         "(ts and latencies plain, without a dictionary)",
