@@ -19,7 +19,7 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::StatusCode;
-use opentelemetry::trace::{SpanContext, TraceContextExt};
+use opentelemetry::trace::TraceContextExt;
 use tokio_util::sync::CancellationToken;
 use tollgate_schemas::Outcome;
 
@@ -224,12 +224,6 @@ pub struct Ctx<'w> {
     staged_body: Option<Bytes>,
     /// The request's spans, when the gateway records them (`telemetry.otlp`).
     spans: Option<RequestSpans<'w>>,
-    /// Whether the caller sent a well-formed `traceparent` (passed on as it is when the
-    /// gateway records no spans).
-    caller_trace: bool,
-    /// The trace the gateway started for a caller without one (and no spans of its own), sent
-    /// again on a retry.
-    new_root: Option<SpanContext>,
     req_bytes: u64,
     resp_bytes: u64,
 }
@@ -267,23 +261,13 @@ impl Ctx<'_> {
         }
     }
 
-    /// Writes the trace context the upstream receives: the gateway's upstream span as parent
-    /// when it records spans; else, for a caller that sent none, a trace the gateway starts
-    /// (the same on a retry). A caller's own `traceparent` is passed on with its other fields.
+    /// Writes the trace context the upstream receives when the gateway records spans: its
+    /// upstream span as parent. Otherwise the caller's `traceparent` and `tracestate`, if any,
+    /// are passed on with its other fields.
     fn put_trace_context(&mut self, target: &Target, out: &mut Vec<u8>) {
         if let Some(spans) = &mut self.spans {
             let parent = spans.start_upstream(&target.authority);
             trace::inject(&parent, out);
-        } else if !self.caller_trace {
-            let root = match &self.new_root {
-                Some(r) => r.clone(),
-                None => {
-                    let r = trace::new_root();
-                    self.event.trace_id = trace::trace_id(&r);
-                    self.new_root.insert(r).clone()
-                }
-            };
-            trace::inject(&root, out);
         }
     }
 
@@ -479,8 +463,6 @@ impl Worker {
             body: BodyRead::Untouched,
             staged_body: None,
             spans,
-            caller_trace: caller.is_some(),
-            new_root: None,
             req_bytes: 0,
             resp_bytes: 0,
         }
@@ -607,8 +589,9 @@ impl Worker {
             .auth
             .api_key_header()
             .map(|h| h.as_str().as_bytes());
-        // The gateway writes the trace context itself unless it passes the caller's on.
-        let own_trace = ctx.spans.is_some() || !ctx.caller_trace;
+        // The gateway writes the trace context itself when it records spans; else it passes
+        // the caller's on as it came.
+        let own_trace = ctx.spans.is_some();
         let mut forwarded_for = None;
         for (name, value) in head.fields.iter() {
             if head.fields.is_hop_by_hop(name)

@@ -1,11 +1,16 @@
 //! W3C trace context and request spans, with the OpenTelemetry crates.
 //!
-//! Every request continues the caller's trace (a well-formed `traceparent`, read by the
-//! standard `TraceContextPropagator`) or starts one; its trace id goes into the event.
+//! A request's trace id goes into its event when it has one: the caller's (a well-formed
+//! `traceparent`, read by the standard `TraceContextPropagator`), or the one the gateway
+//! starts when it records spans. DESIGN.md: `trace_id` "when present".
 //!
 //! Without a tracer (`telemetry.otlp` absent) the gateway takes no part in the trace: the
 //! caller's `traceparent` and `tracestate` go upstream unchanged, and a request without one
-//! gets a new trace (sampled flag set, so the upstream may record it).
+//! gets none, as behind Envoy or Kong without tracing; the event's `trace_id` is then null. (The
+//! gateway started a trace for every such request before: ids nobody records, a header of
+//! 70 bytes more for every upstream to parse, and the largest column of the events, random and
+//! incompressible. `x-request-id`, the event id, already ties a request's event to the
+//! upstream's logs.)
 //!
 //! With a tracer, the request is a server span (`http.route`, `tollgate.consumer`, status and
 //! outcome attributes) with child spans `auth`, `limits` and `upstream` (a client span, one per
@@ -94,17 +99,6 @@ fn put_hex(out: &mut Vec<u8>, bytes: &[u8]) {
 /// The trace id of a span context, as the event carries it.
 pub fn trace_id(span: &SpanContext) -> Option<TraceId> {
     TraceId::from_u128(u128::from_be_bytes(span.trace_id().to_bytes()))
-}
-
-/// A new trace's root, for a gateway that records no spans: random ids, sampled.
-pub fn new_root() -> SpanContext {
-    SpanContext::new(
-        opentelemetry::trace::TraceId::from(rand::random::<u128>() | 1),
-        opentelemetry::trace::SpanId::from(rand::random::<u64>() | 1),
-        TraceFlags::SAMPLED,
-        false,
-        TraceState::default(),
-    )
 }
 
 /// What request spans are made with: the SDK's tracer, and the sampler the gateway asks first,
@@ -333,6 +327,17 @@ mod tests {
         ] {
             assert_eq!(trace_of(&format!("traceparent: {bad}\r\n")), None, "{bad}");
         }
+    }
+
+    /// A new trace's root: random ids, sampled.
+    fn new_root() -> SpanContext {
+        SpanContext::new(
+            opentelemetry::trace::TraceId::from(rand::random::<u128>() | 1),
+            opentelemetry::trace::SpanId::from(rand::random::<u64>() | 1),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        )
     }
 
     #[test]
