@@ -43,6 +43,25 @@ fn config_with(
     })
 }
 
+/// A bus on `broker` (its topic `topic`, librdkafka `properties` of the test's own besides),
+/// its publisher and the publisher's delivery counts.
+async fn open_publisher(
+    broker: &tollgate_testkit::Broker,
+    topic: &str,
+    properties: &[(&str, &str)],
+) -> (
+    std::sync::Arc<dyn Bus>,
+    std::sync::Arc<dyn tollgate_bus::Publisher>,
+    std::sync::Arc<tollgate_bus::metrics::DeliveryStats>,
+) {
+    let bus = config_with(broker, topic, properties).open().await.unwrap();
+    let publisher = bus.publisher().unwrap();
+    let stats = bus
+        .delivery_stats()
+        .expect("the Kafka publisher counts deliveries");
+    (bus, publisher, stats)
+}
+
 fn records(n: usize) -> Vec<Record> {
     records_from(0, n)
 }
@@ -356,16 +375,14 @@ async fn failed_deliveries_are_queued_again_until_they_land() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_producer_queue_delays_the_rest_of_a_batch_in_order() {
     let broker = tollgate_testkit::Broker::start();
-    let config = config_with(
+    let (bus, publisher, stats) = open_publisher(
         &broker,
         "small-queue",
         &[("queue.buffering.max.messages", "64")],
-    );
-    let bus = config.open().await.unwrap();
-    let publisher = bus.publisher().unwrap();
+    )
+    .await;
     publisher.publish(records(3000)).await.unwrap();
     publisher.flush(Duration::from_secs(60)).await.unwrap();
-    let stats = bus.delivery_stats().unwrap();
     assert_eq!(
         stats.delivered.load(std::sync::atomic::Ordering::Relaxed),
         3000
@@ -396,10 +413,8 @@ async fn a_refused_record_neither_fails_its_batch_nor_stays_in_the_backlog() {
     use std::sync::atomic::Ordering::Relaxed;
 
     let broker = tollgate_testkit::Broker::start();
-    let config = config_with(&broker, "refusals", &[("message.max.bytes", "1000")]);
-    let bus = config.open().await.unwrap();
-    let publisher = bus.publisher().unwrap();
-    let stats = bus.delivery_stats().unwrap();
+    let (bus, publisher, stats) =
+        open_publisher(&broker, "refusals", &[("message.max.bytes", "1000")]).await;
     let mut batch = records(10);
     batch[4].payload = Bytes::from(vec![b'x'; 4000]);
     publisher.publish(batch).await.unwrap();
@@ -485,10 +500,8 @@ async fn a_frozen_broker_gets_every_record_once_after_it_thaws() {
 
     let broker = tollgate_testkit::Broker::start();
     // Requests time out (and are sent again) after a second, well within the freeze.
-    let config = config_with(&broker, "frozen", &[("request.timeout.ms", "1000")]);
-    let bus = config.open().await.unwrap();
-    let publisher = bus.publisher().unwrap();
-    let stats = bus.delivery_stats().unwrap();
+    let (bus, publisher, stats) =
+        open_publisher(&broker, "frozen", &[("request.timeout.ms", "1000")]).await;
     let started = Instant::now();
     publish_across_a_freeze(&broker, &*publisher, async || {
         started.elapsed() > Duration::from_secs(4)
@@ -514,10 +527,8 @@ async fn a_producer_fenced_after_a_long_freeze_is_replaced_and_every_record_land
     use std::sync::atomic::Ordering::Relaxed;
 
     let broker = tollgate_testkit::Broker::start();
-    let config = config_with(&broker, "fenced", &[("message.timeout.ms", "2000")]);
-    let bus = config.open().await.unwrap();
-    let publisher = bus.publisher().unwrap();
-    let stats = bus.delivery_stats().unwrap();
+    let (bus, publisher, stats) =
+        open_publisher(&broker, "fenced", &[("message.timeout.ms", "2000")]).await;
     publish_across_a_freeze(&broker, &*publisher, async || {
         stats.requeued.load(Relaxed) >= 1000
     })
