@@ -548,3 +548,54 @@ async fn a_producer_fenced_after_a_long_freeze_is_replaced_and_every_record_land
         numbers.len() - distinct.len()
     );
 }
+
+/// What the process logs, for the test that checks librdkafka's lines reach it.
+#[derive(Clone, Default)]
+struct Logged(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logged {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// librdkafka's warnings reach the process's log (target `librdkafka`): a consumer property
+/// given to the publisher's producer (`session.timeout.ms`, which every test's configuration
+/// sets) is warned about. (Each test runs in a process of its own, so the global subscriber is
+/// this test's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn librdkafka_warnings_are_logged() {
+    let logged = Logged::default();
+    let sink = logged.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter("librdkafka=warn")
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .init();
+    let broker = tollgate_testkit::Broker::start();
+    let (_bus, publisher, _) = open_publisher(&broker, "logged", &[]).await;
+    publisher.publish(records(1)).await.unwrap();
+    publisher.flush(Duration::from_secs(30)).await.unwrap();
+    let warned = || {
+        String::from_utf8_lossy(&logged.0.lock().unwrap())
+            .lines()
+            .filter(|l| {
+                l.contains("WARN") && l.contains("session.timeout.ms is a consumer property")
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while warned() < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "librdkafka's warnings were not logged:\n{}",
+            String::from_utf8_lossy(&logged.0.lock().unwrap())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
@@ -16,7 +17,6 @@ use rdkafka::message::Message as _;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::KafkaConfig;
-use super::logs::Logged;
 use super::producer::{Batch, PolledProducer, ends_producer};
 use crate::metrics::DeliveryStats;
 use crate::{AssignmentChange, Bus, BusError, Checkpoint, Message, Publisher, Record, Subscriber};
@@ -102,9 +102,8 @@ impl KafkaBus {
 }
 
 async fn create_topics(config: &KafkaConfig) -> Result<(), BusError> {
-    let admin: AdminClient<Logged> = client_config(config, &[])
-        .create_with_context(Logged)
-        .map_err(broker_err)?;
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(config, &[]).create().map_err(broker_err)?;
     let dead = config.dead_letter_topic();
     let topics = [
         NewTopic::new(

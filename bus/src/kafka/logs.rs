@@ -2,11 +2,12 @@
 //!
 //! rdkafka's default context writes them to the `log` crate, which this process does not
 //! listen to, so a broker that refused connections, a cluster that went away or an idempotent
-//! producer that hit a fatal error was never reported. Every context of this backend forwards
-//! them here instead. librdkafka's `debug` property (`bus.properties`) adds its debug lines,
-//! shown with `RUST_LOG=librdkafka=debug`.
+//! producer that hit a fatal error was never reported. The producer's and the consumers'
+//! contexts forward them here instead. (The short-lived admin client that creates the topics
+//! is left as it is: rdkafka never serves the queue its lines go to, and its errors come back
+//! as the calls' results.) librdkafka's `debug` property (`bus.properties`) adds its debug
+//! lines, shown with `RUST_LOG=librdkafka=debug`.
 
-use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
 
@@ -38,17 +39,4 @@ pub(super) fn line(level: RDKafkaLogLevel, facility: &str, message: &str) {
 /// A client-level error librdkafka reports (all brokers down, a fatal producer error, ...).
 pub(super) fn error(error: KafkaError, reason: &str) {
     tracing::error!(target: "librdkafka", %error, "{reason}");
-}
-
-/// A context that only forwards logs and errors (the admin client's).
-pub(super) struct Logged;
-
-impl ClientContext for Logged {
-    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        line(level, facility, message);
-    }
-
-    fn error(&self, e: KafkaError, reason: &str) {
-        error(e, reason);
-    }
 }
