@@ -176,9 +176,9 @@ impl Bus for KafkaBus {
 /// `publish` returns once the records are queued in librdkafka (in order, so per-key order is
 /// kept); deliveries are awaited by a background task, one per batch. A record whose delivery
 /// fails (past a `message.timeout.ms` set in `bus.properties`, or purged from a replaced
-/// producer) is queued again, so an outage costs memory, not events; a full librdkafka queue makes `publish` wait, and the
-/// gateway's own bounded queue then drops and counts. `flush` waits until every queued record
-/// is delivered. Clones share the producer and the counts.
+/// producer) is queued again, so an outage costs memory, not events; a full librdkafka queue
+/// makes `publish` wait, and the gateway's own bounded queue then drops and counts. `flush`
+/// waits until every queued record is delivered. Clones share the producer and the counts.
 ///
 /// A producer that can deliver nothing more (fenced by the broker, or failed fatally; see
 /// [`ends_producer`]) is replaced by a new one, which gets a producer id of its own; the old
@@ -215,7 +215,7 @@ impl Producers {
         if current.1 != stale {
             return;
         }
-        match PolledProducer::create(&self.config, &self.topic) {
+        match PolledProducer::create(&self.config, &self.topic, stale + 1) {
             Ok(fresh) => {
                 let old = std::mem::replace(&mut current.0, fresh);
                 current.1 += 1;
@@ -232,7 +232,7 @@ impl Producers {
 
 impl KafkaPublisher {
     fn new(config: ClientConfig, topic: String) -> Result<KafkaPublisher, BusError> {
-        let producer = PolledProducer::create(&config, &topic).map_err(broker_err)?;
+        let producer = PolledProducer::create(&config, &topic, 0).map_err(broker_err)?;
         Ok(KafkaPublisher {
             producers: Arc::new(Producers {
                 config,
@@ -246,22 +246,18 @@ impl KafkaPublisher {
 
     /// Queues `records` in librdkafka in order, their reports counted by `batch` (not yet
     /// sealed), waiting while its queue is full. Returns the records refused for any other
-    /// reason (their index and the error), and the generation of the producer that queued the
-    /// last of them; every other record is queued. A producer that refuses because it failed
-    /// fatally is replaced, once per call, and the rest go to the new one.
-    async fn enqueue(
-        &self,
-        batch: &Arc<Batch>,
-        records: &[Record],
-    ) -> (Vec<(usize, BusError)>, u64) {
+    /// reason (their index and the error); every other record is queued. A producer that
+    /// refuses because it failed fatally is replaced, once per call, and the rest go to the new
+    /// one.
+    async fn enqueue(&self, batch: &Arc<Batch>, records: &[Record]) -> Vec<(usize, BusError)> {
         let mut refused = Vec::new();
         let mut from = 0;
         let mut renewed = false;
         loop {
-            let (producer, generation) = self.producers.current();
             if from >= records.len() {
-                return (refused, generation);
+                return refused;
             }
+            let (producer, generation) = self.producers.current();
             let mut resume_at = None;
             for (i, code) in producer.send_batch(&records[from..], batch) {
                 if code == RDKafkaErrorCode::QueueFull {
@@ -286,7 +282,7 @@ impl KafkaPublisher {
                         tokio::time::sleep(pause).await;
                     }
                 }
-                None => return (refused, generation),
+                None => return refused,
             }
         }
     }
@@ -305,7 +301,7 @@ impl KafkaPublisher {
 
     /// Waits for a batch's reports and queues its failed records again (with a growing pause
     /// between rounds) until every record is delivered or refused by librdkafka itself.
-    async fn deliver(self, mut batch: Arc<Batch>, mut queued: usize, mut generation: u64) {
+    async fn deliver(self, mut batch: Arc<Batch>, mut queued: usize) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let failed = batch.settled().await;
@@ -313,8 +309,8 @@ impl KafkaPublisher {
             let Some((_, e)) = failed.first() else {
                 return;
             };
-            if batch.stale() {
-                self.producers.renew(generation);
+            if let Some(stale) = batch.stale() {
+                self.producers.renew(stale);
             }
             tracing::warn!(records = failed.len(), error = %e, "Kafka delivery failed; queueing the records again");
             self.stats
@@ -324,8 +320,7 @@ impl KafkaPublisher {
             backoff = (backoff * 2).min(Duration::from_secs(5));
             let records: Vec<Record> = failed.into_iter().map(|(r, _)| r).collect();
             batch = Batch::new();
-            let refused;
-            (refused, generation) = self.enqueue(&batch, &records).await;
+            let refused = self.enqueue(&batch, &records).await;
             batch.seal();
             if let Some((_, e)) = refused.first() {
                 tracing::error!(records = refused.len(), error = %e, "Kafka records cannot be queued; dropped");
@@ -343,7 +338,7 @@ impl Publisher for KafkaPublisher {
     /// it refuses beside others that it queues are queued again with the failed deliveries.
     async fn publish(&self, records: Vec<Record>) -> Result<(), BusError> {
         let batch = Batch::new();
-        let (refused, generation) = self.enqueue(&batch, &records).await;
+        let refused = self.enqueue(&batch, &records).await;
         if refused.len() == records.len() {
             batch.seal();
             return refused.into_iter().next().map_or(Ok(()), |(_, e)| Err(e));
@@ -355,7 +350,7 @@ impl Publisher for KafkaPublisher {
         let n = records.len() as u64;
         self.in_flight.send_modify(|v| *v += n);
         self.stats.backlog.fetch_add(n, Ordering::Relaxed);
-        tokio::spawn(self.clone().deliver(batch, records.len(), generation));
+        tokio::spawn(self.clone().deliver(batch, records.len()));
         Ok(())
     }
 

@@ -12,7 +12,7 @@
 //! last served, and a task of the runtime waits for that byte, then serves every event queued.
 //! An idle producer costs nothing.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,9 +43,9 @@ pub(super) struct Batch {
     left: AtomicUsize,
     /// The records whose delivery failed, with librdkafka's reason.
     failed: Mutex<Vec<(Record, String)>>,
-    /// A report said the producer that queued them can deliver nothing more
-    /// ([`ends_producer`]).
-    stale: AtomicBool,
+    /// A report said the producer that queued it can deliver nothing more
+    /// ([`ends_producer`]): that producer's generation plus one (0: none did).
+    stale: AtomicU64,
     settled: Notify,
 }
 
@@ -91,9 +91,10 @@ impl Batch {
         std::mem::take(&mut *self.failed.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Whether a report said the producer can deliver nothing more ([`ends_producer`]).
-    pub(super) fn stale(&self) -> bool {
-        self.stale.load(Ordering::Relaxed)
+    /// The generation of a producer that a report said can deliver nothing more
+    /// ([`ends_producer`]), if one did.
+    pub(super) fn stale(&self) -> Option<u64> {
+        self.stale.load(Ordering::Relaxed).checked_sub(1)
     }
 
     /// Adds a record librdkafka refused to queue to the failed ones, so that it is queued
@@ -112,8 +113,11 @@ impl Batch {
     }
 }
 
-/// Counts each record's delivery report off its batch.
-struct Deliveries;
+/// Counts each record's delivery report off its batch; `generation` is its producer's (how
+/// many producers it replaced).
+struct Deliveries {
+    generation: u64,
+}
 
 impl ClientContext for Deliveries {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
@@ -131,7 +135,7 @@ impl ProducerContext for Deliveries {
     fn delivery(&self, result: &DeliveryResult<'_>, batch: Self::DeliveryOpaque) {
         if let Err((e, message)) = result {
             if e.rdkafka_error_code().is_some_and(ends_producer) {
-                batch.stale.store(true, Ordering::Relaxed);
+                batch.stale.store(self.generation + 1, Ordering::Relaxed);
             }
             let record = Record {
                 key: Bytes::copy_from_slice(message.key().unwrap_or_default()),
@@ -241,10 +245,15 @@ pub(super) struct PolledProducer {
 }
 
 impl PolledProducer {
-    /// Creates the producer of `topic`; must be called within a tokio runtime, which serves
-    /// its queue.
-    pub(super) fn create(config: &ClientConfig, topic: &str) -> Result<PolledProducer, KafkaError> {
-        let producer: BaseProducer<Deliveries> = config.create_with_context(Deliveries)?;
+    /// Creates the producer of `topic`, the `generation`th (how many it replaces); must be
+    /// called within a tokio runtime, which serves its queue.
+    pub(super) fn create(
+        config: &ClientConfig,
+        topic: &str,
+        generation: u64,
+    ) -> Result<PolledProducer, KafkaError> {
+        let producer: BaseProducer<Deliveries> =
+            config.create_with_context(Deliveries { generation })?;
         let name = std::ffi::CString::new(topic)
             .map_err(|_| KafkaError::ClientCreation(format!("topic name `{topic}`")))?;
         // SAFETY: the client pointer is live (owned by `producer`); a null configuration takes
