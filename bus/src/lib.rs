@@ -89,6 +89,14 @@ pub trait Publisher: Send + Sync {
     fn backlog(&self) -> u64 {
         0
     }
+    /// Takes back every record accepted and not yet delivered, waiting at most `timeout` for
+    /// them, so that they can be kept elsewhere (the gateway's disk spool, when it stops while
+    /// the bus is away): the backend delivers none of them after. At least once: a record that
+    /// was in flight may have been written all the same. Backends that deliver before
+    /// returning have nothing to give back.
+    async fn take_undelivered(&self, _timeout: Duration) -> Vec<Record> {
+        Vec::new()
+    }
 }
 
 /// A change of the partitions a subscriber reads (a consumer-group rebalance).

@@ -53,6 +53,8 @@ pub struct SpoolingPublisher {
     config: SpoolConfig,
     /// `true` while records go to the spool; the lock also orders publishing and replay.
     spooling: tokio::sync::Mutex<bool>,
+    /// The records of the replay in flight (sent to the bus, not yet delivered).
+    replaying: std::sync::Mutex<Vec<Record>>,
     stats: Arc<SpoolStats>,
 }
 
@@ -83,6 +85,7 @@ impl SpoolingPublisher {
             log,
             config,
             spooling: tokio::sync::Mutex::new(pending),
+            replaying: std::sync::Mutex::new(Vec::new()),
             stats: Arc::new(SpoolStats::default()),
         });
         spool
@@ -96,6 +99,33 @@ impl SpoolingPublisher {
     /// Counters for metrics.
     pub fn stats(&self) -> Arc<SpoolStats> {
         self.stats.clone()
+    }
+
+    /// Writes `records` to the spool, or drops and counts them when they would grow it past
+    /// its bound.
+    async fn append(&self, records: Vec<Record>) -> Result<(), BusError> {
+        let size: u64 = records
+            .iter()
+            .map(|r| (r.key.len() + r.payload.len() + 32) as u64)
+            .sum();
+        let on_disk = self.log.disk_bytes();
+        if on_disk + size > self.config.max_bytes {
+            self.stats
+                .dropped
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            return Ok(());
+        }
+        let n = records.len() as u64;
+        self.log.publish(records).await?;
+        self.stats.spooled.fetch_add(n, Ordering::Relaxed);
+        self.stats
+            .disk_bytes
+            .store(self.log.disk_bytes(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn replaying(&self) -> std::sync::MutexGuard<'_, Vec<Record>> {
+        self.replaying.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether records are going to disk now.
@@ -118,40 +148,51 @@ impl Publisher for SpoolingPublisher {
             );
             *spooling = true;
         }
-        let size: u64 = records
-            .iter()
-            .map(|r| (r.key.len() + r.payload.len() + 32) as u64)
-            .sum();
-        let on_disk = self.log.disk_bytes();
-        if on_disk + size > self.config.max_bytes {
-            self.stats
-                .dropped
-                .fetch_add(records.len() as u64, Ordering::Relaxed);
-            return Ok(());
-        }
-        let n = records.len() as u64;
-        self.log.publish(records).await?;
-        self.stats.spooled.fetch_add(n, Ordering::Relaxed);
-        self.stats
-            .disk_bytes
-            .store(self.log.disk_bytes(), Ordering::Relaxed);
-        Ok(())
+        self.append(records).await
     }
 
+    /// Waits for the spool to drain and the bus to deliver. When that does not happen in
+    /// time (the gateway stops while the bus is away), what the bus client still holds is
+    /// taken back and written to the spool, to be replayed at the next start: it would
+    /// otherwise be lost, every record below the high-water mark waiting in the client's
+    /// memory. Records of a replay in flight are left out: they are still in the spool, not
+    /// yet committed, and replay again anyway.
     async fn flush(&self, timeout: Duration) -> Result<(), BusError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        while *self.spooling.lock().await {
-            if tokio::time::Instant::now() >= deadline {
-                return Err(BusError::Broker {
-                    message: "events remain in the disk spool; they are replayed at the next start"
-                        .into(),
-                    retryable: true,
-                });
-            }
+        while *self.spooling.lock().await && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        self.inner.flush(left).await
+        let why = if *self.spooling.lock().await {
+            "events remain in the disk spool; they are replayed at the next start".to_string()
+        } else {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.inner.flush(left).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e.to_string(),
+            }
+        };
+        let taken = self.inner.take_undelivered(Duration::from_secs(10)).await;
+        let replaying = std::mem::take(&mut *self.replaying());
+        let replayed: std::collections::HashSet<&[u8]> =
+            replaying.iter().map(|r| &r.payload[..]).collect();
+        let kept: Vec<Record> = taken
+            .into_iter()
+            .filter(|r| !replayed.contains(&r.payload[..]))
+            .collect();
+        let message = if kept.is_empty() {
+            why
+        } else {
+            let n = kept.len();
+            let _one_at_a_time = self.spooling.lock().await;
+            self.append(kept).await?;
+            format!(
+                "{why}; {n} events the bus had not delivered were moved to the disk spool, to be replayed at the next start"
+            )
+        };
+        Err(BusError::Broker {
+            message,
+            retryable: true,
+        })
     }
 
     fn backlog(&self) -> u64 {
@@ -195,7 +236,7 @@ async fn replay_loop(
         }
         let n = msgs.len() as u64;
         let next = msgs.last().map_or(position, |m| m.offset + 1);
-        let records = msgs
+        let records: Vec<Record> = msgs
             .into_iter()
             .map(|m| Record {
                 key: m.key,
@@ -203,10 +244,12 @@ async fn replay_loop(
             })
             .collect();
         // Delivered before the spool position moves: a crash replays, never loses.
+        *s.replaying() = records.clone();
         let delivered = match s.inner.publish(records).await {
             Ok(()) => s.inner.flush(Duration::from_secs(300)).await,
             Err(e) => Err(e),
         };
+        s.replaying().clear();
         match delivered {
             Ok(()) => {
                 position = next;
@@ -341,6 +384,96 @@ mod tests {
         bus.stalled.store(false, Ordering::Relaxed);
         spool.flush(Duration::from_secs(10)).await.unwrap();
         assert_eq!(received(&bus).len() as u64, spooled);
+    }
+
+    /// A bus that keeps what it is given undelivered while stalled (as librdkafka does with
+    /// an unreachable broker) and gives it back when asked.
+    #[derive(Default)]
+    struct Holding {
+        stalled: AtomicBool,
+        held: Mutex<Vec<Record>>,
+        got: Mutex<Vec<Bytes>>,
+    }
+
+    #[async_trait]
+    impl Publisher for Holding {
+        async fn publish(&self, records: Vec<Record>) -> Result<(), BusError> {
+            if self.stalled.load(Ordering::Relaxed) {
+                self.held.lock().unwrap().extend(records);
+            } else {
+                let mut got = self.got.lock().unwrap();
+                got.extend(records.into_iter().map(|r| r.payload));
+            }
+            Ok(())
+        }
+        async fn flush(&self, _timeout: Duration) -> Result<(), BusError> {
+            match self.backlog() {
+                0 => Ok(()),
+                n => Err(BusError::Broker {
+                    message: format!("{n} undelivered"),
+                    retryable: true,
+                }),
+            }
+        }
+        fn backlog(&self) -> u64 {
+            self.held.lock().unwrap().len() as u64
+        }
+        async fn take_undelivered(&self, _timeout: Duration) -> Vec<Record> {
+            std::mem::take(&mut *self.held.lock().unwrap())
+        }
+    }
+
+    /// A gateway stopped while the bus is away: what the bus client still held (below the
+    /// high-water mark, never spooled) is moved to the spool by the last flush, and the next
+    /// start replays it with the rest: every record once.
+    #[tokio::test]
+    async fn a_gateway_stopped_while_the_bus_is_away_spools_what_the_bus_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = Arc::new(Holding::default());
+        bus.stalled.store(true, Ordering::Relaxed);
+        let spool = SpoolingPublisher::open(
+            bus.clone(),
+            SpoolConfig {
+                dir: dir.path().to_path_buf(),
+                max_bytes: 1 << 30,
+                high_water: 10,
+            },
+        )
+        .unwrap();
+        spool.publish(batch(0..8)).await.unwrap();
+        spool.publish(batch(8..12)).await.unwrap();
+        spool.publish(batch(12..20)).await.unwrap();
+        assert_eq!(
+            bus.backlog(),
+            12,
+            "below the high-water mark: to the bus client"
+        );
+        assert_eq!(spool.stats().spooled.load(Ordering::Relaxed), 8);
+        let e = spool.flush(Duration::from_millis(100)).await.unwrap_err();
+        assert!(e.to_string().contains("12 events"), "{e}");
+        assert_eq!(bus.backlog(), 0);
+        drop(spool);
+
+        let bus = Arc::new(Holding::default());
+        let spool = SpoolingPublisher::open(
+            bus.clone(),
+            SpoolConfig {
+                dir: dir.path().to_path_buf(),
+                max_bytes: 1 << 30,
+                high_water: 10,
+            },
+        )
+        .unwrap();
+        spool.flush(Duration::from_secs(10)).await.unwrap();
+        let mut got: Vec<u64> = bus
+            .got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).parse().unwrap())
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, (0..20).collect::<Vec<_>>(), "every record once");
     }
 
     #[tokio::test]

@@ -549,6 +549,50 @@ async fn a_producer_fenced_after_a_long_freeze_is_replaced_and_every_record_land
     );
 }
 
+/// A gateway that stops while the broker is frozen takes its undelivered records back out of
+/// librdkafka (to its disk spool): every one of them, queued or in flight, and then the
+/// publisher takes no more and says its records were not delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undelivered_records_are_given_back_while_the_broker_is_frozen() {
+    let broker = tollgate_testkit::Broker::start();
+    let (_bus, publisher, _) = open_publisher(&broker, "given-back", &[]).await;
+    publisher.publish(records(100)).await.unwrap();
+    publisher.flush(Duration::from_secs(30)).await.unwrap();
+    broker.freeze();
+    for i in 0..4 {
+        publisher
+            .publish(records_from(100 + i * 250, 250))
+            .await
+            .unwrap();
+    }
+    assert!(publisher.flush(Duration::from_millis(300)).await.is_err());
+    let taken = publisher.take_undelivered(Duration::from_secs(10)).await;
+    let mut numbers: Vec<u64> = taken
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).parse().unwrap())
+        .collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, (100..1100).collect::<Vec<u64>>());
+    assert!(
+        taken.iter().all(|r| r.key
+            == format!(
+                "consumer-{}",
+                String::from_utf8_lossy(&r.payload).parse::<u64>().unwrap() % 7
+            )),
+        "each record keeps its key"
+    );
+    assert_eq!(publisher.backlog(), 0);
+    assert!(
+        publisher.publish(records(1)).await.is_err(),
+        "it takes no more"
+    );
+    assert!(
+        publisher.flush(Duration::from_secs(1)).await.is_err(),
+        "given back is not delivered"
+    );
+    broker.thaw();
+}
+
 /// What the process logs, for the test that checks librdkafka's lines reach it.
 #[derive(Clone, Default)]
 struct Logged(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);

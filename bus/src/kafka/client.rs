@@ -189,6 +189,25 @@ pub struct KafkaPublisher {
     /// Records queued and not yet delivered.
     in_flight: Arc<tokio::sync::watch::Sender<u64>>,
     stats: Arc<DeliveryStats>,
+    /// Set by `take_undelivered`: publishes fail, and failed records are given back instead
+    /// of queued again.
+    closing: Arc<Closing>,
+}
+
+/// A publisher giving its records back (`take_undelivered`).
+#[derive(Default)]
+struct Closing {
+    set: AtomicBool,
+    /// Wakes deliveries waiting to queue failed records again.
+    notify: tokio::sync::Notify,
+    /// The records given back so far.
+    taken: Mutex<Vec<Record>>,
+}
+
+impl Closing {
+    fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
 }
 
 /// The producer in use, and what makes a new one.
@@ -241,6 +260,7 @@ impl KafkaPublisher {
             }),
             in_flight: Arc::new(tokio::sync::watch::channel(0).0),
             stats: Arc::new(DeliveryStats::default()),
+            closing: Arc::default(),
         })
     }
 
@@ -287,6 +307,19 @@ impl KafkaPublisher {
         }
     }
 
+    /// While closing, gives `records` (failed) back instead of queueing them again: they leave
+    /// the backlog. Whether it did.
+    fn give_back_if_closing(&self, records: &[Record]) -> bool {
+        if !self.closing.is_set() {
+            return false;
+        }
+        let mut taken = self.closing.taken.lock().unwrap_or_else(|p| p.into_inner());
+        taken.extend_from_slice(records);
+        drop(taken);
+        self.settle(records.len() as u64, false);
+        true
+    }
+
     /// `n` records left the backlog: delivered, or dropped.
     fn settle(&self, n: u64, delivered: bool) {
         if n == 0 {
@@ -306,19 +339,33 @@ impl KafkaPublisher {
         loop {
             let failed = batch.settled().await;
             self.settle((queued - failed.len()) as u64, true);
-            let Some((_, e)) = failed.first() else {
+            let Some(e) = failed.first().map(|(_, e)| e.clone()) else {
                 return;
             };
+            let records: Vec<Record> = failed.into_iter().map(|(r, _)| r).collect();
+            if self.give_back_if_closing(&records) {
+                return;
+            }
             if let Some(stale) = batch.stale() {
                 self.producers.renew(stale);
             }
-            tracing::warn!(records = failed.len(), error = %e, "Kafka delivery failed; queueing the records again");
+            tracing::warn!(records = records.len(), error = %e, "Kafka delivery failed; queueing the records again");
             self.stats
                 .requeued
-                .fetch_add(failed.len() as u64, Ordering::Relaxed);
-            tokio::time::sleep(backoff).await;
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            let closed = self.closing.notify.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if !self.closing.is_set() {
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = closed => {}
+                }
+            }
+            if self.give_back_if_closing(&records) {
+                return;
+            }
             backoff = (backoff * 2).min(Duration::from_secs(5));
-            let records: Vec<Record> = failed.into_iter().map(|(r, _)| r).collect();
             batch = Batch::new();
             let refused = self.enqueue(&batch, &records).await;
             batch.seal();
@@ -337,6 +384,12 @@ impl Publisher for KafkaPublisher {
     /// refuses every record the call fails (and may be retried without doubling any); records
     /// it refuses beside others that it queues are queued again with the failed deliveries.
     async fn publish(&self, records: Vec<Record>) -> Result<(), BusError> {
+        if self.closing.is_set() {
+            return Err(BusError::Broker {
+                message: "the Kafka publisher has given its records back and takes no more".into(),
+                retryable: true,
+            });
+        }
         let batch = Batch::new();
         let refused = self.enqueue(&batch, &records).await;
         if refused.len() == records.len() {
@@ -364,6 +417,13 @@ impl Publisher for KafkaPublisher {
             .await
             .is_ok();
         let left = *self.in_flight.borrow();
+        if self.closing.is_set() {
+            // The backlog emptied because the records were given back, not delivered.
+            return Err(BusError::Broker {
+                message: "the Kafka publisher gave its undelivered records back".into(),
+                retryable: true,
+            });
+        }
         match done {
             true => Ok(()),
             false => Err(BusError::Broker {
@@ -371,6 +431,38 @@ impl Publisher for KafkaPublisher {
                 retryable: true,
             }),
         }
+    }
+
+    /// Purges librdkafka's queue and what is in flight; every record's failed report gives it
+    /// back instead of queueing it again, and so do deliveries waiting to queue theirs again.
+    async fn take_undelivered(&self, timeout: Duration) -> Vec<Record> {
+        self.closing.set.store(true, Ordering::Release);
+        self.closing.notify.notify_waiters();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = self.in_flight.subscribe();
+        // Purged again until none is out: a delivery that was queueing its failed records
+        // again when the flag went up may queue them after a purge.
+        loop {
+            let (producer, _) = self.producers.current();
+            let _ = tokio::task::spawn_blocking(move || producer.purge()).await;
+            let round = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(Duration::from_millis(200));
+            if tokio::time::timeout(round, rx.wait_for(|n| *n == 0))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    left = *self.in_flight.borrow(),
+                    "Kafka records still out after purging them"
+                );
+                break;
+            }
+        }
+        std::mem::take(&mut *self.closing.taken.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 

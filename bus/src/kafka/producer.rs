@@ -391,12 +391,19 @@ impl PolledProducer {
     /// a second) for their reports: they fail as purged and are queued again by whoever
     /// awaits their batch. Blocks; the producer is then dropped.
     pub(super) fn retire(self) {
-        use rdkafka::producer::PurgeConfig;
-        let producer = &self.inner.producer;
-        producer.purge(PurgeConfig::default().queue().inflight());
-        if let Err(e) = producer.flush(Duration::from_secs(1)) {
+        self.purge();
+        if let Err(e) = self.inner.producer.flush(Duration::from_secs(1)) {
             tracing::warn!(error = %e, "a retired Kafka producer still held records");
         }
+    }
+
+    /// Takes every record back out of librdkafka, queued or in flight: each gets a failed
+    /// report (purged). Blocks briefly.
+    pub(super) fn purge(&self) {
+        use rdkafka::producer::PurgeConfig;
+        self.inner
+            .producer
+            .purge(PurgeConfig::default().queue().inflight());
     }
 
     /// Whether the brokers answer for `topic`'s metadata within `timeout` (blocks).
