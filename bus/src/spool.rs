@@ -11,6 +11,10 @@
 //!   replay position is committed only after the bus confirmed delivery, so a gateway restarted
 //!   mid-outage replays what it had spooled (at least once: a crash between delivery and the
 //!   commit replays a batch again).
+//! - Stopped mid-outage: the last `flush` takes back what the bus client still holds (records
+//!   below the high-water mark wait in its memory, never spooled) and writes it to the spool,
+//!   so the next start replays it too (at least once: a record that was in flight may have been
+//!   written all the same).
 
 use std::path::PathBuf;
 use std::sync::Arc;

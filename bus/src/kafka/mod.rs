@@ -18,9 +18,9 @@
 //!   paths can write a record twice, and the collector, which is exactly once per bus position,
 //!   then counts it twice: a `message.timeout.ms` set in `properties` (a record that timed out
 //!   in flight may have been written anyway), a producer replaced after the broker fenced it
-//!   (its in-flight records are purged and queued on the new one), and a gateway that crashes
-//!   while its disk spool replays (`crate::spool`, at least once). Deduplicating by event id in
-//!   the store would close them; it is not built.
+//!   (its in-flight records are purged and queued on the new one), and a gateway that stops or
+//!   crashes during an outage or while its disk spool replays (`crate::spool`, at least once).
+//!   Deduplicating by event id in the store would close them; it is not built.
 //!
 //! The configuration is always compiled (so `check-config` and the error that names the missing
 //! feature work in every build); the client code needs the `kafka` cargo feature.
