@@ -167,6 +167,11 @@ async fn publishes_keyed_and_a_group_resumes_at_its_commit() {
     for m in &got {
         ends.advance(m.partition, m.offset);
     }
+    // The end offsets of the owned partitions, asked on a client of their own. (tansu answers
+    // a watermark query with 1 for these partitions, so the values are not checked here.)
+    let (end_offsets, partitions) = sub.end_offsets().await.unwrap();
+    let owned: Vec<u32> = end_offsets.0.keys().copied().collect();
+    assert_eq!((owned, partitions), (vec![0, 1, 2, 3], 4));
     sub.commit(&ends).await.unwrap();
     drop(sub);
 

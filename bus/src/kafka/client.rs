@@ -543,6 +543,12 @@ pub struct KafkaSubscriber {
     /// after that change, so it is returned by the next `poll`.
     carried: Option<Message>,
     changes: Vec<AssignmentChange>,
+    /// A client of its own for the end-offset queries (no group, no fetches): on the group
+    /// consumer's connection each query waited behind the fetch long-poll (about 100 ms), and
+    /// the 13 requests of a collector's progress step (a metadata request and a watermark
+    /// query per partition) took 1.25 s, which the collector's loop spent polling nothing:
+    /// a freshness stall every flush interval (BENCHMARKS.md, "Freshness again").
+    queries: Arc<BaseConsumer>,
 }
 
 impl KafkaSubscriber {
@@ -568,7 +574,12 @@ impl KafkaSubscriber {
         })
         .map_err(broker_err)?;
         consumer.subscribe(&[&config.topic]).map_err(broker_err)?;
+        let queries: BaseConsumer =
+            client_config(config, &[("enable.auto.commit", "false".into())])
+                .create()
+                .map_err(broker_err)?;
         Ok(KafkaSubscriber {
+            queries: Arc::new(queries),
             consumer: Arc::new(consumer),
             events,
             topic: config.topic.clone(),
@@ -776,7 +787,7 @@ impl Subscriber for KafkaSubscriber {
         Ok(())
     }
     async fn end_offsets(&mut self) -> Result<(Checkpoint, u32), BusError> {
-        let consumer = self.consumer.clone();
+        let consumer = self.queries.clone();
         let topic = self.topic.clone();
         let owned: Vec<u32> = self.owned.iter().copied().collect();
         tokio::task::spawn_blocking(move || {
