@@ -326,7 +326,11 @@ mod tests {
             .collect()
     }
 
-    fn open(bus: &Arc<Stallable>, dir: &std::path::Path, max_bytes: u64) -> Arc<SpoolingPublisher> {
+    fn open<B: Publisher + 'static>(
+        bus: &Arc<B>,
+        dir: &std::path::Path,
+        max_bytes: u64,
+    ) -> Arc<SpoolingPublisher> {
         SpoolingPublisher::open(
             bus.clone(),
             SpoolConfig {
@@ -435,15 +439,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bus = Arc::new(Holding::default());
         bus.stalled.store(true, Ordering::Relaxed);
-        let spool = SpoolingPublisher::open(
-            bus.clone(),
-            SpoolConfig {
-                dir: dir.path().to_path_buf(),
-                max_bytes: 1 << 30,
-                high_water: 10,
-            },
-        )
-        .unwrap();
+        let spool = open(&bus, dir.path(), 1 << 30);
         spool.publish(batch(0..8)).await.unwrap();
         spool.publish(batch(8..12)).await.unwrap();
         spool.publish(batch(12..20)).await.unwrap();
@@ -459,15 +455,7 @@ mod tests {
         drop(spool);
 
         let bus = Arc::new(Holding::default());
-        let spool = SpoolingPublisher::open(
-            bus.clone(),
-            SpoolConfig {
-                dir: dir.path().to_path_buf(),
-                max_bytes: 1 << 30,
-                high_water: 10,
-            },
-        )
-        .unwrap();
+        let spool = open(&bus, dir.path(), 1 << 30);
         spool.flush(Duration::from_secs(10)).await.unwrap();
         let mut got: Vec<u64> = bus
             .got

@@ -121,6 +121,15 @@ async fn drain(
     out
 }
 
+/// Checks that `numbers` (ascending) are `0..n`, each once.
+fn assert_each_once(numbers: &[u64], n: u64) {
+    assert_eq!(
+        numbers,
+        (0..n).collect::<Vec<u64>>(),
+        "every record exactly once"
+    );
+}
+
 /// Reads `n` records as a new consumer group `group`: the messages, and their payloads'
 /// numbers in ascending order.
 async fn read_numbers(bus: &dyn Bus, group: &str, n: usize) -> (Vec<Message>, Vec<u64>) {
@@ -301,11 +310,7 @@ async fn broker_outage_and_leader_loss_lose_nothing() {
     );
 
     let (_, seen) = read_numbers(&*bus, "faults-check", 1500).await;
-    assert_eq!(
-        seen,
-        (0..1500).collect::<Vec<u64>>(),
-        "every record exactly once"
-    );
+    assert_each_once(&seen, 1500);
     drop(Arc::clone(&spool));
 }
 
@@ -359,11 +364,7 @@ async fn failed_deliveries_are_queued_again_until_they_land() {
     assert_eq!(stats.backlog.load(Relaxed), 0);
 
     let (got, seen) = read_numbers(&*bus, "requeue-check", 1100).await;
-    assert_eq!(
-        seen,
-        (0..1100).collect::<Vec<u64>>(),
-        "every record exactly once"
-    );
+    assert_each_once(&seen, 1100);
     for m in &got {
         let i: u64 = String::from_utf8_lossy(&m.payload).parse().unwrap();
         assert_eq!(
@@ -402,11 +403,7 @@ async fn a_full_producer_queue_delays_the_rest_of_a_batch_in_order() {
     for (key, seq) in &by_key {
         assert!(seq.windows(2).all(|w| w[0] < w[1]), "{key:?} out of order");
     }
-    assert_eq!(
-        seen,
-        (0..3000).collect::<Vec<u64>>(),
-        "every record exactly once"
-    );
+    assert_each_once(&seen, 3000);
 }
 
 /// A record librdkafka refuses to queue (larger than `message.max.bytes`) among others: the
@@ -515,11 +512,7 @@ async fn a_frozen_broker_gets_every_record_once_after_it_thaws() {
     assert_eq!(stats.requeued.load(Relaxed), 0, "no delivery failed");
     assert_eq!(stats.delivered.load(Relaxed), 1100);
     let numbers = read_all_of(&*bus, "frozen-check", 1100).await;
-    assert_eq!(
-        numbers,
-        (0..1100).collect::<Vec<u64>>(),
-        "every record exactly once"
-    );
+    assert_each_once(&numbers, 1100);
 }
 
 /// A real broker frozen past `message.timeout.ms`: librdkafka fails the deliveries and bumps
