@@ -495,7 +495,7 @@ async fn publish_across_a_freeze(
 /// A real broker frozen for longer than a request may take: with the production settings no
 /// delivery times out (no `message.timeout.ms`), so nothing is queued again by the publisher;
 /// librdkafka sends the timed-out requests again itself, idempotently, and every record lands
-/// exactly once. (With a two-second delivery timeout, 2,000 deliveries fail here.)
+/// exactly once. (With a two-second delivery timeout, records are queued again here, 2,000 times.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_broker_gets_every_record_once_after_it_thaws() {
     use std::sync::atomic::Ordering::Relaxed;
