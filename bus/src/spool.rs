@@ -317,9 +317,9 @@ mod tests {
             .collect()
     }
 
-    fn received(bus: &Stallable) -> Vec<u64> {
-        bus.got
-            .lock()
+    /// The numbers of the records a fake bus delivered, in the order it got them.
+    fn received(got: &Mutex<Vec<Bytes>>) -> Vec<u64> {
+        got.lock()
             .unwrap()
             .iter()
             .map(|p| String::from_utf8_lossy(p).parse().unwrap())
@@ -354,7 +354,7 @@ mod tests {
         }
         assert!(spool.is_spooling().await);
         assert_eq!(
-            received(&bus),
+            received(&bus.got),
             (0..5).collect::<Vec<_>>(),
             "nothing sent while stalled"
         );
@@ -365,7 +365,7 @@ mod tests {
         spool.flush(Duration::from_secs(10)).await.unwrap();
         assert!(!spool.is_spooling().await);
         spool.publish(batch(110..120)).await.unwrap();
-        assert_eq!(received(&bus), (0..120).collect::<Vec<_>>());
+        assert_eq!(received(&bus.got), (0..120).collect::<Vec<_>>());
         assert_eq!(spool.stats().dropped.load(Ordering::Relaxed), 0);
     }
 
@@ -391,7 +391,7 @@ mod tests {
         assert!(stats.disk_bytes.load(Ordering::Relaxed) <= 4_000);
         bus.stalled.store(false, Ordering::Relaxed);
         spool.flush(Duration::from_secs(10)).await.unwrap();
-        assert_eq!(received(&bus).len() as u64, spooled);
+        assert_eq!(received(&bus.got).len() as u64, spooled);
     }
 
     /// A bus that keeps what it is given undelivered while stalled (as librdkafka does with
@@ -457,13 +457,7 @@ mod tests {
         let bus = Arc::new(Holding::default());
         let spool = open(&bus, dir.path(), 1 << 30);
         spool.flush(Duration::from_secs(10)).await.unwrap();
-        let mut got: Vec<u64> = bus
-            .got
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|p| String::from_utf8_lossy(p).parse().unwrap())
-            .collect();
+        let mut got = received(&bus.got);
         got.sort_unstable();
         assert_eq!(got, (0..20).collect::<Vec<_>>(), "every record once");
     }
@@ -480,6 +474,6 @@ mod tests {
         let spool = open(&bus, dir.path(), 1 << 30);
         assert!(spool.is_spooling().await);
         spool.flush(Duration::from_secs(10)).await.unwrap();
-        assert_eq!(received(&bus), (0..30).collect::<Vec<_>>());
+        assert_eq!(received(&bus.got), (0..30).collect::<Vec<_>>());
     }
 }

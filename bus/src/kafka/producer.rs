@@ -97,8 +97,9 @@ impl Batch {
         self.stale.load(Ordering::Relaxed).checked_sub(1)
     }
 
-    /// Adds a record librdkafka refused to queue to the failed ones, so that it is queued
-    /// again with them. Only before the batch is sealed: `settled` takes the list after.
+    /// Adds a failed record, to be queued again with the others: one librdkafka refused to
+    /// queue (before the batch is sealed) or one whose report failed (before that report
+    /// counts it off). `settled` takes the list once every record is counted off.
     pub(super) fn fail(&self, record: Record, reason: String) {
         self.failed
             .lock()
@@ -141,11 +142,7 @@ impl ProducerContext for Deliveries {
                 key: Bytes::copy_from_slice(message.key().unwrap_or_default()),
                 payload: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
             };
-            batch
-                .failed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((record, e.to_string()));
+            batch.fail(record, e.to_string());
         }
         batch.count_off();
     }
