@@ -224,6 +224,11 @@ pub struct Ctx<'w> {
     staged_body: Option<Bytes>,
     /// The request's spans, when the gateway records them (`telemetry.otlp`).
     spans: Option<RequestSpans<'w>>,
+    /// Whether the request gets a trace the gateway starts when it goes upstream
+    /// (`trace::root`): the caller sent no well-formed `traceparent`, and the gateway records
+    /// no spans. A request answered by the gateway itself propagates no trace, so its event
+    /// names none.
+    starts_trace: bool,
     req_bytes: u64,
     resp_bytes: u64,
 }
@@ -261,13 +266,18 @@ impl Ctx<'_> {
         }
     }
 
-    /// Writes the trace context the upstream receives when the gateway records spans: its
-    /// upstream span as parent. Otherwise the caller's `traceparent` and `tracestate`, if any,
-    /// are passed on with its other fields.
+    /// Writes the trace context the upstream receives: the gateway's upstream span as parent
+    /// when it records spans; else, for a caller that sent none, the trace the gateway started
+    /// (`trace::root`, the same on a retry). A caller's own `traceparent` is passed on with its
+    /// other fields.
     fn put_trace_context(&mut self, target: &Target, out: &mut Vec<u8>) {
         if let Some(spans) = &mut self.spans {
             let parent = spans.start_upstream(&target.authority);
             trace::inject(&parent, out);
+        } else if self.starts_trace {
+            let (trace, parent) = trace::root(self.event.id);
+            self.event.trace_id = Some(trace);
+            trace::put_root(&trace, parent, out);
         }
     }
 
@@ -441,6 +451,7 @@ impl Worker {
             (None, Some(cx)) => trace::trace_id(cx.span().span_context()),
             (None, None) => None,
         };
+        let starts_trace = spans.is_none() && caller.is_none();
         Ctx {
             recorder: &self.recorder,
             start: started,
@@ -463,6 +474,7 @@ impl Worker {
             body: BodyRead::Untouched,
             staged_body: None,
             spans,
+            starts_trace,
             req_bytes: 0,
             resp_bytes: 0,
         }
@@ -589,9 +601,10 @@ impl Worker {
             .auth
             .api_key_header()
             .map(|h| h.as_str().as_bytes());
-        // The gateway writes the trace context itself when it records spans; else it passes
-        // the caller's on as it came.
-        let own_trace = ctx.spans.is_some();
+        // The gateway writes the trace context itself when it records spans or started the
+        // trace (a `traceparent` that is not well formed is replaced); else it passes the
+        // caller's on as it came.
+        let own_trace = ctx.spans.is_some() || ctx.starts_trace;
         let mut forwarded_for = None;
         for (name, value) in head.fields.iter() {
             if head.fields.is_hop_by_hop(name)

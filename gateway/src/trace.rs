@@ -4,13 +4,17 @@
 //! `traceparent`, read by the standard `TraceContextPropagator`), or the one the gateway
 //! starts when it records spans. DESIGN.md: `trace_id` "when present".
 //!
-//! Without a tracer (`telemetry.otlp` absent) the gateway takes no part in the trace: the
-//! caller's `traceparent` and `tracestate` go upstream unchanged, and a request without one
-//! gets none, as behind Envoy or Kong without tracing; the event's `trace_id` is then null. (The
-//! gateway started a trace for every such request before: ids nobody records, a header of
-//! 70 bytes more for every upstream to parse, and the largest column of the events, random and
-//! incompressible. `x-request-id`, the event id, already ties a request's event to the
-//! upstream's logs.)
+//! Without a tracer (`telemetry.otlp` absent) the gateway records no spans, but every request
+//! still goes upstream with a trace context (DESIGN.md: the upstream receives `traceparent`):
+//! the caller's `traceparent` and `tracestate` unchanged, or, for a caller that sent none well
+//! formed, a trace the gateway starts as the request goes upstream ([`root`]; a request the
+//! gateway answers itself propagates none and its event names none). That trace's id is the event id's 128 bits:
+//! a UUIDv7 is a millisecond timestamp followed by 74 random bits, so its rightmost seven
+//! bytes are random, which is what W3C Trace Context asks of a trace id that samplers read
+//! (level 2's "random" rule; OpenTelemetry's ratio sampler reads those bytes). Nothing new is
+//! drawn per request, and the trace id, the event id and `x-request-id` (unless the client
+//! sent its own) name the same request: a trace found in the upstream's tracing backend leads
+//! to its event by id, and back. The event's `trace_id` is that id in both cases.
 //!
 //! With a tracer, the request is a server span (`http.route`, `tollgate.consumer`, status and
 //! outcome attributes) with child spans `auth`, `limits` and `upstream` (a client span, one per
@@ -94,6 +98,29 @@ fn put_hex(out: &mut Vec<u8>, bytes: &[u8]) {
         out.push(DIGITS[usize::from(b >> 4)]);
         out.push(DIGITS[usize::from(b & 0xf)]);
     }
+}
+
+/// The trace a request starts when it came without one and the gateway records no spans (see
+/// the module's docs): its trace id, the event id's bits, and the parent id the upstream
+/// receives, derived from the same bits (both halves folded, so it is as random as their
+/// random part) and so the same on a retry.
+pub fn root(event_id: uuid::Uuid) -> (TraceId, u64) {
+    let bits = event_id.as_u128();
+    let parent = ((bits >> 64) as u64 ^ bits as u64).rotate_left(17) | 1;
+    // A UUIDv7's version nibble is never zero, so neither are its bits.
+    let trace = TraceId::from_u128(bits).expect("a UUIDv7 is not zero");
+    (trace, parent)
+}
+
+/// Writes the `traceparent` of a trace [`root`] started: `trace` with `parent` as the parent
+/// id, sampled (so the upstream may record it), and no `tracestate`.
+pub fn put_root(trace: &TraceId, parent: u64, out: &mut Vec<u8>) {
+    out.extend_from_slice(TRACEPARENT.as_bytes());
+    out.extend_from_slice(b": 00-");
+    out.extend_from_slice(trace.as_str().as_bytes());
+    out.push(b'-');
+    put_hex(out, &parent.to_be_bytes());
+    out.extend_from_slice(b"-01\r\n");
 }
 
 /// The trace id of a span context, as the event carries it.
@@ -356,6 +383,36 @@ mod tests {
             trace_of(&text).as_deref(),
             trace_id(&root).as_ref().map(TraceId::as_str)
         );
+    }
+
+    #[test]
+    fn a_root_started_from_an_event_id_is_a_valid_sampled_trace_named_by_that_id() {
+        for _ in 0..100 {
+            let id = uuid::Uuid::now_v7();
+            let (trace, parent) = root(id);
+            assert_eq!(
+                trace.as_str(),
+                id.simple().to_string(),
+                "the trace id is the event id"
+            );
+            assert_eq!(root(id), (trace, parent), "the same on a retry");
+            let mut out = Vec::new();
+            put_root(&trace, parent, &mut out);
+            let span = SpanContext::new(
+                opentelemetry::trace::TraceId::from(id.as_u128()),
+                opentelemetry::trace::SpanId::from(parent),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            );
+            let text = String::from_utf8(out).unwrap();
+            assert_eq!(text, propagator_writes(&span));
+            assert_eq!(
+                trace_of(&text).as_deref(),
+                Some(trace.as_str()),
+                "well formed"
+            );
+        }
     }
 
     /// The propagator's own output, as `name: value` lines.

@@ -238,12 +238,16 @@ async fn forwards_with_identity_headers_and_meters_bytes() {
         up.get("x-api-key").is_none(),
         "credentials stay at the gateway"
     );
-    assert!(
-        up.get("traceparent").is_none(),
-        "a gateway that records no spans starts no trace"
-    );
     let request_id = headers["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(up["x-request-id"], request_id);
+    // A request without a trace gets one the gateway starts, named by the request's id.
+    let started = up["traceparent"].as_str().expect("a traceparent upstream");
+    let parts: Vec<&str> = started.split('-').collect();
+    assert_eq!(
+        (parts.len(), parts[0], parts[1], parts[2].len(), parts[3]),
+        (4, "00", request_id.replace('-', "").as_str(), 16, "01"),
+        "{started}"
+    );
 
     // A caller's trace context goes upstream as it came, and its trace id into the event.
     let caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -271,8 +275,25 @@ async fn forwards_with_identity_headers_and_meters_bytes() {
         ),
         (&serde_json::json!(caller), &serde_json::json!("vendor=1"))
     );
+    // One that is not well formed is replaced by a trace the gateway starts.
+    let (_, _, body) = h
+        .call(
+            "GET",
+            "/echo/8",
+            &[
+                ("x-api-key", "k-acme"),
+                ("traceparent", "00-not-a-trace-01"),
+            ],
+            "",
+        )
+        .await;
+    let replaced = body["headers"]["traceparent"].as_str().unwrap_or_default();
+    assert!(
+        replaced.starts_with("00-") && replaced.len() == 55,
+        "{replaced}"
+    );
 
-    let evs = h.events(&mut sub, 2).await;
+    let evs = h.events(&mut sub, 3).await;
     let e = &evs[0];
     assert_eq!(
         (e.route.as_deref(), e.consumer.as_deref(), e.plan.as_deref()),
@@ -283,12 +304,17 @@ async fn forwards_with_identity_headers_and_meters_bytes() {
     assert_eq!(e.req_bytes, 5);
     assert!(e.resp_bytes > 50 && e.latency_us >= e.upstream_latency_us.unwrap());
     assert_eq!(e.id.to_string(), request_id);
-    assert_eq!(e.trace_id, None, "no trace, no trace id");
+    assert_eq!(
+        e.trace_id.as_deref(),
+        Some(parts[1]),
+        "the started trace's id"
+    );
     assert_eq!(evs[1].route.as_deref(), Some("api"));
     assert_eq!(
         evs[1].trace_id.as_deref(),
         Some("0af7651916cd43dd8448eb211c80319c")
     );
+    assert_eq!(evs[2].trace_id.as_deref(), replaced.get(3..35));
     h.gw.shutdown.cancel();
 }
 
@@ -393,6 +419,10 @@ async fn rejects_with_the_right_status_and_still_meters() {
         ]
     );
     assert_eq!(evs[0].route, None);
+    assert_eq!(
+        evs[0].trace_id, None,
+        "answered by the gateway: no trace went anywhere"
+    );
     assert_eq!(evs[6].status, 504);
     assert!(
         evs[6].upstream_latency_us.unwrap() >= 200_000,
