@@ -355,4 +355,65 @@ async fn two_gateways_two_collectors_survive_a_sigkill_and_a_frozen_broker() {
         assert!(Instant::now() < deadline, "collector lag stays: {lags:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // An event the bus holds twice (what a producer's rare paths write: the same record at two
+    // positions) is stored once; the survivor drops the copy by its id and counts it.
+    let bus: tollgate_bus::BusConfig = serde_yaml_ng::from_str(&format!(
+        "{{ kind: kafka, brokers: \"{}\", topic: scaled.events }}",
+        broker.addr()
+    ))
+    .unwrap();
+    let publisher = bus.open().await.unwrap().publisher().unwrap();
+    let twice = tollgate_schemas::RequestEvent {
+        v: 1,
+        id: uuid::Uuid::now_v7(),
+        ts: chrono::Utc::now(),
+        gateway: "gw-test".into(),
+        route: Some("fast".into()),
+        method: "GET".into(),
+        path: "/fast".into(),
+        status: 200,
+        latency_us: 100,
+        upstream_latency_us: Some(90),
+        req_bytes: 0,
+        resp_bytes: 2,
+        consumer: Some("alpha".into()),
+        plan: Some("gold".into()),
+        outcome: tollgate_schemas::Outcome::Ok,
+        billable: true,
+        trace_id: None,
+    };
+    let record = tollgate_bus::Record {
+        key: bytes::Bytes::from("alpha"),
+        payload: bytes::Bytes::from(twice.to_json()),
+    };
+    for _ in 0..2 {
+        publisher.publish(vec![record.clone()]).await.unwrap();
+        publisher.flush(Duration::from_secs(30)).await.unwrap();
+    }
+    let duplicates = || async {
+        survivor_metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("tollgate_collector_duplicates_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while duplicates().await != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the copy was not dropped: duplicates {:?}",
+            duplicates().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let row = ch.query(&format!(
+        "SELECT count(), uniqExact(bus_partition) FROM scaled.events WHERE id = '{}'",
+        twice.id
+    ));
+    assert_eq!(row.trim(), "1\t1", "stored once");
+    assert_eq!(
+        ch.query("SELECT count() FROM scaled.events").trim(),
+        (total + 1).to_string()
+    );
 }

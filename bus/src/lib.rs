@@ -133,6 +133,12 @@ pub trait Subscriber: Send {
     /// The end of each partition this subscriber owns (the offset the next record written to
     /// it will get), and how many partitions the topic has.
     async fn end_offsets(&mut self) -> Result<(Checkpoint, u32), BusError>;
+    /// Whether one published record may be held at two positions (a producer's rare paths,
+    /// as on Kafka); the collector then drops an event whose id it has just consumed. False:
+    /// every publish lands once or not at all.
+    fn may_repeat_records(&self) -> bool {
+        false
+    }
 }
 
 /// A bus opened from its configuration: what gateways publish to and collectors subscribe to.

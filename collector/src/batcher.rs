@@ -48,11 +48,12 @@ impl Batcher {
             Some(spare) => *spare = ev,
             None => self.events.push(ev),
         }
-        self.placed(partition, offset, now);
+        self.place(partition, offset, now);
     }
 
-    /// Accounts for the event just placed at `events[filled]`.
-    fn placed(&mut self, partition: u32, offset: u64, now: Instant) {
+    /// Adds the event just placed at `events[filled]` (by [`Self::decode`], or `push`),
+    /// consumed at `partition`/`offset`.
+    pub fn place(&mut self, partition: u32, offset: u64, now: Instant) {
         self.filled += 1;
         self.positions.push(Position { partition, offset });
         self.skip(partition, offset, now);
@@ -72,14 +73,23 @@ impl Batcher {
         offset: u64,
         now: Instant,
     ) -> Result<(), SchemaError> {
-        match self.events.get_mut(self.filled) {
+        self.decode(json)?;
+        self.place(partition, offset, now);
+        Ok(())
+    }
+
+    /// Decodes a consumed message into the next spare, without adding it to the batch yet:
+    /// [`Self::place`] adds it, [`Self::skip`] leaves it a spare (a duplicate the collector
+    /// drops).
+    pub fn decode(&mut self, json: &[u8]) -> Result<&RequestEvent, SchemaError> {
+        if self.filled < self.events.len() {
             // A spare a failed decode left half written is still a spare: decoding into it
             // again overwrites every field.
-            Some(spare) => spare.decode_into(json)?,
-            None => self.events.push(RequestEvent::from_json(json)?),
+            self.events[self.filled].decode_into(json)?;
+        } else {
+            self.events.push(RequestEvent::from_json(json)?);
         }
-        self.placed(partition, offset, now);
-        Ok(())
+        Ok(&self.events[self.filled])
     }
 
     /// Accounts for a consumed message that produced no event (dead-lettered).

@@ -31,6 +31,9 @@ pub struct CollectorMetrics {
     pub restarts: Counter,
     /// Records skipped because the store already held them (after a crash or a rebalance).
     pub already_stored: Counter,
+    /// Events dropped because the collector had consumed the same event id within its window
+    /// (`collector.dedup_window_events`): a record the bus holds twice.
+    pub duplicates: Counter,
     /// Partition assignment changes (rebalances).
     pub rebalances: Counter,
     pub append_seconds: Histogram,
@@ -62,6 +65,7 @@ impl CollectorMetrics {
             dead_lettered: Counter::default(),
             restarts: Counter::default(),
             already_stored: Counter::default(),
+            duplicates: Counter::default(),
             rebalances: Counter::default(),
             append_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             flush_seconds: Histogram::new(exponential_buckets(0.001, 4.0, 10)),
@@ -101,6 +105,11 @@ impl CollectorMetrics {
             "already_stored",
             "Bus messages skipped because the store already held them (after a crash or rebalance)",
             m.already_stored.clone(),
+        );
+        r.register(
+            "duplicates",
+            "Events dropped because their id was consumed within the deduplication window (a record the bus holds twice)",
+            m.duplicates.clone(),
         );
         r.register(
             "assignment_changes",

@@ -222,6 +222,67 @@ async fn stores_valid_events_and_dead_letters_the_rest() {
     assert_eq!(count(&env.store()).await, 60);
 }
 
+/// An event the bus holds twice (the same id at two positions, as Kafka's producer writes on
+/// rare paths) is stored once when the copies are within the window, and twice without one or
+/// beyond it: the window, not anything else, is what drops the copy.
+#[tokio::test]
+async fn an_event_the_bus_holds_twice_is_stored_once_within_the_window() {
+    // (window, events stored, duplicates dropped); the copies come 15 to 20 events after
+    // their first.
+    for (window, stored, dropped) in [
+        (Some(100), 25, 5),
+        (None, 30, 0), // the embedded log never repeats a record: off by default
+        (Some(0), 30, 0),
+        (Some(3), 30, 0),
+    ] {
+        let env = Env::new();
+        let log = env.log();
+        let store = env.store();
+        let records: Vec<Record> = (0..25)
+            .map(|i| Record {
+                key: Bytes::from("acme"),
+                payload: Bytes::from(event(i).to_json()),
+            })
+            .collect();
+        log.publish(records[..20].to_vec()).await.unwrap();
+        log.publish(records[..5].to_vec()).await.unwrap();
+        log.publish(records[20..].to_vec()).await.unwrap();
+        let metrics = CollectorMetrics::unregistered();
+        let shutdown = CancellationToken::new();
+        let config = CollectorConfig {
+            dedup_window_events: window,
+            ..env.config(20)
+        };
+        let handle = tokio::spawn(run(
+            config.clone(),
+            Box::new(log.subscribe(&config.group).unwrap()),
+            Arc::new(store.clone()),
+            DeadLetter::open(&config.dead_letter_dir).unwrap(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        wait_for_count(&store, stored).await;
+        shutdown.cancel();
+        handle.await.unwrap().unwrap();
+        assert_eq!(
+            (metrics.consumed.get(), metrics.duplicates.get()),
+            (30, dropped),
+            "window {window:?}"
+        );
+        assert_eq!(
+            count(&env.store()).await,
+            stored,
+            "window {window:?}, durably"
+        );
+        let sub = log.subscribe("tollgate-collector").unwrap();
+        assert_eq!(
+            sub.committed().0[&0],
+            30,
+            "a dropped copy is committed past"
+        );
+    }
+}
+
 /// The collector records how far its partitions are durably stored: after events published at
 /// `t`, the store's watermark reaches `t` once they are flushed.
 #[tokio::test]

@@ -812,4 +812,9 @@ impl Subscriber for KafkaSubscriber {
         .await
         .map_err(|_| BusError::Closed)?
     }
+
+    /// The producer's rare paths can write a record twice (the module's docs).
+    fn may_repeat_records(&self) -> bool {
+        true
+    }
 }

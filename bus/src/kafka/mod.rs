@@ -15,12 +15,13 @@
 //! - The producer writes each record once in its normal paths: it is idempotent (librdkafka's
 //!   retries carry sequence numbers the broker deduplicates) and gives records no delivery
 //!   timeout, so through an outage they wait rather than fail and get queued again. Three rare
-//!   paths can write a record twice, and the collector, which is exactly once per bus position,
-//!   then counts it twice: a `message.timeout.ms` set in `properties` (a record that timed out
-//!   in flight may have been written anyway), a producer replaced after the broker fenced it
-//!   (its in-flight records are purged and queued on the new one), and a gateway that stops or
-//!   crashes during an outage or while its disk spool replays (`crate::spool`, at least once).
-//!   Deduplicating by event id in the store would close them; it is not built.
+//!   paths can write a record twice: a `message.timeout.ms` set in `properties` (a record that
+//!   timed out in flight may have been written anyway), a producer replaced after the broker
+//!   fenced it (its in-flight records are purged and queued on the new one), and a gateway that
+//!   stops or crashes during an outage or while its disk spool replays (`crate::spool`, at
+//!   least once). The collector, exactly once per bus position, also drops an event whose id it
+//!   consumed among the last `collector.dedup_window_events` (a million by default on this bus;
+//!   `tollgate-collector`'s `recent.rs` says what that window does not catch).
 //!
 //! The configuration is always compiled (so `check-config` and the error that names the missing
 //! feature work in every build); the client code needs the `kafka` cargo feature.
