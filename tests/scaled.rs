@@ -391,29 +391,61 @@ async fn two_gateways_two_collectors_survive_a_sigkill_and_a_frozen_broker() {
         publisher.publish(vec![record.clone()]).await.unwrap();
         publisher.flush(Duration::from_secs(30)).await.unwrap();
     }
-    let duplicates = || async {
-        survivor_metrics()
-            .await
-            .lines()
-            .find_map(|l| l.strip_prefix("tollgate_collector_duplicates_total "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
+    let duplicates = |admin: u16| {
+        let http = &http;
+        async move {
+            let url = format!("http://127.0.0.1:{admin}/metrics");
+            let (_, body) = http.get(&url, &[]).await.ok()?;
+            String::from_utf8_lossy(&body)
+                .lines()
+                .find_map(|l| l.strip_prefix("tollgate_collector_duplicates_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        }
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while duplicates().await != Some(1) {
-        assert!(
-            Instant::now() < deadline,
-            "the copy was not dropped: duplicates {:?}",
-            duplicates().await
+    let dropped_once_by = async |admin: u16, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while duplicates(admin).await != Some(1) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the copy was not dropped: duplicates {:?}",
+                duplicates(admin).await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let row = ch.query(&format!(
+            "SELECT count(), uniqExact(bus_partition) FROM scaled.events WHERE id = '{}'",
+            twice.id
+        ));
+        assert_eq!(row.trim(), "1\t1", "{what}: stored once");
+        assert_eq!(
+            ch.query("SELECT count() FROM scaled.events").trim(),
+            (total + 1).to_string(),
+            "{what}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let row = ch.query(&format!(
-        "SELECT count(), uniqExact(bus_partition) FROM scaled.events WHERE id = '{}'",
-        twice.id
-    ));
-    assert_eq!(row.trim(), "1\t1", "stored once");
-    assert_eq!(
-        ch.query("SELECT count() FROM scaled.events").trim(),
-        (total + 1).to_string()
+    };
+    dropped_once_by(collector_admin[1], "the collector that stored the first").await;
+
+    // A collector that takes the partition over after the first copy was stored (here: the
+    // survivor killed, a new one started) seeds its window from ClickHouse and drops a copy
+    // too.
+    collectors[1].sigkill();
+    let admin = free_port();
+    let _successor = Part::start(
+        "collector",
+        &config,
+        &dir.path().join("c2"),
+        &[(
+            "TOLLGATE_COLLECTOR__ADMIN_LISTEN",
+            format!("127.0.0.1:{admin}"),
+        )],
     );
+    wait_ok(
+        &http,
+        &format!("http://127.0.0.1:{admin}/healthz"),
+        "the new collector",
+    )
+    .await;
+    publisher.publish(vec![record]).await.unwrap();
+    publisher.flush(Duration::from_secs(30)).await.unwrap();
+    dropped_once_by(admin, "a collector started after it was stored").await;
 }

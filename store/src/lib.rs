@@ -157,6 +157,19 @@ pub trait EventWriter: Send + Sync {
     /// Records that these partitions were stored up to their end at the given times (see
     /// `ledger`); an earlier time than the one known for a partition changes nothing.
     async fn record_progress(&self, progress: &[PartitionProgress]) -> Result<(), StoreError>;
+    /// The ids of the events the store holds from the `n` bus positions of `partition` just
+    /// before `before`, oldest first: what a collector that takes the partition over seeds
+    /// its deduplication window with (`tollgate-collector`'s `recent.rs`). A backend that
+    /// cannot look events up by position returns none (the embedded store: its bus never
+    /// holds a record twice).
+    async fn recent_ids(
+        &self,
+        _partition: u32,
+        _before: u64,
+        _n: usize,
+    ) -> Result<Vec<u128>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 /// A time window `[from, to)` in microseconds since the epoch, and optional filters.

@@ -81,6 +81,31 @@ async fn resume_reports_exactly_the_stored_positions() {
     );
 }
 
+/// A collector taking a partition over seeds its deduplication window with the ids stored
+/// just before where it resumes: read by position, oldest first, that partition's only.
+#[tokio::test]
+async fn recent_ids_are_the_stored_ones_just_before_a_position() {
+    let server = tollgate_testkit::ClickHouse::start();
+    let store = config(&server, "recent").open().await.unwrap();
+    let first = batch(3, 0..10);
+    store.writer.append(&first).await.unwrap();
+    store.writer.append(&batch(4, 0..10)).await.unwrap();
+    let ids = |r: std::ops::Range<usize>| -> Vec<u128> {
+        first.events[r].iter().map(|e| e.id.as_u128()).collect()
+    };
+    assert_eq!(store.writer.recent_ids(3, 10, 4).await.unwrap(), ids(6..10));
+    assert_eq!(store.writer.recent_ids(3, 7, 3).await.unwrap(), ids(4..7));
+    assert_eq!(store.writer.recent_ids(3, 3, 100).await.unwrap(), ids(0..3));
+    assert_eq!(
+        store.writer.recent_ids(3, 0, 5).await.unwrap(),
+        Vec::<u128>::new()
+    );
+    assert_eq!(
+        store.writer.recent_ids(5, 10, 5).await.unwrap(),
+        Vec::<u128>::new()
+    );
+}
+
 #[tokio::test]
 async fn migrations_upgrade_an_existing_database_once() {
     let server = tollgate_testkit::ClickHouse::start();

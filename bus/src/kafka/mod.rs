@@ -19,9 +19,10 @@
 //!   timed out in flight may have been written anyway), a producer replaced after the broker
 //!   fenced it (its in-flight records are purged and queued on the new one), and a gateway that
 //!   stops or crashes during an outage or while its disk spool replays (`crate::spool`, at
-//!   least once). The collector, exactly once per bus position, also drops an event whose id it
-//!   consumed among the last `collector.dedup_window_events` (a million by default on this bus;
-//!   `tollgate-collector`'s `recent.rs` says what that window does not catch).
+//!   least once). The collector, exactly once per bus position, also drops an event whose id is
+//!   among the last `collector.dedup_window_events` of its partition (a million by default on
+//!   this bus, seeded from the store on every assignment; `tollgate-collector`'s `recent.rs`
+//!   says what that window does not catch).
 //!
 //! The configuration is always compiled (so `check-config` and the error that names the missing
 //! feature work in every build); the client code needs the `kafka` cargo feature.

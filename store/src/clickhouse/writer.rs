@@ -38,6 +38,11 @@ struct OffsetRow {
     bus_offset: u64,
 }
 
+#[derive(clickhouse::Row, Deserialize)]
+struct IdRow {
+    id: String,
+}
+
 #[async_trait]
 impl EventWriter for ClickHouseStore {
     async fn append(&self, batch: &EventBatch) -> Result<(), StoreError> {
@@ -137,6 +142,35 @@ impl EventWriter for ClickHouseStore {
 
     async fn reset(&self) -> Result<(), StoreError> {
         Ok(()) // nothing is held back: every append is already in the table
+    }
+
+    /// A primary-key range read, as `resume`'s. An id that is not a UUID (the schema says
+    /// UUIDv7; a row written by another tool might not be) is left out: it cannot be met again
+    /// as a copy the collector compares by UUID.
+    async fn recent_ids(
+        &self,
+        partition: u32,
+        before: u64,
+        n: usize,
+    ) -> Result<Vec<u128>, StoreError> {
+        let from = before.saturating_sub(u64::try_from(n).unwrap_or(u64::MAX));
+        let rows = self
+            .client
+            .query(&format!(
+                "SELECT id FROM {} WHERE bus_partition = ? AND bus_offset >= ? AND bus_offset < ? ORDER BY bus_offset",
+                self.table("events")
+            ))
+            .bind(partition)
+            .bind(from)
+            .bind(before)
+            .fetch_all::<IdRow>()
+            .await
+            .map_err(ch_err)?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| uuid::Uuid::parse_str(&r.id).ok())
+            .map(|id| id.as_u128())
+            .collect())
     }
 
     fn durable_on_append(&self) -> bool {
