@@ -24,8 +24,8 @@
 //!
 //! Exactly once per bus position is not exactly once per event when the bus holds one event at
 //! two positions, which Kafka's producer does on a few rare paths. The collector drops an event
-//! whose id is among the last `dedup_window_events` of its partition, seeded from the store when
-//! it takes the partition over (`recent.rs`: the window, and the copies it does not catch).
+//! whose id is among the last `dedup_window_events` it consumed, seeded from the store when it
+//! takes a partition over (`recent.rs`: the window, and the copies it does not catch).
 //!
 //! Invalid messages go to the dead-letter sink (fsynced before the flush that covers them) and are
 //! counted; they are at-least-once there, since a crash can replay them.
@@ -53,7 +53,7 @@ pub use batcher::Batcher;
 pub use dead_letter::DeadLetter;
 pub use metrics::CollectorMetrics;
 use progress::Progress;
-use recent::Windows;
+use recent::Recent;
 
 /// Messages decoded between two offers of the core (see `tollgate_store::cpu`): a poll
 /// returns up to a batch, which took up to 10 ms to decode in one go.
@@ -101,11 +101,11 @@ pub struct CollectorConfig {
     /// is dropped. Not used by a collector running as its own process, nor with Kafka.
     #[serde(default = "default_yield_until_lag_ms")]
     pub yield_until_lag_ms: u64,
-    /// How many of the last event ids the collector remembers, shared evenly among the
-    /// partitions it owns and seeded from the store when it takes one over, to drop an event
-    /// the bus holds twice (`recent.rs` says when that happens and what the window does not
+    /// How many of the last event ids the collector remembers (of all the partitions it owns;
+    /// seeded from the store when it takes partitions over), to drop an event the bus holds
+    /// twice (`recent.rs` says when that happens and what the window does not
     /// catch). Unset: 1,000,000 on a bus that may hold a record twice (Kafka), off on the
-    /// embedded log, which never does. 0: off. About 53 MB for a full window of a million.
+    /// embedded log, which never does. 0: off. About 57 MB for a full window of a million.
     #[serde(default)]
     pub dedup_window_events: Option<usize>,
 }
@@ -215,7 +215,7 @@ pub async fn run(
         .batch_max_events
         .unwrap_or_else(|| store.preferred_batch_events());
     let mut batcher = Batcher::new(batch_max, linger);
-    let mut recent = Windows::new(config.dedup_window_events.unwrap_or(
+    let mut recent = Recent::new(config.dedup_window_events.unwrap_or(
         if bus.may_repeat_records() {
             DEFAULT_DEDUP_WINDOW_EVENTS
         } else {
@@ -235,16 +235,17 @@ pub async fn run(
             metrics.rebalances.inc();
             match change {
                 AssignmentChange::Assigned(parts) => {
-                    let share = recent
-                        .as_mut()
-                        .map(|w| w.assign(&parts.iter().map(|(p, _)| *p).collect::<Vec<_>>()));
+                    let mut taken = Vec::with_capacity(parts.len());
                     for (p, committed) in parts {
                         let r = assign(&*store, &mut *bus, p, committed).await?;
                         progress.stored(&Checkpoint([(p, r.stored_through)].into()));
-                        if let (Some(w), Some(n)) = (&mut recent, share) {
-                            w.seed(p, &store.recent_ids(p, r.stored_through, n).await?);
-                        }
+                        taken.push((p, r.stored_through));
                         resume.insert(p, r);
+                    }
+                    if let Some(w) = &mut recent {
+                        for (p, at, n) in recent::seed_shares(w.cap(), &taken) {
+                            w.seed(p, &store.recent_ids(p, at, n).await?);
+                        }
                     }
                 }
                 AssignmentChange::Revoked(parts) => {
@@ -300,7 +301,7 @@ pub async fn run(
                     let committed = bus.committed().0.get(&msg.partition).copied().unwrap_or(0);
                     let r = assign(&*store, &mut *bus, msg.partition, committed).await?;
                     if let Some(w) = &mut recent {
-                        let n = w.assign(&[msg.partition]);
+                        let n = w.cap() / (resume.len() + 1);
                         w.seed(
                             msg.partition,
                             &store.recent_ids(msg.partition, r.stored_through, n).await?,
