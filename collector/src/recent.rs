@@ -1,4 +1,4 @@
-//! The ids of the events a collector stored last, to drop an event the bus holds twice.
+//! The ids of the events a collector consumed last, to drop an event the bus holds twice.
 //!
 //! The collector is exactly once per bus position (the crate's docs), but a bus may hold one
 //! event at two positions: Kafka's producer writes a record twice on a few rare paths (a
@@ -32,9 +32,9 @@
 //!
 //! Why it never drops an event that was not stored: ids come from the store, or are noted as
 //! events are consumed; a revoked partition's ids leave the window with its events not yet
-//! stored (they are dropped for the next owner), and a failed append or flush ends the run and with it the
-//! windows. Records the store already held when their partition was assigned are skipped by
-//! position without being decoded.
+//! stored (they are dropped for the next owner), and a failed append or flush ends the run,
+//! and the window with it. Records the store already held when their partition was assigned
+//! are skipped by position without being decoded.
 //!
 //! The embedded log never holds a record twice (a failed publish leaves none of its records in
 //! it), so the window is off there by default: it would cost ingest a lookup per event and
