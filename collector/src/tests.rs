@@ -125,18 +125,33 @@ fn start_with(
     CancellationToken,
     tokio::task::JoinHandle<Result<(), CollectorError>>,
 ) {
+    let (_, shutdown, handle) = start_metered(log, store, config);
+    (shutdown, handle)
+}
+
+/// A collector in consumer group `config.group`, with the metrics it counts into.
+fn start_metered(
+    log: &EmbeddedLog,
+    store: &ParquetStore,
+    config: CollectorConfig,
+) -> (
+    CollectorMetrics,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), CollectorError>>,
+) {
+    let metrics = CollectorMetrics::unregistered();
     let shutdown = CancellationToken::new();
-    let sub = Box::new(log.subscribe("tollgate-collector").unwrap());
+    let sub = Box::new(log.subscribe(&config.group).unwrap());
     let dead = DeadLetter::open(&config.dead_letter_dir).unwrap();
     let handle = tokio::spawn(run(
         config,
         sub,
         Arc::new(store.clone()),
         dead,
-        CollectorMetrics::unregistered(),
+        metrics.clone(),
         shutdown.clone(),
     ));
-    (shutdown, handle)
+    (metrics, shutdown, handle)
 }
 
 /// The collector notes when it reaches the end of the bus, and keeps noting it while it waits
@@ -151,20 +166,11 @@ async fn notes_when_it_reaches_the_end_of_the_bus_and_while_it_waits_there() {
     const EVENTS: u64 = 10_000;
     publish(&log, 0..EVENTS).await;
     let before = unix_seconds(std::time::SystemTime::now());
-    let metrics = CollectorMetrics::unregistered();
-    let shutdown = CancellationToken::new();
     let config = CollectorConfig {
         batch_max_events: Some(10),
         ..env.config(3_600_000)
     };
-    let handle = tokio::spawn(run(
-        config.clone(),
-        Box::new(log.subscribe(&config.group).unwrap()),
-        Arc::new(store.clone()),
-        DeadLetter::open(&config.dead_letter_dir).unwrap(),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    let (metrics, shutdown, handle) = start_metered(&log, &store, config);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let caught_up = metrics.caught_up.get() >= before;
@@ -247,20 +253,11 @@ async fn an_event_the_bus_holds_twice_is_stored_once_within_the_window() {
         log.publish(records[..20].to_vec()).await.unwrap();
         log.publish(records[..5].to_vec()).await.unwrap();
         log.publish(records[20..].to_vec()).await.unwrap();
-        let metrics = CollectorMetrics::unregistered();
-        let shutdown = CancellationToken::new();
         let config = CollectorConfig {
             dedup_window_events: window,
             ..env.config(20)
         };
-        let handle = tokio::spawn(run(
-            config.clone(),
-            Box::new(log.subscribe(&config.group).unwrap()),
-            Arc::new(store.clone()),
-            DeadLetter::open(&config.dead_letter_dir).unwrap(),
-            metrics.clone(),
-            shutdown.clone(),
-        ));
+        let (metrics, shutdown, handle) = start_metered(&log, &store, config);
         wait_for_count(&store, stored).await;
         shutdown.cancel();
         handle.await.unwrap().unwrap();
