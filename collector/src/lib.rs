@@ -103,9 +103,9 @@ pub struct CollectorConfig {
     pub yield_until_lag_ms: u64,
     /// How many of the last event ids the collector remembers (of all the partitions it owns;
     /// seeded from the store when it takes partitions over), to drop an event the bus holds
-    /// twice (`recent.rs` says when that happens and what the window does not
-    /// catch). Unset: 1,000,000 on a bus that may hold a record twice (Kafka), off on the
-    /// embedded log, which never does. 0: off. About 57 MB for a full window of a million.
+    /// twice (`recent.rs` says when that happens and what the window does not catch). Unset:
+    /// 1,000,000 on a bus that may hold a record twice (Kafka), off on the embedded log, which
+    /// never does. 0: off. About 57 MB for a full window of a million.
     #[serde(default)]
     pub dedup_window_events: Option<usize>,
 }
