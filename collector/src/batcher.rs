@@ -59,14 +59,10 @@ impl Batcher {
         self.skip(partition, offset, now);
     }
 
-    /// Decodes a consumed message into the batch ([`RequestEvent::decode_into`] into the next
-    /// spare, where it lies); an invalid message adds nothing and is not accounted for.
-    ///
-    /// Decoding in place: taking a spare out of a vector of its own and pushing the decoded
-    /// event onto the batch's moved each event's 280 bytes twice through memory a flush no
-    /// longer had in cache (a batch is up to 100,000 events), about 4 % of the collector's CPU
-    /// while it drained a backlog (BENCHMARKS.md).
-    pub fn push_json(
+    /// [`Self::decode`] and [`Self::place`]: an invalid message adds nothing and is not
+    /// accounted for.
+    #[cfg(test)]
+    fn push_json(
         &mut self,
         json: &[u8],
         partition: u32,
@@ -78,9 +74,14 @@ impl Batcher {
         Ok(())
     }
 
-    /// Decodes a consumed message into the next spare, without adding it to the batch yet:
-    /// [`Self::place`] adds it, [`Self::skip`] leaves it a spare (a duplicate the collector
-    /// drops).
+    /// Decodes a consumed message into the next spare ([`RequestEvent::decode_into`], where it
+    /// lies), without adding it to the batch yet: [`Self::place`] adds it, [`Self::skip`]
+    /// leaves it a spare (a duplicate the collector drops, an invalid message).
+    ///
+    /// Decoding in place: taking a spare out of a vector of its own and pushing the decoded
+    /// event onto the batch's moved each event's 280 bytes twice through memory a flush no
+    /// longer had in cache (a batch is up to 100,000 events), about 4 % of the collector's CPU
+    /// while it drained a backlog (BENCHMARKS.md).
     pub fn decode(&mut self, json: &[u8]) -> Result<&RequestEvent, SchemaError> {
         if self.filled < self.events.len() {
             // A spare a failed decode left half written is still a spare: decoding into it
@@ -92,7 +93,8 @@ impl Batcher {
         Ok(&self.events[self.filled])
     }
 
-    /// Accounts for a consumed message that produced no event (dead-lettered).
+    /// Accounts for a consumed message that produced no event (dead-lettered, or a copy the
+    /// collector dropped).
     pub fn skip(&mut self, partition: u32, offset: u64, now: Instant) {
         self.messages += 1;
         self.through.advance(partition, offset);
@@ -128,7 +130,7 @@ impl Batcher {
     /// page faults) was a tenth of a collector's CPU while it drained a backlog. What the
     /// vectors keep is bounded by the batch size.
     ///
-    /// The batch's events themselves become the spares that [`Self::push_json`] decodes into,
+    /// The batch's events themselves become the spares that [`Self::decode`] decodes into,
     /// so their strings are reused rather than freed and allocated again, and their vector
     /// holds the next batch. (Taken only while no event of the next batch has come in yet,
     /// as in the collector, which recycles a batch right after appending it.)
