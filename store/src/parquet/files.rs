@@ -168,12 +168,49 @@ fn sync_file(path: &Path, file: &std::fs::File) -> Result<u64, StoreError> {
     Ok(file.metadata().map_err(StoreError::io(path))?.len())
 }
 
-/// Writes `batch` (events, all of one day) as a new Parquet file under `dir`, fsynced.
+/// Writes `batch` (events, all of one day) as a new Parquet file under `dir`, fsynced: the
+/// tests' shorthand for [`write_events`] of one batch.
+#[cfg(test)]
 pub fn write_file(dir: &Path, day: i64, batch: &RecordBatch) -> Result<FileEntry, StoreError> {
-    let ts = ts_column(batch)?;
-    let min = ts.values().iter().min().copied().unwrap_or(day * DAY_US);
-    let max = ts.values().iter().max().copied().unwrap_or(day * DAY_US);
-    write_kind(dir, FileKind::Events, day, batch, min, max)
+    write_events(dir, day, std::slice::from_ref(batch))
+}
+
+/// Writes the events of `batches` (of one `day`, the events schema) as one new file, batch
+/// after batch: a flush writes what it holds in memory without first copying it into one
+/// batch.
+pub fn write_events(
+    dir: &Path,
+    day: i64,
+    batches: &[RecordBatch],
+) -> Result<FileEntry, StoreError> {
+    let (mut min, mut max) = (i64::MAX, i64::MIN);
+    for batch in batches {
+        for t in ts_column(batch)?.values().iter() {
+            min = min.min(*t);
+            max = max.max(*t);
+        }
+    }
+    if min > max {
+        (min, max) = (day * DAY_US, day * DAY_US);
+    }
+    let schema = batches
+        .first()
+        .map_or_else(tollgate_schemas::arrow::schema, |b| b.schema());
+    let mut out = NewFile::create(dir, FileKind::Events, day, schema, 1 << 20)?;
+    let mut cpu = Yielder::new();
+    for batch in batches {
+        out.write(batch, &mut cpu)?;
+    }
+    let (rel, bytes) = out.finish()?;
+    Ok(FileEntry {
+        path: rel,
+        kind: FileKind::Events,
+        day,
+        rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
+        bytes,
+        min_ts_us: min,
+        max_ts_us: max,
+    })
 }
 
 /// Writes `batch` as a new file of `kind` for `day`, whose rows lie in `[min_ts, max_ts]`.

@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::compute::concat_batches;
 use serde::{Deserialize, Serialize};
 
 pub use manifest::{FileEntry, FileKind, Manifest};
@@ -462,21 +461,26 @@ impl EventWriter for ParquetStore {
         };
         let taken = batches.len();
         let dir = self.inner.dir.clone();
-        let schema = tollgate_schemas::arrow::schema();
-        let all =
-            concat_batches(&schema, &batches).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut days = Vec::new();
-        if all.num_rows() > 0 {
-            for (day, events) in files::split_by_day(&all)? {
-                let rollups = rollup::roll_up_batch(&events)?;
-                days.push((day, events, rollups));
+        // The batches in memory are written as they are, a day's after one another, never
+        // copied into one batch first: at a flush of 100,000 events that copy was a third of
+        // the process's heap (BENCHMARKS.md, "Memory under load"). The batches stay in memory
+        // for queries until the new files are in the manifest.
+        let mut by_day: std::collections::BTreeMap<i64, Vec<RecordBatch>> = Default::default();
+        for batch in batches.iter().filter(|b| b.num_rows() > 0) {
+            for (day, events) in files::split_by_day(batch)? {
+                by_day.entry(day).or_default().push(events);
             }
+        }
+        let mut days = Vec::new();
+        for (day, events) in by_day {
+            let rollups = rollup::roll_up_batch(&rollup::rollup_columns(&events)?)?;
+            days.push((day, events, rollups));
         }
         let new_files =
             tokio::task::spawn_blocking(move || -> Result<Vec<FileEntry>, StoreError> {
                 let mut out = Vec::new();
                 for (day, events, rollups) in days {
-                    out.push(files::write_file(&dir, day, &events)?);
+                    out.push(files::write_events(&dir, day, &events)?);
                     for (kind, rows) in rollups {
                         if let Some((min, max)) = rollup::period_span(&rows) {
                             out.push(files::write_kind(&dir, kind, day, &rows, min, max)?);

@@ -427,6 +427,39 @@ pub fn roll_up_batch(events: &RecordBatch) -> Result<Vec<(FileKind, RecordBatch)
     Ok(out)
 }
 
+/// The columns of the events the rollups read ([`EventColumns`]).
+const READ_COLUMNS: [&str; 10] = [
+    "ts",
+    "consumer",
+    "route",
+    "plan",
+    "status",
+    "billable",
+    "req_bytes",
+    "resp_bytes",
+    "latency_us",
+    "upstream_latency_us",
+];
+
+/// The columns the rollups read of `batches` (of the events schema), gathered into one batch
+/// for [`roll_up_batch`]: about a third of the events' bytes. A flush used to gather every
+/// column of what it held, a copy as large as the events in memory beside them (BENCHMARKS.md,
+/// "Memory under load").
+pub fn rollup_columns(batches: &[RecordBatch]) -> Result<RecordBatch, StoreError> {
+    let err = |e: datafusion::arrow::error::ArrowError| StoreError::Corrupt(e.to_string());
+    let schema = tollgate_schemas::arrow::schema();
+    let indices = READ_COLUMNS
+        .iter()
+        .map(|c| schema.index_of(c).map_err(err))
+        .collect::<Result<Vec<usize>, _>>()?;
+    let projected = schema.project(&indices).map_err(err)?;
+    let parts = batches
+        .iter()
+        .map(|b| b.project(&indices).map_err(err))
+        .collect::<Result<Vec<_>, _>>()?;
+    datafusion::arrow::compute::concat_batches(&std::sync::Arc::new(projected), &parts).map_err(err)
+}
+
 /// The columns of an events batch the usage and latency rollups read.
 struct EventColumns<'a> {
     rows: usize,
@@ -451,18 +484,30 @@ impl<'a> EventColumns<'a> {
                 .and_then(|c| c.as_any().downcast_ref::<T>())
                 .ok_or_else(|| StoreError::Corrupt(format!("events batch: bad column {name}")))
         }
+        let [
+            ts,
+            consumer,
+            route,
+            plan,
+            status,
+            billable,
+            req_bytes,
+            resp_bytes,
+            latency,
+            upstream,
+        ] = READ_COLUMNS;
         Ok(EventColumns {
             rows: events.num_rows(),
-            ts: get(events, "ts")?,
-            consumer: get(events, "consumer")?,
-            route: get(events, "route")?,
-            plan: get(events, "plan")?,
-            status: get(events, "status")?,
-            billable: get(events, "billable")?,
-            req_bytes: get(events, "req_bytes")?,
-            resp_bytes: get(events, "resp_bytes")?,
-            latency: get(events, "latency_us")?,
-            upstream: get(events, "upstream_latency_us")?,
+            ts: get(events, ts)?,
+            consumer: get(events, consumer)?,
+            route: get(events, route)?,
+            plan: get(events, plan)?,
+            status: get(events, status)?,
+            billable: get(events, billable)?,
+            req_bytes: get(events, req_bytes)?,
+            resp_bytes: get(events, resp_bytes)?,
+            latency: get(events, latency)?,
+            upstream: get(events, upstream)?,
         })
     }
 }

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::{Filter, GroupKey, UsageQuery};
+use datafusion::arrow::compute::concat_batches;
 use tollgate_schemas::{Outcome, RequestEvent};
 
 pub(crate) fn event(ts_us: i64, consumer: &str, route: &str, latency_us: u64) -> RequestEvent {
@@ -126,6 +127,76 @@ async fn flush_splits_by_day_and_compaction_merges_without_changing_answers() {
     drop(store);
     let store = ParquetStore::open(cfg(dir.path())).unwrap();
     assert_eq!(total(&store).await, 8);
+}
+
+/// A flush writes the batches it holds as they are: each day's events of every batch go into
+/// one file of that day, with the day's rows, time range and rollups.
+#[tokio::test]
+async fn a_flush_of_several_batches_writes_one_file_a_day_with_all_of_its_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ParquetStore::open(cfg(dir.path())).unwrap();
+    let batches = [
+        vec![(T0 + 5, "a"), (T0 + 1, "a"), (T0 + 9, "b")],
+        vec![
+            (T0 + DAY + 3, "b"),
+            (T0 + 2, "a"),
+            (T0 + 20, "b"),
+            (T0 + DAY + 1, "a"),
+        ],
+        vec![(T0 + DAY + 7, "a")],
+    ];
+    let mut at = 0;
+    for b in &batches {
+        let evs: Vec<_> = b.iter().map(|(t, c)| event(*t, c, "r", 100)).collect();
+        at += evs.len() as u64;
+        store
+            .append(&crate::EventBatch::consecutive(evs, 0, at))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.flush().await.unwrap(), cp(8));
+    let m = store.manifest();
+    let mut events: Vec<(i64, u64, i64, i64)> = m
+        .files
+        .iter()
+        .filter(|f| f.kind == FileKind::Events)
+        .map(|f| (f.day, f.rows, f.min_ts_us, f.max_ts_us))
+        .collect();
+    events.sort();
+    assert_eq!(
+        events,
+        [
+            (T0 / DAY, 5, T0 + 1, T0 + 20),
+            (T0 / DAY + 1, 3, T0 + DAY + 1, T0 + DAY + 7)
+        ]
+    );
+    for f in m.files.iter().filter(|f| f.kind == FileKind::Events) {
+        assert_eq!(
+            read_file(&dir.path().join(&f.path)).num_rows() as u64,
+            f.rows
+        );
+    }
+    // Answered from the rollups (whole days) and from the events, before and after a reopen.
+    let by_day_and_consumer = async |store: &ParquetStore| {
+        let mut rows: Vec<(String, u64)> = store
+            .usage(&all(), &[GroupKey::Day, GroupKey::Consumer])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (format!("{:?}", r.keys), r.requests))
+            .collect();
+        rows.sort();
+        rows
+    };
+    let flushed = by_day_and_consumer(&store).await;
+    assert_eq!(
+        flushed.iter().map(|(_, n)| n).collect::<Vec<_>>(),
+        [&3, &2, &2, &1],
+        "{flushed:?}"
+    );
+    drop(store);
+    let store = ParquetStore::open(cfg(dir.path())).unwrap();
+    assert_eq!(by_day_and_consumer(&store).await, flushed);
 }
 
 #[tokio::test]
