@@ -4,17 +4,17 @@
 //! `traceparent`, read by the standard `TraceContextPropagator`), or the one the gateway
 //! starts when it records spans. DESIGN.md: `trace_id` "when present".
 //!
-//! Without a tracer (`telemetry.otlp` absent) the gateway records no spans, but every request
-//! still goes upstream with a trace context (DESIGN.md: the upstream receives `traceparent`):
-//! the caller's `traceparent` and `tracestate` unchanged, or, for a caller that sent none well
-//! formed, a trace the gateway starts as the request goes upstream ([`root`]; a request the
-//! gateway answers itself propagates none and its event names none). That trace's id is the event id's 128 bits:
-//! a UUIDv7 is a millisecond timestamp followed by 74 random bits, so its rightmost seven
-//! bytes are random, which is what W3C Trace Context asks of a trace id that samplers read
-//! (level 2's "random" rule; OpenTelemetry's ratio sampler reads those bytes). Nothing new is
-//! drawn per request, and the trace id, the event id and `x-request-id` (unless the client
-//! sent its own) name the same request: a trace found in the upstream's tracing backend leads
-//! to its event by id, and back. The event's `trace_id` is that id in both cases.
+//! Without a tracer (`telemetry.otlp` absent) the gateway records no spans, but every request still
+//! goes upstream with a trace context (DESIGN.md: the upstream receives `traceparent`): the
+//! caller's `traceparent` and `tracestate` unchanged, or, for a caller that sent none well formed,
+//! a trace the gateway starts as the request goes upstream ([`root`]; a request the gateway answers
+//! itself propagates none and its event names none). That trace's id is the event id's 128 bits: a
+//! UUIDv7 is a millisecond timestamp followed by 74 random bits, so its rightmost seven bytes are
+//! random, which is what W3C Trace Context asks of a trace id that samplers read (level 2's
+//! "random" rule; OpenTelemetry's ratio sampler reads those bytes). Nothing new is drawn per
+//! request, and the trace id, the event id and `x-request-id` (unless the client sent its own) name
+//! the same request: a trace found in the upstream's tracing backend leads to its event by id, and
+//! back. The event's `trace_id` is that id in both cases.
 //!
 //! With a tracer, the request is a server span (`http.route`, `tollgate.consumer`, status and
 //! outcome attributes) with child spans `auth`, `limits` and `upstream` (a client span, one per
