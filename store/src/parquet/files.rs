@@ -196,7 +196,8 @@ pub fn write_events(
     let schema = batches
         .first()
         .map_or_else(tollgate_schemas::arrow::schema, |b| b.schema());
-    let mut out = NewFile::create(dir, FileKind::Events, day, schema, 1 << 20)?;
+    let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+    let mut out = NewFile::create(dir, FileKind::Events, day, schema, flush_row_group(rows))?;
     let mut cpu = Yielder::new();
     for batch in batches {
         out.write(batch, &mut cpu)?;
@@ -206,7 +207,7 @@ pub fn write_events(
         path: rel,
         kind: FileKind::Events,
         day,
-        rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
+        rows,
         bytes,
         min_ts_us: min,
         max_ts_us: max,
@@ -259,7 +260,24 @@ pub const COPY_MIN_ROWS: usize = 32 * 1024;
 /// equal size: 140,000 rows become two groups of 70,000, not 131,072 and 8,928, whose small
 /// remainder would make the file too fine-grained to be copied by a later merge.
 pub(super) fn balanced_row_group(rows: u64) -> usize {
-    let max = COMPACT_ROW_GROUP as u64;
+    balanced(rows, COMPACT_ROW_GROUP)
+}
+
+/// Rows per row group of a flush's events file: at most twice [`COPY_MIN_ROWS`], in groups of
+/// equal size, so every group of a flush of more than that is still large enough to be copied
+/// by compaction (100,000 events: two groups of 50,000).
+///
+/// Why not one group for the whole flush: the writer holds a row group's encoded pages and
+/// its dictionaries in memory until the group is complete, about 170 bytes an event, beside
+/// the events the flush writes. With one group a flush of 100,000 events held 17 MB of it at
+/// its peak (BENCHMARKS.md, "Memory under load").
+pub(super) fn flush_row_group(rows: u64) -> usize {
+    balanced(rows, 2 * COPY_MIN_ROWS)
+}
+
+/// The row group size that splits `rows` into groups of at most `max` rows and equal size.
+fn balanced(rows: u64, max: usize) -> usize {
+    let max = max as u64;
     let groups = rows.div_ceil(max).max(1);
     rows.div_ceil(groups).clamp(1, max) as usize
 }

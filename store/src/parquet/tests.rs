@@ -799,6 +799,31 @@ fn merges_of_small_row_groups_are_encoded_anew_in_equal_row_groups() {
     assert_eq!(files::balanced_row_group(0), 1);
 }
 
+/// A flush's events file is written in row groups of at most twice `COPY_MIN_ROWS`, of equal
+/// size, so the writer never holds a whole large flush encoded, and every group is still large
+/// enough for compaction to copy.
+#[test]
+fn a_large_flush_is_written_in_equal_row_groups_that_compaction_copies() {
+    assert_eq!(files::flush_row_group(100_000), 50_000);
+    assert_eq!(files::flush_row_group(64 * 1024), 64 * 1024);
+    assert_eq!(files::flush_row_group(64 * 1024 + 1), 32 * 1024 + 1);
+    assert_eq!(files::flush_row_group(10), 10);
+    assert_eq!(files::flush_row_group(0), 1);
+
+    let dir = tempfile::tempdir().unwrap();
+    let events = varied_events(66_000);
+    let batches = [
+        tollgate_schemas::arrow::to_batch(&events[..40_000]),
+        tollgate_schemas::arrow::to_batch(&events[40_000..]),
+    ];
+    let entry = files::write_events(dir.path(), T0 / DAY, &batches).unwrap();
+    let path = dir.path().join(&entry.path);
+    assert_eq!(row_groups(&path), vec![33_000, 33_000]);
+    assert!(33_000 >= files::COPY_MIN_ROWS);
+    assert_eq!(entry.rows, 66_000);
+    assert_eq!(read_file(&path), tollgate_schemas::arrow::to_batch(&events));
+}
+
 /// Statistics are kept on the columns queries filter on (`ts`, `route`, `consumer`) and left
 /// out of text columns no query filters on, where computing them only cost the flush.
 #[test]
