@@ -179,7 +179,7 @@ impl Config {
 }
 
 /// How the configuration is parsed: no snippet in messages (the error names the key and line
-/// itself), and a budget that admits any document of this length written out in full (100,001
+/// itself), booleans only as `true` or `false` (as before: `yes` is not a boolean), and a budget that admits any document of this length written out in full (100,001
 /// consumers are a million parser events) while still refusing one that expands aliases past
 /// it.
 fn yaml_options(len: usize) -> serde_saphyr::Options {
@@ -190,6 +190,7 @@ fn yaml_options(len: usize) -> serde_saphyr::Options {
     serde_saphyr::options! {
         budget: Some(budget),
         with_snippet: false,
+        strict_booleans: true,
     }
 }
 
@@ -393,6 +394,16 @@ mod tests {
         assert_eq!(c.consumers[59_999].id, "c59999");
         let err = parse(&text, &[("TOLLGATE_CONSUMERS__0", "x")]).unwrap_err();
         assert!(err.to_string().contains("not a section"), "{err}");
+    }
+
+    #[test]
+    fn booleans_are_true_or_false() {
+        let ok = parse("gateway: { trust_forwarded_for: true }\n", &[]).unwrap();
+        assert!(ok.gateway.trust_forwarded_for);
+        let err = parse("gateway: { trust_forwarded_for: yes }\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gateway.trust_forwarded_for"), "{err}");
     }
 
     #[test]
