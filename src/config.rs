@@ -84,27 +84,7 @@ impl Config {
                 })
             },
         );
-        let config: Config = parsed.map_err(|e| {
-            let path = match path.as_deref() {
-                None | Some("?") => ".",
-                Some(p) => p,
-            };
-            let message = yaml_message(&e);
-            match e.location().and_then(|l| usize::try_from(l.line()).ok()) {
-                Some(line) => {
-                    let source = text
-                        .lines()
-                        .nth(line.saturating_sub(1))
-                        .unwrap_or("")
-                        .trim();
-                    let source: String = source.chars().take(80).collect();
-                    ConfigError(format!(
-                        "{origin}: `{path}` (line {line}): {message}: `{source}`"
-                    ))
-                }
-                None => ConfigError(format!("{origin}: `{path}`: {message}")),
-            }
-        })?;
+        let config: Config = parsed.map_err(|e| yaml_error(text, origin, path.as_deref(), &e))?;
         let overrides: Vec<(String, String)> = env
             .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
             .collect();
@@ -179,9 +159,9 @@ impl Config {
 }
 
 /// How the configuration is parsed: no snippet in messages (the error names the key and line
-/// itself), booleans only as `true` or `false` (as before: `yes` is not a boolean), and a budget that admits any document of this length written out in full (100,001
-/// consumers are a million parser events) while still refusing one that expands aliases past
-/// it.
+/// itself), booleans only as `true` or `false` (as before: `yes` is not a boolean), and a
+/// budget that admits any document of this length written out in full (100,001 consumers are a
+/// million parser events) while still refusing one that expands aliases past it.
 fn yaml_options(len: usize) -> serde_saphyr::Options {
     let mut budget = serde_saphyr::Budget::default();
     budget.max_events = budget.max_events.max(len.saturating_mul(2));
@@ -192,6 +172,33 @@ fn yaml_options(len: usize) -> serde_saphyr::Options {
         with_snippet: false,
         strict_booleans: true,
     }
+}
+
+/// The error of a document that did not parse into a [`Config`]: the origin, the key's `path`
+/// (`serde_path_to_error`'s), the line, the message, and the line's text.
+fn yaml_error(
+    text: &str,
+    origin: &str,
+    path: Option<&str>,
+    e: &serde_saphyr::Error,
+) -> ConfigError {
+    let path = match path {
+        None | Some("?") => ".",
+        Some(p) => p,
+    };
+    let message = yaml_message(e);
+    let Some(line) = e.location().and_then(|l| usize::try_from(l.line()).ok()) else {
+        return ConfigError(format!("{origin}: `{path}`: {message}"));
+    };
+    let source = text
+        .lines()
+        .nth(line.saturating_sub(1))
+        .unwrap_or("")
+        .trim();
+    let source: String = source.chars().take(80).collect();
+    ConfigError(format!(
+        "{origin}: `{path}` (line {line}): {message}: `{source}`"
+    ))
 }
 
 /// A YAML error's message in serde-saphyr's wording for users, without a location or a
