@@ -11,10 +11,11 @@
 #     storage, on the same cores), no collector, store or query API running (quota state from
 #     the configuration). That binary must be built with `--features scaled`; STANDALONE=0
 #     leaves this target out.
-# The upstream is a separate nginx (one worker) answering BODY bytes. Runs alternate (baseline,
-# then each binary) for ROUNDS rounds, nothing attached to the processes. Then one more run per
-# target (`-counted`) with `perf stat` counting the system calls, context switches and CPU of the
-# proxy's processes (nginx's workers, Tollgate's process) per request.
+# The upstream is a separate nginx (one worker; UP_WORKERS=auto, one per core) answering BODY
+# bytes. Runs alternate (baseline, then each binary) for ROUNDS rounds, nothing attached to the
+# processes. Then one more run per target (`-counted`) with `perf stat` counting the system
+# calls, context switches and CPU of the proxy's processes (nginx's workers, Tollgate's
+# process) per request.
 # Then one run per target with a quarter of the connections: latency under a lighter load.
 # Last, the latency each proxy adds at a fixed rate: examples/open_loop.rs sends RATE requests/s
 # (default: half the last Tollgate target's median requests/s above) on a schedule, to nginx and
@@ -171,7 +172,7 @@ done
 focus all
 
 echo
-echo "wrk -t$THREADS -c$CONNS -d$DURATION, $BODY-byte responses, $ROUNDS alternating rounds (light load: -c$light)"
+echo "wrk -t$THREADS -c$CONNS -d$DURATION, $BODY-byte responses, $ROUNDS alternating rounds (light load: -c$light), upstream workers: ${UP_WORKERS:-1}"
 for i in "${!BINS[@]}"; do echo "tollgate-$i = ${BINS[$i]} (tollgate up)"; done
 [ "${STANDALONE:-1}" = 1 ] && echo "gateway = ${BINS[-1]} (tollgate gateway, events to tansu)"
 echo

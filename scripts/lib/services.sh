@@ -70,12 +70,14 @@ stop_nginx_instances() {
 }
 
 # nginx_upstream_and_proxy BODY: the gateway benchmarks' baseline pair, started and answering.
-# `up` (one worker) answers every path with BODY bytes on $UP; `px` is nginx as a plain reverse
-# proxy in front of it on $PX (a worker per core, a keep-alive pool of upstream connections).
+# `up` (one worker; UP_WORKERS=auto for one per core) answers every path with BODY bytes on
+# $UP; `px` is nginx as a plain reverse proxy in front of it on $PX (a worker per core, a
+# keep-alive pool of upstream connections). How many workers the upstream has moves every
+# proxy's figures on two shared cores (BENCHMARKS.md, "The gateway without its events").
 # Sets UP and PX; the caller's cleanup runs `stop_nginx_instances up px`.
 nginx_upstream_and_proxy() {
   UP=$(port); PX=$(port)
-  nginx_instance up 1 "  server { listen 127.0.0.1:$UP; location / { return 200 '$(printf 'x%.0s' $(seq "$1"))'; } }"
+  nginx_instance up "${UP_WORKERS:-1}" "  server { listen 127.0.0.1:$UP; location / { return 200 '$(printf 'x%.0s' $(seq "$1"))'; } }"
   nginx_instance px auto "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
   server { listen 127.0.0.1:$PX;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"

@@ -39,6 +39,24 @@ fn forwarded_for_appends_the_peer() {
 }
 
 #[test]
+fn ip_addresses_are_written_as_display_writes_them() {
+    let octets = [0u8, 7, 9, 10, 42, 99, 100, 199, 200, 255];
+    let mut ips: Vec<std::net::IpAddr> = octets
+        .iter()
+        .map(|&o| std::net::Ipv4Addr::new(o, 255 - o, o / 2, 9).into())
+        .collect();
+    ips.extend(
+        ["::1", "::ffff:192.0.2.7", "2001:db8::8a2e:370:7334"]
+            .map(|a| a.parse::<std::net::IpAddr>().unwrap()),
+    );
+    for ip in ips {
+        let mut out = Vec::new();
+        put_ip(&mut out, ip);
+        assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
+    }
+}
+
+#[test]
 fn only_upstream_server_errors_are_unbillable() {
     assert_eq!(classify(StatusCode::OK), (Outcome::Ok, true));
     assert_eq!(classify(StatusCode::NOT_FOUND), (Outcome::Ok, true));
