@@ -56,27 +56,50 @@ const ENV_PREFIX: &str = "TOLLGATE_";
 
 impl Config {
     /// Reads, overrides from the environment, and validates `path`.
+    ///
+    /// The file is parsed as it is read: with 100,001 consumers its 11.8 MB of text beside the
+    /// consumers being built were the largest part of start-up's peak (BENCHMARKS.md, "Many
+    /// consumers"). Only an error reads it again, to quote the line.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
-        Config::parse(&text, &path.display().to_string(), std::env::vars())
+        let io_error = |e: std::io::Error| ConfigError(format!("{}: {e}", path.display()));
+        let file = std::fs::File::open(path).map_err(io_error)?;
+        let len = file.metadata().map_err(io_error)?.len();
+        Config::parse_from(
+            std::io::BufReader::new(file),
+            usize::try_from(len).unwrap_or(usize::MAX),
+            &path.display().to_string(),
+            std::env::vars(),
+            || std::fs::read_to_string(path).unwrap_or_default(),
+        )
     }
 
     /// Parses YAML text (`origin` names it in errors), applies overrides from `env`, validates.
-    ///
-    /// The document is deserialized as it is parsed (serde-saphyr), never held as a tree of
-    /// events first: with 100,001 consumers (an 11.8 MB file) the loader used before held 100 MB
-    /// of events beside the text, and start-up peaked at 176 MB RSS for a process that then
-    /// serves in under 64 MiB (BENCHMARKS.md, "Memory under load").
     pub fn parse(
         text: &str,
         origin: &str,
         env: impl Iterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        Config::parse_from(text.as_bytes(), text.len(), origin, env, || text.to_owned())
+    }
+
+    /// [`Config::parse`] of the `len` bytes `yaml` reads; `text` gives them again for an
+    /// error's quote.
+    ///
+    /// The document is deserialized as it is parsed (serde-saphyr), never held as a tree of
+    /// events first: with 100,001 consumers (an 11.8 MB file) the loader used before held 100 MB
+    /// of events beside the text, and start-up peaked at 176 MB RSS for a process that then
+    /// serves in under 64 MiB (BENCHMARKS.md, "Memory under load").
+    fn parse_from(
+        yaml: impl std::io::Read,
+        len: usize,
+        origin: &str,
+        env: impl Iterator<Item = (String, String)>,
+        text: impl FnOnce() -> String,
+    ) -> Result<Config, ConfigError> {
         let mut path = None;
-        let parsed = serde_saphyr::with_deserializer_from_str_with_options(
-            text,
-            yaml_options(text.len()),
+        let parsed = serde_saphyr::with_deserializer_from_reader_with_options(
+            yaml,
+            yaml_options(len),
             |de| {
                 serde_path_to_error::deserialize(de).map_err(|e| {
                     path = Some(e.path().to_string());
@@ -84,7 +107,8 @@ impl Config {
                 })
             },
         );
-        let config: Config = parsed.map_err(|e| yaml_error(text, origin, path.as_deref(), &e))?;
+        let config: Config =
+            parsed.map_err(|e| yaml_error(&text(), origin, path.as_deref(), &e))?;
         let overrides: Vec<(String, String)> = env
             .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
             .collect();
@@ -294,6 +318,54 @@ mod tests {
         );
         let err = parse("plans:\n  p:\n    pricing: { currency: USD, minimum: \"-1\", charges: { default: { unit_price: \"1\", included: 10 } } }\n", &[]).unwrap_err().to_string();
         assert!(err.contains("plans.p.pricing.minimum"), "{err}");
+    }
+
+    #[test]
+    fn a_file_is_read_as_it_is_parsed_and_its_errors_quote_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.yaml");
+        let key = tollgate_schemas::keys::hash_key("k");
+        std::fs::write(
+            &path,
+            format!(
+                "consumers:\n  - {{ id: a, plan: p, api_keys: [\"{key}\"] }}\n  - {{ id: b, plan: p, api_keys: [\"{key}x\", \"{key}y\"] }}\nplans:\n  p: {{}}\n"
+            ),
+        )
+        .unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("consumers"), "{err}");
+        std::fs::write(
+            &path,
+            format!("consumers:\n  - {{ id: a, plan: p, api_keys: [\"{key}\"] }}\nplans:\n  p: {{}}\ncollector:\n  flush_interval_ms: soon\n"),
+        )
+        .unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{}: `collector.flush_interval_ms` (line 6)",
+                path.display()
+            )) && err.ends_with("`flush_interval_ms: soon`"),
+            "{err}"
+        );
+        std::fs::write(
+            &path,
+            format!("consumers:\n  - {{ id: a, plan: p, api_keys: [\"{key}\"] }}\n  - {{ id: b, plan: p }}\nplans:\n  p: {{}}\n"),
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        // One key, a vector of one: not of the four a vector grown by pushing has room for.
+        assert_eq!(
+            (
+                c.consumers[0].api_keys.len(),
+                c.consumers[0].api_keys.capacity()
+            ),
+            (1, 1)
+        );
+        assert!(c.consumers[1].api_keys.is_empty());
+        let err = Config::load(&dir.path().join("missing.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.yaml"), "{err}");
     }
 
     #[test]

@@ -543,6 +543,79 @@ query_api: {{ listen: 127.0.0.1:{api}, admin_tokens: ["{ADMIN}"] }}
     );
 }
 
+/// With thousands of consumers the configuration is read as it is parsed, the query API sends
+/// the whole quota state as it writes it and the gateway applies it as it arrives: a consumer
+/// whose limit only that full answer carries is stopped exactly at it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_quota_state_of_thousands_of_consumers_is_enforced() {
+    const CONSUMERS: usize = 5_000;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = start_upstream().await;
+    let (gw, api) = (free_port(), free_port());
+    let mut yaml = format!(
+        r#"
+gateway:
+  listen: 127.0.0.1:{gw}
+  upstreams: {{ app: {{ targets: ["http://{upstream}"] }} }}
+  routes: [ {{ id: fast, methods: [GET], path: /fast, upstream: app }} ]
+  auth: {{ api_key: {{ header: x-api-key }} }}
+  quota: {{ poll_ms: 100, stale_after_s: 3600, when_stale: closed }}
+plans:
+  open: {{ quota: {{ period: month, requests: 1000000 }} }}
+  small: {{ quota: {{ period: month, requests: 25 }} }}
+query_api: {{ listen: 127.0.0.1:{api}, admin_tokens: ["{ADMIN}"] }}
+consumers:
+"#
+    );
+    for i in 0..CONSUMERS {
+        let key = tollgate_schemas::keys::hash_key(&format!("key-{i}"));
+        yaml.push_str(&format!(
+            "  - {{ id: c{i}, plan: open, api_keys: [\"{key}\"] }}\n"
+        ));
+    }
+    let capped = tollgate_schemas::keys::hash_key("key-capped");
+    yaml.push_str(&format!(
+        "  - {{ id: capped, plan: small, api_keys: [\"{capped}\"] }}\n"
+    ));
+    let config = dir.path().join("tollgate.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let http = Http::new();
+    let _tollgate = Up::start(&config, &dir.path().join("data"), &[]);
+    wait_ready(&http, api, gw).await;
+
+    let full = http
+        .ok_json(&format!("http://127.0.0.1:{api}/v1/quota"), Some(ADMIN))
+        .await;
+    assert_eq!(full["full"], true);
+    let entries = full["consumers"].as_array().unwrap();
+    assert_eq!(entries.len(), CONSUMERS + 1);
+    assert_eq!(entries[CONSUMERS]["consumer"], "capped");
+    assert_eq!(entries[CONSUMERS]["limit"], 25);
+
+    // Closed while stale: 503 until the gateway holds the state, then exactly 25 pass.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut admitted = 0;
+    loop {
+        let s = send(&http, gw, "/fast", Some("key-capped"), 1).await[0];
+        match s {
+            StatusCode::SERVICE_UNAVAILABLE if admitted == 0 => {
+                assert!(Instant::now() < deadline, "the quota state never arrived");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            StatusCode::OK => admitted += 1,
+            StatusCode::TOO_MANY_REQUESTS => break,
+            other => panic!("unexpected {other} after {admitted} admitted"),
+        }
+        assert!(admitted < 200, "the quota of 25 was never enforced");
+    }
+    assert_eq!(admitted, 25, "admitted against a quota of 25");
+    assert_eq!(
+        send(&http, gw, "/fast", Some("key-4999"), 1).await,
+        [StatusCode::OK],
+        "the last of the others is known and under its quota"
+    );
+}
+
 /// The scheduling class (`policy`, field 41 of `/proc/PID/task/TID/stat`) of each thread of
 /// `pid`, with the thread's name.
 #[cfg(target_os = "linux")]

@@ -12,10 +12,13 @@
 //! which kept the pages they landed on from being handed back (BENCHMARKS.md, "Many
 //! consumers").
 //!
-//! Answers are read without building their entries: ids, plans and periods are borrowed from
-//! the answer's bytes and looked up (the id in the directory, the period among the few
-//! held), so a full answer for 100,000 consumers allocates one vector of rows, not 400,000
-//! strings.
+//! Answers are read without building their entries ([`Staged`]): each entry is looked up as
+//! it is parsed (the id in the directory, the period among the few the answer names) and kept
+//! as a position, a period and two counts, 24 bytes; ids, plans and periods are borrowed from
+//! the answer's bytes where it is in memory. The answer can also be read as it arrives
+//! ([`QuotaState::update_reader`]), so a full answer for 100,000 consumers (16 MB of JSON)
+//! never is all in memory: its entries held 16 MB beside the 16 MB of its bytes when the
+//! gateway started, the largest part of a start-up's peak (BENCHMARKS.md, "Many consumers").
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +45,20 @@ struct Period {
 }
 
 impl Period {
+    fn is(&self, p: &PeriodText) -> bool {
+        self.plan == p.plan && self.name == p.name && self.end_text == p.end_text
+    }
+}
+
+/// A period as an answer names it.
+#[derive(Debug, PartialEq, Eq)]
+struct PeriodText {
+    plan: Option<String>,
+    name: String,
+    end_text: String,
+}
+
+impl PeriodText {
     fn is(&self, e: &Row<'_>) -> bool {
         self.plan.as_deref() == e.plan && self.name == e.period && self.end_text == e.period_end
     }
@@ -146,16 +163,16 @@ impl Table {
         self.directory.position(who.consumer())
     }
 
-    /// The period `row` names, added when new.
-    fn period(&mut self, row: &Row<'_>) -> u32 {
-        if let Some(i) = self.periods.iter().position(|p| p.is(row)) {
+    /// The period `text` names, added when new.
+    fn period(&mut self, text: &PeriodText) -> u32 {
+        if let Some(i) = self.periods.iter().position(|p| p.is(text)) {
             return i as u32;
         }
         self.periods.push(Period {
-            plan: row.plan.map(str::to_owned),
-            name: row.period.to_owned(),
-            end_text: row.period_end.to_owned(),
-            end: chrono::DateTime::parse_from_rfc3339(row.period_end)
+            plan: text.plan.clone(),
+            name: text.name.clone(),
+            end_text: text.end_text.clone(),
+            end: chrono::DateTime::parse_from_rfc3339(&text.end_text)
                 .ok()
                 .map(|t| t.with_timezone(&chrono::Utc)),
         });
@@ -168,18 +185,26 @@ impl Table {
     /// exact with one gateway; with several, the others' requests are taken off too, which
     /// can only let a consumer overshoot by what is in flight, never stop it early. A new
     /// entry, or one of a new period, starts the count afresh.
-    fn set(&mut self, at: usize, row: &Row<'_>, previous: Slot, previous_end: Option<EndOf>) {
-        let Some(limit) = row.limit else {
+    ///
+    /// `entry` is the period (in `periods`) and the limit; `None`: no limit to enforce.
+    fn set(
+        &mut self,
+        at: usize,
+        entry: Option<(u32, u64)>,
+        used: u64,
+        previous: Slot,
+        previous_end: Option<EndOf>,
+    ) {
+        let Some((period, limit)) = entry else {
             self.slots[at] = EMPTY;
             return;
         };
-        let period = self.period(row);
         let admitted = &self.admitted[at];
         match previous_end {
             Some(end)
                 if previous.period != UNLIMITED && end == self.periods[period as usize].end =>
             {
-                let counted = row.used.saturating_sub(previous.used);
+                let counted = used.saturating_sub(previous.used);
                 let _ = admitted.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
                     Some(a.saturating_sub(counted))
                 });
@@ -188,7 +213,7 @@ impl Table {
         }
         self.slots[at] = Slot {
             limit,
-            used: row.used,
+            used,
             period,
         };
     }
@@ -326,20 +351,158 @@ impl WireEntry<'_> {
     }
 }
 
-/// `QuotaSnapshot` as read.
-#[derive(Debug, Deserialize)]
-struct WireSnapshot<'a> {
+/// An answer of `/v1/quota` as applying it needs it: per entry the consumer's position, the
+/// period (among the few the answer names) and two counts, 24 bytes, looked up as the entry is
+/// read (see the module docs).
+struct Staged {
     version: i64,
-    #[serde(default)]
     epoch: u64,
-    #[serde(default = "full_by_default")]
-    full: bool,
-    #[serde(borrow)]
-    consumers: Vec<WireEntry<'a>>,
+    /// `None` until read (a full answer when the field is absent).
+    full: Option<bool>,
+    /// The consumers the positions are of (the table's when the answer was read).
+    directory: Arc<Directory>,
+    periods: Vec<PeriodText>,
+    rows: Vec<StagedRow>,
+    /// Entries read, those of unknown consumers included.
+    entries: usize,
+    unknown: usize,
+    example: Option<String>,
 }
 
-fn full_by_default() -> bool {
-    true
+/// One entry of [`Staged`].
+#[derive(Debug, Clone, Copy)]
+struct StagedRow {
+    at: u32,
+    /// In `Staged::periods`; [`UNLIMITED`]: no limit to enforce.
+    period: u32,
+    limit: u64,
+    used: u64,
+}
+
+impl Staged {
+    fn new(directory: Arc<Directory>) -> Staged {
+        Staged {
+            version: 0,
+            epoch: 0,
+            full: None,
+            directory,
+            periods: Vec::new(),
+            rows: Vec::new(),
+            entries: 0,
+            unknown: 0,
+            example: None,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.full.unwrap_or(true)
+    }
+
+    /// Adds an entry; one of a consumer the directory does not know is only counted.
+    fn push(&mut self, row: &Row<'_>) {
+        self.entries += 1;
+        let Some(at) = self.directory.position(row.consumer) else {
+            self.unknown += 1;
+            self.example.get_or_insert_with(|| row.consumer.to_owned());
+            return;
+        };
+        let (period, limit) = match row.limit {
+            Some(limit) => (self.period(row), limit),
+            None => (UNLIMITED, 0),
+        };
+        self.rows.push(StagedRow {
+            at: at as u32,
+            period,
+            limit,
+            used: row.used,
+        });
+    }
+
+    fn period(&mut self, row: &Row<'_>) -> u32 {
+        if let Some(i) = self.periods.iter().position(|p| p.is(row)) {
+            return i as u32;
+        }
+        self.periods.push(PeriodText {
+            plan: row.plan.map(str::to_owned),
+            name: row.period.to_owned(),
+            end_text: row.period_end.to_owned(),
+        });
+        (self.periods.len() - 1) as u32
+    }
+
+    /// Reads the JSON of an answer from `d`, entry by entry. The fields may come in any order;
+    /// `version` and `consumers` are required, `epoch` (0) and `full` (true) are not.
+    fn read<'de, D: serde::Deserializer<'de>>(&mut self, d: D) -> Result<(), D::Error> {
+        use serde::de::DeserializeSeed;
+        struct Answer<'s>(&'s mut Staged);
+        struct Entries<'s>(&'s mut Staged);
+        #[derive(Deserialize)]
+        #[serde(field_identifier, rename_all = "snake_case")]
+        enum Field {
+            Version,
+            Epoch,
+            Full,
+            Consumers,
+            #[serde(other)]
+            Other,
+        }
+        impl<'de> serde::de::Visitor<'de> for Answer<'_> {
+            type Value = ();
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a quota answer")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+                let (mut version, mut consumers) = (None, false);
+                while let Some(field) = map.next_key()? {
+                    match field {
+                        Field::Version => version = Some(map.next_value()?),
+                        Field::Epoch => self.0.epoch = map.next_value()?,
+                        Field::Full => self.0.full = Some(map.next_value()?),
+                        Field::Consumers if !consumers => {
+                            map.next_value_seed(Entries(&mut *self.0))?;
+                            consumers = true;
+                        }
+                        Field::Consumers => {
+                            return Err(serde::de::Error::duplicate_field("consumers"));
+                        }
+                        Field::Other => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                if !consumers {
+                    return Err(serde::de::Error::missing_field("consumers"));
+                }
+                self.0.version =
+                    version.ok_or_else(|| serde::de::Error::missing_field("version"))?;
+                Ok(())
+            }
+        }
+        impl<'de> DeserializeSeed<'de> for Entries<'_> {
+            type Value = ();
+            fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+                d.deserialize_seq(self)
+            }
+        }
+        impl<'de> serde::de::Visitor<'de> for Entries<'_> {
+            type Value = ();
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of quota entries")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+                if self.0.full() && self.0.full.is_some() {
+                    // A full answer (said before its entries, as the query API writes it)
+                    // has about an entry per consumer.
+                    self.0.rows.reserve(self.0.directory.len());
+                }
+                while let Some(e) = seq.next_element::<WireEntry<'de>>()? {
+                    self.0.push(&e.row());
+                }
+                Ok(())
+            }
+        }
+        d.deserialize_map(Answer(self))
+    }
 }
 
 /// The quota state this gateway enforces: the consumers with a limit.
@@ -448,15 +611,25 @@ impl QuotaState {
     /// kept on disk); see [`QuotaState::update`]. `Ok(true)` when the answer changed anything
     /// (a full answer, or a partial one with entries).
     pub fn update_json(&self, json: &[u8]) -> Result<bool, serde_json::Error> {
-        let snap: WireSnapshot<'_> = serde_json::from_slice(json)?;
-        let changed = snap.full || !snap.consumers.is_empty();
-        self.apply(
-            snap.version,
-            snap.epoch,
-            snap.full,
-            snap.consumers.iter().map(WireEntry::row),
-        );
-        Ok(changed)
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let staged = self.stage(&mut de)?;
+        de.end()?;
+        Ok(self.apply(staged))
+    }
+
+    /// [`QuotaState::update_json`] with the JSON read from `json` as it comes: only the
+    /// entries' positions and counts are held, never the answer's bytes.
+    pub fn update_reader(&self, json: impl std::io::Read) -> Result<bool, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_reader(json);
+        let staged = self.stage(&mut de)?;
+        de.end()?;
+        Ok(self.apply(staged))
+    }
+
+    fn stage<'de, D: serde::Deserializer<'de>>(&self, d: D) -> Result<Staged, D::Error> {
+        let mut staged = Staged::new(self.directory());
+        staged.read(d)?;
+        Ok(staged)
     }
 
     /// Applies an answer of `/v1/quota`: a full one replaces the state, a partial one
@@ -464,18 +637,19 @@ impl QuotaState {
     /// carries over, less what the store counted meanwhile (see `Table::set`). Entries of
     /// consumers this gateway does not know are left out.
     pub fn update(&self, snap: QuotaSnapshot) {
-        self.apply(
-            snap.version,
-            snap.epoch,
-            snap.full,
-            snap.consumers.iter().map(Row::from),
-        );
+        let mut staged = Staged::new(self.directory());
+        (staged.version, staged.epoch, staged.full) = (snap.version, snap.epoch, Some(snap.full));
+        for e in &snap.consumers {
+            staged.push(&Row::from(e));
+        }
+        self.apply(staged);
     }
 
-    fn apply<'a>(&self, version: i64, epoch: u64, full: bool, rows: impl Iterator<Item = Row<'a>>) {
+    /// Applies `s`; whether it changed anything (see [`QuotaState::update_json`]).
+    fn apply(&self, s: Staged) -> bool {
+        let full = s.full();
         let mut t = self.write();
         t.settle_retired();
-        let (mut unknown, mut example) = (0usize, None);
         // A full answer replaces every entry: the ones before it only carry counts over.
         let (before, periods_before) = if full {
             let n = t.directory.len();
@@ -486,32 +660,42 @@ impl QuotaState {
         } else {
             (None, Vec::new())
         };
-        for row in rows {
-            let Some(at) = t.directory.position(row.consumer) else {
-                unknown += 1;
-                example.get_or_insert_with(|| row.consumer.to_owned());
-                continue;
+        // The answer's periods among the table's, those of entries with a limit only.
+        let periods: Vec<u32> = s.periods.iter().map(|p| t.period(p)).collect();
+        // A reload between reading the answer and now moved the consumers: by id, then.
+        let moved = !Arc::ptr_eq(&t.directory, &s.directory);
+        for r in &s.rows {
+            let at = if moved {
+                match t.directory.position(s.directory.id(r.at as usize)) {
+                    Some(at) => at,
+                    None => continue,
+                }
+            } else {
+                r.at as usize
             };
             let (previous, end) = match &before {
                 Some(before) => (before[at], end_of(&periods_before, before[at])),
                 None => (t.slots[at], end_of(&t.periods, t.slots[at])),
             };
-            t.set(at, &row, previous, end);
+            let entry = (r.period != UNLIMITED).then(|| (periods[r.period as usize], r.limit));
+            t.set(at, entry, r.used, previous, end);
         }
-        if !full && t.periods.len() > 64 {
+        if moved || (!full && t.periods.len() > 64) {
             t.drop_unused_periods();
         }
         drop(t);
-        if let Some(example) = example {
+        if let Some(example) = &s.example {
             tracing::debug!(
-                unknown,
+                unknown = s.unknown,
                 example,
                 "quota entries of consumers this gateway does not know were left out"
             );
         }
+        let (version, epoch) = (s.version, s.epoch);
         *self.position.lock().unwrap_or_else(|p| p.into_inner()) = Some((version, epoch));
         let now = chrono::Utc::now().timestamp().max(0) as u64;
         self.updated_at.store(now, Ordering::Relaxed);
+        full || s.entries > 0
     }
 
     /// `(version, epoch)` of the state held, if any.
@@ -707,6 +891,123 @@ mod tests {
         assert_eq!(again.snapshot(), q.snapshot());
     }
 
+    /// A reader that hands out at most `n` bytes a call, as a body arriving in pieces does.
+    struct Trickle<'a>(&'a [u8], usize);
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.1.min(buf.len()).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn an_answer_read_as_it_arrives_is_the_answer_read_whole() {
+        let end = later(3);
+        let ids: Vec<String> = (0..300).map(|i| format!("c{i}")).collect();
+        let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let entries: Vec<QuotaEntry> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| QuotaEntry {
+                consumer: id.clone(),
+                plan: Some(if i % 2 == 0 { "even" } else { "odd" }.into()),
+                ..entry(10, i as u64 % 12, &end)
+            })
+            .collect();
+        let snap = QuotaSnapshot {
+            version: 9,
+            epoch: 2,
+            full: true,
+            consumers: entries,
+        };
+        let json = serde_json::to_vec(&snap).unwrap();
+        let whole = state(&id_refs);
+        assert!(whole.update_json(&json).unwrap());
+        let read = state(&id_refs);
+        assert!(read.update_reader(Trickle(&json, 7)).unwrap());
+        assert_eq!(read.snapshot(), whole.snapshot());
+        assert_eq!(read.position(), Some((9, 2)));
+        assert_eq!(read.read().periods.len(), 2, "one period per plan");
+        assert!(reserve(&read, "c11").is_err() && reserve(&read, "c1").unwrap().is_some());
+
+        // The fields in another order: the entries come before what says the answer is
+        // partial, and an unknown field is skipped.
+        let partial = format!(
+            r#"{{"consumers":[{{"consumer":"c1","plan":"odd","period":"2026-11","period_end":"{end}","limit":10,"used":10}},
+            {{"consumer":"gone","period":"2026-11","period_end":"{end}","limit":1,"used":0}}],
+            "extra":{{"x":[1,2]}},"full":false,"epoch":2,"version":10}}"#
+        );
+        assert!(read.update_reader(Trickle(partial.as_bytes(), 5)).unwrap());
+        assert_eq!(read.position(), Some((10, 2)));
+        assert!(reserve(&read, "c1").is_err(), "c1 used its 10 now");
+        assert!(
+            reserve(&read, "c3").unwrap().is_some(),
+            "a partial answer keeps the rest"
+        );
+        assert!(
+            !read
+                .update_reader(Trickle(
+                    br#"{"version":11,"epoch":2,"full":false,"consumers":[]}"#,
+                    3
+                ))
+                .unwrap(),
+            "an empty partial answer changes nothing"
+        );
+    }
+
+    #[test]
+    fn an_answer_cut_short_or_malformed_changes_nothing() {
+        let end = later(3);
+        let q = state(&["a", "b"]);
+        q.update(QuotaSnapshot {
+            version: 1,
+            epoch: 1,
+            consumers: vec![entry(5, 5, &end)],
+            ..Default::default()
+        });
+        let before = q.snapshot();
+        let json = format!(
+            r#"{{"version":2,"epoch":1,"full":true,"consumers":[{{"consumer":"b","period":"2026-11","period_end":"{end}","limit":5,"used":5}}]}}"#
+        );
+        for bad in [
+            &json[..json.len() - 3],                          // cut short
+            &json.replace(r#""version":2,"#, ""),             // no version
+            r#"{"version":2}"#,                               // no entries
+            &json.replace(r#"]}"#, r#"],"consumers":[]}"#),   // entries twice
+            &json.replace(r#""used":5"#, r#""used":"five""#), // a count that is not one
+        ] {
+            assert!(
+                q.update_reader(Trickle(bad.as_bytes(), 4)).is_err(),
+                "{bad}"
+            );
+            assert!(q.update_json(bad.as_bytes()).is_err(), "{bad}");
+            assert_eq!(q.snapshot(), before, "{bad}");
+            assert_eq!(q.position(), Some((1, 1)));
+        }
+        assert!(q.update_reader(Trickle(json.as_bytes(), 4)).unwrap());
+        assert!(reserve(&q, "a").unwrap().is_none() && reserve(&q, "b").is_err());
+    }
+
+    #[test]
+    fn an_answer_read_before_a_reload_lands_by_id() {
+        let end = later(3);
+        let q = state(&["a", "b", "c"]);
+        let json = format!(
+            r#"{{"version":2,"epoch":1,"full":true,"consumers":[{{"consumer":"c","period":"2026-11","period_end":"{end}","limit":5,"used":5}},{{"consumer":"b","period":"2026-11","period_end":"{end}","limit":5,"used":1}}]}}"#
+        );
+        let mut de = serde_json::Deserializer::from_slice(json.as_bytes());
+        let staged = q.stage(&mut de).unwrap();
+        // Consumers reloaded while the answer was read: `b` left, the others moved.
+        q.rebind(directory(&["c", "d", "a"]));
+        assert!(q.apply(staged));
+        assert!(reserve(&q, "c").is_err(), "c's entry followed it");
+        assert!(reserve(&q, "a").unwrap().is_none() && reserve(&q, "d").unwrap().is_none());
+        assert_eq!(q.read().periods.len(), 1);
+    }
+
     #[test]
     fn answers_are_read_without_copying_their_text_unless_it_is_escaped() {
         // The period ends after now, so its limit is still enforced when the test runs.
@@ -717,7 +1018,12 @@ mod tests {
             {{"consumer":"b","period":"2026-11","period_end":"{end}","limit":null,"used":0}}]}}"#
         );
         let json = json.as_bytes();
-        let snap: WireSnapshot<'_> = serde_json::from_slice(json).unwrap();
+        #[derive(Deserialize)]
+        struct Answer<'a> {
+            #[serde(borrow)]
+            consumers: Vec<WireEntry<'a>>,
+        }
+        let snap: Answer<'_> = serde_json::from_slice(json).unwrap();
         assert!(matches!(snap.consumers[0].consumer.0, Cow::Owned(_)));
         assert!(matches!(snap.consumers[1].consumer.0, Cow::Borrowed(_)));
         assert!(matches!(

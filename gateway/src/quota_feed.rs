@@ -10,9 +10,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use futures::TryStreamExt;
+use http_body_util::{BodyDataStream, BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use tokio_util::io::{StreamReader, SyncIoBridge};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::GatewayMetrics;
@@ -36,10 +38,10 @@ impl QuotaFeed {
     /// Loads the last known state from disk, if any (called before serving).
     pub fn load_persisted(&self) {
         let Some(path) = &self.persist else { return };
-        let Ok(bytes) = std::fs::read(path) else {
+        let Ok(file) = std::fs::File::open(path) else {
             return;
         };
-        match self.state.update_json(&bytes) {
+        match self.state.update_reader(std::io::BufReader::new(file)) {
             Ok(_) => {
                 let at = self
                     .state
@@ -149,20 +151,173 @@ impl QuotaFeed {
             .map_err(|_| "timed out".to_string())?
             .map_err(|e| e.to_string())?;
         let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
         if !status.is_success() {
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
             return Err(format!(
                 "status {status}: {}",
                 String::from_utf8_lossy(&body)
             ));
         }
-        self.state
-            .update_json(&body)
+        // Read as it arrives, on a blocking thread (see `QuotaState::update_reader`).
+        let body =
+            StreamReader::new(BodyDataStream::new(resp.into_body()).map_err(std::io::Error::other));
+        let body = SyncIoBridge::new(body);
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || state.update_reader(std::io::BufReader::new(body)))
+            .await
+            .map_err(|e| e.to_string())?
             .map_err(|e| format!("not a quota answer: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tollgate_schemas::config::Consumer;
+    use tollgate_schemas::directory::Directory;
+    use tollgate_schemas::quota::{QuotaEntry, QuotaSnapshot};
+
+    /// Serves one HTTP/1.1 response per connection: `head`, then `body` in pieces of `piece`
+    /// bytes written one at a time, then closes.
+    async fn serve(head: String, body: Vec<u8>, piece: usize) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let (head, body) = (head.clone(), body.clone());
+                tokio::spawn(async move {
+                    let mut req = [0u8; 4096];
+                    let _ = conn.read(&mut req).await;
+                    conn.write_all(head.as_bytes()).await.unwrap();
+                    for p in body.chunks(piece) {
+                        if conn.write_all(p).await.is_err() {
+                            return;
+                        }
+                        conn.flush().await.unwrap();
+                        tokio::task::yield_now().await;
+                    }
+                });
+            }
+        });
+        format!("http://{addr}/v1/quota")
+    }
+
+    fn feed(url: String, ids: &[String]) -> QuotaFeed {
+        let consumers: Vec<Consumer> = ids
+            .iter()
+            .map(|id| Consumer {
+                id: id.clone(),
+                plan: "p".into(),
+                api_keys: vec![],
+            })
+            .collect();
+        let directory = Arc::new(Directory::new(&consumers).unwrap());
+        QuotaFeed {
+            url,
+            persist: None,
+            token: None,
+            poll: Duration::from_secs(1),
+            state: Arc::new(QuotaState::new(directory, None, Default::default())),
+            metrics: GatewayMetrics::unregistered(),
+        }
+    }
+
+    /// A full answer for `ids`, each with 10 requests a month and `used(i)` used.
+    fn answer(ids: &[String], used: impl Fn(usize) -> u64) -> Vec<u8> {
+        let end = (chrono::Utc::now() + chrono::Duration::days(3)).to_rfc3339();
+        let snap = QuotaSnapshot {
+            version: 5,
+            epoch: 6,
+            full: true,
+            consumers: ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    QuotaEntry::new(
+                        id.clone(),
+                        Some("p".into()),
+                        "2026-11".into(),
+                        end.clone(),
+                        Some(10),
+                        used(i),
+                    )
+                })
+                .collect(),
+        };
+        serde_json::to_vec(&snap).unwrap()
+    }
+
+    fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>> {
+        Client::builder(TokioExecutor::new()).build_http()
+    }
+
+    #[tokio::test]
+    async fn a_large_answer_is_applied_as_it_arrives() {
+        let ids: Vec<String> = (0..20_000).map(|i| format!("consumer-{i}")).collect();
+        let body = answer(&ids, |i| if i % 1000 == 0 { 10 } else { 1 });
+        let chunked = {
+            // Chunked transfer coding, as a streamed answer of the query API comes.
+            let mut out = Vec::new();
+            for c in body.chunks(3000) {
+                out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+                out.extend_from_slice(c);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"0\r\n\r\n");
+            out
+        };
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+        let f = feed(serve(head.into(), chunked, 1500).await, &ids);
+        assert_eq!(f.fetch(&client()).await, Ok(true));
+        assert_eq!(f.state.position(), Some((5, 6)));
+        let exceeded = f
+            .state
+            .snapshot()
+            .consumers
+            .iter()
+            .filter(|e| e.used >= 10)
+            .count();
+        assert_eq!(exceeded, 20, "every 1000th consumer used its 10");
+        assert_eq!(f.state.snapshot().consumers.len(), 20_000);
+    }
+
+    #[tokio::test]
+    async fn an_answer_cut_short_changes_nothing_and_says_why() {
+        let ids: Vec<String> = (0..2_000).map(|i| format!("consumer-{i}")).collect();
+        let body = answer(&ids, |_| 10);
+        // The connection closes 100 bytes before the length it announced.
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let f = feed(
+            serve(head, body[..body.len() - 100].to_vec(), 4096).await,
+            &ids,
+        );
+        let err = f.fetch(&client()).await.unwrap_err();
+        assert!(err.starts_with("not a quota answer"), "{err}");
+        assert_eq!(f.state.position(), None);
+        assert!(f.state.snapshot().consumers.is_empty());
+
+        let f = feed(
+            serve(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\n".into(),
+                b"busy".to_vec(),
+                4,
+            )
+            .await,
+            &ids,
+        );
+        assert_eq!(
+            f.fetch(&client()).await,
+            Err("status 503 Service Unavailable: busy".into())
+        );
     }
 }

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use crate::auth::Scope;
 use axum::extract::{Query, State};
 use axum::http::header;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use tollgate_schemas::config::Plan;
 use tollgate_schemas::directory::Directory;
-use tollgate_schemas::quota::{QuotaEntryRef, snapshot_json};
+use tollgate_schemas::quota::{QuotaEntryRef, write_snapshot};
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -27,11 +27,16 @@ use crate::params::{Params, period_name, period_of, rfc3339};
 /// How old the computed state may be before a request recomputes it.
 pub const REFRESH: Duration = Duration::from_millis(250);
 
+/// Full answers of more entries than this are sent as they are written ([`streamed`]).
+const STREAM_ABOVE: usize = 4096;
+/// The bytes of JSON a streamed answer sends at a time.
+const CHUNK: usize = 64 * 1024;
+
 /// The last computed state, shared by every caller. Per consumer it holds two numbers, not an
 /// entry: the JSON entries are built for the consumers an answer carries (with 100,000
 /// consumers, a few per second once the gateways are in step), so a refresh allocates nothing
 /// per consumer and the cache costs 16 bytes per consumer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct QuotaCache {
     /// Random per process: versions of another process do not compare.
     epoch: u64,
@@ -77,18 +82,25 @@ fn rand_epoch() -> u64 {
 }
 
 impl QuotaCache {
-    /// The answer (its JSON) for a caller holding the state at `since` of `epoch`, scoped to
-    /// `scope`. Written entry by entry from the counts: a full answer for 100,000 consumers
-    /// builds no entries (and their 400,000 strings) first.
-    fn answer(
+    /// Whether the answer for a caller holding the state at `since` of `epoch` is the whole
+    /// state: the caller's version is of another process, or older than this one's first.
+    fn known(&self, since: Option<(i64, u64)>, scope: Option<&str>) -> Option<(i64, u64)> {
+        since.filter(|(v, e)| {
+            *e == self.epoch && scope.is_none() && self.base.is_some_and(|b| *v >= b)
+        })
+    }
+
+    /// Writes the answer (its JSON) for a caller holding the state at `since` of `epoch`,
+    /// scoped to `scope`, to `out`, entry by entry from the counts: a full answer for 100,000
+    /// consumers builds no entries (and their 400,000 strings) first.
+    fn write_answer(
         &self,
+        out: impl std::io::Write,
         plans: &BTreeMap<String, Plan>,
         since: Option<(i64, u64)>,
         scope: Option<&str>,
-    ) -> Vec<u8> {
-        let known = since.filter(|(v, e)| {
-            *e == self.epoch && scope.is_none() && self.base.is_some_and(|b| *v >= b)
-        });
+    ) -> std::io::Result<()> {
+        let known = self.known(since, scope);
         let (period, period_end) = (period_name(self.period.0), rfc3339(self.period.1));
         let entries = self
             .consumers
@@ -104,12 +116,26 @@ impl QuotaCache {
                     .map(|q| q.requests);
                 QuotaEntryRef::new(id, Some(plan), &period, &period_end, limit, n.used)
             });
-        // A full answer holds every consumer (or the one of `scope`); a partial one, few.
-        let expected = match (known, scope) {
+        write_snapshot(out, self.version, self.epoch, known.is_none(), entries)
+    }
+
+    /// [`QuotaCache::write_answer`] into memory. A partial answer is small; a full one is
+    /// sized for every consumer at once (a large buffer grown by doubling leaves its smaller
+    /// copies behind in the allocator's heap).
+    fn answer(
+        &self,
+        plans: &BTreeMap<String, Plan>,
+        since: Option<(i64, u64)>,
+        scope: Option<&str>,
+    ) -> Vec<u8> {
+        let expected = match (self.known(since, scope), scope) {
             (None, None) => self.counts.len(),
             _ => 1,
         };
-        snapshot_json(self.version, self.epoch, known.is_none(), entries, expected)
+        let mut out = Vec::with_capacity(64 + expected * 200);
+        self.write_answer(&mut out, plans, since, scope)
+            .expect("writing JSON into memory does not fail");
+        out
     }
 
     /// Takes the counts of `period` (`used` gives each consumer's of `consumers`, in their
@@ -190,17 +216,74 @@ pub async fn quota(
     State(s): State<Arc<AppState>>,
     Scope(scope): Scope,
     Query(raw): Query<HashMap<String, String>>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Response, ApiError> {
     let p = Params::new(raw, QUOTA_PARAMS)?;
     let since: Option<i64> = integer(&p, "since")?;
     let epoch: Option<u64> = integer(&p, "epoch")?;
     if since.is_some() != epoch.is_some() {
         return Err(ApiError::bad("since", "`since` and `epoch` go together"));
     }
+    let since = since.zip(epoch);
     let mut cache = s.quota.lock().await;
     refresh(&s, &mut cache).await?;
-    let body = cache.answer(&s.plans, since.zip(epoch), scope.as_deref());
-    Ok(([(header::CONTENT_TYPE, "application/json")], body))
+    let json = [(header::CONTENT_TYPE, "application/json")];
+    if scope.is_none() && cache.known(since, None).is_none() && cache.counts.len() > STREAM_ABOVE {
+        // The whole state: written from a copy of the counts (16 bytes a consumer) as it is
+        // sent, never all in memory (17 MB of JSON for 100,000 consumers).
+        let (cache, s) = (cache.clone(), s.clone());
+        let body = streamed(move |out| cache.write_answer(out, &s.plans, since, None));
+        return Ok((json, body).into_response());
+    }
+    let body = cache.answer(&s.plans, since, scope.as_deref());
+    Ok((json, body).into_response())
+}
+
+/// A body whose bytes `write` writes on a blocking thread, sent [`CHUNK`] bytes at a time as
+/// they are written: at most two chunks wait for the connection. A failure while writing
+/// ends the body with an error, which cuts the connection, so the client cannot take a
+/// truncated answer for a whole one.
+fn streamed(
+    write: impl FnOnce(&mut ChunkWriter) -> std::io::Result<()> + Send + 'static,
+) -> axum::body::Body {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::task::spawn_blocking(move || {
+        let mut out = ChunkWriter {
+            chunk: Vec::with_capacity(CHUNK),
+            tx,
+        };
+        if let Err(e) = write(&mut out).and_then(|()| std::io::Write::flush(&mut out)) {
+            let _ = out.tx.blocking_send(Err(e));
+        }
+    });
+    axum::body::Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    }))
+}
+
+/// Sends what is written to it in chunks of about [`CHUNK`] bytes (see [`streamed`]).
+struct ChunkWriter {
+    chunk: Vec<u8>,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.chunk.extend_from_slice(buf);
+        if self.chunk.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(CHUNK));
+        self.tx
+            .blocking_send(Ok(chunk.into()))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the caller left"))
+    }
 }
 
 /// An optional integer parameter.
@@ -281,6 +364,43 @@ mod tests {
         let own = answer(Some((200, 7)), Some("a"));
         assert!(own.full);
         assert_eq!(names(&own), ["a"]);
+    }
+
+    /// The bytes of a body, or the error that ended it.
+    async fn body_bytes(body: axum::body::Body) -> Result<Vec<u8>, String> {
+        use http_body_util::BodyExt;
+        body.collect()
+            .await
+            .map(|b| b.to_bytes().to_vec())
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_streamed_answer_is_the_answer_written_whole() {
+        let ids: Vec<String> = (0..STREAM_ABOVE * 3).map(|i| format!("c{i}")).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let (_, plans) = setup();
+        let consumers = directory(&refs);
+        let mut cache = QuotaCache::default();
+        cache.update(100, NOV, &consumers, (0..ids.len()).map(|i| i as u64 % 13));
+        let whole = cache.answer(&plans, None, None);
+        assert!(whole.len() > 4 * CHUNK, "several chunks");
+        let (copy, p) = (cache.clone(), plans.clone());
+        let sent = body_bytes(streamed(move |out| copy.write_answer(out, &p, None, None)))
+            .await
+            .unwrap();
+        assert!(sent == whole, "the same bytes");
+        let snap: QuotaSnapshot = serde_json::from_slice(&sent).unwrap();
+        assert!(snap.full && snap.consumers.len() == ids.len());
+        assert_eq!(snap.consumers[14].used, 1);
+
+        // A failure while writing ends the body with an error, after what was sent.
+        let failed = body_bytes(streamed(|out| {
+            std::io::Write::write_all(out, &vec![b' '; 3 * CHUNK])?;
+            Err(std::io::Error::other("the store went away"))
+        }))
+        .await;
+        assert!(failed.unwrap_err().contains("the store went away"));
     }
 
     #[test]

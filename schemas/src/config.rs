@@ -16,8 +16,32 @@ pub struct Consumer {
     /// Name of a plan in `plans:`.
     pub plan: String,
     /// API keys as `sha256:<64 hex digits>` of the key; the keys themselves are never stored.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact_list")]
     pub api_keys: Vec<String>,
+}
+
+/// A list read into a vector of its own length while it has one element: the usual consumer
+/// has one key, and a vector grown by `push` has room for four (96 bytes, 9.6 MB for 100,000
+/// consumers while the configuration is read).
+fn exact_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct List;
+    impl<'de> serde::de::Visitor<'de> for List {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of strings")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut list = Vec::with_capacity(seq.size_hint().unwrap_or(1).clamp(1, 64));
+            while let Some(item) = seq.next_element()? {
+                list.push(item);
+            }
+            Ok(list)
+        }
+    }
+    d.deserialize_seq(List)
 }
 
 impl Consumer {

@@ -179,22 +179,6 @@ pub fn write_snapshot<'a>(
     Ok(())
 }
 
-/// The JSON of a [`QuotaSnapshot`] whose entries are `entries` (see [`write_snapshot`]).
-/// `expected` is about how many there are: the output is sized for them at once (a large
-/// buffer grown by doubling leaves its smaller copies behind in the allocator's heap).
-pub fn snapshot_json<'a>(
-    version: i64,
-    epoch: u64,
-    full: bool,
-    entries: impl Iterator<Item = QuotaEntryRef<'a>>,
-    expected: usize,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + expected * 200);
-    write_snapshot(&mut out, version, epoch, full, entries)
-        .expect("writing JSON into memory does not fail");
-    out
-}
-
 /// How close a consumer is to its limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -257,18 +241,24 @@ mod tests {
             full: false,
             consumers: entries.to_vec(),
         };
-        let written = snapshot_json(
-            12,
-            u64::MAX,
-            false,
-            entries.iter().map(QuotaEntryRef::from),
-            2,
-        );
+        let json = |version, epoch, full, entries: &[QuotaEntry]| {
+            let mut out = Vec::new();
+            write_snapshot(
+                &mut out,
+                version,
+                epoch,
+                full,
+                entries.iter().map(QuotaEntryRef::from),
+            )
+            .unwrap();
+            out
+        };
+        let written = json(12, u64::MAX, false, &entries);
         assert_eq!(
             String::from_utf8(written).unwrap(),
             serde_json::to_string(&whole).unwrap()
         );
-        let empty = snapshot_json(1, 2, true, std::iter::empty(), 0);
+        let empty = json(1, 2, true, &[]);
         assert_eq!(
             serde_json::from_slice::<QuotaSnapshot>(&empty).unwrap(),
             QuotaSnapshot {
