@@ -24,6 +24,12 @@ use crate::quota::QuotaState;
 /// consumers, megabytes).
 pub const PERSIST_EVERY: Duration = Duration::from_secs(10);
 
+/// Answers of a known length up to this are read whole on the runtime's thread (what a poll
+/// brings once the gateway is in step: the few entries that changed); longer ones, or of no
+/// stated length (a full answer, which the query API sends as it writes it), are read as
+/// they arrive on a blocking thread, which a poll a second would otherwise keep busy.
+const READ_WHOLE: u64 = 1 << 20;
+
 pub struct QuotaFeed {
     pub url: String,
     /// Where the last known state is kept (`None`: memory only).
@@ -163,6 +169,21 @@ impl QuotaFeed {
                 String::from_utf8_lossy(&body)
             ));
         }
+        let small = http_body::Body::size_hint(resp.body())
+            .exact()
+            .is_some_and(|n| n <= READ_WHOLE);
+        if small {
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            return self
+                .state
+                .update_json(&body)
+                .map_err(|e| format!("not a quota answer: {e}"));
+        }
         // Read as it arrives, on a blocking thread (see `QuotaState::update_reader`).
         let body =
             StreamReader::new(BodyDataStream::new(resp.into_body()).map_err(std::io::Error::other));
@@ -290,21 +311,45 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_cut_short_changes_nothing_and_says_why() {
-        let ids: Vec<String> = (0..2_000).map(|i| format!("consumer-{i}")).collect();
-        let body = answer(&ids, |_| 10);
-        // The connection closes 100 bytes before the length it announced.
-        let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
+        // Read whole (a few entries) and read as it arrives (more than READ_WHOLE bytes).
+        for n in [20, 10_000] {
+            let ids: Vec<String> = (0..n).map(|i| format!("consumer-{i}")).collect();
+            let body = answer(&ids, |_| 10);
+            assert_eq!(body.len() as u64 > READ_WHOLE, n > 20);
+            // The connection closes 100 bytes before the length it announced.
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            let f = feed(
+                serve(head, body[..body.len() - 100].to_vec(), 4096).await,
+                &ids,
+            );
+            let err = f.fetch(&client()).await.unwrap_err();
+            assert!(!err.is_empty());
+            assert_eq!(f.state.position(), None, "{err}");
+            assert!(f.state.snapshot().consumers.is_empty());
+            // Whole, the same answer is taken either way.
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            let f = feed(serve(head, body.clone(), 4096).await, &ids);
+            assert_eq!(f.fetch(&client()).await, Ok(true));
+            assert_eq!(f.state.snapshot().consumers.len(), n);
+        }
+        let ids = ["a".to_string()];
         let f = feed(
-            serve(head, body[..body.len() - 100].to_vec(), 4096).await,
+            serve(
+                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n".into(),
+                b"[]".to_vec(),
+                4,
+            )
+            .await,
             &ids,
         );
         let err = f.fetch(&client()).await.unwrap_err();
         assert!(err.starts_with("not a quota answer"), "{err}");
-        assert_eq!(f.state.position(), None);
-        assert!(f.state.snapshot().consumers.is_empty());
 
         let f = feed(
             serve(
