@@ -400,6 +400,20 @@ async fn meters_prices_and_survives_sigkill() {
     }
 }
 
+/// The `gateway:` section of the quota tests: API keys, one route `/fast` to `upstream`, and
+/// `quota` as the quota feed's settings.
+fn fast_route_gateway(gw: u16, upstream: SocketAddr, quota: &str) -> String {
+    format!(
+        r#"
+gateway:
+  listen: 127.0.0.1:{gw}
+  upstreams: {{ app: {{ targets: ["http://{upstream}"] }} }}
+  routes: [ {{ id: fast, methods: [GET], path: /fast, upstream: app }} ]
+  auth: {{ api_key: {{ header: x-api-key }} }}
+  quota: {{ {quota} }}"#
+    )
+}
+
 /// The quota state travels between the query API and the gateway as changes: an answer to
 /// `since` names only the consumers whose entry changed, and the gateway, fed such answers,
 /// still stops a consumer at its quota.
@@ -412,13 +426,7 @@ async fn quota_state_travels_as_changes_and_is_enforced() {
     std::fs::write(
         &config,
         format!(
-            r#"
-gateway:
-  listen: 127.0.0.1:{gw}
-  upstreams: {{ app: {{ targets: ["http://{upstream}"] }} }}
-  routes: [ {{ id: fast, methods: [GET], path: /fast, upstream: app }} ]
-  auth: {{ api_key: {{ header: x-api-key }} }}
-  quota: {{ poll_ms: 100 }}
+            r#"{gateway}
 consumers:
   - {{ id: capped, plan: small, api_keys: ["{c}"] }}
   - {{ id: other, plan: small, api_keys: ["{o}"] }}
@@ -428,6 +436,7 @@ plans:
 collector: {{ linger_ms: 5 }}
 query_api: {{ listen: 127.0.0.1:{api}, admin_tokens: ["{ADMIN}"] }}
 "#,
+            gateway = fast_route_gateway(gw, upstream, "poll_ms: 100"),
             c = tollgate_schemas::keys::hash_key("key-capped"),
             o = tollgate_schemas::keys::hash_key("key-other"),
             b = tollgate_schemas::keys::hash_key("key-burst"),
@@ -553,19 +562,18 @@ async fn a_streamed_quota_state_of_thousands_of_consumers_is_enforced() {
     let upstream = start_upstream().await;
     let (gw, api) = (free_port(), free_port());
     let mut yaml = format!(
-        r#"
-gateway:
-  listen: 127.0.0.1:{gw}
-  upstreams: {{ app: {{ targets: ["http://{upstream}"] }} }}
-  routes: [ {{ id: fast, methods: [GET], path: /fast, upstream: app }} ]
-  auth: {{ api_key: {{ header: x-api-key }} }}
-  quota: {{ poll_ms: 100, stale_after_s: 3600, when_stale: closed }}
+        r#"{gateway}
 plans:
   open: {{ quota: {{ period: month, requests: 1000000 }} }}
   small: {{ quota: {{ period: month, requests: 25 }} }}
 query_api: {{ listen: 127.0.0.1:{api}, admin_tokens: ["{ADMIN}"] }}
 consumers:
-"#
+"#,
+        gateway = fast_route_gateway(
+            gw,
+            upstream,
+            "poll_ms: 100, stale_after_s: 3600, when_stale: closed"
+        ),
     );
     for i in 0..CONSUMERS {
         let key = tollgate_schemas::keys::hash_key(&format!("key-{i}"));

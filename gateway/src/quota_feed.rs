@@ -157,28 +157,22 @@ impl QuotaFeed {
             .map_err(|_| "timed out".to_string())?
             .map_err(|e| e.to_string())?;
         let status = resp.status();
-        if !status.is_success() {
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            return Err(format!(
-                "status {status}: {}",
-                String::from_utf8_lossy(&body)
-            ));
-        }
         let small = http_body::Body::size_hint(resp.body())
             .exact()
             .is_some_and(|n| n <= READ_WHOLE);
-        if small {
+        if !status.is_success() || small {
             let body = resp
                 .into_body()
                 .collect()
                 .await
                 .map_err(|e| e.to_string())?
                 .to_bytes();
+            if !status.is_success() {
+                return Err(format!(
+                    "status {status}: {}",
+                    String::from_utf8_lossy(&body)
+                ));
+            }
             return self
                 .state
                 .update_json(&body)
@@ -338,30 +332,19 @@ mod tests {
             assert_eq!(f.fetch(&client()).await, Ok(true));
             assert_eq!(f.state.snapshot().consumers.len(), n);
         }
-        let ids = ["a".to_string()];
-        let f = feed(
-            serve(
-                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n".into(),
-                b"[]".to_vec(),
-                4,
-            )
-            .await,
-            &ids,
-        );
-        let err = f.fetch(&client()).await.unwrap_err();
+        // What `status` with `body` makes of a poll.
+        let poll = |status: &'static str, body: &'static [u8]| async move {
+            let head = format!(
+                "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            let f = feed(serve(head, body.to_vec(), 4).await, &["a".to_string()]);
+            f.fetch(&client()).await
+        };
+        let err = poll("200 OK", b"[]").await.unwrap_err();
         assert!(err.starts_with("not a quota answer"), "{err}");
-
-        let f = feed(
-            serve(
-                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\n".into(),
-                b"busy".to_vec(),
-                4,
-            )
-            .await,
-            &ids,
-        );
         assert_eq!(
-            f.fetch(&client()).await,
+            poll("503 Service Unavailable", b"busy").await,
             Err("status 503 Service Unavailable: busy".into())
         );
     }
