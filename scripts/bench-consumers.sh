@@ -99,6 +99,9 @@ settle() {
 # the process's own memory)
 after() {
   settle "$3"
+  # What a load leaves to do (the last flush, the allocator's trim) is done within a few
+  # seconds (BENCHMARKS.md, "Many consumers"); idle is what follows.
+  sleep 5
   local t0 c0 t1 c1
   t0=$(now_ms); c0=$(awk '{print $14 + $15}' "/proc/$1/stat")
   sleep 10
