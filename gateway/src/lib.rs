@@ -202,6 +202,7 @@ impl Gateway {
         ));
         let feed = config.quota.url.as_ref().map(|url| quota_feed::QuotaFeed {
             url: url.clone(),
+            answer_timeout: quota_feed::ANSWER_TIMEOUT,
             persist: (!config.state_dir.as_os_str().is_empty())
                 .then(|| config.state_dir.join("quota-state.json")),
             token: config.quota.token.clone(),

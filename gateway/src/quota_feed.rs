@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::StreamExt;
 use http_body_util::{BodyDataStream, BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -24,6 +24,10 @@ use crate::quota::QuotaState;
 /// consumers, megabytes).
 pub const PERSIST_EVERY: Duration = Duration::from_secs(10);
 
+/// How long an answer may take by default: a full answer for 100,000 consumers arrives in
+/// under a second on one machine.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Answers of a known length up to this are read whole on the runtime's thread (what a poll
 /// brings once the gateway is in step: the few entries that changed); longer ones, or of no
 /// stated length (a full answer, which the query API sends as it writes it), are read as
@@ -32,6 +36,10 @@ const READ_WHOLE: u64 = 1 << 20;
 
 pub struct QuotaFeed {
     pub url: String,
+    /// How long an answer may take, from the request to its last byte ([`ANSWER_TIMEOUT`]
+    /// unless a test says otherwise): a query API that stops sending halfway must not hold
+    /// the feed, and with it every later poll, for good.
+    pub answer_timeout: Duration,
     /// Where the last known state is kept (`None`: memory only).
     pub persist: Option<std::path::PathBuf>,
     pub token: Option<String>,
@@ -152,6 +160,8 @@ impl QuotaFeed {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }
         let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
+        let deadline = tokio::time::Instant::now() + self.answer_timeout;
+        let late = || format!("no whole answer within {:?}", self.answer_timeout);
         let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
             .await
             .map_err(|_| "timed out".to_string())?
@@ -161,10 +171,9 @@ impl QuotaFeed {
             .exact()
             .is_some_and(|n| n <= READ_WHOLE);
         if !status.is_success() || small {
-            let body = resp
-                .into_body()
-                .collect()
+            let body = tokio::time::timeout_at(deadline, resp.into_body().collect())
                 .await
+                .map_err(|_| late())?
                 .map_err(|e| e.to_string())?
                 .to_bytes();
             if !status.is_success() {
@@ -178,10 +187,25 @@ impl QuotaFeed {
                 .update_json(&body)
                 .map_err(|e| format!("not a quota answer: {e}"));
         }
-        // Read as it arrives, on a blocking thread (see `QuotaState::update_reader`).
+        // Read as it arrives, on a blocking thread (see `QuotaState::update_reader`). Past the
+        // deadline the body ends with an error, which fails the parse and ends the thread.
+        let late = late();
         let body =
-            StreamReader::new(BodyDataStream::new(resp.into_body()).map_err(std::io::Error::other));
-        let body = SyncIoBridge::new(body);
+            futures::stream::unfold(Some(BodyDataStream::new(resp.into_body())), move |body| {
+                let late = late.clone();
+                async move {
+                    let mut body = body?;
+                    match tokio::time::timeout_at(deadline, body.next()).await {
+                        Ok(Some(chunk)) => Some((chunk.map_err(std::io::Error::other), Some(body))),
+                        Ok(None) => None,
+                        Err(_) => Some((
+                            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, late)),
+                            None,
+                        )),
+                    }
+                }
+            });
+        let body = SyncIoBridge::new(StreamReader::new(Box::pin(body)));
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || state.update_reader(std::io::BufReader::new(body)))
             .await
@@ -201,6 +225,11 @@ mod tests {
     /// Serves one HTTP/1.1 response per connection: `head`, then `body` in pieces of `piece`
     /// bytes written one at a time, then closes.
     async fn serve(head: String, body: Vec<u8>, piece: usize) -> String {
+        serve_then(head, body, piece, false).await
+    }
+
+    /// [`serve`], and with `stall` the connection is then held open without another byte.
+    async fn serve_then(head: String, body: Vec<u8>, piece: usize, stall: bool) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -217,6 +246,10 @@ mod tests {
                         }
                         conn.flush().await.unwrap();
                         tokio::task::yield_now().await;
+                    }
+                    if stall {
+                        // Until the client gives up and closes.
+                        let _ = conn.read(&mut req).await;
                     }
                 });
             }
@@ -236,6 +269,7 @@ mod tests {
         let directory = Arc::new(Directory::new(&consumers).unwrap());
         QuotaFeed {
             url,
+            answer_timeout: Duration::from_secs(2),
             persist: None,
             token: None,
             poll: Duration::from_secs(1),
@@ -301,6 +335,29 @@ mod tests {
             .count();
         assert_eq!(exceeded, 20, "every 1000th consumer used its 10");
         assert_eq!(f.state.snapshot().consumers.len(), 20_000);
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_stops_halfway_times_out_and_changes_nothing() {
+        let ids: Vec<String> = (0..2_000).map(|i| format!("consumer-{i}")).collect();
+        let body = answer(&ids, |_| 10);
+        let half = body[..body.len() / 2].to_vec();
+        let sized = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        // Chunked: one chunk announced whole, half of it sent.
+        let chunked = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_string();
+        let mut first = format!("{:x}\r\n", body.len()).into_bytes();
+        first.extend_from_slice(&half);
+        for (head, sent) in [(sized, half.clone()), (chunked, first)] {
+            let f = feed(serve_then(head, sent, 4096, true).await, &ids);
+            let started = std::time::Instant::now();
+            let err = f.fetch(&client()).await.unwrap_err();
+            assert!(err.contains("no whole answer within 2s"), "{err}");
+            assert!(started.elapsed() < Duration::from_secs(10));
+            assert_eq!(f.state.position(), None);
+        }
     }
 
     #[tokio::test]
