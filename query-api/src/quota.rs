@@ -241,29 +241,57 @@ pub async fn quota(
 /// A body whose bytes `write` writes on a blocking thread, sent [`CHUNK`] bytes at a time as
 /// they are written: at most two chunks wait for the connection. A failure while writing
 /// ends the body with an error, which cuts the connection, so the client cannot take a
-/// truncated answer for a whole one.
+/// truncated answer for a whole one; so does a client that takes no chunk for [`STALL`]
+/// (the writer gives up rather than hold its thread for as long as the connection lasts).
 fn streamed(
     write: impl FnOnce(&mut ChunkWriter) -> std::io::Result<()> + Send + 'static,
 ) -> axum::body::Body {
+    streamed_with(STALL, write)
+}
+
+/// How long a streamed answer's writer waits for the client to take a chunk.
+const STALL: Duration = Duration::from_secs(60);
+
+fn streamed_with(
+    stall: Duration,
+    write: impl FnOnce(&mut ChunkWriter) -> std::io::Result<()> + Send + 'static,
+) -> axum::body::Body {
     let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = finished.clone();
     tokio::task::spawn_blocking(move || {
         let mut out = ChunkWriter {
             chunk: Vec::with_capacity(CHUNK),
             tx,
+            stall,
+            runtime: tokio::runtime::Handle::current(),
         };
-        if let Err(e) = write(&mut out).and_then(|()| std::io::Write::flush(&mut out)) {
-            let _ = out.tx.blocking_send(Err(e));
+        match write(&mut out).and_then(|()| std::io::Write::flush(&mut out)) {
+            Ok(()) => done.store(true, std::sync::atomic::Ordering::Release),
+            // Best effort: the body ends with an error whether or not this one gets through.
+            Err(e) => drop(out.tx.try_send(Err(e))),
         }
     });
-    axum::body::Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|chunk| (chunk, rx))
-    }))
+    let chunks = futures::stream::unfold(Some(rx), move |rx| {
+        let finished = finished.clone();
+        async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Some(chunk) => Some((chunk, Some(rx))),
+                None if finished.load(std::sync::atomic::Ordering::Acquire) => None,
+                None => Some((Err(std::io::Error::other("the answer was cut short")), None)),
+            }
+        }
+    });
+    axum::body::Body::from_stream(chunks)
 }
 
 /// Sends what is written to it in chunks of about [`CHUNK`] bytes (see [`streamed`]).
 struct ChunkWriter {
     chunk: Vec<u8>,
     tx: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+    stall: Duration,
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::io::Write for ChunkWriter {
@@ -280,9 +308,21 @@ impl std::io::Write for ChunkWriter {
             return Ok(());
         }
         let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(CHUNK));
-        self.tx
-            .blocking_send(Ok(chunk.into()))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the caller left"))
+        let sent = self.runtime.block_on(tokio::time::timeout(
+            self.stall,
+            self.tx.send(Ok(chunk.into())),
+        ));
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the caller left",
+            )),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the caller took nothing",
+            )),
+        }
     }
 }
 
@@ -401,6 +441,27 @@ mod tests {
         }))
         .await;
         assert!(failed.unwrap_err().contains("the store went away"));
+    }
+
+    #[tokio::test]
+    async fn a_writer_whose_caller_takes_nothing_gives_up() {
+        let gave_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = gave_up.clone();
+        let body = streamed_with(Duration::from_millis(200), move |out| {
+            let chunk = vec![b' '; CHUNK];
+            let written = (0..10).try_for_each(|_| std::io::Write::write_all(out, &chunk));
+            flag.store(written.is_err(), std::sync::atomic::Ordering::Release);
+            written
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !gave_up.load(std::sync::atomic::Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "the writer still waits");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // What was queued before it gave up, then an error (its own did not fit in the full
+        // queue): never a whole-looking answer.
+        let err = body_bytes(body).await.unwrap_err();
+        assert!(err.contains("cut short"), "{err}");
     }
 
     #[test]
