@@ -37,24 +37,17 @@ pub use tollgate_schemas::quota::{QuotaEntry, QuotaEntryRef, QuotaSnapshot};
 /// What the entries of one period share (every consumer of a plan, usually).
 #[derive(Debug, PartialEq, Eq)]
 struct Period {
-    plan: Option<String>,
-    name: String,
-    /// As received (RFC 3339), for the state kept on disk.
-    end_text: String,
+    text: PeriodText,
+    /// `text.end_text` read, when it reads.
     end: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-impl Period {
-    fn is(&self, p: &PeriodText) -> bool {
-        self.plan == p.plan && self.name == p.name && self.end_text == p.end_text
-    }
-}
-
 /// A period as an answer names it.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct PeriodText {
     plan: Option<String>,
     name: String,
+    /// As received (RFC 3339), for the state kept on disk.
     end_text: String,
 }
 
@@ -165,13 +158,11 @@ impl Table {
 
     /// The period `text` names, added when new.
     fn period(&mut self, text: &PeriodText) -> u32 {
-        if let Some(i) = self.periods.iter().position(|p| p.is(text)) {
+        if let Some(i) = self.periods.iter().position(|p| p.text == *text) {
             return i as u32;
         }
         self.periods.push(Period {
-            plan: text.plan.clone(),
-            name: text.name.clone(),
-            end_text: text.end_text.clone(),
+            text: text.clone(),
             end: chrono::DateTime::parse_from_rfc3339(&text.end_text)
                 .ok()
                 .map(|t| t.with_timezone(&chrono::Utc)),
@@ -280,9 +271,9 @@ impl Table {
                 let p = &self.periods[s.period as usize];
                 QuotaEntryRef::new(
                     self.directory.id(at),
-                    p.plan.as_deref(),
-                    &p.name,
-                    &p.end_text,
+                    p.text.plan.as_deref(),
+                    &p.text.name,
+                    &p.text.end_text,
                     Some(s.limit),
                     s.used,
                 )
@@ -490,7 +481,7 @@ impl Staged {
                 f.write_str("a list of quota entries")
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-                if self.0.full() && self.0.full.is_some() {
+                if self.0.full == Some(true) {
                     // A full answer (said before its entries, as the query API writes it)
                     // has about an entry per consumer.
                     self.0.rows.reserve(self.0.directory.len());
@@ -611,16 +602,20 @@ impl QuotaState {
     /// kept on disk); see [`QuotaState::update`]. `Ok(true)` when the answer changed anything
     /// (a full answer, or a partial one with entries).
     pub fn update_json(&self, json: &[u8]) -> Result<bool, serde_json::Error> {
-        let mut de = serde_json::Deserializer::from_slice(json);
-        let staged = self.stage(&mut de)?;
-        de.end()?;
-        Ok(self.apply(staged))
+        self.update_from(serde_json::Deserializer::from_slice(json))
     }
 
     /// [`QuotaState::update_json`] with the JSON read from `json` as it comes: only the
     /// entries' positions and counts are held, never the answer's bytes.
     pub fn update_reader(&self, json: impl std::io::Read) -> Result<bool, serde_json::Error> {
-        let mut de = serde_json::Deserializer::from_reader(json);
+        self.update_from(serde_json::Deserializer::from_reader(json))
+    }
+
+    /// Applies the one answer `de` reads (nothing may follow it).
+    fn update_from<'de, R: serde_json::de::Read<'de>>(
+        &self,
+        mut de: serde_json::Deserializer<R>,
+    ) -> Result<bool, serde_json::Error> {
         let staged = self.stage(&mut de)?;
         de.end()?;
         Ok(self.apply(staged))
@@ -691,8 +686,7 @@ impl QuotaState {
                 "quota entries of consumers this gateway does not know were left out"
             );
         }
-        let (version, epoch) = (s.version, s.epoch);
-        *self.position.lock().unwrap_or_else(|p| p.into_inner()) = Some((version, epoch));
+        *self.position.lock().unwrap_or_else(|p| p.into_inner()) = Some((s.version, s.epoch));
         let now = chrono::Utc::now().timestamp().max(0) as u64;
         self.updated_at.store(now, Ordering::Relaxed);
         full || s.entries > 0

@@ -189,10 +189,10 @@ impl QuotaFeed {
         }
         // Read as it arrives, on a blocking thread (see `QuotaState::update_reader`). Past the
         // deadline the body ends with an error, which fails the parse and ends the thread.
-        let late = late();
+        let too_late = late();
         let body =
             futures::stream::unfold(Some(BodyDataStream::new(resp.into_body())), move |body| {
-                let late = late.clone();
+                let late = too_late.clone();
                 async move {
                     let mut body = body?;
                     match tokio::time::timeout_at(deadline, body.next()).await {

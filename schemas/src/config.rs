@@ -22,7 +22,7 @@ pub struct Consumer {
 
 /// A list read into a vector of its own length while it has one element: the usual consumer
 /// has one key, and a vector grown by `push` has room for four (96 bytes, 9.6 MB for 100,000
-/// consumers while the configuration is read).
+/// consumers while the configuration is read). An empty list allocates nothing.
 fn exact_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     struct List;
     impl<'de> serde::de::Visitor<'de> for List {
@@ -34,8 +34,11 @@ fn exact_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::
             self,
             mut seq: A,
         ) -> Result<Self::Value, A::Error> {
-            let mut list = Vec::with_capacity(seq.size_hint().unwrap_or(1).clamp(1, 64));
+            let mut list = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
             while let Some(item) = seq.next_element()? {
+                if list.capacity() == 0 {
+                    list.reserve_exact(1);
+                }
                 list.push(item);
             }
             Ok(list)
