@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::deadline::Deadline;
 use crate::h1::{self, Chunk, ChunkedDecoder, Framing, Parsed, RequestHead};
 use crate::reload::WorkerSlot;
 
@@ -248,8 +249,10 @@ pub async fn serve(
     let mut client = Side::new(stream, timeouts.io);
     let mut out = Vec::with_capacity(4 * 1024);
     let mut first = true;
+    // The connection's one timer, for its idle and head waits and the upstream's answers.
+    let mut deadline = Deadline::new(tokio::time::Instant::now() + timeouts.idle);
     loop {
-        let next = read_head(&mut client, timeouts, &shutdown, first).await;
+        let next = read_head(&mut client, timeouts, &shutdown, first, &mut deadline).await;
         first = false;
         let (head, started) = match next {
             Next::Head(head, started) => (head, started),
@@ -278,7 +281,15 @@ pub async fn serve(
         // The worker of the configuration in force for this request (a reload changes it).
         let worker = slot.worker();
         match worker
-            .exchange(&mut client, head, started, peer, &mut out, &shutdown)
+            .exchange(
+                &mut client,
+                head,
+                started,
+                peer,
+                &mut out,
+                &shutdown,
+                &mut deadline,
+            )
             .await
         {
             After::KeepAlive => {}
@@ -313,8 +324,11 @@ async fn read_head(
     timeouts: Timeouts,
     shutdown: &CancellationToken,
     first: bool,
+    deadline: &mut Deadline,
 ) -> Next {
     let mut started: Option<Instant> = None;
+    // The idle wait counts from when it begins; a pipelined request never waits.
+    let mut idle_until = None;
     loop {
         if !client.buf.is_empty() {
             let t = *started.get_or_insert_with(Instant::now);
@@ -338,25 +352,25 @@ async fn read_head(
                 }
             }
         }
-        let within = match started {
-            None => timeouts.idle,
-            Some(t) => timeouts.head.saturating_sub(t.elapsed()),
+        let until = match started {
+            None => *idle_until.get_or_insert_with(|| tokio::time::Instant::now() + timeouts.idle),
+            Some(t) => tokio::time::Instant::from_std(t + timeouts.head),
         };
         let read = tokio::select! {
             biased;
-            r = client.fill(within) => r,
+            r = deadline.run(until, client.read_more()) => r,
             _ = shutdown.cancelled(), if started.is_none() => return Next::Closed,
         };
         match read {
-            Ok(0) => return Next::Closed,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::TimedOut && started.is_some() => {
+            Some(Ok(0)) => return Next::Closed,
+            Some(Ok(_)) => {}
+            None if started.is_some() => {
                 return Next::Refused(h1::Refusal {
                     status: http::StatusCode::REQUEST_TIMEOUT,
                     message: "the request head did not arrive in time",
                 });
             }
-            Err(_) => return Next::Closed,
+            None | Some(Err(_)) => return Next::Closed,
         }
     }
 }

@@ -17,6 +17,7 @@
 pub mod auth;
 pub mod config;
 mod conn;
+mod deadline;
 pub mod events;
 pub mod h1;
 #[cfg(feature = "http2")]

@@ -28,6 +28,7 @@ use crate::auth::Identity;
 use crate::config::RouteConfig;
 use crate::config::WhenStale;
 use crate::conn::{self, After, Broken, Pool, Side};
+use crate::deadline::Deadline;
 use crate::h1::{self, Fields, Framing, Parsed, RequestHead, ResponseHead, put_field};
 use crate::quota::{Reservation, Staleness};
 use crate::recorder::{Draft, Measured, Recorder};
@@ -333,7 +334,8 @@ pub struct Worker {
 
 impl Worker {
     /// Serves one request whose head was read on `client`, `out` being the connection's
-    /// output buffer. Says whether the connection can serve another.
+    /// output buffer and `deadline` its timer. Says whether the connection can serve another.
+    #[allow(clippy::too_many_arguments)]
     pub async fn exchange(
         &self,
         client: &mut Side,
@@ -342,6 +344,7 @@ impl Worker {
         peer: SocketAddr,
         out: &mut Vec<u8>,
         shutdown: &CancellationToken,
+        deadline: &mut Deadline,
     ) -> After {
         let mut ctx = self.begin(&head, started);
         match self
@@ -352,6 +355,7 @@ impl Worker {
                 peer,
                 out,
                 shutdown,
+                Some(deadline),
             )
             .await
         {
@@ -363,7 +367,9 @@ impl Worker {
         }
     }
 
-    /// The phases in order; the first rejection ends the request.
+    /// The phases in order; the first rejection ends the request. `timer` is the client
+    /// connection's, when it has one (HTTP/1.1) for the wait for the upstream's answer.
+    #[allow(clippy::too_many_arguments)]
     async fn proxy(
         &self,
         ctx: &mut Ctx<'_>,
@@ -372,6 +378,7 @@ impl Worker {
         peer: SocketAddr,
         out: &mut Vec<u8>,
         shutdown: &CancellationToken,
+        mut timer: Option<&mut Deadline>,
     ) -> Result<After, Rejection> {
         let (index, route) = self.route(ctx, head)?;
         let t = ctx.phase_start();
@@ -425,7 +432,16 @@ impl Worker {
                 .try_timeout
                 .map_or(deadline, |t| deadline.min(tokio::time::Instant::now() + t));
             let answered = self
-                .forward(ctx, client, head, target, conn, out, started, attempt)
+                .forward(
+                    ctx,
+                    client,
+                    head,
+                    target,
+                    conn,
+                    out,
+                    (started, attempt),
+                    timer.as_deref_mut(),
+                )
                 .await;
             if let Some(spans) = &mut ctx.spans {
                 spans.end_upstream(answered.as_ref().ok().map(|(r, _)| r.status.as_u16()));
@@ -722,8 +738,9 @@ impl Worker {
     }
 
     /// Phase 5: sends the request on `conn` and reads the answer's head, by `deadline` (the
-    /// upstream's timeout from `started`, when the connection was sought). The wait counts as
-    /// upstream latency whatever the result, so timeouts show in the tail.
+    /// upstream's timeout from `started`, when the connection was sought), on `timer` when
+    /// given. The wait counts as upstream latency whatever the result, so timeouts show in the
+    /// tail.
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
@@ -733,8 +750,8 @@ impl Worker {
         target: &Target,
         conn: Conn,
         out: &mut Vec<u8>,
-        started: Instant,
-        deadline: tokio::time::Instant,
+        (started, deadline): (Instant, tokio::time::Instant),
+        timer: Option<&mut Deadline>,
     ) -> Result<(ResponseHead, Side), Rejection> {
         let client_gone = || {
             Rejection::new(
@@ -778,16 +795,13 @@ impl Worker {
         if staged {
             ctx.body = BodyRead::Done;
         }
-        let result = tokio::time::timeout_at(
-            deadline,
-            self.send(ctx, client, head, target, conn, out, staged),
-        )
-        .await;
+        let sent = self.send(ctx, client, head, target, conn, out, staged);
+        let result = match timer {
+            Some(timer) => timer.run(deadline, sent).await,
+            None => tokio::time::timeout_at(deadline, sent).await.ok(),
+        };
         ctx.event.upstream_latency_us = Some(started.elapsed().as_micros() as u64);
-        match result {
-            Err(_) => Err(timed_out()),
-            Ok(r) => r,
-        }
+        result.unwrap_or_else(|| Err(timed_out()))
     }
 
     /// Writes the request and reads the answer's head. A pooled connection the upstream has

@@ -350,6 +350,37 @@ async fn a_slow_head_gets_408_and_an_idle_connection_is_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_busy_for_longer_than_the_idle_timeout_stays_open() {
+    // The connection's one timer (`deadline.rs`) first fires at the idle deadline of its first
+    // wait, long after later requests moved the deadline on: it must follow, not close.
+    let gw = gateway_with(|c| {
+        c.connections = ConnectionSettings {
+            head_timeout_ms: 250,
+            idle_timeout_ms: 300,
+            io_timeout_ms: 1000,
+            ..Default::default()
+        }
+    })
+    .await;
+    let mut c = Client::connect(&gw).await;
+    let began = std::time::Instant::now();
+    for i in 0..8 {
+        c.send(format!("GET /open/k{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await;
+        assert_eq!(
+            c.report().await["target"],
+            format!("/open/k{i}"),
+            "request {i}"
+        );
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    assert!(began.elapsed() > Duration::from_millis(900));
+    // Then idle: closed once the idle timeout has passed since the last answer.
+    assert!(c.closed().await, "closed after the idle timeout");
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_is_tunnelled_and_metered_once_when_it_closes() {
     let gw = gateway().await;
     let mut c = Client::connect(&gw).await;

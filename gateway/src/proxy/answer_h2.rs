@@ -120,6 +120,7 @@ impl Worker {
                 peer,
                 &mut out,
                 shutdown,
+                None,
             ) => Some(r),
             _ = answer.reset() => None,
         };

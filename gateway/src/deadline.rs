@@ -1,0 +1,139 @@
+//! A connection's one timer, moved from wait to wait without touching the runtime's timer wheel.
+//!
+//! A keep-alive connection waits on a timeout at least twice per request: for the next request
+//! (idle, then head) and for the upstream's answer. With a `tokio::time::timeout` per wait,
+//! each wait that does not complete at once inserts an entry into the runtime's timer wheel and
+//! removes it again when the wait ends: two insertions, two removals and a clock read per
+//! request, about 1.5 µs of the worker's 13 µs per proxied request on the benchmark's machine
+//! (BENCHMARKS.md, "Where the workers' time goes beside a bare proxy").
+//!
+//! A [`Deadline`] keeps one entry in the wheel for the connection's life. Setting a later
+//! deadline than the entry's leaves the entry where it is: when it fires, the deadline is
+//! checked, and the entry moves to it. Only a deadline earlier than the entry's moves the entry
+//! at once. Since every wait's deadline is its start plus a timeout, and the entry sits at the
+//! earliest deadline set since it last fired, the entry moves about once per firing: once per
+//! shortest timeout in use (5 s with the default upstream timeout) on a busy connection, not
+//! twice per request. A wait still ends at its own deadline, not later: the entry fires at or
+//! before it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::time::{Instant, Sleep};
+
+/// One timer for a connection's successive waits (see the module's docs).
+pub struct Deadline {
+    /// The entry in the runtime's timer wheel.
+    sleep: Pin<Box<Sleep>>,
+    /// When the entry fires: at or before `at`.
+    armed: Instant,
+    /// When the wait in progress times out.
+    at: Instant,
+}
+
+impl Deadline {
+    /// A timer whose first wait times out at `at`.
+    pub fn new(at: Instant) -> Deadline {
+        Deadline {
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+            armed: at,
+            at,
+        }
+    }
+
+    /// The wait that follows times out at `at`. The timer's entry moves only when `at` is
+    /// earlier than it.
+    pub fn set(&mut self, at: Instant) {
+        self.at = at;
+        if at < self.armed {
+            self.armed = at;
+            self.sleep.as_mut().reset(at);
+        }
+    }
+
+    /// Ready once the deadline set last has passed.
+    fn poll_passed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            ready!(self.sleep.as_mut().poll(cx));
+            if self.at <= self.armed {
+                return Poll::Ready(());
+            }
+            // The deadline moved on since the entry was placed: follow it.
+            self.armed = self.at;
+            self.sleep.as_mut().reset(self.at);
+        }
+    }
+
+    /// Runs `f` until it completes (`Some` of its output) or `at` passes (`None`), whichever
+    /// comes first; `f` is polled first, so one that is ready at once never times out.
+    pub async fn run<F: Future>(&mut self, at: Instant, f: F) -> Option<F::Output> {
+        self.set(at);
+        let mut f = std::pin::pin!(f);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = f.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            self.poll_passed(cx).map(|()| None)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[tokio::test]
+    async fn a_wait_ends_at_its_deadline_or_with_its_output() {
+        let start = Instant::now();
+        let mut d = Deadline::new(start + ms(10_000));
+        assert_eq!(d.run(start + ms(10_000), async { 7 }).await, Some(7));
+        let out = d.run(start + ms(50), std::future::pending::<()>()).await;
+        assert_eq!(out, None);
+        let waited = start.elapsed();
+        assert!(waited >= ms(50), "timed out early, after {waited:?}");
+        assert!(waited < ms(5_000), "timed out late, after {waited:?}");
+    }
+
+    #[tokio::test]
+    async fn a_deadline_moved_later_does_not_end_the_wait_at_the_earlier_one() {
+        let start = Instant::now();
+        let mut d = Deadline::new(start + ms(40));
+        // The entry sits at 40 ms; the wait's deadline is 300 ms.
+        let waited = d.run(start + ms(300), async {
+            tokio::time::sleep(ms(150)).await;
+            "done"
+        });
+        assert_eq!(
+            waited.await,
+            Some("done"),
+            "the entry's firing at 40 ms ended the wait"
+        );
+        assert!(start.elapsed() >= ms(150));
+        // The entry followed the deadline on: a wait for longer than its deadline times out
+        // at that deadline, after the entry fired at least once on the way.
+        let out = d.run(start + ms(400), std::future::pending::<()>()).await;
+        assert_eq!(out, None);
+        assert!(start.elapsed() >= ms(400));
+    }
+
+    #[tokio::test]
+    async fn a_deadline_moved_earlier_ends_the_wait_then() {
+        let start = Instant::now();
+        let mut d = Deadline::new(start + ms(60_000));
+        let out = d.run(start + ms(50), std::future::pending::<()>()).await;
+        assert_eq!(out, None);
+        let waited = start.elapsed();
+        assert!(
+            waited >= ms(50) && waited < ms(30_000),
+            "the entry did not move earlier: {waited:?}"
+        );
+    }
+}
