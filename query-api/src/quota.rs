@@ -52,6 +52,10 @@ pub struct QuotaCache {
     consumers: Arc<Directory>,
     /// Per consumer of `consumers`, in its order.
     counts: Vec<Count>,
+    /// The latest version at which any count changed: a caller that has it gets no entries,
+    /// without a look at every consumer's count. (The gateways poll every second; with
+    /// 100,000 consumers the look took about 1 % of a core while nothing changed.)
+    latest_change: i64,
 }
 
 /// One consumer's billable requests in the period, and the version at which that last changed.
@@ -72,6 +76,7 @@ impl Default for QuotaCache {
             period: (0, 0),
             consumers: Arc::default(),
             counts: Vec::new(),
+            latest_change: 0,
         }
     }
 }
@@ -102,10 +107,12 @@ impl QuotaCache {
     ) -> std::io::Result<()> {
         let known = self.known(since, scope);
         let (period, period_end) = (period_name(self.period.0), rfc3339(self.period.1));
+        let unchanged = known.is_some_and(|(since, _)| since >= self.latest_change);
         let entries = self
             .consumers
             .iter()
             .zip(&self.counts)
+            .take(if unchanged { 0 } else { usize::MAX })
             .filter(|((id, _), n)| {
                 scope.is_none_or(|sc| sc == *id) && known.is_none_or(|(since, _)| n.changed > since)
             })
@@ -168,7 +175,11 @@ impl QuotaCache {
                     used,
                     changed: version,
                 };
+                self.latest_change = version;
             }
+        }
+        if !same_period {
+            self.latest_change = version;
         }
         self.period = period;
         self.version = version;
@@ -393,6 +404,7 @@ mod tests {
         );
         assert_eq!(names(&answer(Some((100, 7)), None)), ["b", "c"]);
         assert!(answer(Some((300, 7)), None).consumers.is_empty());
+
         for full in [
             answer(None, None),
             answer(Some((200, 8)), None), // another process
@@ -404,6 +416,31 @@ mod tests {
         let own = answer(Some((200, 7)), Some("a"));
         assert!(own.full);
         assert_eq!(names(&own), ["a"]);
+    }
+
+    #[test]
+    fn a_caller_with_the_latest_change_gets_nothing_however_many_recomputes_since() {
+        let (consumers, plans) = setup();
+        let mut cache = QuotaCache {
+            epoch: 7,
+            ..Default::default()
+        };
+        cache.update(100, NOV, &consumers, [1, 2, 3].into_iter());
+        cache.update(200, NOV, &consumers, [1, 4, 3].into_iter());
+        // Recomputed with nothing changed.
+        cache.update(300, NOV, &consumers, [1, 4, 3].into_iter());
+        assert_eq!(cache.latest_change, 200);
+        let answer = |since| -> QuotaSnapshot {
+            serde_json::from_slice(&cache.answer(&plans, Some((since, 7)), None)).unwrap()
+        };
+        for since in [200, 250, 300] {
+            let nothing = answer(since);
+            assert!(!nothing.full && nothing.consumers.is_empty(), "{since}");
+            assert_eq!(nothing.version, 300);
+        }
+        let changed = answer(199);
+        assert_eq!(changed.consumers.len(), 1);
+        assert_eq!(changed.consumers[0].consumer, "b");
     }
 
     /// The bytes of a body, or the error that ended it.
