@@ -373,16 +373,22 @@ mod tests {
 
     const NOV: (i64, i64) = (1_761_955_200_000_000, 1_764_547_200_000_000);
 
-    #[test]
-    fn a_caller_gets_what_changed_since_its_version_of_this_epoch_and_otherwise_everything() {
+    /// A cache of epoch 7 that took `counts` (of consumers a, b, c) at versions 100, 200, ...
+    fn counted(counts: &[[u64; 3]]) -> (QuotaCache, BTreeMap<String, Plan>) {
         let (consumers, plans) = setup();
         let mut cache = QuotaCache {
             epoch: 7,
             ..Default::default()
         };
-        cache.update(100, NOV, &consumers, [1, 2, 3].into_iter());
-        cache.update(200, NOV, &consumers, [1, 4, 3].into_iter());
-        cache.update(300, NOV, &consumers, [1, 4, 5].into_iter());
+        for (i, c) in counts.iter().enumerate() {
+            cache.update(100 * (i as i64 + 1), NOV, &consumers, c.iter().copied());
+        }
+        (cache, plans)
+    }
+
+    #[test]
+    fn a_caller_gets_what_changed_since_its_version_of_this_epoch_and_otherwise_everything() {
+        let (cache, plans) = counted(&[[1, 2, 3], [1, 4, 3], [1, 4, 5]]);
         let answer = |since, scope| -> QuotaSnapshot {
             serde_json::from_slice(&cache.answer(&plans, since, scope)).unwrap()
         };
@@ -420,15 +426,8 @@ mod tests {
 
     #[test]
     fn a_caller_with_the_latest_change_gets_nothing_however_many_recomputes_since() {
-        let (consumers, plans) = setup();
-        let mut cache = QuotaCache {
-            epoch: 7,
-            ..Default::default()
-        };
-        cache.update(100, NOV, &consumers, [1, 2, 3].into_iter());
-        cache.update(200, NOV, &consumers, [1, 4, 3].into_iter());
-        // Recomputed with nothing changed.
-        cache.update(300, NOV, &consumers, [1, 4, 3].into_iter());
+        // Recomputed at 300 with nothing changed.
+        let (cache, plans) = counted(&[[1, 2, 3], [1, 4, 3], [1, 4, 3]]);
         assert_eq!(cache.latest_change, 200);
         let answer = |since| -> QuotaSnapshot {
             serde_json::from_slice(&cache.answer(&plans, Some((since, 7)), None)).unwrap()
