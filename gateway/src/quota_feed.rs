@@ -160,8 +160,11 @@ impl QuotaFeed {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }
         let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
-        let deadline = tokio::time::Instant::now() + self.answer_timeout;
-        let late = || format!("no whole answer within {:?}", self.answer_timeout);
+        let (limit, deadline) = (
+            self.answer_timeout,
+            tokio::time::Instant::now() + self.answer_timeout,
+        );
+        let late = move || format!("no whole answer within {limit:?}");
         let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
             .await
             .map_err(|_| "timed out".to_string())?
@@ -189,22 +192,20 @@ impl QuotaFeed {
         }
         // Read as it arrives, on a blocking thread (see `QuotaState::update_reader`). Past the
         // deadline the body ends with an error, which fails the parse and ends the thread.
-        let too_late = late();
-        let body =
-            futures::stream::unfold(Some(BodyDataStream::new(resp.into_body())), move |body| {
-                let late = too_late.clone();
-                async move {
-                    let mut body = body?;
-                    match tokio::time::timeout_at(deadline, body.next()).await {
-                        Ok(Some(chunk)) => Some((chunk.map_err(std::io::Error::other), Some(body))),
-                        Ok(None) => None,
-                        Err(_) => Some((
-                            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, late)),
-                            None,
-                        )),
-                    }
+        let body = futures::stream::unfold(
+            Some(BodyDataStream::new(resp.into_body())),
+            move |body| async move {
+                let mut body = body?;
+                match tokio::time::timeout_at(deadline, body.next()).await {
+                    Ok(Some(chunk)) => Some((chunk.map_err(std::io::Error::other), Some(body))),
+                    Ok(None) => None,
+                    Err(_) => Some((
+                        Err(std::io::Error::new(std::io::ErrorKind::TimedOut, late())),
+                        None,
+                    )),
                 }
-            });
+            },
+        );
         let body = SyncIoBridge::new(StreamReader::new(Box::pin(body)));
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || state.update_reader(std::io::BufReader::new(body)))

@@ -410,7 +410,6 @@ mod tests {
         );
         assert_eq!(names(&answer(Some((100, 7)), None)), ["b", "c"]);
         assert!(answer(Some((300, 7)), None).consumers.is_empty());
-
         for full in [
             answer(None, None),
             answer(Some((200, 8)), None), // another process
