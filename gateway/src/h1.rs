@@ -270,7 +270,8 @@ fn scan(base: &[u8], headers: &[httparse::Header<'_>]) -> Result<Scan, &'static 
             if s.content_length.is_some() {
                 return Err("more than one Content-Length");
             }
-            s.content_length = std::str::from_utf8(v).ok().and_then(|v| v.parse().ok());
+            // At most 18 digits: no overflow.
+            s.content_length = Some(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
         } else if n.eq_ignore_ascii_case(b"transfer-encoding") {
             codings += 1;
             if h.value.eq_ignore_ascii_case(b"chunked") && codings == 1 {
@@ -415,26 +416,41 @@ pub fn normalized(uri: Uri) -> Result<Uri, &'static str> {
     if !path.starts_with('/') {
         return Err("the request path must start with /");
     }
-    // Checked on every request: a scan of the path, no copy of it.
-    let encoded = |code: &[u8]| {
-        path.as_bytes()
-            .windows(3)
-            .any(|w| w.eq_ignore_ascii_case(code))
-    };
-    if encoded(b"%2f") || encoded(b"%5c") || path.contains('\\') {
-        return Err("an encoded / or \\ in the request path is not accepted");
+    // Checked on every request: one scan of the path, no copy of it. It refuses an encoded
+    // `/` or `\\` and a `\\`, and notes whether there is anything to resolve: `//`, `/.`,
+    // or an encoded dot.
+    let bytes = path.as_bytes();
+    let mut plain = true;
+    for (i, b) in bytes.iter().enumerate() {
+        match b {
+            b'\\' => return Err("an encoded / or \\ in the request path is not accepted"),
+            b'%' => match bytes
+                .get(i + 1..i + 3)
+                .map(|c| (c[0], c[1].to_ascii_lowercase()))
+            {
+                Some((b'2', b'f') | (b'5', b'c')) => {
+                    return Err("an encoded / or \\ in the request path is not accepted");
+                }
+                Some((b'2', b'e')) => plain = false,
+                _ => {}
+            },
+            b'/' if matches!(bytes.get(i + 1), Some(b'/' | b'.')) => plain = false,
+            _ => {}
+        }
     }
-    let dotted = encoded(b"%2e");
-    if !dotted && !path.contains("//") && !path.contains("/.") {
+    if plain {
         return Ok(uri); // the common case: nothing to do, nothing copied
     }
     let mut segments: Vec<&str> = Vec::new();
-    let trailing = path.ends_with('/') || path.ends_with("/.") || path.ends_with("/..");
+    let is_dots = |s: &str, n: usize| {
+        let s = s.to_ascii_lowercase().replace("%2e", ".");
+        s.len() == n && s.bytes().all(|b| b == b'.')
+    };
+    // A path ending in a segment that resolves away (`/`, `/.`, `/..`, encoded or not) names
+    // a directory.
+    let last = path.rsplit('/').next().unwrap_or("");
+    let trailing = last.is_empty() || is_dots(last, 1) || is_dots(last, 2);
     for seg in path.split('/').skip(1) {
-        let is_dots = |s: &str, n: usize| {
-            let s = s.to_ascii_lowercase().replace("%2e", ".");
-            s.len() == n && s.bytes().all(|b| b == b'.')
-        };
         if seg.is_empty() || is_dots(seg, 1) {
             continue;
         }

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::Consumer;
-use crate::keys::digest;
+use crate::keys::{DigestMap, digest};
 
 /// Consumers by position, by id and by key digest.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -37,7 +37,7 @@ pub struct Directory {
     by_id: Vec<u32>,
     /// Key digests to positions: one probe per request whatever the number of keys (see
     /// `keys` for why this leaks nothing through timing).
-    keys: HashMap<[u8; 32], u32>,
+    keys: DigestMap<u32>,
 }
 
 impl Directory {
@@ -148,8 +148,11 @@ impl Directory {
 /// Every consumer's key digests, each to its owner's position. A key listed by two consumers
 /// is an error: it would authenticate as whichever came last. (The configuration's validation
 /// calls this alone.)
-pub fn key_owners(consumers: &[Consumer]) -> Result<HashMap<[u8; 32], u32>, String> {
-    let mut keys = HashMap::with_capacity(consumers.iter().map(|c| c.api_keys.len()).sum());
+pub fn key_owners(consumers: &[Consumer]) -> Result<DigestMap<u32>, String> {
+    let mut keys = DigestMap::with_capacity_and_hasher(
+        consumers.iter().map(|c| c.api_keys.len()).sum(),
+        Default::default(),
+    );
     for (i, c) in consumers.iter().enumerate() {
         for h in c.key_hashes()? {
             if let Some(first) = keys.insert(h, i as u32) {

@@ -114,8 +114,8 @@ pub struct RequestEventRef<'a> {
 impl RequestEventRef<'_> {
     /// Appends the event as one JSON object (one bus message) to `out`: the bytes
     /// `serde_json` writes for it ([`crate::canonical::encode`]).
-    pub fn write_json(&self, out: &mut impl std::io::Write) {
-        crate::canonical::encode(self, out).expect("RequestEvent serializes");
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        crate::canonical::encode(self, out);
     }
 
     /// The Kafka key: consumer id, or route id when anonymous, or empty.

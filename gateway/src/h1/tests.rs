@@ -286,6 +286,16 @@ fn paths_are_normalised_once_and_ambiguous_ones_refused() {
     assert!(norm("/v1%2Fadmin").is_err());
     assert!(norm("/v1%2fadmin").is_err());
     assert!(norm("/v1%5Cadmin").is_err());
+    assert!(norm("/v1%5cadmin").is_err());
+    assert_eq!(norm("/v1/items.json").unwrap(), "/v1/items.json");
+    assert_eq!(norm("/v1/.well-known/x").unwrap(), "/v1/.well-known/x");
+    assert_eq!(norm("/v1/x/%2E%2e").unwrap(), "/v1/");
+    assert_eq!(
+        norm("/v1/a%2").unwrap(),
+        "/v1/a%2",
+        "a short escape at the end"
+    );
+    assert_eq!(norm("/v1/a%25").unwrap(), "/v1/a%25");
     let h = request("GET /v1/../admin HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
     assert_eq!(
         h.uri.path(),
