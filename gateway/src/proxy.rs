@@ -245,6 +245,8 @@ pub struct Ctx<'w> {
     client_request_id: Option<Bytes>,
     /// Whether the request id is sent back (once the request went upstream).
     has_request_id: bool,
+    /// The event id as text, once written (for the upstream, then for the answer).
+    id_text: Option<[u8; 36]>,
     body: BodyRead,
     /// A body that arrived whole, kept until the answer in case the request is sent again.
     staged_body: Option<Bytes>,
@@ -316,10 +318,13 @@ impl Ctx<'_> {
     fn with_request_id<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
         match &self.client_request_id {
             Some(id) => f(id),
-            None => {
-                let mut buf = uuid::Uuid::encode_buffer();
-                f(self.event.id.hyphenated().encode_lower(&mut buf).as_bytes())
-            }
+            None => match &self.id_text {
+                Some(text) => f(text),
+                None => {
+                    let mut buf = uuid::Uuid::encode_buffer();
+                    f(self.event.id.hyphenated().encode_lower(&mut buf).as_bytes())
+                }
+            },
         }
     }
 }
@@ -512,6 +517,7 @@ impl Worker {
             reservation: None,
             client_request_id: None,
             has_request_id: false,
+            id_text: None,
             body: BodyRead::Untouched,
             staged_body: None,
             spans,
@@ -670,6 +676,11 @@ impl Worker {
             .get_shared(REQUEST_ID)
             .filter(|v| v.len() <= MAX_REQUEST_ID);
         ctx.has_request_id = true;
+        if ctx.client_request_id.is_none() && ctx.id_text.is_none() {
+            let mut text = [0u8; 36];
+            ctx.event.id.hyphenated().encode_lower(&mut text);
+            ctx.id_text = Some(text);
+        }
         ctx.put_request_id(out);
         ctx.put_trace_context(target, out);
         if let Some(id) = &ctx.event.identity

@@ -257,28 +257,50 @@ impl std::fmt::Display for WireTs<'_> {
 /// `format_ts(t)` as 27 bytes, written digit by digit, for years 0 to 9999; `None` for a leap
 /// second (chrono carries it as a second fraction past one) or a year out of four digits,
 /// which are left to chrono's formatting.
+///
+/// The date and time up to the second are kept per thread with the second they are for: a
+/// gateway worker's events mostly share their second with the one before, and working out the
+/// calendar date and time of day from a timestamp was about 500 instructions of each event
+/// (`callgrind`, BENCHMARKS.md, twenty-third round).
 pub(crate) fn wire_ts_digits(t: &DateTime<Utc>) -> Option<[u8; 27]> {
+    use std::cell::Cell;
+    thread_local! {
+        static LAST_SECOND: Cell<(i64, [u8; 19])> = const { Cell::new((i64::MIN, [0; 19])) };
+    }
     let micros = t.timestamp_subsec_micros();
     if micros >= 1_000_000 || !(0..=9999).contains(&t.year()) {
         return None;
     }
     let mut b = *b"0000-00-00T00:00:00.000000Z";
-    for (range, v) in [
-        (0..4, t.year() as u32),
-        (5..7, t.month()),
-        (8..10, t.day()),
-        (11..13, t.hour()),
-        (14..16, t.minute()),
-        (17..19, t.second()),
-        (20..26, micros),
-    ] {
-        let mut v = v;
-        for d in b[range].iter_mut().rev() {
-            *d = b'0' + (v % 10) as u8;
-            v /= 10;
+    let second = t.timestamp();
+    let (cached, prefix) = LAST_SECOND.get();
+    if cached == second {
+        b[..19].copy_from_slice(&prefix);
+    } else {
+        for (range, v) in [
+            (0..4, t.year() as u32),
+            (5..7, t.month()),
+            (8..10, t.day()),
+            (11..13, t.hour()),
+            (14..16, t.minute()),
+            (17..19, t.second()),
+        ] {
+            put_digits(&mut b[range], v);
         }
+        let mut prefix = [0; 19];
+        prefix.copy_from_slice(&b[..19]);
+        LAST_SECOND.set((second, prefix));
     }
+    put_digits(&mut b[20..26], micros);
     Some(b)
+}
+
+/// `v` in decimal, right-aligned in `out` (its high digits cut off if it is too long).
+fn put_digits(out: &mut [u8], mut v: u32) {
+    for d in out.iter_mut().rev() {
+        *d = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
 }
 
 fn de_ts<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
@@ -434,6 +456,27 @@ impl RequestEvent {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_in_one_second_and_across_seconds_are_written_as_chrono_formats_them() {
+        // 2025-12-31T23:59:59.999 UTC: the next millisecond is a new second, day and year.
+        let base = 1_767_225_599_999_000_i64;
+        for micros in [
+            base,
+            base + 1,
+            base + 999,
+            base + 1_000,
+            base + 1_001,
+            base - 5_000_000,
+            base + 1_000,
+            base + 86_400_000_000,
+            base + 1,
+        ] {
+            let t = DateTime::from_timestamp_micros(micros).unwrap();
+            let ours = wire_ts_digits(&t).map(|b| String::from_utf8(b.to_vec()).unwrap());
+            assert_eq!(ours, Some(format_ts(&t)), "{micros}");
+        }
+    }
 
     pub(crate) fn sample() -> RequestEvent {
         RequestEvent {
