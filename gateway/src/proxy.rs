@@ -423,9 +423,16 @@ impl Worker {
                 && upstream.may_retry()
         };
         loop {
-            let connected =
-                tokio::time::timeout_at(deadline, self.connect(ctx, upstream, avoid, started))
-                    .await;
+            // An idle pooled connection is taken at once; only a new one is waited for within
+            // the deadline (a timer armed for a connection already there cost every request).
+            let target = upstream.pick(avoid);
+            let connected = match self.pool.take(target.id, started) {
+                Some(side) => Ok(Ok((target, Conn { side, reused: true }))),
+                None => {
+                    tokio::time::timeout_at(deadline, self.connect(ctx, upstream, target, started))
+                        .await
+                }
+            };
             let (target, conn) = match connected {
                 Ok(Ok(c)) => c,
                 Ok(Err(rejection)) => return Err(rejection),
@@ -708,20 +715,21 @@ impl Worker {
         out.extend_from_slice(b"\r\n");
     }
 
-    /// Phase 4b: a connection to one of the upstream's targets: an idle one of this worker's,
-    /// or a new one. A target that refuses the connection counts a failure (see `upstream.rs`
-    /// on ejection), and the next target is tried once: nothing was sent, so this is safe for
-    /// every method.
+    /// Phase 4b: a connection to `target`, one of the upstream's targets, for which this
+    /// worker had no idle connection: an idle one of this worker's, or a new one. A target
+    /// that refuses the connection counts a failure (see `upstream.rs` on ejection), and the
+    /// next target is tried once: nothing was sent, so this is safe for every method.
     async fn connect<'u>(
         &self,
         ctx: &Ctx<'_>,
         upstream: &'u Upstream,
-        avoid: Option<usize>,
+        mut target: &'u Target,
         now: Instant,
     ) -> Result<(&'u Target, Conn), Rejection> {
-        let mut target = upstream.pick(avoid);
         for attempt in 0..2 {
-            if let Some(side) = self.pool.take(target.id, now) {
+            if attempt > 0
+                && let Some(side) = self.pool.take(target.id, now)
+            {
                 return Ok((target, Conn { side, reused: true }));
             }
             match target.connect(self.shared.timeouts.io).await {
