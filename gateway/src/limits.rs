@@ -9,26 +9,75 @@
 //! says whether quotas are then not enforced (`open`) or their consumers refused (`closed`).
 
 use std::collections::HashMap;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroU64};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
+use governor::nanos::Nanos;
+use governor::state::StateStore;
 use governor::{Quota, RateLimiter};
 use tollgate_schemas::config::Plan;
+use tollgate_schemas::directory::Directory;
 
-/// Token buckets per consumer, keyed by the consumer's position in the configuration, one
-/// keyed limiter per plan (a request hashes its plan's name and its position). A bucket is
-/// made on a consumer's first request and dropped once full again ([`RateLimits::evict_idle`]),
-/// so memory follows the consumers active within a refill period, not every configured one
-/// (with 100,000 configured consumers, a bucket each held 8 MB whether they called or not).
-/// A dropped bucket is a full one, so eviction never changes what is admitted.
+/// Token buckets per consumer. A consumer calling with its own plan has one word of state at
+/// its position in the consumer table ([`Cells`]), which every plan's limiter shares (a
+/// consumer has one plan): finding it is an index, where a keyed limiter hashed the plan's
+/// name, hashed the position and locked a shard of its map on every request (about 350 of the
+/// 500 instructions a check took, `callgrind`, BENCHMARKS.md, twenty-third round). It costs
+/// 8 bytes per configured consumer, 800 kB for 100,000, whether they call or not; a keyed
+/// bucket was about 80 bytes per consumer that had called within a refill period.
+///
+/// A caller whose token names another plan (`plan_claim`) gets that plan's bucket, kept
+/// apart from the one of its own plan: those are keyed by position, made on a consumer's first
+/// such request and dropped once full again ([`RateLimits::evict_idle`]). A dropped bucket is
+/// a full one, so eviction never changes what is admitted.
 pub struct RateLimits {
-    /// Per plan with a rate limit: its consumers' buckets and its requests per second.
-    by_plan: HashMap<String, (governor::DefaultKeyedRateLimiter<u32>, u32)>,
+    /// By plan number in `directory`: the plan's limiter over the shared cells, and its
+    /// requests per second; `None` for a plan without a rate limit.
+    by_plan: Vec<Option<(PlanLimiter, u32)>>,
+    /// The consumer table the cells are laid out by.
+    directory: Arc<Directory>,
     /// For callers whose token names another plan (`plan_claim`): that plan's buckets, by
-    /// consumer position, kept apart from the buckets of the consumer's own plan.
+    /// consumer position.
     claimed: HashMap<String, (governor::DefaultKeyedRateLimiter<u32>, u32)>,
     clock: DefaultClock,
+}
+
+/// A plan's limiter over the consumers' shared cells.
+type PlanLimiter = RateLimiter<u32, Cells, DefaultClock>;
+
+/// One word of rate-limit state per consumer position (governor's theoretical arrival time,
+/// 0 for a full bucket, as its own in-memory state keeps it), shared by the limiters of every
+/// plan. A position past the end (no such consumer) gets a full bucket on every request.
+#[derive(Clone)]
+struct Cells(Arc<[AtomicU64]>);
+
+impl StateStore for Cells {
+    type Key = u32;
+
+    fn measure_and_replace<T, F, E>(&self, key: &u32, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let Some(cell) = self.0.get(*key as usize) else {
+            return f(None).map(|(t, _)| t);
+        };
+        let mut prev = cell.load(Ordering::Acquire);
+        loop {
+            let (t, next) = f(NonZeroU64::new(prev).map(|n| Nanos::from(n.get())))?;
+            match cell.compare_exchange_weak(
+                prev,
+                u64::from(next),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(t),
+                Err(now) => prev = now,
+            }
+        }
+    }
 }
 
 /// A configured rate limit as a governor quota (burst defaults to the rate), and its rate.
@@ -50,43 +99,77 @@ pub struct OverLimit {
 }
 
 impl RateLimits {
-    pub fn new(plans: &std::collections::BTreeMap<String, Plan>) -> RateLimits {
-        let keyed = || {
-            plans
+    /// The limits of `plans` for the consumers of `directory`.
+    pub fn new(
+        plans: &std::collections::BTreeMap<String, Plan>,
+        directory: &Arc<Directory>,
+    ) -> RateLimits {
+        let limit = |name: &str| plans.get(name).and_then(|p| p.rate_limit.as_ref());
+        let any = directory.plans().iter().any(|p| limit(p).is_some());
+        let cells = Cells(if any {
+            (0..directory.len()).map(|_| AtomicU64::new(0)).collect()
+        } else {
+            Arc::new([])
+        });
+        let clock = DefaultClock::default();
+        RateLimits {
+            by_plan: directory
+                .plans()
+                .iter()
+                .map(|name| {
+                    let (quota, per_second) = bucket(limit(name)?);
+                    Some((
+                        RateLimiter::new(quota, cells.clone(), clock.clone()),
+                        per_second,
+                    ))
+                })
+                .collect(),
+            directory: directory.clone(),
+            claimed: plans
                 .iter()
                 .filter_map(|(name, p)| {
                     let (quota, per_second) = bucket(p.rate_limit.as_ref()?);
                     Some((name.clone(), (RateLimiter::keyed(quota), per_second)))
                 })
-                .collect()
-        };
-        RateLimits {
-            by_plan: keyed(),
-            claimed: keyed(),
-            clock: DefaultClock::default(),
+                .collect(),
+            clock,
         }
     }
 
     /// `Err(wait)` when the caller is over its plan's rate limit: its bucket of its own plan,
     /// or of the plan its token names.
     pub fn check(&self, id: &crate::auth::Identity) -> Result<(), OverLimit> {
-        let plans = if id.claimed_plan {
-            &self.claimed
-        } else {
-            &self.by_plan
+        let over = |n: governor::NotUntil<_>, per_second: u32| OverLimit {
+            wait: n.wait_time_from(self.clock.now()),
+            limit: u64::from(per_second),
         };
-        match plans.get(&*id.plan) {
+        if id.claimed_plan {
+            return match self.claimed.get(&*id.plan) {
+                None => Ok(()),
+                Some((l, per_second)) => l
+                    .check_key(&(id.index as u32))
+                    .map_err(|n| over(n, *per_second)),
+            };
+        }
+        // Its position here: its own, unless it was authenticated against another table (a
+        // request that began before a reload), then looked up by id.
+        let at = if Arc::ptr_eq(&id.directory, &self.directory) {
+            Some(id.index)
+        } else {
+            self.directory.position(id.consumer())
+        };
+        let Some((at, plan)) = at.and_then(|at| Some((at, self.directory.plan_number(at)?))) else {
+            return Ok(());
+        };
+        match self.by_plan.get(plan).and_then(Option::as_ref) {
             None => Ok(()),
-            Some((l, per_second)) => l.check_key(&(id.index as u32)).map_err(|n| OverLimit {
-                wait: n.wait_time_from(self.clock.now()),
-                limit: u64::from(*per_second),
-            }),
+            Some((l, per_second)) => l.check_key(&(at as u32)).map_err(|n| over(n, *per_second)),
         }
     }
 
-    /// Drops the buckets that are full again.
+    /// Drops the buckets of claimed plans that are full again.
     pub fn evict_idle(&self) {
-        for (l, _) in self.by_plan.values().chain(self.claimed.values()) {
+        for (l, _) in self.claimed.values() {
             l.retain_recent();
             l.shrink_to_fit();
         }
@@ -178,9 +261,9 @@ mod tests {
             },
         )]
         .into();
-        let rl = RateLimits::new(&plans);
         let d =
             std::sync::Arc::new(tollgate_schemas::directory::Directory::new(&consumers).unwrap());
+        let rl = RateLimits::new(&plans, &d);
         let a = &crate::auth::Identity::configured(&d, 0);
         let unlimited = &crate::auth::Identity::configured(&d, 1);
         for _ in 0..3 {
@@ -212,6 +295,53 @@ mod tests {
         // Eviction drops full buckets only: the emptied ones stay and keep refusing.
         rl.evict_idle();
         assert!(rl.check(a).is_err() && rl.check(&claimed).is_err());
+    }
+
+    #[test]
+    fn each_consumer_has_a_bucket_of_its_own_found_by_id_across_a_reload() {
+        let consumer = |id: &str, plan: &str| Consumer {
+            id: id.into(),
+            plan: plan.into(),
+            api_keys: vec![],
+        };
+        let limited = Plan {
+            rate_limit: Some(RateLimit {
+                per_second: 1,
+                burst: Some(2),
+            }),
+            ..Default::default()
+        };
+        let plans = [
+            ("p".to_string(), limited.clone()),
+            ("q".to_string(), limited),
+        ]
+        .into();
+        let before = std::sync::Arc::new(
+            tollgate_schemas::directory::Directory::new(&[
+                consumer("a", "p"),
+                consumer("b", "q"),
+                consumer("c", "p"),
+            ])
+            .unwrap(),
+        );
+        let rl = RateLimits::new(&plans, &before);
+        let id = |d: &std::sync::Arc<_>, at| crate::auth::Identity::configured(d, at);
+        for at in 0..3 {
+            assert!(rl.check(&id(&before, at)).is_ok() && rl.check(&id(&before, at)).is_ok());
+        }
+        for at in 0..3 {
+            assert_eq!(rl.check(&id(&before, at)).unwrap_err().limit, 1, "{at}");
+        }
+        // A request authenticated against the table a reload replaced: the same consumer by
+        // id (`c` is at 0 there), whose bucket is empty; one unknown here is not limited.
+        let other = std::sync::Arc::new(
+            tollgate_schemas::directory::Directory::new(&[consumer("c", "p"), consumer("z", "p")])
+                .unwrap(),
+        );
+        assert!(rl.check(&id(&other, 0)).is_err());
+        for _ in 0..5 {
+            assert!(rl.check(&id(&other, 1)).is_ok());
+        }
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub(crate) fn build_shared(
         router: router::Router::build(&config.routes).map_err(GatewayError::Config)?,
         auth: auth::Authenticators::new(config, &directory, plans, api_key_header, metrics)
             .map_err(GatewayError::Config)?,
-        rate_limits: limits::RateLimits::new(plans),
+        rate_limits: limits::RateLimits::new(plans, &directory),
         route_limits: limits::RouteLimits::new(&config.routes),
         quota,
         route_upstreams,

@@ -126,6 +126,17 @@ impl Directory {
         &self.plans[self.plan_of[position] as usize]
     }
 
+    /// The number of the plan of the consumer at `position` (its place in [`Directory::plans`]),
+    /// if there is such a consumer.
+    pub fn plan_number(&self, position: usize) -> Option<usize> {
+        self.plan_of.get(position).map(|p| *p as usize)
+    }
+
+    /// The plans the consumers have, each once, by number.
+    pub fn plans(&self) -> &[Arc<str>] {
+        &self.plans
+    }
+
     /// The position of consumer `id`.
     pub fn position(&self, id: &str) -> Option<usize> {
         self.by_id
