@@ -540,11 +540,13 @@ impl Worker {
         ctx: &mut Ctx<'_>,
         head: &RequestHead,
     ) -> Result<(usize, &'s RouteConfig), Rejection> {
-        let host = head.uri.host().or_else(|| {
-            head.fields
-                .get("host")
-                .and_then(|h| std::str::from_utf8(h).ok())
-        });
+        let host = || {
+            head.uri.host().or_else(|| {
+                head.fields
+                    .get("host")
+                    .and_then(|h| std::str::from_utf8(h).ok())
+            })
+        };
         let Some((index, route)) =
             self.shared
                 .router

@@ -7,6 +7,8 @@ use crate::config::RouteConfig;
 pub struct Router {
     paths: matchit::Router<Vec<usize>>,
     routes: Vec<RouteConfig>,
+    /// Whether any route names hosts (else a request's host is not looked at).
+    names_hosts: bool,
 }
 
 impl Router {
@@ -31,19 +33,26 @@ impl Router {
                 .iter_mut()
                 .for_each(|m| *m = m.to_ascii_uppercase());
         }
-        Ok(Router { paths, routes })
+        let names_hosts = routes.iter().any(|r| !r.hosts.is_empty());
+        Ok(Router {
+            paths,
+            routes,
+            names_hosts,
+        })
     }
 
     /// The route for `host` (the request's `Host`, port and all), `method` and `path`, if any,
     /// with its position in the configuration. Among the routes of the path and method, the
-    /// first that names the host wins; else the first that names no host.
-    pub fn find(
+    /// first that names the host wins; else the first that names no host. `host` is called
+    /// only when a route names hosts.
+    pub fn find<'h>(
         &self,
-        host: Option<&str>,
+        host: impl FnOnce() -> Option<&'h str>,
         method: &str,
         path: &str,
     ) -> Option<(usize, &RouteConfig)> {
         let m = self.paths.at(path).ok()?;
+        let host = if self.names_hosts { host() } else { None };
         let candidates = m
             .value
             .iter()
@@ -110,14 +119,21 @@ mod tests {
             route("lower", &["delete"], "/lower"),
         ])
         .unwrap();
-        assert_eq!(r.find(None, "DELETE", "/lower").unwrap().1.id, "lower");
-        assert_eq!(r.find(None, "GET", "/v1/orders").unwrap().1.id, "list");
-        assert_eq!(r.find(None, "POST", "/v1/orders").unwrap().1.id, "create");
-        assert_eq!(r.find(None, "GET", "/v1/orders/42").unwrap().1.id, "get");
-        assert!(r.find(None, "DELETE", "/v1/orders/42").is_none());
-        assert!(r.find(None, "GET", "/v1/orders/42/items").is_none());
-        assert_eq!(r.find(None, "PUT", "/files/a/b/c").unwrap().1.id, "files");
-        assert!(r.find(None, "GET", "/nope").is_none());
+        let no_host = || -> Option<&str> { panic!("no route names a host: the host is not read") };
+        assert_eq!(r.find(no_host, "DELETE", "/lower").unwrap().1.id, "lower");
+        assert_eq!(r.find(|| None, "GET", "/v1/orders").unwrap().1.id, "list");
+        assert_eq!(
+            r.find(|| None, "POST", "/v1/orders").unwrap().1.id,
+            "create"
+        );
+        assert_eq!(r.find(|| None, "GET", "/v1/orders/42").unwrap().1.id, "get");
+        assert!(r.find(|| None, "DELETE", "/v1/orders/42").is_none());
+        assert!(r.find(|| None, "GET", "/v1/orders/42/items").is_none());
+        assert_eq!(
+            r.find(|| None, "PUT", "/files/a/b/c").unwrap().1.id,
+            "files"
+        );
+        assert!(r.find(|| None, "GET", "/nope").is_none());
     }
 
     #[test]
@@ -128,7 +144,7 @@ mod tests {
         tenants.hosts = vec!["*.tenants.example.com".into()];
         let r = Router::build(&[route("any", &[], "/v1/{*rest}"), api, tenants]).unwrap();
         let at = |host: Option<&str>, method: &str| {
-            r.find(host, method, "/v1/x").map(|(_, r)| r.id.as_str())
+            r.find(|| host, method, "/v1/x").map(|(_, r)| r.id.as_str())
         };
         assert_eq!(at(Some("API.example.com:8443"), "POST"), Some("api"));
         assert_eq!(at(Some("acme.tenants.example.com"), "GET"), Some("tenants"));
@@ -152,7 +168,7 @@ mod tests {
         }])
         .unwrap();
         assert!(
-            only.find(Some("b.example"), "GET", "/x").is_none(),
+            only.find(|| Some("b.example"), "GET", "/x").is_none(),
             "no hostless route: 404"
         );
     }
