@@ -133,7 +133,16 @@ pub fn decimal(mut v: u64, digits: &mut [u8; 20]) -> &[u8] {
 /// Fills `ev` from `bytes` if they are in the canonical form; `None` (with `ev` partly
 /// overwritten, to be decoded into again) otherwise.
 pub(crate) fn decode(ev: &mut RequestEvent, bytes: &[u8]) -> Option<()> {
-    let mut c = Cursor { b: bytes, i: 0 };
+    // The whole message is checked to be UTF-8 once; each string is then a slice of it
+    // between two quotes (ASCII, so on character boundaries). Checking each string on its
+    // own cost the collector about 950 instructions an event (`callgrind`, BENCHMARKS.md,
+    // twenty-third round): they are short, and the check's fast path wants long runs.
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut c = Cursor {
+        s: text,
+        b: bytes,
+        i: 0,
+    };
     c.lit(b"{\"v\":")?;
     ev.v = u8::try_from(c.u64()?).ok()?;
     c.lit(b",\"id\":")?;
@@ -178,8 +187,37 @@ pub(crate) fn decode(ev: &mut RequestEvent, bytes: &[u8]) -> Option<()> {
 }
 
 struct Cursor<'a> {
+    /// The message, and the same as bytes.
+    s: &'a str,
     b: &'a [u8],
     i: usize,
+}
+
+/// Where the first `"`, `\\` or control character of `b` is, if any: eight bytes at a time,
+/// each word tested with the usual word-at-a-time arithmetic (a byte below `n` sets the high
+/// bit of its lane; a borrow can only set lanes above a true one, so the lowest set lane is
+/// exact).
+fn string_end(b: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let below = |v: u64, n: u8| v.wrapping_sub(ONES * u64::from(n)) & !v & HIGH;
+    let mut words = b.chunks_exact(8);
+    let mut at = 0;
+    for w in &mut words {
+        let v = u64::from_le_bytes(w.try_into().expect("eight bytes"));
+        let hits = below(v, 0x20)
+            | below(v ^ (ONES * u64::from(b'"')), 1)
+            | below(v ^ (ONES * u64::from(b'\\')), 1);
+        if hits != 0 {
+            return Some(at + hits.trailing_zeros() as usize / 8);
+        }
+        at += 8;
+    }
+    words
+        .remainder()
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .map(|p| at + p)
 }
 
 impl<'a> Cursor<'a> {
@@ -197,14 +235,11 @@ impl<'a> Cursor<'a> {
     /// A string without escapes or control characters (what JSON needs escaped), as UTF-8.
     fn str(&mut self) -> Option<&'a str> {
         self.lit(b"\"")?;
-        let rest = &self.b[self.i..];
-        let len = rest
-            .iter()
-            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
-        if rest[len] != b'"' {
+        let len = string_end(&self.b[self.i..])?;
+        if self.b[self.i + len] != b'"' {
             return None;
         }
-        let s = std::str::from_utf8(&rest[..len]).ok()?;
+        let s = self.s.get(self.i..self.i + len)?;
         self.i += len + 1;
         Some(s)
     }
@@ -387,6 +422,27 @@ mod tests {
             let i = at.index(json.len());
             if cut { json.truncate(i) } else { json[i] = byte }
             prop_assert_eq!(either(&json), generic(&json));
+        }
+    }
+
+    #[test]
+    fn a_string_ends_at_its_first_quote_backslash_or_control_character() {
+        for len in 0..24 {
+            for at in 0..len {
+                for b in [b'"', b'\\', 0, 0x1f, b' ', b'a', 0x7f, 0x80, 0xff] {
+                    let mut s = vec![b'a'; len];
+                    s[at] = b;
+                    let ends = b == b'"' || b == b'\\' || b < 0x20;
+                    assert_eq!(
+                        string_end(&s),
+                        ends.then_some(at),
+                        "{b:#x} at {at} of {len}"
+                    );
+                    // A later stop does not hide an earlier one.
+                    s.push(b'"');
+                    assert_eq!(string_end(&s), Some(if ends { at } else { len }));
+                }
+            }
         }
     }
 
