@@ -254,22 +254,20 @@ impl<'a> Cursor<'a> {
 
     /// An unsigned integer as JSON writes it: no sign, no leading zero, no fraction or exponent.
     fn u64(&mut self) -> Option<u64> {
-        let digits = self.b[self.i..]
-            .iter()
-            .take_while(|b| b.is_ascii_digit())
-            .count();
-        let text = &self.b[self.i..self.i + digits];
-        if digits == 0 || (digits > 1 && text[0] == b'0') {
-            return None;
-        }
-        if matches!(self.b.get(self.i + digits), Some(b'.' | b'e' | b'E')) {
-            return None;
-        }
+        // One pass: the digits are read as they are counted.
+        let start = self.i;
         let mut v: u64 = 0;
-        for d in text {
+        while let Some(d) = self.b.get(self.i).filter(|d| d.is_ascii_digit()) {
             v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+            self.i += 1;
         }
-        self.i += digits;
+        let digits = self.i - start;
+        if digits == 0 || (digits > 1 && self.b[start] == b'0') {
+            return None;
+        }
+        if matches!(self.b.get(self.i), Some(b'.' | b'e' | b'E')) {
+            return None;
+        }
         Some(v)
     }
 }
