@@ -20,7 +20,8 @@
 # Last, the latency each proxy adds at a fixed rate: examples/open_loop.rs sends RATE requests/s
 # (default: half the last Tollgate target's median requests/s above) on a schedule, to nginx and
 # to every target, and measures from each request's scheduled time (no coordinated omission);
-# "added p99" is a target's p99 minus nginx's at the same rate.
+# "added p99" is a target's p99 minus nginx's at the same rate, in each of OPEN_ROUNDS rounds
+# (default 3), and their median.
 # While one target (or nginx) is measured, every other Tollgate process is paused (SIGSTOP), so
 # that none's background work lands in another's figures.
 #
@@ -160,14 +161,19 @@ print(int(statistics.median(rps) / 2))
 PY
 )}"
 secs="${DURATION%s}"
-focus -1
-"$OPEN_LOOP" "http://127.0.0.1:$PX/v1/items/1" "$RATE" "$secs" "$CONNS" > "$WORK/open-nginx"
-for i in "${!TARGETS[@]}"; do
-  focus "$i"; warm "$i"
-  # A `tollgate up` stores what the warm-up left behind (ingest waits for idle cores) before
-  # the run, so the run measures the steady state at RATE rather than that catch-up.
-  if [ -n "${TG_APIS[$i]:-}" ]; then wait_stored "${TG_APIS[$i]}"; fi
-  "$OPEN_LOOP" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "$RATE" "$secs" "$CONNS" "x-api-key: bench-key" > "$WORK/open-${TARGETS[$i]}"
+# OPEN_ROUNDS rounds (default 3), nginx first in each: on two shared cores one 8 s run's p99
+# moves by milliseconds from one run to the next, nginx's own included (BENCHMARKS.md,
+# twenty-third round), so the added p99 is the median of the rounds' differences.
+for r in $(seq 1 "${OPEN_ROUNDS:-3}"); do
+  focus -1
+  "$OPEN_LOOP" "http://127.0.0.1:$PX/v1/items/1" "$RATE" "$secs" "$CONNS" > "$WORK/open-nginx.$r"
+  for i in "${!TARGETS[@]}"; do
+    focus "$i"; warm "$i"
+    # A `tollgate up` stores what the warm-up left behind (ingest waits for idle cores) before
+    # the run, so the run measures the steady state at RATE rather than that catch-up.
+    if [ -n "${TG_APIS[$i]:-}" ]; then wait_stored "${TG_APIS[$i]}"; fi
+    "$OPEN_LOOP" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "$RATE" "$secs" "$CONNS" "x-api-key: bench-key" > "$WORK/open-${TARGETS[$i]}.$r"
+  done
 done
 focus all
 
@@ -194,17 +200,21 @@ for name, rs in by.items():
 PY
 
 echo
-echo "open loop at $RATE requests/s for ${secs} s over $CONNS connections (examples/open_loop.rs), latency from the scheduled time:"
+echo "open loop at $RATE requests/s for ${secs} s over $CONNS connections (examples/open_loop.rs), latency from the scheduled time, ${OPEN_ROUNDS:-3} rounds (each target's run with the median p99 shown; added p99: the median of the rounds' differences to nginx, each round's in brackets):"
 echo
-python3 - "$WORK" nginx "${TARGETS[@]}" <<'PY'
-import sys
-work, names = sys.argv[1], sys.argv[2:]
-rows = {n: open(f"{work}/open-{n}").read().split() for n in names}
-base = float(rows["nginx"][7])
+python3 - "$WORK" "${OPEN_ROUNDS:-3}" nginx "${TARGETS[@]}" <<'PY'
+import statistics, sys
+work, rounds, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+runs = {n: [open(f"{work}/open-{n}.{r}").read().split() for r in range(1, rounds + 1)] for n in names}
 print("| target | sent | achieved requests/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | non-2xx + errors | added p99 ms |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for n in names:
-    r = rows[n]
-    added = "" if n == "nginx" else f"{float(r[7]) - base:.3f}"
-    print(f"| {n} | {r[0]} | {r[4]} | {r[5]} | {r[6]} | {r[7]} | {r[8]} | {r[9]} | {int(r[2]) + int(r[3])} | {added} |")
+    rs = runs[n]
+    r = sorted(rs, key=lambda r: float(r[7]))[len(rs) // 2]
+    errors = sum(int(x[2]) + int(x[3]) for x in rs)
+    added = ""
+    if n != "nginx":
+        diffs = [float(a[7]) - float(b[7]) for a, b in zip(rs, runs["nginx"])]
+        added = f"{statistics.median(diffs):.3f} ({', '.join(f'{d:.2f}' for d in diffs)})"
+    print(f"| {n} | {r[0]} | {r[4]} | {r[5]} | {r[6]} | {r[7]} | {r[8]} | {r[9]} | {errors} | {added} |")
 PY
