@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 /// The handle worker threads hand batches to: never blocks.
 #[derive(Clone)]
 pub struct EventSink {
-    tx: mpsc::UnboundedSender<Vec<Record>>,
+    tx: mpsc::UnboundedSender<Handed>,
     /// Events queued and not yet taken by the publisher; bounded by `capacity`. The metric is
     /// the counter itself (`tollgate_gateway_event_queue_depth`).
     queued: Gauge,
@@ -25,14 +25,46 @@ pub struct EventSink {
     metrics: GatewayMetrics,
 }
 
+/// What goes over the queue: records, or a worker's buffer of encoded events ([`Sealed`]),
+/// made into records on the publisher's side.
+enum Handed {
+    Records(Vec<Record>),
+    Sealed(Sealed),
+}
+
+impl Handed {
+    fn len(&self) -> usize {
+        match self {
+            Handed::Records(r) => r.len(),
+            Handed::Sealed(s) => s.spans.len(),
+        }
+    }
+
+    fn truncate(&mut self, n: usize) {
+        match self {
+            Handed::Records(r) => r.truncate(n),
+            Handed::Sealed(s) => s.spans.truncate(n),
+        }
+    }
+}
+
 impl EventSink {
     /// Queues a batch of encoded events (one wake-up of the publisher at most), dropping and
     /// counting the events that do not fit.
-    pub fn emit_batch(&self, mut events: Vec<Record>) {
-        if events.is_empty() {
+    pub fn emit_batch(&self, events: Vec<Record>) {
+        self.enqueue(Handed::Records(events));
+    }
+
+    /// Queues a worker's buffer of encoded events, as [`EventSink::emit_batch`].
+    fn emit_sealed(&self, sealed: Sealed) {
+        self.enqueue(Handed::Sealed(sealed));
+    }
+
+    fn enqueue(&self, mut events: Handed) {
+        let n = events.len();
+        if n == 0 {
             return;
         }
-        let n = events.len();
         let before = usize::try_from(self.queued.inc_by(n as i64)).unwrap_or(0);
         let room = self.capacity.saturating_sub(before);
         if room < n {
@@ -40,10 +72,10 @@ impl EventSink {
             events.truncate(room);
             self.count_dropped("queue_full", (n - room) as u64);
         }
-        if events.is_empty() {
+        let kept = events.len();
+        if kept == 0 {
             return;
         }
-        let kept = events.len();
         if self.tx.send(events).is_err() {
             // The publisher is gone (shutting down after its last sender): nothing can send.
             self.queued.dec_by(kept as i64);
@@ -64,16 +96,139 @@ const EVENT_BYTES: usize = 512;
 /// The fewest events a fresh batch buffer has room for (it grows past that as needed).
 const MIN_RESERVE_EVENTS: usize = 32;
 
-/// Events encoded into buffers: each is its key's bytes, then its JSON. A buffer without room
-/// for another event is sealed (its events become records, slices of it) and a fresh one
-/// taken: it is never grown, which copied every event already in it (`realloc`, 0.6 % of a
-/// gateway worker's CPU under load, BENCHMARKS.md, twenty-third round).
+/// Where an encoded event lies in its buffer: its key's start, its JSON's start, its end.
+type Span = (usize, usize, usize);
+
+/// At most this many emptied buffers (and span lists) wait per worker to be encoded into again;
+/// more are freed.
+const SPARES: usize = 4;
+
+/// Emptied buffers, and emptied span lists.
+type SpareLists = (Vec<Vec<u8>>, Vec<Vec<Span>>);
+
+/// A worker's buffers and span lists that came back from the publisher, emptied.
+#[derive(Default)]
+struct Spares(std::sync::Mutex<SpareLists>);
+
+impl Spares {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SpareLists> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps an emptied buffer for its worker, or frees it (without the lock held) when
+    /// enough wait.
+    fn give_buffer(&self, mut buf: Vec<u8>) {
+        buf.clear();
+        let mut spares = self.lock();
+        if spares.0.len() < SPARES {
+            spares.0.push(buf);
+            return;
+        }
+        drop(spares);
+        drop(buf);
+    }
+
+    /// As [`Spares::give_buffer`], for a span list.
+    fn give_spans(&self, mut spans: Vec<Span>) {
+        spans.clear();
+        let mut spares = self.lock();
+        if spares.1.len() < SPARES {
+            spares.1.push(spans);
+            return;
+        }
+        drop(spares);
+        drop(spans);
+    }
+}
+
+/// A worker's buffer of encoded events, handed to the publisher as it is. The publisher makes
+/// the records (slices of the buffer, [`SealedRecords`]) on its own thread; the span list goes
+/// back to the worker once read, and the buffer once its last record is dropped ([`Returned`]).
+///
+/// Why: the worker allocated the buffer, the `Bytes` header over it and the vector of records
+/// for every batch, and the publisher's thread freed all three, so none came back to the
+/// worker's thread cache and each was taken from the worker's malloc arena under its lock.
+/// glibc's arenas are shared with the other threads (`src/alloc.rs` limits them), and an
+/// ingest thread in the idle class that is preempted while it holds that lock keeps it until
+/// its next turn: in open-loop runs near saturation, the workers slept on arena locks for up to
+/// 27 ms, 14 times in 15 at this hand-over (BENCHMARKS.md, twenty-third round). Now a worker in
+/// steady state allocates nothing per batch.
+pub struct Sealed {
+    buf: Vec<u8>,
+    spans: Vec<Span>,
+    home: Arc<Spares>,
+}
+
+impl Sealed {
+    /// Its records, made on the caller's thread.
+    fn records(self) -> SealedRecords {
+        let Sealed { buf, spans, home } = self;
+        SealedRecords {
+            bytes: bytes::Bytes::from_owner(Returned {
+                buf,
+                home: home.clone(),
+            }),
+            spans,
+            next: 0,
+            home,
+        }
+    }
+}
+
+/// The records of a [`Sealed`] buffer, in order; the span list goes back to its worker when
+/// this is dropped.
+struct SealedRecords {
+    bytes: bytes::Bytes,
+    spans: Vec<Span>,
+    next: usize,
+    home: Arc<Spares>,
+}
+
+impl Iterator for SealedRecords {
+    type Item = Record;
+
+    fn next(&mut self) -> Option<Record> {
+        let (start, key_end, end) = *self.spans.get(self.next)?;
+        self.next += 1;
+        Some(Record {
+            key: self.bytes.slice(start..key_end),
+            payload: self.bytes.slice(key_end..end),
+        })
+    }
+}
+
+impl Drop for SealedRecords {
+    fn drop(&mut self) {
+        self.home.give_spans(std::mem::take(&mut self.spans));
+    }
+}
+
+/// A sealed buffer's bytes, going back to its worker when the last record over them is dropped.
+struct Returned {
+    buf: Vec<u8>,
+    home: Arc<Spares>,
+}
+
+impl AsRef<[u8]> for Returned {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Returned {
+    fn drop(&mut self) {
+        self.home.give_buffer(std::mem::take(&mut self.buf));
+    }
+}
+
+/// Events encoded into a buffer: each is its key's bytes, then its JSON. A buffer without room
+/// for another event is sealed and handed over, and another taken: one that came back from the
+/// publisher, or a new one. A buffer is never grown, which copied every event already in it
+/// (`realloc`, 0.6 % of a gateway worker's CPU under load, BENCHMARKS.md, twenty-third round).
 struct Batch {
     bytes: Vec<u8>,
-    /// Per event in `bytes`: where its key starts, where its JSON starts, where it ends.
-    spans: Vec<(usize, usize, usize)>,
-    /// The events of the buffers sealed since the last `take`.
-    sealed: Vec<Record>,
+    spans: Vec<Span>,
+    spares: Arc<Spares>,
 }
 
 impl Batch {
@@ -81,11 +236,11 @@ impl Batch {
         Batch {
             bytes: Vec::with_capacity(Self::first_capacity(events)),
             spans: Vec::with_capacity(events.min(MIN_RESERVE_EVENTS)),
-            sealed: Vec::new(),
+            spares: Arc::default(),
         }
     }
 
-    /// Room for a fresh buffer: what the last batch held plus a quarter, at least
+    /// Room for a new buffer: what the last one held plus a quarter, at least
     /// `MIN_RESERVE_EVENTS` events and at most a full batch. Reserving a full batch (256 events,
     /// 128 KiB) for every few milliseconds of a worker's traffic kept tens of megabytes of
     /// buffers in flight to the publisher and in the workers' malloc arenas, most of it never
@@ -101,44 +256,47 @@ impl Batch {
         events.min(MIN_RESERVE_EVENTS) * EVENT_BYTES
     }
 
-    /// How many events the batch holds.
+    /// How many events the current buffer holds.
     fn len(&self) -> usize {
-        self.sealed.len() + self.spans.len()
+        self.spans.len()
     }
 
-    fn push(&mut self, ev: &RequestEventRef<'_>, events: usize) {
-        if self.bytes.capacity() - self.bytes.len() < EVENT_BYTES && !self.spans.is_empty() {
-            let held = self.bytes.len();
-            self.seal(Self::capacity_after(held, events));
-        }
+    /// Encodes `ev`; when the buffer had no room left, what it held comes back sealed, to be
+    /// handed over.
+    fn push(&mut self, ev: &RequestEventRef<'_>, events: usize) -> Option<Sealed> {
+        let full = (self.bytes.capacity() - self.bytes.len() < EVENT_BYTES
+            && !self.spans.is_empty())
+        .then(|| self.seal(events));
         let start = self.bytes.len();
         self.bytes.extend_from_slice(ev.key().as_bytes());
         let key_end = self.bytes.len();
         ev.write_json(&mut self.bytes);
         self.spans.push((start, key_end, self.bytes.len()));
+        full
     }
 
-    /// Turns the events in the current buffer into records and starts a buffer of
-    /// `capacity` bytes.
-    fn seal(&mut self, capacity: usize) {
-        let bytes = bytes::Bytes::from(std::mem::replace(
-            &mut self.bytes,
-            Vec::with_capacity(capacity),
-        ));
-        self.sealed
-            .extend(self.spans.drain(..).map(|(start, key_end, end)| Record {
-                key: bytes.slice(start..key_end),
-                payload: bytes.slice(key_end..end),
-            }));
+    /// What the buffer holds, sealed, leaving the batch with another buffer; `None` when it
+    /// holds nothing.
+    fn take(&mut self, events: usize) -> Option<Sealed> {
+        (!self.spans.is_empty()).then(|| self.seal(events))
     }
 
-    /// The records held, leaving the batch empty with room for about as many more.
-    fn take(&mut self, events: usize) -> Vec<Record> {
-        if !self.spans.is_empty() {
-            let held = self.bytes.len();
-            self.seal(Self::capacity_after(held, events));
+    /// The current buffer and its spans, sealed; a spare buffer and span list (or new ones)
+    /// take their place. A spare buffer is taken whatever its size: every buffer had room for
+    /// `MIN_RESERVE_EVENTS` events or a whole batch, and one that fills is sealed in turn.
+    fn seal(&mut self, events: usize) -> Sealed {
+        let capacity = Self::capacity_after(self.bytes.len(), events);
+        let (buf, spans) = {
+            let mut spares = self.spares.lock();
+            (spares.0.pop(), spares.1.pop())
+        };
+        let buf = buf.unwrap_or_else(|| Vec::with_capacity(capacity));
+        let spans = spans.unwrap_or_else(|| Vec::with_capacity(events.min(MIN_RESERVE_EVENTS)));
+        Sealed {
+            buf: std::mem::replace(&mut self.bytes, buf),
+            spans: std::mem::replace(&mut self.spans, spans),
+            home: self.spares.clone(),
         }
-        std::mem::take(&mut self.sealed)
     }
 }
 
@@ -164,12 +322,14 @@ impl Drop for LocalInner {
     /// Whatever is still buffered when the last handle goes is handed on, not lost.
     fn drop(&mut self) {
         let batch = self.batch;
-        let events = self
+        if let Some(sealed) = self
             .buf
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
-            .take(batch);
-        self.sink.emit_batch(events);
+            .take(batch)
+        {
+            self.sink.emit_sealed(sealed);
+        }
     }
 }
 
@@ -189,23 +349,31 @@ impl LocalSink {
 
     /// Encodes an event into the buffer (never blocks the request path).
     pub fn emit(&self, ev: &RequestEventRef<'_>) {
-        let full = {
+        let batch = self.inner.batch;
+        let (filled, full) = {
             let mut buf = self.buf();
-            buf.push(ev, self.inner.batch);
+            let filled = buf.push(ev, batch);
             if buf.len() == 1 {
                 self.inner.first.notify_one();
             }
-            (buf.len() >= self.inner.batch).then(|| buf.take(self.inner.batch))
+            let full = if buf.len() >= batch {
+                buf.take(batch)
+            } else {
+                None
+            };
+            (filled, full)
         };
-        if let Some(events) = full {
-            self.inner.sink.emit_batch(events);
+        for sealed in [filled, full].into_iter().flatten() {
+            self.inner.sink.emit_sealed(sealed);
         }
     }
 
     /// Moves what is buffered to the shared queue.
     pub fn flush(&self) {
-        let events = self.buf().take(self.inner.batch);
-        self.inner.sink.emit_batch(events);
+        let sealed = self.buf().take(self.inner.batch);
+        if let Some(sealed) = sealed {
+            self.inner.sink.emit_sealed(sealed);
+        }
     }
 
     /// Flushes `linger` after each first event, until `stop`; then flushes what is left.
@@ -250,7 +418,7 @@ pub fn channel(
     bus: Arc<dyn Publisher>,
     metrics: GatewayMetrics,
 ) -> (EventSink, impl std::future::Future<Output = ()>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Record>>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Handed>();
     let queued = metrics.event_queue.clone();
     let sink = EventSink {
         tx,
@@ -276,10 +444,16 @@ pub fn channel(
                 // `0` only once every sender is dropped and the queue is empty.
                 n = rx.recv_many(&mut batches, 64), if open => {
                     open = n > 0;
-                    for record in batches.drain(..).flatten() {
+                    let mut take = |record: Record| {
                         buf.push(record);
                         if buf.len() >= batch_max {
                             in_flight.spawn(publish(std::mem::take(&mut buf)));
+                        }
+                    };
+                    for handed in batches.drain(..) {
+                        match handed {
+                            Handed::Records(records) => records.into_iter().for_each(&mut take),
+                            Handed::Sealed(sealed) => sealed.records().for_each(&mut take),
                         }
                     }
                 }
@@ -363,6 +537,11 @@ mod tests {
         );
     }
 
+    /// Every record of `sealed`, as the publisher makes them.
+    fn records(sealed: impl IntoIterator<Item = Sealed>) -> Vec<Record> {
+        sealed.into_iter().flat_map(Sealed::records).collect()
+    }
+
     #[test]
     fn a_batch_larger_than_its_buffer_keeps_every_event_whole_and_in_order() {
         // Two events fit the first buffer of a two-event batch (2 × EVENT_BYTES); the rest
@@ -378,19 +557,65 @@ mod tests {
                 e
             })
             .collect();
-        for e in &sent {
-            batch.push(&e.borrowed(), 2);
-        }
-        assert_eq!(batch.len(), 9);
-        let records = batch.take(2);
+        let mut sealed: Vec<Sealed> = sent
+            .iter()
+            .filter_map(|e| batch.push(&e.borrowed(), 2))
+            .collect();
+        sealed.extend(batch.take(2));
         assert_eq!(batch.len(), 0);
+        assert!(batch.take(2).is_none(), "nothing held, nothing handed on");
+        let records = records(sealed);
         assert_eq!(records.len(), 9);
         for (r, e) in records.iter().zip(&sent) {
             assert_eq!(&r.key[..], e.borrowed().key().as_bytes());
             assert_eq!(RequestEvent::from_json(&r.payload).unwrap(), *e);
         }
-        assert!(batch.take(2).is_empty(), "nothing held, nothing handed on");
     }
+
+    #[test]
+    fn buffers_and_span_lists_come_back_to_their_worker_once_read() {
+        let mut batch = Batch::new(4);
+        let e = event(1, Some("acme"));
+        let fill = |batch: &mut Batch| {
+            for _ in 0..4 {
+                assert!(batch.push(&e.borrowed(), 4).is_none());
+            }
+            batch.take(4).unwrap()
+        };
+        let spare_count = |batch: &Batch| {
+            let spares = batch.spares.lock();
+            (spares.0.len(), spares.1.len())
+        };
+        let first = fill(&mut batch);
+        let held = first.buf.as_ptr();
+        assert_eq!(spare_count(&batch), (0, 0));
+        let mut made = first.records();
+        let one = made.next().unwrap();
+        let rest: Vec<Record> = made.collect();
+        assert_eq!(spare_count(&batch), (0, 1), "the span list, once read");
+        drop(rest);
+        assert_eq!(
+            spare_count(&batch),
+            (0, 1),
+            "a record still holds the buffer"
+        );
+        drop(one);
+        assert_eq!(spare_count(&batch), (1, 1));
+        // The buffer in use is a new one; sealing it takes the spares, and the next batch is
+        // encoded into the buffer that came back.
+        let second = fill(&mut batch);
+        assert_eq!(spare_count(&batch), (0, 0));
+        let third = fill(&mut batch);
+        assert_eq!(third.buf.as_ptr(), held, "encoded into the returned buffer");
+        let records = records([second, third]);
+        assert_eq!(RequestEvent::from_json(&records[7].payload).unwrap(), e);
+        drop(records);
+        // At most SPARES of each wait; the rest are freed.
+        let many: Vec<Sealed> = (0..SPARES + 3).map(|_| fill(&mut batch)).collect();
+        drop(self::records(many));
+        assert_eq!(spare_count(&batch), (SPARES, SPARES));
+    }
+
     use std::sync::Mutex;
     use tollgate_bus::BusError;
     use tollgate_schemas::RequestEvent;
