@@ -117,27 +117,25 @@ impl Spares {
 
     /// Keeps an emptied buffer for its worker, or frees it (without the lock held) when
     /// enough wait.
-    fn give_buffer(&self, mut buf: Vec<u8>) {
-        buf.clear();
-        let mut spares = self.lock();
-        if spares.0.len() < SPARES {
-            spares.0.push(buf);
-            return;
-        }
-        drop(spares);
-        drop(buf);
+    fn give_buffer(&self, buf: Vec<u8>) {
+        self.give(buf, |spares| &mut spares.0);
     }
 
     /// As [`Spares::give_buffer`], for a span list.
-    fn give_spans(&self, mut spans: Vec<Span>) {
-        spans.clear();
+    fn give_spans(&self, spans: Vec<Span>) {
+        self.give(spans, |spares| &mut spares.1);
+    }
+
+    fn give<T>(&self, mut list: Vec<T>, kind: impl FnOnce(&mut SpareLists) -> &mut Vec<Vec<T>>) {
+        list.clear();
         let mut spares = self.lock();
-        if spares.1.len() < SPARES {
-            spares.1.push(spans);
+        let kept = kind(&mut spares);
+        if kept.len() < SPARES {
+            kept.push(list);
             return;
         }
         drop(spares);
-        drop(spans);
+        drop(list);
     }
 }
 
