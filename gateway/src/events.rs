@@ -93,7 +93,8 @@ impl EventSink {
 
 /// Room reserved per event in a batch buffer (an encoded event is 300–450 bytes).
 const EVENT_BYTES: usize = 512;
-/// The fewest events a fresh batch buffer has room for (it grows past that as needed).
+/// The fewest events a new batch buffer has room for (a batch that outgrows it continues in
+/// another buffer).
 const MIN_RESERVE_EVENTS: usize = 32;
 
 /// Where an encoded event lies in its buffer: its key's start, its JSON's start, its end.
@@ -151,7 +152,7 @@ impl Spares {
 /// its next turn: in open-loop runs near saturation, the workers slept on arena locks for up to
 /// 27 ms, 14 times in 15 at this hand-over (BENCHMARKS.md, twenty-third round). Now a worker in
 /// steady state allocates nothing per batch.
-pub struct Sealed {
+struct Sealed {
     buf: Vec<u8>,
     spans: Vec<Span>,
     home: Arc<Spares>,

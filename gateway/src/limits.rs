@@ -158,7 +158,8 @@ impl RateLimits {
         } else {
             self.directory.position(id.consumer())
         };
-        let Some((at, plan)) = at.and_then(|at| Some((at, self.directory.plan_number(at)?))) else {
+        let Some(at) = at else { return Ok(()) };
+        let Some(plan) = self.directory.plan_number(at) else {
             return Ok(());
         };
         match self.by_plan.get(plan).and_then(Option::as_ref) {

@@ -51,10 +51,6 @@ impl Hasher for DigestHasher {
         }
     }
 
-    fn write_usize(&mut self, n: usize) {
-        self.write(&n.to_le_bytes());
-    }
-
     fn finish(&self) -> u64 {
         self.0
     }
