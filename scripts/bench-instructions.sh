@@ -16,10 +16,10 @@
 # Prints, per binary: the instructions per request of the gateway's workers, the ingest threads
 # (collector and store: the threads that append to and flush the store) and the rest of the
 # process (event publisher and log, query API, runtime), and the TOP functions of the workers
-# with their inclusive count per request. Thread names are not in callgrind's files, so a
-# thread is known by the functions it ran.
+# with their inclusive count per request (GROUP=ingest or GROUP=rest shows that group's functions
+# instead). Thread names are not in callgrind's files, so a thread is known by the functions it ran.
 #
-# Usage: DURATION=10 CONNS=8 TOP=40 scripts/bench-instructions.sh [BINARY...]
+# Usage: DURATION=10 CONNS=8 TOP=40 GROUP=workers scripts/bench-instructions.sh [BINARY...]
 #   Without binaries, the release build of this tree. With several (say an older build and the
 #   current one), each is measured in turn.
 set -euo pipefail
@@ -28,6 +28,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
 DURATION="${DURATION:-10}"
 CONNS="${CONNS:-8}"
 TOP="${TOP:-40}"
+GROUP="${GROUP:-workers}"
+case "$GROUP" in workers|ingest|rest) ;; *) echo "GROUP must be workers, ingest or rest, not '$GROUP'" >&2; exit 2;; esac
 for tool in valgrind wrk nginx curl; do
   command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind wrk nginx curl >/dev/null; break; }
 done
@@ -52,10 +54,12 @@ for BIN in "${BINS[@]}"; do
   kill -TERM "$P"; wait "$P" || true
   [ "$requests" -gt 0 ] || { echo "no requests counted; valgrind's log:" >&2; tail -20 "$WORK/valgrind.log" >&2; exit 1; }
   echo "## $BIN: $requests requests (wrk -t1 -c$CONNS -d${DURATION}s under callgrind)"
-  python3 - "$WORK/cg" "$requests" "$TOP" <<'PY'
+  python3 - "$WORK/cg" "$requests" "$TOP" "$GROUP" <<'PY'
 import collections, os, re, subprocess, sys
 
 folder, requests, top = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+shown_group = {"workers": "gateway workers", "ingest": "ingest (collector, store)",
+               "rest": "the rest (publisher, event log, query API, runtime)"}[sys.argv[4]]
 groups = collections.Counter()
 inclusive = collections.Counter()
 for name in sorted(os.listdir(folder)):
@@ -71,7 +75,7 @@ for name in sorted(os.listdir(folder)):
     else:
         group = "the rest (publisher, event log, query API, runtime)"
     groups[group] += count
-    if group != "gateway workers":
+    if group != shown_group:
         continue
     out = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", path],
                          capture_output=True, text=True).stdout
@@ -88,7 +92,7 @@ for group in ("gateway workers", "ingest (collector, store)",
     print(f"| {group} | {groups[group] / requests:,.0f} |")
 print(f"| the process | {sum(groups.values()) / requests:,.0f} |")
 print()
-print(f"The gateway workers' {top} largest functions, inclusive, per request:")
+print(f"The {shown_group} threads' {top} largest functions, inclusive, per request:")
 print()
 shown = 0
 for fn, count in inclusive.most_common():

@@ -29,23 +29,21 @@ use crate::config::RouteConfig;
 use crate::config::WhenStale;
 use crate::conn::{self, After, Broken, Pool, Side};
 use crate::deadline::Deadline;
-use crate::h1::{self, Fields, Framing, Parsed, RequestHead, ResponseHead, put_field};
+use crate::h1::{
+    self, Entry, Fields, Framing, Known, Parsed, RequestHead, ResponseHead, put_field,
+};
 use crate::quota::{Reservation, Staleness};
 use crate::recorder::{Draft, Measured, Recorder};
 use crate::trace::{self, RequestSpans};
 use crate::upstream::{Target, Upstream};
 
 /// Identity header only the gateway may set.
-const CONSUMER_HEADER: &str = "x-tollgate-consumer";
-const REQUEST_ID: &str = "x-request-id";
-const FORWARDED_FOR: &str = "x-forwarded-for";
+const CONSUMER_HEADER: &str = Known::Consumer.name();
+const REQUEST_ID: &str = Known::RequestId.name();
+const FORWARDED_FOR: &str = Known::ForwardedFor.name();
 
 /// The longest client-sent `x-request-id` passed on; a longer one is replaced by the event id.
 const MAX_REQUEST_ID: usize = 128;
-
-fn is(name: &[u8], wanted: &str) -> bool {
-    name.eq_ignore_ascii_case(wanted.as_bytes())
-}
 
 /// Whether `v` can be sent as a header value as it is (visible ASCII, spaces and tabs).
 fn is_field_value(v: &[u8]) -> bool {
@@ -662,27 +660,28 @@ impl Worker {
         // caller's on as it came.
         let own_trace = ctx.spans.is_some() || ctx.starts_trace;
         let mut forwarded_for = None;
-        for (name, value) in head.fields.iter() {
-            if head.fields.is_hop_by_hop(name)
-                || is(name, "host")
-                || is(name, CONSUMER_HEADER)
-                || is(name, REQUEST_ID)
-                || api_key.is_some_and(|k| name.eq_ignore_ascii_case(k))
-                || (own_trace && (is(name, trace::TRACEPARENT) || is(name, trace::TRACESTATE)))
-            {
-                continue;
-            }
-            if is(name, FORWARDED_FOR) {
-                if self.shared.trust_forwarded_for {
-                    forwarded_for.get_or_insert(value);
+        for Entry { known, name, value } in head.fields.entries() {
+            let drop = match known {
+                Known::Host | Known::Consumer | Known::RequestId => true,
+                Known::TraceParent | Known::TraceState => own_trace,
+                Known::ForwardedFor => {
+                    if self.shared.trust_forwarded_for {
+                        forwarded_for.get_or_insert(value);
+                    }
+                    true
                 }
-                continue;
+                _ => {
+                    head.fields.entry_is_hop_by_hop(known, name)
+                        || api_key.is_some_and(|k| name.eq_ignore_ascii_case(k))
+                }
+            };
+            if !drop {
+                put_field(out, name, value);
             }
-            put_field(out, name, value);
         }
         ctx.client_request_id = head
             .fields
-            .get_shared(REQUEST_ID)
+            .get_known(Known::RequestId)
             .filter(|v| v.len() <= MAX_REQUEST_ID);
         ctx.has_request_id = true;
         if ctx.client_request_id.is_none() && ctx.id_text.is_none() {
@@ -709,7 +708,7 @@ impl Worker {
             Framing::Chunked => put_field(out, b"transfer-encoding", b"chunked"),
             // A `Content-Length: 0` the client sent is kept: some servers want one on a POST.
             Framing::Empty | Framing::Close => {
-                if head.fields.get("content-length").is_some() {
+                if head.fields.has(Known::ContentLength) {
                     put_field(out, b"content-length", b"0");
                 }
             }

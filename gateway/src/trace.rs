@@ -63,7 +63,9 @@ impl Extractor for FieldsExtractor<'_> {
 
 /// The caller's span context, when its `traceparent` is well formed.
 pub fn extract(fields: &Fields) -> Option<Context> {
-    fields.get(TRACEPARENT)?;
+    if !fields.has(crate::h1::Known::TraceParent) {
+        return None;
+    }
     let cx = TraceContextPropagator::new().extract(&FieldsExtractor(fields));
     cx.span().span_context().is_valid().then_some(cx)
 }

@@ -36,6 +36,88 @@ fn a_plain_request_parses_into_offsets_over_its_own_bytes() {
 }
 
 #[test]
+fn known_fields_are_told_by_name_in_any_case_and_no_other_name_is_one() {
+    for known in Known::ALL {
+        let name = known.name();
+        assert_eq!(Known::of(name.as_bytes()), known, "{name}");
+        assert_eq!(
+            Known::of(name.to_ascii_uppercase().as_bytes()),
+            known,
+            "{name}"
+        );
+        // One letter off, or one byte more or fewer, is another field.
+        let mut off = name.as_bytes().to_vec();
+        off[0] ^= 0x01;
+        assert_eq!(Known::of(&off), Known::Other, "{name}");
+        assert_eq!(Known::of(&name.as_bytes()[1..]), Known::Other, "{name}");
+        assert_eq!(
+            Known::of(format!("{name}s").as_bytes()),
+            Known::Other,
+            "{name}"
+        );
+    }
+    assert_eq!(Known::of(b"x-api-key"), Known::Other);
+    assert_eq!(Known::of(b""), Known::Other);
+    let hop: Vec<&str> = Known::ALL
+        .iter()
+        .filter(|k| k.is_hop_by_hop())
+        .map(|k| k.name())
+        .collect();
+    assert_eq!(
+        hop,
+        [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authorization",
+            "content-length",
+            "expect"
+        ]
+    );
+}
+
+#[test]
+fn fields_are_found_by_name_and_by_kind_and_keep_their_order() {
+    let h = request(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: r1\r\nx-api-key: k\r\nX-REQUEST-ID: r2\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(
+        h.fields.get("x-request-id"),
+        Some(&b"r1"[..]),
+        "the first of two"
+    );
+    assert_eq!(
+        h.fields.get_known(Known::RequestId).as_deref(),
+        Some(&b"r1"[..])
+    );
+    assert_eq!(h.fields.get("x-api-key"), Some(&b"k"[..]));
+    assert!(h.fields.has(Known::Host));
+    assert!(!h.fields.has(Known::ContentLength));
+    let entries: Vec<(Known, &[u8], &[u8])> = h
+        .fields
+        .entries()
+        .map(|e| (e.known, e.name, e.value))
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            (Known::Host, &b"Host"[..], &b"a"[..]),
+            (Known::RequestId, b"X-Request-Id", b"r1"),
+            (Known::Other, b"x-api-key", b"k"),
+            (Known::RequestId, b"X-REQUEST-ID", b"r2"),
+        ]
+    );
+    let pairs = Fields::from_pairs([(&b"te"[..], &b"trailers"[..]), (b"x-k", b"v")]);
+    assert!(pairs.is_hop_by_hop(b"te"));
+    assert_eq!(pairs.entries().next().map(|e| e.known), Some(Known::Te));
+}
+
+#[test]
 fn keep_alive_follows_the_version_and_connection() {
     assert!(
         !request("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")

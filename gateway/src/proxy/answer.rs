@@ -6,9 +6,9 @@ use http::{Method, StatusCode};
 use tokio_util::sync::CancellationToken;
 use tollgate_schemas::Outcome;
 
-use super::{BodyRead, Ctx, REQUEST_ID, Rejection, Worker, is};
+use super::{BodyRead, Ctx, Rejection, Worker};
 use crate::conn::{self, After, Side};
-use crate::h1::{self, Framing, RequestHead, ResponseHead, put_field};
+use crate::h1::{self, Entry, Framing, Known, RequestHead, ResponseHead, put_field};
 use crate::upstream::Target;
 
 thread_local! {
@@ -128,17 +128,15 @@ impl Worker {
             || resp.status == StatusCode::NOT_MODIFIED;
         out.clear();
         h1::put_status_line(out, resp.status);
-        for (name, value) in resp.fields.iter() {
-            if is(name, "content-length") {
-                if own_length {
-                    put_field(out, name, value);
-                }
-                continue;
+        for Entry { known, name, value } in resp.fields.entries() {
+            let keep = match known {
+                Known::ContentLength => own_length,
+                Known::RequestId => false,
+                _ => !resp.fields.entry_is_hop_by_hop(known, name),
+            };
+            if keep {
+                put_field(out, name, value);
             }
-            if resp.fields.is_hop_by_hop(name) || is(name, REQUEST_ID) {
-                continue;
-            }
-            put_field(out, name, value);
         }
         ctx.put_request_id(out);
         match resp.framing {
@@ -195,8 +193,8 @@ impl Worker {
     ) -> After {
         out.clear();
         h1::put_status_line(out, resp.status);
-        for (name, value) in resp.fields.iter() {
-            if !resp.fields.is_hop_by_hop(name) && !is(name, REQUEST_ID) {
+        for Entry { known, name, value } in resp.fields.entries() {
+            if known != Known::RequestId && !resp.fields.entry_is_hop_by_hop(known, name) {
                 put_field(out, name, value);
             }
         }

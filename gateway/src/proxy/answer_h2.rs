@@ -13,9 +13,9 @@ use http::{Method, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 use super::answer::{classify, own_answer, rejection_fields};
-use super::{Client, Ctx, REQUEST_ID, Rejection, Worker, is};
+use super::{Client, Ctx, REQUEST_ID, Rejection, Worker};
 use crate::conn::{self, After, Side};
-use crate::h1::{self, Framing, Parsed, RequestHead, ResponseHead};
+use crate::h1::{self, Entry, Framing, Known, Parsed, RequestHead, ResponseHead};
 use crate::http2::{self, Answering};
 use crate::upstream::Target;
 
@@ -26,12 +26,13 @@ fn h2_head(resp: &ResponseHead, own_length: bool) -> http::Response<()> {
     let mut out = http::Response::new(());
     *out.status_mut() = resp.status;
     let headers = out.headers_mut();
-    for (name, value) in resp.fields.iter() {
-        let length = is(name, "content-length");
-        if (length && !own_length)
-            || (!length && resp.fields.is_hop_by_hop(name))
-            || is(name, REQUEST_ID)
-        {
+    for Entry { known, name, value } in resp.fields.entries() {
+        let pass = match known {
+            Known::ContentLength => own_length,
+            Known::RequestId => false,
+            _ => !resp.fields.entry_is_hop_by_hop(known, name),
+        };
+        if !pass {
             continue;
         }
         if let (Ok(name), Ok(value)) =
