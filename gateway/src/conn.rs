@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::closing::{Closing, Waiter};
 use crate::deadline::Deadline;
 use crate::h1::{self, Chunk, ChunkedDecoder, Framing, Parsed, RequestHead};
 use crate::reload::WorkerSlot;
@@ -244,15 +245,17 @@ pub async fn serve(
     stream: Stream,
     peer: SocketAddr,
     shutdown: CancellationToken,
+    closing: &Arc<Closing>,
 ) {
     let timeouts = slot.worker().shared.timeouts;
+    let mut waiter = closing.waiter();
     let mut client = Side::new(stream, timeouts.io);
     let mut out = Vec::with_capacity(4 * 1024);
     let mut first = true;
     // The connection's one timer, for its idle and head waits and the upstream's answers.
     let mut deadline = Deadline::new(tokio::time::Instant::now() + timeouts.idle);
     loop {
-        let next = read_head(&mut client, timeouts, &shutdown, first, &mut deadline).await;
+        let next = read_head(&mut client, timeouts, &mut waiter, first, &mut deadline).await;
         first = false;
         let (head, started) = match next {
             Next::Head(head, started) => (head, started),
@@ -322,7 +325,7 @@ enum Next {
 async fn read_head(
     client: &mut Side,
     timeouts: Timeouts,
-    shutdown: &CancellationToken,
+    closing: &mut Waiter,
     first: bool,
     deadline: &mut Deadline,
 ) -> Next {
@@ -359,7 +362,7 @@ async fn read_head(
         let read = tokio::select! {
             biased;
             r = deadline.run(until, client.read_more()) => r,
-            _ = shutdown.cancelled(), if started.is_none() => return Next::Closed,
+            _ = closing.closed(), if started.is_none() => return Next::Closed,
         };
         match read {
             Some(Ok(0)) => return Next::Closed,

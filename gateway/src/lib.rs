@@ -15,6 +15,7 @@
 //! gateway keeps routing with what it last knew, and says so in its logs and metrics.
 
 pub mod auth;
+mod closing;
 pub mod config;
 mod conn;
 mod deadline;
@@ -358,6 +359,7 @@ async fn serve(listener: std::net::TcpListener, start: WorkerStart) {
     );
     let slot = Arc::new(reload::WorkerSlot::new(live, events, metrics, tracer));
     let tracker = tokio_util::task::TaskTracker::new();
+    let closing = closing::Closing::new();
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -371,8 +373,16 @@ async fn serve(listener: std::net::TcpListener, start: WorkerStart) {
             },
         };
         let _ = stream.set_nodelay(true);
-        tracker.spawn(accept(slot.clone(), stream, peer, shutdown.clone()));
+        tracker.spawn(accept(
+            slot.clone(),
+            stream,
+            peer,
+            shutdown.clone(),
+            closing.clone(),
+        ));
     }
+    // Connections between requests close now; those in an exchange finish it first.
+    closing.close();
     drop(listener);
     tracker.close();
     tracker.wait().await;
@@ -387,6 +397,7 @@ async fn accept(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
+    closing: Arc<closing::Closing>,
 ) {
     #[cfg(feature = "tls")]
     {
@@ -402,8 +413,8 @@ async fn accept(
                 return http2::serve(slot, accepted.stream, peer, shutdown).await;
             }
             let stream = conn::Stream::Tls(Box::new(accepted.stream));
-            return conn::serve(slot, stream, peer, shutdown).await;
+            return conn::serve(slot, stream, peer, shutdown, &closing).await;
         }
     }
-    conn::serve(slot, stream.into(), peer, shutdown).await
+    conn::serve(slot, stream.into(), peer, shutdown, &closing).await
 }

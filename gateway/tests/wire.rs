@@ -350,6 +350,39 @@ async fn a_slow_head_gets_408_and_an_idle_connection_is_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_shutdown_idle_connections_close_at_once_and_an_exchange_finishes() {
+    // The idle timeout is a minute and the upstream's 30 s (a connection's one timer may
+    // still be set to its last answer's deadline): a connection closed within `closed`'s 5 s
+    // was closed by the shutdown.
+    let gw = gateway_with(|c| c.upstreams.get_mut("app").unwrap().timeout_ms = 30_000).await;
+    let mut idle = Vec::new();
+    for path in ["/open/a", "/open/b", "/open/c"] {
+        let mut c = Client::connect(&gw).await;
+        // Two requests each: a connection waits between them as it does after its last.
+        for _ in 0..2 {
+            c.send(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await;
+            assert_eq!(c.report().await["target"], path);
+        }
+        idle.push(c);
+    }
+    let mut slow = slow_in_flight(&gw).await;
+    gw.shutdown.cancel();
+    for mut c in idle {
+        assert!(
+            c.closed().await,
+            "an idle connection stayed open after shutdown"
+        );
+    }
+    let (status, head, _) = slow.answer(&http::Method::POST).await;
+    assert!(
+        status == 200 && head.contains("connection: close"),
+        "the exchange under way is answered, and its connection closed: {status} {head}"
+    );
+    assert!(slow.closed().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_busy_for_longer_than_the_idle_timeout_stays_open() {
     // The connection's one timer (`deadline.rs`) first fires at the idle deadline of its first
     // wait, long after later requests moved the deadline on: it must follow, not close.
