@@ -31,21 +31,22 @@ impl TraceId {
     }
 
     /// The id `v` as 32 lowercase hex digits (`None` for zero, which W3C forbids).
-    pub fn from_u128(mut v: u128) -> Option<TraceId> {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    pub fn from_u128(v: u128) -> Option<TraceId> {
         if v == 0 {
             return None;
         }
-        let mut out = [b'0'; 32];
-        for b in out.iter_mut().rev() {
-            *b = DIGITS[(v & 0xf) as usize];
-            v >>= 4;
-        }
+        let mut out = [0; 32];
+        crate::trace::hex_into(&v.to_be_bytes(), &mut out);
         Some(TraceId(out))
     }
 
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
+
+    /// The digits as bytes, for a header (no check that they are text).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
     }
 }
 

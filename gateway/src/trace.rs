@@ -95,10 +95,30 @@ pub fn inject(span: &SpanContext, out: &mut Vec<u8>) {
 
 /// `bytes` as lowercase hex digits.
 fn put_hex(out: &mut Vec<u8>, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)]);
-        out.push(DIGITS[usize::from(b & 0xf)]);
+    let mut digits = [0; 32];
+    for chunk in bytes.chunks(16) {
+        let digits = &mut digits[..2 * chunk.len()];
+        hex_into(chunk, digits);
+        out.extend_from_slice(digits);
+    }
+}
+
+/// `bytes` as lowercase hex digits into `out` (twice as long), a pair of digits per byte from a
+/// table (a trace id is written on every request that carries or starts a trace).
+pub fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    const PAIRS: [[u8; 2]; 256] = {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut pairs = [[0; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            pairs[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
+            i += 1;
+        }
+        pairs
+    };
+    debug_assert_eq!(out.len(), 2 * bytes.len());
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&PAIRS[usize::from(*b)]);
     }
 }
 
@@ -119,7 +139,7 @@ pub fn root(event_id: uuid::Uuid) -> (TraceId, u64) {
 pub fn put_root(trace: &TraceId, parent: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(TRACEPARENT.as_bytes());
     out.extend_from_slice(b": 00-");
-    out.extend_from_slice(trace.as_str().as_bytes());
+    out.extend_from_slice(trace.as_bytes());
     out.push(b'-');
     put_hex(out, &parent.to_be_bytes());
     out.extend_from_slice(b"-01\r\n");
