@@ -163,11 +163,10 @@ impl Known {
             19 => &[Known::ProxyAuthorization, Known::Consumer],
             _ => return Known::Other,
         };
-        let words = Folded::words(name);
         candidates
             .iter()
             .copied()
-            .find(|k| FOLDED[*k as usize].matches(&words))
+            .find(|k| FOLDED[*k as usize].matches(name))
             .unwrap_or(Known::Other)
     }
 
@@ -190,46 +189,83 @@ impl Known {
     }
 }
 
-/// The longest known name ("proxy-authorization", "x-tollgate-consumer") fits in this many
-/// words.
-const NAME_WORDS: usize = 3;
+/// A name as three words that together cover its bytes (it may be up to 24 bytes long): from
+/// 8 bytes on, its first eight, its last eight and, past 16 bytes, its second eight; from 4
+/// bytes on, its first and last four; else its bytes. Two names of one length are equal when
+/// their keys are: the words overlap, but every byte is in one of them.
+type Key = [u64; 3];
 
-/// A known name as little-endian words, zero-padded, with the case bit (0x20) of each of its
-/// letters in `case`: a name `w` equals it in any case when `w | case == words`, word by word.
+/// [`Key`] of `b`, at compile time.
+const fn key_of(b: &[u8]) -> Key {
+    const fn word(b: &[u8], at: usize, n: usize) -> u64 {
+        let mut w = 0;
+        let mut i = n;
+        while i > 0 {
+            i -= 1;
+            w = (w << 8) | b[at + i] as u64;
+        }
+        w
+    }
+    let len = b.len();
+    if len >= 8 {
+        let second = if len > 16 { word(b, 8, 8) } else { 0 };
+        [word(b, 0, 8), word(b, len - 8, 8), second]
+    } else if len >= 4 {
+        [word(b, 0, 4), word(b, len - 4, 4), 0]
+    } else {
+        [word(b, 0, len), 0, 0]
+    }
+}
+
+/// [`Key`] of `b` (at most 24 bytes), read in place.
+fn key(b: &[u8]) -> Key {
+    let at8 = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("eight bytes"));
+    let at4 = |i: usize| u64::from(u32::from_le_bytes(b[i..i + 4].try_into().expect("four")));
+    let len = b.len();
+    if len >= 8 {
+        [at8(0), at8(len - 8), if len > 16 { at8(8) } else { 0 }]
+    } else if len >= 4 {
+        [at4(0), at4(len - 4), 0]
+    } else {
+        [
+            b.iter().rev().fold(0, |w, b| (w << 8) | u64::from(*b)),
+            0,
+            0,
+        ]
+    }
+}
+
+/// A known name's [`Key`], and the key of its case bits (0x20 where it has a letter): a name
+/// of the same length is it, in any case, when `key(name) | case == words`, word by word.
 /// Exact: a letter's two cases differ only in that bit, and the other bytes (`-`) are compared
 /// as they are.
 struct Folded {
-    words: [u64; NAME_WORDS],
-    case: [u64; NAME_WORDS],
+    words: Key,
+    case: Key,
 }
 
 impl Folded {
     const fn of(name: &str) -> Folded {
         let b = name.as_bytes();
-        let mut words = [0u64; NAME_WORDS];
-        let mut case = [0u64; NAME_WORDS];
+        let mut case = [0u8; 24];
         let mut i = 0;
         while i < b.len() {
-            words[i / 8] |= (b[i] as u64) << (8 * (i % 8));
             if b[i].is_ascii_lowercase() {
-                case[i / 8] |= 0x20 << (8 * (i % 8));
+                case[i] = 0x20;
             }
             i += 1;
         }
-        Folded { words, case }
+        let (case, _) = case.split_at(b.len());
+        Folded {
+            words: key_of(b),
+            case: key_of(case),
+        }
     }
 
-    /// `name` (at most `8 * NAME_WORDS` bytes) as words, zero-padded.
-    fn words(name: &[u8]) -> [u64; NAME_WORDS] {
-        let mut buf = [0u8; 8 * NAME_WORDS];
-        buf[..name.len()].copy_from_slice(name);
-        std::array::from_fn(|i| {
-            u64::from_le_bytes(buf[8 * i..8 * i + 8].try_into().expect("eight bytes"))
-        })
-    }
-
-    fn matches(&self, words: &[u64; NAME_WORDS]) -> bool {
-        (0..NAME_WORDS).all(|i| words[i] | self.case[i] == self.words[i])
+    /// Whether `name`, as long as this name, is this name in any case.
+    fn matches(&self, name: &[u8]) -> bool {
+        let k = key(name);
+        (0..3).all(|i| k[i] | self.case[i] == self.words[i])
     }
 }
 

@@ -45,10 +45,16 @@ fn known_fields_are_told_by_name_in_any_case_and_no_other_name_is_one() {
             known,
             "{name}"
         );
-        // One letter off, or one byte more or fewer, is another field.
-        let mut off = name.as_bytes().to_vec();
-        off[0] ^= 0x01;
-        assert_eq!(Known::of(&off), Known::Other, "{name}");
+        // One byte off, wherever it is, or one byte more or fewer, is another field.
+        for at in 0..name.len() {
+            let mut off = name.as_bytes().to_vec();
+            off[at] ^= 0x01;
+            assert_eq!(
+                Known::of(&off),
+                Known::Other,
+                "{name} with byte {at} changed"
+            );
+        }
         assert_eq!(Known::of(&name.as_bytes()[1..]), Known::Other, "{name}");
         assert_eq!(
             Known::of(format!("{name}s").as_bytes()),
@@ -78,6 +84,14 @@ fn known_fields_are_told_by_name_in_any_case_and_no_other_name_is_one() {
             "expect"
         ]
     );
+}
+
+#[test]
+fn a_name_key_read_in_place_is_the_one_made_at_compile_time() {
+    let text = b"abcdefghijklmnopqrstuvwx";
+    for len in 0..=24 {
+        assert_eq!(key(&text[..len]), key_of(&text[..len]), "{len} bytes");
+    }
 }
 
 #[test]
