@@ -931,7 +931,7 @@ impl ChunkedDecoder {
 
 /// Appends `n` in decimal.
 pub fn put_decimal(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(tollgate_schemas::decimal(n, &mut [0; 20]));
+    tollgate_schemas::put_decimal(out, n);
 }
 
 /// Appends one chunk of the chunked coding holding `data` (nothing for empty data).

@@ -110,23 +110,14 @@ fn opt_string(out: &mut Vec<u8>, s: Option<&str>) {
 
 /// An unsigned integer in decimal.
 fn uint(out: &mut Vec<u8>, v: u64) {
-    out.extend_from_slice(decimal(v, &mut [0; 20]));
+    put_decimal(out, v);
 }
 
-/// `v` in decimal digits, written into the end of `digits` (20 hold any `u64`): what the
-/// event encoder and the gateway's HTTP/1.1 writer (`Content-Length`, chunk sizes) put out,
-/// without `fmt`.
-pub fn decimal(mut v: u64, digits: &mut [u8; 20]) -> &[u8] {
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    &digits[at..]
+/// Appends `v` in decimal digits: what the event encoder and the gateway's HTTP/1.1 writer
+/// (`Content-Length`, chunk sizes) put out, without `fmt`. `itoa` writes two digits per
+/// division (a digit at a time, an event's six numbers took about 230 instructions).
+pub fn put_decimal(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
 /// Fills `ev` from `bytes` if they are in the canonical form; `None` (with `ev` partly

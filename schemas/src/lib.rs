@@ -16,7 +16,7 @@ pub mod keys;
 pub mod quota;
 pub mod sketch;
 
-pub use canonical::decimal;
+pub use canonical::put_decimal;
 pub use checkpoint::Checkpoint;
 pub use event::{Outcome, RequestEvent, RequestEventRef, SchemaError};
 
