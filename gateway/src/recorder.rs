@@ -36,7 +36,7 @@ impl TraceId {
             return None;
         }
         let mut out = [0; 32];
-        crate::trace::hex_into(&v.to_be_bytes(), &mut out);
+        hex::encode_to_slice(v.to_be_bytes(), &mut out).expect("two digits a byte");
         Some(TraceId(out))
     }
 

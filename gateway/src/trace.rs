@@ -98,27 +98,8 @@ fn put_hex(out: &mut Vec<u8>, bytes: &[u8]) {
     let mut digits = [0; 32];
     for chunk in bytes.chunks(16) {
         let digits = &mut digits[..2 * chunk.len()];
-        hex_into(chunk, digits);
+        hex::encode_to_slice(chunk, digits).expect("two digits a byte");
         out.extend_from_slice(digits);
-    }
-}
-
-/// `bytes` as lowercase hex digits into `out` (twice as long), a pair of digits per byte from a
-/// table (a trace id is written on every request that carries or starts a trace).
-pub fn hex_into(bytes: &[u8], out: &mut [u8]) {
-    const PAIRS: [[u8; 2]; 256] = {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut pairs = [[0; 2]; 256];
-        let mut i = 0;
-        while i < 256 {
-            pairs[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
-            i += 1;
-        }
-        pairs
-    };
-    debug_assert_eq!(out.len(), 2 * bytes.len());
-    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair.copy_from_slice(&PAIRS[usize::from(*b)]);
     }
 }
 

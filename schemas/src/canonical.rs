@@ -34,7 +34,7 @@ use crate::event::{Outcome, RequestEvent, RequestEventRef, set_opt_text, set_tex
 /// worker's CPU under load, BENCHMARKS.md, twenty-third round).
 pub(crate) fn encode(ev: &RequestEventRef<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"v\":");
-    uint(out, u64::from(ev.v));
+    put_decimal(out, u64::from(ev.v));
     out.extend_from_slice(b",\"id\":\"");
     out.extend_from_slice(
         ev.id
@@ -60,18 +60,18 @@ pub(crate) fn encode(ev: &RequestEventRef<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(b",\"path\":");
     string(out, ev.path);
     out.extend_from_slice(b",\"status\":");
-    uint(out, u64::from(ev.status));
+    put_decimal(out, u64::from(ev.status));
     out.extend_from_slice(b",\"latency_us\":");
-    uint(out, ev.latency_us);
+    put_decimal(out, ev.latency_us);
     out.extend_from_slice(b",\"upstream_latency_us\":");
     match ev.upstream_latency_us {
-        Some(us) => uint(out, us),
+        Some(us) => put_decimal(out, us),
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"req_bytes\":");
-    uint(out, ev.req_bytes);
+    put_decimal(out, ev.req_bytes);
     out.extend_from_slice(b",\"resp_bytes\":");
-    uint(out, ev.resp_bytes);
+    put_decimal(out, ev.resp_bytes);
     out.extend_from_slice(b",\"consumer\":");
     opt_string(out, ev.consumer);
     out.extend_from_slice(b",\"plan\":");
@@ -106,11 +106,6 @@ fn opt_string(out: &mut Vec<u8>, s: Option<&str>) {
         Some(s) => string(out, s),
         None => out.extend_from_slice(b"null"),
     }
-}
-
-/// An unsigned integer in decimal.
-fn uint(out: &mut Vec<u8>, v: u64) {
-    put_decimal(out, v);
 }
 
 /// Appends `v` in decimal digits: what the event encoder and the gateway's HTTP/1.1 writer
