@@ -271,6 +271,12 @@ impl Batch {
         let key_end = self.bytes.len();
         ev.write_json(&mut self.bytes);
         self.spans.push((start, key_end, self.bytes.len()));
+        // The next event's lines, fetched for this core while the next request is served:
+        // the buffer was last read on the publisher's core (`crate::prefetch`).
+        let room = self.bytes.spare_capacity_mut();
+        crate::prefetch::for_write(&room[..room.len().min(EVENT_BYTES)]);
+        let spans = self.spans.spare_capacity_mut();
+        crate::prefetch::for_write(&spans[..spans.len().min(1)]);
         full
     }
 

@@ -25,6 +25,7 @@ pub mod h1;
 mod http2;
 pub mod limits;
 pub mod metrics;
+mod prefetch;
 mod proxy;
 pub mod quota;
 mod quota_feed;

@@ -190,21 +190,42 @@ fn escape_lanes(v: u64) -> u64 {
 }
 
 /// Whether JSON needs an escape for any byte of `b`: whole words, then the last word again
-/// (overlapping) or, for a string under eight bytes, its bytes in a word padded with `A`.
+/// (overlapping) or, for a string under eight bytes, [`short_word`].
 fn needs_escape(b: &[u8]) -> bool {
     let word = |w: &[u8]| u64::from_le_bytes(w.try_into().expect("eight bytes"));
     let mut words = b.chunks_exact(8);
     let mut lanes = (&mut words).fold(0, |lanes, w| lanes | escape_lanes(word(w)));
     if !words.remainder().is_empty() {
-        lanes |= if b.len() >= 8 {
-            escape_lanes(word(&b[b.len() - 8..]))
+        lanes |= escape_lanes(if b.len() >= 8 {
+            word(&b[b.len() - 8..])
         } else {
-            let mut padded = [b'A'; 8];
-            padded[..b.len()].copy_from_slice(b);
-            escape_lanes(u64::from_le_bytes(padded))
-        };
+            short_word(b)
+        });
     }
     lanes != 0
+}
+
+/// A word whose lanes are bytes of `b` (1 to 7 of them), each byte in at least one lane, the
+/// lanes left over `A`: two overlapping 4-byte loads for 4 to 7 bytes, the first, middle and
+/// last byte for 1 to 3.
+///
+/// Why not the bytes copied into a word of `A`s: the copy is a call to `memcpy` whose small
+/// stores the word's load cannot take from the store buffer, and the load waits for them to
+/// reach the cache. That wait was two thirds of this encoder's string time on a gateway worker
+/// under load (`perf annotate`, BENCHMARKS.md, twenty-fifth round); an event has one or two
+/// strings this short (the method, often the gateway's name).
+fn short_word(b: &[u8]) -> u64 {
+    let n = b.len();
+    debug_assert!((1..8).contains(&n));
+    let half = |at: usize| u64::from(u32::from_le_bytes(b[at..at + 4].try_into().expect("4")));
+    if n >= 4 {
+        half(0) | half(n - 4) << 32
+    } else {
+        u64::from(b[0])
+            | u64::from(b[n / 2]) << 8
+            | u64::from(b[n - 1]) << 16
+            | 0x4141_4141_4100_0000
+    }
 }
 
 /// Where the first `"`, `\\` or control character of `b` is, if any: eight bytes at a time,
