@@ -168,6 +168,9 @@ fn run_process(
     runtime.enable_all();
     if with_gateway {
         runtime.on_thread_start(sched::background);
+        // This thread drives `part`, which opens the bus: the Kafka client's threads are
+        // started from it or from each other, and inherit its class (`sched`).
+        sched::background();
     }
     let runtime = runtime.build().expect("tokio runtime");
     runtime.block_on(async {

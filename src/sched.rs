@@ -51,6 +51,15 @@
 //! too: the Kafka client's own threads, which the consumer starts, would keep the class they
 //! started in and could not be moved with the others.
 //!
+//! The Kafka client's threads (`rdk:main`, one `rdk:broker…` per broker) are started by the
+//! client as it needs them, from the thread that made the client or from its own threads, and
+//! each inherits its creator's class. So the thread that drives the process's top-level
+//! future (the one calling `block_on`, which opens the bus) is batch work too: before, it kept
+//! the normal class, the producer's broker thread of `tollgate gateway` inherited it, and its
+//! wake-ups (a few hundred a second under load, each batch of messages to send) could preempt
+//! a gateway worker. The gateway's workers are started from it and take the normal class back
+//! first thing ([`request_path`]).
+//!
 //! What an idle-class thread holds it can hold for long on a saturated machine. Ingest takes
 //! the store's state lock, which queries read under, for short steps: an append's push, and a
 //! flush's swap of the manifest (one small file written and synced). A query that arrives
@@ -104,7 +113,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Puts the calling thread in `SCHED_BATCH`: the threads of the process's tokio runtime
-/// (workers and blocking threads), from `on_thread_start`. Threads they spawn inherit it.
+/// (workers and blocking threads), from `on_thread_start`, and the thread that drives the
+/// runtime's top-level future. Threads they spawn inherit it.
 pub fn background() {
     set_policy(Policy::Batch);
 }

@@ -3,6 +3,8 @@
 //! checked exactly — and again after a SIGKILL and restart on the same data.
 
 mod common;
+#[cfg(target_os = "linux")]
+use common::thread_policies;
 use common::{Http, Up, free_port, start_upstream};
 
 use std::collections::BTreeMap;
@@ -628,33 +630,6 @@ consumers:
         [StatusCode::OK],
         "the last of the others is known and under its quota"
     );
-}
-
-/// The scheduling class (`policy`, field 41 of `/proc/PID/task/TID/stat`) of each thread of
-/// `pid`, with the thread's name.
-#[cfg(target_os = "linux")]
-fn thread_policies(pid: u32) -> Vec<(String, u32)> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for task in tasks.flatten() {
-        let (Ok(comm), Ok(stat)) = (
-            std::fs::read_to_string(task.path().join("comm")),
-            std::fs::read_to_string(task.path().join("stat")),
-        ) else {
-            continue; // the thread ended meanwhile
-        };
-        // The fields after the name (which may hold spaces) start at field 3.
-        let after_name = &stat[stat.rfind(')').expect("stat has the name in parentheses") + 2..];
-        let policy = after_name
-            .split(' ')
-            .nth(41 - 3)
-            .and_then(|p| p.parse().ok())
-            .expect("stat has a policy field");
-        out.push((comm.trim().to_string(), policy));
-    }
-    out
 }
 
 /// Whether a thread of this process may go to `SCHED_IDLE` and come back (root,

@@ -219,6 +219,10 @@ async fn two_gateways_two_collectors_survive_a_sigkill_and_a_frozen_broker() {
 
     let mut sent = BTreeMap::new();
     traffic(&http, &gateway_ports, 0, 600, &mut sent).await;
+    #[cfg(target_os = "linux")]
+    for gateway in &gateways {
+        request_path_alone_in_the_normal_class(gateway.child.id()).await;
+    }
     // Wait until the first collector has stored something, then kill it mid-stream.
     let deadline = Instant::now() + Duration::from_secs(90);
     while ch.query("SELECT count() FROM scaled.events").trim() == "0" {
@@ -467,4 +471,34 @@ async fn two_gateways_two_collectors_survive_a_sigkill_and_a_frozen_broker() {
         "the new collector did not drop the copies: duplicates {dropped:?}"
     );
     stored_once().await;
+}
+
+/// In a `tollgate gateway` that has produced to the broker, the gateway's workers keep the
+/// normal scheduling class and every other thread runs as batch work: the runtime's, the one
+/// driving the process, and the Kafka client's (`rdk:main`, a broker thread per broker, started
+/// as the client needs them and inheriting their creator's class, `src/sched.rs`).
+#[cfg(target_os = "linux")]
+async fn request_path_alone_in_the_normal_class(pid: u32) {
+    use common::{SCHED_BATCH, SCHED_OTHER, thread_policies};
+    // The client starts a broker's thread once it has learnt of the broker: wait for one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let threads = loop {
+        let threads = thread_policies(pid);
+        if threads.iter().any(|(n, _)| n.starts_with("rdk:broker")) || Instant::now() > deadline {
+            break threads;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        threads.iter().any(|(n, _)| n.starts_with("rdk:broker")),
+        "no Kafka broker thread: {threads:?}"
+    );
+    for (name, policy) in &threads {
+        let expected = if name.starts_with("tollgate-gw-") {
+            SCHED_OTHER
+        } else {
+            SCHED_BATCH
+        };
+        assert_eq!(*policy, expected, "thread {name}: {threads:?}");
+    }
 }

@@ -156,3 +156,34 @@ impl Http {
         (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
     }
 }
+
+/// The scheduling class (`policy`, field 41 of `/proc/PID/task/TID/stat`) of each thread of
+/// `pid`, with the thread's name.
+#[cfg(target_os = "linux")]
+pub fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(task.path().join("comm")),
+            std::fs::read_to_string(task.path().join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        // The fields after the name (which may hold spaces) start at field 3.
+        let after_name = &stat[stat.rfind(')').expect("stat has the name in parentheses") + 2..];
+        let policy = after_name
+            .split(' ')
+            .nth(41 - 3)
+            .and_then(|p| p.parse().ok())
+            .expect("stat has a policy field");
+        out.push((comm.trim().to_string(), policy));
+    }
+    out
+}
+
+/// The scheduling classes `thread_policies` reports.
+pub const SCHED_OTHER: u32 = 0;
+pub const SCHED_BATCH: u32 = 3;
