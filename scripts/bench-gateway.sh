@@ -128,11 +128,16 @@ PY
   echo "$name $summary $per_request" >> "$WORK/results"
 }
 
+# The Tollgate targets take turns at going first after nginx: round r starts with target
+# r - 1 (modulo their number). With a fixed order the same binary measured first after nginx
+# in every round served 4–12 % less than when measured second, in runs of the same two builds
+# with the order swapped (BENCHMARKS.md, twenty-fifth round); rotating spreads that over all.
 for r in $(seq 1 "$ROUNDS"); do
   echo "round $r of $ROUNDS" >&2
   focus -1
   run nginx "http://127.0.0.1:$PX/v1/items/1" "$(proxy_pids)" "$CONNS"
-  for i in "${!TARGETS[@]}"; do
+  for k in "${!TARGETS[@]}"; do
+    i=$(( (k + r - 1) % ${#TARGETS[@]} ))
     focus "$i"; warm "$i"
     run "${TARGETS[$i]}" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$CONNS" "x-api-key: bench-key"
   done
@@ -197,6 +202,13 @@ for name, rs in by.items():
     kind = next((k for k in ("light", "counted") if name.endswith(k)), None)
     base = nginx if kind is None else statistics.median(float(r[1]) for r in by[f"nginx-{kind}"])
     print(f"| {name} | {med:.0f} | {', '.join(r[1] for r in rs)} | {med / base:.2f} | {mid[2]} | {mid[3]} | {mid[6]} | {mid[7]} | {mid[8]} | {sum(int(r[5]) for r in rs)} |")
+# The last `tollgate up` against the first, round by round (the same round's runs are the
+# closest in time): in how many rounds it served more, and the median of the ratios.
+ups = [n for n in by if n.startswith("tollgate-") and not n.endswith(("-light", "-counted"))]
+if len(ups) >= 2:
+    first, last = ups[0], ups[-1]
+    pairs = [float(b[1]) / float(a[1]) for a, b in zip(by[first], by[last])]
+    print(f"\n{last} against {first}, round by round: higher in {sum(p > 1 for p in pairs)} of {len(pairs)}, median ratio {statistics.median(pairs):.3f}")
 PY
 
 echo

@@ -5,11 +5,12 @@
 //! Each of the event's seven or eight cache lines is then in the other core's cache, and the
 //! worker's first store to it waits for the line to be taken from there. The stores themselves
 //! queue, but the next locked instruction (the buffer's mutex, a task's state) waits for all of
-//! them: under load two thirds of the encoder's samples sat at that instruction, about 0.2 µs
-//! a request (`perf annotate`, BENCHMARKS.md, twenty-fifth round). A write prefetch of the
-//! next event's lines, issued right after an event is written, has the lines on the worker's
-//! core by the time the next request ends. It is a hint: it never faults and changes nothing
-//! the program can observe, so a region that is not written after all costs only the hint.
+//! them: under load two thirds of the encoder's samples sat at that instruction (`perf
+//! annotate`). A write prefetch of the next event's lines, issued right after an event is
+//! written, has the lines on the worker's core by the time the next request ends: the
+//! encoder's share of a worker's samples went from 2.5 % to 1.4 %, about 0.15 µs a request
+//! (BENCHMARKS.md, twenty-fifth round). It is a hint: it never faults and changes nothing the
+//! program can observe, so a region that is not written after all costs only the hint.
 //!
 //! The instruction has no stable intrinsic (the `prfchw` target feature is unstable, and
 //! `_mm_prefetch` with `_MM_HINT_ET0` compiles to a read prefetch without it), so it is one

@@ -209,11 +209,12 @@ fn needs_escape(b: &[u8]) -> bool {
 /// lanes left over `A`: two overlapping 4-byte loads for 4 to 7 bytes, the first, middle and
 /// last byte for 1 to 3.
 ///
-/// Why not the bytes copied into a word of `A`s: the copy is a call to `memcpy` whose small
-/// stores the word's load cannot take from the store buffer, and the load waits for them to
-/// reach the cache. That wait was two thirds of this encoder's string time on a gateway worker
-/// under load (`perf annotate`, BENCHMARKS.md, twenty-fifth round); an event has one or two
-/// strings this short (the method, often the gateway's name).
+/// Why not the bytes copied into a word of `A`s: the copy was a call to `memcpy`, whose small
+/// stores the word's load then read back, and two thirds of this encoder's string samples on a
+/// gateway worker under load sat on that load (`perf annotate`, BENCHMARKS.md, twenty-fifth
+/// round). Without the copy the samples moved to the next locked instruction: what they
+/// measured was the event's stores waiting for their cache lines, which the gateway now
+/// prefetches (`tollgate_gateway`'s `prefetch`). The loads stay: they need no call.
 fn short_word(b: &[u8]) -> u64 {
     let n = b.len();
     debug_assert!((1..8).contains(&n));
