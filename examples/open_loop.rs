@@ -13,6 +13,10 @@
 //!
 //! Usage: `open_loop URL RATE SECONDS CONNS [HEADER: VALUE]`; prints one line:
 //! `sent ok non2xx errors achieved_rate p50_ms p90_ms p99_ms p999_ms max_ms`.
+//!
+//! With `OPEN_LOOP_TIMELINE=FILE` it also writes where in the run the slow answers were: one
+//! line per 100 ms of the schedule, `offset_ms requests max_ms over_5ms`, the wall-clock
+//! time of the run's start (`start_unix_ms`) first, to line a tail up with what else ran.
 
 use std::time::Duration;
 
@@ -25,6 +29,9 @@ use tokio::time::Instant;
 struct Tally {
     /// Microseconds to the response's last byte, for answered requests.
     latencies_us: Vec<u64>,
+    /// Each answered request's scheduled time (milliseconds after the start), in the order of
+    /// `latencies_us`.
+    due_ms: Vec<u32>,
     ok: u64,
     non2xx: u64,
     errors: u64,
@@ -79,6 +86,9 @@ async fn connection(
                 tally
                     .latencies_us
                     .push(Instant::now().duration_since(from).as_micros() as u64);
+                tally
+                    .due_ms
+                    .push(due.duration_since(start).as_millis() as u32);
                 if status.is_success() {
                     tally.ok += 1;
                 } else {
@@ -133,6 +143,10 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let started_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis()
+        + 200;
     let tally = runtime.block_on(async move {
         // Connections start a little ahead of the schedule, so connecting is not measured.
         let start = Instant::now() + Duration::from_millis(200);
@@ -154,12 +168,16 @@ fn main() -> anyhow::Result<()> {
         for t in tasks {
             let t = t.await??;
             all.latencies_us.extend(t.latencies_us);
+            all.due_ms.extend(t.due_ms);
             all.ok += t.ok;
             all.non2xx += t.non2xx;
             all.errors += t.errors;
         }
         anyhow::Ok(all)
     })?;
+    if let Some(path) = std::env::var_os("OPEN_LOOP_TIMELINE") {
+        write_timeline(&path, started_unix_ms, &tally.due_ms, &tally.latencies_us)?;
+    }
     let mut l = tally.latencies_us;
     l.sort_unstable();
     let q = |p: f64| -> f64 {
@@ -182,5 +200,30 @@ fn main() -> anyhow::Result<()> {
         q(0.999),
         q(1.0)
     );
+    Ok(())
+}
+
+/// The slow answers by where in the schedule they fell: per 100 ms, the requests, the slowest
+/// and how many took over 5 ms.
+fn write_timeline(
+    path: &std::ffi::OsStr,
+    started_unix_ms: u128,
+    due_ms: &[u32],
+    latencies_us: &[u64],
+) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let slots = due_ms.iter().max().map_or(0, |m| *m as usize / 100 + 1);
+    let mut per = vec![(0u64, 0u64, 0u64); slots];
+    for (due, us) in due_ms.iter().zip(latencies_us) {
+        let slot = &mut per[*due as usize / 100];
+        slot.0 += 1;
+        slot.1 = slot.1.max(*us);
+        slot.2 += u64::from(*us > 5_000);
+    }
+    let mut out = format!("start_unix_ms {started_unix_ms}\n");
+    for (i, (n, max, over)) in per.iter().enumerate() {
+        writeln!(out, "{} {n} {:.3} {over}", i * 100, *max as f64 / 1000.0)?;
+    }
+    std::fs::write(path, out)?;
     Ok(())
 }
