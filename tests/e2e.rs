@@ -657,9 +657,7 @@ fn may_leave_sched_idle() -> bool {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn the_request_path_keeps_the_normal_class_and_the_rest_runs_as_batch() {
-    const SCHED_OTHER: u32 = 0;
-    const SCHED_BATCH: u32 = 3;
-    const SCHED_IDLE: u32 = 5;
+    use common::{SCHED_BATCH, SCHED_IDLE, SCHED_OTHER};
     let dir = tempfile::tempdir().unwrap();
     let (gw, api) = (free_port(), free_port());
     let config = dir.path().join("tollgate.yaml");

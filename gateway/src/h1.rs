@@ -929,10 +929,8 @@ impl ChunkedDecoder {
     }
 }
 
-/// Appends `n` in decimal.
-pub fn put_decimal(out: &mut Vec<u8>, n: u64) {
-    tollgate_schemas::put_decimal(out, n);
-}
+/// Appends `n` in decimal: the event encoder's writer, shared.
+pub use tollgate_schemas::put_decimal;
 
 /// Appends one chunk of the chunked coding holding `data` (nothing for empty data).
 pub fn put_chunk(out: &mut Vec<u8>, data: &[u8]) {

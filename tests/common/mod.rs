@@ -187,3 +187,4 @@ pub fn thread_policies(pid: u32) -> Vec<(String, u32)> {
 /// The scheduling classes `thread_policies` reports.
 pub const SCHED_OTHER: u32 = 0;
 pub const SCHED_BATCH: u32 = 3;
+pub const SCHED_IDLE: u32 = 5;
