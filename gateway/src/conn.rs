@@ -160,11 +160,26 @@ impl Side {
         }
     }
 
-    /// Reads what has arrived into the buffer: the count, 0 at the end of the input.
-    pub async fn fill(&mut self, within: Duration) -> io::Result<usize> {
+    /// Room for the next read. An empty buffer starts again at the front of its allocation
+    /// when nothing else holds a part of it (the heads and bodies split off it are gone):
+    /// each exchange then reads into the same few cache lines as the last. Without this, reads
+    /// moved on through the buffer (24–32 KiB once grown) until it filled, so every request
+    /// and answer landed on lines the core had not touched for many exchanges; with 64 client
+    /// and 64 upstream connections that was some 3.5 MiB of buffers cycled through the caches.
+    /// A buffer with less than 2 KiB free gets 16 KiB more, as before.
+    fn make_room(&mut self) {
+        if self.buf.is_empty() {
+            // Never allocates: only moves the start back (see `BytesMut::try_reclaim`).
+            let _ = self.buf.try_reclaim(self.buf.capacity() + 1);
+        }
         if self.buf.capacity() - self.buf.len() < 2048 {
             self.buf.reserve(16 * 1024);
         }
+    }
+
+    /// Reads what has arrived into the buffer: the count, 0 at the end of the input.
+    pub async fn fill(&mut self, within: Duration) -> io::Result<usize> {
+        self.make_room();
         match tokio::time::timeout(within, self.stream.read_buf(&mut self.buf)).await {
             Ok(r) => r,
             Err(_) => Err(io::ErrorKind::TimedOut.into()),
@@ -174,9 +189,7 @@ impl Side {
     /// Reads what has arrived into the buffer, without a timeout of its own (the caller has
     /// one): the count, 0 at the end of the input.
     pub async fn read_more(&mut self) -> io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < 2048 {
-            self.buf.reserve(16 * 1024);
-        }
+        self.make_room();
         self.stream.read_buf(&mut self.buf).await
     }
 
@@ -542,5 +555,37 @@ impl Pool {
         if idle.len() < POOL_MAX {
             idle.push((side, since));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// Once what was read is taken and let go, the next read lands at the front of the buffer
+    /// again; while a part is still held elsewhere, the buffer is left where it is.
+    #[tokio::test]
+    async fn an_emptied_buffer_is_read_into_from_its_front() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let mut side = Side::new(listener.accept().await.unwrap().0, Duration::from_secs(5));
+        let read = async |side: &mut Side, peer: &mut TcpStream, what: &[u8]| {
+            peer.write_all(what).await.unwrap();
+            while side.buf.len() < what.len() {
+                assert!(side.fill(Duration::from_secs(5)).await.unwrap() > 0);
+            }
+            side.buf.split_to(what.len()).freeze()
+        };
+        let first = read(&mut side, &mut peer, b"GET /a HTTP/1.1\r\n\r\n").await;
+        let front = first.as_ptr();
+        let second = read(&mut side, &mut peer, b"GET /b HTTP/1.1\r\n\r\n").await;
+        assert_ne!(second.as_ptr(), front, "`first` still held: read after it");
+        drop((first, second));
+        let third = read(&mut side, &mut peer, b"GET /c HTTP/1.1\r\n\r\n").await;
+        assert_eq!(third.as_ptr(), front, "read into the front again");
+        assert_eq!(&third[..], b"GET /c HTTP/1.1\r\n\r\n");
     }
 }
