@@ -163,10 +163,12 @@ impl Side {
     /// Room for the next read. An empty buffer starts again at the front of its allocation
     /// when nothing else holds a part of it (the heads and bodies split off it are gone):
     /// each exchange then reads into the same few cache lines as the last. Without this, reads
-    /// moved on through the buffer (24–32 KiB once grown) until it filled, so every request
+    /// moved on through the buffer (about 32 KiB once grown) until it filled, so every request
     /// and answer landed on lines the core had not touched for many exchanges; with 64 client
-    /// and 64 upstream connections that was some 3.5 MiB of buffers cycled through the caches.
-    /// A buffer with less than 2 KiB free gets 16 KiB more, as before.
+    /// and 64 upstream connections that was some 3.5–4 MiB of buffers cycled through the caches.
+    /// Reading from the front took 1–4.5 % off the workers' CPU per request at a fixed rate
+    /// (BENCHMARKS.md, twenty-sixth round). A buffer with less than 2 KiB free gets 16 KiB
+    /// more, as before.
     fn make_room(&mut self) {
         if self.buf.is_empty() {
             // Never allocates: only moves the start back (see `BytesMut::try_reclaim`).
