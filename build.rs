@@ -16,7 +16,7 @@
 fn main() {
     let target_os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     let target_env = std::env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default();
-    let wanted = std::env::var("TOLLGATE_PACKED_RELOCS").map_or(true, |v| v != "0");
+    let wanted = std::env::var("TOLLGATE_PACKED_RELOCS").as_deref() != Ok("0");
     if target_os == "linux" && target_env == "gnu" && wanted {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
