@@ -321,6 +321,25 @@ mod tests {
     }
 
     #[test]
+    fn pin_workers_takes_its_three_words_and_names_itself_otherwise() {
+        use tollgate_gateway::PinWorkers;
+        let c = parse("gateway:\n  listen: 127.0.0.1:1\n", &[]).unwrap();
+        assert_eq!(c.gateway.pin_workers, PinWorkers::Auto);
+        for (word, want) in [
+            ("auto", PinWorkers::Auto),
+            ("always", PinWorkers::Always),
+            ("never", PinWorkers::Never),
+        ] {
+            let c = parse(&format!("gateway:\n  pin_workers: {word}\n"), &[]).unwrap();
+            assert_eq!(c.gateway.pin_workers, want);
+        }
+        let err = parse("gateway:\n  pin_workers: yes\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gateway.pin_workers"), "{err}");
+    }
+
+    #[test]
     fn a_file_is_read_as_it_is_parsed_and_its_errors_quote_the_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.yaml");

@@ -112,6 +112,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tollgate_gateway::WorkerSeat;
+
 /// Puts the calling thread in `SCHED_BATCH`: the threads of the process's tokio runtime
 /// (workers and blocking threads), from `on_thread_start`, and the thread that drives the
 /// runtime's top-level future. Threads they spawn inherit it.
@@ -120,9 +122,91 @@ pub fn background() {
 }
 
 /// Puts the calling thread back in `SCHED_OTHER`: each gateway worker thread, first thing (it
-/// is spawned from a runtime thread, whose class it would inherit).
-pub fn request_path() {
+/// is spawned from a runtime thread, whose class it would inherit). Then binds it to its core
+/// as `gateway.pin_workers` says ([`tollgate_gateway::PinWorkers`]).
+pub fn request_path(seat: WorkerSeat) {
     set_policy(Policy::Other);
+    let allowed = match allowed_cores() {
+        Ok(allowed) => allowed,
+        Err(error) => {
+            tracing::debug!(%error, "cannot read the cores this process may run on; the worker is not bound to one");
+            return;
+        }
+    };
+    let Some(core) = seat.pin.core_for(seat.index, seat.workers, &allowed) else {
+        return;
+    };
+    match bind_to_core(core) {
+        Ok(()) => tracing::debug!(
+            worker = seat.index,
+            core,
+            "gateway worker bound to its core"
+        ),
+        // A seccomp filter or a cpuset changed since: the worker serves unbound.
+        Err(error) => {
+            tracing::warn!(%error, worker = seat.index, core, "cannot bind the gateway worker to its core; it runs unbound")
+        }
+    }
+}
+
+/// The cores the calling thread may run on (its affinity mask), in order.
+fn allowed_cores() -> std::io::Result<Vec<usize>> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: an all-zero `cpu_set_t` is a valid, empty set (a plain bit array).
+        #[allow(unsafe_code)]
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `sched_getaffinity` writes at most `size_of::<cpu_set_t>()` bytes into `set`,
+        // which lives on this stack for the call; pid 0 is the calling thread.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let cores = (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: `CPU_ISSET` reads bit `c` of `set`, within its `CPU_SETSIZE` bits.
+            .filter(|c| {
+                #[allow(unsafe_code)]
+                unsafe {
+                    libc::CPU_ISSET(*c, &set)
+                }
+            })
+            .collect();
+        Ok(cores)
+    }
+    #[cfg(not(target_os = "linux"))]
+    Ok(Vec::new())
+}
+
+/// Binds the calling thread to `core` alone.
+fn bind_to_core(core: usize) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        if core >= libc::CPU_SETSIZE as usize {
+            return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: an all-zero `cpu_set_t` is a valid, empty set; `CPU_SET` sets bit `core`,
+        // checked above to be within its `CPU_SETSIZE` bits.
+        #[allow(unsafe_code)]
+        let set = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(core, &mut set);
+            set
+        };
+        // SAFETY: `sched_setaffinity` reads `size_of::<cpu_set_t>()` bytes of `set`, a valid set
+        // on this stack, and changes only the calling thread's mask (pid 0).
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = core;
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -415,6 +499,44 @@ fn next_policy(now: Policy, behind: Duration, bound: Duration) -> Option<Policy>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `request_path` for `seat` on a new thread; returns that thread's cores after it.
+    fn cores_of_worker(seat: WorkerSeat) -> Vec<usize> {
+        std::thread::spawn(move || {
+            request_path(seat);
+            allowed_cores().unwrap()
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[test]
+    fn a_worker_thread_is_bound_to_its_core_as_pin_workers_says() {
+        use tollgate_gateway::PinWorkers;
+        let allowed = allowed_cores().unwrap();
+        assert!(!allowed.is_empty());
+        let n = allowed.len();
+        let seat = |index, workers, pin| WorkerSeat {
+            index,
+            workers,
+            pin,
+        };
+        assert_eq!(
+            cores_of_worker(seat(n - 1, n, PinWorkers::Auto)),
+            [allowed[n - 1]]
+        );
+        assert_eq!(
+            cores_of_worker(seat(n, n + 1, PinWorkers::Always)),
+            [allowed[0]]
+        );
+        assert_eq!(cores_of_worker(seat(0, n + 1, PinWorkers::Auto)), allowed);
+        assert_eq!(cores_of_worker(seat(0, n, PinWorkers::Never)), allowed);
+        assert_eq!(
+            allowed_cores().unwrap(),
+            allowed,
+            "only the worker's thread is bound"
+        );
+    }
 
     #[test]
     fn ingest_leaves_idle_cores_at_the_bound_and_returns_under_half_of_it() {

@@ -654,6 +654,8 @@ fn may_leave_sched_idle() -> bool {
 /// beside them (the runtime's: publisher, log, quota feed, query API) run as batch work, whose
 /// wake-ups do not preempt the request path, and the ingest threads (collector, store) run on
 /// idle cores while the collector keeps up, where the process may take them back out of it.
+/// With `pin_workers: always`, each worker is bound to a core of its own (in turn over the
+/// process's cores) and no other thread is bound.
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn the_request_path_keeps_the_normal_class_and_the_rest_runs_as_batch() {
@@ -664,7 +666,7 @@ async fn the_request_path_keeps_the_normal_class_and_the_rest_runs_as_batch() {
     std::fs::write(
         &config,
         format!(
-            "gateway: {{ listen: 127.0.0.1:{gw}, workers: 2 }}\nquery_api: {{ listen: 127.0.0.1:{api} }}\n"
+            "gateway: {{ listen: 127.0.0.1:{gw}, workers: 2, pin_workers: always }}\nquery_api: {{ listen: 127.0.0.1:{api} }}\n"
         ),
     )
     .unwrap();
@@ -708,4 +710,29 @@ async fn the_request_path_keeps_the_normal_class_and_the_rest_runs_as_batch() {
     let ingest = of("tollgate-ingest");
     assert!(!ingest.is_empty(), "{threads:?}");
     assert!(ingest.iter().all(|p| *p == expected_ingest), "{threads:?}");
+
+    // The test's own cores are the process's: it inherits them.
+    let ours = common::cores_allowed(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let cores = common::thread_cores(tollgate.id());
+    let mut bound: Vec<&str> = cores
+        .iter()
+        .filter(|(n, _)| n.starts_with("tollgate-gw-"))
+        .map(|(_, c)| c.as_str())
+        .collect();
+    bound.sort();
+    assert_eq!(bound.len(), 2, "{cores:?}");
+    assert!(
+        bound.iter().all(|c| c.parse::<usize>().is_ok()),
+        "each worker on one core: {cores:?}"
+    );
+    if ours.contains(['-', ',']) {
+        assert_ne!(bound[0], bound[1], "two cores, one each: {cores:?}");
+    }
+    assert!(
+        cores
+            .iter()
+            .filter(|(n, _)| !n.starts_with("tollgate-gw-"))
+            .all(|(_, c)| *c == ours),
+        "no other thread bound (the test's cores are {ours}): {cores:?}"
+    );
 }

@@ -18,6 +18,12 @@ pub struct GatewayConfig {
     /// buffer, so a request is accepted, forwarded and recorded on one thread.
     #[serde(default)]
     pub workers: usize,
+    /// Whether each worker thread is bound to one core: `auto` (the default) binds them when
+    /// there is one worker for each core the process may run on, `always` binds them in turn to
+    /// those cores whatever their number, `never` leaves them to the scheduler. See
+    /// [`PinWorkers`].
+    #[serde(default)]
+    pub pin_workers: PinWorkers,
     /// Instance id written into every event; defaults to `gateway-<port>`.
     #[serde(default)]
     pub id: Option<String>,
@@ -160,6 +166,7 @@ impl Default for GatewayConfig {
         GatewayConfig {
             listen: default_listen(),
             workers: 0,
+            pin_workers: PinWorkers::default(),
             id: None,
             upstreams: BTreeMap::new(),
             routes: Vec::new(),
@@ -582,6 +589,48 @@ pub enum WhenStale {
     Closed,
 }
 
+/// `gateway.pin_workers`: whether each worker thread is bound to one core.
+///
+/// A worker serves its connections from accept to the event on one thread, so nothing it does
+/// gains from moving between cores, and a move costs its caches. On a machine whose cores the
+/// gateway shares with busy neighbours (the two-core reference machine, with the load
+/// generator and the upstream on the same cores), the scheduler also let both workers queue
+/// on one core while the other sat idle: with the workers free, runs of `wrk -t1 -c64` left
+/// the cores idle 1.4–11 % of the time and served 78,000–97,000 requests/s; with each worker
+/// bound to a core, 1.3–2.5 % and 92,000–99,000 (BENCHMARKS.md, "Workers bound to their
+/// cores"). nginx's `worker_cpu_affinity auto` and thread-per-core servers do the same.
+///
+/// The cores are those the process may run on when the workers start (its affinity mask:
+/// `taskset`, a cpuset cgroup, systemd's `CPUAffinity=`), in order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PinWorkers {
+    /// Bind worker `i` to the `i`-th core when the workers are exactly one per core (the
+    /// default `workers: 0` on a machine or cpuset of its own). Not when they are fewer or more
+    /// (a CPU quota smaller than the cores, which `workers: 0` follows, or a count set by
+    /// hand): then each would be held to a core while others stay free, or two would share
+    /// one while the scheduler could have spread them.
+    #[default]
+    Auto,
+    /// Bind worker `i` to core `i mod n` of the `n` the process may run on.
+    Always,
+    /// Leave the workers to the scheduler.
+    Never,
+}
+
+impl PinWorkers {
+    /// The core worker `index` of `workers` is bound to, of the cores the process may run on
+    /// (`allowed`, in order); `None`: not bound.
+    pub fn core_for(self, index: usize, workers: usize, allowed: &[usize]) -> Option<usize> {
+        match self {
+            PinWorkers::Never => None,
+            _ if allowed.is_empty() => None,
+            PinWorkers::Auto if workers != allowed.len() => None,
+            PinWorkers::Auto | PinWorkers::Always => Some(allowed[index % allowed.len()]),
+        }
+    }
+}
+
 const METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
 ];
@@ -724,5 +773,31 @@ impl GatewayConfig {
         self.id
             .clone()
             .unwrap_or_else(|| format!("gateway-{}", self.listen.port()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PinWorkers;
+
+    #[test]
+    fn workers_are_bound_one_per_core_only_when_auto_finds_as_many_as_cores() {
+        let allowed = [2, 3, 5];
+        let auto = |i, n| PinWorkers::Auto.core_for(i, n, &allowed);
+        assert_eq!(
+            (auto(0, 3), auto(1, 3), auto(2, 3)),
+            (Some(2), Some(3), Some(5))
+        );
+        assert_eq!(auto(0, 2), None, "fewer workers than cores");
+        assert_eq!(auto(0, 4), None, "more workers than cores");
+        let always = |i, n| PinWorkers::Always.core_for(i, n, &allowed);
+        assert_eq!((always(0, 2), always(1, 2)), (Some(2), Some(3)));
+        assert_eq!((always(3, 5), always(4, 5)), (Some(2), Some(3)), "in turn");
+        assert_eq!(PinWorkers::Never.core_for(0, 3, &allowed), None);
+        assert_eq!(
+            PinWorkers::Always.core_for(0, 1, &[]),
+            None,
+            "no core known"
+        );
     }
 }

@@ -47,7 +47,7 @@ use tollgate_bus::Publisher;
 use tollgate_schemas::config::Plan;
 pub use tollgate_schemas::directory::Directory;
 
-pub use config::GatewayConfig;
+pub use config::{GatewayConfig, PinWorkers};
 pub use metrics::GatewayMetrics;
 pub use reload::Reloader;
 
@@ -126,7 +126,18 @@ pub struct Gateway {
     /// Makes request spans, when they are exported (`with_tracer`).
     tracer: Option<trace::Tracing>,
     /// Runs first on each worker thread (`with_worker_start`).
-    worker_start: Option<fn()>,
+    worker_start: Option<fn(WorkerSeat)>,
+}
+
+/// Which worker a worker thread is, handed to the start hook ([`Gateway::with_worker_start`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerSeat {
+    /// This worker's number, from 0.
+    pub index: usize,
+    /// How many workers the gateway runs.
+    pub workers: usize,
+    /// `gateway.pin_workers`: whether to bind the thread to a core.
+    pub pin: PinWorkers,
 }
 
 /// How long a worker holds its first buffered event before handing the buffer on: bounds what
@@ -238,9 +249,10 @@ impl Gateway {
     }
 
     /// Runs `start` first on each worker thread, before its runtime is built. The binary sets
-    /// the thread's scheduling class with it: the workers are spawned from a runtime thread of
-    /// the background class and would otherwise inherit it (this crate holds no `unsafe`).
-    pub fn with_worker_start(mut self, start: fn()) -> Gateway {
+    /// the thread's scheduling class with it (the workers are spawned from a runtime thread of
+    /// the background class and would otherwise inherit it) and binds the thread to its core
+    /// as `gateway.pin_workers` says; this crate holds no `unsafe`.
+    pub fn with_worker_start(mut self, start: fn(WorkerSeat)) -> Gateway {
         self.worker_start = Some(start);
         self
     }
@@ -267,7 +279,7 @@ impl Gateway {
             listeners,
             addr,
             live,
-            started: _,
+            started,
             sink,
             worker_batch,
             metrics,
@@ -284,7 +296,13 @@ impl Gateway {
         }
         tracing::info!(%addr, workers = listeners.len(), "gateway listening");
         let mut workers = Vec::new();
+        let count = listeners.len();
         for (i, listener) in listeners.into_iter().enumerate() {
+            let seat = WorkerSeat {
+                index: i,
+                workers: count,
+                pin: started.pin_workers,
+            };
             let start = WorkerStart {
                 live: live.clone(),
                 events: events::LocalSink::new(sink.clone(), worker_batch),
@@ -297,7 +315,7 @@ impl Gateway {
                 .name(format!("tollgate-gw-{i}"))
                 .spawn(move || {
                     if let Some(start) = worker_start {
-                        start();
+                        start(seat);
                     }
                     match tokio::runtime::Builder::new_current_thread()
                         .enable_all()

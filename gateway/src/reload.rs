@@ -11,9 +11,9 @@
 //! closed when its last request ends.
 //!
 //! What a reload cannot change (it needs a restart, and the reload is refused with the key's
-//! name): `listen`, `workers`, `admin_listen`, `events`, `quota` (the feed and its state
-//! survive a reload: quotas stay exact), `state_dir`, `spool`. Rate-limit buckets start full
-//! after a reload.
+//! name): `listen`, `workers`, `pin_workers`, `admin_listen`, `events`, `quota` (the feed and
+//! its state survive a reload: quotas stay exact), `state_dir`, `spool`. Rate-limit buckets
+//! start full after a reload.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -222,6 +222,7 @@ impl Reloader {
         let fixed = [
             ("listen", config.listen == s.listen),
             ("workers", config.workers == s.workers),
+            ("pin_workers", config.pin_workers == s.pin_workers),
             ("admin_listen", config.admin_listen == s.admin_listen),
             ("events", config.events == s.events),
             ("quota", config.quota == s.quota),

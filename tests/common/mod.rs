@@ -184,6 +184,35 @@ pub fn thread_policies(pid: u32) -> Vec<(String, u32)> {
     out
 }
 
+/// The cores each thread of process `pid` may run on (`Cpus_allowed_list` of its status, as
+/// the kernel writes it: `0-3`, `1`, `0,2`), by thread name.
+pub fn thread_cores(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(task.path().join("comm")),
+            std::fs::read_to_string(task.path().join("status")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        out.push((comm.trim().to_string(), cores_allowed(&status)));
+    }
+    out
+}
+
+/// `Cpus_allowed_list` of a `/proc/.../status` text.
+pub fn cores_allowed(status: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("status has Cpus_allowed_list")
+        .trim()
+        .to_string()
+}
+
 /// The scheduling classes `thread_policies` reports.
 pub const SCHED_OTHER: u32 = 0;
 pub const SCHED_BATCH: u32 = 3;
