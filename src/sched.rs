@@ -108,6 +108,17 @@
 //! own, were preempted at once (5 µs); in a session of its own (`setsid`) the gateway's workers
 //! were preempted at once too (5 µs), and the time a request spends in the gateway doubled at
 //! its p99 (0.03 to 0.07–0.09 ms), the client now taking the core mid-request.
+//!
+//! ## Workers bound to their cores
+//!
+//! With one gateway worker per core, each is bound to its own core ([`request_path`], as
+//! `gateway.pin_workers` says; [`tollgate_gateway::PinWorkers`] has the rule and the figures);
+//! every other thread keeps the process's cores, so the background and idle-class work goes
+//! wherever a core is free. Free, the workers were at times both queued on one core while the
+//! other idled (the slow runs of the reference machine, with 8–12 % of its time idle); bound,
+//! that cannot happen. The cost is that a worker waits for its own core when something else
+//! holds it: measured at half the maximum rate, the tail did not grow (BENCHMARKS.md, "Workers
+//! bound to their cores").
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
