@@ -332,6 +332,7 @@ mod tests {
         ] {
             let c = parse(&format!("gateway:\n  pin_workers: {word}\n"), &[]).unwrap();
             assert_eq!(c.gateway.pin_workers, want);
+            assert_eq!(want.as_str(), word, "the log spells it as the file does");
         }
         let err = parse("gateway:\n  pin_workers: yes\n", &[])
             .unwrap_err()

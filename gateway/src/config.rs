@@ -619,6 +619,15 @@ pub enum PinWorkers {
 }
 
 impl PinWorkers {
+    /// The word the configuration spells it with.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinWorkers::Auto => "auto",
+            PinWorkers::Always => "always",
+            PinWorkers::Never => "never",
+        }
+    }
+
     /// The core worker `index` of `workers` is bound to, of the cores the process may run on
     /// (`allowed`, in order); `None`: not bound.
     pub fn core_for(self, index: usize, workers: usize, allowed: &[usize]) -> Option<usize> {

@@ -294,7 +294,7 @@ impl Gateway {
             feed.load_persisted();
             tokio::spawn(feed.run(shutdown.clone()));
         }
-        tracing::info!(%addr, workers = listeners.len(), pin_workers = ?started.pin_workers, "gateway listening");
+        tracing::info!(%addr, workers = listeners.len(), pin_workers = started.pin_workers.as_str(), "gateway listening");
         let mut workers = Vec::new();
         let count = listeners.len();
         for (i, listener) in listeners.into_iter().enumerate() {
