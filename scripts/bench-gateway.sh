@@ -86,9 +86,14 @@ warm() {
   wrk -t"$THREADS" -c"$CONNS" -d2s -H "x-api-key: bench-key" "http://127.0.0.1:${TG_PORTS[$1]}/v1/items/1" >/dev/null
 }
 
+# The machine's idle and total CPU ticks so far (`/proc/stat`: idle + iowait, all states).
+cpu_ticks() { awk '/^cpu /{print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
+
 # run NAME URL PIDS CONNS [HEADER]: one wrk run; appends a result line
-# "name rps p50_ms p99_ms requests non2xx syscalls_per_req cs_per_req cpu_us_per_req" to
-# $WORK/results. With COUNT=1, `perf stat` counts PIDS' system calls, context switches and CPU
+# "name rps p50_ms p99_ms requests non2xx syscalls_per_req cs_per_req cpu_us_per_req idle_pct"
+# to $WORK/results. idle_pct is the share of the machine's CPU time left idle during the run:
+# in a closed loop with requests always in flight, idle cores mean the threads that had work
+# queued on one core while another sat idle (BENCHMARKS.md, "Workers bound to their cores"). With COUNT=1, `perf stat` counts PIDS' system calls, context switches and CPU
 # during the run; otherwise those three are "-". Counting slows what it counts (the syscall
 # tracepoint and a counter switched at every context switch): with it attached, one build
 # measured 3–8 % faster than another without it and the same with it, so requests/s come from
@@ -100,11 +105,16 @@ run() {
     perf=$!
     sleep 0.2
   fi
+  local ticks0 ticks1
+  ticks0=$(cpu_ticks)
   if [ -n "$header" ]; then
     wrk -t"$THREADS" -c"$conns" -d"$DURATION" --latency -H "$header" "$url" > "$WORK/wrk.txt"
   else
     wrk -t"$THREADS" -c"$conns" -d"$DURATION" --latency "$url" > "$WORK/wrk.txt"
   fi
+  ticks1=$(cpu_ticks)
+  local idle
+  idle=$(awk -v a="$ticks0" -v b="$ticks1" 'BEGIN { split(a, x, " "); split(b, y, " "); t = y[2] - x[2]; printf "%.1f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0) }')
   local summary per_request="- - -"
   summary=$(python3 scripts/lib/wrk_summary.py "$WORK/wrk.txt")
   if [ -n "$perf" ]; then
@@ -125,7 +135,7 @@ print(f"{counts.get('raw_syscalls:sys_enter', 0) / total:.2f} {counts.get('conte
 PY
 )
   fi
-  echo "$name $summary $per_request" >> "$WORK/results"
+  echo "$name $summary $per_request $idle" >> "$WORK/results"
 }
 
 # The Tollgate targets take turns at going first after nginx: round r starts with target
@@ -194,14 +204,16 @@ by = collections.defaultdict(list)
 for r in rows:
     by[r[0]].append(r)
 nginx = statistics.median(float(r[1]) for r in by["nginx"])
-print("| target | requests/s (median) | each run | ratio to nginx | p50 ms | p99 ms | syscalls/req | context switches/req | CPU µs/req | non-2xx |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| target | requests/s (median) | each run | ratio to nginx | p50 ms | p99 ms | syscalls/req | context switches/req | CPU µs/req | non-2xx | cores idle % (least–most) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for name, rs in by.items():
     med = statistics.median(float(r[1]) for r in rs)
     mid = sorted(rs, key=lambda r: float(r[1]))[len(rs) // 2]
     kind = next((k for k in ("light", "counted") if name.endswith(k)), None)
     base = nginx if kind is None else statistics.median(float(r[1]) for r in by[f"nginx-{kind}"])
-    print(f"| {name} | {med:.0f} | {', '.join(r[1] for r in rs)} | {med / base:.2f} | {mid[2]} | {mid[3]} | {mid[6]} | {mid[7]} | {mid[8]} | {sum(int(r[5]) for r in rs)} |")
+    idle = sorted(float(r[9]) for r in rs)
+    idle = f"{idle[0]:.1f}" if len(idle) == 1 else f"{idle[0]:.1f}–{idle[-1]:.1f}"
+    print(f"| {name} | {med:.0f} | {', '.join(r[1] for r in rs)} | {med / base:.2f} | {mid[2]} | {mid[3]} | {mid[6]} | {mid[7]} | {mid[8]} | {sum(int(r[5]) for r in rs)} | {idle} |")
 # The last `tollgate up` against the first, round by round (the same round's runs are the
 # closest in time): in how many rounds it served more, and the median of the ratios.
 ups = [n for n in by if n.startswith("tollgate-") and not n.endswith(("-light", "-counted"))]
