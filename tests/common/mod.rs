@@ -157,50 +157,44 @@ impl Http {
     }
 }
 
+/// Each thread of `pid` that is still there: its name, and `read(file)` of its `/proc` folder
+/// for the file named.
+#[cfg(target_os = "linux")]
+fn each_thread<T>(pid: u32, file: &str, read: impl Fn(&str) -> T) -> Vec<(String, T)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            // None: the thread ended meanwhile.
+            let text = std::fs::read_to_string(task.path().join(file)).ok()?;
+            Some((comm.trim().to_string(), read(&text)))
+        })
+        .collect()
+}
+
 /// The scheduling class (`policy`, field 41 of `/proc/PID/task/TID/stat`) of each thread of
 /// `pid`, with the thread's name.
 #[cfg(target_os = "linux")]
 pub fn thread_policies(pid: u32) -> Vec<(String, u32)> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for task in tasks.flatten() {
-        let (Ok(comm), Ok(stat)) = (
-            std::fs::read_to_string(task.path().join("comm")),
-            std::fs::read_to_string(task.path().join("stat")),
-        ) else {
-            continue; // the thread ended meanwhile
-        };
+    each_thread(pid, "stat", |stat| {
         // The fields after the name (which may hold spaces) start at field 3.
         let after_name = &stat[stat.rfind(')').expect("stat has the name in parentheses") + 2..];
-        let policy = after_name
+        after_name
             .split(' ')
             .nth(41 - 3)
             .and_then(|p| p.parse().ok())
-            .expect("stat has a policy field");
-        out.push((comm.trim().to_string(), policy));
-    }
-    out
+            .expect("stat has a policy field")
+    })
 }
 
 /// The cores each thread of process `pid` may run on (`Cpus_allowed_list` of its status, as
 /// the kernel writes it: `0-3`, `1`, `0,2`), by thread name.
+#[cfg(target_os = "linux")]
 pub fn thread_cores(pid: u32) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for task in tasks.flatten() {
-        let (Ok(comm), Ok(status)) = (
-            std::fs::read_to_string(task.path().join("comm")),
-            std::fs::read_to_string(task.path().join("status")),
-        ) else {
-            continue; // the thread ended meanwhile
-        };
-        out.push((comm.trim().to_string(), cores_allowed(&status)));
-    }
-    out
+    each_thread(pid, "status", cores_allowed)
 }
 
 /// `Cpus_allowed_list` of a `/proc/.../status` text.
