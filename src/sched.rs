@@ -117,8 +117,10 @@
 //! wherever a core is free. Free, the workers were at times both queued on one core while the
 //! other idled (the slow runs of the reference machine, with 8–12 % of its time idle); bound,
 //! that cannot happen. The cost is that a worker waits for its own core when something else
-//! holds it: measured at half the maximum rate, the tail did not grow (BENCHMARKS.md, "Workers
-//! bound to their cores").
+//! holds it, and the load balancer cannot move it to even the cores out. At half the maximum
+//! rate the typical run's p99 was lower bound than free, but of 39 runs each, 10 bound and 5
+//! free had a p99 over 10 ms (BENCHMARKS.md, "Workers bound to their cores"): on cores shared
+//! with busy processes, `pin_workers: never` may be the better setting.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -600,6 +600,12 @@ pub enum WhenStale {
 /// bound to a core, 1.3–2.5 % and 92,000–99,000 (BENCHMARKS.md, "Workers bound to their
 /// cores"). nginx's `worker_cpu_affinity auto` and thread-per-core servers do the same.
 ///
+/// The cost: a bound worker cannot leave a core that something else holds. On the reference
+/// machine, with the load generator and the upstream on the gateway's cores, an open loop at
+/// half the maximum rate had a lower p99 bound in the typical run, but more runs with a p99
+/// over 10 ms (10 of 39 against 5). Where the gateway shares its cores with busy processes,
+/// `never` may serve the tail better; on cores of its own the question does not arise.
+///
 /// The cores are those the process may run on when the workers start (its affinity mask:
 /// `taskset`, a cpuset cgroup, systemd's `CPUAffinity=`), in order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
