@@ -119,8 +119,10 @@
 //! that cannot happen. The cost is that a worker waits for its own core when something else
 //! holds it, and the load balancer cannot move it to even the cores out. At half the maximum
 //! rate the typical run's p99 was lower bound than free, but of 39 runs each, 10 bound and 5
-//! free had a p99 over 10 ms (BENCHMARKS.md, "Workers bound to their cores"): on cores shared
-//! with busy processes, `pin_workers: never` may be the better setting.
+//! free had a p99 over 10 ms (BENCHMARKS.md, "Workers bound to their cores"). A traced one
+//! showed the kernel leaving the load generator and the upstream on a bound worker's core for
+//! 220 ms while the other core idled. On cores shared with busy processes, `pin_workers: never`
+//! may be the better setting.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
