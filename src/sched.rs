@@ -115,7 +115,7 @@
 //! `gateway.pin_workers` says; [`tollgate_gateway::PinWorkers`] has the rule and the figures);
 //! every other thread keeps the process's cores, so the background and idle-class work goes
 //! wherever a core is free. Free, the workers were at times both queued on one core while the
-//! other idled (the slow runs of the reference machine, with 8–12 % of its time idle); bound,
+//! other idled (the slow runs of the reference machine, with 6–12 % of its time idle); bound,
 //! that cannot happen. The cost is that a worker waits for its own core when something else
 //! holds it, and the load balancer cannot move it to even the cores out. At half the maximum
 //! rate the typical run's p99 was lower bound than free, but of 39 runs each, 10 bound and 5
