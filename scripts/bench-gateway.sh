@@ -93,8 +93,9 @@ cpu_ticks() { awk '/^cpu /{print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}
 # "name rps p50_ms p99_ms requests non2xx syscalls_per_req cs_per_req cpu_us_per_req idle_pct"
 # to $WORK/results. idle_pct is the share of the machine's CPU time left idle during the run:
 # in a closed loop with requests always in flight, idle cores mean the threads that had work
-# queued on one core while another sat idle (BENCHMARKS.md, "Workers bound to their cores"). With COUNT=1, `perf stat` counts PIDS' system calls, context switches and CPU
-# during the run; otherwise those three are "-". Counting slows what it counts (the syscall
+# queued on one core while another sat idle (BENCHMARKS.md, "Workers bound to their cores").
+# With COUNT=1, `perf stat` counts PIDS' system calls, context switches and CPU during the
+# run; otherwise those three are "-". Counting slows what it counts (the syscall
 # tracepoint and a counter switched at every context switch): with it attached, one build
 # measured 3–8 % faster than another without it and the same with it, so requests/s come from
 # runs without it, and the counts from one run of their own per target.

@@ -112,17 +112,10 @@
 //! ## Workers bound to their cores
 //!
 //! With one gateway worker per core, each is bound to its own core ([`request_path`], as
-//! `gateway.pin_workers` says; [`tollgate_gateway::PinWorkers`] has the rule and the figures);
-//! every other thread keeps the process's cores, so the background and idle-class work goes
-//! wherever a core is free. Free, the workers were at times both queued on one core while the
-//! other idled (the slow runs of the reference machine, with 6–12 % of its time idle); bound,
-//! that cannot happen. The cost is that a worker waits for its own core when something else
-//! holds it, and the load balancer cannot move it to even the cores out. At half the maximum
-//! rate the typical run's p99 was lower bound than free, but of 39 runs each, 10 bound and 5
-//! free had a p99 over 10 ms (BENCHMARKS.md, "Workers bound to their cores"). A traced one
-//! showed the kernel leaving the load generator and the upstream on a bound worker's core for
-//! 220 ms while the other core idled. On cores shared with busy processes, `pin_workers: never`
-//! may be the better setting.
+//! `gateway.pin_workers` says); every other thread keeps the process's cores, so the
+//! background and idle-class work goes wherever a core is free. Why, and what it costs on
+//! cores shared with busy processes: [`tollgate_gateway::PinWorkers`] and BENCHMARKS.md,
+//! "Workers bound to their cores".
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -179,8 +172,8 @@ fn allowed_cores() -> std::io::Result<Vec<usize>> {
             return Err(std::io::Error::last_os_error());
         }
         let cores = (0..libc::CPU_SETSIZE as usize)
-            // SAFETY: `CPU_ISSET` reads bit `c` of `set`, within its `CPU_SETSIZE` bits.
             .filter(|c| {
+                // SAFETY: `CPU_ISSET` reads bit `c` of `set`, within its `CPU_SETSIZE` bits.
                 #[allow(unsafe_code)]
                 unsafe {
                     libc::CPU_ISSET(*c, &set)

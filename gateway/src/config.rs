@@ -603,7 +603,9 @@ pub enum WhenStale {
 /// The cost: a bound worker cannot leave a core that something else holds. On the reference
 /// machine, with the load generator and the upstream on the gateway's cores, an open loop at
 /// half the maximum rate had a lower p99 bound in the typical run, but more runs with a p99
-/// over 10 ms (10 of 39 against 5). Where the gateway shares its cores with busy processes,
+/// over 10 ms (10 of 39 against 5); in a traced one, the kernel left the load generator and the
+/// upstream on a bound worker's core for 220 ms while the other core idled. Where the gateway
+/// shares its cores with busy processes,
 /// `never` may serve the tail better; on cores of its own the question does not arise.
 ///
 /// The cores are those the process may run on when the workers start (its affinity mask:

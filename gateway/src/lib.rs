@@ -294,9 +294,9 @@ impl Gateway {
             feed.load_persisted();
             tokio::spawn(feed.run(shutdown.clone()));
         }
-        tracing::info!(%addr, workers = listeners.len(), pin_workers = started.pin_workers.as_str(), "gateway listening");
-        let mut workers = Vec::new();
         let count = listeners.len();
+        tracing::info!(%addr, workers = count, pin_workers = started.pin_workers.as_str(), "gateway listening");
+        let mut workers = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
             let seat = WorkerSeat {
                 index: i,
