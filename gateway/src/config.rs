@@ -605,8 +605,8 @@ pub enum WhenStale {
 /// half the maximum rate had a lower p99 bound in the typical run, but more runs with a p99
 /// over 10 ms (10 of 39 against 5); in a traced one, the kernel left the load generator and the
 /// upstream on a bound worker's core for 220 ms while the other core idled. Where the gateway
-/// shares its cores with busy processes,
-/// `never` may serve the tail better; on cores of its own the question does not arise.
+/// shares its cores with busy processes, `never` may serve the tail better; on cores of its
+/// own the question does not arise.
 ///
 /// The cores are those the process may run on when the workers start (its affinity mask:
 /// `taskset`, a cpuset cgroup, systemd's `CPUAffinity=`), in order.
