@@ -86,14 +86,24 @@ warm() {
   wrk -t"$THREADS" -c"$CONNS" -d2s -H "x-api-key: bench-key" "http://127.0.0.1:${TG_PORTS[$1]}/v1/items/1" >/dev/null
 }
 
-# The machine's idle and total CPU ticks so far (`/proc/stat`: idle + iowait, all states).
-cpu_ticks() { awk '/^cpu /{print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
+# The machine's CPU ticks so far (`/proc/stat`): idle + iowait, all states, user + nice,
+# system + irq + softirq; and its context switches so far.
+cpu_ticks() {
+  awk '/^cpu / {t = $5 + $6 " " $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 " " $2 + $3 " " $4 + $7 + $8}
+       /^ctxt / {c = $2}
+       END {print t, c}' /proc/stat
+}
 
 # run NAME URL PIDS CONNS [HEADER]: one wrk run; appends a result line
-# "name rps p50_ms p99_ms requests non2xx syscalls_per_req cs_per_req cpu_us_per_req idle_pct"
-# to $WORK/results. idle_pct is the share of the machine's CPU time left idle during the run:
-# in a closed loop with requests always in flight, idle cores mean the threads that had work
-# queued on one core while another sat idle (BENCHMARKS.md, "Workers bound to their cores").
+# "name rps p50_ms p99_ms requests non2xx syscalls_per_req cs_per_req cpu_us_per_req idle_pct
+# machine_user_us machine_system_us machine_cs" to $WORK/results. idle_pct is the share of the
+# machine's CPU time left idle during the run: in a closed loop with requests always in flight,
+# idle cores mean the threads that had work queued on one core while another sat idle
+# (BENCHMARKS.md, "Workers bound to their cores"). The machine_ fields are the whole machine's
+# CPU time in user and in kernel mode (system, interrupts) and its context switches, per
+# request: the load generator and the upstream share the cores, so this total is what decides
+# how many requests a second the closed loop gets, and it shows in which mode a proxy costs
+# more (BENCHMARKS.md, twenty-eighth round).
 # With COUNT=1, `perf stat` counts PIDS' system calls, context switches and CPU during the
 # run; otherwise those three are "-". Counting slows what it counts (the syscall
 # tracepoint and a counter switched at every context switch): with it attached, one build
@@ -114,10 +124,12 @@ run() {
     wrk -t"$THREADS" -c"$conns" -d"$DURATION" --latency "$url" > "$WORK/wrk.txt"
   fi
   ticks1=$(cpu_ticks)
-  local idle
-  idle=$(awk -v a="$ticks0" -v b="$ticks1" 'BEGIN { split(a, x, " "); split(b, y, " "); t = y[2] - x[2]; printf "%.1f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0) }')
-  local summary per_request="- - -"
+  local summary per_request="- - -" idle
   summary=$(python3 scripts/lib/wrk_summary.py "$WORK/wrk.txt")
+  # The requests are wrk's whole run's, the ticks were read just around it.
+  idle=$(awk -v a="$ticks0" -v b="$ticks1" -v n="$(cut -d' ' -f4 <<<"$summary")" -v hz="$(getconf CLK_TCK)" 'BEGIN {
+    split(a, x, " "); split(b, y, " "); t = y[2] - x[2]; us = 1e6 / hz / (n > 0 ? n : 1)
+    printf "%.1f %.2f %.2f %.3f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0), (y[3] - x[3]) * us, (y[4] - x[4]) * us, (y[5] - x[5]) / (n > 0 ? n : 1) }')
   if [ -n "$perf" ]; then
   kill -INT "$perf"; wait "$perf" 2>/dev/null || true
   # System calls and context switches per request (the 4th field is the request count).
@@ -205,8 +217,8 @@ by = collections.defaultdict(list)
 for r in rows:
     by[r[0]].append(r)
 nginx = statistics.median(float(r[1]) for r in by["nginx"])
-print("| target | requests/s (median) | each run | ratio to nginx | p50 ms | p99 ms | syscalls/req | context switches/req | CPU µs/req | non-2xx | cores idle % (least–most) |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| target | requests/s (median) | each run | ratio to nginx | p50 ms | p99 ms | syscalls/req | context switches/req | CPU µs/req | non-2xx | cores idle % (least–most) | machine µs/req, user + kernel | machine context switches/req |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for name, rs in by.items():
     med = statistics.median(float(r[1]) for r in rs)
     mid = sorted(rs, key=lambda r: float(r[1]))[len(rs) // 2]
@@ -214,7 +226,9 @@ for name, rs in by.items():
     base = nginx if kind is None else statistics.median(float(r[1]) for r in by[f"nginx-{kind}"])
     idle = sorted(float(r[9]) for r in rs)
     idle = f"{idle[0]:.1f}" if len(idle) == 1 else f"{idle[0]:.1f}–{idle[-1]:.1f}"
-    print(f"| {name} | {med:.0f} | {', '.join(r[1] for r in rs)} | {med / base:.2f} | {mid[2]} | {mid[3]} | {mid[6]} | {mid[7]} | {mid[8]} | {sum(int(r[5]) for r in rs)} | {idle} |")
+    # The machine's figures: medians over the target's runs.
+    user, kernel, cs = (statistics.median(float(r[k]) for r in rs) for k in (10, 11, 12))
+    print(f"| {name} | {med:.0f} | {', '.join(r[1] for r in rs)} | {med / base:.2f} | {mid[2]} | {mid[3]} | {mid[6]} | {mid[7]} | {mid[8]} | {sum(int(r[5]) for r in rs)} | {idle} | {user:.2f} + {kernel:.2f} | {cs:.2f} |")
 # The last `tollgate up` against the first, round by round (the same round's runs are the
 # closest in time): in how many rounds it served more, and the median of the ratios.
 ups = [n for n in by if n.startswith("tollgate-") and not n.endswith(("-light", "-counted"))]
