@@ -608,6 +608,12 @@ pub enum WhenStale {
 /// shares its cores with busy processes, `never` may serve the tail better; on cores of its
 /// own the question does not arise.
 ///
+/// Both imbalances fit how the reference machine's scheduler places work: it is a virtual
+/// machine whose guest kernel packs processes onto one core while they leave it partly idle
+/// (two processes 40 % busy each shared one core in 197 of 237 samples; BENCHMARKS.md,
+/// twenty-eighth round). With a scheduler that spreads wake-ups over idle cores, as mainline
+/// Linux does, neither should happen as often; no such machine has been measured yet.
+///
 /// The cores are those the process may run on when the workers start (its affinity mask:
 /// `taskset`, a cpuset cgroup, systemd's `CPUAffinity=`), in order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
