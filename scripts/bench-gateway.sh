@@ -124,10 +124,11 @@ run() {
     wrk -t"$THREADS" -c"$conns" -d"$DURATION" --latency "$url" > "$WORK/wrk.txt"
   fi
   ticks1=$(cpu_ticks)
-  local summary per_request="- - -" idle
+  local summary per_request="- - -" machine
   summary=$(python3 scripts/lib/wrk_summary.py "$WORK/wrk.txt")
-  # The requests are wrk's whole run's, the ticks were read just around it.
-  idle=$(awk -v a="$ticks0" -v b="$ticks1" -v n="$(cut -d' ' -f4 <<<"$summary")" -v hz="$(getconf CLK_TCK)" 'BEGIN {
+  # idle_pct and the machine_ fields; the requests are wrk's whole run's, the ticks were read
+  # just around it.
+  machine=$(awk -v a="$ticks0" -v b="$ticks1" -v n="$(cut -d' ' -f4 <<<"$summary")" -v hz="$(getconf CLK_TCK)" 'BEGIN {
     split(a, x, " "); split(b, y, " "); t = y[2] - x[2]; us = 1e6 / hz / (n > 0 ? n : 1)
     printf "%.1f %.2f %.2f %.3f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0), (y[3] - x[3]) * us, (y[4] - x[4]) * us, (y[5] - x[5]) / (n > 0 ? n : 1) }')
   if [ -n "$perf" ]; then
@@ -148,7 +149,7 @@ print(f"{counts.get('raw_syscalls:sys_enter', 0) / total:.2f} {counts.get('conte
 PY
 )
   fi
-  echo "$name $summary $per_request $idle" >> "$WORK/results"
+  echo "$name $summary $per_request $machine" >> "$WORK/results"
 }
 
 # The Tollgate targets take turns at going first after nginx: round r starts with target
