@@ -35,6 +35,7 @@ pub mod router;
 #[cfg(feature = "tls")]
 mod tls;
 pub mod trace;
+mod turn;
 mod upstream;
 
 use std::collections::{BTreeMap, HashMap};
@@ -319,6 +320,8 @@ impl Gateway {
                     }
                     match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
+                        // The turn's upstream requests leave before the worker parks.
+                        .on_thread_park(turn::release)
                         .build()
                     {
                         Ok(rt) => rt.block_on(serve(listener, start)),

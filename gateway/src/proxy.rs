@@ -854,6 +854,10 @@ impl Worker {
                 },
             };
             let may_retry = reused && staged && attempt == 0;
+            if attempt == 0 {
+                // With the other requests of this worker's turn (`turn.rs`).
+                crate::turn::end_of_turn().await;
+            }
             if up.write(out).await.is_err() {
                 if may_retry {
                     continue;
