@@ -37,6 +37,9 @@ pub const MOST_WAITING: usize = 32;
 thread_local! {
     /// This worker's tasks waiting for the end of the turn.
     static WAITING: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
+    /// The list a release empties, kept with its capacity and swapped with [`WAITING`]'s, so
+    /// that a warm worker allocates nothing here.
+    static RELEASING: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Waits until the calling task's worker has run every other task that is ready, or until
@@ -80,10 +83,14 @@ impl Future for EndOfTurn {
 /// Wakes every task of this thread waiting for the end of its turn. The worker's runtime calls
 /// it before parking; the woken tasks keep it from parking until they have run.
 pub fn release() {
-    let waiting = WAITING.with(|waiting| std::mem::take(&mut *waiting.borrow_mut()));
-    for waker in waiting {
+    let mut releasing = RELEASING.with(|r| std::mem::take(&mut *r.borrow_mut()));
+    WAITING.with(|waiting| std::mem::swap(&mut *waiting.borrow_mut(), &mut releasing));
+    // Woken outside the borrow: a wake-up only schedules its task, but nothing here relies on
+    // that.
+    for waker in releasing.drain(..) {
         waker.wake();
     }
+    RELEASING.with(|r| *r.borrow_mut() = releasing);
 }
 
 #[cfg(test)]
