@@ -18,11 +18,13 @@
 //! Measured on the two-core reference machine, where the load generator and the upstream share
 //! the gateway's cores (BENCHMARKS.md, twenty-eighth round):
 //! - The upstream's CPU fell from 5.93–6.04 to 5.63–5.88 µs a request, the whole machine's
-//!   kernel time from 17.18 to 16.42 µs.
-//! - Requests/s rose by about 2 %: the new build was higher in 12 of 18 alternating rounds.
+//!   kernel time by 0.8 µs.
+//! - Requests/s rose by 1–2.5 % at the medians: the new build was higher in 21 of 31
+//!   alternating rounds.
 //! - The cost: the worker now often parks right after a turn's sends, before their answers
-//!   are back. In the counted runs that meant 4.30 system calls and 0.45 context switches a
-//!   request, against 4.20 and 0.42.
+//!   are back, where it used to serve other connections meanwhile. Its voluntary context
+//!   switches rose slightly in some runs (0.068 to 0.072 a request at the medians of six
+//!   rounds).
 
 use std::cell::RefCell;
 use std::future::Future;
