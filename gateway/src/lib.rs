@@ -318,9 +318,10 @@ impl Gateway {
                     if let Some(start) = worker_start {
                         start(seat);
                     }
+                    // The turn's upstream requests leave before the worker parks.
+                    turn::wait_on_this_thread();
                     match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
-                        // The turn's upstream requests leave before the worker parks.
                         .on_thread_park(turn::release)
                         .build()
                     {

@@ -26,7 +26,7 @@
 //!   switches rose slightly in some runs (0.068 to 0.072 a request at the medians of six
 //!   rounds).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
@@ -37,6 +37,9 @@ use std::task::{Context, Poll, Waker};
 pub const MOST_WAITING: usize = 32;
 
 thread_local! {
+    /// Whether this thread's runtime releases the waiting tasks before it parks
+    /// ([`wait_on_this_thread`]).
+    static ON: Cell<bool> = const { Cell::new(false) };
     /// This worker's tasks waiting for the end of the turn.
     static WAITING: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
     /// The list a release empties, kept with its capacity and swapped with [`WAITING`]'s, so
@@ -44,9 +47,16 @@ thread_local! {
     static RELEASING: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Makes [`end_of_turn`] wait on the calling thread, whose runtime must call [`release`] before
+/// it parks (the gateway's workers). On any other thread it is ready at once: a task there
+/// would otherwise wait until [`MOST_WAITING`] others did.
+pub fn wait_on_this_thread() {
+    ON.with(|on| on.set(true));
+}
+
 /// Waits until the calling task's worker has run every other task that is ready, or until
-/// [`MOST_WAITING`] wait (see the module's docs). On a thread whose runtime has no [`release`]
-/// hook, only the bound ends the wait: use it on the gateway's workers alone.
+/// [`MOST_WAITING`] wait (see the module's docs). Ready at once on a thread that is not a
+/// worker ([`wait_on_this_thread`]).
 pub fn end_of_turn() -> EndOfTurn {
     EndOfTurn { waited: false }
 }
@@ -60,8 +70,9 @@ impl Future for EndOfTurn {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.waited {
-            // Woken by a release (a task is only woken once it was taken off the list).
+        if self.waited || !ON.with(Cell::get) {
+            // Polled again: released, or woken by something else its task waits on (its
+            // deadline's timer). Either way it goes now; a later release wakes it for nothing.
             return Poll::Ready(());
         }
         let full = WAITING.with(|waiting| {
@@ -101,6 +112,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     fn runtime(with_release: bool) -> tokio::runtime::Runtime {
+        wait_on_this_thread();
         let mut builder = tokio::runtime::Builder::new_current_thread();
         builder.enable_all();
         if with_release {
@@ -148,5 +160,19 @@ mod tests {
         });
         assert!(done.is_ok(), "the waits did not end");
         assert!(WAITING.with(|w| w.borrow().is_empty()));
+    }
+
+    #[test]
+    fn off_a_worker_thread_nothing_waits() {
+        // Neither the hook nor `wait_on_this_thread`: a lone request must not wait for 31 more.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let done = runtime.block_on(async {
+            let task = tokio::spawn(end_of_turn());
+            tokio::time::timeout(std::time::Duration::from_secs(10), task).await
+        });
+        assert!(done.is_ok(), "a request off a worker thread waited");
     }
 }
