@@ -318,13 +318,8 @@ impl Gateway {
                     if let Some(start) = worker_start {
                         start(seat);
                     }
-                    // The turn's upstream requests leave before the worker parks.
-                    turn::wait_on_this_thread();
-                    match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .on_thread_park(turn::release)
-                        .build()
-                    {
+                    // Its turn's upstream requests leave together before it parks.
+                    match turn::worker_runtime() {
                         Ok(rt) => rt.block_on(serve(listener, start)),
                         Err(e) => tracing::error!(error = %e, "gateway worker runtime failed"),
                     }

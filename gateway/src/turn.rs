@@ -38,7 +38,7 @@ pub const MOST_WAITING: usize = 32;
 
 thread_local! {
     /// Whether this thread's runtime releases the waiting tasks before it parks
-    /// ([`wait_on_this_thread`]).
+    /// ([`worker_runtime`]).
     static ON: Cell<bool> = const { Cell::new(false) };
     /// This worker's tasks waiting for the end of the turn.
     static WAITING: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
@@ -47,16 +47,20 @@ thread_local! {
     static RELEASING: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Makes [`end_of_turn`] wait on the calling thread, whose runtime must call [`release`] before
-/// it parks (the gateway's workers). On any other thread it is ready at once: a task there
-/// would otherwise wait until [`MOST_WAITING`] others did.
-pub fn wait_on_this_thread() {
+/// A worker's runtime, for the calling thread: single-threaded, releasing the turn's waits
+/// before it parks, and with [`end_of_turn`] waiting on this thread (on any other it is ready
+/// at once: a task there would otherwise wait until [`MOST_WAITING`] others did).
+pub fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     ON.with(|on| on.set(true));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(release)
+        .build()
 }
 
 /// Waits until the calling task's worker has run every other task that is ready, or until
 /// [`MOST_WAITING`] wait (see the module's docs). Ready at once on a thread that is not a
-/// worker ([`wait_on_this_thread`]).
+/// worker ([`worker_runtime`]).
 pub fn end_of_turn() -> EndOfTurn {
     EndOfTurn { waited: false }
 }
@@ -111,14 +115,16 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
+    /// A worker's runtime, or one that lets this thread's tasks wait but never releases them.
     fn runtime(with_release: bool) -> tokio::runtime::Runtime {
-        wait_on_this_thread();
-        let mut builder = tokio::runtime::Builder::new_current_thread();
-        builder.enable_all();
         if with_release {
-            builder.on_thread_park(release);
+            return worker_runtime().expect("runtime");
         }
-        builder.build().expect("runtime")
+        ON.with(|on| on.set(true));
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
     }
 
     #[test]
@@ -164,7 +170,7 @@ mod tests {
 
     #[test]
     fn off_a_worker_thread_nothing_waits() {
-        // Neither the hook nor `wait_on_this_thread`: a lone request must not wait for 31 more.
+        // Not a worker's runtime: a lone request must not wait for 31 more.
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
