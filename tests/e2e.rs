@@ -687,6 +687,7 @@ async fn the_request_path_keeps_the_normal_class_and_the_rest_runs_as_batch() {
         let settled = workers.clone().count() == 2
             && workers.clone().all(|(_, p)| *p == SCHED_OTHER)
             && threads.iter().any(|(n, _)| n == "tokio-rt-worker")
+            && threads.iter().any(|(n, _)| n == "tollgate-events")
             && threads
                 .iter()
                 .any(|(n, p)| n == "tollgate-ingest" && *p == expected_ingest);
@@ -706,6 +707,8 @@ async fn the_request_path_keeps_the_normal_class_and_the_rest_runs_as_batch() {
     let runtime = of("tokio-rt-worker");
     assert!(!runtime.is_empty(), "{threads:?}");
     assert!(runtime.iter().all(|p| *p == SCHED_BATCH), "{threads:?}");
+    // The event publisher's thread is background work too.
+    assert_eq!(of("tollgate-events"), [SCHED_BATCH], "{threads:?}");
     // Nothing is sent: the collector is caught up from its first poll.
     let ingest = of("tollgate-ingest");
     assert!(!ingest.is_empty(), "{threads:?}");

@@ -289,7 +289,7 @@ impl Gateway {
             tracer,
             worker_start,
         } = self;
-        let publisher = tokio::spawn(publisher);
+        let publisher = spawn_publisher(publisher);
         live.start(shutdown.clone());
         if let Some(feed) = feed {
             feed.load_persisted();
@@ -338,6 +338,39 @@ impl Gateway {
         let _ = publisher.await;
         tracing::info!("gateway stopped");
     }
+}
+
+/// The name of the thread that publishes the workers' events to the bus.
+pub const PUBLISHER_THREAD: &str = "tollgate-events";
+
+/// Runs the publisher (`events::channel`) on a thread of its own, on a single-threaded runtime;
+/// the receiver resolves once it has published the last event (or could not start).
+///
+/// Why not on the process's shared runtime: there each hand-over from a worker woke one of that
+/// runtime's threads, which often woke another to share the work, and each publish's write and
+/// sync went through the blocking pool and back, every hop a wake-up and a context switch. On
+/// the two-core reference machine under load that was about 1,300 context switches a second,
+/// 0.02 per request, for work that needs one thread (BENCHMARKS.md, twenty-ninth round).
+fn spawn_publisher(
+    publisher: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+) -> tokio::sync::oneshot::Receiver<()> {
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name(PUBLISHER_THREAD.into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(publisher),
+                Err(e) => tracing::error!(error = %e, "event publisher runtime failed"),
+            }
+            let _ = done.send(());
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "event publisher thread failed");
+    }
+    finished
 }
 
 /// What a worker thread starts from.
