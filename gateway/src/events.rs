@@ -405,18 +405,26 @@ impl LocalSink {
 /// Creates the queue. The returned future publishes until every `EventSink` is gone — that is,
 /// until the server has drained its last request — so no event of a finishing request is lost.
 ///
-/// Publishes overlap: a publish to the embedded log returns once its records are durable (the
-/// log's group commit, one sync per `sync_interval_ms` at most), so one publish at a time would
-/// cap the gateway at `batch_max` events per sync interval (about 100,000 events/s with the
-/// defaults) and drop the rest once the queue filled. Instead each batch is published as soon
-/// as it is full, beside those still waiting for their sync, and they all share the next one; a
-/// partial batch goes once nothing is in flight, with what gathered meanwhile. (Publishing every
-/// hand-off at once would be about a thousand publishes a second at half the gateway's maximum
-/// rate, two workers each handing over every 10 ms, each publish waking a thread.) An event counts
-/// against `capacity` until its publish has ended, so events in flight are bounded by the
-/// queue's capacity too. Batches in flight together may reach the bus in either order: every
-/// event is counted on its own, by its id, so nothing downstream relies on the order of events
-/// across batches.
+/// Publishes go in rounds. A publish to the embedded log returns once its records are durable
+/// (the log's group commit, one sync per `sync_interval_ms` at most). While a round is in
+/// flight, the workers' hand-overs wait in the queue, unread; once the round has ended, the
+/// publisher takes everything queued and publishes it at once, in batches of `batch_max`, which
+/// share the next sync. So nothing caps the events per sync interval (one publish of
+/// `batch_max` at a time would: about 100,000 events/s with the defaults), and a partial batch
+/// goes at once when nothing is in flight, so an idle gateway's event is not held back.
+///
+/// Why the queue is not read during a round: every hand-over read wakes the publisher's
+/// thread. Reading each as it came (and publishing each full batch beside those in flight)
+/// woke it about 800 times a second under load on the two-core reference machine, 0.008
+/// context switches a request; reading once per round, about 100 (BENCHMARKS.md, twenty-ninth
+/// round). What it costs: an event handed over during a round waits for that round's sync
+/// before it is written, so it is durable (and readable) up to one more sync interval later,
+/// 50 ms by default.
+///
+/// An event counts against `capacity` until its publish has ended, so events waiting and in
+/// flight are bounded by the queue's capacity. Batches of one round may reach the bus in
+/// either order: every event is counted on its own, by its id, so nothing downstream relies on
+/// the order of events across batches.
 pub fn channel(
     capacity: usize,
     batch_max: usize,
@@ -447,8 +455,12 @@ pub fn channel(
         while open || !in_flight.is_empty() || !buf.is_empty() {
             tokio::select! {
                 // `0` only once every sender is dropped and the queue is empty.
-                n = rx.recv_many(&mut batches, 64), if open => {
+                // Read only between rounds (see above): then everything queued.
+                n = rx.recv_many(&mut batches, 64), if open && in_flight.is_empty() => {
                     open = n > 0;
+                    while open && !rx.is_empty() && batches.len() < 4096 {
+                        rx.recv_many(&mut batches, 64).await;
+                    }
                     let mut take = |record: Record| {
                         buf.push(record);
                         if buf.len() >= batch_max {
@@ -469,9 +481,7 @@ pub fn channel(
                 }
                 else => {}
             }
-            // A partial batch waits for the publishes in flight (their sync), gathering what
-            // comes meanwhile: at a moderate rate, one publish per sync instead of one per
-            // worker hand-off.
+            // What is left of the round's events goes too, as a partial batch.
             if in_flight.is_empty() && !buf.is_empty() {
                 in_flight.spawn(publish(std::mem::take(&mut buf)));
             }
@@ -741,17 +751,61 @@ mod tests {
         drop(sink);
         bus.release.notify_waiters();
         task.await.unwrap();
-        let mut got: Vec<u64> = bus
-            .got
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|r| RequestEvent::from_json(&r.payload).unwrap().latency_us)
-            .collect();
+        let mut got = latencies_held(&bus);
         got.sort();
         assert_eq!(got, [0, 1, 2, 3, 4, 5]);
         assert_eq!(metrics.events_published.get(), 6);
         assert_eq!(metrics.event_queue.get(), 0);
+    }
+
+    /// Hand-overs that come while a round is in flight are read when it ends, and published
+    /// together then: all of them in flight at once, none before.
+    #[tokio::test]
+    async fn hand_overs_during_a_round_wait_for_it_and_then_go_together() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let bus = Arc::new(Held::default());
+        let metrics = GatewayMetrics::unregistered();
+        let (sink, task) = channel(100, 1, bus.clone(), metrics.clone());
+        let task = tokio::spawn(task);
+        let record = |i: u64| Record {
+            key: bytes::Bytes::new(),
+            payload: event(i, None).to_json().into(),
+        };
+        // Runs the publisher (this runtime's only other task) until it waits.
+        let settle = || async {
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+        };
+        sink.emit_batch(vec![record(0)]);
+        settle().await;
+        assert_eq!(bus.in_flight.load(SeqCst), 1);
+        for i in 1..4 {
+            sink.emit_batch(vec![record(i)]);
+        }
+        settle().await;
+        assert_eq!(bus.in_flight.load(SeqCst), 1, "the round in flight was joined");
+        assert_eq!(metrics.event_queue.get(), 4);
+        bus.release.notify_waiters();
+        settle().await;
+        assert_eq!(bus.in_flight.load(SeqCst), 3, "the next round: every batch queued");
+        assert_eq!(latencies_held(&bus), [0]);
+        drop(sink);
+        bus.release.notify_waiters();
+        task.await.unwrap();
+        let mut got = latencies_held(&bus);
+        got.sort();
+        assert_eq!(got, [0, 1, 2, 3]);
+        assert_eq!(metrics.event_queue.get(), 0);
+    }
+
+    fn latencies_held(bus: &Held) -> Vec<u64> {
+        bus.got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| RequestEvent::from_json(&r.payload).unwrap().latency_us)
+            .collect()
     }
 
     #[tokio::test]
