@@ -784,11 +784,19 @@ mod tests {
             sink.emit_batch(vec![record(i)]);
         }
         settle().await;
-        assert_eq!(bus.in_flight.load(SeqCst), 1, "the round in flight was joined");
+        assert_eq!(
+            bus.in_flight.load(SeqCst),
+            1,
+            "hand-overs read while a round was in flight"
+        );
         assert_eq!(metrics.event_queue.get(), 4);
         bus.release.notify_waiters();
         settle().await;
-        assert_eq!(bus.in_flight.load(SeqCst), 3, "the next round: every batch queued");
+        assert_eq!(
+            bus.in_flight.load(SeqCst),
+            3,
+            "the next round: every batch queued"
+        );
         assert_eq!(latencies_held(&bus), [0]);
         drop(sink);
         bus.release.notify_waiters();
