@@ -309,6 +309,7 @@ async fn gateway(
     .await
     .map_err(gateway_error)?;
     let gateway = gateway.with_worker_start(sched::request_path);
+    tokio::spawn(sched::pin_while_busy(stop.clone()));
     let (gateway, spans) = with_span_export(gateway, &config)?;
     let admin = admin::serve(
         "gateway.admin_listen",
@@ -600,6 +601,7 @@ async fn up(
     .await
     .map_err(gateway_error)?;
     let gateway = gateway.with_worker_start(sched::request_path);
+    tokio::spawn(sched::pin_while_busy(stop_gateway.clone()));
     let (gateway, spans) = with_span_export(gateway, &config)?;
     let gateway_addr = gateway.local_addr();
 

@@ -650,6 +650,46 @@ fn may_leave_sched_idle() -> bool {
     .unwrap()
 }
 
+/// With `pin_workers: auto` (the default) the workers are bound to their cores only while the
+/// cores are busy: `tollgate up` with nothing to serve leaves them to the scheduler, on every
+/// core the process may use. (It binds them at start, one per core, and frees them at the
+/// first look at the cores' idle time, a quarter of a second later; while other tests keep
+/// the cores busy, it may take longer.)
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn idle_workers_under_pin_workers_auto_are_left_to_the_scheduler() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, api) = (free_port(), free_port());
+    let config = dir.path().join("tollgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "gateway: {{ listen: 127.0.0.1:{gw} }}\nquery_api: {{ listen: 127.0.0.1:{api} }}\n"
+        ),
+    )
+    .unwrap();
+    let tollgate = Up::start(&config, &dir.path().join("data"), &[]);
+    common::wait_for_listener(api).await;
+    common::wait_for_listener(gw).await;
+    let ours = common::cores_allowed(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let cores = common::thread_cores(tollgate.id());
+        let workers: Vec<&(String, String)> = cores
+            .iter()
+            .filter(|(n, _)| n.starts_with("tollgate-gw-"))
+            .collect();
+        if !workers.is_empty() && workers.iter().all(|(_, c)| *c == ours) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "idle workers still bound after 60 s (the process may use {ours}): {workers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// In `tollgate up`, the gateway's workers keep the normal scheduling class, the threads
 /// beside them (the runtime's: publisher, log, quota feed, query API) run as batch work, whose
 /// wake-ups do not preempt the request path, and the ingest threads (collector, store) run on

@@ -602,11 +602,12 @@ pub enum WhenStale {
 ///
 /// The cost: a bound worker cannot leave a core that something else holds. On the reference
 /// machine, with the load generator and the upstream on the gateway's cores, an open loop at
-/// half the maximum rate had a lower p99 bound in the typical run, but more runs with a p99
-/// over 10 ms (10 of 39 against 5); in a traced one, the kernel left the load generator and the
-/// upstream on a bound worker's core for 220 ms while the other core idled. Where the gateway
-/// shares its cores with busy processes, `never` may serve the tail better; on cores of its
-/// own the question does not arise.
+/// half the maximum rate met tails of 5–40 ms bound: the kernel left the load generator and the
+/// upstream on a bound worker's core (220 ms in a traced run) while the other core idled. Free,
+/// the same rounds' added p99 was 1.6–2.1 ms. So `auto` binds only while the cores are busy,
+/// which is when binding pays: the process reads how long the workers' cores were idle four
+/// times a second, binds the workers when that was under 20 % and frees them when it was over
+/// 35 % (`src/sched.rs`, `pin_while_busy`).
 ///
 /// Both imbalances fit how the reference machine's scheduler places work: it is a virtual
 /// machine whose guest kernel packs processes onto one core while they leave it partly idle
@@ -619,14 +620,15 @@ pub enum WhenStale {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PinWorkers {
-    /// Bind worker `i` to the `i`-th core when the workers are exactly one per core (the
-    /// default `workers: 0` on a machine or cpuset of its own). Not when they are fewer or more
-    /// (a CPU quota smaller than the cores, which `workers: 0` follows, or a count set by
-    /// hand): then each would be held to a core while others stay free, or two would share
+    /// When the workers are exactly one per core (the default `workers: 0` on a machine or
+    /// cpuset of its own), bind worker `i` to the `i`-th core while the cores are busy (under
+    /// 20 % idle) and free them while they have room (over 35 % idle). Not when they are fewer
+    /// or more (a CPU quota smaller than the cores, which `workers: 0` follows, or a count set
+    /// by hand): then each would be held to a core while others stay free, or two would share
     /// one while the scheduler could have spread them.
     #[default]
     Auto,
-    /// Bind worker `i` to core `i mod n` of the `n` the process may run on.
+    /// Bind worker `i` to core `i mod n` of the `n` the process may run on, for good.
     Always,
     /// Leave the workers to the scheduler.
     Never,
