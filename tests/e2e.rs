@@ -650,6 +650,25 @@ fn may_leave_sched_idle() -> bool {
     .unwrap()
 }
 
+/// `tollgate up` with nothing but its listeners configured, `gateway_extra` added to the
+/// gateway's settings (`", workers: 2"`), once both listen. The directory holds its data.
+async fn up_with_gateway(gateway_extra: &str) -> (tempfile::TempDir, Up) {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, api) = (free_port(), free_port());
+    let config = dir.path().join("tollgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "gateway: {{ listen: 127.0.0.1:{gw}{gateway_extra} }}\nquery_api: {{ listen: 127.0.0.1:{api} }}\n"
+        ),
+    )
+    .unwrap();
+    let tollgate = Up::start(&config, &dir.path().join("data"), &[]);
+    common::wait_for_listener(api).await;
+    common::wait_for_listener(gw).await;
+    (dir, tollgate)
+}
+
 /// With `pin_workers: auto` (the default) the workers are bound to their cores only while the
 /// cores are busy: `tollgate up` with nothing to serve leaves them to the scheduler, on every
 /// core the process may use. (It binds them at start, one per core, and frees them at the
@@ -658,19 +677,7 @@ fn may_leave_sched_idle() -> bool {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn idle_workers_under_pin_workers_auto_are_left_to_the_scheduler() {
-    let dir = tempfile::tempdir().unwrap();
-    let (gw, api) = (free_port(), free_port());
-    let config = dir.path().join("tollgate.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "gateway: {{ listen: 127.0.0.1:{gw} }}\nquery_api: {{ listen: 127.0.0.1:{api} }}\n"
-        ),
-    )
-    .unwrap();
-    let tollgate = Up::start(&config, &dir.path().join("data"), &[]);
-    common::wait_for_listener(api).await;
-    common::wait_for_listener(gw).await;
+    let (_dir, tollgate) = up_with_gateway("").await;
     let ours = common::cores_allowed(&std::fs::read_to_string("/proc/self/status").unwrap());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -700,19 +707,7 @@ async fn idle_workers_under_pin_workers_auto_are_left_to_the_scheduler() {
 #[tokio::test]
 async fn the_request_path_keeps_the_normal_class_and_the_rest_runs_as_batch() {
     use common::{SCHED_BATCH, SCHED_IDLE, SCHED_OTHER};
-    let dir = tempfile::tempdir().unwrap();
-    let (gw, api) = (free_port(), free_port());
-    let config = dir.path().join("tollgate.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "gateway: {{ listen: 127.0.0.1:{gw}, workers: 2, pin_workers: always }}\nquery_api: {{ listen: 127.0.0.1:{api} }}\n"
-        ),
-    )
-    .unwrap();
-    let tollgate = Up::start(&config, &dir.path().join("data"), &[]);
-    common::wait_for_listener(api).await;
-    common::wait_for_listener(gw).await;
+    let (_dir, tollgate) = up_with_gateway(", workers: 2, pin_workers: always").await;
     let expected_ingest = if may_leave_sched_idle() {
         SCHED_IDLE
     } else {
