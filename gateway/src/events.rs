@@ -287,15 +287,25 @@ impl Batch {
     }
 
     /// The current buffer and its spans, sealed; a spare buffer and span list (or new ones)
-    /// take their place. A spare buffer is taken whatever its size: every buffer had room for
-    /// `MIN_RESERVE_EVENTS` events or a whole batch, and one that fills is sealed in turn.
+    /// take their place.
+    ///
+    /// A spare buffer is taken only when it has room for what the last one held and a quarter
+    /// ([`Batch::capacity_after`]); a smaller one is freed, here on the thread that allocated
+    /// it, and a new one of that size made. Taken whatever its size, the first buffers (room
+    /// for `MIN_RESERVE_EVENTS` events) came back again and again under load, so a loaded
+    /// worker handed over about 40 events at a time instead of a batch: behind a Kafka bus,
+    /// whose publishes return at once, each hand-over woke the publisher's thread, about 1,350
+    /// times a second at 84,000 requests/s (BENCHMARKS.md, thirty-first round).
     fn seal(&mut self, events: usize) -> Sealed {
         let capacity = Self::capacity_after(self.bytes.len(), events);
         let (buf, spans) = {
             let mut spares = self.spares.lock();
             (spares.0.pop(), spares.1.pop())
         };
-        let buf = buf.unwrap_or_else(|| Vec::with_capacity(capacity));
+        let buf = match buf {
+            Some(spare) if spare.capacity() >= capacity => spare,
+            _ => Vec::with_capacity(capacity),
+        };
         let spans = spans.unwrap_or_else(|| Vec::with_capacity(events.min(MIN_RESERVE_EVENTS)));
         Sealed {
             buf: std::mem::replace(&mut self.bytes, buf),
@@ -550,6 +560,32 @@ mod tests {
             4 * EVENT_BYTES,
             "small batches stay small"
         );
+    }
+
+    /// A loaded worker's buffers grow to a whole batch although smaller ones come back: a
+    /// spare buffer too small for what the last one held is not encoded into again.
+    #[test]
+    fn buffers_grow_under_load_though_smaller_ones_come_back() {
+        let mut batch = Batch::new(256);
+        let e = event(1, Some("acme"));
+        let mut held = Vec::new();
+        for _ in 0..20 {
+            let sealed = (0..1000)
+                .find_map(|_| batch.push(&e.borrowed(), 256))
+                .expect("a buffer sealed within 1,000 events");
+            // Read and dropped at once, as a publish to Kafka does: the buffer comes back
+            // before the next one fills.
+            held.push(sealed.spans.len());
+            drop(records([sealed]));
+        }
+        let mut encoded = e.borrowed().key().as_bytes().to_vec();
+        e.borrowed().write_json(&mut encoded);
+        let full_batch = 256 * EVENT_BYTES / encoded.len();
+        assert!(
+            *held.last().unwrap() >= full_batch * 9 / 10,
+            "events per hand-over: {held:?} (a whole batch's buffer holds about {full_batch})"
+        );
+        assert!(held.windows(2).all(|w| w[1] >= w[0]), "{held:?}");
     }
 
     /// Every record of `sealed`, as the publisher makes them.
