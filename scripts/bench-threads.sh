@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Where each thread's time goes per proxied request, binaries side by side: for ROUNDS rounds,
+# each binary in turn runs fresh as MODE (`up`: `tollgate up`, its pipeline in the process;
+# `gateway`: `tollgate gateway` producing its events to a Kafka-protocol broker, tansu, on
+# this machine) with the benchmark configuration (scripts/lib/services.sh, bench_config) in
+# front of one nginx upstream answering 1 KiB, and takes `wrk -t1 -c64` for DURATION seconds
+# after 3 s of the same to warm up. Reported per thread name (summed over the threads of that
+# name) of the Tollgate process, of the broker and of the upstream: CPU µs per request (from
+# /proc/<pid>/task/*/schedstat) and voluntary and involuntary context switches per request
+# (/proc/<pid>/task/*/status), over the requests wrk counted. Threads under 1 % of the time
+# are left out.
+#
+# What it is for: a change that moves work between threads, or wakes one more or less often,
+# shows there when the requests/s of single runs (which move by 5–10 % on two shared cores)
+# cannot tell it.
+#
+# Usage: MODE=up|gateway ROUNDS=2 DURATION=6 scripts/bench-threads.sh BINARY...
+# (MODE=gateway needs a build with the `scaled` feature, and tansu: scripts/install-test-services.sh.)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
+MODE="${MODE:-up}"; ROUNDS="${ROUNDS:-2}"; DURATION="${DURATION:-6}"
+[ $# -gt 0 ] || { echo "usage: MODE=up|gateway $0 BINARY..." >&2; exit 2; }
+case "$MODE" in up|gateway) ;; *) echo "MODE is up or gateway, not $MODE" >&2; exit 2 ;; esac
+. scripts/lib/services.sh
+for tool in wrk nginx curl; do
+  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl >/dev/null; break; }
+done
+[ "$MODE" = up ] || [ -x "$TANSU" ] || { echo "tansu not found at $TANSU: run scripts/install-test-services.sh" >&2; exit 1; }
+WORK="$(mktemp -d)"
+TG=""
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true
+  stop_nginx_instances up px
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+UP_WORKERS=1 nginx_upstream_and_proxy 1024
+
+# start BINARY: a fresh Tollgate process of MODE, answering; sets TG, GW and PIDS (the
+# processes whose threads are counted).
+start() {
+  GW=$(port); local api; api=$(port)
+  bench_config "$WORK/tg.yaml" "$GW" "$api"
+  rm -rf "$WORK/data"
+  if [ "$MODE" = up ]; then
+    launch_up "$1" "$WORK/tg.yaml" "$WORK/data" "$WORK/tg.log"
+    PIDS="$TG"
+  else
+    start_tansu
+    echo "bus: { kind: kafka, brokers: \"127.0.0.1:$KAFKA\", topic: bench, partitions: 12 }" >> "$WORK/tg.yaml"
+    RUST_LOG=error "$1" gateway --config "$WORK/tg.yaml" --data-dir "$WORK/data" 2>"$WORK/tg.log" &
+    TG=$!
+    PIDS="$TG $TANSU_PID"
+  fi
+  PIDS="$PIDS $(pgrep -d' ' -P "$(cat "$WORK/up/nginx.pid")")"
+  wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$GW/v1/items/1" 60
+}
+stop() {
+  kill $PIDS_TO_STOP 2>/dev/null || true
+  wait $PIDS_TO_STOP 2>/dev/null || true
+}
+
+# snap: "process:thread voluntary involuntary cpu_ns" for every thread of PIDS.
+snap() {
+  local p t
+  for p in $PIDS; do
+    local name; name=$(tr ' ' _ < "/proc/$p/comm")
+    [ "$p" = "$TG" ] && name=tollgate
+    [ "$p" = "${TANSU_PID:-}" ] && name=tansu
+    for t in /proc/"$p"/task/*; do
+      echo "$name:$(tr ' ' _ < "$t/comm" 2>/dev/null || echo gone) $(awk '/^voluntary_ctxt/{v=$2} /^nonvoluntary_ctxt/{n=$2} END{print v+0, n+0}' "$t/status" 2>/dev/null || echo 0 0) $(awk '{print $1}' "$t/schedstat" 2>/dev/null || echo 0)"
+    done
+  done
+}
+
+echo "## Threads per request (\`MODE=$MODE ROUNDS=$ROUNDS DURATION=$DURATION scripts/bench-threads.sh\`)"
+echo
+for i in $(seq 1 $#); do echo "- tollgate-$((i - 1)) = \`${!i}\` (\`tollgate $MODE\`)"; done
+echo
+echo "| binary | round | requests/s | thread | CPU µs/req | voluntary cs/req | involuntary cs/req |"
+echo "|---|---|---|---|---|---|---|"
+BINS=("$@")
+for r in $(seq 1 "$ROUNDS"); do
+  for k in "${!BINS[@]}"; do
+    i=$(( (k + r - 1) % ${#BINS[@]} ))
+    start "${BINS[$i]}"
+    PIDS_TO_STOP="$TG ${TANSU_PID:-}"
+    url="http://127.0.0.1:$GW/v1/items/1"
+    wrk -t1 -c64 -d3s -H 'x-api-key: bench-key' "$url" >/dev/null
+    snap > "$WORK/before"
+    wrk -t1 -c64 -d"${DURATION}s" -H 'x-api-key: bench-key' "$url" > "$WORK/wrk"
+    snap > "$WORK/after"
+    stop; TANSU_PID=""
+    python3 - "$WORK/before" "$WORK/after" "$WORK/wrk" "tollgate-$i" "$r" <<'PY'
+import collections, re, sys
+def read(path):
+    d = collections.defaultdict(lambda: [0, 0, 0])
+    for line in open(path):
+        name, vol, invol, ns = line.split()
+        x = d[name]; x[0] += int(vol); x[1] += int(invol); x[2] += int(ns)
+    return d
+before, after = read(sys.argv[1]), read(sys.argv[2])
+wrk = open(sys.argv[3]).read()
+requests = int(re.search(r"(\d+) requests in", wrk).group(1))
+rate = float(re.search(r"Requests/sec:\s+([\d.]+)", wrk).group(1))
+total = sum(after[n][2] - before[n][2] for n in after)
+first = True
+for name in sorted(after, key=lambda n: -(after[n][2] - before[n][2])):
+    vol, invol, ns = (after[name][j] - before[name][j] for j in range(3))
+    if ns < total / 100:
+        continue
+    head = f"| {sys.argv[4]} | {sys.argv[5]} | {rate:,.0f} |" if first else "| | | |"
+    first = False
+    print(f"{head} {name} | {ns / 1e3 / requests:.3f} | {vol / requests:.4f} | {invol / requests:.4f} |")
+print(f"| | | | all threads | {total / 1e3 / requests:.3f} | | |")
+PY
+  done
+done
