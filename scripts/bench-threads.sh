@@ -2,10 +2,11 @@
 # Where each thread's time goes per proxied request, binaries side by side: for ROUNDS rounds,
 # each binary in turn runs fresh as MODE (`up`: `tollgate up`, its pipeline in the process;
 # `gateway`: `tollgate gateway` producing its events to a Kafka-protocol broker, tansu, on
-# this machine) with the benchmark configuration (scripts/lib/services.sh, bench_config) in
+# this machine), and with NGINX=1 nginx as a plain reverse proxy (the baseline) takes its
+# turn too, with the benchmark configuration (scripts/lib/services.sh, bench_config) in
 # front of one nginx upstream answering 1 KiB, and takes `wrk -t1 -c64` for DURATION seconds
 # after 3 s of the same to warm up. Reported per thread name (summed over the threads of that
-# name) of the Tollgate process, of the broker and of the upstream: CPU µs per request (from
+# name) of the proxy's process, of the broker and of the upstream: CPU µs per request (from
 # /proc/<pid>/task/*/schedstat) and voluntary and involuntary context switches per request
 # (/proc/<pid>/task/*/status), over the requests wrk counted. Threads under 1 % of the time
 # are left out.
@@ -14,7 +15,7 @@
 # shows there when the requests/s of single runs (which move by 5–10 % on two shared cores)
 # cannot tell it.
 #
-# Usage: MODE=up|gateway ROUNDS=2 DURATION=6 scripts/bench-threads.sh BINARY...
+# Usage: MODE=up|gateway NGINX=1 ROUNDS=2 DURATION=6 scripts/bench-threads.sh BINARY...
 # (MODE=gateway needs a build with the `scaled` feature, and tansu: scripts/install-test-services.sh.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,8 +40,13 @@ trap cleanup EXIT
 UP_WORKERS=1 nginx_upstream_and_proxy 1024
 
 # start BINARY: a fresh Tollgate process of MODE, answering; sets TG, GW and PIDS (the
-# processes whose threads are counted).
+# processes whose threads are counted). BINARY `nginx`: the proxy started above, as it is.
 start() {
+  if [ "$1" = nginx ]; then
+    TG=""; GW=$PX
+    PIDS="$(pgrep -d' ' -P "$(cat "$WORK/px/nginx.pid")") $(pgrep -d' ' -P "$(cat "$WORK/up/nginx.pid")")"
+    return
+  fi
   GW=$(port); local api; api=$(port)
   bench_config "$WORK/tg.yaml" "$GW" "$api"
   rm -rf "$WORK/data"
@@ -58,6 +64,7 @@ start() {
   wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$GW/v1/items/1" 60
 }
 stop() {
+  [ -n "$PIDS_TO_STOP" ] || return 0
   kill $PIDS_TO_STOP 2>/dev/null || true
   wait $PIDS_TO_STOP 2>/dev/null || true
 }
@@ -67,6 +74,9 @@ snap() {
   local p t
   for p in $PIDS; do
     local name; name=$(tr ' ' _ < "/proc/$p/comm")
+    local parent; parent=$(awk '/^PPid/{print $2}' "/proc/$p/status")
+    [ "$parent" = "$(cat "$WORK/px/nginx.pid")" ] && name=nginx-proxy
+    [ "$parent" = "$(cat "$WORK/up/nginx.pid")" ] && name=upstream
     [ "$p" = "$TG" ] && name=tollgate
     [ "$p" = "${TANSU_PID:-}" ] && name=tansu
     for t in /proc/"$p"/task/*; do
@@ -78,22 +88,25 @@ snap() {
 echo "## Threads per request (\`MODE=$MODE ROUNDS=$ROUNDS DURATION=$DURATION scripts/bench-threads.sh\`)"
 echo
 for i in $(seq 1 $#); do echo "- tollgate-$((i - 1)) = \`${!i}\` (\`tollgate $MODE\`)"; done
+[ "${NGINX:-0}" = 1 ] && echo "- nginx = nginx as a reverse proxy, a worker per core, in front of the same upstream"
 echo
 echo "| binary | round | requests/s | thread | CPU µs/req | voluntary cs/req | involuntary cs/req |"
 echo "|---|---|---|---|---|---|---|"
 BINS=("$@")
+[ "${NGINX:-0}" = 1 ] && BINS+=(nginx)
 for r in $(seq 1 "$ROUNDS"); do
   for k in "${!BINS[@]}"; do
     i=$(( (k + r - 1) % ${#BINS[@]} ))
     start "${BINS[$i]}"
-    PIDS_TO_STOP="$TG ${TANSU_PID:-}"
+    PIDS_TO_STOP=$(echo $TG ${TANSU_PID:-})
+    label="tollgate-$i"; [ "${BINS[$i]}" = nginx ] && label=nginx
     url="http://127.0.0.1:$GW/v1/items/1"
     wrk -t1 -c64 -d3s -H 'x-api-key: bench-key' "$url" >/dev/null
     snap > "$WORK/before"
     wrk -t1 -c64 -d"${DURATION}s" -H 'x-api-key: bench-key' "$url" > "$WORK/wrk"
     snap > "$WORK/after"
     stop; TANSU_PID=""
-    python3 - "$WORK/before" "$WORK/after" "$WORK/wrk" "tollgate-$i" "$r" <<'PY'
+    python3 - "$WORK/before" "$WORK/after" "$WORK/wrk" "$label" "$r" <<'PY'
 import collections, re, sys
 def read(path):
     d = collections.defaultdict(lambda: [0, 0, 0])
