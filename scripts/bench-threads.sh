@@ -2,7 +2,7 @@
 # Where each thread's time goes per proxied request, binaries side by side: for ROUNDS rounds,
 # each binary in turn runs fresh as MODE (`up`: `tollgate up`, its pipeline in the process;
 # `gateway`: `tollgate gateway` producing its events to a Kafka-protocol broker, tansu, on
-# this machine), and with NGINX=1 nginx as a plain reverse proxy (the baseline) takes its
+# this machine), and with BASELINE=nginx nginx as a plain reverse proxy (the baseline) takes its
 # turn too, with the benchmark configuration (scripts/lib/services.sh, bench_config) in
 # front of one nginx upstream answering 1 KiB, and takes `wrk -t1 -c64` for DURATION seconds
 # after 3 s of the same to warm up. Reported per thread name (summed over the threads of that
@@ -15,7 +15,7 @@
 # shows there when the requests/s of single runs (which move by 5–10 % on two shared cores)
 # cannot tell it.
 #
-# Usage: MODE=up|gateway NGINX=1 ROUNDS=2 DURATION=6 scripts/bench-threads.sh BINARY...
+# Usage: MODE=up|gateway BASELINE=nginx ROUNDS=2 DURATION=6 scripts/bench-threads.sh BINARY...
 # (MODE=gateway needs a build with the `scaled` feature, and tansu: scripts/install-test-services.sh.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -88,12 +88,12 @@ snap() {
 echo "## Threads per request (\`MODE=$MODE ROUNDS=$ROUNDS DURATION=$DURATION scripts/bench-threads.sh\`)"
 echo
 for i in $(seq 1 $#); do echo "- tollgate-$((i - 1)) = \`${!i}\` (\`tollgate $MODE\`)"; done
-[ "${NGINX:-0}" = 1 ] && echo "- nginx = nginx as a reverse proxy, a worker per core, in front of the same upstream"
+[ "${BASELINE:-}" = nginx ] && echo "- nginx = nginx as a reverse proxy, a worker per core, in front of the same upstream"
 echo
 echo "| binary | round | requests/s | thread | CPU µs/req | voluntary cs/req | involuntary cs/req |"
 echo "|---|---|---|---|---|---|---|"
 BINS=("$@")
-[ "${NGINX:-0}" = 1 ] && BINS+=(nginx)
+[ "${BASELINE:-}" = nginx ] && BINS+=(nginx)
 for r in $(seq 1 "$ROUNDS"); do
   for k in "${!BINS[@]}"; do
     i=$(( (k + r - 1) % ${#BINS[@]} ))
