@@ -62,9 +62,8 @@ if [ "${STANDALONE:-1}" = 1 ]; then
   start_tansu
   gw=$(port); api=$(port)
   bench_config "$WORK/gw.yaml" "$gw" "$api"
-  echo "bus: { kind: kafka, brokers: \"127.0.0.1:$KAFKA\", topic: bench, partitions: 12 }" >> "$WORK/gw.yaml"
-  RUST_LOG=error "${BINS[-1]}" gateway --config "$WORK/gw.yaml" --data-dir "$WORK/data-gw" 2>"$WORK/gw.log" &
-  TG_PIDS+=($!); TG_PORTS+=("$gw"); TARGETS+=("gateway")
+  launch_gateway "${BINS[-1]}" "$WORK/gw.yaml" "$WORK/data-gw" "$WORK/gw.log"
+  TG_PIDS+=("$TG"); TG_PORTS+=("$gw"); TARGETS+=("gateway")
   wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$gw/v1/items/1" 60
 fi
 

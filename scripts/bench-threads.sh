@@ -24,12 +24,10 @@ MODE="${MODE:-up}"; ROUNDS="${ROUNDS:-2}"; DURATION="${DURATION:-6}"
 [ $# -gt 0 ] || { echo "usage: MODE=up|gateway $0 BINARY..." >&2; exit 2; }
 case "$MODE" in up|gateway) ;; *) echo "MODE is up or gateway, not $MODE" >&2; exit 2 ;; esac
 . scripts/lib/services.sh
-for tool in wrk nginx curl; do
-  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl >/dev/null; break; }
-done
+load_tools
 [ "$MODE" = up ] || [ -x "$TANSU" ] || { echo "tansu not found at $TANSU: run scripts/install-test-services.sh" >&2; exit 1; }
 WORK="$(mktemp -d)"
-TG=""
+TG=""; TANSU_PID=""
 cleanup() {
   kill $(jobs -p) 2>/dev/null || true
   stop_nginx_instances up px
@@ -38,13 +36,18 @@ cleanup() {
 }
 trap cleanup EXIT
 UP_WORKERS=1 nginx_upstream_and_proxy 1024
+PROXY_MASTER=$(cat "$WORK/px/nginx.pid"); UPSTREAM_MASTER=$(cat "$WORK/up/nginx.pid")
+UPSTREAM=$(pgrep -d' ' -P "$UPSTREAM_MASTER")
 
-# start BINARY: a fresh Tollgate process of MODE, answering; sets TG, GW and PIDS (the
-# processes whose threads are counted). BINARY `nginx`: the proxy started above, as it is.
+# start BINARY: a fresh Tollgate process of MODE, answering; sets GW, TG, TANSU_PID (empty
+# when none), PIDS (the processes whose threads are counted) and STARTED (those `stop` ends).
+# BINARY `nginx`: the proxy started above, as it is.
 start() {
+  TG=""; TANSU_PID=""
   if [ "$1" = nginx ]; then
-    TG=""; GW=$PX
-    PIDS="$(pgrep -d' ' -P "$(cat "$WORK/px/nginx.pid")") $(pgrep -d' ' -P "$(cat "$WORK/up/nginx.pid")")"
+    GW=$PX
+    PIDS="$(pgrep -d' ' -P "$PROXY_MASTER") $UPSTREAM"
+    STARTED=""
     return
   fi
   GW=$(port); local api; api=$(port)
@@ -52,21 +55,18 @@ start() {
   rm -rf "$WORK/data"
   if [ "$MODE" = up ]; then
     launch_up "$1" "$WORK/tg.yaml" "$WORK/data" "$WORK/tg.log"
-    PIDS="$TG"
   else
     start_tansu
-    echo "bus: { kind: kafka, brokers: \"127.0.0.1:$KAFKA\", topic: bench, partitions: 12 }" >> "$WORK/tg.yaml"
-    RUST_LOG=error "$1" gateway --config "$WORK/tg.yaml" --data-dir "$WORK/data" 2>"$WORK/tg.log" &
-    TG=$!
-    PIDS="$TG $TANSU_PID"
+    launch_gateway "$1" "$WORK/tg.yaml" "$WORK/data" "$WORK/tg.log"
   fi
-  PIDS="$PIDS $(pgrep -d' ' -P "$(cat "$WORK/up/nginx.pid")")"
+  STARTED=$(echo "$TG" "$TANSU_PID")
+  PIDS="$STARTED $UPSTREAM"
   wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$GW/v1/items/1" 60
 }
 stop() {
-  [ -n "$PIDS_TO_STOP" ] || return 0
-  kill $PIDS_TO_STOP 2>/dev/null || true
-  wait $PIDS_TO_STOP 2>/dev/null || true
+  [ -n "$STARTED" ] || return 0
+  kill $STARTED 2>/dev/null || true
+  wait $STARTED 2>/dev/null || true
 }
 
 # snap: "process:thread voluntary involuntary cpu_ns" for every thread of PIDS.
@@ -75,10 +75,10 @@ snap() {
   for p in $PIDS; do
     local name; name=$(tr ' ' _ < "/proc/$p/comm")
     local parent; parent=$(awk '/^PPid/{print $2}' "/proc/$p/status")
-    [ "$parent" = "$(cat "$WORK/px/nginx.pid")" ] && name=nginx-proxy
-    [ "$parent" = "$(cat "$WORK/up/nginx.pid")" ] && name=upstream
+    [ "$parent" = "$PROXY_MASTER" ] && name=nginx-proxy
+    [ "$parent" = "$UPSTREAM_MASTER" ] && name=upstream
     [ "$p" = "$TG" ] && name=tollgate
-    [ "$p" = "${TANSU_PID:-}" ] && name=tansu
+    [ "$p" = "$TANSU_PID" ] && name=tansu
     for t in /proc/"$p"/task/*; do
       echo "$name:$(tr ' ' _ < "$t/comm" 2>/dev/null || echo gone) $(awk '/^voluntary_ctxt/{v=$2} /^nonvoluntary_ctxt/{n=$2} END{print v+0, n+0}' "$t/status" 2>/dev/null || echo 0 0) $(awk '{print $1}' "$t/schedstat" 2>/dev/null || echo 0)"
     done
@@ -98,14 +98,13 @@ for r in $(seq 1 "$ROUNDS"); do
   for k in "${!BINS[@]}"; do
     i=$(( (k + r - 1) % ${#BINS[@]} ))
     start "${BINS[$i]}"
-    PIDS_TO_STOP=$(echo $TG ${TANSU_PID:-})
     label="tollgate-$i"; [ "${BINS[$i]}" = nginx ] && label=nginx
     url="http://127.0.0.1:$GW/v1/items/1"
     wrk -t1 -c64 -d3s -H 'x-api-key: bench-key' "$url" >/dev/null
     snap > "$WORK/before"
     wrk -t1 -c64 -d"${DURATION}s" -H 'x-api-key: bench-key' "$url" > "$WORK/wrk"
     snap > "$WORK/after"
-    stop; TANSU_PID=""
+    stop
     python3 - "$WORK/before" "$WORK/after" "$WORK/wrk" "$label" "$r" <<'PY'
 import collections, re, sys
 def read(path):

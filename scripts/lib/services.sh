@@ -114,12 +114,17 @@ bins_or_release() {
   fi
 }
 
-# open_loop_tools: wrk, nginx and curl (installed when missing) and the open-loop load
-# generator (examples/open_loop.rs, built now); sets OPEN_LOOP.
-open_loop_tools() {
+# load_tools: wrk, nginx and curl, installed when missing.
+load_tools() {
   for tool in wrk nginx curl; do
     command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl >/dev/null; break; }
   done
+}
+
+# open_loop_tools: load_tools, and the open-loop load generator (examples/open_loop.rs, built
+# now); sets OPEN_LOOP.
+open_loop_tools() {
+  load_tools
   cargo build --release --locked --example open_loop >&2
   OPEN_LOOP="$CARGO_TARGET_DIR/release/examples/open_loop"
 }
@@ -161,6 +166,15 @@ launch_up() {
   # A background job of a script without job control is no process group leader, so setsid
   # makes the session in place (no fork): $! stays tollgate's pid.
   RUST_LOG=warn "${session[@]}" "$1" up --config "$2" --data-dir "$3" 2>"$4" &
+  TG=$!
+}
+
+# launch_gateway BINARY CONFIG DATA_DIR LOG: `tollgate gateway` in the background with CONFIG
+# (bench_config's) and its events produced to the broker start_tansu started (a Kafka bus
+# section appended to CONFIG); sets TG (its pid).
+launch_gateway() {
+  echo "bus: { kind: kafka, brokers: \"127.0.0.1:$KAFKA\", topic: bench, partitions: 12 }" >> "$2"
+  RUST_LOG=error "$1" gateway --config "$2" --data-dir "$3" 2>"$4" &
   TG=$!
 }
 
