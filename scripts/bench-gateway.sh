@@ -2,7 +2,10 @@
 # The gateway against nginx as a plain reverse proxy, same machine, same load, same run.
 #
 # wrk (THREADS threads, CONNS keep-alive connections, DURATION per run) against:
-#   - nginx as a reverse proxy (worker_processes auto, keep-alive upstream pool): the baseline;
+#   - nginx as a reverse proxy (worker_processes auto, keep-alive upstream pool, no access log):
+#     the baseline;
+#   - the same nginx with its access log on, as nginx ships it (`nginx-log`; LOGGED=0 leaves it
+#     out): a proxy that keeps a record of every request, as the gateway does with its events;
 #   - `tollgate up` with API-key auth, a rate limit, a quota and one event per request, for each
 #     binary given (say the last commit's build and this tree's), so before and after are
 #     measured side by side;
@@ -46,13 +49,30 @@ cleanup() {
   for pid in "${TG_PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; done
   [ -s "$WORK/gw.log" ] && { echo "tollgate gateway's log:" >&2; tail -5 "$WORK/gw.log" >&2; }
   kill $(jobs -p) 2>/dev/null || true
-  stop_nginx_instances up px
+  stop_nginx_instances up px pxl
   wait 2>/dev/null || true; rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 nginx_upstream_and_proxy "$BODY"
-proxy_pids() { pgrep -d, -P "$(cat "$WORK/px/nginx.pid")"; }
+proxy_pids() { pgrep -d, -P "$(cat "$WORK/${1:-px}/nginx.pid")"; }
+# With LOGGED=1 (the default), a second baseline: the same nginx proxy with its access log on
+# as nginx ships it (`combined`, one write per request), the record of each request a plain
+# nginx keeps. `nginx` (no log at all) stays the baseline of every ratio; the last table line
+# sets the Tollgate targets against this one.
+LOGGED="${LOGGED:-1}"
+if [ "$LOGGED" = 1 ]; then
+  PXL=$(port)
+  nginx_proxy pxl "$PXL" "access_log $WORK/pxl/logs/access.log;"
+fi
+# baselines [-suffix]: runs each nginx baseline once (see `run`; COUNT passes through).
+baselines() {
+  run "nginx${1:-}" "http://127.0.0.1:$PX/v1/items/1" "$(proxy_pids)" "$CONNS"
+  if [ "$LOGGED" = 1 ]; then
+    : > "$WORK/pxl/logs/access.log"
+    run "nginx-log${1:-}" "http://127.0.0.1:$PXL/v1/items/1" "$(proxy_pids pxl)" "$CONNS"
+  fi
+}
 
 # One `tollgate up` per binary, each on its own ports and data directory.
 TG_PORTS=(); TG_PIDS=(); TG_APIS=()
@@ -158,7 +178,7 @@ PY
 for r in $(seq 1 "$ROUNDS"); do
   echo "round $r of $ROUNDS" >&2
   focus -1
-  run nginx "http://127.0.0.1:$PX/v1/items/1" "$(proxy_pids)" "$CONNS"
+  baselines
   for k in "${!TARGETS[@]}"; do
     i=$(( (k + r - 1) % ${#TARGETS[@]} ))
     focus "$i"; warm "$i"
@@ -167,7 +187,7 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 # The counts: one run per target with `perf stat` attached (see `run`).
 focus -1
-COUNT=1 run nginx-counted "http://127.0.0.1:$PX/v1/items/1" "$(proxy_pids)" "$CONNS"
+COUNT=1 baselines -counted
 for i in "${!TARGETS[@]}"; do
   focus "$i"; warm "$i"
   COUNT=1 run "${TARGETS[$i]}-counted" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" "${TG_PIDS[$i]}" "$CONNS" "x-api-key: bench-key"
@@ -229,6 +249,12 @@ for name, rs in by.items():
     # The machine's figures: medians over the target's runs.
     user, kernel, cs = (statistics.median(float(r[k]) for r in rs) for k in (10, 11, 12))
     print(f"| {name} | {med:.0f} | {', '.join(r[1] for r in rs)} | {med / base:.2f} | {mid[2]} | {mid[3]} | {mid[6]} | {mid[7]} | {mid[8]} | {sum(int(r[5]) for r in rs)} | {idle} | {user:.2f} + {kernel:.2f} | {cs:.2f} |")
+# Against nginx with its access log (LOGGED=1): each Tollgate target's median over that one's.
+if "nginx-log" in by:
+    logged = statistics.median(float(r[1]) for r in by["nginx-log"])
+    mine = [n for n in by if not n.startswith("nginx") and not n.endswith(("-light", "-counted"))]
+    print("\nagainst nginx with its access log on (nginx-log, " + f"{logged / nginx:.2f} of nginx): "
+          + ", ".join(f"{n} {statistics.median(float(r[1]) for r in by[n]) / logged:.2f}" for n in mine))
 # The last `tollgate up` against the first, round by round (the same round's runs are the
 # closest in time): in how many rounds it served more, and the median of the ratios.
 ups = [n for n in by if n.startswith("tollgate-") and not n.endswith(("-light", "-counted"))]

@@ -78,10 +78,17 @@ stop_nginx_instances() {
 nginx_upstream_and_proxy() {
   UP=$(port); PX=$(port)
   nginx_instance up "${UP_WORKERS:-1}" "  server { listen 127.0.0.1:$UP; location / { return 200 '$(printf 'x%.0s' $(seq "$1"))'; } }"
-  nginx_instance px auto "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
-  server { listen 127.0.0.1:$PX;
+  nginx_proxy px "$PX"
+}
+
+# nginx_proxy NAME PORT [DIRECTIVES]: instance NAME, nginx as a plain reverse proxy in front of
+# $UP on PORT (a worker per core, a keep-alive pool of upstream connections), with DIRECTIVES
+# added to its server block, answering. The caller's cleanup stops NAME.
+nginx_proxy() {
+  nginx_instance "$1" auto "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
+  server { listen 127.0.0.1:$2; ${3:-}
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
-  wait_for "curl -sf http://127.0.0.1:$PX/v1/items/1" 10
+  wait_for "curl -sf http://127.0.0.1:$2/v1/items/1" 10
 }
 
 # Starts nginx as a trivial upstream answering {"ok":true} on port $UP (a free one when UP is
