@@ -71,20 +71,60 @@ pub struct JwtAuth {
 /// the request path; a lookup costs a hash of the token. An entry lives until the token's `exp`
 /// or [`CACHE_TTL`], whichever comes first, so a key dropped from the JWKS (or a consumer removed
 /// by a restart) stops admitting its tokens within that time. Only successes are cached.
-#[derive(Default)]
+///
+/// Each thread that looks tokens up (the gateway's workers, one per core) has a shard of its own,
+/// on cache lines of its own, so that workers never wait for each other's lock nor take its
+/// line from the other core; a token a client sends through both workers is verified once by
+/// each. The shards hash with foldhash, not the standard library's SipHash: hashing a bearer
+/// token of some 500 bytes was 0.60 % of the workers' samples under `wrk -t1 -c64` with tokens,
+/// 0.07 % now (BENCHMARKS.md, thirty-second round). Only tokens whose signature verified get
+/// in, so nobody can fill a shard with keys chosen to collide.
 struct VerifiedCache {
-    map: std::sync::Mutex<HashMap<Box<str>, (Identity, Instant)>>,
+    shards: Box<[Padded<std::sync::Mutex<Shard>>]>,
 }
+
+type Shard = HashMap<Box<str>, (Identity, Instant), foldhash::fast::RandomState>;
+
+/// A value alone on its cache lines (two of them: the adjacent-line prefetcher fetches pairs).
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded<T>(T);
 
 /// The longest a verified token is admitted without checking it again.
 const CACHE_TTL: Duration = Duration::from_secs(60);
-/// Verified tokens held at most (expired ones are dropped first when it is full).
+/// Verified tokens one shard holds at most (expired ones are dropped first when it is full): a
+/// worker's worth of clients.
 const CACHE_MAX: usize = 16_384;
+/// Shards of the verified-token cache: more than the workers of any machine the gateway is
+/// likely to run on. Threads past that many share shards, round robin.
+const SHARDS: usize = 64;
+
+/// The shard of the calling thread: threads are numbered as they first look a token up.
+fn shard_of_thread() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|s| *s)
+}
+
+impl Default for VerifiedCache {
+    fn default() -> Self {
+        VerifiedCache {
+            shards: (0..SHARDS).map(|_| Padded::default()).collect(),
+        }
+    }
+}
 
 impl VerifiedCache {
+    fn shard(&self) -> std::sync::MutexGuard<'_, Shard> {
+        let shard = &self.shards[shard_of_thread()].0;
+        shard.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn get(&self, token: &str) -> Option<Identity> {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(token)
+        self.shard()
+            .get(token)
             .filter(|(_, until)| *until > Instant::now())
             .map(|(id, _)| id.clone())
     }
@@ -104,7 +144,7 @@ impl VerifiedCache {
         }
         let now = Instant::now();
         let until = now + Duration::from_secs_f64(left.min(CACHE_TTL.as_secs_f64()));
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.shard();
         if map.len() >= CACHE_MAX {
             map.retain(|_, (_, u)| *u > now);
             if map.len() >= CACHE_MAX {
@@ -1114,5 +1154,35 @@ mod tests {
         let forged = sign(Algorithm::RS256, Some("rsa1"), &rsa(RSA2), &claims("acme"));
         assert!(auth.verify(&forged).await.is_err());
         assert!(auth.verified.get(&forged).is_none());
+    }
+
+    /// Each thread keeps its own shard of the cache: a worker's lookups never wait for another
+    /// worker's lock, and a token verified on one thread is verified again on the next.
+    #[tokio::test]
+    async fn each_thread_caches_in_a_shard_of_its_own() {
+        let auth = Arc::new(all_keys());
+        let t = sign(Algorithm::RS256, Some("rsa1"), &rsa(RSA1), &claims("acme"));
+        auth.verify(&t).await.unwrap();
+        assert!(auth.verified.get(&t).is_some());
+        let (other, here) = (Arc::clone(&auth), shard_of_thread());
+        let elsewhere = std::thread::spawn(move || {
+            let missed = other.verified.get(&t).is_none();
+            let verified = futures::executor::block_on(other.verify(&t)).map(|id| id.index);
+            (
+                shard_of_thread(),
+                missed,
+                verified,
+                other.verified.get(&t).is_some(),
+            )
+        })
+        .join()
+        .unwrap();
+        assert_ne!(elsewhere.0, here, "two threads share a shard");
+        assert!(elsewhere.1, "another thread's shard answered");
+        assert_eq!(elsewhere.2, Ok(0));
+        assert!(
+            elsewhere.3,
+            "the other thread did not cache what it verified"
+        );
     }
 }
