@@ -76,7 +76,7 @@ pub struct JwtAuth {
 /// on cache lines of its own, so that workers never wait for each other's lock nor take its
 /// line from the other core; a token a client sends through both workers is verified once by
 /// each. The shards hash with foldhash, not the standard library's SipHash: hashing a bearer
-/// token of some 500 bytes was 0.60 % of the workers' samples under `wrk -t1 -c64` with tokens,
+/// token of some 500 bytes was 0.60 % of the process's samples under `wrk -t1 -c64` with tokens,
 /// 0.07 % now (BENCHMARKS.md, thirty-second round). Only tokens whose signature verified get
 /// in, so nobody can fill a shard with keys chosen to collide.
 struct VerifiedCache {
