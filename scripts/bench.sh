@@ -15,7 +15,8 @@
 #  5. The gateway against nginx as a plain reverse proxy with requests/s, p50/p99, and system
 #     calls and context switches per request (`perf stat`), for `tollgate up` and for the
 #     gateway as its own process (`scripts/bench-gateway.sh`, ROUNDS=1, on a build with the
-#     `scaled` feature). GATEWAY=0 leaves it out.
+#     `scaled` feature), and against nginx with its access log on as a second baseline
+#     (`nginx-log`). GATEWAY=0 leaves it out.
 #  6. The same load with CONSUMERS consumers configured (default 100,000, one key each)
 #     against one consumer: requests/s, RSS after the load, idle CPU, and a 1,000-request
 #     quota under the burst (`scripts/bench-consumers.sh`, CONSUMER_ROUNDS rounds, default 3,
