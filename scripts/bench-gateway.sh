@@ -37,10 +37,8 @@ CONNS="${CONNS:-64}"
 THREADS="${THREADS:-1}"
 ROUNDS="${ROUNDS:-3}"
 BODY="${BODY:-1024}"
-for tool in wrk nginx curl perf; do
-  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl linux-perf >/dev/null; break; }
-done
 . scripts/lib/services.sh
+load_tools perf=linux-perf
 bins_or_release "$@"
 cargo build --release --locked --example open_loop >&2
 OPEN_LOOP="$CARGO_TARGET_DIR/release/examples/open_loop"

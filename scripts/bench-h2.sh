@@ -12,15 +12,13 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
 REQUESTS="${REQUESTS:-200000}"
 CLIENTS="${CLIENTS:-32}"
 STREAMS="${STREAMS:-8}"
-for tool in h2load nginx curl; do
-  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client nginx curl >/dev/null; break; }
-done
 cargo build --release --locked --features http2 >&2
 BIN="$CARGO_TARGET_DIR/release/tollgate"
 WORK="$(mktemp -d)"
 cleanup() { kill "${TG_PID:-}" 2>/dev/null || true; nginx -p "$WORK" -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 . scripts/lib/services.sh
+load_tools h2load=nghttp2-client
 UP=$(port); PROXY=$(port); GW=$(port); API=$(port)
 start_nginx_upstream "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
   server { listen 127.0.0.1:$PROXY http2; keepalive_requests 100000000;

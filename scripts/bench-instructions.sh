@@ -30,10 +30,8 @@ CONNS="${CONNS:-8}"
 TOP="${TOP:-40}"
 GROUP="${GROUP:-workers}"
 case "$GROUP" in workers|ingest|rest) ;; *) echo "GROUP must be workers, ingest or rest, not '$GROUP'" >&2; exit 2;; esac
-for tool in valgrind wrk nginx curl; do
-  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind wrk nginx curl >/dev/null; break; }
-done
 . scripts/lib/services.sh
+load_tools valgrind=valgrind
 bins_or_release "$@"
 WORK="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; nginx -p "$WORK" -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT

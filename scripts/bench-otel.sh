@@ -9,12 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
 ROUNDS="${ROUNDS:-3}"; DURATION="${DURATION:-8s}"; CONNS="${CONNS:-64}"; SAMPLE_RATIO="${SAMPLE_RATIO:-1.0}"
-for tool in wrk nginx curl; do
-  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl >/dev/null; break; }
-done
 cargo build --release --locked --features otel --bin tollgate >&2
 BIN="$CARGO_TARGET_DIR/release/tollgate"
 . scripts/lib/services.sh
+load_tools
 WORK="$(mktemp -d)"
 cleanup() { kill $(jobs -p) 2>/dev/null || true; nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" -s stop 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT

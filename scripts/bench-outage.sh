@@ -17,9 +17,6 @@ cd "$(dirname "$0")/.."
 OUTAGE="${OUTAGE:-60}"; PHASE="${PHASE:-20}"; CONNS="${CONNS:-32}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
 ./scripts/install-test-services.sh
-for tool in wrk nginx; do
-  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx >/dev/null; break; }
-done
 if [ -z "${BIN:-}" ]; then
   cargo build --release --locked --features scaled >&2
   BIN="$CARGO_TARGET_DIR/release/tollgate"
@@ -32,6 +29,7 @@ cleanup() {
 }
 trap cleanup EXIT
 . scripts/lib/services.sh
+load_tools
 start_clickhouse
 start_tansu
 

@@ -31,9 +31,6 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
 DURATION="${DURATION:-15s}"
 CONNS="${CONNS:-32}"
 
-for tool in wrk nginx curl perf; do
-  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl linux-perf >/dev/null; break; }
-done
 python3 -c 'import duckdb' 2>/dev/null || pip install -q duckdb >&2
 cargo build --release --locked --features jwt >&2
 WORK="$(mktemp -d)"
@@ -44,6 +41,7 @@ cleanup() { kill "${TG_PID:-}" 2>/dev/null || true; nginx -p "$WORK" -c "$WORK/n
 trap cleanup EXIT
 
 . scripts/lib/services.sh
+load_tools perf=linux-perf
 UP=$(port); PROXY=$(port); GW=$(port); API=$(port)
 # The baseline: nginx as a reverse proxy with a keep-alive pool in front of the same upstream.
 start_nginx_upstream "  upstream app { server 127.0.0.1:$UP; keepalive 256; }

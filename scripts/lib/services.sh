@@ -121,11 +121,14 @@ bins_or_release() {
   fi
 }
 
-# load_tools: wrk, nginx and curl, installed when missing.
+# load_tools [COMMAND=PACKAGE...]: wrk, nginx and curl, and each COMMAND given, the missing ones
+# installed with apt-get (from PACKAGE).
 load_tools() {
-  for tool in wrk nginx curl; do
-    command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nginx curl >/dev/null; break; }
+  local need=() t
+  for t in wrk=wrk nginx=nginx curl=curl "$@"; do
+    command -v "${t%%=*}" >/dev/null || need+=("${t#*=}")
   done
+  [ ${#need[@]} -eq 0 ] || { apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; }
 }
 
 # open_loop_tools: load_tools, and the open-loop load generator (examples/open_loop.rs, built
