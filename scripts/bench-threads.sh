@@ -8,8 +8,9 @@
 # after 3 s of the same to warm up. Reported per thread name (summed over the threads of that
 # name) of the proxy's process, of the broker and of the upstream: CPU µs per request (from
 # /proc/<pid>/task/*/schedstat) and voluntary and involuntary context switches per request
-# (/proc/<pid>/task/*/status), over the requests wrk counted. Threads under 1 % of the time
-# are left out.
+# (/proc/<pid>/task/*/status), over the requests wrk counted, and the share of that CPU time
+# spent in the kernel (`stime` against `utime` in /proc/<pid>/task/*/stat, counted in clock
+# ticks: about 1 % at these durations). Threads under 1 % of the time are left out.
 #
 # What it is for: a change that moves work between threads, or wakes one more or less often,
 # shows there when the requests/s of single runs (which move by 5–10 % on two shared cores)
@@ -69,7 +70,7 @@ stop() {
   wait $STARTED 2>/dev/null || true
 }
 
-# snap: "process:thread voluntary involuntary cpu_ns" for every thread of PIDS.
+# snap: "process:thread voluntary involuntary cpu_ns utime stime" for every thread of PIDS.
 snap() {
   local p t
   for p in $PIDS; do
@@ -80,7 +81,7 @@ snap() {
     [ "$p" = "$TG" ] && name=tollgate
     [ "$p" = "$TANSU_PID" ] && name=tansu
     for t in /proc/"$p"/task/*; do
-      echo "$name:$(tr ' ' _ < "$t/comm" 2>/dev/null || echo gone) $(awk '/^voluntary_ctxt/{v=$2} /^nonvoluntary_ctxt/{n=$2} END{print v+0, n+0}' "$t/status" 2>/dev/null || echo 0 0) $(awk '{print $1}' "$t/schedstat" 2>/dev/null || echo 0)"
+      echo "$name:$(tr ' ' _ < "$t/comm" 2>/dev/null || echo gone) $(awk '/^voluntary_ctxt/{v=$2} /^nonvoluntary_ctxt/{n=$2} END{print v+0, n+0}' "$t/status" 2>/dev/null || echo 0 0) $(awk '{print $1}' "$t/schedstat" 2>/dev/null || echo 0) $(sed 's/.*) //' "$t/stat" 2>/dev/null | awk '{print $12, $13}' || echo 0 0)"
     done
   done
 }
@@ -90,8 +91,8 @@ echo
 for i in $(seq 1 $#); do echo "- tollgate-$((i - 1)) = \`${!i}\` (\`tollgate $MODE\`)"; done
 [ "${BASELINE:-}" = nginx ] && echo "- nginx = nginx as a reverse proxy, a worker per core, in front of the same upstream"
 echo
-echo "| binary | round | requests/s | thread | CPU µs/req | voluntary cs/req | involuntary cs/req |"
-echo "|---|---|---|---|---|---|---|"
+echo "| binary | round | requests/s | thread | CPU µs/req | in the kernel | voluntary cs/req | involuntary cs/req |"
+echo "|---|---|---|---|---|---|---|---|"
 BINS=("$@")
 [ "${BASELINE:-}" = nginx ] && BINS+=(nginx)
 for r in $(seq 1 "$ROUNDS"); do
@@ -108,10 +109,12 @@ for r in $(seq 1 "$ROUNDS"); do
     python3 - "$WORK/before" "$WORK/after" "$WORK/wrk" "$label" "$r" <<'PY'
 import collections, re, sys
 def read(path):
-    d = collections.defaultdict(lambda: [0, 0, 0])
+    d = collections.defaultdict(lambda: [0] * 5)
     for line in open(path):
-        name, vol, invol, ns = line.split()
-        x = d[name]; x[0] += int(vol); x[1] += int(invol); x[2] += int(ns)
+        name, *counts = line.split()
+        counts += ["0"] * (5 - len(counts))  # a thread that ended between the reads
+        for j, c in enumerate(counts):
+            d[name][j] += int(c)
     return d
 before, after = read(sys.argv[1]), read(sys.argv[2])
 wrk = open(sys.argv[3]).read()
@@ -120,13 +123,14 @@ rate = float(re.search(r"Requests/sec:\s+([\d.]+)", wrk).group(1))
 total = sum(after[n][2] - before[n][2] for n in after)
 first = True
 for name in sorted(after, key=lambda n: -(after[n][2] - before[n][2])):
-    vol, invol, ns = (after[name][j] - before[name][j] for j in range(3))
+    vol, invol, ns, user, system = (after[name][j] - before[name][j] for j in range(5))
     if ns < total / 100:
         continue
     head = f"| {sys.argv[4]} | {sys.argv[5]} | {rate:,.0f} |" if first else "| | | |"
     first = False
-    print(f"{head} {name} | {ns / 1e3 / requests:.3f} | {vol / requests:.4f} | {invol / requests:.4f} |")
-print(f"| | | | all threads | {total / 1e3 / requests:.3f} | | |")
+    kernel = f"{100 * system / (user + system):.0f} %" if user + system else ""
+    print(f"{head} {name} | {ns / 1e3 / requests:.3f} | {kernel} | {vol / requests:.4f} | {invol / requests:.4f} |")
+print(f"| | | | all threads | {total / 1e3 / requests:.3f} | | | |")
 PY
   done
 done
