@@ -189,9 +189,11 @@ fn cpu_time() -> Option<std::time::Duration> {
     None
 }
 
-/// How often [`trim_every`] looks at the process's CPU use: a trim follows the end of a burst
-/// within this much, once the process has wound down (the CPU use is one `getrusage` call, two
-/// wake-ups a second of an idle process). It was 2 s: `tollgate up` with 100,001 consumers
+/// How often [`trim_every`] looks at the process's CPU use during a busy spell: a trim follows
+/// the end of a burst within this much, once the process has wound down (the CPU use is one
+/// `getrusage` call). Outside a busy spell it looks once a second, with the process's other
+/// samplers (`tollgate_gateway::pace`), so a burst is seen within a second of its start. It
+/// was 2 s: `tollgate up` with 100,001 consumers
 /// still held 97 MiB 3.5 s after a load ended, and 43 MiB from the trim on (BENCHMARKS.md,
 /// "Memory under load").
 pub const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
@@ -210,20 +212,27 @@ pub const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_millis(50
 /// period unless memory has not been handed back for a minute. It runs on a blocking thread,
 /// never on a worker of the request path.
 pub async fn trim_every(period: std::time::Duration) {
-    let mut ticks = tokio::time::interval(period);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
+    use tollgate_gateway::pace;
     let mut cpu_before = cpu_time();
+    let mut looked = std::time::Instant::now();
     let mut policy = TrimPolicy::default();
     loop {
-        ticks.tick().await;
-        let cpu_now = cpu_time();
+        pace::tick(if policy.busy_since_trim {
+            period
+        } else {
+            period.max(pace::QUIET)
+        })
+        .await;
+        let (cpu_now, now) = (cpu_time(), std::time::Instant::now());
+        let elapsed = now.duration_since(looked);
         let busy = match (cpu_before, cpu_now) {
-            (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64() / period.as_secs_f64(),
+            (Some(a), Some(b)) if !elapsed.is_zero() => {
+                b.saturating_sub(a).as_secs_f64() / elapsed.as_secs_f64()
+            }
             _ => 1.0, // unknown: counted busy, so trims still come once a minute
         };
-        cpu_before = cpu_now;
-        if !policy.after(period, busy) {
+        (cpu_before, looked) = (cpu_now, now);
+        if !policy.after(elapsed, busy) {
             continue;
         }
         let took = tokio::task::spawn_blocking(|| {

@@ -462,7 +462,6 @@ async fn reload_on_change(
             None
         }
     };
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
     loop {
         #[cfg(unix)]
         let hangup = async {
@@ -479,7 +478,8 @@ async fn reload_on_change(
                 seen = modified(&path);
                 "SIGHUP"
             }
-            _ = tick.tick() => {
+            // Every two seconds, with the process's other samplers (`pace`).
+            _ = tollgate_gateway::pace::tick(std::time::Duration::from_secs(2)) => {
                 let now = modified(&path);
                 if now == seen {
                     continue;

@@ -117,7 +117,8 @@
 //! `auto` (the default) binds only while the workers' cores are busy ([`pin_while_busy`]):
 //! four times a second it reads how long those cores were idle (`/proc/stat`), binds the
 //! workers when that was under a fifth of the time and frees them again when it was over
-//! 35 %. The two settings differ where the cores are shared with busy processes:
+//! 35 %. While the workers are free and their cores at least 90 % idle, it reads once a
+//! second instead (`tollgate_gateway::pace`: an idle process wakes as little as it can). The two settings differ where the cores are shared with busy processes:
 //! - saturated, free workers could queue on one core while the other idled (runs at 0.79 of
 //!   nginx's requests/s with the cores 9–12 % idle); bound, no run lost that time;
 //! - at half the load, a bound worker could not leave its core when the scheduler put the
@@ -135,7 +136,7 @@ use std::cell::Cell;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tollgate_gateway::{PinWorkers, WorkerSeat};
+use tollgate_gateway::{PinWorkers, WorkerSeat, pace};
 
 /// Puts the calling thread in `SCHED_BATCH`: the threads of the process's tokio runtime
 /// (workers and blocking threads), from `on_thread_start`, and the thread that drives the
@@ -228,8 +229,12 @@ impl Drop for Unseat {
     }
 }
 
-/// How often [`pin_while_busy`] reads the cores' idle time.
+/// How often [`pin_while_busy`] reads the cores' idle time, unless they are quiet...
 const PIN_SAMPLE: Duration = Duration::from_millis(250);
+/// ...that is, idle at least this share of the last sample with the workers free: then once a
+/// second ([`pace::QUIET`]). A load that starts is seen within that second; the workers are
+/// bound at the next sample that finds the cores busy, as before.
+const QUIET_IDLE: f64 = 0.9;
 /// The workers are bound once their cores were idle less than this share of a sample...
 const BIND_BELOW_IDLE: f64 = 0.20;
 /// ...and freed once they were idle more than this.
@@ -240,12 +245,11 @@ const FREE_ABOVE_IDLE: f64 = 0.35;
 /// process's runtime once the gateway's workers start; where `/proc/stat` cannot be read it
 /// leaves them as they are (bound) and ends.
 pub async fn pin_while_busy(stop: tokio_util::sync::CancellationToken) {
-    let mut tick = tokio::time::interval(PIN_SAMPLE);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<(Vec<usize>, CoreTimes)> = None;
+    let mut quiet = false;
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = pace::tick(if quiet { pace::QUIET } else { PIN_SAMPLE }) => {}
             _ = stop.cancelled() => return,
         }
         let cores = {
@@ -256,7 +260,8 @@ pub async fn pin_while_busy(stop: tokio_util::sync::CancellationToken) {
             cores
         };
         if cores.is_empty() {
-            last = None;
+            // No worker seated (yet): nothing to watch but when one is.
+            (last, quiet) = (None, true);
             continue;
         }
         let read = std::fs::read_to_string("/proc/stat");
@@ -275,6 +280,7 @@ pub async fn pin_while_busy(stop: tokio_util::sync::CancellationToken) {
                 set_bound(bind);
                 tracing::debug!(bound = bind, idle, "gateway workers' binding changed");
             }
+            quiet = idle >= QUIET_IDLE && !lock_seats().bound;
         }
         last = Some((cores, now));
     }
@@ -625,8 +631,10 @@ impl CatchUp {
     /// when the collector last reached the end of the bus (Unix seconds; before it first does,
     /// the time the task started counts instead). To be spawned on the
     /// main runtime (batch work, which idle threads cannot hold up); it checks ten times per
-    /// `bound`, at most once per 100 ms and at least once a second, and ends at once where the
-    /// threads may not use idle cores.
+    /// `bound` (five while the collector is less than half of it behind, as it is when idle:
+    /// once a second with the default bound, with the process's other samplers, `pace`), at
+    /// most once per 100 ms and at least once a second, and ends at once where the threads may
+    /// not use idle cores.
     pub fn governor(
         &self,
         caught_up: impl Fn() -> f64 + Send + 'static,
@@ -640,15 +648,16 @@ impl CatchUp {
             }
             // A collector that has not caught up yet is behind since ingest started.
             let started = tollgate_collector::unix_seconds(std::time::SystemTime::now());
-            let every = (bound / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let every = (bound / 10).clamp(Duration::from_millis(100), pace::QUIET);
+            let keeping_up_every = (bound / 5).clamp(every, pace::QUIET);
+            let mut keeping_up = false;
             loop {
                 tokio::select! {
-                    _ = tick.tick() => {}
+                    _ = pace::tick(if keeping_up { keeping_up_every } else { every }) => {}
                     _ = stop.cancelled() => return,
                 }
                 let behind = behind(caught_up().max(started), std::time::SystemTime::now());
+                keeping_up = behind < bound / 2;
                 let now = *threads.lock_policy();
                 if let Some(policy) = next_policy(now, behind, bound)
                     && threads.set(policy)

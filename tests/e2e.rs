@@ -671,9 +671,9 @@ async fn up_with_gateway(gateway_extra: &str) -> (tempfile::TempDir, Up) {
 
 /// With `pin_workers: auto` (the default) the workers are bound to their cores only while the
 /// cores are busy: `tollgate up` with nothing to serve leaves them to the scheduler, on every
-/// core the process may use. (It binds them at start, one per core, and frees them at the
-/// first look at the cores' idle time, a quarter of a second later; while other tests keep
-/// the cores busy, it may take longer.)
+/// core the process may use. (It binds them at start, one per core, and frees them once two
+/// looks at the cores' idle time, a quarter of a second apart, found them idle; while other
+/// tests keep the cores busy, it may take longer.)
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn idle_workers_under_pin_workers_auto_are_left_to_the_scheduler() {

@@ -25,6 +25,7 @@ pub mod h1;
 mod http2;
 pub mod limits;
 pub mod metrics;
+pub mod pace;
 mod prefetch;
 mod proxy;
 pub mod quota;

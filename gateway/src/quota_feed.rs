@@ -134,7 +134,8 @@ impl QuotaFeed {
                     }
                     return;
                 }
-                _ = tokio::time::sleep(self.poll) => {}
+                // On the poll's whole multiples, with the process's other samplers (`pace`).
+                _ = crate::pace::tick(self.poll) => {}
             }
         }
     }
