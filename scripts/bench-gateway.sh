@@ -46,9 +46,7 @@ WORK="$(mktemp -d)"
 cleanup() {
   for pid in "${TG_PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; done
   [ -s "$WORK/gw.log" ] && { echo "tollgate gateway's log:" >&2; tail -5 "$WORK/gw.log" >&2; }
-  kill $(jobs -p) 2>/dev/null || true
-  stop_nginx_instances up px pxl
-  wait 2>/dev/null || true; rm -rf "$WORK"
+  end_run up px pxl
 }
 trap cleanup EXIT
 

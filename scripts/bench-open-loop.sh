@@ -30,7 +30,7 @@ ROUNDS="${ROUNDS:-3}"; DURATION="${DURATION:-15}"; CONNS="${CONNS:-64}"; BODY="$
 open_loop_tools
 python3 -c 'import duckdb' 2>/dev/null || python3 -m pip install -q duckdb >&2
 WORK="$(mktemp -d)"
-cleanup() { kill $(jobs -p) 2>/dev/null || true; stop_nginx_instances up px; wait 2>/dev/null || true; rm -rf "$WORK"; }
+cleanup() { end_run up px; }
 trap cleanup EXIT
 nginx_upstream_and_proxy "$BODY"
 

@@ -23,12 +23,7 @@ bins_or_release "$@"
 command -v perf >/dev/null || { echo "perf not found: apt-get install linux-perf" >&2; exit 1; }
 WORK="$(mktemp -d)"
 TG=""
-cleanup() {
-  kill $(jobs -p) 2>/dev/null || true
-  stop_nginx_instances up px
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
+cleanup() { end_run up px; }
 trap cleanup EXIT
 UP_WORKERS=1 nginx_upstream_and_proxy 1024
 UPSTREAM_WORKERS=$(pgrep -d, -P "$(cat "$WORK/up/nginx.pid")")

@@ -23,11 +23,7 @@ DURATION="${DURATION:-60}"
 . scripts/lib/services.sh
 open_loop_tools
 WORK="$(mktemp -d)"
-cleanup() {
-  kill $(jobs -p) 2>/dev/null || true
-  stop_nginx_instances up px
-  wait 2>/dev/null || true; rm -rf "$WORK"
-}
+cleanup() { end_run up px; }
 trap cleanup EXIT
 nginx_upstream_and_proxy 1024
 

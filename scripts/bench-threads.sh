@@ -29,12 +29,7 @@ load_tools
 [ "$MODE" = up ] || [ -x "$TANSU" ] || { echo "tansu not found at $TANSU: run scripts/install-test-services.sh" >&2; exit 1; }
 WORK="$(mktemp -d)"
 TG=""; TANSU_PID=""
-cleanup() {
-  kill $(jobs -p) 2>/dev/null || true
-  stop_nginx_instances up px
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
+cleanup() { end_run up px; }
 trap cleanup EXIT
 UP_WORKERS=1 nginx_upstream_and_proxy 1024
 PROXY_MASTER=$(cat "$WORK/px/nginx.pid"); UPSTREAM_MASTER=$(cat "$WORK/up/nginx.pid")

@@ -68,6 +68,14 @@ NGINX
 stop_nginx_instances() {
   for c in "$@"; do nginx -p "$WORK/$c" -c "$WORK/$c/nginx.conf" -s stop 2>/dev/null || true; done
 }
+# end_run INSTANCE...: what a benchmark's exit trap does: stops this shell's jobs and the nginx
+# instances named, waits for them, and removes $WORK.
+end_run() {
+  kill $(jobs -p) 2>/dev/null || true
+  stop_nginx_instances "$@"
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
 
 # nginx_upstream_and_proxy BODY: the gateway benchmarks' baseline pair, started and answering.
 # `up` (one worker; UP_WORKERS=auto for one per core) answers every path with BODY bytes on
