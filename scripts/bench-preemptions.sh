@@ -8,17 +8,21 @@
 #
 # What it is for: the context switches a request of `scripts/bench.sh` say how many, not why.
 # Voluntary switches are a thread with nothing left to run; preemptions say whose wake-up took
-# the core (BENCHMARKS.md, thirty-fifth round). Requests in the window are estimated as wrk's
+# the core (BENCHMARKS.md, thirty-fifth round). Requests in the window are estimated as the load's
 # total times WINDOW/DURATION.
 #
-# Usage: DURATION=12 WINDOW=4 scripts/bench-preemptions.sh [BINARY]
+# With RATE set, the load is the open-loop generator's (examples/open_loop.rs) at RATE requests/s
+# over 64 connections instead of wrk's closed loop: how the proxies switch at a given load
+# rather than at their maximum.
+#
+# Usage: DURATION=12 WINDOW=4 [RATE=20000] scripts/bench-preemptions.sh [BINARY]
 #   Without a binary, the release build of this tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
 DURATION="${DURATION:-12}"; WINDOW="${WINDOW:-4}"
 . scripts/lib/services.sh
-load_tools
+if [ -n "${RATE:-}" ]; then open_loop_tools; else load_tools; fi
 bins_or_release "$@"
 command -v perf >/dev/null || { echo "perf not found: apt-get install linux-perf" >&2; exit 1; }
 WORK="$(mktemp -d)"
@@ -30,14 +34,25 @@ UPSTREAM_WORKERS=$(pgrep -d, -P "$(cat "$WORK/up/nginx.pid")")
 
 # measure NAME URL: the load, the recording and the report for one target.
 measure() {
-  wrk -t1 -c64 -d"${DURATION}s" -H 'x-api-key: bench-key' "$2" > "$WORK/wrk" &
+  if [ -n "${RATE:-}" ]; then
+    "$OPEN_LOOP" "$2" "$RATE" "$DURATION" 64 "x-api-key: bench-key" > "$WORK/load" &
+  else
+    wrk -t1 -c64 -d"${DURATION}s" -H 'x-api-key: bench-key' "$2" > "$WORK/load" &
+  fi
   local w=$!
   sleep $(( (DURATION - WINDOW) / 2 ))
   perf record -q -e sched:sched_switch -a -o "$WORK/sw.data" -- sleep "$WINDOW" >/dev/null 2>&1
   wait "$w"
-  local total; total=$(awk '/requests in/ {print $1}' "$WORK/wrk")
+  local total
   echo
-  echo "### $1: $(awk '/Requests\/sec/ {print $2}' "$WORK/wrk") requests/s"
+  if [ -n "${RATE:-}" ]; then
+    # open_loop prints: sent ok non2xx errors achieved p50 p90 p99 p99.9 max
+    total=$(awk '{print $1}' "$WORK/load")
+    echo "### $1: $(awk '{print $5 " requests/s, p50 " $6 " ms, p99 " $8 " ms"}' "$WORK/load")"
+  else
+    total=$(awk '/requests in/ {print $1}' "$WORK/load")
+    echo "### $1: $(awk '/Requests\/sec/ {print $2}' "$WORK/load") requests/s"
+  fi
   echo
   perf script -i "$WORK/sw.data" -F trace 2>/dev/null |
     UPSTREAM="$UPSTREAM_WORKERS" REQUESTS=$(( total * WINDOW / DURATION )) python3 -c '

@@ -4,7 +4,7 @@
 # `gateway`: `tollgate gateway` producing its events to a Kafka-protocol broker, tansu, on
 # this machine), and with BASELINE=nginx nginx as a plain reverse proxy (the baseline) takes its
 # turn too, with the benchmark configuration (scripts/lib/services.sh, bench_config) in
-# front of one nginx upstream answering 1 KiB, and takes `wrk -t1 -c64` for DURATION seconds
+# front of one nginx upstream answering 1 KiB, and takes `wrk -t1 -c64` (or WRK) for DURATION seconds
 # after 3 s of the same to warm up. Reported per thread name (summed over the threads of that
 # name) of the proxy's process, of the broker and of the upstream: CPU µs per request (from
 # /proc/<pid>/task/*/schedstat) and voluntary and involuntary context switches per request
@@ -16,12 +16,14 @@
 # shows there when the requests/s of single runs (which move by 5–10 % on two shared cores)
 # cannot tell it.
 #
-# Usage: MODE=up|gateway BASELINE=nginx ROUNDS=2 DURATION=6 scripts/bench-threads.sh BINARY...
+# WRK sets wrk's threads and connections (`-t1 -c64` unless set): `WRK="-t2 -c256"`, say.
+#
+# Usage: MODE=up|gateway BASELINE=nginx ROUNDS=2 DURATION=6 [WRK="-t1 -c64"] scripts/bench-threads.sh BINARY...
 # (MODE=gateway needs a build with the `scaled` feature, and tansu: scripts/install-test-services.sh.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
-MODE="${MODE:-up}"; ROUNDS="${ROUNDS:-2}"; DURATION="${DURATION:-6}"
+MODE="${MODE:-up}"; ROUNDS="${ROUNDS:-2}"; DURATION="${DURATION:-6}"; WRK="${WRK:--t1 -c64}"
 [ $# -gt 0 ] || { echo "usage: MODE=up|gateway $0 BINARY..." >&2; exit 2; }
 case "$MODE" in up|gateway) ;; *) echo "MODE is up or gateway, not $MODE" >&2; exit 2 ;; esac
 . scripts/lib/services.sh
@@ -81,7 +83,7 @@ snap() {
   done
 }
 
-echo "## Threads per request (\`MODE=$MODE ROUNDS=$ROUNDS DURATION=$DURATION scripts/bench-threads.sh\`)"
+echo "## Threads per request (\`MODE=$MODE ROUNDS=$ROUNDS DURATION=$DURATION WRK=\"$WRK\" scripts/bench-threads.sh\`)"
 echo
 for i in $(seq 1 $#); do echo "- tollgate-$((i - 1)) = \`${!i}\` (\`tollgate $MODE\`)"; done
 [ "${BASELINE:-}" = nginx ] && echo "- nginx = nginx as a reverse proxy, a worker per core, in front of the same upstream"
@@ -96,9 +98,9 @@ for r in $(seq 1 "$ROUNDS"); do
     start "${BINS[$i]}"
     label="tollgate-$i"; [ "${BINS[$i]}" = nginx ] && label=nginx
     url="http://127.0.0.1:$GW/v1/items/1"
-    wrk -t1 -c64 -d3s -H 'x-api-key: bench-key' "$url" >/dev/null
+    wrk $WRK -d3s -H 'x-api-key: bench-key' "$url" >/dev/null
     snap > "$WORK/before"
-    wrk -t1 -c64 -d"${DURATION}s" -H 'x-api-key: bench-key' "$url" > "$WORK/wrk"
+    wrk $WRK -d"${DURATION}s" -H 'x-api-key: bench-key' "$url" > "$WORK/wrk"
     snap > "$WORK/after"
     stop
     python3 - "$WORK/before" "$WORK/after" "$WORK/wrk" "$label" "$r" <<'PY'

@@ -341,6 +341,22 @@ mod tests {
     }
 
     #[test]
+    fn io_uring_is_auto_unless_turned_off() {
+        use tollgate_gateway::IoUringSetting;
+        let c = parse("gateway:\n  listen: 127.0.0.1:1\n", &[]).unwrap();
+        assert_eq!(c.gateway.io_uring, IoUringSetting::Auto);
+        for (word, want) in [("auto", IoUringSetting::Auto), ("off", IoUringSetting::Off)] {
+            let c = parse(&format!("gateway:\n  io_uring: {word}\n"), &[]).unwrap();
+            assert_eq!(c.gateway.io_uring, want);
+            assert_eq!(want.as_str(), word, "the log spells it as the file does");
+        }
+        let err = parse("gateway:\n  io_uring: on\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gateway.io_uring"), "{err}");
+    }
+
+    #[test]
     fn a_file_is_read_as_it_is_parsed_and_its_errors_quote_the_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.yaml");

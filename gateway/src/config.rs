@@ -24,6 +24,12 @@ pub struct GatewayConfig {
     /// [`PinWorkers`].
     #[serde(default)]
     pub pin_workers: PinWorkers,
+    /// Whether each worker sends its turn's upstream requests in one system call through an
+    /// io_uring of its own: `auto` (the default) where the kernel allows one (Linux; not where
+    /// `kernel.io_uring_disabled` or a seccomp filter refuses it: then as with `off`), `off`
+    /// for one `send` per request. See [`IoUringSetting`].
+    #[serde(default)]
+    pub io_uring: IoUringSetting,
     /// Instance id written into every event; defaults to `gateway-<port>`.
     #[serde(default)]
     pub id: Option<String>,
@@ -167,6 +173,7 @@ impl Default for GatewayConfig {
             listen: default_listen(),
             workers: 0,
             pin_workers: PinWorkers::default(),
+            io_uring: IoUringSetting::default(),
             id: None,
             upstreams: BTreeMap::new(),
             routes: Vec::new(),
@@ -652,6 +659,34 @@ impl PinWorkers {
             _ if allowed.is_empty() => None,
             PinWorkers::Auto if workers != allowed.len() => None,
             PinWorkers::Auto | PinWorkers::Always => Some(allowed[index % allowed.len()]),
+        }
+    }
+}
+
+/// `gateway.io_uring`: whether the workers send their upstream requests through io_uring.
+///
+/// A worker gathers the upstream requests of its turn (the connections it found ready at one
+/// wake-up) and sends them just before it waits again (`turn.rs`). One `send` each wakes the
+/// upstream at the first, and the upstream then tends to take the worker's core and serve that
+/// one request before the next is sent. With io_uring the turn's sends are one system call, so
+/// the upstream finds them all when it runs (`turn/sends.rs`; BENCHMARKS.md, thirty-sixth
+/// round). Nothing else goes through it: reads, client answers and TLS stay on the runtime.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoUringSetting {
+    /// Used where the kernel gives the process a ring; otherwise `off`, with a log line.
+    #[default]
+    Auto,
+    /// One `send` system call per upstream request.
+    Off,
+}
+
+impl IoUringSetting {
+    /// The word the configuration spells it with.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoUringSetting::Auto => "auto",
+            IoUringSetting::Off => "off",
         }
     }
 }

@@ -49,7 +49,7 @@ use tollgate_bus::Publisher;
 use tollgate_schemas::config::Plan;
 pub use tollgate_schemas::directory::Directory;
 
-pub use config::{GatewayConfig, PinWorkers};
+pub use config::{GatewayConfig, IoUringSetting, PinWorkers};
 pub use metrics::GatewayMetrics;
 pub use reload::Reloader;
 
@@ -253,7 +253,7 @@ impl Gateway {
     /// Runs `start` first on each worker thread, before its runtime is built. The binary sets
     /// the thread's scheduling class with it (the workers are spawned from a runtime thread of
     /// the background class and would otherwise inherit it) and binds the thread to its core
-    /// as `gateway.pin_workers` says; this crate holds no `unsafe`.
+    /// as `gateway.pin_workers` says; this crate holds no `unsafe` for it.
     pub fn with_worker_start(mut self, start: fn(WorkerSeat)) -> Gateway {
         self.worker_start = Some(start);
         self
@@ -297,7 +297,14 @@ impl Gateway {
             tokio::spawn(feed.run(shutdown.clone()));
         }
         let count = listeners.len();
-        tracing::info!(%addr, workers = count, pin_workers = started.pin_workers.as_str(), "gateway listening");
+        tracing::info!(
+            %addr,
+            workers = count,
+            pin_workers = started.pin_workers.as_str(),
+            io_uring = started.io_uring.as_str(),
+            "gateway listening"
+        );
+        let ring = started.io_uring != config::IoUringSetting::Off;
         let mut workers = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
             let seat = WorkerSeat {
@@ -320,8 +327,8 @@ impl Gateway {
                         start(seat);
                     }
                     // Its turn's upstream requests leave together before it parks.
-                    match turn::worker_runtime() {
-                        Ok(rt) => rt.block_on(serve(listener, start)),
+                    match turn::worker_runtime(ring) {
+                        Ok((rt, _)) => rt.block_on(serve(listener, start)),
                         Err(e) => tracing::error!(error = %e, "gateway worker runtime failed"),
                     }
                     let _ = done.send(());

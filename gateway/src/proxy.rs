@@ -854,11 +854,17 @@ impl Worker {
                 },
             };
             let may_retry = reused && staged && attempt == 0;
+            let mut rest = out;
             if attempt == 0 {
-                // With the other requests of this worker's turn (`turn.rs`).
-                crate::turn::end_of_turn().await;
+                // With the other requests of this worker's turn (`turn.rs`), in one system call
+                // where the worker has an io_uring.
+                match crate::turn::send_at_end_of_turn(up.stream.tcp(), out).await {
+                    Ok(n) => rest = &out[n..],
+                    Err(_) if may_retry => continue,
+                    Err(_) => return Err(unreachable().retryable()),
+                }
             }
-            if up.write(out).await.is_err() {
+            if !rest.is_empty() && up.write(rest).await.is_err() {
                 if may_retry {
                     continue;
                 }

@@ -11,7 +11,7 @@
 //! closed when its last request ends.
 //!
 //! What a reload cannot change (it needs a restart, and the reload is refused with the key's
-//! name): `listen`, `workers`, `pin_workers`, `admin_listen`, `events`, `quota` (the feed and
+//! name): `listen`, `workers`, `pin_workers`, `io_uring`, `admin_listen`, `events`, `quota` (the feed and
 //! its state survive a reload: quotas stay exact), `state_dir`, `spool`. Rate-limit buckets
 //! start full after a reload.
 
@@ -223,6 +223,7 @@ impl Reloader {
             ("listen", config.listen == s.listen),
             ("workers", config.workers == s.workers),
             ("pin_workers", config.pin_workers == s.pin_workers),
+            ("io_uring", config.io_uring == s.io_uring),
             ("admin_listen", config.admin_listen == s.admin_listen),
             ("events", config.events == s.events),
             ("quota", config.quota == s.quota),

@@ -31,6 +31,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
+#[cfg(target_os = "linux")]
+mod sends;
+
 /// At most this many tasks wait for the end of their worker's turn. More than a worker serves
 /// in one turn at the benchmark's load (8–16 ready connections per wake-up), few enough that a
 /// release never takes long.
@@ -50,12 +53,21 @@ thread_local! {
 /// A worker's runtime, for the calling thread: single-threaded, releasing the turn's waits
 /// before it parks, and with [`end_of_turn`] waiting on this thread (on any other it is ready
 /// at once: a task there would otherwise wait until [`MOST_WAITING`] others did).
-pub fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+///
+/// With `ring`, the worker also sends its turn's upstream requests in one system call
+/// ([`send_at_end_of_turn`]) if the kernel gives it an io_uring; the return says whether it
+/// does.
+pub fn worker_runtime(ring: bool) -> std::io::Result<(tokio::runtime::Runtime, bool)> {
     ON.with(|on| on.set(true));
+    #[cfg(target_os = "linux")]
+    let ring = ring && sends::init();
+    #[cfg(not(target_os = "linux"))]
+    let ring = ring && false;
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .on_thread_park(release)
         .build()
+        .map(|rt| (rt, ring))
 }
 
 /// Waits until the calling task's worker has run every other task that is ready, or until
@@ -97,9 +109,86 @@ impl Future for EndOfTurn {
     }
 }
 
+/// Sends `data` on `tcp` with the other upstream requests of the worker's turn, in one system
+/// call where the worker has an io_uring (`sends.rs`); else (no ring, not TCP, not Linux) waits
+/// for the end of the turn as [`end_of_turn`] does and sends nothing. Returns the bytes sent:
+/// the caller writes the rest (all of it when 0) itself. An error is the socket's (a
+/// connection the upstream reset).
+pub async fn send_at_end_of_turn(
+    tcp: Option<&tokio::net::TcpStream>,
+    data: &[u8],
+) -> std::io::Result<usize> {
+    #[cfg(target_os = "linux")]
+    if let Some(tcp) = tcp
+        && ON.with(Cell::get)
+        && sends::available()
+        && WAITING.with(|w| w.borrow().len() < MOST_WAITING)
+        && let Some(slot) = sends::queue(std::os::fd::AsRawFd::as_raw_fd(tcp), data)
+    {
+        // The borrow of `tcp` lasts as long as the wait, so the socket stays open while the
+        // send is queued; a wait dropped early cancels it.
+        return SendWait { slot }.await;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (tcp, data);
+    end_of_turn().await;
+    Ok(0)
+}
+
+/// A task's wait for its queued send.
+#[cfg(target_os = "linux")]
+struct SendWait {
+    slot: std::sync::Arc<sends::Slot>,
+}
+
+#[cfg(target_os = "linux")]
+impl Future for SendWait {
+    type Output = std::io::Result<usize>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.slot.get() {
+            sends::State::Sent(n) => Poll::Ready(Ok(n)),
+            sends::State::Failed(errno) => {
+                Poll::Ready(Err(std::io::Error::from_raw_os_error(errno)))
+            }
+            sends::State::Cancelled => Poll::Ready(Ok(0)),
+            sends::State::Waiting => {
+                let waiting = WAITING.with(|w| {
+                    let mut w = w.borrow_mut();
+                    if w.iter().any(|k| k.will_wake(cx.waker())) {
+                        return true; // polled again before the release: still queued
+                    }
+                    if w.len() >= MOST_WAITING {
+                        return false;
+                    }
+                    w.push(cx.waker().clone());
+                    true
+                });
+                if waiting {
+                    return Poll::Pending;
+                }
+                // As many wait as may: this one goes now, with those queued before it.
+                release();
+                self.poll(cx)
+            }
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for SendWait {
+    fn drop(&mut self) {
+        if self.slot.get() == sends::State::Waiting {
+            self.slot.set(sends::State::Cancelled);
+        }
+    }
+}
+
 /// Wakes every task of this thread waiting for the end of its turn. The worker's runtime calls
 /// it before parking; the woken tasks keep it from parking until they have run.
 pub fn release() {
+    #[cfg(target_os = "linux")]
+    sends::flush();
     let mut releasing = RELEASING.with(|r| std::mem::take(&mut *r.borrow_mut()));
     WAITING.with(|waiting| std::mem::swap(&mut *waiting.borrow_mut(), &mut releasing));
     // Woken outside the borrow: a wake-up only schedules its task, but nothing here relies on
@@ -118,7 +207,7 @@ mod tests {
     /// A worker's runtime, or one that lets this thread's tasks wait but never releases them.
     fn runtime(with_release: bool) -> tokio::runtime::Runtime {
         if with_release {
-            return worker_runtime().expect("runtime");
+            return worker_runtime(false).expect("runtime").0;
         }
         ON.with(|on| on.set(true));
         tokio::runtime::Builder::new_current_thread()
@@ -180,5 +269,149 @@ mod tests {
             tokio::time::timeout(std::time::Duration::from_secs(10), task).await
         });
         assert!(done.is_ok(), "a request off a worker thread waited");
+    }
+
+    /// A connected pair of loopback sockets: (ours, the peer's).
+    #[cfg(target_os = "linux")]
+    async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        (ours, listener.accept().await.unwrap().0)
+    }
+
+    /// Reads exactly `n` bytes from `peer`, within 10 s.
+    #[cfg(target_os = "linux")]
+    async fn read_n(peer: &mut tokio::net::TcpStream, n: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut got = vec![0; n];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            peer.read_exact(&mut got),
+        )
+        .await
+        .expect("the bytes arrive")
+        .unwrap();
+        got
+    }
+
+    /// A worker's runtime with its ring; panics where the kernel gives none (the reference
+    /// machine does: the test would otherwise prove nothing).
+    #[cfg(target_os = "linux")]
+    fn ring_runtime() -> tokio::runtime::Runtime {
+        let (rt, ring) = worker_runtime(true).expect("runtime");
+        assert!(
+            ring,
+            "no io_uring here (kernel.io_uring_disabled, or a seccomp filter?)"
+        );
+        rt
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_turns_sends_arrive_whole_and_after_the_other_ready_tasks() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        ring_runtime().block_on(async {
+            let mut pairs = Vec::new();
+            for _ in 0..8 {
+                pairs.push(pair().await);
+            }
+            // Spawned with no wait between them, so that all are ready in one turn.
+            let mut tasks = Vec::new();
+            let mut peers = Vec::new();
+            for (i, (ours, peer)) in (0..8u8).zip(pairs) {
+                peers.push(peer);
+                let log = log.clone();
+                tasks.push(tokio::spawn(async move {
+                    let data = vec![b'a' + i; 100 + usize::from(i)];
+                    let sent = send_at_end_of_turn(Some(&ours), &data).await.unwrap();
+                    log.lock().unwrap().push(format!("sent {i}"));
+                    (ours, sent, data.len())
+                }));
+            }
+            let other = {
+                let log = log.clone();
+                tokio::spawn(async move { log.lock().unwrap().push("other".to_string()) })
+            };
+            other.await.unwrap();
+            let mut kept = Vec::new();
+            for (i, (task, mut peer)) in tasks.into_iter().zip(peers).enumerate() {
+                let (ours, sent, len) = task.await.unwrap();
+                assert_eq!(sent, len, "a small request goes whole through the ring");
+                let got = read_n(&mut peer, len).await;
+                assert!(
+                    got.iter().all(|b| *b == b'a' + i as u8),
+                    "task {i}'s own bytes"
+                );
+                kept.push((ours, peer));
+            }
+        });
+        let log = log.lock().unwrap();
+        assert_eq!(log[0], "other", "{log:?}");
+        assert_eq!(log.len(), 9, "{log:?}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_send_too_large_for_the_socket_returns_what_went_and_never_blocks() {
+        use tokio::io::AsyncWriteExt;
+        ring_runtime().block_on(async {
+            let (mut ours, mut peer) = pair().await;
+            // Far more than a loopback socket's buffers take before the peer reads.
+            let data: Vec<u8> = (0..32 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+            let sent = send_at_end_of_turn(Some(&ours), &data).await.unwrap();
+            assert!(sent < data.len(), "{sent} of {} sent at once", data.len());
+            let len = data.len();
+            let reader = tokio::spawn(async move { read_n(&mut peer, len).await });
+            ours.write_all(&data[sent..]).await.unwrap();
+            assert!(
+                reader.await.unwrap() == data,
+                "the bytes arrive whole and in order"
+            );
+        });
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_send_whose_wait_was_dropped_is_not_made() {
+        use tokio::io::AsyncWriteExt;
+        ring_runtime().block_on(async {
+            let (mut ours, mut peer) = pair().await;
+            // Queued, then dropped before the turn ends.
+            tokio::select! {
+                biased;
+                _ = send_at_end_of_turn(Some(&ours), b"dropped") => panic!("sent within the turn"),
+                _ = std::future::ready(()) => {}
+            }
+            // Let the turn end: the worker parks, which releases (and would send) what waits.
+            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            ours.write_all(b"kept").await.unwrap();
+            assert_eq!(read_n(&mut peer, 4).await, b"kept");
+        });
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_send_on_a_closed_connection_fails() {
+        ring_runtime().block_on(async {
+            let (ours, peer) = pair().await;
+            let linger = socket2::SockRef::from(&peer);
+            linger.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+            drop(peer); // a reset: the next sends fail
+            let data = vec![b'x'; 1000];
+            let mut failed = false;
+            for _ in 0..100 {
+                match send_at_end_of_turn(Some(&ours), &data).await {
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                    Ok(_) => tokio::task::yield_now().await,
+                }
+            }
+            assert!(failed, "a send on a reset connection should fail");
+        });
     }
 }
