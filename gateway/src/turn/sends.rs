@@ -7,8 +7,9 @@
 //! system call at a time. Made as one `io_uring_enter`, every send of the turn is in the
 //! upstream's socket buffers before the worker leaves the kernel, so the upstream wakes once
 //! and finds them all. Measured on the two-core reference machine (BENCHMARKS.md, thirty-sixth
-//! round): the upstream's wake-ups fell from about 0.28 to 0.05 a request, and the workers'
-//! context switches from about 0.35 to 0.13, below nginx's 0.29–0.34.
+//! round, `wrk -t1 -c64`): the upstream's wake-ups fell from 0.27–0.29 to 0.05–0.06 a request,
+//! the workers' context switches from 0.35–0.37 to 0.09–0.12 (nginx's: 0.28–0.35), and
+//! requests/s rose by 8–10 % in three rounds of four, to 1.01–1.10 of nginx's.
 //!
 //! How: a task queues its request's bytes (copied into the ring's arena: the queue owns what the
 //! kernel reads) with the socket's descriptor, and waits for the end of the turn as
