@@ -96,15 +96,7 @@ impl Future for EndOfTurn {
             // deadline's timer). Either way it goes now; a later release wakes it for nothing.
             return Poll::Ready(());
         }
-        let full = WAITING.with(|waiting| {
-            let mut waiting = waiting.borrow_mut();
-            if waiting.len() >= MOST_WAITING {
-                return true;
-            }
-            waiting.push(cx.waker().clone());
-            false
-        });
-        if full {
+        if !wait_for_release(cx) {
             // This one goes now, and those waiting go next.
             release();
             return Poll::Ready(());
@@ -112,6 +104,19 @@ impl Future for EndOfTurn {
         self.waited = true;
         Poll::Pending
     }
+}
+
+/// Puts the polling task among those the end of the turn wakes; false (and nothing done) when
+/// [`MOST_WAITING`] already wait.
+fn wait_for_release(cx: &Context<'_>) -> bool {
+    WAITING.with(|waiting| {
+        let mut waiting = waiting.borrow_mut();
+        if waiting.len() >= MOST_WAITING {
+            return false;
+        }
+        waiting.push(cx.waker().clone());
+        true
+    })
 }
 
 /// Sends `data` on `tcp` with the other upstream requests of the worker's turn, in one system
@@ -126,7 +131,6 @@ pub async fn send_at_end_of_turn(
     #[cfg(target_os = "linux")]
     if let Some(tcp) = tcp
         && ON.with(Cell::get)
-        && sends::available()
         && WAITING.with(|w| w.borrow().len() < MOST_WAITING)
         && let Some(slot) = sends::queue(std::os::fd::AsRawFd::as_raw_fd(tcp), data)
     {
@@ -158,18 +162,9 @@ impl Future for SendWait {
             }
             sends::State::Cancelled => Poll::Ready(Ok(0)),
             sends::State::Waiting => {
-                let waiting = WAITING.with(|w| {
-                    let mut w = w.borrow_mut();
-                    if w.iter().any(|k| k.will_wake(cx.waker())) {
-                        return true; // polled again before the release: still queued
-                    }
-                    if w.len() >= MOST_WAITING {
-                        return false;
-                    }
-                    w.push(cx.waker().clone());
-                    true
-                });
-                if waiting {
+                // Polled again before the release (its waker already waits), or waiting now.
+                let waiting = WAITING.with(|w| w.borrow().iter().any(|k| k.will_wake(cx.waker())));
+                if waiting || wait_for_release(cx) {
                     return Poll::Pending;
                 }
                 // As many wait as may: this one goes now, with those queued before it.

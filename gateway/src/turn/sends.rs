@@ -130,11 +130,6 @@ pub fn init() -> bool {
     }
 }
 
-/// Whether this thread has a ring to queue sends on.
-pub fn available() -> bool {
-    RING.with(|r| r.borrow().is_some())
-}
-
 /// Queues a copy of `data` to be sent on `fd` at the next [`flush`]; `None` when this thread has
 /// no ring or its queue is full.
 pub fn queue(fd: RawFd, data: &[u8]) -> Option<Arc<Slot>> {
