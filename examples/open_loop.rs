@@ -129,7 +129,7 @@ async fn pace(
     while next < slots {
         let mut ready = timer.readable().await?;
         let mut expirations = [0u8; 8];
-        match ready.try_io(|t| (&*t.get_ref()).read(&mut expirations)) {
+        match ready.try_io(|t| t.get_ref().read(&mut expirations)) {
             Ok(read) => {
                 read?;
             }
