@@ -14,7 +14,12 @@
 # the same offered load moves only with the binary, so small changes show (a few percent);
 # the rounds' spread says how far to trust a difference.
 #
-# Usage: ROUNDS=5 RATE=20000 DURATION=6 scripts/bench-cpu-per-request.sh BINARY...
+# Each round also runs the same load through nginx as a plain reverse proxy (a worker per core,
+# in front of the same upstream; BASELINE=none leaves it out), and every run reports the
+# upstream's CPU per request too: a proxy that makes its upstream work harder shows there. Set
+# Tollgate's whole process (workers and the rest) against nginx's workers.
+#
+# Usage: ROUNDS=5 RATE=20000 DURATION=6 [BASELINE=nginx|none] scripts/bench-cpu-per-request.sh BINARY...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
@@ -28,38 +33,53 @@ WORK="$(mktemp -d)"
 TG_PIDS=(); TG_PORTS=()
 cleanup() {
   for pid in "${TG_PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; done
-  kill $(jobs -p) 2>/dev/null || true
-  nginx -p "$WORK" -c "$WORK/nginx.conf" -s stop 2>/dev/null || true
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
+  end_run up px
 }
 trap cleanup EXIT
-start_nginx_upstream
-# The upstream answers 1 KiB, as in bench-gateway.sh.
-sed -i "s|return 200 '{\"ok\":true}'|return 200 '$(printf 'x%.0s' $(seq 1024))'|" "$WORK/nginx.conf"
-nginx -p "$WORK" -c "$WORK/nginx.conf" -s reload
-wait_for "[ \"\$(curl -s http://127.0.0.1:$UP/ | wc -c)\" = 1024 ]" 10
+# The upstream answers 1 KiB, as in bench-gateway.sh; nginx as a proxy in front of it.
+nginx_upstream_and_proxy 1024
+BASELINE="${BASELINE:-nginx}"
 
 start_ups "$@"
 
-# cpu PID -> "gateway_ns other_ns": CPU time so far of the gateway's workers and of the rest.
+# cpu split|all PID... -> "workers_ns other_ns": CPU time so far of the processes' threads. With
+# `split` (a Tollgate process) the gateway's workers (`tollgate-gw-*`) apart from the rest; with
+# `all` (nginx) every thread counts as a worker.
 cpu() {
-  python3 - "$1" <<'PY'
+  python3 - "$@" <<'PY'
 import os, sys
-pid = sys.argv[1]
 gw = other = 0
-for t in os.listdir(f"/proc/{pid}/task"):
-    try:
-        ns = int(open(f"/proc/{pid}/task/{t}/schedstat").read().split()[0])
-        name = open(f"/proc/{pid}/task/{t}/comm").read().strip()
-    except FileNotFoundError:
-        continue  # a thread that ended meanwhile (the blocking pool's)
-    if name.startswith("tollgate-gw"):
-        gw += ns
-    else:
-        other += ns
+for pid in sys.argv[2:]:
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            ns = int(open(f"/proc/{pid}/task/{t}/schedstat").read().split()[0])
+            name = open(f"/proc/{pid}/task/{t}/comm").read().strip()
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile (the blocking pool's)
+        if sys.argv[1] == "all" or name.startswith("tollgate-gw"):
+            gw += ns
+        else:
+            other += ns
 print(gw, other)
 PY
+}
+read -r -a UPSTREAM_PIDS < <(pgrep -d' ' -P "$(cat "$WORK/up/nginx.pid")")
+read -r -a PROXY_PIDS < <(pgrep -d' ' -P "$(cat "$WORK/px/nginx.pid")")
+
+# run NAME URL split|all PID...: one measured run through the proxy at URL whose processes are
+# PID...; prints its row and leaves its figures in FIGURES ("workers other process upstream").
+run() {
+  local name=$1 url=$2 g0 o0 g1 o1 u0 u1 ok p99 g o t u; shift 2
+  "$OPEN_LOOP" "$url" "$RATE" 2 64 'x-api-key: bench-key' >/dev/null
+  read -r g0 o0 < <(cpu "$@")
+  read -r u0 _ < <(cpu all "${UPSTREAM_PIDS[@]}")
+  # open_loop prints: sent ok non2xx errors achieved p50 p90 p99 p99.9 max
+  read -r _ ok _ _ _ _ _ p99 _ < <("$OPEN_LOOP" "$url" "$RATE" "$DURATION" 64 'x-api-key: bench-key')
+  read -r g1 o1 < <(cpu "$@")
+  read -r u1 _ < <(cpu all "${UPSTREAM_PIDS[@]}")
+  read -r g o t u < <(python3 -c "n = $ok * 1000; print(f'{($g1 - $g0) / n:.2f} {($o1 - $o0) / n:.2f} {($g1 - $g0 + $o1 - $o0) / n:.2f} {($u1 - $u0) / n:.2f}')")
+  FIGURES="$g $o $t $u"
+  echo "| $name | $r | $g | $o | $t | $u | $p99 |"
 }
 
 echo
@@ -67,30 +87,35 @@ echo "## CPU per request at $RATE requests/s (\`ROUNDS=$ROUNDS RATE=$RATE DURATI
 echo
 for i in "${!TG_PIDS[@]}"; do echo "- tollgate-$i = \`${@:$((i + 1)):1}\`"; done
 echo
-echo "| binary | round | gateway workers µs/req | other threads µs/req | p99 ms |"
-echo "|---|---|---|---|---|"
-declare -A GW OTHER
+echo "| target | round | workers µs/req | other threads µs/req | process µs/req | upstream µs/req | p99 ms |"
+echo "|---|---|---|---|---|---|---|"
+declare -A FIG
 # The binaries take turns at going first: round r starts with binary r - 1 (modulo their
 # number), as in bench-gateway.sh. With a fixed order one binary's median moved by up to
 # 0.45 µs between a run where it went first and one where it went last (BENCHMARKS.md,
 # twenty-fifth round).
 for r in $(seq 1 "$ROUNDS"); do
+  for pid in "${TG_PIDS[@]}"; do kill -STOP "$pid"; done
+  if [ "$BASELINE" = nginx ]; then
+    run nginx "http://127.0.0.1:$PX/v1/items/1" all "${PROXY_PIDS[@]}"
+    FIG[nginx]="${FIG[nginx]:-}|$FIGURES"
+  fi
   for k in "${!TG_PIDS[@]}"; do
     i=$(( (k + r - 1) % ${#TG_PIDS[@]} ))
     for pid in "${TG_PIDS[@]}"; do kill -STOP "$pid"; done
     kill -CONT "${TG_PIDS[$i]}"
-    url="http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1"
-    "$OPEN_LOOP" "$url" "$RATE" 2 64 'x-api-key: bench-key' >/dev/null
-    read -r g0 o0 < <(cpu "${TG_PIDS[$i]}")
-    # open_loop prints: sent ok errors non2xx achieved p50 p90 p99 p99.9 max
-    read -r _ ok _ _ _ _ _ p99 _ < <("$OPEN_LOOP" "$url" "$RATE" "$DURATION" 64 'x-api-key: bench-key')
-    read -r g1 o1 < <(cpu "${TG_PIDS[$i]}")
-    read -r g o < <(python3 -c "print(f'{($g1 - $g0) / $ok / 1000:.2f} {($o1 - $o0) / $ok / 1000:.2f}')")
-    GW[$i]="${GW[$i]:-} $g"; OTHER[$i]="${OTHER[$i]:-} $o"
-    echo "| tollgate-$i | $r | $g | $o | $p99 |"
+    run "tollgate-$i" "http://127.0.0.1:${TG_PORTS[$i]}/v1/items/1" split "${TG_PIDS[$i]}"
+    FIG[tollgate-$i]="${FIG[tollgate-$i]:-}|$FIGURES"
   done
 done
-for i in "${!TG_PIDS[@]}"; do
-  read -r gm om < <(python3 -c "import statistics as s, sys; g, o = sys.argv[1].split(), sys.argv[2].split(); print(f'{s.median(map(float, g)):.2f} {s.median(map(float, o)):.2f}')" "${GW[$i]}" "${OTHER[$i]}")
-  echo "| tollgate-$i | median | **$gm** | **$om** | |"
+names=()
+[ "$BASELINE" = nginx ] && names+=(nginx)
+for i in "${!TG_PIDS[@]}"; do names+=("tollgate-$i"); done
+for name in "${names[@]}"; do
+  python3 - "$name" "${FIG[$name]}" <<'PY'
+import statistics, sys
+rows = [list(map(float, r.split())) for r in sys.argv[2].split("|") if r.strip()]
+med = [f"**{statistics.median(col):.2f}**" for col in zip(*rows)]
+print(f"| {sys.argv[1]} | median | {' | '.join(med)} | |")
+PY
 done
