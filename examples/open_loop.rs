@@ -142,8 +142,11 @@ async fn pace(
                 break;
             }
             let conn = &conns[(next % conns.len() as u64) as usize];
-            conn.send(Release { due, at: now })
-                .map_err(|_| anyhow::anyhow!("a connection ended before the schedule"))?;
+            if conn.send(Release { due, at: now }).is_err() {
+                // That connection failed: the schedule stops here, and joining its task
+                // reports why.
+                return Ok(());
+            }
             next += 1;
         }
     }
