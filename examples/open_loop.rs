@@ -26,6 +26,10 @@
 //! With `OPEN_LOOP_TIMELINE=FILE` it also writes where in the run the slow answers were: one
 //! line per 100 ms of the schedule, `offset_ms requests max_ms over_5ms`, the wall-clock
 //! time of the run's start (`start_unix_ms`) first, to line a tail up with what else ran.
+//! With `OPEN_LOOP_SAMPLES=FILE` it writes every answered request, `due_us latency_us` in the
+//! schedule's order, after a first line with the run's start on `CLOCK_MONOTONIC`
+//! (`start_monotonic_us`), the clock `perf record -k CLOCK_MONOTONIC` stamps its events with:
+//! `scripts/bench-stalls.sh` lines each slow answer up with what the cores ran meanwhile.
 
 use std::time::Duration;
 
@@ -43,9 +47,9 @@ use tokio::time::Instant;
 struct Tally {
     /// Microseconds to the response's last byte, for answered requests.
     latencies_us: Vec<u64>,
-    /// Each answered request's scheduled time (milliseconds after the start), in the order of
+    /// Each answered request's scheduled time (microseconds after the start), in the order of
     /// `latencies_us`.
-    due_ms: Vec<u32>,
+    due_us: Vec<u64>,
     ok: u64,
     non2xx: u64,
     errors: u64,
@@ -99,8 +103,8 @@ async fn connection(
                     .latencies_us
                     .push(idle_since.duration_since(from).as_micros() as u64);
                 tally
-                    .due_ms
-                    .push(due.duration_since(start).as_millis() as u32);
+                    .due_us
+                    .push(due.duration_since(start).as_micros() as u64);
                 if status.is_success() {
                     tally.ok += 1;
                 } else {
@@ -249,6 +253,7 @@ fn main() -> anyhow::Result<()> {
             unsafe { AsyncFd::register_with_interest(ticker(lead, tick)?, Interest::READABLE) }
                 .map_err(|e| anyhow::anyhow!("registering the timer: {e}"))?;
         let start = Instant::now() + lead;
+        let start_mono_us = monotonic_us() + lead.as_micros() as u64;
         let (senders, tasks): (Vec<_>, Vec<_>) = (0..conns)
             .map(|_| {
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -261,15 +266,19 @@ fn main() -> anyhow::Result<()> {
         for t in tasks {
             let t = t.await??;
             all.latencies_us.extend(t.latencies_us);
-            all.due_ms.extend(t.due_ms);
+            all.due_us.extend(t.due_us);
             all.ok += t.ok;
             all.non2xx += t.non2xx;
             all.errors += t.errors;
         }
-        anyhow::Ok(all)
+        anyhow::Ok((all, start_mono_us))
     })?;
+    let (tally, start_mono_us) = tally;
     if let Some(path) = std::env::var_os("OPEN_LOOP_TIMELINE") {
-        write_timeline(&path, started_unix_ms, &tally.due_ms, &tally.latencies_us)?;
+        write_timeline(&path, started_unix_ms, &tally.due_us, &tally.latencies_us)?;
+    }
+    if let Some(path) = std::env::var_os("OPEN_LOOP_SAMPLES") {
+        write_samples(&path, start_mono_us, &tally.due_us, &tally.latencies_us)?;
     }
     let mut l = tally.latencies_us;
     l.sort_unstable();
@@ -301,14 +310,14 @@ fn main() -> anyhow::Result<()> {
 fn write_timeline(
     path: &std::ffi::OsStr,
     started_unix_ms: u128,
-    due_ms: &[u32],
+    due_us: &[u64],
     latencies_us: &[u64],
 ) -> anyhow::Result<()> {
     use std::fmt::Write as _;
-    let slots = due_ms.iter().max().map_or(0, |m| *m as usize / 100 + 1);
+    let slots = due_us.iter().max().map_or(0, |m| *m as usize / 100_000 + 1);
     let mut per = vec![(0u64, 0u64, 0u64); slots];
-    for (due, us) in due_ms.iter().zip(latencies_us) {
-        let slot = &mut per[*due as usize / 100];
+    for (due, us) in due_us.iter().zip(latencies_us) {
+        let slot = &mut per[*due as usize / 100_000];
         slot.0 += 1;
         slot.1 = slot.1.max(*us);
         slot.2 += u64::from(*us > 5_000);
@@ -319,4 +328,42 @@ fn write_timeline(
     }
     std::fs::write(path, out)?;
     Ok(())
+}
+
+/// Every answered request, `due_us latency_us` per line in the schedule's order, for looking at
+/// how the slow ones cluster in time.
+fn write_samples(
+    path: &std::ffi::OsStr,
+    start_mono_us: u64,
+    due_us: &[u64],
+    latencies_us: &[u64],
+) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let mut rows: Vec<(u64, u64)> = due_us
+        .iter()
+        .copied()
+        .zip(latencies_us.iter().copied())
+        .collect();
+    rows.sort_unstable();
+    let mut out = String::with_capacity(rows.len() * 16);
+    writeln!(out, "start_monotonic_us {start_mono_us}")?;
+    for (due, us) in rows {
+        writeln!(out, "{due} {us}")?;
+    }
+    std::fs::write(path, out)?;
+    Ok(())
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, the clock `perf record -k CLOCK_MONOTONIC` stamps with.
+fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` lives on this stack for the call, which only writes it.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
