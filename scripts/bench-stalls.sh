@@ -31,13 +31,14 @@ nginx_upstream_and_proxy 1024
 ps -e -o pid=,ppid= | awk '$1 == 2 || $2 == 2 {print $1}' > "$WORK/kernel.tids"
 pgrep -P "$(cat "$WORK/up/nginx.pid")" > "$WORK/upstream.tids"
 
-# run NAME URL PROXY_TIDS_FILE: one recorded open-loop run and its row.
+# run NAME URL WORKER_TIDS_FILE OTHER_TIDS_FILE: one recorded open-loop run and its row; the
+# files list the proxy's worker threads and its other threads.
 run() {
   perf record -q -k CLOCK_MONOTONIC -e sched:sched_switch -e sched:sched_wakeup -a \
     -o "$WORK/sched.data" -- env OPEN_LOOP_SAMPLES="$WORK/samples" \
     "$OPEN_LOOP" "$2" "$RATE" "$DURATION" 64 "x-api-key: bench-key" > "$WORK/load" 2>"$WORK/perf.log" ||
     { cat "$WORK/perf.log" >&2; exit 1; }
-  python3 scripts/lib/stalls.py "$WORK/samples" "$WORK/sched.data" "$3" "$WORK/upstream.tids" \
+  python3 scripts/lib/stalls.py "$WORK/samples" "$WORK/sched.data" "$3" "$4" "$WORK/upstream.tids" \
     "$WORK/kernel.tids" "$1"
 }
 
@@ -47,14 +48,17 @@ python3 scripts/lib/stalls.py --header
 : > "$WORK/none.tids"
 for round in $(seq "$ROUNDS"); do
   wrk -t1 -c64 -d2s "http://127.0.0.1:$UP/v1/items/1" >/dev/null
-  run "direct, round $round" "http://127.0.0.1:$UP/v1/items/1" "$WORK/none.tids"
+  run "direct, round $round" "http://127.0.0.1:$UP/v1/items/1" "$WORK/none.tids" "$WORK/none.tids"
   pgrep -P "$(cat "$WORK/px/nginx.pid")" > "$WORK/px.tids"
   wrk -t1 -c64 -d2s "http://127.0.0.1:$PX/v1/items/1" >/dev/null
-  run "nginx, round $round" "http://127.0.0.1:$PX/v1/items/1" "$WORK/px.tids"
+  run "nginx, round $round" "http://127.0.0.1:$PX/v1/items/1" "$WORK/px.tids" "$WORK/none.tids"
   start_up "${BINS[0]}"
   wrk -t1 -c64 -d3s -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" >/dev/null
   wait_stored "$API"
-  ls "/proc/$TG/task" > "$WORK/tg.tids"
-  run "\`tollgate up\`, round $round" "http://127.0.0.1:$GW/v1/items/1" "$WORK/tg.tids"
+  : > "$WORK/tg.tids"; : > "$WORK/tg-other.tids"
+  for t in /proc/"$TG"/task/*; do
+    case "$(cat "$t/comm")" in tollgate-gw-*) echo "${t##*/}" >> "$WORK/tg.tids" ;; *) echo "${t##*/}" >> "$WORK/tg-other.tids" ;; esac
+  done
+  run "\`tollgate up\`, round $round" "http://127.0.0.1:$GW/v1/items/1" "$WORK/tg.tids" "$WORK/tg-other.tids"
   stop_up
 done

@@ -3,7 +3,8 @@
 Inputs: the generator's samples (examples/open_loop.rs with OPEN_LOOP_SAMPLES: the run's start on
 CLOCK_MONOTONIC, then `due_us latency_us` per answered request), a system-wide `perf record -k
 CLOCK_MONOTONIC -e sched:sched_switch -e sched:sched_wakeup` of the same run, and which thread
-ids belong to the proxy, to the upstream and to the kernel.
+ids belong to the proxy's workers, to its other threads (Tollgate's pipeline: the event
+publisher, the log, the collector, the store, the query API), to the upstream and to the kernel.
 
 A *stall* is a stretch of the schedule where answers were slow one after another: requests of
 SLOW_US or more whose scheduled times lie within GAP_US of the previous slow one, at least
@@ -41,10 +42,18 @@ SLOW_US = 1000
 GAP_US = 2000
 MIN_SLOW = 10
 MACHINE_US = 1000
-PARTIES = ("proxy", "upstream", "generator", "kernel threads", "other processes", "idle")
+PARTIES = (
+    "proxy",
+    "proxy's other threads",
+    "upstream",
+    "generator",
+    "kernel threads",
+    "other processes",
+    "idle",
+)
 HEADER = (
-    "| target | p99 ms | answers ≥ 1 ms | of them in stalls | stalls' cores: proxy / upstream /"
-    " generator / kernel threads / other processes / idle, % | a core idle while a thread waited"
+    "| target | p99 ms | answers ≥ 1 ms | of them in stalls | stalls' cores: proxy's workers /"
+    " its other threads / upstream / generator / kernel threads / other processes / idle, % | a core idle while a thread waited"
     " for another, % of the stalls' time (of the whole run) | busiest others in stalls |"
     " silent gaps > 1 ms: n, ms | machine stretches > 1 ms: n, ms | answers in flight during"
     " either | p99 of the rest, ms |\n"
@@ -115,9 +124,14 @@ def idle_beside_waiting(idle, waiting, lo, hi):
 
 
 def main():
-    samples, sched, proxy_tids, upstream_tids, kernel_tids, target = sys.argv[1:7]
+    samples, sched, proxy_tids, other_tids, upstream_tids, kernel_tids, target = sys.argv[1:8]
     party_of = {}
-    for tids, party in ((proxy_tids, "proxy"), (upstream_tids, "upstream"), (kernel_tids, "kernel threads")):
+    for tids, party in (
+        (proxy_tids, "proxy"),
+        (other_tids, "proxy's other threads"),
+        (upstream_tids, "upstream"),
+        (kernel_tids, "kernel threads"),
+    ):
         for tid in open(tids).read().split():
             party_of[int(tid)] = party
     start, rows = load_samples(samples)
@@ -132,7 +146,7 @@ def main():
         if comm == "open_loop":
             return "generator"
         if comm.startswith("tollgate"):
-            return "proxy"
+            return "proxy's other threads"
         return "other processes"
 
     def machine(tid, comm):
