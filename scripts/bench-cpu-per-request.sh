@@ -16,8 +16,8 @@
 #
 # Each round also runs the same load through nginx as a plain reverse proxy (a worker per core,
 # in front of the same upstream; BASELINE=none leaves it out), and every run reports the
-# upstream's CPU per request too: a proxy that makes its upstream work harder shows there. Set
-# Tollgate's whole process (workers and the rest) against nginx's workers.
+# upstream's CPU per request too: a proxy that makes its upstream work harder shows there.
+# Compare Tollgate's whole process (workers and the rest) against nginx's workers.
 #
 # Usage: ROUNDS=5 RATE=20000 DURATION=6 [BASELINE=nginx|none] scripts/bench-cpu-per-request.sh BINARY...
 set -euo pipefail
