@@ -20,9 +20,8 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
 ROUNDS="${ROUNDS:-2}"; RATE="${RATE:-19500}"; DURATION="${DURATION:-8}"
 . scripts/lib/services.sh
-open_loop_tools
+open_loop_tools perf=linux-perf
 bins_or_release "$@"
-command -v perf >/dev/null || { echo "perf not found: apt-get install linux-perf" >&2; exit 1; }
 WORK="$(mktemp -d)"
 TG=""
 cleanup() { end_run up px; }

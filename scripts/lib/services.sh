@@ -139,10 +139,10 @@ load_tools() {
   [ ${#need[@]} -eq 0 ] || { apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; }
 }
 
-# open_loop_tools: load_tools, and the open-loop load generator (examples/open_loop.rs, built
-# now); sets OPEN_LOOP.
+# open_loop_tools [COMMAND=PACKAGE...]: load_tools (with the same arguments), and the open-loop
+# load generator (examples/open_loop.rs, built now); sets OPEN_LOOP.
 open_loop_tools() {
-  load_tools
+  load_tools "$@"
   cargo build --release --locked --example open_loop >&2
   OPEN_LOOP="$CARGO_TARGET_DIR/release/examples/open_loop"
 }
