@@ -96,31 +96,31 @@ def quantile(sorted_values, q):
     return sorted_values[max(0, -(-len(sorted_values) * q // 100) - 1)]
 
 
-def idle_beside_waiting(idle, waiting, lo, hi):
-    """Microseconds of [lo, hi) in which some core was idle while a thread that could run
-    waited for another core: `idle` and `waiting` map a core to its (start, end) intervals."""
-    marks = []
-    for cpu, spans in idle.items():
-        for a, b in spans:
-            a, b = max(a, lo), min(b, hi)
-            if b > a:
-                marks += [(a, 0, cpu, 1), (b, 0, cpu, -1)]
-    for cpu, spans in waiting.items():
-        for a, b in spans:
-            a, b = max(a, lo), min(b, hi)
-            if b > a:
-                marks += [(a, 1, cpu, 1), (b, 1, cpu, -1)]
-    marks.sort()
-    count = collections.defaultdict(int)
-    since, total = lo, 0
+def idle_beside_waiting(idle, waiting):
+    """The spans in which some core was idle while a thread that could run waited for another
+    core: `idle` and `waiting` map a core to its (start, end) intervals."""
+    marks = sorted(
+        (t, kind, cpu, step)
+        for kind, spans_of in enumerate((idle, waiting))
+        for cpu, spans in spans_of.items()
+        for a, b in spans
+        for t, step in ((a, 1), (b, -1))
+    )
+    count = collections.Counter()
+    spans, since = [], None
     for t, kind, cpu, step in marks:
         idle_cores = {c for (k, c), n in count.items() if k == 0 and n > 0}
         waiting_cores = {c for (k, c), n in count.items() if k == 1 and n > 0}
-        if idle_cores and waiting_cores - idle_cores:
-            total += t - since
+        if since is not None and t > since and idle_cores and waiting_cores - idle_cores:
+            spans.append((since, t))
         count[(kind, cpu)] += step
         since = t
-    return total
+    return spans
+
+
+def overlap(spans, lo, hi):
+    """Microseconds of [lo, hi) that `spans` cover (spans do not overlap each other)."""
+    return sum(max(0, min(b, hi) - max(a, lo)) for a, b in spans)
 
 
 def main():
@@ -219,8 +219,9 @@ def main():
     total = sum(share.values()) or 1
     idle = {cpu: [(t0, t1) for (t0, tid, _), (t1, _, _) in zip(seq, seq[1:]) if tid == 0]
             for cpu, seq in stretches.items()}
-    lopsided = sum(idle_beside_waiting(idle, waiting, a - 1000, e) for a, _, e, _ in found)
-    lopsided_run = idle_beside_waiting(idle, waiting, 0, end) / (end or 1)
+    spans = idle_beside_waiting(idle, waiting)
+    lopsided = sum(overlap(spans, a - 1000, e) for a, _, e, _ in found)
+    lopsided_run = overlap(spans, 0, end) / (end or 1)
     stall_time = sum(e - a + 1000 for a, _, e, _ in found) or 1
     slow = sum(1 for _, l in rows if l >= SLOW_US)
     hit = [during_machine_event(d, l) for d, l in rows]
