@@ -94,13 +94,14 @@ async fn connection(
             std::io::ErrorKind::NotConnected.into(),
         ));
         for _ in 0..2 {
+            let reused = stream.is_some();
             let s = match &mut stream {
                 Some(s) => s,
                 None => stream.insert(connect(&authority).await?),
             };
             answered = exchange(s, &request, &mut buf).await;
             match &answered {
-                Err(Failed::BeforeAnswer(_)) => stream = None,
+                Err(Failed::BeforeAnswer(_)) if reused => stream = None,
                 _ => break,
             }
         }
@@ -170,11 +171,15 @@ async fn exchange(
     // The head.
     let (status, head_len, framing, mut close) = loop {
         buf.reserve(8 * 1024);
-        if stream.read_buf(buf).await? == 0 {
+        let read = stream.read_buf(buf).await;
+        if !matches!(read, Ok(n) if n > 0) {
+            let e = read
+                .err()
+                .unwrap_or_else(|| std::io::ErrorKind::UnexpectedEof.into());
             return Err(if buf.is_empty() {
-                Failed::BeforeAnswer(std::io::ErrorKind::UnexpectedEof.into())
+                Failed::BeforeAnswer(e)
             } else {
-                midway(std::io::ErrorKind::UnexpectedEof.into())
+                midway(e)
             });
         }
         let mut headers = [httparse::EMPTY_HEADER; 32];
