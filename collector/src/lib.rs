@@ -46,7 +46,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tollgate_bus::{AssignmentChange, BusError, Subscriber};
 use tollgate_schemas::Checkpoint;
-use tollgate_store::cpu::Yielder;
+use tollgate_store::cpu;
 use tollgate_store::{EventBatch, EventWriter, Resume, StoreError};
 
 pub use batcher::Batcher;
@@ -54,10 +54,6 @@ pub use dead_letter::DeadLetter;
 pub use metrics::CollectorMetrics;
 use progress::Progress;
 use recent::Recent;
-
-/// Messages decoded between two offers of the core (see `tollgate_store::cpu`): a poll
-/// returns up to a batch, which took up to 10 ms to decode in one go.
-const DECODE_STEP: usize = 256;
 
 /// How long a poll with nothing batched waits for records. A poll returns as soon as records
 /// arrive, so this only sets how often an idle collector wakes: it was 50 ms, 20 wake-ups a
@@ -287,12 +283,10 @@ pub async fn run(
                 .set(unix_seconds(std::time::SystemTime::now()));
         }
         let now = Instant::now();
-        let mut cpu = Yielder::new();
         for (i, msg) in messages.into_iter().enumerate() {
-            // A poll returns up to a batch of messages: decode them a step at a time.
-            if i % DECODE_STEP == DECODE_STEP - 1 {
-                cpu.tick();
-            }
+            // A poll returns up to a batch of messages, which took up to 10 ms to decode in
+            // one go: decode them a step at a time (`tollgate_store::cpu`).
+            cpu::tick_at(i);
             metrics.consumed.inc();
             let r = match resume.get(&msg.partition) {
                 Some(r) => r,

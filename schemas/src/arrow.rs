@@ -52,6 +52,18 @@ pub fn schema() -> SchemaRef {
 
 /// Builds one record batch from events, in order.
 pub fn to_batch(events: &[RequestEvent]) -> RecordBatch {
+    to_batch_offering(events, || {})
+}
+
+/// Events [`to_batch_offering`] converts between two calls of its `offer`: tens of
+/// microseconds of work.
+pub const OFFER_EVERY: usize = 256;
+
+/// [`to_batch`], calling `offer` after every [`OFFER_EVERY`] events: a background thread
+/// that shares the cores with a latency-sensitive one gives its core away there (the store's
+/// append, `tollgate_store::cpu`). A batch of a few thousand events is a millisecond or more
+/// of copying.
+pub fn to_batch_offering(events: &[RequestEvent], mut offer: impl FnMut()) -> RecordBatch {
     let n = events.len();
     let mut v = UInt8Builder::with_capacity(n);
     let mut id = StringBuilder::with_capacity(n, n * 36);
@@ -75,7 +87,10 @@ pub fn to_batch(events: &[RequestEvent]) -> RecordBatch {
     let mut billable = BooleanBuilder::with_capacity(n);
     let mut trace = text(|e| e.trace_id.as_ref().map_or(0, String::len));
     let mut buf = uuid::Uuid::encode_buffer();
-    for e in events {
+    for (i, e) in events.iter().enumerate() {
+        if i % OFFER_EVERY == OFFER_EVERY - 1 {
+            offer();
+        }
         v.append_value(e.v);
         id.append_value(e.id.hyphenated().encode_lower(&mut buf));
         ts.append_value(e.ts_micros());

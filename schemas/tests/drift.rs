@@ -135,3 +135,33 @@ fn outcome_enum_matches_json_schema() {
     let ours: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
     assert_eq!(ours, names);
 }
+
+#[test]
+fn a_batch_built_in_steps_is_the_batch_built_at_once() {
+    let events: Vec<RequestEvent> = (0..1_000u64)
+        .map(|i| RequestEvent {
+            v: 1,
+            id: uuid::Uuid::now_v7(),
+            ts: chrono::DateTime::from_timestamp_micros(1_700_000_000_000_000 + i as i64).unwrap(),
+            gateway: "gw".into(),
+            route: (i % 3 != 0).then(|| format!("route-{}", i % 7)),
+            method: "GET".into(),
+            path: format!("/v1/items/{i}"),
+            status: 200,
+            latency_us: i,
+            upstream_latency_us: (i % 5 != 0).then_some(i / 2),
+            req_bytes: i * 3,
+            resp_bytes: i * 11,
+            consumer: (i % 2 == 0).then(|| format!("c{}", i % 13)),
+            plan: None,
+            outcome: Outcome::Ok,
+            billable: i % 2 == 0,
+            trace_id: None,
+        })
+        .collect();
+    let mut offers = 0;
+    let stepped = ev_arrow::to_batch_offering(&events, || offers += 1);
+    assert_eq!(offers, events.len() / ev_arrow::OFFER_EVERY);
+    assert_eq!(stepped, ev_arrow::to_batch(&events));
+    assert_eq!(ev_arrow::from_batch(&stepped).unwrap(), events);
+}

@@ -12,7 +12,7 @@
 //! BENCHMARKS.md). Measured on `tollgate up` itself, the change is within the spread of its
 //! runs.
 //!
-//! So long background loops call [`Yielder::tick`] between small steps: once [`SLICE`] has
+//! So long background loops call [`tick`] between small steps: once [`SLICE`] has
 //! passed since the last yield it calls `sched_yield`, which lets any thread waiting for this
 //! core run first and costs about a microsecond when none is.
 //!
@@ -29,7 +29,7 @@
 //! half millisecond, to 3.3–3.5 ms (16 in one round). Two such threads that never sleep gave
 //! 48–58 ms (BENCHMARKS.md, "idle-class work and the other core").
 //!
-//! So while the ingest threads are in the idle class, [`Yielder::tick`] sleeps for [`PAUSE`]
+//! So while the ingest threads are in the idle class, [`tick`] sleeps for [`PAUSE`]
 //! instead: the core goes idle, takes whatever waits elsewhere, and the loop goes on when the
 //! core is free again. At most that could cost ingest a sixth of its speed where no other
 //! thread wants the core; `scripts/bench-ingest.sh` measured no difference (a million events
@@ -37,6 +37,7 @@
 //! the tail moved within the machine's spread. At its fair share (batch class, or a
 //! collector of its own) it yields as before.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -45,11 +46,11 @@ use datafusion::arrow::array::RecordBatch;
 /// How long background work runs before it offers its core to waiting threads.
 pub const SLICE: Duration = Duration::from_micros(500);
 
-/// How long [`Yielder::tick`] leaves the core idle while [`offer_by_pausing`] is on (the
+/// How long [`tick`] leaves the core idle while [`offer_by_pausing`] is on (the
 /// kernel's timer slack, 50 µs by default, comes on top).
 pub const PAUSE: Duration = Duration::from_micros(50);
 
-/// Whether [`Yielder::tick`] sleeps for [`PAUSE`] instead of calling `sched_yield`.
+/// Whether [`tick`] sleeps for [`PAUSE`] instead of calling `sched_yield`.
 static PAUSING: AtomicBool = AtomicBool::new(false);
 
 /// Makes background loops offer their core by leaving it idle for [`PAUSE`] (`true`), or by
@@ -64,43 +65,57 @@ pub fn offers_by_pausing() -> bool {
     PAUSING.load(Ordering::Relaxed)
 }
 
-/// Rows a background loop handles between two [`Yielder::tick`]s: well under a [`SLICE`] of
-/// encoding, aggregating or decoding.
+/// Rows a background loop handles between two looks at the clock ([`tick_at`]): tens of
+/// microseconds of encoding, aggregating or decoding, so that no step runs far past a
+/// [`SLICE`].
+pub const TICK_ROWS: usize = 256;
+
+/// Rows per piece where work is handed on in pieces (the Parquet writer's input, the readers'
+/// batches), with a [`tick`] between pieces.
 pub const STEP_ROWS: usize = 2048;
 
-/// Tracks the time since a background loop last offered its core; see the module docs.
-#[derive(Debug)]
-pub struct Yielder {
-    since: Instant,
+thread_local! {
+    /// When this thread last offered its core or slept ([`tick`], [`rested`]).
+    static SINCE: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
-impl Default for Yielder {
-    fn default() -> Self {
-        Yielder::new()
-    }
+/// Offers the core if a [`SLICE`] has passed since this thread last offered it or slept: a
+/// [`PAUSE`] or a `sched_yield` (see [`offer_by_pausing`]). Returns whether it did.
+///
+/// The clock is the thread's, not the loop's: a loop that started its own clock (as this
+/// module's first version did, one per loop) did not count the work before it, and the
+/// collector's threads ran for up to 3.4 ms between two offers, in the Arrow batch of an
+/// append, a rollup's set-up and the steps of a Parquet file (BENCHMARKS.md, "Ingest's
+/// longest runs"). A thread's first call starts its clock.
+pub fn tick() -> bool {
+    let now = Instant::now();
+    SINCE.with(|since| match since.get() {
+        Some(start) if now.duration_since(start) >= SLICE => {
+            if offers_by_pausing() {
+                std::thread::sleep(PAUSE);
+            } else {
+                std::thread::yield_now();
+            }
+            since.set(Some(Instant::now()));
+            true
+        }
+        Some(_) => false,
+        None => {
+            since.set(Some(now));
+            false
+        }
+    })
 }
 
-impl Yielder {
-    pub fn new() -> Yielder {
-        Yielder {
-            since: Instant::now(),
-        }
-    }
+/// [`tick`] after every [`TICK_ROWS`]th row `i` of a loop (counting from 0).
+pub fn tick_at(i: usize) -> bool {
+    i % TICK_ROWS == TICK_ROWS - 1 && tick()
+}
 
-    /// Offers the core if a [`SLICE`] has passed since the last offer (or since `new`): a
-    /// [`PAUSE`] or a `sched_yield` (see [`offer_by_pausing`]). Returns whether it did.
-    pub fn tick(&mut self) -> bool {
-        if self.since.elapsed() < SLICE {
-            return false;
-        }
-        if offers_by_pausing() {
-            std::thread::sleep(PAUSE);
-        } else {
-            std::thread::yield_now();
-        }
-        self.since = Instant::now();
-        true
-    }
+/// Restarts this thread's clock, as if it had just offered its core.
+#[cfg(test)]
+fn rested() {
+    SINCE.with(|since| since.set(Some(Instant::now())));
 }
 
 /// `batch` as consecutive slices of at most [`STEP_ROWS`] rows (views, no copies).
@@ -117,11 +132,11 @@ mod tests {
 
     #[test]
     fn yields_at_most_once_per_slice_and_after_a_slice() {
-        let mut y = Yielder::new();
+        rested();
         let started = Instant::now();
         let mut yields = 0u32;
         while started.elapsed() < SLICE * 5 {
-            yields += u32::from(y.tick());
+            yields += u32::from(tick());
         }
         let slices = (started.elapsed().as_micros() / SLICE.as_micros()) as u32;
         assert!(yields >= 1, "five slices of work never yielded");
@@ -132,10 +147,10 @@ mod tests {
     #[test]
     fn a_pausing_offer_leaves_the_core_for_at_least_the_pause() {
         offer_by_pausing(true);
-        let mut y = Yielder::new();
+        rested();
         std::thread::sleep(SLICE);
         let before = Instant::now();
-        assert!(y.tick());
+        assert!(tick());
         assert!(
             before.elapsed() >= PAUSE,
             "offered for {:?}",
@@ -143,5 +158,22 @@ mod tests {
         );
         offer_by_pausing(false);
         assert!(!offers_by_pausing());
+    }
+
+    #[test]
+    fn a_threads_first_tick_starts_its_clock_and_work_before_a_loop_counts() {
+        std::thread::spawn(|| {
+            assert!(!tick(), "a thread's first tick offered its core");
+            // Work outside any loop of rows, then a loop: its first tick offers at once.
+            let spun = Instant::now();
+            while spun.elapsed() < SLICE {}
+            assert!(tick_at(TICK_ROWS - 1));
+            assert!(
+                !tick_at(TICK_ROWS),
+                "offered between two of every TICK_ROWS rows"
+            );
+        })
+        .join()
+        .expect("the test thread");
     }
 }

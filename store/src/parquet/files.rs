@@ -14,7 +14,7 @@ use parquet::schema::types::ColumnPath;
 
 use super::manifest::{FileEntry, FileKind, sync_dir};
 use crate::StoreError;
-use crate::cpu::{self, STEP_ROWS, Yielder};
+use crate::cpu::{self, STEP_ROWS};
 
 pub use crate::time::DAY_US;
 
@@ -130,10 +130,10 @@ impl NewFile {
 
     /// Appends `batch` a few thousand rows at a time, offering the core between steps (the
     /// writer encodes and compresses as rows arrive; see [`crate::cpu`]).
-    fn write(&mut self, batch: &RecordBatch, cpu: &mut Yielder) -> Result<(), StoreError> {
+    fn write(&mut self, batch: &RecordBatch) -> Result<(), StoreError> {
         for step in cpu::steps(batch) {
             self.writer.write(&step)?;
-            cpu.tick();
+            cpu::tick();
         }
         Ok(())
     }
@@ -198,9 +198,8 @@ pub fn write_events(
         .map_or_else(tollgate_schemas::arrow::schema, |b| b.schema());
     let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
     let mut out = NewFile::create(dir, FileKind::Events, day, schema, flush_row_group(rows))?;
-    let mut cpu = Yielder::new();
     for batch in batches {
-        out.write(batch, &mut cpu)?;
+        out.write(batch)?;
     }
     let (rel, bytes) = out.finish()?;
     Ok(FileEntry {
@@ -224,7 +223,7 @@ pub fn write_kind(
     max_ts_us: i64,
 ) -> Result<FileEntry, StoreError> {
     let mut out = NewFile::create(dir, kind, day, batch.schema(), 1 << 20)?;
-    out.write(batch, &mut Yielder::new())?;
+    out.write(batch)?;
     let (rel, bytes) = out.finish()?;
     Ok(FileEntry {
         path: rel,
@@ -380,7 +379,6 @@ fn encode_anew(
         .sum();
     let mut out = NewFile::create(dir, kind, day, schema, balanced_row_group(total))?;
     let mut rows = 0u64;
-    let mut cpu = Yielder::new();
     for input in inputs {
         let file = input
             .file
@@ -392,7 +390,7 @@ fn encode_anew(
         for b in reader {
             let b = b.map_err(arrow_err)?;
             rows += b.num_rows() as u64;
-            out.write(&b, &mut cpu)?;
+            out.write(&b)?;
             rest(pause);
         }
     }
@@ -422,7 +420,6 @@ fn copy_row_groups(
     let root = first.meta.file_metadata().schema_descr().root_schema_ptr();
     let mut writer = SerializedFileWriter::new(file, root, std::sync::Arc::new(props))?;
     let mut rows = 0u64;
-    let mut cpu = Yielder::new();
     for input in inputs {
         let column_indexes = input.meta.column_index();
         let offset_indexes = input.meta.offset_index();
@@ -443,7 +440,7 @@ fn copy_row_groups(
             }
             out.close()?;
             rows += rg.num_rows() as u64;
-            cpu.tick();
+            cpu::tick();
             rest(pause);
         }
     }

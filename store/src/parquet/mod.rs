@@ -429,7 +429,9 @@ impl ParquetStore {
 #[async_trait]
 impl EventWriter for ParquetStore {
     async fn append(&self, batch: &EventBatch) -> Result<(), StoreError> {
-        let rows = tollgate_schemas::arrow::to_batch(&batch.events);
+        let rows = tollgate_schemas::arrow::to_batch_offering(&batch.events, || {
+            crate::cpu::tick();
+        });
         // The running tally's share, counted before taking the locks (it is the same window
         // almost always; `Running::add` counts again under them if not).
         let window = self.running().as_ref().map(|r| r.window());

@@ -38,7 +38,7 @@ use futures::StreamExt;
 
 use super::manifest::FileKind;
 use crate::StoreError;
-use crate::cpu::{self, STEP_ROWS, Yielder};
+use crate::cpu;
 use crate::sketch::{bucket_of, ln_gamma};
 
 /// Schema of the usage files whose period column is `time`.
@@ -148,11 +148,8 @@ impl RouteSketches {
         let latency = col("latency_us")?.as_primitive::<UInt64Type>();
         let upstream = col("upstream_latency_us")?;
         let status = col("status")?.as_primitive::<UInt16Type>();
-        let mut cpu = Yielder::new();
         for i in 0..events.num_rows() {
-            if i % STEP_ROWS == STEP_ROWS - 1 {
-                cpu.tick();
-            }
+            cpu::tick_at(i);
             if route.is_null(i) || upstream.is_null(i) {
                 continue;
             }
@@ -173,11 +170,8 @@ impl RouteSketches {
     /// checks it), without hashing each row's route as text.
     fn add_numbered(&mut self, c: &EventColumns<'_>, callers: &Callers<'_>) {
         let mut by_number: HashMap<(i64, u32), RouteSketch> = HashMap::default();
-        let mut cpu = Yielder::new();
         for (i, &caller) in callers.of_row.iter().enumerate() {
-            if i % STEP_ROWS == STEP_ROWS - 1 {
-                cpu.tick();
-            }
+            cpu::tick_at(i);
             let route = callers.route_of[caller as usize];
             if callers.routes[route as usize].is_none() || c.upstream.is_null(i) {
                 continue;
@@ -344,7 +338,7 @@ async fn collect_as(df: DataFrame, kind: FileKind) -> Result<RecordBatch, StoreE
         .map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-/// In-memory batches as a table DataFusion reads [`STEP_ROWS`] rows at a time, offering the
+/// In-memory batches as a table DataFusion reads [`cpu::STEP_ROWS`] rows at a time, offering the
 /// core between steps: the rollups of a flush aggregate tens of thousands of events, which
 /// took about 25 ms in one go (see [`crate::cpu`]); queries read the events not yet flushed
 /// the same way.
@@ -371,10 +365,9 @@ impl PartitionStream for Stepped {
     }
 
     fn execute(&self, _: Arc<TaskContext>) -> SendableRecordBatchStream {
-        let mut cpu = Yielder::new();
         let steps: Vec<RecordBatch> = self.batches.iter().flat_map(cpu::steps).collect();
-        let steps = steps.into_iter().map(move |step| {
-            cpu.tick();
+        let steps = steps.into_iter().map(|step| {
+            cpu::tick();
             Ok(step)
         });
         Box::pin(RecordBatchStreamAdapter::new(
@@ -452,12 +445,19 @@ pub fn rollup_columns(batches: &[RecordBatch]) -> Result<RecordBatch, StoreError
         .iter()
         .map(|c| schema.index_of(c).map_err(err))
         .collect::<Result<Vec<usize>, _>>()?;
-    let projected = schema.project(&indices).map_err(err)?;
-    let parts = batches
-        .iter()
-        .map(|b| b.project(&indices).map_err(err))
-        .collect::<Result<Vec<_>, _>>()?;
-    datafusion::arrow::compute::concat_batches(&std::sync::Arc::new(projected), &parts).map_err(err)
+    let projected = std::sync::Arc::new(schema.project(&indices).map_err(err)?);
+    if batches.is_empty() {
+        return Ok(RecordBatch::new_empty(projected));
+    }
+    // Column by column, offering the core between them: the copy of a flush's tens of
+    // thousands of events is a few megabytes (see [`crate::cpu`]).
+    let mut columns = Vec::with_capacity(indices.len());
+    for &c in &indices {
+        let parts: Vec<&dyn Array> = batches.iter().map(|b| b.column(c).as_ref()).collect();
+        columns.push(datafusion::arrow::compute::concat(&parts).map_err(err)?);
+        cpu::tick();
+    }
+    RecordBatch::try_new(projected, columns).map_err(err)
 }
 
 /// The columns of an events batch the usage and latency rollups read.
@@ -553,6 +553,7 @@ impl<'a> Callers<'a> {
         };
         let mut last: Option<(Triple<'a>, u32)> = None;
         for i in 0..c.rows {
+            cpu::tick_at(i);
             let key = (text(c.consumer, i), text(c.route, i), text(c.plan, i));
             // Runs of one caller (one client's connection) skip the hash.
             let id = match last {
@@ -606,11 +607,8 @@ impl UsageRollup {
     fn of_events(kind: FileKind, c: &EventColumns<'_>, callers: &Callers<'_>) -> UsageRollup {
         let (_, period_us) = kind.period().expect("a rollup kind");
         let mut groups: HashMap<UsageKey, UsageSums> = HashMap::default();
-        let mut cpu = Yielder::new();
         for (i, &caller) in callers.of_row.iter().enumerate() {
-            if i % STEP_ROWS == STEP_ROWS - 1 {
-                cpu.tick();
-            }
+            cpu::tick_at(i);
             let key = (
                 c.ts.value(i).div_euclid(period_us) * period_us,
                 caller,
@@ -697,11 +695,8 @@ struct LatencyMinutes {
 fn latency_minutes(c: &EventColumns<'_>, callers: &Callers<'_>) -> LatencyMinutes {
     let (_, minute_us) = FileKind::Latency1m.period().expect("a rollup kind");
     let mut groups: HashMap<LatencyKey, [i64; 2]> = HashMap::default();
-    let mut cpu = Yielder::new();
     for (i, &caller) in callers.of_row.iter().enumerate() {
-        if i % STEP_ROWS == STEP_ROWS - 1 {
-            cpu.tick();
-        }
+        cpu::tick_at(i);
         let pair = callers.pair_of[caller as usize];
         if callers.pairs[pair as usize].0.is_none() || c.upstream.is_null(i) {
             continue;

@@ -26,7 +26,7 @@ use super::ParquetStore;
 use super::manifest::{FileEntry, FileKind};
 use super::query::{Source, plan};
 use crate::StoreError;
-use crate::cpu::{STEP_ROWS, Yielder};
+use crate::cpu::{self, STEP_ROWS};
 
 /// The usage rollups a tally may read, coarse to fine.
 const USAGE: [FileKind; 3] = [FileKind::Usage1d, FileKind::Usage1h, FileKind::Usage1m];
@@ -185,14 +185,12 @@ fn columns(kind: FileKind) -> [&'static str; 3] {
 
 struct Tally {
     counts: Counts,
-    cpu: Yielder,
 }
 
 impl Tally {
     fn new() -> Tally {
         Tally {
             counts: Counts::new(),
-            cpu: Yielder::new(),
         }
     }
 
@@ -243,9 +241,7 @@ impl Tally {
             _ => 0,
         };
         for (i, t) in time.iter().enumerate() {
-            if i % STEP_ROWS == STEP_ROWS - 1 {
-                self.cpu.tick();
-            }
+            cpu::tick_at(i);
             if !(from..to).contains(t) || consumer.is_null(i) || billable.is_null(i) {
                 continue;
             }
