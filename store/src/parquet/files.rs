@@ -8,8 +8,10 @@ use datafusion::arrow::array::{BooleanArray, RecordBatch, TimestampMicrosecondAr
 use datafusion::arrow::compute::filter_record_batch;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_writer::{ArrowColumnWriter, ArrowRowGroupWriterFactory, compute_leaves};
 use parquet::basic::{Compression, Encoding};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::types::ColumnPath;
 
 use super::manifest::{FileEntry, FileKind, sync_dir};
@@ -85,11 +87,30 @@ const UNFILTERED_TEXT_COLUMNS: &[&str] = &[
 /// against 0.22 µs per event for 7 % larger files.
 const RANDOM_COLUMNS: &[&str] = &["trace_id"];
 
-/// A Parquet file being written: its path relative to the store and its writer.
+/// A Parquet file being written: its path relative to the store, the file's writer, and the
+/// column writers of the row group being filled.
+///
+/// Written column by column with the parquet crate's column writers rather than through
+/// `ArrowWriter`, which encodes every column of a step in one call and, when a row group is
+/// complete, closes all its columns and copies their pages into the file in one more. On a
+/// thread that shares the cores with the gateway that last call was the longest run without an
+/// offer of the core: 4–6 ms for a flush of 80,000 events
+/// (`store/examples/flush_encoding.rs`), and ingest's threads ran for up to 3.8 ms in one go
+/// in a flush's events file (BENCHMARKS.md, "Ingest's longest runs"). Here each column of a
+/// step, and each column's close and copy, is a step of its own with a [`cpu::tick`] after
+/// it. The file is the one `ArrowWriter` writes: same schema, properties and row groups.
 struct NewFile {
     rel: String,
     path: std::path::PathBuf,
-    writer: ArrowWriter<std::fs::File>,
+    file: SerializedFileWriter<std::fs::File>,
+    columns: ArrowRowGroupWriterFactory,
+    schema: datafusion::arrow::datatypes::SchemaRef,
+    /// Rows per row group.
+    row_group: usize,
+    /// The row group being filled: its column writers and rows so far.
+    group: Option<(Vec<ArrowColumnWriter>, usize)>,
+    /// Row groups written so far.
+    groups: usize,
 }
 
 impl NewFile {
@@ -102,9 +123,7 @@ impl NewFile {
         row_group: usize,
     ) -> Result<NewFile, StoreError> {
         let (rel, path, file) = create_file(dir, kind, day)?;
-        let mut props = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .set_max_row_group_row_count(Some(row_group));
+        let mut props = WriterProperties::builder().set_compression(Compression::SNAPPY);
         // Values unique per event gain nothing from a dictionary: the writer hashed and
         // compared every one into it (its interner was among the largest entries of the
         // flushes' profile under load), then fell back to plain pages once it filled.
@@ -124,23 +143,83 @@ impl NewFile {
                 props.set_column_encoding(ColumnPath::from(*delta), Encoding::DELTA_BINARY_PACKED);
         }
         let props = props.build();
-        let writer = ArrowWriter::try_new(file, schema, Some(props))?;
-        Ok(NewFile { rel, path, writer })
+        // The writer converts the schema and puts the Arrow schema in the footer's metadata, as
+        // for any file it writes; rows go through the column writers (see the type's docs).
+        let (file, columns) =
+            ArrowWriter::try_new(file, schema.clone(), Some(props))?.into_serialized_writer()?;
+        Ok(NewFile {
+            rel,
+            path,
+            file,
+            columns,
+            schema,
+            row_group: row_group.max(1),
+            group: None,
+            groups: 0,
+        })
     }
 
-    /// Appends `batch` a few thousand rows at a time, offering the core between steps (the
-    /// writer encodes and compresses as rows arrive; see [`crate::cpu`]).
+    /// Appends `batch` a few thousand rows and one column at a time, offering the core between
+    /// steps (see the type's docs and [`crate::cpu`]).
     fn write(&mut self, batch: &RecordBatch) -> Result<(), StoreError> {
-        for step in cpu::steps(batch) {
-            self.writer.write(&step)?;
-            cpu::tick();
+        if batch.num_columns() != self.schema.fields().len() {
+            return Err(StoreError::Corrupt(format!(
+                "a batch of {} columns for a file of {}",
+                batch.num_columns(),
+                self.schema.fields().len()
+            )));
+        }
+        let mut at = 0;
+        while at < batch.num_rows() {
+            let (writers, rows) = match &mut self.group {
+                Some(group) => group,
+                empty => empty.insert((self.columns.create_column_writers(self.groups)?, 0)),
+            };
+            let len = STEP_ROWS
+                .min(self.row_group - *rows)
+                .min(batch.num_rows() - at);
+            let step = batch.slice(at, len);
+            let mut writers = writers.iter_mut();
+            for (field, column) in self.schema.fields().iter().zip(step.columns()) {
+                for leaf in compute_leaves(field, column)? {
+                    writers
+                        .next()
+                        .ok_or_else(|| StoreError::Corrupt("more leaves than columns".into()))?
+                        .write(&leaf)?;
+                }
+                cpu::tick();
+            }
+            *rows += len;
+            at += len;
+            if *rows == self.row_group {
+                self.close_group()?;
+            }
         }
         Ok(())
     }
 
+    /// Closes the row group being filled, if any, and copies it into the file, column by
+    /// column.
+    fn close_group(&mut self) -> Result<(), StoreError> {
+        let Some((writers, _)) = self.group.take() else {
+            return Ok(());
+        };
+        let mut group = self.file.next_row_group()?;
+        for writer in writers {
+            let chunk = writer.close()?;
+            cpu::tick();
+            chunk.append_to_row_group(&mut group)?;
+            cpu::tick();
+        }
+        group.close()?;
+        self.groups += 1;
+        Ok(())
+    }
+
     /// Closes and fsyncs the file and its folder; returns its relative path and size.
-    fn finish(self) -> Result<(String, u64), StoreError> {
-        let file = self.writer.into_inner()?;
+    fn finish(mut self) -> Result<(String, u64), StoreError> {
+        self.close_group()?;
+        let file = self.file.into_inner()?;
         let bytes = sync_file(&self.path, &file)?;
         Ok((self.rel, bytes))
     }
