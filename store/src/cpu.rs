@@ -31,11 +31,20 @@
 //!
 //! So while the ingest threads are in the idle class, [`tick`] sleeps for [`PAUSE`]
 //! instead: the core goes idle, takes whatever waits elsewhere, and the loop goes on when the
-//! core is free again. At most that could cost ingest a sixth of its speed where no other
-//! thread wants the core; `scripts/bench-ingest.sh` measured no difference (a million events
-//! stored in 1.54–1.55 s, against 1.25–1.56 s before), and at a fixed rate on `tollgate up`
-//! the tail moved within the machine's spread. At its fair share (batch class, or a
-//! collector of its own) it yields as before.
+//! core is free again. At its fair share (batch class, or a collector of its own) it yields.
+//!
+//! ## How long a slice
+//!
+//! [`SLICE`] was half a millisecond, and the clock was each loop's own; the work between two
+//! loops (an append's Arrow batch, a rollup's set-up, closing a Parquet file's columns) was
+//! not counted, and ingest's threads ran for up to 3.4 ms between offers. With the clock made
+//! the thread's and every step bounded, the added p99 of `tollgate up` at 19,500 requests/s
+//! fell from 0.59–0.77 ms to 0.40–0.60 ms (six rounds each, nginx 0.20–0.28 ms in the same
+//! rounds); a slice of 200 µs instead of 500 took it to 0.40–0.47 ms against 0.46–0.57 (five
+//! rounds), and 100 µs gave no more (0.41–0.44). The price is where no other thread wants
+//! the cores: a backlog of a million events was stored in 2.23–2.24 s instead of 1.93
+//! (`scripts/bench-ingest.sh`), about 450,000 events a second, at the same CPU per event
+//! (BENCHMARKS.md, "Ingest's longest runs").
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,7 +53,7 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::array::RecordBatch;
 
 /// How long background work runs before it offers its core to waiting threads.
-pub const SLICE: Duration = Duration::from_micros(500);
+pub const SLICE: Duration = Duration::from_micros(200);
 
 /// How long [`tick`] leaves the core idle while [`offer_by_pausing`] is on (the
 /// kernel's timer slack, 50 µs by default, comes on top).
