@@ -37,7 +37,7 @@
 //!
 //! [`SLICE`] was half a millisecond, and the clock was each loop's own; the work between two
 //! loops (an append's Arrow batch, a rollup's set-up, closing a Parquet file's columns) was
-//! not counted, and ingest's threads ran for up to 3.4 ms between offers. With the clock made
+//! not counted, and ingest's threads ran for up to about 3 ms between offers. With the clock made
 //! the thread's and every step bounded, the added p99 of `tollgate up` at 19,500 requests/s
 //! fell from 0.59–0.77 ms to 0.40–0.60 ms (six rounds each, nginx 0.20–0.28 ms in the same
 //! rounds); a slice of 200 µs instead of 500 took it to 0.40–0.47 ms against 0.46–0.57 (five

@@ -95,7 +95,7 @@ const RANDOM_COLUMNS: &[&str] = &["trace_id"];
 /// complete, closes all its columns and copies their pages into the file in one more. On a
 /// thread that shares the cores with the gateway that last call was the longest run without an
 /// offer of the core: 4–6 ms for a flush of 80,000 events
-/// (`store/examples/flush_encoding.rs`), and ingest's threads ran for up to 3.8 ms in one go
+/// (`store/examples/flush_encoding.rs`), and ingest's threads ran for up to 3.7 ms in one go
 /// in a flush's events file (BENCHMARKS.md, "Ingest's longest runs"). Here each column of a
 /// step, and each column's close and copy, is a step of its own with a [`cpu::tick`] after
 /// it. The file is the one `ArrowWriter` writes: same schema, properties and row groups.
