@@ -87,6 +87,16 @@ const UNFILTERED_TEXT_COLUMNS: &[&str] = &[
 /// against 0.22 µs per event for 7 % larger files.
 const RANDOM_COLUMNS: &[&str] = &["trace_id"];
 
+/// The size at which a column's data page is cut: 64 KiB instead of the writer's 1 MiB.
+///
+/// A page is compressed in one call when it is cut, and with 1 MiB pages that call was the
+/// longest stretch ingest ran without an offer of the core: Snappy over a full page of a
+/// column without a dictionary took 1–3 ms, inside one column's write of a step (a profile of
+/// ingest's runs longer than 1 ms under `tollgate up` at 19,500 requests/s; BENCHMARKS.md,
+/// "Ingest's longest runs"). Snappy compresses in 64 KiB blocks anyway, so smaller pages
+/// compress as well; each page costs a header of a few bytes and an entry in the page index.
+pub(super) const DATA_PAGE_BYTES: usize = 64 * 1024;
+
 /// A Parquet file being written: its path relative to the store, the file's writer, and the
 /// column writers of the row group being filled.
 ///
@@ -123,7 +133,9 @@ impl NewFile {
         row_group: usize,
     ) -> Result<NewFile, StoreError> {
         let (rel, path, file) = create_file(dir, kind, day)?;
-        let mut props = WriterProperties::builder().set_compression(Compression::SNAPPY);
+        let mut props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_data_page_size_limit(DATA_PAGE_BYTES);
         // Values unique per event gain nothing from a dictionary: the writer hashed and
         // compared every one into it (its interner was among the largest entries of the
         // flushes' profile under load), then fell back to plain pages once it filled.

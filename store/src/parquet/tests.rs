@@ -824,6 +824,46 @@ fn a_large_flush_is_written_in_equal_row_groups_that_compaction_copies() {
     assert_eq!(read_file(&path), tollgate_schemas::arrow::to_batch(&events));
 }
 
+/// A flush's data pages are cut at about `DATA_PAGE_BYTES`, not the writer's default of 1 MiB:
+/// each page is compressed in one call, and a large page was the longest run ingest made
+/// without offering its core. A page may pass the limit by what the writer adds before it
+/// looks again (up to 1,024 values), so the bound checked is twice the limit.
+#[test]
+fn a_flush_cuts_its_data_pages_small() {
+    use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+    let dir = tempfile::tempdir().unwrap();
+    let events = varied_events(40_000);
+    let batches = [tollgate_schemas::arrow::to_batch(&events)];
+    let entry = files::write_events(dir.path(), T0 / DAY, &batches).unwrap();
+    let file = std::fs::File::open(dir.path().join(&entry.path)).unwrap();
+    let options = ArrowReaderOptions::new()
+        .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Required);
+    let meta = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
+        .unwrap()
+        .metadata()
+        .clone();
+    let columns = meta.row_group(0).columns();
+    let offsets = &meta.offset_index().expect("no offset index")[0];
+    let mut pages = 0;
+    for (column, index) in columns.iter().zip(offsets) {
+        for page in index.page_locations() {
+            pages += 1;
+            assert!(
+                page.compressed_page_size as usize <= 2 * files::DATA_PAGE_BYTES,
+                "a page of {} bytes in {}",
+                page.compressed_page_size,
+                column.column_path().string()
+            );
+        }
+    }
+    // Some column is large enough to need several pages, so the bound says something.
+    assert!(
+        pages > columns.len(),
+        "{pages} pages for {} columns",
+        columns.len()
+    );
+}
+
 /// Statistics are kept on the columns queries filter on (`ts`, `route`, `consumer`) and left
 /// out of text columns no query filters on, where computing them only cost the flush.
 #[test]
