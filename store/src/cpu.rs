@@ -93,7 +93,7 @@ thread_local! {
 ///
 /// The clock is the thread's, not the loop's: a loop that started its own clock (as this
 /// module's first version did, one per loop) did not count the work before it, and the
-/// collector's threads ran for up to 3.4 ms between two offers, in the Arrow batch of an
+/// collector's threads ran for up to about 3 ms between two offers, in the Arrow batch of an
 /// append, a rollup's set-up and the steps of a Parquet file (BENCHMARKS.md, "Ingest's
 /// longest runs"). A thread's first call starts its clock.
 pub fn tick() -> bool {
