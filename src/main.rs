@@ -310,6 +310,14 @@ async fn gateway(
     .map_err(gateway_error)?;
     let gateway = gateway.with_worker_start(sched::request_path);
     tokio::spawn(sched::pin_while_busy(stop.clone()));
+    // The producer's threads on idle cores while the bus keeps up (`sched`'s module docs).
+    if let Some(stats) = bus.delivery_stats() {
+        tokio::spawn(sched::kafka_client_on_idle_cores(
+            move || stats.backlog.load(std::sync::atomic::Ordering::Relaxed),
+            config.gateway.spool.high_water_events,
+            stop.clone(),
+        ));
+    }
     let (gateway, spans) = with_span_export(gateway, &config)?;
     let admin = admin::serve(
         "gateway.admin_listen",

@@ -60,6 +60,30 @@
 //! a gateway worker. The gateway's workers are started from it and take the normal class back
 //! first thing ([`request_path`]).
 //!
+//! ## The Kafka producer of `tollgate gateway` on idle cores, within a bound
+//!
+//! In `tollgate gateway` the producer's threads go further: `rdk:main` and the `rdk:broker…`
+//! threads (which batch, compress and send the events) run in `SCHED_IDLE` while the bus takes
+//! the events as fast as they come, found by name in `/proc/self/task` and moved there by
+//! [`kafka_client_on_idle_cores`], which looks again four times a second (once a second while
+//! nothing waits), since the client starts a broker's thread when it first connects to it.
+//! Events wait in the client meanwhile, as they wait for `bus.linger_ms` anyway. The bound is
+//! the spool's: once more than a quarter of `gateway.spool.high_water_events` (25,000 records
+//! by default) wait for delivery, the threads go back to `SCHED_BATCH` until fewer than a
+//! twentieth do, so a saturated gateway's producer keeps up at its fair share well before the
+//! spool would start writing events to disk (at the whole high-water mark). The trade: what
+//! the client holds in memory, which a killed gateway loses as before (the durability rules
+//! cover the collector's side), is now up to that bound, where it was about the last few
+//! milliseconds' events; and it takes memory (13 MiB more at the peak, measured). Where the
+//! process may not leave `SCHED_IDLE`, the threads stay batch work.
+//!
+//! Measured (BENCHMARKS.md, fortieth round): with the producer batch work, the saturated
+//! closed loop left the cores idle 5–9 % of the time where `tollgate up` (whose ingest is
+//! idle-class work) left under 3 %, most likely because the producer's wake-ups and sends
+//! held a core the request path then waited for; with the producer on idle cores the gateway
+//! served 1.076 times as many requests a second in the same rounds. `tollgate up` with a Kafka bus runs a consumer's threads of the same
+//! name beside the producer's, so it keeps them all as batch work.
+//!
 //! What an idle-class thread holds it can hold for long on a saturated machine. Ingest takes
 //! the store's state lock, which queries read under, for short steps: an append's push, and a
 //! flush's swap of the manifest (one small file written and synced). A query that arrives
@@ -448,8 +472,9 @@ fn set_policy_of(tid: i32, policy: Policy) -> std::io::Result<()> {
         // SAFETY: `sched_setscheduler` reads `param` (a valid, initialized struct on this
         // stack) and changes only the scheduling class of the thread given (pid 0 is the
         // calling thread on Linux; any other id is a thread of this process that registered
-        // itself, or one that ended, which the call reports as ESRCH). Priority 0 is the one
-        // these three policies take.
+        // itself or that `move_named_threads` just found under `/proc/self/task`, or one that
+        // ended, which the call reports as ESRCH). Priority 0 is the one these three policies
+        // take.
         #[allow(unsafe_code)]
         let rc = unsafe { libc::sched_setscheduler(tid, policy, &param) };
         if rc != 0 {
@@ -691,6 +716,83 @@ impl Drop for CatchUp {
     }
 }
 
+/// The prefix librdkafka gives its threads' names (`rdk:main`, `rdk:broker…`).
+const KAFKA_CLIENT_THREADS: &str = "rdk:";
+/// How often [`kafka_client_on_idle_cores`] looks while records wait for delivery.
+const CLIENT_SAMPLE: Duration = Duration::from_millis(250);
+
+/// Keeps the Kafka client's threads of `tollgate gateway` on idle cores while the bus takes the
+/// events as fast as they come, and at their fair share while more wait (see
+/// [`next_client_policy`]), until `stop` (the module docs say why). `backlog` gives the records
+/// accepted and not yet delivered; `high_water` is the spool's mark. To be spawned on the
+/// process's runtime (batch work, which idle threads cannot hold up); it ends at once where
+/// the process may not take a thread back out of `SCHED_IDLE`.
+pub async fn kafka_client_on_idle_cores(
+    backlog: impl Fn() -> u64,
+    high_water: u64,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    if !can_leave_idle() {
+        tracing::info!(
+            "the Kafka client's threads run as batch work: this process may not take a thread back out of SCHED_IDLE (needs root, CAP_SYS_NICE or RLIMIT_NICE >= 20, e.g. systemd's LimitNICE=+0)"
+        );
+        return;
+    }
+    let mut policy = Policy::Idle;
+    loop {
+        let waiting = backlog();
+        if let Some(next) = next_client_policy(policy, waiting, high_water) {
+            policy = next;
+            tracing::debug!(?policy, waiting, "Kafka client threads moved");
+        }
+        // Every time, not only on a change: the client starts a thread as it needs one (a
+        // broker's, on its first connection), in the class of the thread that starts it.
+        move_named_threads(KAFKA_CLIENT_THREADS, policy);
+        let quiet = waiting == 0 && policy == Policy::Idle;
+        tokio::select! {
+            _ = pace::tick(if quiet { pace::QUIET } else { CLIENT_SAMPLE }) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// The class the Kafka client's threads should move to, if any, with `waiting` records not yet
+/// delivered: batch once more than a quarter of the spool's `high_water` wait, idle again once
+/// fewer than a twentieth do (so a backlog near the bound does not flip them at every look).
+fn next_client_policy(now: Policy, waiting: u64, high_water: u64) -> Option<Policy> {
+    match now {
+        Policy::Idle if waiting > high_water / 4 => Some(Policy::Batch),
+        Policy::Batch if waiting < high_water / 20 => Some(Policy::Idle),
+        _ => None,
+    }
+}
+
+/// Moves every thread of this process whose name starts with `prefix` to `policy`, found in
+/// `/proc/self/task`. A thread that ends meanwhile is skipped.
+fn move_named_threads(prefix: &str, policy: Policy) {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(name) = std::fs::read_to_string(task.path().join("comm")) else {
+            continue;
+        };
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        if let Err(error) = set_policy_of(tid, policy) {
+            tracing::debug!(%error, tid, ?policy, "cannot move a thread");
+        }
+    }
+}
+
 /// How long before `now` the collector last caught up (`caught_up` in Unix seconds; zero
 /// when `caught_up` is in the future).
 fn behind(caught_up: f64, now: std::time::SystemTime) -> Duration {
@@ -859,6 +961,75 @@ mod tests {
             next_policy(Policy::Batch, Duration::from_millis(2_400), bound),
             Some(Policy::Idle)
         );
+    }
+
+    #[test]
+    fn the_kafka_client_leaves_idle_cores_past_a_quarter_of_the_high_water_mark() {
+        assert_eq!(next_client_policy(Policy::Idle, 25_000, 100_000), None);
+        assert_eq!(
+            next_client_policy(Policy::Idle, 25_001, 100_000),
+            Some(Policy::Batch)
+        );
+        assert_eq!(next_client_policy(Policy::Batch, 5_000, 100_000), None);
+        assert_eq!(
+            next_client_policy(Policy::Batch, 4_999, 100_000),
+            Some(Policy::Idle)
+        );
+    }
+
+    /// Threads named as the Kafka client names its own (`rdk:…`) go to `SCHED_IDLE` while
+    /// nothing waits for delivery, to `SCHED_BATCH` past the bound and back once it drains; a
+    /// thread of another name keeps its class throughout. Where the process may not leave
+    /// `SCHED_IDLE`, nothing moves.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_kafka_client_threads_follow_the_backlog() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        // A thread of the given name that reports its id and waits until told to end.
+        let named = |name: &str| {
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let (end_tx, end_rx) = std::sync::mpsc::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    tid_tx.send(thread_id()).unwrap();
+                    let _ = end_rx.recv();
+                })
+                .unwrap();
+            (tid_rx.recv().unwrap(), end_tx, thread)
+        };
+        let (client, end_client, client_thread) = named("rdk:broker1");
+        let (other, end_other, other_thread) = named("rdk-not-kafka");
+        let start = policy_of(other);
+        let may_idle = can_leave_idle();
+
+        let backlog = Arc::new(AtomicU64::new(0));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let governed = {
+            let backlog = backlog.clone();
+            kafka_client_on_idle_cores(move || backlog.load(Ordering::Relaxed), 100, stop.clone())
+        };
+        let check = async {
+            if may_idle {
+                wait_until(|| policy_of(client) == libc::SCHED_IDLE).await;
+                backlog.store(26, Ordering::Relaxed);
+                wait_until(|| policy_of(client) == libc::SCHED_BATCH).await;
+                backlog.store(4, Ordering::Relaxed);
+                wait_until(|| policy_of(client) == libc::SCHED_IDLE).await;
+            } else {
+                assert_eq!(policy_of(client), start);
+            }
+            assert_eq!(
+                policy_of(other),
+                start,
+                "a thread of another name keeps its class"
+            );
+            stop.cancel();
+        };
+        tokio::join!(governed, check);
+        drop((end_client, end_other));
+        client_thread.join().unwrap();
+        other_thread.join().unwrap();
     }
 
     #[test]

@@ -632,24 +632,6 @@ consumers:
     );
 }
 
-/// Whether a thread of this process may go to `SCHED_IDLE` and come back (root,
-/// `CAP_SYS_NICE`, `RLIMIT_NICE` of 20 or more), tried on a thread of its own.
-#[cfg(target_os = "linux")]
-fn may_leave_sched_idle() -> bool {
-    std::thread::spawn(|| {
-        let set = |policy| {
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: sets the calling thread's class; `param` is a valid struct on the stack.
-            #[allow(unsafe_code)]
-            let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
-            rc == 0
-        };
-        set(libc::SCHED_IDLE) && set(libc::SCHED_BATCH)
-    })
-    .join()
-    .unwrap()
-}
-
 /// `tollgate up` with nothing but its listeners configured, `gateway_extra` added to the
 /// gateway's settings (`", workers: 2"`), once both listen. The directory holds its data.
 async fn up_with_gateway(gateway_extra: &str) -> (tempfile::TempDir, Up) {
@@ -708,7 +690,7 @@ async fn idle_workers_under_pin_workers_auto_are_left_to_the_scheduler() {
 async fn the_request_path_keeps_the_normal_class_and_the_rest_runs_as_batch() {
     use common::{SCHED_BATCH, SCHED_IDLE, SCHED_OTHER};
     let (_dir, tollgate) = up_with_gateway(", workers: 2, pin_workers: always").await;
-    let expected_ingest = if may_leave_sched_idle() {
+    let expected_ingest = if common::may_leave_sched_idle() {
         SCHED_IDLE
     } else {
         SCHED_BATCH

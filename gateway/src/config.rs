@@ -138,7 +138,9 @@ pub struct SpoolSettings {
     /// Largest size of the spool; events beyond it are dropped and counted.
     #[serde(default = "default_spool_bytes")]
     pub max_bytes: u64,
-    /// Events waiting for delivery in the bus client before new ones go to disk.
+    /// Events waiting for delivery in the bus client before new ones go to disk. A quarter of
+    /// it is also where `tollgate gateway` takes a Kafka client's threads off idle cores
+    /// (the `tollgate` binary's `sched` module).
     #[serde(default = "default_spool_high_water")]
     pub high_water_events: u64,
 }

@@ -175,6 +175,24 @@ fn each_thread<T>(pid: u32, file: &str, read: impl Fn(&str) -> T) -> Vec<(String
         .collect()
 }
 
+/// Whether a thread of this process may go to `SCHED_IDLE` and come back (root,
+/// `CAP_SYS_NICE`, `RLIMIT_NICE` of 20 or more), tried on a thread of its own.
+#[cfg(target_os = "linux")]
+pub fn may_leave_sched_idle() -> bool {
+    std::thread::spawn(|| {
+        let set = |policy| {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: sets the calling thread's class; `param` is a valid struct on the stack.
+            #[allow(unsafe_code)]
+            let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
+            rc == 0
+        };
+        set(libc::SCHED_IDLE) && set(libc::SCHED_BATCH)
+    })
+    .join()
+    .unwrap()
+}
+
 /// The scheduling class (`policy`, field 41 of `/proc/PID/task/TID/stat`) of each thread of
 /// `pid`, with the thread's name.
 #[cfg(target_os = "linux")]
