@@ -251,6 +251,22 @@ if "nginx-log" in by:
     mine = [n for n in by if not n.startswith("nginx") and not n.endswith(("-light", "-counted"))]
     print("\nagainst nginx with its access log on (nginx-log, " + f"{logged / nginx:.2f} of nginx): "
           + ", ".join(f"{n} {statistics.median(float(r[1]) for r in by[n]) / logged:.2f}" for n in mine))
+# Each Tollgate target against the nginx run of the same round (the i-th run of a name is round
+# i's): single rounds move with the machine by more than the difference between proxies
+# (nginx alone ranged over ±15 % in runs minutes apart), so the paired ratios, their median, and
+# a 95 % interval for that median (bootstrap over the rounds, 4,000 resamples, fixed seed) say
+# how far the median can be trusted. Many short rounds (ROUNDS=16 DURATION=3s) narrow it.
+import random
+rng = random.Random(7)
+def interval(ratios):
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(4000))
+    return meds[int(0.025 * len(meds))], meds[int(0.975 * len(meds)) - 1]
+mine = [n for n in by if not n.startswith("nginx") and not n.endswith(("-light", "-counted"))]
+for n in mine:
+    ratios = [float(b[1]) / float(a[1]) for a, b in zip(by["nginx"], by[n])]
+    lo, hi = interval(ratios)
+    print(f"\n{n} against nginx, round by round: at or above it in {sum(r >= 1 for r in ratios)} of {len(ratios)}, "
+          f"median ratio {statistics.median(ratios):.3f} (95 % interval {lo:.3f}–{hi:.3f})")
 # The last `tollgate up` against the first, round by round (the same round's runs are the
 # closest in time): in how many rounds it served more, and the median of the ratios.
 ups = [n for n in by if n.startswith("tollgate-") and not n.endswith(("-light", "-counted"))]

@@ -20,6 +20,12 @@
 # A fresh process per run keeps one binary's background work (flushes, compaction) out of
 # another's measurement.
 # TG_SESSION=own starts each `tollgate up` in a session of its own (scripts/lib/services.sh).
+# LAYOUT=split runs the generator, wrk and the upstream on core 0 and the proxy under test on
+# core 1 (scripts/lib/services.sh): the proxy's own added latency, without the generator
+# queued on its core. This machine's scheduler packs threads onto one core while the other
+# idles (BENCHMARKS.md, "What a switch and a wake-up cost here"), so in the shared layout
+# (the default) the tail at half load measures that packing as much as any proxy. The maximum
+# rate (without RATE) is measured in the same layout.
 # Usage: ROUNDS=3 [RATE=25000] DURATION=15 [TG_SESSION=own] scripts/bench-open-loop.sh BINARY...
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +42,8 @@ nginx_upstream_and_proxy "$BODY"
 
 if [ -z "${RATE:-}" ]; then
   start_up "$1"
-  wrk -t1 -c"$CONNS" -d2s -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" >/dev/null
-  max=$(wrk -t1 -c"$CONNS" -d8s -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" | awk '/Requests\/sec/{printf "%d", $2}')
+  "${ON_LOAD[@]}" wrk -t1 -c"$CONNS" -d2s -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" >/dev/null
+  max=$("${ON_LOAD[@]}" wrk -t1 -c"$CONNS" -d8s -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" | awk '/Requests\/sec/{printf "%d", $2}')
   stop_up
   RATE=$((max / 2))
   echo "maximum of $1: $max requests/s (wrk -t1 -c$CONNS, 8 s); half of it: $RATE"
@@ -46,7 +52,7 @@ fi
 # open_loop NAME URL [HEADER]: one run; prints its row and keeps its p99 in P99.
 open_loop() {
   local name=$1 url=$2 header=${3:-"x-bench: 1"} sent ok non2xx errors achieved p50 p90 p999 max
-  read -r sent ok non2xx errors achieved p50 p90 P99 p999 max < <("$OPEN_LOOP" "$url" "$RATE" "$DURATION" "$CONNS" "$header")
+  read -r sent ok non2xx errors achieved p50 p90 P99 p999 max < <("${ON_LOAD[@]}" "$OPEN_LOOP" "$url" "$RATE" "$DURATION" "$CONNS" "$header")
   ROW="| $name | $round | $p50 | $p90 | $P99 | $p999 | $max | $((non2xx + errors))"
 }
 
@@ -66,20 +72,21 @@ PY
 }
 
 echo "open loop at $RATE requests/s for $DURATION s over $CONNS connections, $BODY-byte answers; a fresh \`tollgate up\` per run"
+echo "layout: ${LAYOUT:-shared} ($([ "${LAYOUT:-shared}" = split ] && echo "generator and upstream on core 0, the proxy on core 1" || echo "every process on both cores"))"
 echo "\`tollgate up\` runs $([ "${TG_SESSION:-}" = own ] && echo "in a session of its own (TG_SESSION=own)" || echo "in the load generator's session (TG_SESSION=own: its own)")"
 echo
 echo "| target | round | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | non-2xx + errors | added p99 ms | in the gateway p99 / p99.9 ms |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
 for round in $(seq "$ROUNDS"); do
-  wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$UP/v1/items/1" >/dev/null
+  "${ON_LOAD[@]}" wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$UP/v1/items/1" >/dev/null
   open_loop direct "http://127.0.0.1:$UP/v1/items/1"; floor=$P99
   echo "$ROW | | |"
-  wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$PX/v1/items/1" >/dev/null
+  "${ON_LOAD[@]}" wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$PX/v1/items/1" >/dev/null
   open_loop nginx "http://127.0.0.1:$PX/v1/items/1"
   echo "$ROW | $(echo "$P99 - $floor" | bc -l | xargs printf %.3f) | |"
   for bin in "$@"; do
     start_up "$bin"
-    wrk -t1 -c"$CONNS" -d3s -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" >/dev/null
+    "${ON_LOAD[@]}" wrk -t1 -c"$CONNS" -d3s -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" >/dev/null
     # The warm-up saturates the cores, so the store trails it (ingest waits for idle cores);
     # the measured run starts once that backlog is stored, not while it is.
     wait_stored "$API"

@@ -4,6 +4,20 @@
 
 TANSU="${TOLLGATE_TANSU:-$HOME/.cache/tollgate-tools/tansu}"
 
+# LAYOUT=split (the benchmarks that say they honour it): the load generator and the upstream run
+# on core 0 only, the proxy under test (nginx's proxy, `tollgate up`) on core 1 only, as a load
+# generator on a machine of its own would leave the proxy's core to it. Each proxy then sizes
+# itself to the one core it has (nginx: a worker per core it may use; Tollgate: its affinity
+# mask). LAYOUT=shared (the default): every process on both cores, where the kernel places it.
+# ON_LOAD and ON_PROXY are the command prefixes that do it (empty when shared).
+case "${LAYOUT:-shared}" in
+  shared) ON_LOAD=(); ON_PROXY=() ;;
+  split)
+    [ "$(nproc --all)" -ge 2 ] || { echo "LAYOUT=split needs two cores" >&2; exit 2; }
+    ON_LOAD=(taskset -c 0); ON_PROXY=(taskset -c 1) ;;
+  *) echo "LAYOUT is shared or split, not $LAYOUT" >&2; exit 2 ;;
+esac
+
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # wait_for CONDITION SECONDS: polls a shell condition every 0.1 s until it holds or time is up.
 wait_for() { local deadline=$((SECONDS + $2)); until eval "$1" >/dev/null 2>&1; do
@@ -42,14 +56,15 @@ chq() { curl -sf "http://127.0.0.1:$CH_HTTP/" --data-binary "$1"; }
 # Starts tansu (memory storage) in the background; sets KAFKA (its port) and TANSU_PID.
 start_tansu() {
   KAFKA=$(port)
-  "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA" --advertised-listener-url "tcp://127.0.0.1:$KAFKA" \
+  "${ON_LOAD[@]}" "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA" --advertised-listener-url "tcp://127.0.0.1:$KAFKA" \
     --storage-engine memory://tansu/ >"$WORK/tansu.log" 2>&1 &
   TANSU_PID=$!
   wait_for "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", $KAFKA), 1)'" 30
 }
 
-# nginx_instance NAME WORKERS HTTP-BLOCK: an nginx of its own (pid file, logs) under $WORK/NAME,
-# started; the caller's cleanup stops it with stop_nginx_instances NAME...
+# nginx_instance NAME WORKERS HTTP-BLOCK [PREFIX...]: an nginx of its own (pid file, logs) under
+# $WORK/NAME, started through PREFIX (ON_LOAD, say); the caller's cleanup stops it with
+# stop_nginx_instances NAME...
 nginx_instance() {
   mkdir -p "$WORK/$1/logs"
   cat > "$WORK/$1/nginx.conf" <<NGINX
@@ -62,7 +77,7 @@ http {
 $3
 }
 NGINX
-  nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf"
+  "${@:4}" nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf"
 }
 
 stop_nginx_instances() {
@@ -85,17 +100,19 @@ end_run() {
 # Sets UP and PX; the caller's cleanup runs `stop_nginx_instances up px`.
 nginx_upstream_and_proxy() {
   UP=$(port); PX=$(port)
-  nginx_instance up "${UP_WORKERS:-1}" "  server { listen 127.0.0.1:$UP; location / { return 200 '$(printf 'x%.0s' $(seq "$1"))'; } }"
+  nginx_instance up "${UP_WORKERS:-1}" "  server { listen 127.0.0.1:$UP; location / { return 200 '$(printf 'x%.0s' $(seq "$1"))'; } }" "${ON_LOAD[@]}"
   nginx_proxy px "$PX"
 }
 
 # nginx_proxy NAME PORT [DIRECTIVES]: instance NAME, nginx as a plain reverse proxy in front of
 # $UP on PORT (a worker per core, a keep-alive pool of upstream connections), with DIRECTIVES
-# added to its server block, answering. The caller's cleanup stops NAME.
+# added to its server block, answering. The caller's cleanup stops NAME. Started through
+# ON_PROXY, with a worker per core it may use: what `auto` means, though nginx 1.22's `auto`
+# counts the machine's cores, not the process's.
 nginx_proxy() {
-  nginx_instance "$1" auto "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
+  nginx_instance "$1" "$("${ON_PROXY[@]}" nproc)" "  upstream app { server 127.0.0.1:$UP; keepalive 256; }
   server { listen 127.0.0.1:$2; ${3:-}
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }" "${ON_PROXY[@]}"
   wait_for "curl -sf http://127.0.0.1:$2/v1/items/1" 10
 }
 
@@ -183,7 +200,7 @@ launch_up() {
   [ "${TG_SESSION:-}" = own ] && session=(setsid)
   # A background job of a script without job control is no process group leader, so setsid
   # makes the session in place (no fork): $! stays tollgate's pid.
-  RUST_LOG=warn "${session[@]}" "$1" up --config "$2" --data-dir "$3" 2>"$4" &
+  RUST_LOG=warn "${session[@]}" "${ON_PROXY[@]}" "$1" up --config "$2" --data-dir "$3" 2>"$4" &
   TG=$!
 }
 
@@ -192,7 +209,7 @@ launch_up() {
 # section appended to CONFIG); sets TG (its pid).
 launch_gateway() {
   echo "bus: { kind: kafka, brokers: \"127.0.0.1:$KAFKA\", topic: bench, partitions: 12 }" >> "$2"
-  RUST_LOG=error "$1" gateway --config "$2" --data-dir "$3" 2>"$4" &
+  RUST_LOG=error "${ON_PROXY[@]}" "$1" gateway --config "$2" --data-dir "$3" 2>"$4" &
   TG=$!
 }
 
