@@ -33,15 +33,17 @@ start_nginx_upstream
 PART="${PART:-up}"
 [ "$PART" = gateway ] && start_tansu
 
-# config NAME N: a configuration with N consumers, the last one holding `bench-key`.
+# config NAME N: a configuration with N consumers, the last one holding `bench-key`, on ports of
+# its own (the gateway's admin listener too: two `tollgate gateway`s run side by side).
 config() {
-  python3 - "$WORK/$1.yaml" "$2" "$UP" "$(port)" "$(port)" <<'PY'
+  python3 - "$WORK/$1.yaml" "$2" "$UP" "$(port)" "$(port)" "$(port)" <<'PY'
 import hashlib, sys
-path, n, up, gw, api = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+path, n, up, gw, api, admin = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
 h = lambda k: "sha256:" + hashlib.sha256(k.encode()).hexdigest()
 with open(path, "w") as f:
     f.write(f"""gateway:
   listen: 127.0.0.1:{gw}
+  admin_listen: 127.0.0.1:{admin}
   upstreams: {{ app: {{ targets: ["http://127.0.0.1:{up}"] }} }}
   routes: [ {{ id: items, methods: [GET], path: "/v1/items/{{id}}", upstream: app }} ]
   auth: {{ api_key: {{ header: x-api-key }} }}
