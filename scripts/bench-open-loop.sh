@@ -26,7 +26,18 @@
 # idles (BENCHMARKS.md, "What a switch and a wake-up cost here"), so in the shared layout
 # (the default) the tail at half load measures that packing as much as any proxy. The maximum
 # rate (without RATE) is measured in the same layout.
-# Usage: ROUNDS=3 [RATE=25000] DURATION=15 [TG_SESSION=own] scripts/bench-open-loop.sh BINARY...
+# STANDALONE=1 adds the last binary as `tollgate gateway` (target `gateway`, a fresh process per
+# round): the gateway as its own process, its events produced to a Kafka-protocol broker (tansu,
+# memory storage, on the same cores) and no collector, store or query API beside it, as in the
+# scaled deployment. That binary must be built with `--features scaled`.
+#
+# After the rounds, a summary per target: in how many rounds its added p99 was under 1 ms, the
+# median added p99 with a 95 % interval (bootstrap over the rounds), and, round by round, the
+# difference to nginx's added p99 in the same round with its median and interval. One round's
+# p99 moves by milliseconds with the machine, nginx's and the upstream's own included
+# (BENCHMARKS.md, thirty-eighth round), so the paired difference says whether a proxy or the
+# machine made a round's tail; ROUNDS=8 or more narrows the intervals.
+# Usage: ROUNDS=3 [RATE=25000] DURATION=15 [TG_SESSION=own] [STANDALONE=1] scripts/bench-open-loop.sh BINARY...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
@@ -39,6 +50,7 @@ WORK="$(mktemp -d)"
 cleanup() { end_run up px; }
 trap cleanup EXIT
 nginx_upstream_and_proxy "$BODY"
+[ "${STANDALONE:-0}" = 1 ] && start_tansu
 
 if [ -z "${RATE:-}" ]; then
   start_up "$1"
@@ -54,6 +66,15 @@ open_loop() {
   local name=$1 url=$2 header=${3:-"x-bench: 1"} sent ok non2xx errors achieved p50 p90 p999 max
   read -r sent ok non2xx errors achieved p50 p90 P99 p999 max < <("${ON_LOAD[@]}" "$OPEN_LOOP" "$url" "$RATE" "$DURATION" "$CONNS" "$header")
   ROW="| $name | $round | $p50 | $p90 | $P99 | $p999 | $max | $((non2xx + errors))"
+}
+
+# added NAME: the row's added p99 (P99 less this round's `direct`), printed and kept in
+# $WORK/added for the summary ("name round added_ms").
+added() {
+  local a
+  a=$(echo "$P99 - $floor" | bc -l | xargs printf %.3f)
+  echo "$1 $round $a" >> "$WORK/added"
+  printf %s "$a"
 }
 
 # gateway_share: p99 and p99.9 (ms) of latency_us - upstream_latency_us over the events stored
@@ -83,7 +104,7 @@ for round in $(seq "$ROUNDS"); do
   echo "$ROW | | |"
   "${ON_LOAD[@]}" wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$PX/v1/items/1" >/dev/null
   open_loop nginx "http://127.0.0.1:$PX/v1/items/1"
-  echo "$ROW | $(echo "$P99 - $floor" | bc -l | xargs printf %.3f) | |"
+  echo "$ROW | $(added nginx) | |"
   for bin in "$@"; do
     start_up "$bin"
     "${ON_LOAD[@]}" wrk -t1 -c"$CONNS" -d3s -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" >/dev/null
@@ -93,6 +114,44 @@ for round in $(seq "$ROUNDS"); do
     SINCE_US=$(date +%s%6N)
     open_loop "$bin" "http://127.0.0.1:$GW/v1/items/1" "x-api-key: bench-key"
     read -r own99 own999 < <(gateway_share)
-    echo "$ROW | $(echo "$P99 - $floor" | bc -l | xargs printf %.3f) | $own99 / $own999 |"
+    echo "$ROW | $(added "$bin") | $own99 / $own999 |"
   done
+  if [ "${STANDALONE:-0}" = 1 ]; then
+    # A fresh `tollgate gateway` per round (its spool in an empty directory), warmed as above;
+    # with no store beside it there is nothing to wait for and no share of its own to read.
+    GW=$(port)
+    bench_config "$WORK/gw.yaml" "$GW" "$(port)"
+    rm -rf "$WORK/data-gw"
+    launch_gateway "${@: -1}" "$WORK/gw.yaml" "$WORK/data-gw" "$WORK/gw.log"
+    wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$GW/v1/items/1" 60
+    "${ON_LOAD[@]}" wrk -t1 -c"$CONNS" -d3s -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" >/dev/null
+    open_loop gateway "http://127.0.0.1:$GW/v1/items/1" "x-api-key: bench-key"
+    stop_up
+    echo "$ROW | $(added gateway) | |"
+  fi
 done
+
+echo
+python3 - "$WORK/added" <<'PY'
+import collections, random, statistics, sys
+by = collections.defaultdict(dict)
+for line in open(sys.argv[1]):
+    name, rnd, ms = line.split()
+    by[name][int(rnd)] = float(ms)
+rng = random.Random(7)
+def interval(xs):
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(4000))
+    return meds[int(0.025 * len(meds))], meds[int(0.975 * len(meds)) - 1]
+print("| target | rounds under 1 ms | added p99, median (95 % interval), ms | less nginx's in the same round: median (95 % interval), ms | at or below nginx's |")
+print("|---|---|---|---|---|")
+for name, rounds in by.items():
+    xs = list(rounds.values())
+    lo, hi = interval(xs)
+    row = f"| {name} | {sum(x < 1 for x in xs)} of {len(xs)} | {statistics.median(xs):.3f} ({lo:.3f}–{hi:.3f}) |"
+    if name == "nginx":
+        print(row + " | |")
+        continue
+    diffs = [x - by["nginx"][r] for r, x in rounds.items()]
+    dlo, dhi = interval(diffs)
+    print(row + f" {statistics.median(diffs):+.3f} ({dlo:+.3f}–{dhi:+.3f}) | {sum(d <= 0 for d in diffs)} of {len(diffs)} |")
+PY
