@@ -62,18 +62,26 @@ if [ -z "${RATE:-}" ]; then
 fi
 
 # open_loop NAME URL [HEADER]: one run; prints its row and keeps its p99 in P99.
+# The machine's steal time so far, in clock ticks (`/proc/stat`): time the hypervisor ran
+# something else while one of this guest's virtual cores had work. It counts the host's pauses
+# of the machine, which no process here can prevent, in every run's row.
+steal_ticks() { awk '/^cpu / {print $9}' /proc/stat; }
+
 open_loop() {
-  local name=$1 url=$2 header=${3:-"x-bench: 1"} sent ok non2xx errors achieved p50 p90 p999 max
+  local name=$1 url=$2 header=${3:-"x-bench: 1"} sent ok non2xx errors achieved p50 p90 p999 max s0 s1
+  s0=$(steal_ticks)
   read -r sent ok non2xx errors achieved p50 p90 P99 p999 max < <("${ON_LOAD[@]}" "$OPEN_LOOP" "$url" "$RATE" "$DURATION" "$CONNS" "$header")
-  ROW="| $name | $round | $p50 | $p90 | $P99 | $p999 | $max | $((non2xx + errors))"
+  s1=$(steal_ticks)
+  STEAL=$(awk -v t=$((s1 - s0)) -v hz="$(getconf CLK_TCK)" -v d="$DURATION" 'BEGIN {printf "%.1f", t * 1000 / hz / d}')
+  ROW="| $name | $round | $p50 | $p90 | $P99 | $p999 | $max | $((non2xx + errors)) | $STEAL"
 }
 
 # added NAME: the row's added p99 (P99 less this round's `direct`), printed and kept in
-# $WORK/added for the summary ("name round added_ms").
+# $WORK/added for the summary ("name round added_ms steal_ms_per_s").
 added() {
   local a
   a=$(echo "$P99 - $floor" | bc -l | xargs printf %.3f)
-  echo "$1 $round $a" >> "$WORK/added"
+  echo "$1 $round $a $STEAL" >> "$WORK/added"
   printf %s "$a"
 }
 
@@ -96,8 +104,8 @@ echo "open loop at $RATE requests/s for $DURATION s over $CONNS connections, $BO
 echo "layout: ${LAYOUT:-shared} ($([ "${LAYOUT:-shared}" = split ] && echo "generator and upstream on core 0, the proxy on core 1" || echo "every process on both cores"))"
 echo "\`tollgate up\` runs $([ "${TG_SESSION:-}" = own ] && echo "in a session of its own (TG_SESSION=own)" || echo "in the load generator's session (TG_SESSION=own: its own)")"
 echo
-echo "| target | round | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | non-2xx + errors | added p99 ms | in the gateway p99 / p99.9 ms |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| target | round | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | non-2xx + errors | steal ms/s | added p99 ms | in the gateway p99 / p99.9 ms |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for round in $(seq "$ROUNDS"); do
   "${ON_LOAD[@]}" wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$UP/v1/items/1" >/dev/null
   open_loop direct "http://127.0.0.1:$UP/v1/items/1"; floor=$P99
@@ -135,9 +143,11 @@ echo
 python3 - "$WORK/added" <<'PY'
 import collections, random, statistics, sys
 by = collections.defaultdict(dict)
+steals = []
 for line in open(sys.argv[1]):
-    name, rnd, ms = line.split()
+    name, rnd, ms, steal = line.split()
     by[name][int(rnd)] = float(ms)
+    steals.append(float(steal))
 rng = random.Random(7)
 def interval(xs):
     meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(4000))
@@ -154,4 +164,5 @@ for name, rounds in by.items():
     diffs = [x - by["nginx"][r] for r, x in rounds.items()]
     dlo, dhi = interval(diffs)
     print(row + f" {statistics.median(diffs):+.3f} ({dlo:+.3f}–{dhi:+.3f}) | {sum(d <= 0 for d in diffs)} of {len(diffs)} |")
+print(f"\nsteal time in the proxies' runs: {min(steals):.1f}–{max(steals):.1f} ms a second (median {statistics.median(steals):.1f}) of the two cores' 2,000")
 PY
