@@ -32,6 +32,11 @@
 //! Usage: `open_loop URL RATE SECONDS CONNS [HEADER: VALUE]`; prints one line:
 //! `sent ok non2xx errors achieved_rate p50_ms p90_ms p99_ms p999_ms max_ms`.
 //!
+//! `OPEN_LOOP_THREADS=N` runs it on N threads instead of one. It does not lower the tail on
+//! the two-core reference machine: in two alternating passes of three rounds at 25,000
+//! requests/s, two threads gave nginx and `tollgate up` added p99s as high as one thread did
+//! (BENCHMARKS.md, forty-first round). One thread stays the default, for its lower cost.
+//!
 //! With `OPEN_LOOP_TIMELINE=FILE` it also writes where in the run the slow answers were: one
 //! line per 100 ms of the schedule, `offset_ms requests max_ms over_5ms`, the wall-clock
 //! time of the run's start (`start_unix_ms`) first, to line a tail up with what else ran.
@@ -374,9 +379,26 @@ fn main() -> anyhow::Result<()> {
     request.push_str("\r\n");
     let request: std::sync::Arc<[u8]> = request.into_bytes().into();
     let interval = Duration::from_secs_f64(1.0 / rate);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    // OPEN_LOOP_THREADS (default 1): the runtime's threads. One keeps the generator's own cost
+    // lowest; more let a backlog after a stall drain on every core instead of one.
+    let threads: usize = match std::env::var("OPEN_LOOP_THREADS") {
+        Ok(n) => n
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| anyhow::anyhow!("OPEN_LOOP_THREADS={n}: not a positive integer"))?,
+        Err(_) => 1,
+    };
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
     // Connections start a little ahead of the schedule, so connecting is not measured.
     let lead = Duration::from_millis(200);
     let started_unix_ms = (std::time::SystemTime::now() + lead)
