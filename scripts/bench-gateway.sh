@@ -76,11 +76,8 @@ start_ups "${BINS[@]}"
 TARGETS=(); for i in "${!BINS[@]}"; do TARGETS+=("tollgate-$i"); done
 if [ "${STANDALONE:-1}" = 1 ]; then
   start_tansu
-  gw=$(port); api=$(port)
-  bench_config "$WORK/gw.yaml" "$gw" "$api"
-  launch_gateway "${BINS[-1]}" "$WORK/gw.yaml" "$WORK/data-gw" "$WORK/gw.log"
-  TG_PIDS+=("$TG"); TG_PORTS+=("$gw"); TARGETS+=("gateway")
-  wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$gw/v1/items/1" 60
+  start_gateway "${BINS[-1]}"
+  TG_PIDS+=("$TG"); TG_PORTS+=("$GW"); TARGETS+=("gateway")
 fi
 
 # focus I: only Tollgate target I (an index into TARGETS; -1 for none, when nginx is measured)
@@ -256,11 +253,8 @@ if "nginx-log" in by:
 # (nginx alone ranged over ±15 % in runs minutes apart), so the paired ratios, their median, and
 # a 95 % interval for that median (bootstrap over the rounds, 4,000 resamples, fixed seed) say
 # how far the median can be trusted. Many short rounds (ROUNDS=16 DURATION=3s) narrow it.
-import random
-rng = random.Random(7)
-def interval(ratios):
-    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(4000))
-    return meds[int(0.025 * len(meds))], meds[int(0.975 * len(meds)) - 1]
+sys.path.insert(0, "scripts/lib")
+from bootstrap import interval
 mine = [n for n in by if not n.startswith("nginx") and not n.endswith(("-light", "-counted"))]
 for n in mine:
     ratios = [float(b[1]) / float(a[1]) for a, b in zip(by["nginx"], by[n])]

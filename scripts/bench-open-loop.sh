@@ -61,12 +61,13 @@ if [ -z "${RATE:-}" ]; then
   echo "maximum of $1: $max requests/s (wrk -t1 -c$CONNS, 8 s); half of it: $RATE"
 fi
 
-# open_loop NAME URL [HEADER]: one run; prints its row and keeps its p99 in P99.
 # The machine's steal time so far, in clock ticks (`/proc/stat`): time the hypervisor ran
 # something else while one of this guest's virtual cores had work. It counts the host's pauses
 # of the machine, which no process here can prevent, in every run's row.
 steal_ticks() { awk '/^cpu / {print $9}' /proc/stat; }
 
+# open_loop NAME URL [HEADER]: one run; leaves its row in ROW, its p99 in P99 and the steal time
+# during it (ms a second) in STEAL.
 open_loop() {
   local name=$1 url=$2 header=${3:-"x-bench: 1"} sent ok non2xx errors achieved p50 p90 p999 max s0 s1
   s0=$(steal_ticks)
@@ -127,11 +128,7 @@ for round in $(seq "$ROUNDS"); do
   if [ "${STANDALONE:-0}" = 1 ]; then
     # A fresh `tollgate gateway` per round (its spool in an empty directory), warmed as above;
     # with no store beside it there is nothing to wait for and no share of its own to read.
-    GW=$(port)
-    bench_config "$WORK/gw.yaml" "$GW" "$(port)"
-    rm -rf "$WORK/data-gw"
-    launch_gateway "${@: -1}" "$WORK/gw.yaml" "$WORK/data-gw" "$WORK/gw.log"
-    wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$GW/v1/items/1" 60
+    start_gateway "${@: -1}"
     "${ON_LOAD[@]}" wrk -t1 -c"$CONNS" -d3s -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" >/dev/null
     open_loop gateway "http://127.0.0.1:$GW/v1/items/1" "x-api-key: bench-key"
     stop_up
@@ -141,17 +138,15 @@ done
 
 echo
 python3 - "$WORK/added" <<'PY'
-import collections, random, statistics, sys
+import collections, statistics, sys
+sys.path.insert(0, "scripts/lib")
+from bootstrap import interval
 by = collections.defaultdict(dict)
 steals = []
 for line in open(sys.argv[1]):
     name, rnd, ms, steal = line.split()
     by[name][int(rnd)] = float(ms)
     steals.append(float(steal))
-rng = random.Random(7)
-def interval(xs):
-    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(4000))
-    return meds[int(0.025 * len(meds))], meds[int(0.975 * len(meds)) - 1]
 print("| target | rounds under 1 ms | added p99, median (95 % interval), ms | less nginx's in the same round: median (95 % interval), ms | at or below nginx's |")
 print("|---|---|---|---|---|")
 for name, rounds in by.items():

@@ -81,8 +81,9 @@
 //! closed loop left the cores idle 5–9 % of the time where `tollgate up` (whose ingest is
 //! idle-class work) left under 3 %, most likely because the producer's wake-ups and sends
 //! held a core the request path then waited for; with the producer on idle cores the gateway
-//! served 1.076 times as many requests a second in the same rounds. `tollgate up` with a Kafka bus runs a consumer's threads of the same
-//! name beside the producer's, so it keeps them all as batch work.
+//! served 1.076 times as many requests a second in the same rounds. `tollgate up` with a Kafka
+//! bus runs a consumer's threads of the same name beside the producer's, so it keeps them all as
+//! batch work.
 //!
 //! What an idle-class thread holds it can hold for long on a saturated machine. Ingest takes
 //! the store's state lock, which queries read under, for short steps: an append's push, and a

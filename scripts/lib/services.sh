@@ -224,7 +224,19 @@ start_up() {
   wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$GW/v1/items/1" 30
 }
 
-# stop_up: stops the `tollgate up` start_up started and waits for it.
+# start_gateway BINARY: a fresh `tollgate gateway` (launch_gateway, events to the broker
+# start_tansu started) with the benchmark configuration on new ports and an empty
+# $WORK/data-gw, answering; sets TG (its pid) and GW (its port). stop_up stops it.
+start_gateway() {
+  GW=$(port)
+  bench_config "$WORK/gw.yaml" "$GW" "$(port)"
+  rm -rf "$WORK/data-gw"
+  launch_gateway "$1" "$WORK/gw.yaml" "$WORK/data-gw" "$WORK/gw.log"
+  wait_for "curl -sf -H 'x-api-key: bench-key' http://127.0.0.1:$GW/v1/items/1" 60
+}
+
+# stop_up: stops the `tollgate up` start_up (or the gateway start_gateway) started and waits
+# for it.
 stop_up() { kill "$TG"; wait "$TG" 2>/dev/null || true; }
 
 # served_and_appended API_PORT: the gateway's requests and the collector's appended events so
