@@ -31,13 +31,17 @@
 # memory storage, on the same cores) and no collector, store or query API beside it, as in the
 # scaled deployment. That binary must be built with `--features scaled`.
 #
+# LOGGED=1 adds `nginx-log`: the same nginx proxy with its access log on, as nginx ships it (one
+# `combined` line written per request), after nginx in each round: a proxy that keeps a record of
+# every request, as Tollgate's events do, on the same cores. The log is emptied before each run.
+#
 # After the rounds, a summary per target: in how many rounds its added p99 was under 1 ms, the
 # median added p99 with a 95 % interval (bootstrap over the rounds), and, round by round, the
 # difference to nginx's added p99 in the same round with its median and interval. One round's
 # p99 moves by milliseconds with the machine, nginx's and the upstream's own included
 # (BENCHMARKS.md, thirty-eighth round), so the paired difference says whether a proxy or the
 # machine made a round's tail; ROUNDS=8 or more narrows the intervals.
-# Usage: ROUNDS=3 [RATE=25000] DURATION=15 [TG_SESSION=own] [STANDALONE=1] scripts/bench-open-loop.sh BINARY...
+# Usage: ROUNDS=3 [RATE=25000] DURATION=15 [TG_SESSION=own] [STANDALONE=1] [LOGGED=1] scripts/bench-open-loop.sh BINARY...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}"
@@ -47,9 +51,13 @@ ROUNDS="${ROUNDS:-3}"; DURATION="${DURATION:-15}"; CONNS="${CONNS:-64}"; BODY="$
 open_loop_tools
 python3 -c 'import duckdb' 2>/dev/null || python3 -m pip install -q duckdb >&2
 WORK="$(mktemp -d)"
-cleanup() { end_run up px; }
+cleanup() { end_run up px pxl; }
 trap cleanup EXIT
 nginx_upstream_and_proxy "$BODY"
+if [ "${LOGGED:-0}" = 1 ]; then
+  PXL=$(port)
+  nginx_proxy pxl "$PXL" "access_log $WORK/pxl/logs/access.log;"
+fi
 [ "${STANDALONE:-0}" = 1 ] && start_tansu
 
 if [ -z "${RATE:-}" ]; then
@@ -114,6 +122,12 @@ for round in $(seq "$ROUNDS"); do
   "${ON_LOAD[@]}" wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$PX/v1/items/1" >/dev/null
   open_loop nginx "http://127.0.0.1:$PX/v1/items/1"
   echo "$ROW | $(added nginx) | |"
+  if [ "${LOGGED:-0}" = 1 ]; then
+    : > "$WORK/pxl/logs/access.log"
+    "${ON_LOAD[@]}" wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$PXL/v1/items/1" >/dev/null
+    open_loop nginx-log "http://127.0.0.1:$PXL/v1/items/1"
+    echo "$ROW | $(added nginx-log) | |"
+  fi
   for bin in "$@"; do
     start_up "$bin"
     "${ON_LOAD[@]}" wrk -t1 -c"$CONNS" -d3s -H 'x-api-key: bench-key' "http://127.0.0.1:$GW/v1/items/1" >/dev/null
