@@ -58,8 +58,7 @@ proxy_pids() { pgrep -d, -P "$(cat "$WORK/${1:-px}/nginx.pid")"; }
 # sets the Tollgate targets against this one.
 LOGGED="${LOGGED:-1}"
 if [ "$LOGGED" = 1 ]; then
-  PXL=$(port)
-  nginx_proxy pxl "$PXL" "access_log $WORK/pxl/logs/access.log;"
+  nginx_logged_proxy
 fi
 # baselines [-suffix]: runs each nginx baseline once (see `run`; COUNT passes through).
 baselines() {

@@ -55,8 +55,7 @@ cleanup() { end_run up px pxl; }
 trap cleanup EXIT
 nginx_upstream_and_proxy "$BODY"
 if [ "${LOGGED:-0}" = 1 ]; then
-  PXL=$(port)
-  nginx_proxy pxl "$PXL" "access_log $WORK/pxl/logs/access.log;"
+  nginx_logged_proxy
 fi
 [ "${STANDALONE:-0}" = 1 ] && start_tansu
 

@@ -116,6 +116,14 @@ nginx_proxy() {
   wait_for "curl -sf http://127.0.0.1:$2/v1/items/1" 10
 }
 
+# nginx_logged_proxy: instance `pxl`, the same plain proxy as nginx_proxy's with its access log
+# on as nginx ships it (`combined`, one write per request, to $WORK/pxl/logs/access.log), on a
+# new port; sets PXL. The caller's cleanup stops `pxl`.
+nginx_logged_proxy() {
+  PXL=$(port)
+  nginx_proxy pxl "$PXL" "access_log $WORK/pxl/logs/access.log;"
+}
+
 # Starts nginx as a trivial upstream answering {"ok":true} on port $UP (a free one when UP is
 # unset; sets UP); $1, if given, is more of the http block (a proxy in front of it, say). The
 # caller's cleanup stops it: nginx -p "$WORK" -c "$WORK/nginx.conf" -s stop.
